@@ -1,0 +1,92 @@
+"""The batch contract: one packed, padding-free mixed-task batch.
+
+The scheduler decides which sequences run together; :func:`build_batch` lays them out; every
+op consumes this one layout and nothing else invents its own.
+
+Layout (``B`` sequences, ``T`` tokens in all, ``S`` segments):
+
+* sequences are ordered by task slot, so each task's tokens form one contiguous **segment**;
+* ``input_ids``/``positions`` are flat ``[T]``; ``cu_seqlens`` ``[B + 1]`` bounds sequences;
+* ``seg_indptr`` ``[S + 1]`` bounds segments; ``seg_task`` ``[S]`` names each segment's task;
+* ``order[j]`` is the caller's index of the j-th sequence, so results go back in request order.
+
+Small index arrays are kept on the host (``*_cpu``) too: PET modules build their per-batch
+item lists from them with vectorised host code and never synchronise with the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [T] int64, device
+    positions: torch.Tensor  # [T] int64, device
+    cu_seqlens: torch.Tensor  # [B + 1] int32, device
+    max_seqlen: int
+    seq_task_cpu: torch.Tensor  # [B] int64, host: task slot per sequence (sorted)
+    seg_indptr: torch.Tensor  # [S + 1] int32, device
+    seg_indptr_cpu: torch.Tensor  # [S + 1] int32, host
+    seg_task_cpu: torch.Tensor  # [S] int64, host
+    seq_segment_cpu: torch.Tensor  # [B] int64, host: segment of each sequence
+    cu_seqlens_cpu: torch.Tensor  # [B + 1] int64, host
+    order: np.ndarray  # [B] int64: caller index of each batch row
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.order.shape[0])
+
+    @property
+    def num_segments(self) -> int:
+        return int(self.seg_task_cpu.shape[0])
+
+
+def build_batch(ids: Sequence[np.ndarray], task_slots: Sequence[int] | np.ndarray,
+                device: torch.device) -> Batch:
+    """Pack sequences into a :class:`Batch`, grouped by task.
+
+    Args:
+        ids: ``B`` 1-D int arrays of token ids (any lengths >= 1).
+        task_slots: ``[B]`` task slot of each sequence.
+        device: where the device-side tensors go.
+    """
+    slots = np.asarray(task_slots, dtype=np.int64)
+    order = np.argsort(slots, kind="stable")
+    lengths = np.fromiter((len(ids[i]) for i in order), dtype=np.int64, count=len(order))
+    flat = np.concatenate([np.asarray(ids[i], dtype=np.int64) for i in order]) if len(order) \
+        else np.zeros(0, dtype=np.int64)
+    cu = np.zeros(len(order) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=cu[1:])
+    positions = np.arange(cu[-1], dtype=np.int64) - np.repeat(cu[:-1], lengths)
+
+    sorted_slots = slots[order]
+    starts = np.flatnonzero(np.r_[True, sorted_slots[1:] != sorted_slots[:-1]]) \
+        if len(order) else np.zeros(0, dtype=np.int64)
+    seg_task = sorted_slots[starts]
+    seg_indptr = np.r_[cu[starts], cu[-1]].astype(np.int32)
+    seq_segment = np.cumsum(np.r_[True, sorted_slots[1:] != sorted_slots[:-1]]) - 1 \
+        if len(order) else np.zeros(0, dtype=np.int64)
+
+    seg_indptr_cpu = torch.from_numpy(seg_indptr)
+    return Batch(
+        input_ids=torch.from_numpy(flat).to(device, non_blocking=True),
+        positions=torch.from_numpy(positions).to(device, non_blocking=True),
+        cu_seqlens=torch.from_numpy(cu.astype(np.int32)).to(device, non_blocking=True),
+        max_seqlen=int(lengths.max()) if len(lengths) else 0,
+        seq_task_cpu=torch.from_numpy(sorted_slots),
+        seg_indptr=seg_indptr_cpu.to(device, non_blocking=True),
+        seg_indptr_cpu=seg_indptr_cpu,
+        seg_task_cpu=torch.from_numpy(seg_task.astype(np.int64)),
+        seq_segment_cpu=torch.from_numpy(seq_segment.astype(np.int64)),
+        cu_seqlens_cpu=torch.from_numpy(cu),
+        order=order,
+    )

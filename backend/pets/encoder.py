@@ -1,0 +1,149 @@
+"""One mixed-task forward: shared ops over all tokens, shadow ops per segment.
+
+Per layer (DESIGN.md §4)::
+
+    qkv  = x @ Wqkv.T   (+ sparse / LoRA deltas)  -> bias (+IA3 scale)          [T, 3H]
+    a    = attention(qkv)                       (varlen flash on CUDA, else padded SDPA)
+    h    = LN(a @ Wo.T (+ deltas) + b [+ adapter] + x)                           [T, H]
+    i    = act(h @ W1.T (+ deltas) + b) (* IA3 scale)                            [T, F]
+    x    = LN(i @ W2.T (+ deltas) + b [+ adapter] + h)                           [T, H]
+
+Every per-task piece is one grouped ``petops`` launch per op family; nothing here loops over
+tasks or requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from petops.reference import ACTIVATIONS
+
+from . import kernels
+from .backbone import BackboneWeights
+from .batch import Batch
+from .heads import HeadTable
+from .pet import PetContext, PetMethod
+from .registry import TaskRegistry
+
+try:  # padding-free flash attention (torch >= 2.9, CUDA)
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # pragma: no cover - depends on the torch build
+    _varlen_attn = None
+
+
+@dataclass
+class SegmentParams:
+    """Per-segment epilogue rows for one batch (device int32 ``[S]`` each)."""
+
+    bias: torch.Tensor
+    ln: torch.Tensor
+    scale: torch.Tensor | None  # None when no segment uses IA3 scales
+
+
+class SharedEncoder:
+    def __init__(self, weights: BackboneWeights, ctx: PetContext, registry: TaskRegistry,
+                 heads: HeadTable) -> None:
+        self.w, self.ctx, self.registry, self.heads = weights, ctx, registry, heads
+        self.spec = weights.spec
+        self.act = ACTIVATIONS.get(self.spec.act)
+        if self.act is None:
+            raise ValueError(f"backbone hidden_act {self.spec.act!r} is not supported; "
+                             f"supported: {sorted(ACTIVATIONS)}")
+        self.use_varlen = (_varlen_attn is not None and ctx.device.type == "cuda"
+                           and ctx.dtype in (torch.float16, torch.bfloat16))
+
+    # ------------------------------------------------------------------------------- forward
+    @torch.inference_mode()
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``batch``. Returns head outputs ``[B, D]`` float32 and widths ``[B]`` (host)."""
+        reg = self.registry
+        seg_task = batch.seg_task_cpu
+        pet_codes = reg.slot_pet[seg_task]
+        active: list[tuple[PetMethod, Any]] = []
+        for code in torch.unique(pet_codes).tolist():  # one entry per PET *type* in the batch
+            method = reg.by_code.get(int(code))
+            if method is not None:
+                segs = torch.nonzero(pet_codes == code).flatten()
+                active.append((method, method.prepare(batch, segs)))
+        dev = self.ctx.device
+        scale_rows = reg.slot_scale[seg_task]
+        sp = SegmentParams(
+            bias=reg.slot_bias[seg_task].to(dev, non_blocking=True),
+            ln=reg.slot_ln[seg_task].to(dev, non_blocking=True),
+            scale=scale_rows.to(dev, non_blocking=True) if bool((scale_rows > 0).any()) else None)
+        x = self._embed(batch, sp)
+        for layer in range(self.spec.layers):
+            x = self._layer(layer, x, batch, sp, active)
+        return self.heads(x, batch.cu_seqlens, batch.seq_task_cpu)
+
+    def _embed(self, batch: Batch, sp: SegmentParams) -> torch.Tensor:
+        w = self.w
+        x = w.word[batch.input_ids] + w.position[batch.positions] + w.token_type[0]
+        ln = self.ctx.ln.tables
+        return kernels.active().bias_residual_layernorm(
+            x, None, None, ln["emb_ln.gamma"][0], ln["emb_ln.beta"][0], batch.seg_indptr, None,
+            sp.ln, self.spec.eps)
+
+    def _linear(self, site: str, layer: int, x: torch.Tensor,
+                active: list[tuple[PetMethod, Any]]) -> torch.Tensor:
+        y = torch.mm(x, self.w.linear[site][layer].t())  # shared GEMM, no bias
+        for method, plan in active:
+            method.apply_linear(plan, site, layer, x, y)
+        return y
+
+    def _output(self, site: str, ln: str, layer: int, y: torch.Tensor, residual: torch.Tensor,
+                batch: Batch, sp: SegmentParams, active: list[tuple[PetMethod, Any]]
+                ) -> torch.Tensor:
+        K = kernels.active()
+        bias = self.ctx.bias.tables[site][layer]
+        gamma = self.ctx.ln.tables[f"{ln}.gamma"][layer]
+        beta = self.ctx.ln.tables[f"{ln}.beta"][layer]
+        transforms = [(m, p) for m, p in active if m.has_output_transform]
+        if not transforms:
+            return K.bias_residual_layernorm(y, residual, bias, gamma, beta, batch.seg_indptr,
+                                             sp.bias, sp.ln, self.spec.eps)
+        h = K.bias_act(y, bias, batch.seg_indptr, sp.bias, None, None, 0)
+        for method, plan in transforms:
+            method.apply_output(plan, site, layer, h)
+        return K.bias_residual_layernorm(h, residual, None, gamma, beta, batch.seg_indptr, None,
+                                         sp.ln, self.spec.eps)
+
+    def _layer(self, layer: int, x: torch.Tensor, batch: Batch, sp: SegmentParams,
+               active: list[tuple[PetMethod, Any]]) -> torch.Tensor:
+        K = kernels.active()
+        bias, scale = self.ctx.bias.tables, self.ctx.scale.tables
+        qkv = self._linear("qkv", layer, x, active)
+        qkv = K.bias_act(qkv, bias["qkv"][layer], batch.seg_indptr, sp.bias,
+                         None if sp.scale is None else scale["qkv"][layer], sp.scale, 0)
+        a = self._attention(qkv, batch)
+        y = self._linear("attn_out", layer, a, active)
+        h = self._output("attn_out", "attn_ln", layer, y, x, batch, sp, active)
+        i = self._linear("ffn_in", layer, h, active)
+        i = K.bias_act(i, bias["ffn_in"][layer], batch.seg_indptr, sp.bias,
+                       None if sp.scale is None else scale["ffn_in"][layer], sp.scale, self.act)
+        o = self._linear("ffn_out", layer, i, active)
+        return self._output("ffn_out", "ffn_ln", layer, o, h, batch, sp, active)
+
+    def _attention(self, qkv: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Bidirectional attention per sequence. ``qkv`` ``[T, 3H]`` -> ``[T, H]``."""
+        t = qkv.shape[0]
+        nh, hd = self.spec.heads, self.spec.head_dim
+        q, k, v = qkv.view(t, 3, nh, hd).unbind(1)  # each [T, nh, hd]
+        if self.use_varlen:
+            out = _varlen_attn(q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_seqlen,
+                               batch.max_seqlen)
+            return out.reshape(t, nh * hd)
+        # Padded fallback (CPU, fp32): scatter into [B, L, ...], mask padded keys, gather back.
+        b, lmax = batch.num_seqs, batch.max_seqlen
+        lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
+        seq = torch.repeat_interleave(torch.arange(b, device=qkv.device), lengths, output_size=t)
+        pos = batch.positions
+        padded = qkv.new_zeros(b, lmax, 3, nh, hd)
+        padded[seq, pos] = qkv.view(t, 3, nh, hd)
+        qp, kp, vp = (padded[:, :, i].transpose(1, 2) for i in range(3))  # [B, nh, L, hd]
+        keep = torch.arange(lmax, device=qkv.device)[None, :] < lengths[:, None]  # [B, L]
+        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=keep[:, None, None, :])
+        return o.transpose(1, 2)[seq, pos].reshape(t, nh * hd)

@@ -1,0 +1,220 @@
+"""The serving engine: decode and validate requests, schedule, run mixed-task forwards.
+
+Usable without Triton (tests, benchmarks, the CLI); ``backend/model.py`` is a thin shell
+over :meth:`Engine.execute`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import kernels
+from .backbone import SITES, BackboneWeights, load_backbone, resolve_checkpoint
+from .batch import build_batch
+from .encoder import SharedEncoder
+from .errors import ConfigError, RequestError
+from .heads import HeadTable
+from .pet import PetContext
+from .protocol import Row, decode_request
+from .registry import TaskRegistry
+from .scheduling import Query, make_scheduler
+from .tables import SlotGroup
+from .tokenizer import load_tokenizer
+
+log = logging.getLogger("pets")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class EngineConfig:
+    """Engine settings; ``config.pbtxt`` parameters of the same names (upper case) set them."""
+
+    backbone: str = "default"  # checkpoint folder, "default", or a synthetic config name
+    task_store: str = "tasks"  # folder; relative to the model directory
+    dtype: str = "auto"  # auto = float32 on CPU, float16 on CUDA
+    scheduler: str = "task_grouped"
+    max_seq_len: int = 0  # 0 = the backbone's max_position_embeddings
+    max_batch_tokens: int = 16384  # tokens per engine forward
+    ops: str = "auto"  # auto | compiled | reference
+    refresh_ms: int = 200  # how often the task store is checked for changes
+
+    @staticmethod
+    def from_parameters(params: Mapping[str, str]) -> EngineConfig:
+        cfg = EngineConfig()
+        known = {f.name.upper(): f for f in fields(EngineConfig)}
+        for key, raw in params.items():
+            f = known.get(key.upper())
+            if f is None:
+                continue  # Triton's own parameters (e.g. EXECUTION_ENV_PATH) pass through
+            try:
+                value = int(raw) if f.type == "int" else str(raw)
+            except ValueError:
+                raise ConfigError(f"parameter {key}={raw!r} must be an integer") from None
+            setattr(cfg, f.name, value)
+        if cfg.dtype not in ("auto", *DTYPES):
+            raise ConfigError(f"DTYPE={cfg.dtype!r}; expected auto, {', '.join(DTYPES)}")
+        if cfg.max_batch_tokens < 1:
+            raise ConfigError(f"MAX_BATCH_TOKENS={cfg.max_batch_tokens}; must be >= 1")
+        return cfg
+
+
+def _slot_groups(w: BackboneWeights, device: torch.device, dtype: torch.dtype
+                 ) -> tuple[SlotGroup, SlotGroup, SlotGroup]:
+    bias = SlotGroup({s: torch.stack(w.bias[s]) for s in SITES}, device, dtype)
+    ln_rows = {}
+    for ln in ("emb_ln", "attn_ln", "ffn_ln"):
+        ln_rows[f"{ln}.gamma"] = torch.stack(w.ln_gamma[ln])
+        ln_rows[f"{ln}.beta"] = torch.stack(w.ln_beta[ln])
+    ln = SlotGroup(ln_rows, device, dtype)
+    spec = w.spec
+    scale = SlotGroup({"qkv": torch.ones(spec.layers, 3 * spec.hidden),
+                       "ffn_in": torch.ones(spec.layers, spec.ffn)}, device, dtype)
+    return bias, ln, scale
+
+
+class Engine:
+    """Shared backbone + task registry + scheduler."""
+
+    def __init__(self, config: EngineConfig, *, model_dir: str | Path = ".",
+                 device: str | torch.device = "cpu") -> None:
+        self.config = config
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.dtype = (DTYPES[config.dtype] if config.dtype != "auto"
+                      else torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.ops = kernels.select(config.ops)
+        model_dir = Path(model_dir)
+        checkpoint = resolve_checkpoint(config.backbone, model_dir)
+        weights = load_backbone(checkpoint)
+        self.spec = weights.spec
+        self.max_seq_len = config.max_seq_len or self.spec.max_positions
+        if self.max_seq_len > self.spec.max_positions:
+            raise ConfigError(f"MAX_SEQ_LEN={self.max_seq_len} exceeds the backbone's "
+                              f"max_position_embeddings {self.spec.max_positions}")
+        dev_w = weights.to(self.device, self.dtype)
+        bias, ln, scale = _slot_groups(weights, self.device, self.dtype)
+        self.ctx = PetContext(self.spec, self.device, self.dtype, dev_w, bias, ln, scale)
+        self.heads = HeadTable(self.spec, self.device, self.dtype, dev_w.pooler_w, dev_w.pooler_b)
+        self.registry = TaskRegistry(self.ctx, self.heads)
+        self.encoder = SharedEncoder(dev_w, self.ctx, self.registry, self.heads)
+        self.tokenizer = load_tokenizer(checkpoint, self.max_seq_len)
+        self.scheduler = make_scheduler(config.scheduler, max_batch_tokens=config.max_batch_tokens)
+        store = Path(config.task_store)
+        self.store = store if store.is_absolute() else model_dir / store
+        self.load_errors = self.registry.load_store(self.store)
+        self._last_refresh = time.monotonic()
+        self._generation = self._store_generation()
+        log.info("pets engine: backbone %s (%s, %d layers), %s on %s, ops: %s, %d tasks loaded, "
+                 "%d skipped, scheduler %s", checkpoint, self.spec.fingerprint, self.spec.layers,
+                 str(self.dtype).removeprefix("torch."), self.device, self.ops,
+                 len(self.registry.tasks), len(self.load_errors), config.scheduler)
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, str], *, model_dir: str | Path = ".",
+                        device: str = "cpu") -> Engine:
+        return cls(EngineConfig.from_parameters(params), model_dir=model_dir, device=device)
+
+    def close(self) -> None:
+        self.registry.tasks.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------------------ serving
+    def execute(self, requests: Sequence[Mapping[str, np.ndarray]]
+                ) -> list[np.ndarray | RequestError]:
+        """Serve one Triton batch: one output (``[k, D]`` float32) or error per request."""
+        self.maybe_refresh()
+        outs: list[np.ndarray | RequestError | None] = [None] * len(requests)
+        rows: list[Row] = []
+        owner: list[int] = []
+        for i, req in enumerate(requests):
+            try:
+                decoded = decode_request(req, self.tokenizer, self.max_seq_len, self.spec.vocab)
+            except RequestError as err:
+                outs[i] = err
+                continue
+            rows.extend(decoded)
+            owner.extend([i] * len(decoded))
+        for name in {r.task for r in rows if self.registry.slot_of(r.task) is None}:
+            self.registry.load_if_present(self.store, name)  # registered a moment ago?
+        keep = []
+        for j, r in enumerate(rows):
+            if outs[owner[j]] is not None:
+                continue
+            if self.registry.slot_of(r.task) is None:
+                outs[owner[j]] = RequestError(
+                    f"unknown task {r.task!r}; {len(self.registry.tasks)} tasks are loaded "
+                    "(list them with `pets list`); register it in the task store first")
+            else:
+                keep.append(j)
+        keep = [j for j in keep if outs[owner[j]] is None]
+        results = self.run([rows[j].ids for j in keep], [rows[j].task for j in keep])
+        per_req: dict[int, list[np.ndarray]] = {}
+        for j, res in zip(keep, results, strict=True):
+            if isinstance(res, RequestError):
+                outs[owner[j]] = res
+            elif outs[owner[j]] is None:
+                per_req.setdefault(owner[j], []).append(res)
+        for i, parts in per_req.items():
+            if outs[i] is not None:
+                continue
+            widths = {p.shape[0] for p in parts}
+            outs[i] = np.stack(parts) if len(widths) == 1 else RequestError(
+                f"the rows of one request produce outputs of different widths {sorted(widths)}; "
+                "send rows of tasks with different heads as separate requests")
+        assert all(o is not None for o in outs), "every request gets an answer; this is a bug"
+        return outs  # type: ignore[return-value]
+
+    def run(self, ids: Sequence[np.ndarray], tasks: Sequence[str]
+            ) -> list[np.ndarray | RequestError]:
+        """Run validated sequences of known tasks; returns one output row per sequence."""
+        if not ids:
+            return []
+        with self.registry.lock:
+            slots = [self.registry.tasks[t].slot for t in tasks]
+            pets = [self.registry.tasks[t].manifest.pet_type for t in tasks]
+            queries = [Query(index=i, task_slot=s, pet_type=p, length=len(x))
+                       for i, (s, p, x) in enumerate(zip(slots, pets, ids, strict=True))]
+            out: list[np.ndarray | RequestError | None] = [None] * len(ids)
+            for sb in self.scheduler.schedule(queries):
+                idx = list(sb.indices)
+                try:
+                    batch = build_batch([ids[i] for i in idx], [slots[i] for i in idx],
+                                        self.device)
+                    values, width = self.encoder.forward(batch)
+                    values_np = values.cpu().numpy()
+                    for row, caller in enumerate(batch.order):
+                        out[idx[caller]] = values_np[row, : int(width[row])].copy()
+                except Exception as exc:  # one failed batch harms no other batch
+                    log.exception("engine batch failed")
+                    for i in idx:
+                        out[i] = RequestError(f"internal error in the engine: {exc}", "INTERNAL")
+        return out  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------------------ tasks
+    def _store_generation(self) -> int:
+        try:
+            return (self.store / ".generation").stat().st_mtime_ns
+        except FileNotFoundError:
+            return 0
+
+    def maybe_refresh(self, force: bool = False) -> None:
+        """Pick up task-store changes (cheap: one ``stat`` unless the store changed)."""
+        now = time.monotonic()
+        if not force and (now - self._last_refresh) * 1000 < self.config.refresh_ms:
+            return
+        self._last_refresh = now
+        gen = self._store_generation()
+        if force or gen != self._generation:
+            self._generation = gen
+            report = self.registry.refresh(self.store)
+            if any(report.values()):
+                log.info("task store refresh: %s", {k: v for k, v in report.items() if v})

@@ -1,0 +1,105 @@
+"""Diff-Pruning: a sparse weight delta per linear, plus task biases and LayerNorms.
+
+``W_task = W + delta`` with ``delta`` sparse (typically 0.5-1% dense), so at each site
+``Y_t = X_t @ W.T + X_t @ delta_t.T``: the shared GEMM plus one grouped ``seg_spmm``.
+
+Tensors (all optional per module; a task needs at least one):
+    ``encoder.layer.{i}.{module}.weight_delta_indices`` int32/int64 ``[nnz]``: flat positions
+        ``o * in + k`` into the ``[out, in]`` weight, unique;
+    ``encoder.layer.{i}.{module}.weight_delta_values`` float ``[nnz]``;
+    plus any BitFit-style bias / LayerNorm tensors (full values, not deltas).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import TaskError
+from .base import MODULES, LoadedTask, PetMethod, alloc_bias_ln, bias_names, check_bias_ln, \
+    check_known, layer_key, ln_names, register_pet
+from .sparse import SparsePlan, SparseStore
+
+IDX, VAL = "weight_delta_indices", "weight_delta_values"
+
+
+def module_shape(spec: Any, module: str) -> tuple[int, int]:
+    site, _ = MODULES[module]
+    out, inp = spec.site_shape(site)
+    return (out // 3 if site == "qkv" else out, inp)
+
+
+def check_flat_indices(name: str, idx: torch.Tensor, numel: int) -> None:
+    if idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1:
+        raise TaskError(f"tensor {name!r} must be 1-D int32/int64, got {idx.dtype} {tuple(idx.shape)}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
+        raise TaskError(f"tensor {name!r} has positions outside [0, {numel}); it was made for "
+                        "another backbone shape")
+    if torch.unique(idx).numel() != idx.numel():
+        raise TaskError(f"tensor {name!r} repeats positions; each weight may appear once")
+
+
+@register_pet
+class DiffPruning(PetMethod):
+    name = "diff_pruning"
+    code = 2
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        self.store = SparseStore(ctx, with_values=True)
+
+    def _names(self) -> dict[str, tuple[int, str, str]]:
+        return {layer_key(i, m, kind): (i, m, kind) for i in range(self.ctx.spec.layers)
+                for m in MODULES for kind in (IDX, VAL)}
+
+    def validate(self, hparams: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        spec = self.ctx.spec
+        names = self._names()
+        check_known(tensors, set(names) | set(bias_names(spec)) | set(ln_names(spec)), self.name)
+        check_bias_ln(spec, tensors)
+        for name, (i, module, kind) in names.items():
+            if kind != IDX:
+                continue
+            vname = layer_key(i, module, VAL)
+            if (name in tensors) != (vname in tensors):
+                raise TaskError(f"{name!r} and {vname!r} must come together")
+            if name not in tensors:
+                continue
+            out, inp = module_shape(spec, module)
+            check_flat_indices(name, tensors[name], out * inp)
+            vals = tensors[vname]
+            if vals.shape != tensors[name].shape or not vals.is_floating_point():
+                raise TaskError(f"{vname!r} must be float with the shape of {name!r} "
+                                f"{tuple(tensors[name].shape)}, got {vals.dtype} {tuple(vals.shape)}")
+            if not torch.isfinite(vals).all():
+                raise TaskError(f"tensor {vname!r} contains NaN or Inf; re-export the task")
+        if not tensors:
+            raise TaskError("diff_pruning task carries no tensors; it would equal the backbone")
+
+    def load(self, slot: int, hparams: dict[str, Any],
+             tensors: dict[str, torch.Tensor]) -> LoadedTask:
+        spec = self.ctx.spec
+        loaded = LoadedTask()
+        alloc_bias_ln(self.ctx, tensors, loaded)
+        coo = {}
+        for i in range(spec.layers):
+            for module in MODULES:
+                name = layer_key(i, module, IDX)
+                if name in tensors:
+                    _, inp = module_shape(spec, module)
+                    flat = tensors[name].long()
+                    coo[(i, module)] = (flat // inp, flat % inp, tensors[layer_key(i, module, VAL)])
+        self.store.add(slot, loaded, coo)
+        return loaded
+
+    def unload(self, slot: int, loaded: LoadedTask) -> None:
+        self.store.remove(slot)
+        super().unload(slot, loaded)
+
+    def prepare(self, batch: Any, segs: torch.Tensor) -> SparsePlan:
+        return self.store.prepare(batch, segs)
+
+    def apply_linear(self, plan: SparsePlan, site: str, layer: int, x: torch.Tensor,
+                     y: torch.Tensor) -> None:
+        self.store.apply(plan, site, layer, x, y, None, 1.0)

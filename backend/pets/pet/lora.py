@@ -1,0 +1,183 @@
+"""LoRA: ``Y_t += s * (X_t @ A_t.T) @ B_t.T`` on any subset of q/k/v/attention-out/FFN.
+
+Any rank; tasks of different ranks and module sets share one grouped shrink and one grouped
+expand launch per site. On the fused QKV site, one shrink item per task multiplies the
+stacked ``[A_q; A_k; A_v]`` and three expand items write the q, k and v column blocks.
+
+Hyper-parameters: ``r`` (int), ``lora_alpha`` (default ``r``), ``use_rslora`` (default
+false); scale ``s = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA), as in PEFT.
+Tensors (PEFT layout; the same modules at every layer):
+    ``encoder.layer.{i}.{module}.lora_A.weight`` ``[r, in]``,
+    ``encoder.layer.{i}.{module}.lora_B.weight`` ``[out, r]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import kernels
+from ..backbone import SITES
+from ..errors import TaskError
+from .base import MODULES, LoadedTask, PetMethod, check_known, check_tensor, finite_float, \
+    layer_key, positive_int, register_pet
+from .diff_pruning import module_shape
+from .meta import SlotMeta
+
+MOD_LIST = list(MODULES)
+A, B = "lora_A.weight", "lora_B.weight"
+
+
+@dataclass
+class _SitePlan:
+    s_seg: torch.Tensor  # [I] int32
+    s_w_off: torch.Tensor  # [L, I] int64
+    s_rank: torch.Tensor  # [I] int32
+    max_rank: int
+    e_seg: torch.Tensor  # [J] int32
+    e_w_off: torch.Tensor  # [L, J] int64
+    e_rank: torch.Tensor  # [J] int32
+    e_in_off: torch.Tensor  # [J] int32
+    e_out_off: torch.Tensor  # [J] int32
+    e_out_dim: torch.Tensor  # [J] int32
+    e_scale: torch.Tensor  # [J] float32
+
+
+@dataclass
+class LoraPlan:
+    seg_indptr: torch.Tensor
+    sites: dict[str, _SitePlan]
+
+
+@register_pet
+class Lora(PetMethod):
+    name = "lora"
+    code = 5
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        L = ctx.spec.layers
+        self.pool = ctx.pool()
+        self.a_off = SlotMeta((L, len(SITES)), torch.int64, -1)
+        self.b_off = SlotMeta((L, len(MOD_LIST)), torch.int64, -1)
+        self.nmods = SlotMeta((len(SITES),), torch.int32, 0)
+        self.in_off = SlotMeta((len(MOD_LIST),), torch.int32, -1)
+        self.rank = SlotMeta((), torch.int32, 0)
+        self.scale = SlotMeta((), torch.float32, 0.0)
+
+    def _modules(self, tensors: dict[str, torch.Tensor]) -> list[str]:
+        return [m for m in MOD_LIST if layer_key(0, m, A) in tensors]
+
+    def validate(self, hparams: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        spec = self.ctx.spec
+        r = positive_int(hparams, "r", self.name)
+        finite_float(hparams, "lora_alpha", self.name, r)
+        names = {layer_key(i, m, k) for i in range(spec.layers) for m in MOD_LIST for k in (A, B)}
+        check_known(tensors, names, self.name)
+        mods = self._modules(tensors)
+        if not mods:
+            raise TaskError("lora task has no lora_A/lora_B tensors at layer 0; LoRA tasks must "
+                            "adapt the same modules at every layer")
+        for i in range(spec.layers):
+            for m in MOD_LIST:
+                for k in (A, B):
+                    name = layer_key(i, m, k)
+                    if (name in tensors) != (m in mods):
+                        raise TaskError(f"lora tensor {name!r} is {'un' if m in mods else ''}"
+                                        "expected: every layer must adapt the same modules "
+                                        f"({mods})")
+                    if m in mods:
+                        out, inp = module_shape(spec, m)
+                        check_tensor(name, tensors[name], (r, inp) if k == A else (out, r))
+
+    def load(self, slot: int, hparams: dict[str, Any],
+             tensors: dict[str, torch.Tensor]) -> LoadedTask:
+        spec = self.ctx.spec
+        r = int(hparams["r"])
+        alpha = float(hparams.get("lora_alpha", r))
+        scale = alpha / math.sqrt(r) if hparams.get("use_rslora") else alpha / r
+        mods = self._modules(tensors)
+        loaded = LoadedTask()
+        a_off = torch.full((spec.layers, len(SITES)), -1, dtype=torch.int64)
+        b_off = torch.full((spec.layers, len(MOD_LIST)), -1, dtype=torch.int64)
+        nmods = torch.zeros(len(SITES), dtype=torch.int32)
+        in_off = torch.full((len(MOD_LIST),), -1, dtype=torch.int32)
+        for si, site in enumerate(SITES):
+            site_mods = [m for m in mods if MODULES[m][0] == site]
+            nmods[si] = len(site_mods)
+            for j, m in enumerate(site_mods):
+                in_off[MOD_LIST.index(m)] = j * r
+        for i in range(spec.layers):
+            for si, site in enumerate(SITES):
+                site_mods = [m for m in mods if MODULES[m][0] == site]
+                if not site_mods:
+                    continue
+                stacked = torch.cat([tensors[layer_key(i, m, A)] for m in site_mods])
+                alloc = self.pool.put(stacked)
+                loaded.allocations.append((self.pool, alloc))
+                a_off[i, si] = alloc.offset
+            for m in mods:
+                alloc = self.pool.put(tensors[layer_key(i, m, B)])
+                loaded.allocations.append((self.pool, alloc))
+                b_off[i, MOD_LIST.index(m)] = alloc.offset
+        self.a_off[slot], self.b_off[slot], self.nmods[slot] = a_off, b_off, nmods
+        self.in_off[slot], self.rank[slot], self.scale[slot] = in_off, r, scale
+        return loaded
+
+    def unload(self, slot: int, loaded: LoadedTask) -> None:
+        for meta in (self.a_off, self.b_off, self.nmods, self.in_off, self.rank, self.scale):
+            meta.reset(slot)
+        super().unload(slot, loaded)
+
+    def prepare(self, batch: Any, segs: torch.Tensor) -> LoraPlan:
+        spec, dev = self.ctx.spec, self.ctx.device
+        tasks = batch.seg_task_cpu[segs]
+        rank, scale = self.rank[tasks], self.scale[tasks]
+        in_off, nmods = self.in_off[tasks], self.nmods[tasks]
+        sites: dict[str, _SitePlan] = {}
+        for si, site in enumerate(SITES):
+            has = nmods[:, si] > 0
+            if not bool(has.any()):
+                continue
+            s_rank = (rank[has] * nmods[has, si]).to(torch.int32)
+            e_parts = []
+            for mi, m in enumerate(MOD_LIST):  # at most 3 modules per site: not a task loop
+                msite, block = MODULES[m]
+                if msite != site:
+                    continue
+                pres = in_off[:, mi] >= 0
+                if not bool(pres.any()):
+                    continue
+                width = spec.site_shape(site)[0] // (3 if site == "qkv" else 1)
+                n = int(pres.sum())
+                e_parts.append((segs[pres], self.b_off[tasks[pres]][:, :, mi].T, rank[pres],
+                                in_off[pres, mi], torch.full((n,), block * width),
+                                torch.full((n,), width), scale[pres]))
+            cat = [torch.cat(col, dim=-1) for col in zip(*e_parts)]
+
+            def d(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+                return t.to(dtype).contiguous().to(dev, non_blocking=True)
+
+            sites[site] = _SitePlan(
+                s_seg=d(segs[has], torch.int32), s_w_off=d(self.a_off[tasks[has]][:, :, si].T,
+                                                           torch.int64),
+                s_rank=d(s_rank, torch.int32), max_rank=int(s_rank.max()),
+                e_seg=d(cat[0], torch.int32), e_w_off=d(cat[1], torch.int64),
+                e_rank=d(cat[2], torch.int32), e_in_off=d(cat[3], torch.int32),
+                e_out_off=d(cat[4], torch.int32), e_out_dim=d(cat[5], torch.int32),
+                e_scale=d(cat[6], torch.float32))
+        return LoraPlan(seg_indptr=batch.seg_indptr, sites=sites)
+
+    def apply_linear(self, plan: LoraPlan, site: str, layer: int, x: torch.Tensor,
+                     y: torch.Tensor) -> None:
+        sp = plan.sites.get(site)
+        if sp is None:
+            return
+        K = kernels.active()
+        tmp = K.sgmv_shrink(x, self.pool.data, plan.seg_indptr, sp.s_seg, sp.s_w_off[layer],
+                            sp.s_rank, None, None, 0, sp.max_rank)
+        K.sgmv_expand(y, tmp, self.pool.data, plan.seg_indptr, sp.e_seg, sp.e_w_off[layer],
+                      sp.e_rank, sp.e_in_off, sp.e_out_off, sp.e_out_dim, sp.e_scale, None, None)

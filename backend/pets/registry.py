@@ -1,0 +1,177 @@
+"""The task registry: names -> task slots, loading from the store and refreshing from it.
+
+Every task gets an engine-wide *slot*; the PET types, the heads and the epilogue slot groups
+key their per-task state by it. A task is validated completely before anything is placed,
+so a bad task is reported and skipped and the registry is unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import TaskError
+from .heads import HeadTable, validate_head
+from .pet import LoadedTask, PetContext, PetMethod, pet_types
+from .pet.base import check_known
+from .pet.meta import SlotMeta
+from .taskstore import TaskManifest, check_name, list_tasks, read_task, store_state
+
+log = logging.getLogger("pets")
+
+
+@dataclass
+class TaskEntry:
+    manifest: TaskManifest
+    slot: int
+    loaded: LoadedTask
+    nbytes: int
+    mtime_ns: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+
+class TaskRegistry:
+    """Owns the PET methods, the heads and the per-slot epilogue indices."""
+
+    def __init__(self, ctx: PetContext, heads: HeadTable) -> None:
+        self.ctx = ctx
+        self.heads = heads
+        self.methods: dict[str, PetMethod] = {name: cls(ctx) for name, cls in pet_types().items()}
+        self.by_code = {m.code: m for m in self.methods.values()}
+        self.tasks: dict[str, TaskEntry] = {}
+        self._free_slots: list[int] = []
+        self._next_slot = 0
+        self.slot_pet = SlotMeta((), torch.int8, 0)
+        self.slot_bias = SlotMeta((), torch.int32, 0)
+        self.slot_ln = SlotMeta((), torch.int32, 0)
+        self.slot_scale = SlotMeta((), torch.int32, 0)
+        self.lock = threading.RLock()  # held by writers and by a forward
+
+    # ----------------------------------------------------------------------------- lifecycle
+    def validate(self, manifest: TaskManifest, tensors: dict[str, torch.Tensor]) -> PetMethod:
+        """Full validation; raises :class:`TaskError` naming the problem."""
+        if manifest.pet_type not in self.methods:
+            raise TaskError(f"task {manifest.name!r}: unknown PET type {manifest.pet_type!r}; "
+                            f"known types are {sorted(self.methods)}")
+        if manifest.backbone_fingerprint != self.ctx.spec.fingerprint:
+            raise TaskError(f"task {manifest.name!r} was made for backbone "
+                            f"{manifest.backbone_fingerprint}, but this server runs "
+                            f"{self.ctx.spec.fingerprint}; re-create it for this backbone")
+        method = self.methods[manifest.pet_type]
+        head_t = {k: v for k, v in tensors.items() if k.startswith(("classifier.", "pooler."))}
+        pet_t = {k: v for k, v in tensors.items() if k not in head_t}
+        check_known(head_t, {"classifier.weight", "classifier.bias", "pooler.dense.weight",
+                             "pooler.dense.bias"}, manifest.pet_type)
+        validate_head(manifest.head, self.ctx.spec, head_t)
+        try:
+            method.validate(manifest.hparams, pet_t)
+        except TaskError as exc:
+            raise TaskError(f"task {manifest.name!r}: {exc}") from None
+        return method
+
+    def add(self, manifest: TaskManifest, tensors: dict[str, torch.Tensor],
+            mtime_ns: int = 0) -> TaskEntry:
+        """Validate and place a task; replaces a task of the same name."""
+        method = self.validate(manifest, tensors)
+        head_t = {k: v for k, v in tensors.items() if k.startswith(("classifier.", "pooler."))}
+        pet_t = {k: v for k, v in tensors.items() if k not in head_t}
+        with self.lock:
+            slot = self._free_slots.pop() if self._free_slots else self._take_slot()
+            loaded = method.load(slot, manifest.hparams, pet_t)
+            loaded.allocations.extend(self.heads.add(slot, manifest.head, head_t))
+            old = self.tasks.get(manifest.name)
+            self.slot_pet[slot] = method.code
+            self.slot_bias[slot] = loaded.bias_slot
+            self.slot_ln[slot] = loaded.ln_slot
+            self.slot_scale[slot] = loaded.scale_slot
+            nbytes = loaded.nbytes(self.ctx) + self.heads.row_bytes()
+            entry = TaskEntry(manifest, slot, loaded, nbytes, mtime_ns)
+            self.tasks[manifest.name] = entry
+            if old is not None:
+                self._release(old)
+        return entry
+
+    def remove(self, name: str) -> None:
+        with self.lock:
+            entry = self.tasks.pop(name, None)
+            if entry is None:
+                raise TaskError(f"no task {name!r} is loaded; loaded tasks: {len(self.tasks)}")
+            self._release(entry)
+
+    def _release(self, entry: TaskEntry) -> None:
+        self.methods[entry.manifest.pet_type].unload(entry.slot, entry.loaded)
+        self.heads.remove(entry.slot)
+        for meta in (self.slot_pet, self.slot_bias, self.slot_ln, self.slot_scale):
+            meta.reset(entry.slot)
+        self._free_slots.append(entry.slot)
+
+    def _take_slot(self) -> int:
+        slot = self._next_slot
+        self._next_slot += 1
+        return slot
+
+    # ----------------------------------------------------------------------------- store sync
+    def load_store(self, store: Path) -> list[str]:
+        """Load every task of ``store``; returns the error messages of skipped tasks."""
+        errors = []
+        for name in list_tasks(store):
+            err = self._load_one(store, name)
+            if err:
+                errors.append(err)
+        return errors
+
+    def refresh(self, store: Path) -> dict[str, list[str]]:
+        """Bring the registry in line with the store: add new, reload changed, drop removed."""
+        state = store_state(store)
+        report: dict[str, list[str]] = {"added": [], "updated": [], "removed": [], "errors": []}
+        for name, mtime in state.items():
+            cur = self.tasks.get(name)
+            if cur is not None and cur.mtime_ns == mtime:
+                continue
+            err = self._load_one(store, name, mtime)
+            if err:
+                report["errors"].append(err)
+            else:
+                report["updated" if cur else "added"].append(name)
+        for name in [n for n in self.tasks if n not in state]:
+            self.remove(name)
+            report["removed"].append(name)
+        return report
+
+    def load_if_present(self, store: Path, name: str) -> bool:
+        """Load task ``name`` if the store has it (the re-check before an unknown task is refused)."""
+        try:
+            check_name(name)
+        except TaskError:
+            return False
+        if not (store / name / "manifest.json").is_file():
+            return False
+        return self._load_one(store, name) is None
+
+    def _load_one(self, store: Path, name: str, mtime_ns: int | None = None) -> str | None:
+        folder = store / name
+        try:
+            if mtime_ns is None:
+                mtime_ns = (folder / "manifest.json").stat().st_mtime_ns
+            manifest, tensors = read_task(folder)
+            self.add(manifest, tensors, mtime_ns)
+        except (TaskError, OSError) as exc:
+            msg = f"skipped task {name!r}: {exc}"
+            log.error(msg)
+            return msg
+        return None
+
+    # ----------------------------------------------------------------------------- queries
+    def slot_of(self, name: str) -> int | None:
+        entry = self.tasks.get(name)
+        return None if entry is None else entry.slot
+
+    def memory_bytes(self) -> int:
+        return sum(e.nbytes for e in self.tasks.values())

@@ -1,0 +1,180 @@
+"""Pooled per-task parameter storage on the serving device.
+
+Two containers hold every task's weights, so that one kernel launch can serve all tasks:
+
+* :class:`SlotGroup`: fixed-width rows (biases, LayerNorm gamma/beta, IA3 scales), one row
+  per slot in each of several ``[L, P, N]`` tables. Slot 0 holds the backbone's own values,
+  so a task that does not change, say, its biases simply points at slot 0 and costs nothing.
+* :class:`FlatPool`: a 1-D tensor with a first-fit allocator for variable-sized blobs (LoRA
+  and adapter matrices of any rank, sparse values and indices of any density).
+
+Both grow by doubling and reuse freed space; ``FlatPool.compact`` returns freed space to the
+device allocator (the caller re-bases offsets from the returned map).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import torch
+
+
+class SlotGroup:
+    """Several ``[L, P, N]`` tables sharing one slot index (slot 0 = backbone values).
+
+    Args:
+        shared: name -> ``[L, N]`` backbone rows that fill slot 0.
+        device, dtype: storage placement.
+    """
+
+    def __init__(self, shared: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
+                 capacity: int = 8) -> None:
+        self.names = list(shared)
+        self.tables: dict[str, torch.Tensor] = {}
+        for name, rows in shared.items():
+            t = torch.zeros(rows.shape[0], capacity, rows.shape[1], device=device, dtype=dtype)
+            t[:, 0] = rows.to(device=device, dtype=dtype)
+            self.tables[name] = t
+        self._free = list(range(capacity - 1, 0, -1))  # pop() gives the lowest slot
+        self.used = 1
+
+    @property
+    def capacity(self) -> int:
+        return next(iter(self.tables.values())).shape[1]
+
+    def row_bytes(self) -> int:
+        """Bytes one slot occupies across all tables."""
+        return sum(t.shape[0] * t.shape[2] * t.element_size() for t in self.tables.values())
+
+    def shared(self, name: str) -> torch.Tensor:
+        """``[L, N]`` backbone rows of table ``name``."""
+        return self.tables[name][:, 0]
+
+    def alloc(self, rows: dict[str, torch.Tensor]) -> int:
+        """Store one task's rows (name -> ``[L, N]``; missing names copy slot 0)."""
+        unknown = set(rows) - set(self.names)
+        if unknown:
+            raise KeyError(f"unknown tables {sorted(unknown)}; this group holds {self.names}")
+        if not self._free:
+            self._grow()
+        slot = self._free.pop()
+        for name, t in self.tables.items():
+            src = rows.get(name)
+            t[:, slot] = t[:, 0] if src is None else src.to(device=t.device, dtype=t.dtype)
+        self.used += 1
+        return slot
+
+    def free(self, slot: int) -> None:
+        if slot <= 0:
+            return  # slot 0 is the backbone's
+        self._free.append(slot)
+        self._free.sort(reverse=True)
+        self.used -= 1
+
+    def _grow(self) -> None:
+        old = self.capacity
+        for name, t in self.tables.items():
+            grown = torch.zeros(t.shape[0], old * 2, t.shape[2], device=t.device, dtype=t.dtype)
+            grown[:, :old] = t
+            self.tables[name] = grown
+        self._free = list(range(old * 2 - 1, old - 1, -1)) + self._free
+
+
+@dataclass(frozen=True)
+class Allocation:
+    offset: int
+    size: int
+
+
+class FlatPool:
+    """A growable 1-D tensor with first-fit allocation of contiguous ranges."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, capacity: int = 1 << 16) -> None:
+        self.data = torch.zeros(capacity, device=device, dtype=dtype)
+        self._free: list[tuple[int, int]] = [(0, capacity)]  # sorted (offset, size)
+        self.used = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.data.numel()
+
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def put(self, values: torch.Tensor) -> Allocation:
+        """Copy ``values`` (any shape, flattened row-major) into the pool."""
+        flat = values.reshape(-1)
+        n = flat.numel()
+        alloc = self._alloc(n)
+        if n:
+            self.data[alloc.offset:alloc.offset + n] = flat.to(self.data.device, self.data.dtype)
+        return alloc
+
+    def write_at(self, offset: int, values: torch.Tensor, min_capacity: int) -> None:
+        """Write at a caller-chosen offset (a pool that mirrors another pool's layout)."""
+        flat = values.reshape(-1)
+        need = max(min_capacity, offset + flat.numel())
+        if need > self.capacity:
+            grown = torch.zeros(need, device=self.data.device, dtype=self.data.dtype)
+            grown[: self.capacity] = self.data
+            self.data = grown
+        self.data[offset:offset + flat.numel()] = flat.to(self.data.device, self.data.dtype)
+
+    def release(self, alloc: Allocation) -> None:
+        if alloc.size == 0:
+            return
+        bisect.insort(self._free, (alloc.offset, alloc.size))
+        self.used -= alloc.size
+        merged: list[tuple[int, int]] = []
+        for off, size in self._free:
+            if merged and merged[-1][0] + merged[-1][1] == off:
+                merged[-1] = (merged[-1][0], merged[-1][1] + size)
+            else:
+                merged.append((off, size))
+        self._free = merged
+
+    def compact(self, live: list[Allocation]) -> dict[int, int]:
+        """Move ``live`` allocations to the front and shrink the tensor.
+
+        Returns:
+            old offset -> new offset for every live allocation.
+        """
+        remap: dict[int, int] = {}
+        total = sum(a.size for a in live)
+        new = torch.zeros(max(total, 1), device=self.data.device, dtype=self.data.dtype)
+        pos = 0
+        for a in sorted(live, key=lambda a: a.offset):
+            new[pos:pos + a.size] = self.data[a.offset:a.offset + a.size]
+            remap[a.offset] = pos
+            pos += a.size
+        self.data = new
+        self._free = [(pos, new.numel() - pos)] if new.numel() > pos else []
+        self.used = total
+        return remap
+
+    def _alloc(self, n: int) -> Allocation:
+        if n == 0:
+            return Allocation(0, 0)
+        for i, (off, size) in enumerate(self._free):
+            if size >= n:
+                if size == n:
+                    del self._free[i]
+                else:
+                    self._free[i] = (off + n, size - n)
+                self.used += n
+                return Allocation(off, n)
+        self._grow(n)
+        return self._alloc(n)
+
+    def _grow(self, need: int) -> None:
+        old = self.capacity
+        new_cap = max(old * 2, old + need)
+        grown = torch.zeros(new_cap, device=self.data.device, dtype=self.data.dtype)
+        grown[:old] = self.data
+        self.data = grown
+        if self._free and self._free[-1][0] + self._free[-1][1] == old:
+            off, size = self._free[-1]
+            self._free[-1] = (off, size + new_cap - old)
+        else:
+            self._free.append((old, new_cap - old))

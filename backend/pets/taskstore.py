@@ -1,0 +1,191 @@
+"""The task store: a directory with one folder per task.
+
+Layout::
+
+    <store>/<name>/manifest.json        # see TaskManifest
+    <store>/<name>/weights.safetensors  # tensors named as in the README's task-store section
+
+Writers publish atomically: a task is written into a hidden temp folder beside its final
+place and renamed into it (an update swaps folders with two renames), so readers never see
+a half-written task. Only ``safetensors`` is read; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import TaskError
+from .heads import HeadConfig
+
+FORMAT_VERSION = 1
+MANIFEST, WEIGHTS = "manifest.json", "weights.safetensors"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_WEIGHTS_BYTES = 4 << 30
+
+
+def check_name(name: Any) -> str:
+    """Return ``name`` if it is a valid task name, else raise :class:`TaskError`."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+        raise TaskError(f"invalid task name {name!r}: use 1-128 letters, digits, '_', '-' or '.', "
+                        "starting with a letter or digit, without '..'")
+    return name
+
+
+@dataclass
+class TaskManifest:
+    name: str
+    pet_type: str
+    hparams: dict[str, Any]
+    head: HeadConfig
+    backbone_fingerprint: str
+    version: int = 1
+    created: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, "name": self.name,
+                "pet": {"type": self.pet_type, **self.hparams}, "head": self.head.to_json(),
+                "backbone": {"fingerprint": self.backbone_fingerprint},
+                "version": self.version, "created": self.created}
+
+    @staticmethod
+    def from_json(obj: Any) -> TaskManifest:
+        if not isinstance(obj, dict):
+            raise TaskError(f"manifest must be a JSON object, got {type(obj).__name__}")
+        if obj.get("format_version") != FORMAT_VERSION:
+            raise TaskError(f"manifest format_version {obj.get('format_version')!r}; this server "
+                            f"reads version {FORMAT_VERSION}")
+        pet = obj.get("pet")
+        if not isinstance(pet, dict) or not isinstance(pet.get("type"), str):
+            raise TaskError("manifest needs 'pet': {'type': <pet type>, ...hyper-parameters}")
+        backbone = obj.get("backbone")
+        if not isinstance(backbone, dict) or not isinstance(backbone.get("fingerprint"), str):
+            raise TaskError("manifest needs 'backbone': {'fingerprint': <backbone fingerprint>}")
+        version = obj.get("version", 1)
+        if not isinstance(version, int):
+            raise TaskError(f"manifest version must be an integer, got {version!r}")
+        hparams = {k: v for k, v in pet.items() if k != "type"}
+        return TaskManifest(name=check_name(obj.get("name")), pet_type=pet["type"],
+                            hparams=hparams, head=HeadConfig.parse(obj.get("head")),
+                            backbone_fingerprint=backbone["fingerprint"], version=version,
+                            created=float(obj.get("created", 0.0)))
+
+
+def read_task(folder: Path) -> tuple[TaskManifest, dict[str, torch.Tensor]]:
+    """Read and structurally check one task folder (PET-specific checks come later)."""
+    mpath, wpath = folder / MANIFEST, folder / WEIGHTS
+    if not mpath.is_file() or not wpath.is_file():
+        raise TaskError(f"task folder {folder} needs {MANIFEST} and {WEIGHTS}")
+    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+        raise TaskError(f"{mpath} is larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        manifest = TaskManifest.from_json(json.loads(mpath.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TaskError(f"{mpath} is not valid JSON: {exc}") from exc
+    if manifest.name != folder.name:
+        raise TaskError(f"manifest name {manifest.name!r} differs from its folder {folder.name!r}")
+    return manifest, read_weights(wpath)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file after checking its declared header against the file size."""
+    size = path.stat().st_size
+    if size > MAX_WEIGHTS_BYTES:
+        raise TaskError(f"{path} is {size} bytes, over the {MAX_WEIGHTS_BYTES}-byte task limit")
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise TaskError(f"{path} is truncated: not a safetensors file")
+        header_len = int.from_bytes(head, "little")
+        if header_len > min(size - 8, 100 << 20):
+            raise TaskError(f"{path} declares a {header_len}-byte header in a {size}-byte file: "
+                            "not a safetensors file (pickle checkpoints are never loaded)")
+        try:
+            header = json.loads(fh.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise TaskError(f"{path} has a corrupt safetensors header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise TaskError(f"{path} has a corrupt safetensors header")
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+              default=0)
+    if 8 + header_len + end != size:
+        raise TaskError(f"{path} is truncated or padded: header describes {8 + header_len + end} "
+                        f"bytes, file has {size}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    except Exception as exc:  # safetensors raises several types for corrupt data
+        raise TaskError(f"{path} could not be read as safetensors: {exc}") from exc
+
+
+def write_task(store: Path, manifest: TaskManifest, tensors: dict[str, torch.Tensor]) -> Path:
+    """Publish a task atomically (create or replace). Returns its folder."""
+    name = check_name(manifest.name)
+    store.mkdir(parents=True, exist_ok=True)
+    final = store / name
+    tmp = store / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
+        (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+        if final.exists():
+            old = store / f".old-{name}-{uuid.uuid4().hex[:8]}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _touch_generation(store)
+    return final
+
+
+def delete_task(store: Path, name: str) -> None:
+    """Remove a task atomically (rename away, then delete)."""
+    folder = store / check_name(name)
+    if not folder.exists():
+        raise TaskError(f"no task {name!r} in {store}")
+    gone = store / f".del-{name}-{uuid.uuid4().hex[:8]}"
+    os.rename(folder, gone)
+    shutil.rmtree(gone, ignore_errors=True)
+    _touch_generation(store)
+
+
+def list_tasks(store: Path) -> list[str]:
+    """Names of the published task folders (hidden temp folders excluded)."""
+    if not store.is_dir():
+        return []
+    return sorted(p.name for p in store.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).exists())
+
+
+def store_state(store: Path) -> dict[str, int]:
+    """name -> manifest mtime (ns): a cheap snapshot to detect changes."""
+    out = {}
+    for name in list_tasks(store):
+        try:
+            out[name] = (store / name / MANIFEST).stat().st_mtime_ns
+        except FileNotFoundError:  # removed between listing and stat
+            continue
+    return out
+
+
+def _touch_generation(store: Path) -> None:
+    gen = store / ".generation"
+    tmp = store / f".generation-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(f"{time.time_ns()}\n")
+    os.replace(tmp, gen)

@@ -1,0 +1,388 @@
+"""Pure-PyTorch reference implementations of the shadow ops.
+
+These functions are the specification of the ``petops`` library: the compiled CPU and CUDA
+kernels must match them (within the per-dtype tolerances in ``tests/ops``), and the engine
+falls back to them when the compiled library is not built.
+
+Conventions shared by every op:
+
+* Activations are *packed*: ``[T, D]`` rows, one per token, no padding.
+* A batch is cut into ``S`` contiguous **segments** by ``seg_indptr`` (int32 ``[S + 1]``,
+  ``seg_indptr[0] == 0``, ``seg_indptr[-1] == T``, non-decreasing; empty segments allowed).
+  All tokens of a segment belong to one task.
+* Per-segment parameters are selected by *slot* indices into pooled tables
+  (``seg_bias[s]`` picks row ``bias[seg_bias[s]]``).
+* Grouped ops take an **item** list instead: item ``i`` applies one task's weights to the
+  tokens of segment ``item_seg[i]``. Weights live in flat 1-D pools and an item names its
+  weights by element offset (``item_w_off``), so tasks of different ranks, bottlenecks and
+  densities share one pool and one launch.
+* Arithmetic is done in float32 and rounded to the activation dtype once, at the end
+  (``sgmv_shrink`` rounds its output, as a kernel writing a 16-bit buffer does).
+
+Nothing here loops over tasks or segments in Python: the references are vectorised so that
+the fallback path keeps the "no per-task Python loop" rule too.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACT_NONE = 0
+ACT_GELU = 1  # exact (erf) GELU, BERT's "gelu"
+ACT_RELU = 2
+ACT_SILU = 3
+ACT_GELU_TANH = 4  # tanh approximation, HF "gelu_new"/"gelu_pytorch_tanh"
+
+ACTIVATIONS = {"none": ACT_NONE, "gelu": ACT_GELU, "relu": ACT_RELU, "silu": ACT_SILU,
+               "swish": ACT_SILU, "gelu_new": ACT_GELU_TANH, "gelu_pytorch_tanh": ACT_GELU_TANH}
+
+# Upper bound on elements materialised at once by seg_spmm's dense-delta reference.
+_SPMM_CHUNK_ELEMS = 1 << 25
+
+
+def apply_act(x: torch.Tensor, act: int) -> torch.Tensor:
+    """Apply activation code ``act`` (one of the ``ACT_*`` constants) elementwise."""
+    if act == ACT_NONE:
+        return x
+    if act == ACT_GELU:
+        return F.gelu(x)
+    if act == ACT_RELU:
+        return F.relu(x)
+    if act == ACT_SILU:
+        return F.silu(x)
+    if act == ACT_GELU_TANH:
+        return F.gelu(x, approximate="tanh")
+    raise ValueError(f"unknown activation code {act}; expected one of {sorted(ACTIVATIONS.values())}")
+
+
+def token_segment(seg_indptr: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Segment index of every token.
+
+    Args:
+        seg_indptr: int32/int64 ``[S + 1]`` token offsets of the segments.
+        num_tokens: ``T``; must equal ``seg_indptr[-1]``.
+    Returns:
+        int64 ``[T]``: ``out[t] = s`` such that ``seg_indptr[s] <= t < seg_indptr[s + 1]``.
+    """
+    lengths = (seg_indptr[1:] - seg_indptr[:-1]).long()
+    segs = torch.arange(lengths.numel(), device=seg_indptr.device)
+    return torch.repeat_interleave(segs, lengths, output_size=num_tokens)
+
+
+def bias_act(
+    y: torch.Tensor,
+    bias: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    seg_bias: torch.Tensor,
+    scale: torch.Tensor | None,
+    seg_scale: torch.Tensor | None,
+    act: int,
+) -> torch.Tensor:
+    """Segmented bias + activation (+ per-task column scaling, IA3).
+
+    Semantics::
+
+        seg = token_segment(seg_indptr, T)
+        out = act(y + bias[seg_bias[seg]])
+        if scale is not None:
+            out = out * scale[seg_scale[seg]]
+
+    Args:
+        y: ``[T, N]`` shared GEMM output (fp32/fp16/bf16).
+        bias: ``[P, N]`` bias pool, same dtype as ``y``.
+        seg_indptr: int32 ``[S + 1]``.
+        seg_bias: int32 ``[S]`` rows of ``bias``.
+        scale: optional ``[Q, N]`` scaling-vector pool, same dtype as ``y``.
+        seg_scale: int32 ``[S]`` rows of ``scale`` (required iff ``scale`` is given).
+        act: an ``ACT_*`` code.
+    Returns:
+        ``[T, N]`` new tensor, dtype of ``y``.
+    """
+    seg = token_segment(seg_indptr, y.shape[0])
+    out = apply_act(y.float() + bias.float()[seg_bias.long()[seg]], act)
+    if scale is not None:
+        assert seg_scale is not None, "seg_scale is required when scale is given"
+        out = out * scale.float()[seg_scale.long()[seg]]
+    return out.to(y.dtype)
+
+
+def bias_residual_layernorm(
+    y: torch.Tensor,
+    residual: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    seg_bias: torch.Tensor | None,
+    seg_ln: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """Segmented (bias + residual) LayerNorm with per-task gamma/beta.
+
+    Semantics::
+
+        seg = token_segment(seg_indptr, T)
+        h = y + (bias[seg_bias[seg]] if bias is not None else 0) + (residual or 0)
+        out = layer_norm(h, eps) * gamma[seg_ln[seg]] + beta[seg_ln[seg]]
+
+    Args:
+        y: ``[T, N]``.
+        residual: optional ``[T, N]``.
+        bias: optional ``[P, N]`` bias pool.
+        gamma, beta: ``[G, N]`` LayerNorm pools.
+        seg_indptr: int32 ``[S + 1]``.
+        seg_bias: int32 ``[S]`` (required iff ``bias`` is given).
+        seg_ln: int32 ``[S]`` rows of ``gamma``/``beta``.
+        eps: LayerNorm epsilon.
+    Returns:
+        ``[T, N]`` new tensor, dtype of ``y``.
+    """
+    seg = token_segment(seg_indptr, y.shape[0])
+    h = y.float()
+    if bias is not None:
+        assert seg_bias is not None, "seg_bias is required when bias is given"
+        h = h + bias.float()[seg_bias.long()[seg]]
+    if residual is not None:
+        h = h + residual.float()
+    ln = seg_ln.long()[seg]
+    out = F.layer_norm(h, (h.shape[-1],), eps=eps) * gamma.float()[ln] + beta.float()[ln]
+    return out.to(y.dtype)
+
+
+def _item_tokens(
+    seg_indptr: torch.Tensor, item_seg: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of every item, padded to the longest item.
+
+    Returns:
+        ``tok [I, Lmax]`` int64 token index (0 where padded) and ``valid [I, Lmax]`` bool.
+    """
+    starts = seg_indptr.long()[item_seg.long()]
+    lens = seg_indptr.long()[item_seg.long() + 1] - starts
+    lmax = int(lens.max()) if lens.numel() else 0
+    pos = torch.arange(lmax, device=seg_indptr.device)
+    valid = pos[None, :] < lens[:, None]
+    tok = torch.where(valid, starts[:, None] + pos[None, :], torch.zeros_like(pos)[None, :])
+    return tok, valid
+
+
+def _gather_matrices(
+    w: torch.Tensor, off: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+    max_rows: int, max_cols: int,
+) -> torch.Tensor:
+    """Gather row-major ``[rows_i, cols_i]`` matrices at element offsets ``off`` from flat ``w``.
+
+    Returns float32 ``[I, max_rows, max_cols]``, zero outside each item's own shape.
+    """
+    r = torch.arange(max_rows, device=w.device)
+    c = torch.arange(max_cols, device=w.device)
+    inside = (r[None, :, None] < rows[:, None, None]) & (c[None, None, :] < cols[:, None, None])
+    idx = off[:, None, None] + r[None, :, None] * cols[:, None, None] + c[None, None, :]
+    idx = torch.where(inside, idx, torch.zeros_like(idx))
+    return torch.where(inside, w.float()[idx], torch.zeros((), device=w.device))
+
+
+def sgmv_shrink(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    item_seg: torch.Tensor,
+    item_w_off: torch.Tensor,
+    item_rank: torch.Tensor,
+    bias: torch.Tensor | None,
+    item_b_off: torch.Tensor | None,
+    act: int,
+    max_rank: int,
+) -> torch.Tensor:
+    """Grouped low-rank down-projection (LoRA A, adapter down), mixed ranks in one call.
+
+    Semantics::
+
+        tmp = zeros(T, max_rank)
+        for i in range(I):                       # one task's weights per item
+            rows = range(seg_indptr[item_seg[i]], seg_indptr[item_seg[i] + 1])
+            r = item_rank[i]
+            A = w[item_w_off[i] : item_w_off[i] + r * K].view(r, K)   # PEFT lora_A layout
+            h = x[rows] @ A.T
+            if bias is not None:
+                h = h + bias[item_b_off[i] : item_b_off[i] + r]
+            tmp[rows, :r] = act(h)
+
+    Each segment has at most one shrink item; rows of segments without one stay zero.
+
+    Args:
+        x: ``[T, K]`` activations.
+        w: flat 1-D weight pool, dtype of ``x``.
+        seg_indptr: int32 ``[S + 1]``.
+        item_seg: int32 ``[I]`` segment of each item.
+        item_w_off: int64 ``[I]`` element offset of each item's ``[r, K]`` matrix in ``w``.
+        item_rank: int32 ``[I]``, each in ``[1, max_rank]``.
+        bias: optional flat 1-D bias pool; ``item_b_off`` int64 ``[I]`` offsets into it.
+        act: an ``ACT_*`` code applied after the bias.
+        max_rank: width of the output.
+    Returns:
+        ``[T, max_rank]`` in the dtype of ``x``.
+    """
+    num_tokens, k_dim = x.shape
+    out = torch.zeros(num_tokens, max_rank, dtype=torch.float32, device=x.device)
+    if item_seg.numel() == 0 or max_rank == 0:
+        return out.to(x.dtype)
+    tok, valid = _item_tokens(seg_indptr, item_seg)  # [I, L]
+    rank = item_rank.long()
+    a = _gather_matrices(w, item_w_off.long(), rank, torch.full_like(rank, k_dim), max_rank, k_dim)
+    h = torch.bmm(x.float()[tok], a.transpose(1, 2))  # [I, L, R]
+    if bias is not None:
+        assert item_b_off is not None, "item_b_off is required when bias is given"
+        r = torch.arange(max_rank, device=x.device)
+        bidx = item_b_off.long()[:, None] + r[None, :]
+        inside = r[None, :] < rank[:, None]
+        b = torch.where(inside, bias.float()[torch.where(inside, bidx, 0)], 0.0)
+        h = h + b[:, None, :]
+    h = apply_act(h, act)
+    r = torch.arange(max_rank, device=x.device)
+    h = torch.where(r[None, None, :] < rank[:, None, None], h, 0.0)
+    out[tok[valid]] = h[valid]
+    return out.to(x.dtype)
+
+
+def sgmv_expand(
+    y: torch.Tensor,
+    tmp: torch.Tensor,
+    w: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    item_seg: torch.Tensor,
+    item_w_off: torch.Tensor,
+    item_rank: torch.Tensor,
+    item_in_off: torch.Tensor,
+    item_out_off: torch.Tensor,
+    item_out_dim: torch.Tensor,
+    item_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    item_b_off: torch.Tensor | None,
+) -> None:
+    """Grouped low-rank up-projection accumulated into ``y`` (LoRA B, adapter up).
+
+    Semantics (in place on ``y``)::
+
+        for i in range(I):
+            rows = range(seg_indptr[item_seg[i]], seg_indptr[item_seg[i] + 1])
+            r, n, c0, j0 = item_rank[i], item_out_dim[i], item_out_off[i], item_in_off[i]
+            B = w[item_w_off[i] : item_w_off[i] + n * r].view(n, r)   # PEFT lora_B layout
+            d = item_scale[i] * (tmp[rows, j0 : j0 + r] @ B.T)
+            if bias is not None:
+                d = d + bias[item_b_off[i] : item_b_off[i] + n]
+            y[rows, c0 : c0 + n] += d
+
+    Several items may target one segment (LoRA on q, k and v writes three column blocks of
+    the fused QKV output), each reading its own ``tmp`` columns.
+
+    Args:
+        y: ``[T, N]`` accumulated in place.
+        tmp: ``[T, R]`` from :func:`sgmv_shrink`.
+        w: flat 1-D weight pool, dtype of ``y``.
+        item_seg: int32 ``[I]``; item_w_off: int64 ``[I]``; item_rank: int32 ``[I]``;
+        item_in_off: int32 ``[I]`` first ``tmp`` column; item_out_off: int32 ``[I]`` first
+        ``y`` column; item_out_dim: int32 ``[I]``; item_scale: float32 ``[I]``.
+        bias: optional flat 1-D pool, offsets ``item_b_off`` int64 ``[I]`` (not scaled).
+    """
+    if item_seg.numel() == 0:
+        return
+    tok, valid = _item_tokens(seg_indptr, item_seg)  # [I, L]
+    rank = item_rank.long()
+    out_dim = item_out_dim.long()
+    max_rank = int(rank.max())
+    max_out = int(out_dim.max())
+    b_mat = _gather_matrices(w, item_w_off.long(), out_dim, rank, max_out, max_rank)  # [I, n, r]
+    j = torch.arange(max_rank, device=y.device)
+    cols = item_in_off.long()[:, None] + j[None, :]
+    col_ok = j[None, :] < rank[:, None]
+    t_in = tmp.float()[tok[:, :, None], torch.where(col_ok, cols, 0)[:, None, :]]  # [I, L, r]
+    t_in = torch.where(col_ok[:, None, :], t_in, 0.0)
+    d = torch.bmm(t_in, b_mat.transpose(1, 2)) * item_scale.float()[:, None, None]  # [I, L, n]
+    o = torch.arange(max_out, device=y.device)
+    out_ok = o[None, :] < out_dim[:, None]
+    if bias is not None:
+        assert item_b_off is not None, "item_b_off is required when bias is given"
+        bidx = torch.where(out_ok, item_b_off.long()[:, None] + o[None, :], 0)
+        d = d + torch.where(out_ok, bias.float()[bidx], 0.0)[:, None, :]
+    mask = valid[:, :, None] & out_ok[:, None, :]
+    rows = tok[:, :, None].expand_as(mask)[mask]
+    ycols = (item_out_off.long()[:, None, None] + o[None, None, :]).expand_as(mask)[mask]
+    acc = y.float()
+    acc.index_put_((rows, ycols), d[mask], accumulate=True)
+    y.copy_(acc.to(y.dtype))
+
+
+def seg_spmm(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    item_seg: torch.Tensor,
+    item_rowptr_off: torch.Tensor,
+    rowptr: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor | None,
+    dense_w: torch.Tensor | None,
+    alpha: float,
+) -> None:
+    """Segmented sparse x dense, accumulated into ``y`` (Diff-Pruning deltas, MaskBERT masks).
+
+    Each item holds one task's sparse ``[N, K]`` matrix in CSR over output rows: row ``o``
+    of item ``i`` has the non-zeros at flat positions
+    ``p in range(rowptr[item_rowptr_off[i] + o], rowptr[item_rowptr_off[i] + o + 1])``
+    (absolute positions into ``indices``/``values``), input column ``k = indices[p]``.
+
+    Semantics (in place on ``y``)::
+
+        for i in range(I):
+            rows = range(seg_indptr[item_seg[i]], seg_indptr[item_seg[i] + 1])
+            for o in range(N):
+                for p in range(rowptr[item_rowptr_off[i] + o], rowptr[item_rowptr_off[i] + o + 1]):
+                    k = indices[p]
+                    v = values[p] if values is not None else alpha * dense_w[o, k]
+                    y[rows, o] += x[rows, k] * v
+
+    With ``values=None`` the values come from the shared weight: MaskBERT's
+    ``X @ (W * M).T = X @ W.T + X @ (W * (M - 1)).T`` is ``alpha = -1`` over the index set of
+    masked-out weights, so a mask costs 4 bytes per masked weight and no values.
+
+    Args:
+        y: ``[T, N]`` accumulated in place.
+        x: ``[T, K]`` the same input the shared GEMM saw.
+        seg_indptr: int32 ``[S + 1]``; item_seg: int32 ``[I]``.
+        item_rowptr_off: int64 ``[I]`` offset of each item's ``N + 1`` row pointers.
+        rowptr: int64 flat row-pointer pool; indices: int32 flat column pool.
+        values: optional flat value pool (dtype of ``y``); dense_w: ``[N, K]`` otherwise.
+        alpha: scale applied to ``dense_w`` values (ignored when ``values`` is given).
+    """
+    if item_seg.numel() == 0:
+        return
+    assert (values is None) != (dense_w is None), "give exactly one of values / dense_w"
+    n_out, k_dim = y.shape[1], x.shape[1]
+    tok, valid = _item_tokens(seg_indptr, item_seg)
+    acc = y.float()
+    per_chunk = max(1, _SPMM_CHUNK_ELEMS // max(1, n_out * k_dim))
+    o_range = torch.arange(n_out + 1, device=y.device)
+    for lo in range(0, item_seg.numel(), per_chunk):  # bounded chunks, not per task
+        sl = slice(lo, lo + per_chunk)
+        rp = rowptr[item_rowptr_off[sl].long()[:, None] + o_range[None, :]].long()  # [C, N+1]
+        counts = (rp[:, 1:] - rp[:, :-1]).reshape(-1)  # [C*N]
+        flat_row = torch.repeat_interleave(torch.arange(counts.numel(), device=y.device), counts)
+        item_local = flat_row // n_out
+        o = flat_row % n_out
+        # absolute nnz position: rp[item, 0] + rank within the item
+        first = rp[:, 0][item_local]
+        start_of_item = torch.cumsum(
+            torch.nn.functional.pad((rp[:, -1] - rp[:, 0]), (1, 0))[:-1], 0
+        )[item_local]
+        p = first + torch.arange(flat_row.numel(), device=y.device) - start_of_item
+        k = indices[p].long()
+        v = values.float()[p] if values is not None else alpha * dense_w.float()[o, k]
+        delta = torch.zeros(rp.shape[0], n_out, k_dim, device=y.device)
+        delta.index_put_((item_local, o, k), v, accumulate=True)
+        xs = x.float()[tok[sl]]  # [C, L, K]
+        d = torch.bmm(xs, delta.transpose(1, 2))  # [C, L, N]
+        v_ok = valid[sl]
+        acc.index_add_(0, tok[sl][v_ok], d[v_ok])
+    y.copy_(acc.to(y.dtype))
