@@ -80,3 +80,20 @@ def test_text_and_ids_paths_agree(engine):
     assert out[0].shape == (1, 3)
     np.testing.assert_allclose(out[0], out[1], atol=1e-6)
     np.testing.assert_allclose(out[0], out[2], atol=1e-6)
+
+
+def test_padded_layout_equals_packed(engine, task_store, backbone):
+    """PetS-style padded batches cost more compute but give the same outputs."""
+    from pets.batch import build_batch
+
+    rng = np.random.default_rng(3)
+    names = list_tasks(task_store)
+    seqs = _seqs(rng, 12, backbone.spec.vocab)
+    slots = [engine.registry.tasks[names[i % len(names)]].slot for i in range(len(seqs))]
+    packed = build_batch(seqs, slots, engine.device)
+    padded = build_batch(seqs, slots, engine.device, pad_to=max(map(len, seqs)) + 5)
+    assert padded.num_tokens > packed.num_tokens
+    out_a, w_a = engine.encoder.forward(packed)
+    out_b, w_b = engine.encoder.forward(padded)
+    assert (w_a == w_b).all()
+    np.testing.assert_allclose(out_a.numpy(), out_b.numpy(), atol=1e-5, rtol=0)

@@ -36,6 +36,7 @@ class Batch:
     seq_segment_cpu: torch.Tensor  # [B] int64, host: segment of each sequence
     cu_seqlens_cpu: torch.Tensor  # [B + 1] int64, host
     order: np.ndarray  # [B] int64: caller index of each batch row
+    valid_lens: torch.Tensor | None = None  # [B] int64, device: set on the padded path only
 
     @property
     def num_tokens(self) -> int:
@@ -51,19 +52,31 @@ class Batch:
 
 
 def build_batch(ids: Sequence[np.ndarray], task_slots: Sequence[int] | np.ndarray,
-                device: torch.device) -> Batch:
+                device: torch.device, pad_to: int = 0) -> Batch:
     """Pack sequences into a :class:`Batch`, grouped by task.
 
     Args:
         ids: ``B`` 1-D int arrays of token ids (any lengths >= 1).
         task_slots: ``[B]`` task slot of each sequence.
         device: where the device-side tensors go.
+        pad_to: 0 for the padding-free layout; else every sequence is padded with token 0
+            to this length (PetS's padded batches: pads cost compute in every shared and
+            shadow op but are masked out of attention and pooling, so outputs are unchanged).
     """
     slots = np.asarray(task_slots, dtype=np.int64)
     order = np.argsort(slots, kind="stable")
-    lengths = np.fromiter((len(ids[i]) for i in order), dtype=np.int64, count=len(order))
-    flat = np.concatenate([np.asarray(ids[i], dtype=np.int64) for i in order]) if len(order) \
-        else np.zeros(0, dtype=np.int64)
+    valid = np.fromiter((len(ids[i]) for i in order), dtype=np.int64, count=len(order))
+    if pad_to:
+        if len(valid) and valid.max() > pad_to:
+            raise ValueError(f"pad_to={pad_to} is shorter than a sequence of {valid.max()} tokens")
+        lengths = np.full_like(valid, pad_to)
+        flat = np.zeros(len(order) * pad_to, dtype=np.int64)
+        for row, i in enumerate(order):  # host copy into the padded buffer
+            flat[row * pad_to: row * pad_to + valid[row]] = ids[i]
+    else:
+        lengths = valid
+        flat = np.concatenate([np.asarray(ids[i], dtype=np.int64) for i in order]) if len(order) \
+            else np.zeros(0, dtype=np.int64)
     cu = np.zeros(len(order) + 1, dtype=np.int64)
     np.cumsum(lengths, out=cu[1:])
     positions = np.arange(cu[-1], dtype=np.int64) - np.repeat(cu[:-1], lengths)
@@ -89,4 +102,5 @@ def build_batch(ids: Sequence[np.ndarray], task_slots: Sequence[int] | np.ndarra
         seq_segment_cpu=torch.from_numpy(seq_segment.astype(np.int64)),
         cu_seqlens_cpu=torch.from_numpy(cu),
         order=order,
+        valid_lens=torch.from_numpy(valid).to(device, non_blocking=True) if pad_to else None,
     )

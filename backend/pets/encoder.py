@@ -9,7 +9,9 @@ Per layer (DESIGN.md §4)::
     x    = LN(i @ W2.T (+ deltas) + b [+ adapter] + h)                           [T, H]
 
 Every per-task piece is one grouped ``petops`` launch per op family; nothing here loops over
-tasks or requests.
+tasks or requests. The one exception is the opt-in ``SHADOW_STREAMS=N`` mode, PetS's
+alternative kept for comparison: each task's shadow ops are launched separately and spread
+round-robin over N CUDA streams (fork/join at every site).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class SegmentParams:
 
 class SharedEncoder:
     def __init__(self, weights: BackboneWeights, ctx: PetContext, registry: TaskRegistry,
-                 heads: HeadTable) -> None:
+                 heads: HeadTable, shadow_streams: int = 0) -> None:
         self.w, self.ctx, self.registry, self.heads = weights, ctx, registry, heads
         self.spec = weights.spec
         self.act = ACTIVATIONS.get(self.spec.act)
@@ -54,6 +56,8 @@ class SharedEncoder:
                              f"supported: {sorted(ACTIVATIONS)}")
         self.use_varlen = (_varlen_attn is not None and ctx.device.type == "cuda"
                            and ctx.dtype in (torch.float16, torch.bfloat16))
+        self.streams = ([torch.cuda.Stream(ctx.device) for _ in range(shadow_streams)]
+                        if shadow_streams > 0 and ctx.device.type == "cuda" else [])
 
     # ------------------------------------------------------------------------------- forward
     @torch.inference_mode()
@@ -67,7 +71,10 @@ class SharedEncoder:
             method = reg.by_code.get(int(code))
             if method is not None:
                 segs = torch.nonzero(pet_codes == code).flatten()
-                active.append((method, method.prepare(batch, segs)))
+                if self.streams:  # PetS mode: one plan per task segment
+                    active.extend((method, method.prepare(batch, s[None])) for s in segs)
+                else:
+                    active.append((method, method.prepare(batch, segs)))
         dev = self.ctx.device
         scale_rows = reg.slot_scale[seg_task]
         sp = SegmentParams(
@@ -77,7 +84,7 @@ class SharedEncoder:
         x = self._embed(batch, sp)
         for layer in range(self.spec.layers):
             x = self._layer(layer, x, batch, sp, active)
-        return self.heads(x, batch.cu_seqlens, batch.seq_task_cpu)
+        return self.heads(x, batch.cu_seqlens, batch.seq_task_cpu, batch.valid_lens)
 
     def _embed(self, batch: Batch, sp: SegmentParams) -> torch.Tensor:
         w = self.w
@@ -90,9 +97,24 @@ class SharedEncoder:
     def _linear(self, site: str, layer: int, x: torch.Tensor,
                 active: list[tuple[PetMethod, Any]]) -> torch.Tensor:
         y = torch.mm(x, self.w.linear[site][layer].t())  # shared GEMM, no bias
-        for method, plan in active:
-            method.apply_linear(plan, site, layer, x, y)
+        self._shadow(active, lambda m, p: m.apply_linear(p, site, layer, x, y))
         return y
+
+    def _shadow(self, active: list[tuple[PetMethod, Any]], fn: Any) -> None:
+        """Run ``fn(method, plan)`` for every plan: in order, or fork/join over the streams."""
+        if not self.streams:
+            for method, plan in active:
+                fn(method, plan)
+            return
+        main = torch.cuda.current_stream(self.ctx.device)
+        for i, (method, plan) in enumerate(active):  # plans touch disjoint rows: no races
+            stream = self.streams[i % len(self.streams)]
+            if i < len(self.streams):
+                stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                fn(method, plan)
+        for stream in self.streams[: len(active)]:
+            main.wait_stream(stream)
 
     def _output(self, site: str, ln: str, layer: int, y: torch.Tensor, residual: torch.Tensor,
                 batch: Batch, sp: SegmentParams, active: list[tuple[PetMethod, Any]]
@@ -106,8 +128,7 @@ class SharedEncoder:
             return K.bias_residual_layernorm(y, residual, bias, gamma, beta, batch.seg_indptr,
                                              sp.bias, sp.ln, self.spec.eps)
         h = K.bias_act(y, bias, batch.seg_indptr, sp.bias, None, None, 0)
-        for method, plan in transforms:
-            method.apply_output(plan, site, layer, h)
+        self._shadow(transforms, lambda m, p: m.apply_output(p, site, layer, h))
         return K.bias_residual_layernorm(h, residual, None, gamma, beta, batch.seg_indptr, None,
                                          sp.ln, self.spec.eps)
 
@@ -132,18 +153,19 @@ class SharedEncoder:
         t = qkv.shape[0]
         nh, hd = self.spec.heads, self.spec.head_dim
         q, k, v = qkv.view(t, 3, nh, hd).unbind(1)  # each [T, nh, hd]
-        if self.use_varlen:
+        if self.use_varlen and batch.valid_lens is None:
             out = _varlen_attn(q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_seqlen,
                                batch.max_seqlen)
             return out.reshape(t, nh * hd)
-        # Padded fallback (CPU, fp32): scatter into [B, L, ...], mask padded keys, gather back.
+        # Padded path (CPU; the padded layout): scatter into [B, L, ...], mask pad keys.
         b, lmax = batch.num_seqs, batch.max_seqlen
         lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
+        valid = lengths if batch.valid_lens is None else batch.valid_lens
         seq = torch.repeat_interleave(torch.arange(b, device=qkv.device), lengths, output_size=t)
         pos = batch.positions
         padded = qkv.new_zeros(b, lmax, 3, nh, hd)
         padded[seq, pos] = qkv.view(t, 3, nh, hd)
         qp, kp, vp = (padded[:, :, i].transpose(1, 2) for i in range(3))  # [B, nh, L, hd]
-        keep = torch.arange(lmax, device=qkv.device)[None, :] < lengths[:, None]  # [B, L]
+        keep = torch.arange(lmax, device=qkv.device)[None, :] < valid[:, None]  # [B, L]
         o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=keep[:, None, None, :])
         return o.transpose(1, 2)[seq, pos].reshape(t, nh * hd)

@@ -149,13 +149,15 @@ class HeadTable:
         self.cls_w, self.cls_b = w, b
 
     def __call__(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor,
-                 seq_task_cpu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 seq_task_cpu: torch.Tensor, valid_lens: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Evaluate every sequence's head.
 
         Args:
             hidden: ``[T, H]`` last hidden states.
             cu_seqlens: ``[B + 1]`` int32 (device).
             seq_task_cpu: ``[B]`` task slot of each sequence (host).
+            valid_lens: ``[B]`` real lengths on the padded path (pads are not pooled).
         Returns:
             ``out [B, D]`` float32 (row ``b`` valid up to ``width[b]``) and ``width [B]`` (host).
         """
@@ -188,9 +190,14 @@ class HeadTable:
         if bool(emb_rows.any()):
             seq = torch.repeat_interleave(torch.arange(b, device=dev), lengths,
                                           output_size=hidden.shape[0])
-            sums = torch.zeros(b, h, device=dev, dtype=torch.float32).index_add_(0, seq,
-                                                                                 hidden.float())
-            mean = sums / lengths[:, None].float()
+            hid = hidden.float()
+            n = lengths
+            if valid_lens is not None:  # zero the pads before summing
+                pos = torch.arange(hidden.shape[0], device=dev) - starts[seq]
+                hid = hid * (pos < valid_lens[seq])[:, None]
+                n = valid_lens
+            sums = torch.zeros(b, h, device=dev, dtype=torch.float32).index_add_(0, seq, hid)
+            mean = sums / n[:, None].float()
             use_mean = self.mean[seq_task_cpu].to(dev)[:, None]
             emb = torch.where(use_mean, mean, cls.float())
             norm = self.normalize[seq_task_cpu].to(dev)[:, None]
