@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from pets.batch import build_batch
 from pets.engine import Engine
 from pets.profiling import EngineProbe, time_fn
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             slots = [pool[i % len(pool)] for i in range(args.batch)]
             distinct = len(set(slots))
             batch = build_batch(ids, slots, engine.device)
-            sec = time_fn(lambda b=batch: engine.encoder.forward(b), engine.device,
+            sec = time_fn(lambda b=batch, e=engine: e.encoder.forward(b), engine.device,
                           warmup=3, repeat=args.iters)
             seq_s = args.batch / sec
             base = seq_s if label == "backbone_only" else base

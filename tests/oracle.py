@@ -11,12 +11,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
+from transformers import BertConfig, BertModel
+
 from pets.backbone import BackboneWeights, hf_config, state_from_weights
 from pets.pet.base import MODULES
 from pets.pet.diff_pruning import module_shape
 from pets.pet.maskbert import unpack_mask
 from pets.taskstore import TaskManifest
-from transformers import BertConfig, BertModel
 
 HF_NAMES = {"attention.self.query", "attention.self.key", "attention.self.value",
             "attention.output.dense", "intermediate.dense", "output.dense"}
@@ -44,7 +45,8 @@ def _merged_state(w: BackboneWeights, manifest: TaskManifest,
                 delta = torch.zeros(module_shape(w.spec, m)).reshape(-1)
                 delta[tensors[f"{key}.weight_delta_indices"].long()] = \
                     tensors[f"{key}.weight_delta_values"].float()
-                state[f"{key}.weight"] = state[f"{key}.weight"] + delta.view_as(state[f"{key}.weight"])
+                w = state[f"{key}.weight"]
+                state[f"{key}.weight"] = w + delta.view_as(w)
             if f"{key}.weight_mask" in tensors:
                 keep = unpack_mask(tensors[f"{key}.weight_mask"], module_shape(w.spec, m))
                 state[f"{key}.weight"] = state[f"{key}.weight"] * keep

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from pets.errors import RequestError
 
 
@@ -61,7 +62,8 @@ def test_multi_row_request_returns_one_row_per_sequence(engine):
     out = engine.execute([{"TASK": np.array([[b"demo_lora"], [b"demo_adapter"]], dtype=object),
                            "INPUT_IDS": np.array([[101, 2000, 102], [101, 3000, 102]])}])[0]
     assert out.shape == (2, 3)
-    alone = engine.execute([{"TASK": task("demo_adapter"), "INPUT_IDS": np.array([[101, 3000, 102]])}])
+    alone = engine.execute([{"TASK": task("demo_adapter"),
+                             "INPUT_IDS": np.array([[101, 3000, 102]])}])
     np.testing.assert_allclose(out[1], alone[0][0], atol=1e-5)
 
 

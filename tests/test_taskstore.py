@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from pets.engine import Engine
 from pets.errors import TaskError
 from pets.heads import HeadConfig
@@ -76,7 +77,7 @@ def test_truncated_pickle_and_oversized_files_are_refused(tmp_path, backbone):
     with pytest.raises(TaskError, match="truncated"):
         read_task(folder)
     (folder / WEIGHTS).write_bytes(pickle.dumps({"x": [1, 2, 3]}))
-    with pytest.raises(TaskError, match="not a safetensors file|corrupt"):
+    with pytest.raises(TaskError, match=r"not a safetensors file|corrupt"):
         read_task(folder)
     # A header that declares far more data than the file holds.
     header = json.dumps({"x": {"dtype": "F32", "shape": [1 << 30], "data_offsets": [0, 4 << 30]}})
@@ -103,6 +104,6 @@ def test_write_is_atomic_and_replaces(tmp_path, backbone):
     _write(tmp_path, backbone, "t")
     _write(tmp_path, backbone, "t", mutate=lambda t: t.update(
         {_first(t, "query.bias"): torch.ones_like(t[_first(t, "query.bias")])}))
-    m, t = read_task(tmp_path / "t")
+    _, t = read_task(tmp_path / "t")
     assert torch.all(t[_first(t, "query.bias")] == 1)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".tmp", ".old"))]

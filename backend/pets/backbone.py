@@ -210,8 +210,9 @@ def weights_from_state(spec: BackboneSpec, state: dict[str, torch.Tensor]) -> Ba
     for i in range(spec.layers):
         p = f"encoder.layer.{i}."
         att = p + "attention.self."
-        linear["qkv"].append(torch.cat([get(att + n + ".weight") for n in ("query", "key", "value")]))
-        bias["qkv"].append(torch.cat([get(att + n + ".bias") for n in ("query", "key", "value")]))
+        qkv_names = ("query", "key", "value")
+        linear["qkv"].append(torch.cat([get(att + n + ".weight") for n in qkv_names]))
+        bias["qkv"].append(torch.cat([get(att + n + ".bias") for n in qkv_names]))
         for site, name in (("attn_out", "attention.output.dense"), ("ffn_in", "intermediate.dense"),
                            ("ffn_out", "output.dense")):
             linear[site].append(get(p + name + ".weight"))
@@ -278,8 +279,9 @@ def _random_weights(spec: BackboneSpec, seed: int) -> BackboneWeights:
     h = spec.hidden
     linear = {s: [rnd(*spec.site_shape(s)) for _ in range(spec.layers)] for s in SITES}
     bias = {s: [rnd(spec.site_shape(s)[0]) for _ in range(spec.layers)] for s in SITES}
-    ln_g = {"emb_ln": [1 + rnd(h)], **{k: [1 + rnd(h) for _ in range(spec.layers)] for k in LN_SITES}}
-    ln_b = {"emb_ln": [rnd(h)], **{k: [rnd(h) for _ in range(spec.layers)] for k in LN_SITES}}
+    per_layer = range(spec.layers)
+    ln_g = {"emb_ln": [1 + rnd(h)], **{k: [1 + rnd(h) for _ in per_layer] for k in LN_SITES}}
+    ln_b = {"emb_ln": [rnd(h)], **{k: [rnd(h) for _ in per_layer] for k in LN_SITES}}
     return BackboneWeights(
         spec=spec, word=rnd(spec.vocab, h), position=rnd(spec.max_positions, h),
         token_type=rnd(spec.type_vocab, h), linear=linear, bias=bias, ln_gamma=ln_g,

@@ -181,8 +181,8 @@ class HeadTable:
                 p = self.own_pooler.data[idx].float()
                 pw, pb = p[:, : h * h].view(-1, h, h), p[:, h * h:]
                 rows_d = rows.to(dev)
-                own_pooled = torch.tanh(torch.bmm(pw, cls[rows_d].float()[:, :, None])[:, :, 0] + pb)
-                pooled[rows_d] = own_pooled
+                x = cls[rows_d].float()[:, :, None]  # [R, H, 1]
+                pooled[rows_d] = torch.tanh(torch.bmm(pw, x)[:, :, 0] + pb)
             w = self.cls_w[tasks_dev].float()  # [B, C, H]
             logits = torch.bmm(w, pooled[:, :, None])[:, :, 0] + self.cls_b[tasks_dev].float()
             out[:, : logits.shape[1]] = logits

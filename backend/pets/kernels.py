@@ -9,14 +9,14 @@ from __future__ import annotations
 import logging
 from types import ModuleType
 
+from petops import reference as _reference
+
 log = logging.getLogger("pets")
 
 try:
     from petops import ops as _ops
 except ImportError:  # pragma: no cover - petops ships with pets; only a broken install lands here
-    _ops = None
-
-from petops import reference as _reference
+    _ops = None  # type: ignore[assignment]
 
 K: ModuleType = _ops if _ops is not None else _reference
 

@@ -118,10 +118,16 @@ class PetMethod(ABC):
 
         Args:
             x: ``[T, K]`` site input; y: ``[T, N]`` shared GEMM output (no bias yet).
+        The default adds nothing (BitFit, IA3 and "none" act only through the epilogue).
         """
+        return None
 
     def apply_output(self, plan: Any, site: str, layer: int, h: torch.Tensor) -> None:
-        """Transform ``h`` (``[T, H]``, output site after bias, before residual+LN) in place."""
+        """Transform ``h`` (``[T, H]``, output site after bias, before residual+LN) in place.
+
+        Only types with ``has_output_transform`` (adapters) are called; the default is a no-op.
+        """
+        return None
 
 
 _REGISTRY: dict[str, type[PetMethod]] = {}

@@ -17,8 +17,18 @@ from typing import Any
 import torch
 
 from ..errors import TaskError
-from .base import MODULES, LoadedTask, PetMethod, alloc_bias_ln, bias_names, check_bias_ln, \
-    check_known, layer_key, ln_names, register_pet
+from .base import (
+    MODULES,
+    LoadedTask,
+    PetMethod,
+    alloc_bias_ln,
+    bias_names,
+    check_bias_ln,
+    check_known,
+    layer_key,
+    ln_names,
+    register_pet,
+)
 from .sparse import SparsePlan, SparseStore
 
 IDX, VAL = "weight_delta_indices", "weight_delta_values"
@@ -32,7 +42,8 @@ def module_shape(spec: Any, module: str) -> tuple[int, int]:
 
 def check_flat_indices(name: str, idx: torch.Tensor, numel: int) -> None:
     if idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1:
-        raise TaskError(f"tensor {name!r} must be 1-D int32/int64, got {idx.dtype} {tuple(idx.shape)}")
+        raise TaskError(f"tensor {name!r} must be 1-D int32/int64, got {idx.dtype} "
+                        f"{tuple(idx.shape)}")
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
         raise TaskError(f"tensor {name!r} has positions outside [0, {numel}); it was made for "
                         "another backbone shape")
@@ -71,7 +82,8 @@ class DiffPruning(PetMethod):
             vals = tensors[vname]
             if vals.shape != tensors[name].shape or not vals.is_floating_point():
                 raise TaskError(f"{vname!r} must be float with the shape of {name!r} "
-                                f"{tuple(tensors[name].shape)}, got {vals.dtype} {tuple(vals.shape)}")
+                                f"{tuple(tensors[name].shape)}, got {vals.dtype} "
+                                f"{tuple(vals.shape)}")
             if not torch.isfinite(vals).all():
                 raise TaskError(f"tensor {vname!r} contains NaN or Inf; re-export the task")
         if not tensors:

@@ -22,8 +22,17 @@ import torch
 from .. import kernels
 from ..backbone import SITES
 from ..errors import TaskError
-from .base import MODULES, LoadedTask, PetMethod, check_known, check_tensor, finite_float, \
-    layer_key, positive_int, register_pet
+from .base import (
+    MODULES,
+    LoadedTask,
+    PetMethod,
+    check_known,
+    check_tensor,
+    finite_float,
+    layer_key,
+    positive_int,
+    register_pet,
+)
 from .diff_pruning import module_shape
 from .meta import SlotMeta
 
@@ -156,7 +165,7 @@ class Lora(PetMethod):
                 e_parts.append((segs[pres], self.b_off[tasks[pres]][:, :, mi].T, rank[pres],
                                 in_off[pres, mi], torch.full((n,), block * width),
                                 torch.full((n,), width), scale[pres]))
-            cat = [torch.cat(col, dim=-1) for col in zip(*e_parts)]
+            cat = [torch.cat(col, dim=-1) for col in zip(*e_parts, strict=True)]
 
             def d(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
                 return t.to(dtype).contiguous().to(dev, non_blocking=True)

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import kernels
 from ..backbone import SITES
 from ..batch import Batch
-from .. import kernels
 from .base import MODULES, LoadedTask, PetContext
 from .meta import SlotMeta
 
@@ -85,11 +85,13 @@ class SparseStore:
         tasks = batch.seg_task_cpu[segs]
         offs = self.rowptr_off[tasks].permute(1, 2, 0).contiguous()  # [L, 4, I]
         dev = self.ctx.device
-        return SparsePlan(seg_indptr=batch.seg_indptr, item_seg=segs.to(torch.int32).to(dev, non_blocking=True),
+        return SparsePlan(seg_indptr=batch.seg_indptr,
+                          item_seg=segs.to(torch.int32).to(dev, non_blocking=True),
                           rowptr_off=offs.to(dev, non_blocking=True))
 
     def apply(self, plan: SparsePlan, site: str, layer: int, x: torch.Tensor, y: torch.Tensor,
               dense_w: torch.Tensor | None, alpha: float) -> None:
-        kernels.active().seg_spmm(y, x, plan.seg_indptr, plan.item_seg, plan.rowptr_off[layer, SITES.index(site)],
+        offs = plan.rowptr_off[layer, SITES.index(site)]
+        kernels.active().seg_spmm(y, x, plan.seg_indptr, plan.item_seg, offs,
                          self.rowptr.data, self.indices.data,
                          None if self.values is None else self.values.data, dense_w, alpha)
