@@ -1,0 +1,138 @@
+"""Triton Python-based backend ``pets``: a thin shell over :class:`pets.engine.Engine`.
+
+Triton loads this file as ``<backend-dir>/pets/model.py`` for every model whose config says
+``backend: "pets"``. It is the only module that imports ``triton_python_backend_utils``:
+it turns Triton requests into numpy dicts, calls the engine once per batch, and turns the
+engine's results into exactly one response per request, in order. ``execute`` never
+raises: an engine crash becomes an INTERNAL error for each request of that batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from pets.engine import Engine
+from pets.errors import RequestError
+
+# Inputs handed to the engine as-is (absent optional inputs are left out of the dict).
+# Triton fixes one dtype per input, so INT32 ids arrive through their own optional input.
+_INPUTS = ("TASK", "TEXT", "INPUT_IDS", "INPUT_IDS_INT32")
+_OUTPUT = "OUTPUT"
+
+# Our codes are TritonError attribute names. pb_utils.TritonError only exists once the stub
+# has set the module up, i.e. after this file is imported: look codes up lazily.
+_CODES = ("INVALID_ARG", "NOT_FOUND", "UNAVAILABLE", "INTERNAL")
+
+
+def _parameters(model_config: dict[str, Any]) -> dict[str, str]:
+    """config.pbtxt ``parameters`` as plain strings."""
+    raw = model_config.get("parameters") or {}
+    return {k: str(v.get("string_value", "")) for k, v in raw.items()}
+
+
+def _device(kind: str, device_id: str) -> str:
+    """Map Triton's instance kind/device id onto a torch device string."""
+    if kind == "GPU":
+        return f"cuda:{int(device_id or 0)}"
+    if kind == "MODEL":  # placement left to the model: GPU 0 when there is one
+        import torch
+
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    return "cpu"
+
+
+def _decode(request: Any) -> dict[str, np.ndarray] | RequestError:
+    """One request's inputs as numpy arrays (views into shm, valid during execute)."""
+    inputs: dict[str, np.ndarray] = {}
+    for name in _INPUTS:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is not None:
+            inputs[name] = tensor.as_numpy()
+    if "INPUT_IDS" in inputs and "INPUT_IDS_INT32" in inputs:
+        return RequestError(
+            "both INPUT_IDS (INT64) and INPUT_IDS_INT32 were sent; send the token ids once, "
+            "in one of them",
+            "INVALID_ARG",
+        )
+    return inputs
+
+
+def _error(err: RequestError) -> Any:
+    code = getattr(pb_utils.TritonError, err.code if err.code in _CODES else "INTERNAL")
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(err.message, code))
+
+
+def _response(res: Any) -> Any:
+    if isinstance(res, RequestError):
+        return _error(res)
+    try:
+        arr = np.ascontiguousarray(res, dtype=np.float32)
+        return pb_utils.InferenceResponse([pb_utils.Tensor(_OUTPUT, arr)])
+    except Exception as exc:  # a bad result fails its own request only
+        msg = f"pets engine returned an unusable output ({type(res).__name__}): {exc}"
+        return _error(RequestError(msg, "INTERNAL"))
+
+
+class TritonPythonModel:
+    """One instance = one stub process = one Engine."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        params = _parameters(config)
+        device = _device(
+            args.get("model_instance_kind", "CPU"), args.get("model_instance_device_id", "0")
+        )
+        self.name = args.get("model_instance_name", config.get("name", "pets"))
+        self.engine: Engine | None = Engine.from_parameters(
+            params, model_dir=os.path.abspath(args["model_repository"]), device=device
+        )
+        pb_utils.Logger.log_info(
+            f"pets: instance {self.name} ready on {device}, parameters {params}"
+        )
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        n = len(requests)
+        try:
+            return self._execute(requests)
+        except RequestError as err:  # the engine refused the whole batch (e.g. UNAVAILABLE)
+            return [_error(err) for _ in range(n)]
+        except Exception as exc:  # never raise out of execute: one INTERNAL per request
+            pb_utils.Logger.log_error(f"pets: batch of {n} failed:\n{traceback.format_exc()}")
+            msg = (
+                f"pets engine failed on a batch of {n} request(s): "
+                f"{type(exc).__name__}: {exc}; see the server log"
+            )
+            return [_error(RequestError(msg, "INTERNAL")) for _ in range(n)]
+
+    def _execute(self, requests: list[Any]) -> list[Any]:
+        if self.engine is None:
+            raise RuntimeError("the model instance is finalized")
+        decoded: list[dict[str, np.ndarray] | RequestError] = []
+        for request in requests:
+            try:
+                decoded.append(_decode(request))
+            except Exception as exc:  # a malformed tensor fails its own request only
+                decoded.append(RequestError(f"could not read the inputs: {exc}", "INTERNAL"))
+        good = [(i, d) for i, d in enumerate(decoded) if not isinstance(d, RequestError)]
+        results: list[Any] = list(decoded)
+        if good:
+            outs = self.engine.execute([d for _, d in good])
+            if len(outs) != len(good):
+                raise RuntimeError(
+                    f"engine returned {len(outs)} results for {len(good)} "
+                    "requests; expected one per request"
+                )
+            for (i, _), out in zip(good, outs, strict=True):
+                results[i] = out
+        return [_response(res) for res in results]
+
+    def finalize(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None

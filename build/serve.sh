@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Build what is needed and serve the `pets` model with Triton 2.51 on 127.0.0.1.
+#
+# usage: build/serve.sh [--gpu] [--instances N] [--dtype D] [-- extra tritonserver flags]
+#   --gpu          serve a generated copy of the model repository (var/model_repository_gpu)
+#                  whose instances are KIND_GPU on GPU 0 with DTYPE float16
+#   --instances N  instances (stub processes) of the model; default 1
+#   --dtype D      override DTYPE (auto|float32|float16|bfloat16)
+# env: PETS_HTTP_PORT=8000 PETS_GRPC_PORT=8001 PETS_METRICS_PORT=8002
+#      PETS_MODEL_REPOSITORY=model_repository  PETS_DEMO_STORE=var/demo_store
+#      PETS_ADMIN_KEY=<random>   header `admin-key` unlocking the model-repository and
+#                                shared-memory APIs (restricted: Triton 2.51 advisories)
+#      PETS_SKIP_SETUP=1         skip setup_env/build_ops/demo store (quick restart)
+#      PETS_DEMO_REBUILD=1       recreate the demo store (it is only made when missing)
+#      PETS_OFFLINE, PETS_TRITON_RUNTIME: see build/setup_env.sh, build/install_triton.sh
+# Ctrl-C / SIGTERM stops the server, its leftover stub processes and their shm regions.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+log() { echo "serve: $*" >&2; }
+die() { log "$*"; exit 1; }
+
+gpu=0; instances=1; dtype=""; extra=()
+while (($#)); do
+  case "$1" in
+    --gpu) gpu=1 ;;
+    --instances) instances=${2:?--instances needs a number}; shift ;;
+    --dtype) dtype=${2:?--dtype needs a value}; shift ;;
+    --) shift; extra=("$@"); break ;;
+    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    *) die "unknown argument '$1' (see --help)" ;;
+  esac
+  shift
+done
+[[ "$instances" =~ ^[1-9][0-9]*$ ]] || die "--instances '$instances' must be a positive integer"
+((gpu)) && [[ -z "$dtype" ]] && dtype=float16
+
+http=${PETS_HTTP_PORT:-8000}; grpc=${PETS_GRPC_PORT:-8001}; metrics=${PETS_METRICS_PORT:-8002}
+repo=$(realpath -m "${PETS_MODEL_REPOSITORY:-model_repository}")
+store=$(realpath -m "${PETS_DEMO_STORE:-var/demo_store}")
+key=${PETS_ADMIN_KEY:-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')}
+
+if [[ "${PETS_SKIP_SETUP:-0}" != 1 ]]; then
+  bash build/setup_env.sh
+  bash build/install_triton.sh
+  if [[ -d cuda_ops/csrc && -f build/build_ops.sh ]]; then bash build/build_ops.sh
+  else log "no build/build_ops.sh: the engine uses the PyTorch reference ops"; fi
+  [[ "${PETS_DEMO_REBUILD:-0}" == 1 ]] && rm -rf "$store"
+  if [[ ! -d "$store" ]]; then
+    cli_help=$(.venv/bin/pets --help 2>&1 || true)
+    if [[ "$cli_help" == *demo-store* ]]; then
+      mkdir -p "$(dirname "$store")"
+      .venv/bin/pets demo-store "$store"
+    else
+      log "WARNING: no 'pets demo-store' command yet; $store was not created (requests will fail until a task store exists there)"
+    fi
+  fi
+else
+  [[ -f build/triton/env.sh ]] || die "PETS_SKIP_SETUP=1 but build/triton/env.sh is missing; run without it once"
+  cp -f backend/model.py build/triton/backends/pets/model.py
+fi
+# shellcheck source=/dev/null
+source build/triton/env.sh
+[[ -f "$repo/pets/config.pbtxt" ]] || die "no $repo/pets/config.pbtxt (PETS_MODEL_REPOSITORY=$repo)"
+
+# Instance kind, count and dtype are written into a generated copy (never into the repo).
+# The plain CPU case serves model_repository/ itself (TASK_STORE ../../var/demo_store).
+if ((gpu)) || ((instances != 1)) || [[ -n "$dtype" || "$store" != "$root/var/demo_store" ]]; then
+  gen="$root/var/model_repository_$( ((gpu)) && echo gpu || echo cpu)"
+  rm -rf "$gen"; mkdir -p "$gen"; cp -r "$repo/pets" "$gen/pets"
+  kind=$( ((gpu)) && echo 'KIND_GPU count: '"$instances"' gpus: [ 0 ]' || echo "KIND_CPU count: $instances")
+  edits=(-e "s|^instance_group .*|instance_group [ { kind: $kind } ]|"
+         -e "s|(key: \"TASK_STORE\" value \{ string_value: )\"[^\"]*\"|\1\"$store\"|")
+  [[ -n "$dtype" ]] && edits+=(-e "s|(key: \"DTYPE\" value \{ string_value: )\"[^\"]*\"|\1\"$dtype\"|")
+  sed -i -E "${edits[@]}" "$gen/pets/config.pbtxt"
+  grep -qF "kind: $kind" "$gen/pets/config.pbtxt" || die "could not rewrite instance_group in $gen/pets/config.pbtxt"
+  repo=$gen
+  log "generated $repo/pets/config.pbtxt ($kind${dtype:+, DTYPE $dtype})"
+fi
+
+shopt -s nullglob
+shm_before=$(ls /dev/shm/ 2>/dev/null | grep -E '^triton_.*backend_shm_region_' || true)
+# setsid: the server leads its own process group, which its stubs join; after it exits,
+# anything left in that group is ours and is killed by group id.
+setsid tritonserver \
+  --model-repository="$repo" \
+  --backend-directory="$PETS_TRITON_BACKENDS" \
+  --disable-auto-complete-config \
+  --http-address=127.0.0.1 --http-port="$http" \
+  --grpc-address=127.0.0.1 --grpc-port="$grpc" \
+  --metrics-address=127.0.0.1 --metrics-port="$metrics" \
+  --http-restricted-api="model-repository,shared-memory:admin-key=$key" \
+  --grpc-restricted-protocol="model-repository,shared-memory:admin-key=$key" \
+  --backend-config=python,shm-default-byte-size=16777216 \
+  --backend-config=python,shm-growth-byte-size=16777216 \
+  --exit-timeout-secs=15 \
+  "${extra[@]}" &
+server=$!
+
+cleanup() {
+  trap - INT TERM EXIT
+  if kill -0 "$server" 2>/dev/null; then
+    log "stopping tritonserver (pid $server)"
+    kill -TERM "$server" 2>/dev/null || true
+    for _ in $(seq 1 40); do kill -0 "$server" 2>/dev/null || break; sleep 0.5; done
+    kill -KILL "$server" 2>/dev/null || true
+  fi
+  wait "$server" 2>/dev/null || true
+  kill -KILL -- "-$server" 2>/dev/null && log "killed leftover stub processes of group $server"
+  local f
+  for f in $(ls /dev/shm/ 2>/dev/null | grep -E '^triton_.*backend_shm_region_' || true); do
+    grep -qxF "$f" <<<"$shm_before" || { rm -f "/dev/shm/$f"; log "removed stale /dev/shm/$f"; }
+  done
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+ready=0
+for _ in $(seq 1 600); do
+  kill -0 "$server" 2>/dev/null || break
+  if python3 - "$http" <<'EOF' 2>/dev/null
+import sys, urllib.request
+urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/v2/health/ready", timeout=1)
+EOF
+  then ready=1; break; fi
+  sleep 1
+done
+if ((ready)); then
+  log "pets is ready: HTTP 127.0.0.1:$http  gRPC 127.0.0.1:$grpc  metrics 127.0.0.1:$metrics/metrics"
+  log "model repository $repo; admin-key header for the model-repository/shared-memory APIs: $key"
+  log "try: .venv/bin/python clients/infer.py --task demo_lora --text 'hello world'"
+else
+  kill -0 "$server" 2>/dev/null || die "tritonserver exited before it became ready (see its log above)"
+  log "WARNING: not ready after 600 s; still running (see the log above)"
+fi
+wait "$server" || die "tritonserver exited with status $?"

@@ -1,0 +1,100 @@
+"""Small helpers shared by the pets clients, the load generator and the e2e tests.
+
+The `pets` model takes TASK (BYTES [k,1]) plus one of TEXT (BYTES [k,1]),
+INPUT_IDS (INT64 [k,L]) or INPUT_IDS_INT32 (INT32 [k,L]); it returns OUTPUT (FP32 [k,D]).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+MODEL = "pets"
+DEMO_TASKS = ("demo_bitfit", "demo_diff_pruning", "demo_maskbert", "demo_adapter", "demo_lora")
+DEFAULT_URL = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def client_module(protocol: str, aio: bool = False) -> ModuleType:
+    """tritonclient.http / .grpc (or their asyncio variants)."""
+    if protocol not in DEFAULT_URL:
+        raise ValueError(f"protocol {protocol!r} is not supported; use 'http' or 'grpc'")
+    if protocol == "http":
+        import tritonclient.http as http
+        import tritonclient.http.aio as http_aio
+
+        return http_aio if aio else http
+    import tritonclient.grpc as grpc
+    import tritonclient.grpc.aio as grpc_aio
+
+    return grpc_aio if aio else grpc
+
+
+def build_inputs(
+    mod: ModuleType,
+    tasks: Sequence[str] | str,
+    *,
+    texts: Sequence[str] | None = None,
+    ids: Any = None,
+    int32: bool = False,
+) -> list[Any]:
+    """InferInputs for k rows: ``tasks`` (one name, or one per row) with ``texts`` or ``ids``.
+
+    ``ids`` is a [k, L] (or [L]) integer array; ``int32`` sends it as INPUT_IDS_INT32.
+    ``mod`` is a tritonclient.http/.grpc module (aio modules share InferInput).
+    """
+    if (texts is None) == (ids is None):
+        raise ValueError("give exactly one of texts= or ids=")
+    if texts is not None:
+        k = len(texts)
+    else:
+        ids = np.asarray(ids)
+        ids = ids[None, :] if ids.ndim == 1 else ids
+        k = ids.shape[0]
+    names = [tasks] * k if isinstance(tasks, str) else list(tasks)
+    if len(names) != k:
+        raise ValueError(f"{len(names)} task names for {k} rows; give one, or one per row")
+    out = [_tensor(mod, "TASK", np.array(names, dtype=object).reshape(k, 1), "BYTES")]
+    if texts is not None:
+        out.append(_tensor(mod, "TEXT", np.array(texts, dtype=object).reshape(k, 1), "BYTES"))
+    elif int32:
+        out.append(_tensor(mod, "INPUT_IDS_INT32", ids.astype(np.int32), "INT32"))
+    else:
+        out.append(_tensor(mod, "INPUT_IDS", ids.astype(np.int64), "INT64"))
+    return out
+
+
+def _tensor(mod: ModuleType, name: str, arr: np.ndarray, dtype: str) -> Any:
+    t = mod.InferInput(name, list(arr.shape), dtype)
+    t.set_data_from_numpy(arr)
+    return t
+
+
+def random_ids(rng: np.random.Generator, length: int, rows: int = 1) -> np.ndarray:
+    """[rows, length] BERT-like ids: [CLS] random word-piece ids [SEP] (length >= 2)."""
+    if length < 2:
+        raise ValueError(f"length {length} is too short; need >= 2 for [CLS] ... [SEP]")
+    ids = rng.integers(1000, 30000, size=(rows, length), dtype=np.int64)
+    ids[:, 0], ids[:, -1] = 101, 102
+    return ids
+
+
+def triton_env(root: Path = REPO_ROOT) -> dict[str, str]:
+    """os.environ plus build/triton/env.sh (LD_LIBRARY_PATH/PATH for tritonserver and
+    perf_analyzer). Run build/install_triton.sh first."""
+    env_sh = root / "build" / "triton" / "env.sh"
+    if not env_sh.is_file():
+        raise FileNotFoundError(f"{env_sh} is missing; run `bash build/install_triton.sh`")
+    dump = subprocess.run(
+        ["bash", "-c", 'source "$1" && env -0', "_", str(env_sh)],
+        check=True,
+        capture_output=True,
+        env=dict(os.environ),
+    ).stdout.decode()
+    return dict(item.split("=", 1) for item in dump.split("\0") if "=" in item)
