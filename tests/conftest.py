@@ -10,12 +10,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/oracle.py
 
-from pets.backbone import default_checkpoint, load_backbone  # noqa: E402
-from pets.cli import DEMO_TASKS  # noqa: E402
-from pets.engine import Engine  # noqa: E402
-from pets.heads import HeadConfig  # noqa: E402
-from pets.taskgen import random_task  # noqa: E402
-from pets.taskstore import write_task  # noqa: E402
+from pets.backbone import default_checkpoint, load_backbone
+from pets.cli import DEMO_TASKS
+from pets.engine import Engine
+from pets.heads import HeadConfig
+from pets.taskgen import random_task
+from pets.taskstore import write_task
 
 torch.manual_seed(0)
 

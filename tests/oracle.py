@@ -45,8 +45,8 @@ def _merged_state(w: BackboneWeights, manifest: TaskManifest,
                 delta = torch.zeros(module_shape(w.spec, m)).reshape(-1)
                 delta[tensors[f"{key}.weight_delta_indices"].long()] = \
                     tensors[f"{key}.weight_delta_values"].float()
-                w = state[f"{key}.weight"]
-                state[f"{key}.weight"] = w + delta.view_as(w)
+                base = state[f"{key}.weight"]
+                state[f"{key}.weight"] = base + delta.view_as(base)
             if f"{key}.weight_mask" in tensors:
                 keep = unpack_mask(tensors[f"{key}.weight_mask"], module_shape(w.spec, m))
                 state[f"{key}.weight"] = state[f"{key}.weight"] * keep

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from oracle import base_model, oracle_output, task_model
+
+from petops import compiled_available
 from pets import kernels
 from pets.taskstore import list_tasks, read_task
 
@@ -16,13 +18,15 @@ def _seqs(rng: np.random.Generator, n: int, vocab: int) -> list[np.ndarray]:
     return [np.r_[101, rng.integers(1000, vocab, size=int(length)), 102] for length in lens]
 
 
-@pytest.fixture(params=["reference", "auto"])
-def ops_mode(request):
-    desc = kernels.select(request.param)
-    if request.param == "auto" and "compiled" not in desc:
-        pytest.skip(f"compiled op library not built ({desc}); run build/build_ops.sh")
+@pytest.fixture(params=["reference", "compiled"])
+def ops_mode(request, engine):
+    """Run the test with the pure-PyTorch references, then with the compiled library."""
+    if request.param == "compiled" and not compiled_available():
+        pytest.skip("compiled op library not built; run build/build_ops.sh")
+    saved = engine.ctx.ops
+    engine.ctx.ops = kernels.select(request.param)[0]
     yield request.param
-    kernels.select("auto")
+    engine.ctx.ops = saved
 
 
 def test_every_task_matches_its_oracle(engine, task_store, backbone, ops_mode):

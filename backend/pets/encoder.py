@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from petops.reference import ACTIVATIONS
 
-from . import kernels
 from .backbone import BackboneWeights
 from .batch import Batch
 from .heads import HeadTable
@@ -90,7 +90,7 @@ class SharedEncoder:
         w = self.w
         x = w.word[batch.input_ids] + w.position[batch.positions] + w.token_type[0]
         ln = self.ctx.ln.tables
-        return kernels.active().bias_residual_layernorm(
+        return self.ctx.ops.bias_residual_layernorm(
             x, None, None, ln["emb_ln.gamma"][0], ln["emb_ln.beta"][0], batch.seg_indptr, None,
             sp.ln, self.spec.eps)
 
@@ -119,7 +119,7 @@ class SharedEncoder:
     def _output(self, site: str, ln: str, layer: int, y: torch.Tensor, residual: torch.Tensor,
                 batch: Batch, sp: SegmentParams, active: list[tuple[PetMethod, Any]]
                 ) -> torch.Tensor:
-        K = kernels.active()
+        K = self.ctx.ops
         bias = self.ctx.bias.tables[site][layer]
         gamma = self.ctx.ln.tables[f"{ln}.gamma"][layer]
         beta = self.ctx.ln.tables[f"{ln}.beta"][layer]
@@ -134,7 +134,7 @@ class SharedEncoder:
 
     def _layer(self, layer: int, x: torch.Tensor, batch: Batch, sp: SegmentParams,
                active: list[tuple[PetMethod, Any]]) -> torch.Tensor:
-        K = kernels.active()
+        K = self.ctx.ops
         bias, scale = self.ctx.bias.tables, self.ctx.scale.tables
         qkv = self._linear("qkv", layer, x, active)
         qkv = K.bias_act(qkv, bias["qkv"][layer], batch.seg_indptr, sp.bias,

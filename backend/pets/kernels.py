@@ -1,43 +1,33 @@
-"""The shadow-op functions the engine calls.
+"""Which shadow-op implementation an engine calls.
 
 ``petops.ops`` dispatches to the compiled library when it is built (and has a kernel for the
-tensor's device) and to the pure-PyTorch references otherwise; ``select`` forces one side.
+tensors' device) and to the pure-PyTorch references otherwise; ``petops.reference`` is the
+references alone. The choice is per engine (held in ``PetContext.ops``), so two engines in
+one process — a GPU one and a CPU reference, say — never interfere.
 """
 
 from __future__ import annotations
 
-import logging
 from types import ModuleType
 
-from petops import reference as _reference
+from petops import compiled_available, ops, reference
 
-log = logging.getLogger("pets")
+from .errors import ConfigError
 
-try:
-    from petops import ops as _ops
-except ImportError:  # pragma: no cover - petops ships with pets; only a broken install lands here
-    _ops = None  # type: ignore[assignment]
-
-K: ModuleType = _ops if _ops is not None else _reference
+MODES = ("auto", "compiled", "reference")
 
 
-def select(mode: str) -> str:
-    """Choose the op implementation: ``auto`` | ``compiled`` | ``reference``.
+def select(mode: str) -> tuple[ModuleType, str]:
+    """The op module for ``OPS=mode`` (``auto`` | ``compiled`` | ``reference``).
 
     Returns:
-        A description of what is in use (logged by the engine).
+        The module and a description for the engine's log.
     """
-    global K
-    if mode not in ("auto", "compiled", "reference"):
-        raise ValueError(f"OPS={mode!r}; expected 'auto', 'compiled' or 'reference'")
-    if _ops is None or mode == "reference":
-        K = _reference
-        return "reference (pure PyTorch)"
-    _ops.set_backend(mode)
-    K = _ops
-    return f"petops: {_ops.backend_description()}"
-
-
-def active() -> ModuleType:
-    """The op module in use (``petops.ops`` or ``petops.reference``)."""
-    return K
+    if mode not in MODES:
+        raise ConfigError(f"OPS={mode!r}; expected one of {MODES}")
+    if mode == "reference":
+        return reference, "reference (pure PyTorch)"
+    if mode == "compiled" and not compiled_available():
+        raise ConfigError("OPS=compiled but the petops library is not built; run "
+                          "`bash build/build_ops.sh` (or `make ops`), or set OPS=auto")
+    return ops, f"petops ({ops.backend_description()})"

@@ -53,7 +53,8 @@ def apply_act(x: torch.Tensor, act: int) -> torch.Tensor:
         return F.silu(x)
     if act == ACT_GELU_TANH:
         return F.gelu(x, approximate="tanh")
-    raise ValueError(f"unknown activation code {act}; expected one of {sorted(ACTIVATIONS.values())}")
+    raise ValueError(
+        f"unknown activation code {act}; expected one of {sorted(ACTIVATIONS.values())}")
 
 
 def token_segment(seg_indptr: torch.Tensor, num_tokens: int) -> torch.Tensor:

@@ -19,12 +19,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from petops.reference import ACTIVATIONS
 
-from .. import kernels
 from ..errors import TaskError
-from .base import LoadedTask, PetMethod, alloc_bias_ln, bias_names, check_bias_ln, check_known, \
-    check_tensor, layer_key, ln_names, register_pet
+from .base import (
+    LoadedTask,
+    PetMethod,
+    alloc_bias_ln,
+    bias_names,
+    check_bias_ln,
+    check_known,
+    check_tensor,
+    layer_key,
+    ln_names,
+    register_pet,
+)
 from .meta import SlotMeta
 
 ADAPTER_SITES = {"attn_out": "attention.output", "ffn_out": "output"}
@@ -147,7 +157,7 @@ class Adapter(PetMethod):
         return AdapterPlan(seg_indptr=batch.seg_indptr, sites=sites)
 
     def apply_output(self, plan: AdapterPlan, site: str, layer: int, h: torch.Tensor) -> None:
-        K = kernels.active()
+        K = self.ctx.ops
         for g in plan.sites.get(site, ()):
             o = g.offs[:, layer]
             tmp = K.sgmv_shrink(h, self.pool.data, plan.seg_indptr, g.seg, o[0], g.rank,

@@ -19,9 +19,12 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any, ClassVar
 
 import torch
+
+from petops import reference
 
 from ..backbone import LN_SITES, SITES, BackboneSpec, BackboneWeights
 from ..batch import Batch
@@ -57,6 +60,7 @@ class PetContext:
     bias: SlotGroup  # tables "qkv", "attn_out", "ffn_in", "ffn_out": [L, P, N]
     ln: SlotGroup  # tables "<ln>.gamma"/"<ln>.beta" for emb_ln [1,P,H], attn_ln, ffn_ln [L,P,H]
     scale: SlotGroup  # IA3 tables "qkv" [L,Q,3H], "ffn_in" [L,Q,F]
+    ops: ModuleType = reference  # petops.ops or petops.reference (pets.kernels.select)
 
     def pool(self, dtype: torch.dtype | None = None) -> FlatPool:
         return FlatPool(self.device, dtype or self.dtype)
@@ -70,10 +74,13 @@ class LoadedTask:
     ln_slot: int = 0
     scale_slot: int = 0
     allocations: list[tuple[FlatPool, Allocation]] = field(default_factory=list)
+    # Ranges of pools that mirror another pool's layout (sparse values beside their indices):
+    # counted in nbytes, freed with the allocation they mirror, never released themselves.
+    mirrored: list[tuple[FlatPool, Allocation]] = field(default_factory=list)
     state: Any = None  # method-private
 
     def nbytes(self, ctx: PetContext) -> int:
-        n = sum(a.size * p.data.element_size() for p, a in self.allocations)
+        n = sum(a.size * p.data.element_size() for p, a in (*self.allocations, *self.mirrored))
         for slot, group in ((self.bias_slot, ctx.bias), (self.ln_slot, ctx.ln),
                             (self.scale_slot, ctx.scale)):
             if slot:

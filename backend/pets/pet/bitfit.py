@@ -13,8 +13,16 @@ from typing import Any
 import torch
 
 from ..errors import TaskError
-from .base import LoadedTask, PetMethod, alloc_bias_ln, bias_names, check_bias_ln, check_known, \
-    ln_names, register_pet
+from .base import (
+    LoadedTask,
+    PetMethod,
+    alloc_bias_ln,
+    bias_names,
+    check_bias_ln,
+    check_known,
+    ln_names,
+    register_pet,
+)
 
 
 @register_pet

@@ -94,15 +94,15 @@ class DiffPruning(PetMethod):
         spec = self.ctx.spec
         loaded = LoadedTask()
         alloc_bias_ln(self.ctx, tensors, loaded)
-        coo = {}
+        flat = {}
         for i in range(spec.layers):
             for module in MODULES:
                 name = layer_key(i, module, IDX)
                 if name in tensors:
-                    _, inp = module_shape(spec, module)
-                    flat = tensors[name].long()
-                    coo[(i, module)] = (flat // inp, flat % inp, tensors[layer_key(i, module, VAL)])
-        self.store.add(slot, loaded, coo)
+                    pos, order = tensors[name].to(self.ctx.device).long().sort()
+                    vals = tensors[layer_key(i, module, VAL)].to(self.ctx.device)[order]
+                    flat[(i, module)] = (pos, vals)
+        self.store.add(slot, loaded, flat)
         return loaded
 
     def unload(self, slot: int, loaded: LoadedTask) -> None:

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from .. import kernels
 from ..backbone import SITES
 from ..errors import TaskError
 from .base import (
@@ -185,7 +184,7 @@ class Lora(PetMethod):
         sp = plan.sites.get(site)
         if sp is None:
             return
-        K = kernels.active()
+        K = self.ctx.ops
         tmp = K.sgmv_shrink(x, self.pool.data, plan.seg_indptr, sp.s_seg, sp.s_w_off[layer],
                             sp.s_rank, None, None, 0, sp.max_rank)
         K.sgmv_expand(y, tmp, self.pool.data, plan.seg_indptr, sp.e_seg, sp.e_w_off[layer],

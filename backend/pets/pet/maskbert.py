@@ -47,6 +47,7 @@ class MaskBert(PetMethod):
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
         self.store = SparseStore(ctx, with_values=False)
+        self._shifts = torch.arange(8, dtype=torch.uint8, device=ctx.device)
 
     def validate(self, hparams: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         spec = self.ctx.spec
@@ -67,15 +68,17 @@ class MaskBert(PetMethod):
              tensors: dict[str, torch.Tensor]) -> LoadedTask:
         spec = self.ctx.spec
         loaded = LoadedTask()
-        coo = {}
+        flat = {}
         for i in range(spec.layers):
             for module in MODULES:
                 name = layer_key(i, module, MASK)
                 if name in tensors:
-                    keep = unpack_mask(tensors[name], module_shape(spec, module))
-                    rows, cols = torch.nonzero(~keep, as_tuple=True)
-                    coo[(i, module)] = (rows, cols, None)
-        self.store.add(slot, loaded, coo)
+                    out, inp = module_shape(spec, module)
+                    packed = tensors[name].to(self.ctx.device)  # unpack where the pools live
+                    bits = (packed[:, None] >> self._shifts) & 1  # [nbytes, 8], LSB first
+                    keep = bits.reshape(-1)[: out * inp]
+                    flat[(i, module)] = (torch.nonzero(keep == 0).flatten(), None)  # sorted
+        self.store.add(slot, loaded, flat)
         return loaded
 
     def unload(self, slot: int, loaded: LoadedTask) -> None:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import kernels
 from ..backbone import SITES
 from ..batch import Batch
 from .base import MODULES, LoadedTask, PetContext
@@ -38,41 +37,40 @@ class SparseStore:
         self.rowptr_off = SlotMeta((ctx.spec.layers, len(SITES)), torch.int64)
 
     def add(self, slot: int, loaded: LoadedTask,
-            coo: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
-            ) -> None:
+            flat: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor | None]]) -> None:
         """Store one task's matrices.
 
         Args:
-            coo: (layer, module) -> (out_rows, in_cols, values or None) of that module's
-                ``[out_m, in]`` matrix; modules of one site are stacked into the site's rows.
+            flat: (layer, module) -> (positions, values or None): the non-zeros of that
+                module's ``[out_m, in]`` matrix as *sorted* flat positions ``o * in + k``
+                (int64) and their values. Modules of one site stack into the site's rows in
+                block order, so the site's entries come out sorted by row with no sort here.
         """
         spec = self.ctx.spec
         offs = torch.zeros(spec.layers, len(SITES), dtype=torch.int64)
         for layer in range(spec.layers):
             for si, site in enumerate(SITES):
-                n_out, _ = spec.site_shape(site)
+                n_out, n_in = spec.site_shape(site)
+                width = n_out // 3 if site == "qkv" else n_out
                 rows, cols, vals = [], [], []
-                for module, (msite, block) in MODULES.items():
-                    if msite != site or (layer, module) not in coo:
+                for module, (msite, block) in MODULES.items():  # block order
+                    if msite != site or (layer, module) not in flat:
                         continue
-                    r, c, v = coo[(layer, module)]
-                    width = n_out // 3 if site == "qkv" else n_out
-                    rows.append(r.long() + block * width)
-                    cols.append(c.long())
+                    pos, v = flat[(layer, module)]
+                    rows.append(pos // n_in + block * width)
+                    cols.append(pos % n_in)
                     if v is not None:
                         vals.append(v)
-                r_all = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
-                c_all = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.long)
-                order = torch.argsort(r_all * spec.ffn * 4 + c_all)
-                idx_alloc = self.indices.put(c_all[order].int())
+                dev = self.ctx.device
+                r_all = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64, device=dev)
+                c_all = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.int64, device=dev)
+                idx_alloc = self.indices.put(c_all.to(torch.int32))
                 loaded.allocations.append((self.indices, idx_alloc))
                 if self.values is not None:  # values mirror the index pool's positions
-                    v_all = torch.cat(vals) if vals else torch.zeros(0)
-                    self.values.write_at(idx_alloc.offset, v_all[order], self.indices.capacity)
-                    loaded.allocations.append((self.values, idx_alloc))
-                counts = torch.bincount(r_all, minlength=n_out)
-                rp = torch.zeros(n_out + 1, dtype=torch.int64)
-                rp[1:] = torch.cumsum(counts, 0)
+                    v_all = torch.cat(vals) if vals else torch.zeros(0, device=dev)
+                    self.values.write_at(idx_alloc.offset, v_all, self.indices.capacity)
+                    loaded.mirrored.append((self.values, idx_alloc))
+                rp = torch.searchsorted(r_all, torch.arange(n_out + 1, device=dev))
                 rp_alloc = self.rowptr.put(rp + idx_alloc.offset)
                 loaded.allocations.append((self.rowptr, rp_alloc))
                 offs[layer, si] = rp_alloc.offset
@@ -92,6 +90,6 @@ class SparseStore:
     def apply(self, plan: SparsePlan, site: str, layer: int, x: torch.Tensor, y: torch.Tensor,
               dense_w: torch.Tensor | None, alpha: float) -> None:
         offs = plan.rowptr_off[layer, SITES.index(site)]
-        kernels.active().seg_spmm(y, x, plan.seg_indptr, plan.item_seg, offs,
+        self.ctx.ops.seg_spmm(y, x, plan.seg_indptr, plan.item_seg, offs,
                          self.rowptr.data, self.indices.data,
                          None if self.values is None else self.values.data, dense_w, alpha)

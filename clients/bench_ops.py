@@ -1,0 +1,279 @@
+"""Benchmark the grouped petops kernels against per-task loops of plain torch ops.
+
+For 1/8/64/256 segments (random lengths 16-128, one distinct task each) and bert-base shapes,
+each PET site is timed three ways: the grouped op (one launch for all tasks), a per-task
+Python loop of plain torch ops, and the shared GEMM of that site (``x @ W.T`` over all tokens);
+the PET-op cost is reported as a share of the GEMM. On CUDA the per-task loop is also spread
+round-robin over N streams (PetS's multi-stream option). Prints CSV; writes CSV + PNG to --out.
+
+    python clients/bench_ops.py --out .bench/ops                # CUDA if present, else CPU
+    python clients/bench_ops.py --device cpu --segments 1,8 --out /tmp/b
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cuda_ops"))
+import petops
+from petops import ops
+
+FIELDS = ["device", "dtype", "backend", "segments", "tokens", "site", "variant", "ms",
+          "share_of_gemm", "loop_over_grouped"]
+
+
+def timeit(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median milliseconds of ``fn`` (CUDA events on the current stream, else wall clock)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def on_streams(fns: list[Callable[[], object]], streams: list[torch.cuda.Stream]) -> None:
+    """Run per-task closures round-robin over ``streams``, joined back to the current stream."""
+    cur = torch.cuda.current_stream()
+    for s in streams:
+        s.wait_stream(cur)
+    for i, fn in enumerate(fns):
+        with torch.cuda.stream(streams[i % len(streams)]):
+            fn()
+    for s in streams:
+        cur.wait_stream(s)
+
+
+class Batch:
+    """Packed tokens of S segments (one distinct task per segment) plus grouped metadata."""
+
+    def __init__(self, n_seg: int, lens: tuple[int, int], hidden: int, dev, dtype, g):
+        lengths = torch.randint(lens[0], lens[1] + 1, (n_seg,), generator=g)
+        self.indptr_cpu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        self.rows = [slice(int(a), int(b)) for a, b in zip(self.indptr_cpu[:-1],
+                                                            self.indptr_cpu[1:], strict=True)]
+        self.tokens = int(self.indptr_cpu[-1])
+        self.indptr = self.indptr_cpu.to(dev, torch.int32)
+        self.seg = torch.arange(n_seg, device=dev, dtype=torch.int32)
+        self.x = torch.randn(self.tokens, hidden, device=dev, dtype=dtype, generator=None)
+
+
+def lora_like(b: Batch, rank: int, hidden: int, dev, dtype, adapter: bool):
+    """(grouped, loop closures) for y += up(act(down(x) + b_d)) + b_u (adapter) or LoRA."""
+    n = len(b.rows)
+    a = torch.randn(n, rank, hidden, device=dev, dtype=dtype) * hidden ** -0.5
+    bm = torch.randn(n, hidden, rank, device=dev, dtype=dtype) * rank ** -0.5
+    bd = torch.randn(n, rank, device=dev, dtype=dtype) if adapter else None
+    bu = torch.randn(n, hidden, device=dev, dtype=dtype) if adapter else None
+    y = torch.zeros(b.tokens, hidden, device=dev, dtype=dtype)
+    # Metadata is built once per batch (the engine reuses it across layers), not timed.
+    ar = torch.arange(n, device=dev, dtype=torch.int64)
+    rank_t = torch.full((n,), rank, device=dev, dtype=torch.int32)
+    zeros = torch.zeros(n, device=dev, dtype=torch.int32)
+    a_off, b_off, out_dim = ar * rank * hidden, ar * hidden * rank, torch.full_like(zeros, hidden)
+    scale = torch.ones(n, device=dev)
+    bd_off, bu_off = (ar * rank, ar * hidden) if adapter else (None, None)
+    a_flat, bm_flat = a.view(-1), bm.view(-1)
+    bd_flat, bu_flat = (bd.view(-1), bu.view(-1)) if adapter else (None, None)
+    act = 1 if adapter else 0
+
+    def grouped() -> None:
+        tmp = ops.sgmv_shrink(b.x, a_flat, b.indptr, b.seg, a_off, rank_t, bd_flat, bd_off, act,
+                              rank)
+        ops.sgmv_expand(y, tmp, bm_flat, b.indptr, b.seg, b_off, rank_t, zeros, zeros, out_dim,
+                        scale, bu_flat, bu_off)
+
+    def task(i: int) -> Callable[[], None]:
+        r = b.rows[i]
+
+        def run() -> None:
+            h = b.x[r] @ a[i].T
+            if adapter:
+                h = F.gelu(h + bd[i])
+                y[r] += h @ bm[i].T + bu[i]
+            else:
+                y[r] += h @ bm[i].T
+        return run
+
+    return grouped, [task(i) for i in range(n)]
+
+
+def bitfit_ffn(b: Batch, ffn: int, dev, dtype):
+    n = len(b.rows)
+    y = torch.randn(b.tokens, ffn, device=dev, dtype=dtype)
+    bias = torch.randn(n, ffn, device=dev, dtype=dtype)
+    grouped = lambda: ops.bias_act(y, bias, b.indptr, b.seg, None, None, 1)  # noqa: E731
+    shared = lambda: F.gelu(y + bias[0])  # noqa: E731
+    loop = [(lambda r=r, i=i: F.gelu(y[r] + bias[i])) for i, r in enumerate(b.rows)]
+    return grouped, loop, shared
+
+
+def bitfit_ln(b: Batch, hidden: int, dev, dtype):
+    n = len(b.rows)
+    y, res = (torch.randn(b.tokens, hidden, device=dev, dtype=dtype) for _ in range(2))
+    bias, gamma, beta = (torch.randn(n, hidden, device=dev, dtype=dtype) for _ in range(3))
+
+    def grouped():
+        return ops.bias_residual_layernorm(y, res, bias, gamma, beta, b.indptr, b.seg, b.seg,
+                                           1e-12)
+
+    def shared():
+        return F.layer_norm(y + bias[0] + res, (hidden,), gamma[0], beta[0], 1e-12)
+
+    loop = [(lambda r=r, i=i: F.layer_norm(y[r] + bias[i] + res[r], (hidden,), gamma[i],
+                                           beta[i], 1e-12)) for i, r in enumerate(b.rows)]
+    return grouped, loop, shared
+
+
+def sparse_site(b: Batch, hidden: int, density: float, masked: bool, dev, dtype):
+    """Diff-Pruning (values) or MaskBERT (dense_w, alpha=-1) delta of an H x H weight."""
+    n = len(b.rows)
+    w = torch.randn(hidden, hidden, device=dev, dtype=dtype) * hidden ** -0.5
+    masks = torch.rand(n, hidden, hidden, device=dev) < density
+    dense = torch.where(masks, -w if masked else torch.randn_like(w) * 0.01, 0).to(dtype)
+    counts = masks.sum(-1)  # [n, H]
+    rowptr = torch.cat([torch.zeros(1, device=dev, dtype=torch.long), counts.view(-1).cumsum(0)])
+    rowptr = torch.stack([rowptr[i * hidden: (i + 1) * hidden + 1] for i in range(n)]).view(-1)
+    indices = masks.nonzero()[:, 2].to(torch.int32)
+    values = None if masked else dense[masks]
+    y = torch.zeros(b.tokens, hidden, device=dev, dtype=dtype)
+    off = torch.arange(n, device=dev, dtype=torch.long) * (hidden + 1)
+
+    def grouped() -> None:
+        ops.seg_spmm(y, b.x, b.indptr, b.seg, off, rowptr, indices, values,
+                     w if masked else None, -1.0 if masked else 1.0)
+
+    def task(i: int) -> Callable[[], None]:
+        r = b.rows[i]
+
+        def run() -> None:
+            y[r] += b.x[r] @ dense[i].T
+        return run
+
+    return grouped, [task(i) for i in range(n)]
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    dev = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    g = torch.Generator().manual_seed(0)
+    t = lambda fn: timeit(fn, dev, args.warmup, args.repeats)  # noqa: E731
+    rows: list[dict] = []
+    for n_seg in args.segments:
+        b = Batch(n_seg, args.lengths, args.hidden, dev, dtype, g)
+        w_h = torch.randn(args.hidden, args.hidden, device=dev, dtype=dtype)
+        w_up = torch.randn(args.ffn, args.hidden, device=dev, dtype=dtype)
+        x_ffn = torch.randn(b.tokens, args.ffn, device=dev, dtype=dtype)
+        gemm_h = t(lambda: b.x @ w_h.T)  # noqa: B023
+        gemm_up = t(lambda: b.x @ w_up.T)  # noqa: B023
+        gemm_down = t(lambda: x_ffn @ w_up)  # noqa: B023  [T, FFN] @ [FFN, H]
+        sites = {
+            "lora_r16": (*lora_like(b, 16, args.hidden, dev, dtype, False), None, gemm_h),
+            "adapter_r64": (*lora_like(b, 64, args.hidden, dev, dtype, True), None, gemm_h),
+            "bitfit_bias_gelu": (*bitfit_ffn(b, args.ffn, dev, dtype), gemm_up),
+            "bitfit_bias_res_ln": (*bitfit_ln(b, args.hidden, dev, dtype), gemm_down),
+            "diff_1pct": (*sparse_site(b, args.hidden, 0.01, False, dev, dtype), None, gemm_h),
+            "mask_5pct": (*sparse_site(b, args.hidden, 0.05, True, dev, dtype), None, gemm_h),
+        }
+        base = {"device": dev.type, "dtype": args.dtype, "backend": petops.backend_name(),
+                "segments": n_seg, "tokens": b.tokens}
+
+        def add(site: str, variant: str, ms: float, gemm: float, grouped_ms: float) -> None:
+            rows.append({**base, "site": site, "variant": variant, "ms": round(ms, 4),  # noqa: B023
+                         "share_of_gemm": round(ms / gemm, 4),
+                         "loop_over_grouped": round(ms / grouped_ms, 3)})
+
+        for site, (grouped, loop, shared, gemm) in sites.items():
+            g_ms = t(grouped)
+            add(site, "shared_gemm", gemm, gemm, g_ms)
+            add(site, "grouped", g_ms, gemm, g_ms)
+            add(site, "per_task_loop", t(lambda loop=loop: [f() for f in loop]), gemm, g_ms)
+            if shared is not None:
+                add(site, "shared_epilogue", t(shared), gemm, g_ms)
+            if dev.type == "cuda" and site in ("lora_r16", "adapter_r64", "diff_1pct"):
+                for n_streams in args.streams:
+                    streams = [torch.cuda.Stream() for _ in range(n_streams)]
+                    ms = t(lambda loop=loop, streams=streams: on_streams(loop, streams))
+                    add(site, f"loop_{n_streams}_streams", ms, gemm, g_ms)
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sites = list(dict.fromkeys(r["site"] for r in rows))
+    fig, axes = plt.subplots(2, (len(sites) + 1) // 2, figsize=(5 * ((len(sites) + 1) // 2), 8))
+    for ax, site in zip(axes.flat, sites, strict=False):
+        for variant in dict.fromkeys(r["variant"] for r in rows if r["site"] == site):
+            pts = [(r["segments"], r["ms"]) for r in rows
+                   if r["site"] == site and r["variant"] == variant]
+            ax.plot(*zip(*pts, strict=True), marker="o", label=variant)
+        ax.set(title=site, xscale="log", yscale="log", xlabel="segments (tasks)", ylabel="ms")
+        ax.legend(fontsize=7)
+    r0 = rows[0]
+    fig.suptitle(f"petops grouped vs per-task loop ({r0['device']}, {r0['dtype']}, "
+                 f"{r0['backend']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--dtype", default=None, help="float16 on CUDA, float32 on CPU")
+    p.add_argument("--segments", default=None, help="comma list; default 1,8,64,256 (CPU 1,8,32)")
+    p.add_argument("--lengths", default=None, help="min,max tokens per segment (16,128; CPU 4,32)")
+    p.add_argument("--hidden", type=int, default=None, help="768 (CPU 256)")
+    p.add_argument("--ffn", type=int, default=None, help="3072 (CPU 1024)")
+    p.add_argument("--streams", default="1,2,4,8")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=None, help="20 (CPU 5)")
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args()
+    on_gpu = a.device.startswith("cuda")
+    a.dtype = a.dtype or ("float16" if on_gpu else "float32")
+    a.segments = [int(s) for s in (a.segments or ("1,8,64,256" if on_gpu else "1,8,32")).split(",")]
+    a.lengths = tuple(int(v) for v in (a.lengths or ("16,128" if on_gpu else "4,32")).split(","))
+    a.hidden = a.hidden or (768 if on_gpu else 256)
+    a.ffn = a.ffn or (3072 if on_gpu else 1024)
+    a.repeats = a.repeats or (20 if on_gpu else 5)
+    a.streams = [int(s) for s in a.streams.split(",")]
+    rows = run(a)
+    a.out.mkdir(parents=True, exist_ok=True)
+    with open(a.out / "bench_ops.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    w = csv.DictWriter(sys.stdout, FIELDS)
+    w.writeheader()
+    w.writerows(rows)
+    plot(rows, a.out / "bench_ops.png")
+    print(f"# wrote {a.out / 'bench_ops.csv'} and {a.out / 'bench_ops.png'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

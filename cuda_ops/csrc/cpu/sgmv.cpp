@@ -1,0 +1,130 @@
+// CPU kernels for grouped low-rank projections: sgmv_shrink and sgmv_expand.
+// Each item is one small GEMM on contiguous token rows (at::mm on slices); items (shrink) or
+// segment groups (expand) run in parallel, so the per-task loop stays in C++.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../prepare.h"
+#include "items.h"
+
+namespace petops {
+namespace {
+
+void apply_act_inplace(at::Tensor& h, int act) {
+  if (act == kActNone) return;
+  float* p = h.data_ptr<float>();
+  for (int64_t e = 0; e < h.numel(); ++e) p[e] = apply_act(p[e], act);
+}
+
+at::Tensor sgmv_shrink_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& seg_indptr,
+                           const at::Tensor& item_seg, const at::Tensor& item_w_off,
+                           const at::Tensor& item_rank, const OptTensor& bias,
+                           const OptTensor& item_b_off, int64_t act, int64_t max_rank) {
+  GroupedArgs a = prepare_shrink(x, w, seg_indptr, item_seg, item_w_off, item_rank, bias,
+                                 item_b_off, act, max_rank);
+  TORCH_INTERNAL_ASSERT(a.x.device().is_cpu());
+  const int64_t n_tok = a.x.size(0), k = a.x.size(1), n_items = a.num_items;
+  const int64_t n_seg = a.seg_indptr.numel() - 1;
+  check_indptr_host(a.seg_indptr, n_tok);
+  check_range_host<int32_t>(a.item_seg, 0, n_seg, "item_seg", "a segment index");
+  check_range_host<int32_t>(a.item_rank, 1, max_rank + 1, "item_rank", "a rank <= max_rank");
+  const int32_t* ip = a.seg_indptr.data_ptr<int32_t>();
+  const int32_t* is = a.item_seg.data_ptr<int32_t>();
+  const int32_t* rk = a.item_rank.data_ptr<int32_t>();
+  std::vector<int64_t> w_len(n_items), b_len(n_items);
+  std::vector<char> seen(n_seg, 0);
+  for (int64_t i = 0; i < n_items; ++i) {
+    w_len[i] = static_cast<int64_t>(rk[i]) * k;
+    b_len[i] = rk[i];
+    TORCH_CHECK(!seen[is[i]], "segment ", is[i], " has more than one sgmv_shrink item (item ", i,
+                "); give each segment at most one shrink item and concatenate q/k/v ranks");
+    seen[is[i]] = 1;
+  }
+  check_spans_host(a.item_w_off, w_len.data(), a.w.numel(), "item_w_off");
+  if (a.bias.defined()) check_spans_host(a.item_b_off, b_len.data(), a.bias.numel(), "item_b_off");
+
+  at::Tensor out = at::zeros({n_tok, max_rank}, a.x.options().dtype(at::kFloat));
+  const int64_t* wo = a.item_w_off.data_ptr<int64_t>();
+  const int64_t* bo = a.bias.defined() ? a.item_b_off.data_ptr<int64_t>() : nullptr;
+  at::parallel_for(0, n_items, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t r0 = ip[is[i]], len = ip[is[i] + 1] - r0, r = rk[i];
+      if (len == 0) continue;
+      at::Tensor xs = a.x.narrow(0, r0, len).to(at::kFloat);
+      at::Tensor wa = a.w.narrow(0, wo[i], r * k).view({r, k}).to(at::kFloat);
+      at::Tensor h = at::mm(xs, wa.t());  // [len, r]
+      if (bo) h.add_(a.bias.narrow(0, bo[i], r).to(at::kFloat));
+      apply_act_inplace(h, static_cast<int>(act));
+      out.narrow(0, r0, len).narrow(1, 0, r).copy_(h);
+    }
+  });
+  return out.to(a.x.scalar_type());
+}
+
+void sgmv_expand_cpu(const at::Tensor& y, const at::Tensor& tmp, const at::Tensor& w,
+                     const at::Tensor& seg_indptr, const at::Tensor& item_seg,
+                     const at::Tensor& item_w_off, const at::Tensor& item_rank,
+                     const at::Tensor& item_in_off, const at::Tensor& item_out_off,
+                     const at::Tensor& item_out_dim, const at::Tensor& item_scale,
+                     const OptTensor& bias, const OptTensor& item_b_off) {
+  GroupedArgs a = prepare_expand(y, tmp, w, seg_indptr, item_seg, item_w_off, item_rank,
+                                 item_in_off, item_out_off, item_out_dim, item_scale, bias,
+                                 item_b_off);
+  TORCH_INTERNAL_ASSERT(a.y.device().is_cpu());
+  const int64_t n_tok = a.y.size(0), n_out = a.y.size(1), r_tmp = a.x.size(1);
+  const int64_t n_items = a.num_items, n_seg = a.seg_indptr.numel() - 1;
+  check_indptr_host(a.seg_indptr, n_tok);
+  check_range_host<int32_t>(a.item_seg, 0, n_seg, "item_seg", "a segment index");
+  const int32_t* rk = a.item_rank.data_ptr<int32_t>();
+  const int32_t* j0 = a.item_in_off.data_ptr<int32_t>();
+  const int32_t* c0 = a.item_out_off.data_ptr<int32_t>();
+  const int32_t* nd = a.item_out_dim.data_ptr<int32_t>();
+  std::vector<int64_t> w_len(n_items), b_len(n_items);
+  for (int64_t i = 0; i < n_items; ++i) {
+    TORCH_CHECK(rk[i] >= 1 && j0[i] >= 0 && j0[i] + rk[i] <= r_tmp, "item ", i, ": tmp columns [",
+                j0[i], ", ", j0[i] + rk[i], ") (item_in_off, item_rank) must lie in [0, ", r_tmp,
+                ") with rank >= 1");
+    TORCH_CHECK(nd[i] >= 0 && c0[i] >= 0 && c0[i] + nd[i] <= n_out, "item ", i, ": y columns [",
+                c0[i], ", ", c0[i] + nd[i], ") (item_out_off, item_out_dim) must lie in [0, ",
+                n_out, ")");
+    w_len[i] = static_cast<int64_t>(nd[i]) * rk[i];
+    b_len[i] = nd[i];
+  }
+  check_spans_host(a.item_w_off, w_len.data(), a.w.numel(), "item_w_off");
+  if (a.bias.defined()) check_spans_host(a.item_b_off, b_len.data(), a.bias.numel(), "item_b_off");
+
+  const SegmentGroups g = group_by_segment(a.item_seg, n_seg);
+  const int32_t* ip = a.seg_indptr.data_ptr<int32_t>();
+  const int64_t* wo = a.item_w_off.data_ptr<int64_t>();
+  const int64_t* bo = a.bias.defined() ? a.item_b_off.data_ptr<int64_t>() : nullptr;
+  const float* sc = a.item_scale.data_ptr<float>();
+  const bool f32 = a.y.scalar_type() == at::kFloat;
+  at::parallel_for(0, static_cast<int64_t>(g.seg.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t gi = lo; gi < hi; ++gi) {
+      const int64_t r0 = ip[g.seg[gi]], len = ip[g.seg[gi] + 1] - r0;
+      if (len == 0) continue;
+      at::Tensor rows = a.y.narrow(0, r0, len);
+      at::Tensor acc = f32 ? rows : rows.to(at::kFloat);  // fp32 accumulates in place
+      for (int64_t e = g.begin[gi]; e < g.begin[gi + 1]; ++e) {
+        const int64_t i = g.order[e], r = rk[i], n = nd[i];
+        at::Tensor t_in = a.x.narrow(0, r0, len).narrow(1, j0[i], r).to(at::kFloat);
+        at::Tensor wb = a.w.narrow(0, wo[i], n * r).view({n, r}).to(at::kFloat);
+        at::Tensor d = at::mm(t_in, wb.t()).mul_(sc[i]);  // [len, n]
+        if (bo) d.add_(a.bias.narrow(0, bo[i], n).to(at::kFloat));
+        acc.narrow(1, c0[i], n).add_(d);
+      }
+      if (!f32) rows.copy_(acc);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(petops, CPU, m) {
+  m.impl("sgmv_shrink", &sgmv_shrink_cpu);
+  m.impl("sgmv_expand", &sgmv_expand_cpu);
+}
+
+}  // namespace petops

@@ -1,0 +1,132 @@
+// CUDA kernel for seg_spmm: y[rows] += x[rows] @ S_i.T with S_i in CSR over output rows.
+//
+// Unit = (item, TM-token tile). The tile's x rows are staged transposed ([K][TM] floats) in
+// shared memory; each thread owns output rows o and walks their CSR non-zeros, updating TM
+// tokens per non-zero with one broadcast-free vector read. Each (token, o) has one owner, so
+// there are no atomics. Items sharing a segment must not be given (see ops.py).
+#include <torch/library.h>
+
+#include "common.cuh"
+#include "prepare.h"
+
+namespace petops {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxTileBytes = 96 * 1024;  // staged x tile; opt-in shared memory on sm_80+
+
+template <typename T, int TM>
+__global__ void __launch_bounds__(kThreads)
+    seg_spmm_kernel(T* __restrict__ y, const T* __restrict__ x, const int* __restrict__ seg_indptr,
+                    const int* __restrict__ item_seg, const int64_t* __restrict__ rowptr_off,
+                    const int64_t* __restrict__ rowptr, const int* __restrict__ indices,
+                    const T* __restrict__ values, const T* __restrict__ dense_w, float alpha,
+                    int n_items, int n_out, int k_dim) {
+  extern __shared__ __align__(16) float smem[];
+  float* xs = smem;                                            // [k_dim][TM]
+  int* prefix = reinterpret_cast<int*>(smem + static_cast<int64_t>(k_dim) * TM);  // [I + 1]
+  __shared__ int scratch[32];
+  const int total = build_unit_prefix(prefix, n_items, [&](int i) {
+    const int s = item_seg[i];
+    return (seg_indptr[s + 1] - seg_indptr[s] + TM - 1) / TM;
+  }, scratch);
+  for (int u = blockIdx.x; u < total; u += gridDim.x) {
+    const int i = upper_slot(prefix, n_items, u);
+    const int s = item_seg[i];
+    const int64_t row0 = seg_indptr[s] + static_cast<int64_t>(u - prefix[i]) * TM;
+    const int len = min(TM, static_cast<int>(seg_indptr[s + 1] - row0));
+    __syncthreads();  // previous unit's tile fully consumed
+    for (int e = threadIdx.x; e < TM * k_dim; e += kThreads) {
+      const int m = e / k_dim, k = e % k_dim;
+      xs[k * TM + m] = m < len ? to_f(x[(row0 + m) * k_dim + k]) : 0.f;
+    }
+    __syncthreads();
+    const int64_t* rp = rowptr + rowptr_off[i];
+    for (int o = threadIdx.x; o < n_out; o += kThreads) {
+      float acc[TM];
+#pragma unroll
+      for (int m = 0; m < TM; ++m) acc[m] = 0.f;
+      const int64_t p1 = rp[o + 1];
+      for (int64_t p = rp[o]; p < p1; ++p) {
+        const int k = indices[p];
+        const float v = values ? to_f(values[p])
+                               : alpha * to_f(dense_w[static_cast<int64_t>(o) * k_dim + k]);
+        const float* xr = xs + k * TM;
+        if constexpr (TM % 4 == 0) {
+#pragma unroll
+          for (int m = 0; m < TM; m += 4) {
+            const float4 xv = *reinterpret_cast<const float4*>(xr + m);
+            acc[m] += v * xv.x;
+            acc[m + 1] += v * xv.y;
+            acc[m + 2] += v * xv.z;
+            acc[m + 3] += v * xv.w;
+          }
+        } else {
+#pragma unroll
+          for (int m = 0; m < TM; ++m) acc[m] += v * xr[m];
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < TM; ++m) {
+        if (m < len) {
+          T* dst = y + (row0 + m) * n_out + o;
+          *dst = from_f<T>(to_f(*dst) + acc[m]);
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int TM>
+void launch_seg_spmm(const GroupedArgs& a, double alpha, cudaStream_t stream) {
+  const int64_t n_tok = a.y.size(0), n_out = a.y.size(1), k_dim = a.x.size(1);
+  const int n_items = static_cast<int>(a.num_items);
+  const size_t smem = k_dim * TM * sizeof(float) + (n_items + 1) * sizeof(int);
+  auto kernel = seg_spmm_kernel<T, TM>;
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
+  const int grid = grouped_grid(ceil_div(n_tok, TM) + n_items, smem > 64 * 1024 ? 2 : 4);
+  kernel<<<grid, kThreads, smem, stream>>>(
+      a.y.data_ptr<T>(), a.x.data_ptr<T>(), a.seg_indptr.data_ptr<int>(),
+      a.item_seg.data_ptr<int>(), a.item_w_off.data_ptr<int64_t>(), a.rowptr.data_ptr<int64_t>(),
+      a.indices.data_ptr<int>(), ptr_or_null<T>(a.values), ptr_or_null<T>(a.dense_w),
+      static_cast<float>(alpha), n_items, static_cast<int>(n_out), static_cast<int>(k_dim));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void seg_spmm_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tensor& seg_indptr,
+                   const at::Tensor& item_seg, const at::Tensor& item_rowptr_off,
+                   const at::Tensor& rowptr, const at::Tensor& indices, const OptTensor& values,
+                   const OptTensor& dense_w, double alpha) {
+  GroupedArgs a = prepare_spmm(y, x, seg_indptr, item_seg, item_rowptr_off, rowptr, indices,
+                               values, dense_w);
+  TORCH_INTERNAL_ASSERT(a.y.is_cuda());
+  check_num_items(a.num_items, "seg_spmm");
+  const c10::cuda::CUDAGuard guard(a.y.device());
+  const int64_t k_dim = a.x.size(1);
+  if (a.y.numel() == 0 || a.num_items == 0) return;
+  // Largest token tile whose transposed x block fits the staged-tile budget.
+  int tm = 16;
+  while (tm > 1 && k_dim * tm * static_cast<int64_t>(sizeof(float)) > kMaxTileBytes) tm /= 2;
+  TORCH_CHECK(k_dim * tm * static_cast<int64_t>(sizeof(float)) <= kMaxTileBytes,
+              "seg_spmm: input width K=", k_dim, " exceeds the CUDA kernel limit of ",
+              kMaxTileBytes / sizeof(float), " columns");
+  auto stream = at::cuda::getCurrentCUDAStream();
+  PETOPS_DISPATCH_FLOATS(a.y.scalar_type(), "seg_spmm", [&] {
+    switch (tm) {
+      case 16: launch_seg_spmm<scalar_t, 16>(a, alpha, stream); break;
+      case 8: launch_seg_spmm<scalar_t, 8>(a, alpha, stream); break;
+      case 4: launch_seg_spmm<scalar_t, 4>(a, alpha, stream); break;
+      case 2: launch_seg_spmm<scalar_t, 2>(a, alpha, stream); break;
+      default: launch_seg_spmm<scalar_t, 1>(a, alpha, stream); break;
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(petops, CUDA, m) { m.impl("seg_spmm", &seg_spmm_cuda); }
+
+}  // namespace petops

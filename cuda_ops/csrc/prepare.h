@@ -1,0 +1,192 @@
+// Per-op argument structs: validated, contiguous, index tensors in canonical dtypes.
+// Shared by cpu/*.cpp and cuda/*.cu so both backends accept and reject the same calls.
+#pragma once
+
+#include "validate.h"
+
+namespace petops {
+// Internal linkage: cpu/*.cpp (g++) and cuda/*.cu (nvcc) objects must not share weak
+// copies of these helpers.
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+struct EpilogueArgs {
+  at::Tensor y, residual, bias, gamma, beta, scale;  // optional ones are undefined
+  at::Tensor seg_indptr, seg_bias, seg_ln, seg_scale;
+};
+
+// [P, N] pool of per-task rows, N = y.size(1).
+inline at::Tensor row_pool(const at::Tensor& t, const at::Tensor& y, const char* name) {
+  check_dim(t, 2, name, "[pool_rows, N]");
+  TORCH_CHECK(t.size(1) == y.size(1), name, " must have N = y.size(1) = ", y.size(1),
+              " columns, got shape ", t.sizes());
+  return like(t, y, name, "y");
+}
+
+inline EpilogueArgs prepare_bias_act(const at::Tensor& y, const at::Tensor& bias,
+                                     const at::Tensor& seg_indptr, const at::Tensor& seg_bias,
+                                     const OptTensor& scale, const OptTensor& seg_scale,
+                                     int64_t act) {
+  check_float(y, "y");
+  check_dim(y, 2, "y", "[T, N]");
+  check_act(act);
+  check_pair(scale.has_value(), seg_scale.has_value(), "scale", "seg_scale");
+  const int64_t s = num_segments(seg_indptr);
+  EpilogueArgs a;
+  a.y = y.contiguous();
+  a.bias = row_pool(bias, y, "bias");
+  a.seg_indptr = index(seg_indptr, at::kInt, y, "seg_indptr", s + 1);
+  a.seg_bias = index(seg_bias, at::kInt, y, "seg_bias", s);
+  if (scale) {
+    a.scale = row_pool(*scale, y, "scale");
+    a.seg_scale = index(*seg_scale, at::kInt, y, "seg_scale", s);
+  }
+  return a;
+}
+
+inline EpilogueArgs prepare_layernorm(const at::Tensor& y, const OptTensor& residual,
+                                      const OptTensor& bias, const at::Tensor& gamma,
+                                      const at::Tensor& beta, const at::Tensor& seg_indptr,
+                                      const OptTensor& seg_bias, const at::Tensor& seg_ln) {
+  check_float(y, "y");
+  check_dim(y, 2, "y", "[T, N]");
+  check_pair(bias.has_value(), seg_bias.has_value(), "bias", "seg_bias");
+  const int64_t s = num_segments(seg_indptr);
+  EpilogueArgs a;
+  a.y = y.contiguous();
+  if (residual) {
+    TORCH_CHECK(residual->sizes() == y.sizes(), "residual must have the shape of y ",
+                y.sizes(), ", got ", residual->sizes());
+    a.residual = like(*residual, y, "residual", "y");
+  }
+  if (bias) {
+    a.bias = row_pool(*bias, y, "bias");
+    a.seg_bias = index(*seg_bias, at::kInt, y, "seg_bias", s);
+  }
+  a.gamma = row_pool(gamma, y, "gamma");
+  a.beta = row_pool(beta, y, "beta");
+  TORCH_CHECK(gamma.size(0) == beta.size(0), "gamma and beta pools must have the same rows, got ",
+              gamma.size(0), " and ", beta.size(0));
+  a.seg_indptr = index(seg_indptr, at::kInt, y, "seg_indptr", s + 1);
+  a.seg_ln = index(seg_ln, at::kInt, y, "seg_ln", s);
+  return a;
+}
+
+struct GroupedArgs {
+  at::Tensor y, x, w, bias;                        // y: expand/spmm output; x: input rows
+  at::Tensor seg_indptr, item_seg, item_w_off, item_rank, item_b_off;
+  at::Tensor item_in_off, item_out_off, item_out_dim, item_scale;  // expand only
+  at::Tensor rowptr, indices, values, dense_w;                     // seg_spmm only
+  int64_t num_items = 0;
+};
+
+inline at::Tensor flat_pool(const at::Tensor& t, const at::Tensor& ref, const char* name,
+                            const char* ref_name) {
+  check_dim(t, 1, name, "[pool_elems] (a flat 1-D pool)");
+  return like(t, ref, name, ref_name);
+}
+
+// Items shared by the three grouped ops: segment + weight offset per item.
+inline GroupedArgs prepare_items(const at::Tensor& ref, const at::Tensor& seg_indptr,
+                                 const at::Tensor& item_seg, const at::Tensor& item_w_off) {
+  const int64_t s = num_segments(seg_indptr);
+  GroupedArgs a;
+  a.seg_indptr = index(seg_indptr, at::kInt, ref, "seg_indptr", s + 1);
+  a.item_seg = index(item_seg, at::kInt, ref, "item_seg", -1);
+  a.num_items = a.item_seg.numel();
+  a.item_w_off = index(item_w_off, at::kLong, ref, "item_w_off/item_rowptr_off", a.num_items);
+  return a;
+}
+
+inline void prepare_item_bias(GroupedArgs& a, const at::Tensor& ref, const OptTensor& bias,
+                              const OptTensor& item_b_off) {
+  check_pair(bias.has_value(), item_b_off.has_value(), "bias", "item_b_off");
+  if (bias) {
+    a.bias = flat_pool(*bias, ref, "bias", "the activations");
+    a.item_b_off = index(*item_b_off, at::kLong, ref, "item_b_off", a.num_items);
+  }
+}
+
+inline GroupedArgs prepare_shrink(const at::Tensor& x, const at::Tensor& w,
+                                  const at::Tensor& seg_indptr, const at::Tensor& item_seg,
+                                  const at::Tensor& item_w_off, const at::Tensor& item_rank,
+                                  const OptTensor& bias, const OptTensor& item_b_off,
+                                  int64_t act, int64_t max_rank) {
+  check_float(x, "x");
+  check_dim(x, 2, "x", "[T, K]");
+  check_act(act);
+  TORCH_CHECK(max_rank >= 0, "max_rank must be >= 0, got ", max_rank);
+  GroupedArgs a = prepare_items(x, seg_indptr, item_seg, item_w_off);
+  a.x = x.contiguous();
+  a.w = flat_pool(w, x, "w", "x");
+  a.item_rank = index(item_rank, at::kInt, x, "item_rank", a.num_items);
+  prepare_item_bias(a, x, bias, item_b_off);
+  return a;
+}
+
+inline GroupedArgs prepare_expand(const at::Tensor& y, const at::Tensor& tmp, const at::Tensor& w,
+                                  const at::Tensor& seg_indptr, const at::Tensor& item_seg,
+                                  const at::Tensor& item_w_off, const at::Tensor& item_rank,
+                                  const at::Tensor& item_in_off, const at::Tensor& item_out_off,
+                                  const at::Tensor& item_out_dim, const at::Tensor& item_scale,
+                                  const OptTensor& bias, const OptTensor& item_b_off) {
+  check_float(y, "y");
+  check_dim(y, 2, "y", "[T, N]");
+  TORCH_CHECK(y.is_contiguous(), "y is updated in place and must be contiguous; pass "
+              "y.contiguous() and use the result");
+  check_dim(tmp, 2, "tmp", "[T, R]");
+  TORCH_CHECK(tmp.size(0) == y.size(0), "tmp must have T = y.size(0) = ", y.size(0),
+              " rows, got shape ", tmp.sizes());
+  GroupedArgs a = prepare_items(y, seg_indptr, item_seg, item_w_off);
+  a.y = y;
+  a.x = like(tmp, y, "tmp", "y");
+  a.w = flat_pool(w, y, "w", "y");
+  a.item_rank = index(item_rank, at::kInt, y, "item_rank", a.num_items);
+  a.item_in_off = index(item_in_off, at::kInt, y, "item_in_off", a.num_items);
+  a.item_out_off = index(item_out_off, at::kInt, y, "item_out_off", a.num_items);
+  a.item_out_dim = index(item_out_dim, at::kInt, y, "item_out_dim", a.num_items);
+  check_dim(item_scale, 1, "item_scale", "[I]");
+  TORCH_CHECK(item_scale.size(0) == a.num_items && item_scale.is_floating_point() &&
+                  item_scale.device() == y.device(),
+              "item_scale must be a float tensor [I] = [", a.num_items, "] on ", y.device(),
+              ", got ", item_scale.scalar_type(), " ", item_scale.sizes(), " on ",
+              item_scale.device());
+  a.item_scale = item_scale.to(at::kFloat).contiguous();
+  prepare_item_bias(a, y, bias, item_b_off);
+  return a;
+}
+
+inline GroupedArgs prepare_spmm(const at::Tensor& y, const at::Tensor& x,
+                                const at::Tensor& seg_indptr, const at::Tensor& item_seg,
+                                const at::Tensor& item_rowptr_off, const at::Tensor& rowptr,
+                                const at::Tensor& indices, const OptTensor& values,
+                                const OptTensor& dense_w) {
+  check_float(y, "y");
+  check_dim(y, 2, "y", "[T, N]");
+  TORCH_CHECK(y.is_contiguous(), "y is updated in place and must be contiguous; pass "
+              "y.contiguous() and use the result");
+  check_dim(x, 2, "x", "[T, K]");
+  TORCH_CHECK(x.size(0) == y.size(0), "x must have T = y.size(0) = ", y.size(0),
+              " rows, got shape ", x.sizes());
+  TORCH_CHECK(values.has_value() != dense_w.has_value(),
+              "give exactly one of values (Diff-Pruning) or dense_w (MaskBERT), got ",
+              values ? "both" : "neither");
+  GroupedArgs a = prepare_items(y, seg_indptr, item_seg, item_rowptr_off);
+  a.y = y;
+  a.x = like(x, y, "x", "y");
+  a.rowptr = index(rowptr, at::kLong, y, "rowptr", -1);
+  a.indices = index(indices, at::kInt, y, "indices", -1);
+  if (values) a.values = flat_pool(*values, y, "values", "y");
+  if (dense_w) {
+    check_dim(*dense_w, 2, "dense_w", "[N, K]");
+    TORCH_CHECK(dense_w->size(0) == y.size(1) && dense_w->size(1) == x.size(1),
+                "dense_w must be [N, K] = [", y.size(1), ", ", x.size(1), "], got ",
+                dense_w->sizes());
+    a.dense_w = like(*dense_w, y, "dense_w", "y");
+  }
+  return a;
+}
+
+}  // namespace
+}  // namespace petops

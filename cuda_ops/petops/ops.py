@@ -1,0 +1,226 @@
+"""Typed entry points of the petops library.
+
+Every function has the signature of its spec in :mod:`petops.reference` and dispatches to
+``torch.ops.petops.<op>`` when the compiled library is loaded and has a kernel for the
+tensors' device, else to the reference. :func:`set_backend` forces one side.
+
+Compiled-kernel preconditions beyond the reference (caller contracts of the engine):
+``sgmv_expand`` items that share a segment must write disjoint ``y`` column ranges (q/k/v
+blocks), and ``seg_spmm`` gives each segment at most one item; the CUDA kernels update ``y``
+without atomics. The CUDA kernels take at most 4096 items per call and ranks <= 128 in
+``sgmv_shrink``; data-dependent offsets are validated on CPU only (no host sync on CUDA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+from . import compiled_available, compiled_devices
+from . import reference as ref
+
+OP_NAMES = ("bias_act", "bias_residual_layernorm", "sgmv_shrink", "sgmv_expand", "seg_spmm")
+BACKENDS = ("auto", "compiled", "reference")
+
+_backend = "auto"
+_F = TypeVar("_F", bound=Callable)
+
+
+def set_backend(name: str) -> None:
+    """Select ``"auto"`` (compiled where available), ``"compiled"`` (error if missing) or
+    ``"reference"`` (pure PyTorch everywhere)."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown petops backend {name!r}; expected one of {BACKENDS}")
+    if name == "compiled" and not compiled_available():
+        from . import backend_name
+
+        raise RuntimeError(f"petops backend 'compiled' requested but {backend_name()}")
+    _backend = name
+
+
+def get_backend() -> str:
+    """The backend selected with :func:`set_backend`."""
+    return _backend
+
+
+def backend_description() -> str:
+    """What :func:`set_backend` selected and what is loaded, for the engine's log."""
+    from . import backend_name
+
+    return f"backend={_backend}, {backend_name()}"
+
+
+def _use_compiled(op: str, device: torch.device) -> bool:
+    if _backend == "reference":
+        return False
+    if compiled_available() and device.type in compiled_devices():
+        return True
+    if _backend == "compiled":
+        raise RuntimeError(f"petops.{op}: backend 'compiled' has no {device.type} kernel "
+                           f"(compiled devices: {compiled_devices()}); rebuild with "
+                           "`bash build/build_ops.sh` or use set_backend('auto')")
+    return False
+
+
+def _register_fake(op: str) -> Callable[[_F], _F]:
+    """``torch.library.register_fake`` for ``petops::<op>``, skipped when the library is
+    absent (the fake kernel is what lets torch.compile trace the op without running it)."""
+
+    def deco(fn: _F) -> _F:
+        if compiled_available() and hasattr(torch.ops.petops, op):
+            torch.library.register_fake(f"petops::{op}")(fn)
+        return fn
+
+    return deco
+
+
+def bias_act(
+    y: torch.Tensor, bias: torch.Tensor, seg_indptr: torch.Tensor, seg_bias: torch.Tensor,
+    scale: torch.Tensor | None, seg_scale: torch.Tensor | None, act: int,
+) -> torch.Tensor:
+    """Segmented bias + activation (+ per-task IA3 column scale).
+
+    Semantics::
+
+        seg = reference.token_segment(seg_indptr, T)                    # [T]
+        out = act(y + bias[seg_bias[seg]])                               # [T, N]
+        out = out * scale[seg_scale[seg]] if scale is not None else out
+
+    Args: see :func:`petops.reference.bias_act` (y ``[T, N]``, bias ``[P, N]``, scale
+    ``[Q, N]``, seg_* int32 ``[S]``, seg_indptr int32 ``[S + 1]``). Returns ``[T, N]``.
+    """
+    if _use_compiled("bias_act", y.device):
+        return torch.ops.petops.bias_act.default(y, bias, seg_indptr, seg_bias, scale,
+                                                 seg_scale, act)
+    return ref.bias_act(y, bias, seg_indptr, seg_bias, scale, seg_scale, act)
+
+
+@_register_fake("bias_act")
+def _(y, bias, seg_indptr, seg_bias, scale, seg_scale, act):
+    torch._check(y.dim() == 2 and bias.dim() == 2 and bias.shape[1] == y.shape[1])
+    return y.new_empty(y.shape)
+
+
+def bias_residual_layernorm(
+    y: torch.Tensor, residual: torch.Tensor | None, bias: torch.Tensor | None,
+    gamma: torch.Tensor, beta: torch.Tensor, seg_indptr: torch.Tensor,
+    seg_bias: torch.Tensor | None, seg_ln: torch.Tensor, eps: float,
+) -> torch.Tensor:
+    """Segmented (bias + residual) LayerNorm with per-task gamma/beta.
+
+    Semantics::
+
+        seg = reference.token_segment(seg_indptr, T)                    # [T]
+        h = y + bias[seg_bias[seg]] + residual                           # optional terms
+        out = F.layer_norm(h, (N,), eps=eps) * gamma[seg_ln[seg]] + beta[seg_ln[seg]]
+
+    Args: see :func:`petops.reference.bias_residual_layernorm` (y, residual ``[T, N]``;
+    bias ``[P, N]``; gamma, beta ``[G, N]``). Returns ``[T, N]``.
+    """
+    if _use_compiled("bias_residual_layernorm", y.device):
+        return torch.ops.petops.bias_residual_layernorm.default(
+            y, residual, bias, gamma, beta, seg_indptr, seg_bias, seg_ln, eps)
+    return ref.bias_residual_layernorm(y, residual, bias, gamma, beta, seg_indptr, seg_bias,
+                                       seg_ln, eps)
+
+
+@_register_fake("bias_residual_layernorm")
+def _(y, residual, bias, gamma, beta, seg_indptr, seg_bias, seg_ln, eps):
+    torch._check(y.dim() == 2 and gamma.shape[-1] == y.shape[1])
+    return y.new_empty(y.shape)
+
+
+def sgmv_shrink(
+    x: torch.Tensor, w: torch.Tensor, seg_indptr: torch.Tensor, item_seg: torch.Tensor,
+    item_w_off: torch.Tensor, item_rank: torch.Tensor, bias: torch.Tensor | None,
+    item_b_off: torch.Tensor | None, act: int, max_rank: int,
+) -> torch.Tensor:
+    """Grouped low-rank down-projection with mixed ranks (LoRA A, adapter down + act).
+
+    Semantics (per item ``i``, rows of segment ``item_seg[i]``, ``r = item_rank[i]``)::
+
+        A = w[item_w_off[i] : item_w_off[i] + r * K].view(r, K)
+        out[rows, :r] = act(x[rows] @ A.T + bias[item_b_off[i] : item_b_off[i] + r])
+        # out: [T, max_rank], zero elsewhere
+
+    Args: see :func:`petops.reference.sgmv_shrink` (x ``[T, K]``; w, bias flat pools;
+    item_* ``[I]``). Returns ``[T, max_rank]`` in the dtype of ``x``.
+    """
+    if _use_compiled("sgmv_shrink", x.device):
+        return torch.ops.petops.sgmv_shrink.default(x, w, seg_indptr, item_seg, item_w_off,
+                                                    item_rank, bias, item_b_off, act, max_rank)
+    return ref.sgmv_shrink(x, w, seg_indptr, item_seg, item_w_off, item_rank, bias, item_b_off,
+                           act, max_rank)
+
+
+@_register_fake("sgmv_shrink")
+def _(x, w, seg_indptr, item_seg, item_w_off, item_rank, bias, item_b_off, act, max_rank):
+    torch._check(x.dim() == 2 and w.dim() == 1)
+    return x.new_empty((x.shape[0], max_rank))
+
+
+def sgmv_expand(
+    y: torch.Tensor, tmp: torch.Tensor, w: torch.Tensor, seg_indptr: torch.Tensor,
+    item_seg: torch.Tensor, item_w_off: torch.Tensor, item_rank: torch.Tensor,
+    item_in_off: torch.Tensor, item_out_off: torch.Tensor, item_out_dim: torch.Tensor,
+    item_scale: torch.Tensor, bias: torch.Tensor | None, item_b_off: torch.Tensor | None,
+) -> None:
+    """Grouped low-rank up-projection accumulated into ``y`` in place (LoRA B, adapter up).
+
+    Semantics (per item ``i``, rows of segment ``item_seg[i]``)::
+
+        r, n, c0, j0 = item_rank[i], item_out_dim[i], item_out_off[i], item_in_off[i]
+        B = w[item_w_off[i] : item_w_off[i] + n * r].view(n, r)
+        y[rows, c0 : c0 + n] += item_scale[i] * (tmp[rows, j0 : j0 + r] @ B.T) \\
+                                + bias[item_b_off[i] : item_b_off[i] + n]
+
+    Args: see :func:`petops.reference.sgmv_expand` (y ``[T, N]``, tmp ``[T, R]``, item_*
+    ``[I]``). Compiled: items of one segment must write disjoint column ranges.
+    """
+    if _use_compiled("sgmv_expand", y.device):
+        torch.ops.petops.sgmv_expand.default(y, tmp, w, seg_indptr, item_seg, item_w_off,
+                                             item_rank, item_in_off, item_out_off, item_out_dim,
+                                             item_scale, bias, item_b_off)
+        return
+    ref.sgmv_expand(y, tmp, w, seg_indptr, item_seg, item_w_off, item_rank, item_in_off,
+                    item_out_off, item_out_dim, item_scale, bias, item_b_off)
+
+
+@_register_fake("sgmv_expand")
+def _(y, tmp, w, seg_indptr, item_seg, item_w_off, item_rank, item_in_off, item_out_off,
+      item_out_dim, item_scale, bias, item_b_off):
+    torch._check(y.dim() == 2 and tmp.dim() == 2)
+
+
+def seg_spmm(
+    y: torch.Tensor, x: torch.Tensor, seg_indptr: torch.Tensor, item_seg: torch.Tensor,
+    item_rowptr_off: torch.Tensor, rowptr: torch.Tensor, indices: torch.Tensor,
+    values: torch.Tensor | None, dense_w: torch.Tensor | None, alpha: float,
+) -> None:
+    """Segmented CSR sparse x dense accumulated into ``y`` in place (Diff-Pruning, MaskBERT).
+
+    Semantics (per item ``i``, rows of segment ``item_seg[i]``; ``S_i`` the item's ``[N, K]``
+    CSR matrix at ``rowptr[item_rowptr_off[i] : item_rowptr_off[i] + N + 1]``)::
+
+        S_i = torch.sparse_csr_tensor(rp - rp[0], indices[rp[0]:rp[-1]],
+                                      values[rp[0]:rp[-1]] if values is not None
+                                      else alpha * dense_w[o, k] at those (o, k), (N, K))
+        y[rows] += x[rows] @ S_i.to_dense().T
+
+    Args: see :func:`petops.reference.seg_spmm` (y ``[T, N]``, x ``[T, K]``, rowptr int64,
+    indices int32 flat pools). Compiled: at most one item per segment.
+    """
+    if _use_compiled("seg_spmm", y.device):
+        torch.ops.petops.seg_spmm.default(y, x, seg_indptr, item_seg, item_rowptr_off, rowptr,
+                                          indices, values, dense_w, alpha)
+        return
+    ref.seg_spmm(y, x, seg_indptr, item_seg, item_rowptr_off, rowptr, indices, values, dense_w,
+                 alpha)
+
+
+@_register_fake("seg_spmm")
+def _(y, x, seg_indptr, item_seg, item_rowptr_off, rowptr, indices, values, dense_w, alpha):
+    torch._check(y.dim() == 2 and x.dim() == 2 and x.shape[0] == y.shape[0])

@@ -1,0 +1,204 @@
+"""Sample generators for the petops tests: one ``sample_inputs_<op>(device, dtype)`` per op.
+
+Each yields ``(name, args)`` with ``args`` in the op's positional order. The cases cross the
+segment layouts (one token, one segment, empty segments, 256 segments, a wide input) with the
+task-distribution axis (identical / distinct / uniform / skewed, as in punica's tests), mixed
+LoRA ranks 1..64, several expand items per segment (q/k/v column blocks) and sparsity 0.1%..10%.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+Sample = tuple[str, tuple]
+
+DISTRIBUTIONS = ("identical", "distinct", "uniform", "skewed")
+RANKS = (1, 2, 8, 16, 33, 64)
+MAX_RANK = 64
+DENSITIES = (0.001, 0.01, 0.05, 0.1)
+
+
+def _lengths(layout: str, g: torch.Generator) -> list[int]:
+    if layout == "one_token":
+        return [1]
+    if layout == "one_segment":
+        return [37]
+    if layout == "empty_segments":
+        return [0, 5, 0, 0, 17, 3, 0]
+    if layout == "many":  # 256 segments, some empty
+        return torch.randint(0, 7, (256,), generator=g).tolist()
+    raise ValueError(layout)
+
+
+def _slots(dist: str, n_seg: int, g: torch.Generator) -> tuple[list[int], int]:
+    """Task slot of every segment and the number of tasks in the pool."""
+    if dist == "identical":
+        return [0] * n_seg, 1
+    if dist == "distinct":
+        return list(range(n_seg)), n_seg
+    n_tasks = 6
+    if dist == "uniform":
+        return torch.randint(0, n_tasks, (n_seg,), generator=g).tolist(), n_tasks
+    hot = torch.rand(n_seg, generator=g) < 0.8  # skewed: 80% of segments on task 0
+    other = torch.randint(1, n_tasks, (n_seg,), generator=g)
+    return torch.where(hot, 0, other).tolist(), n_tasks
+
+
+def layouts(seed: int) -> Iterator[tuple[str, list[int], list[int], int, torch.Generator]]:
+    """(name, segment lengths, segment task slots, number of tasks, generator)."""
+    g = torch.Generator().manual_seed(seed)
+    for layout in ("one_token", "one_segment", "empty_segments", "many"):
+        lengths = _lengths(layout, g)
+        for dist in DISTRIBUTIONS if len(lengths) > 1 else ("identical",):
+            slots, n_tasks = _slots(dist, len(lengths), g)
+            yield f"{layout}-{dist}", lengths, slots, n_tasks, g
+
+
+def _indptr(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def _i32(v: list[int]) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.int32)
+
+
+def _i64(v: list[int]) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.int64)
+
+
+def _to(args: tuple, device: str, dtype: torch.dtype, keep: tuple[int, ...] = ()) -> tuple:
+    """Floating tensors to ``dtype`` (except positions in ``keep``), all to ``device``."""
+    out = []
+    for pos, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            as_is = not a.is_floating_point() or pos in keep
+            a = a.to(device=device, dtype=None if as_is else dtype)
+        out.append(a)
+    return tuple(out)
+
+
+def sample_inputs_bias_act(device: str, dtype: torch.dtype) -> Iterator[Sample]:
+    n = 48
+    for i, (name, lengths, slots, n_tasks, g) in enumerate(layouts(1)):
+        t = sum(lengths)
+        y = torch.randn(t, n, generator=g)
+        bias = torch.randn(n_tasks, n, generator=g)
+        scale = torch.rand(n_tasks, n, generator=g) + 0.5 if i % 2 == 0 else None
+        seg_scale = _i32(slots[::-1]) if scale is not None else None
+        args = (y, bias, _indptr(lengths), _i32(slots), scale, seg_scale, i % 5)
+        yield f"{name}-act{i % 5}", _to(args, device, dtype)
+
+
+def sample_inputs_bias_residual_layernorm(device: str, dtype: torch.dtype) -> Iterator[Sample]:
+    n = 64
+    for i, (name, lengths, slots, n_tasks, g) in enumerate(layouts(2)):
+        t = sum(lengths)
+        y = torch.randn(t, n, generator=g) * 2 + 1
+        residual = torch.randn(t, n, generator=g) if i % 2 == 0 else None
+        bias = torch.randn(n_tasks, n, generator=g) if i % 3 != 0 else None
+        seg_bias = _i32(slots) if bias is not None else None
+        gamma = torch.rand(n_tasks, n, generator=g) + 0.5
+        beta = torch.randn(n_tasks, n, generator=g)
+        eps = 1e-12 if i % 2 else 1e-5
+        args = (y, residual, bias, gamma, beta, _indptr(lengths), seg_bias, _i32(slots), eps)
+        yield name, _to(args, device, dtype)
+
+
+def _pool(sizes: list[int], g: torch.Generator, std: float) -> tuple[torch.Tensor, list[int]]:
+    """A flat pool holding one block per size, with gaps so offsets are arbitrary."""
+    offs, cur = [], 3
+    for s in sizes:
+        offs.append(cur)
+        cur += s + 5
+    return torch.randn(cur, generator=g) * std, offs
+
+
+def sample_inputs_sgmv_shrink(device: str, dtype: torch.dtype) -> Iterator[Sample]:
+    k = 72  # not a multiple of the kernel's K chunk
+    for i, (name, lengths, slots, n_tasks, g) in enumerate(layouts(3)):
+        ranks = [RANKS[(t + i) % len(RANKS)] for t in range(n_tasks)]
+        w, w_off = _pool([r * k for r in ranks], g, k ** -0.5)
+        b, b_off = _pool(ranks, g, 1.0)
+        # every 5th segment runs the backbone only (no item) when tasks are mixed
+        segs = [s for s in range(len(lengths)) if n_tasks == 1 or s % 5 != 4]
+        item_task = [slots[s] for s in segs]
+        with_bias = i % 2 == 1
+        args = (torch.randn(sum(lengths), k, generator=g), w, _indptr(lengths), _i32(segs),
+                _i64([w_off[t] for t in item_task]), _i32([ranks[t] for t in item_task]),
+                b if with_bias else None,
+                _i64([b_off[t] for t in item_task]) if with_bias else None, i % 5, MAX_RANK)
+        yield f"{name}-act{i % 5}", _to(args, device, dtype)
+
+
+def sample_inputs_sgmv_expand(device: str, dtype: torch.dtype) -> Iterator[Sample]:
+    n = 48  # per q/k/v block; a single "adapter up" item spans all 3 * n > 128 columns
+    for i, (name, lengths, slots, n_tasks, g) in enumerate(layouts(4)):
+        t_tok = sum(lengths)
+        ranks = [RANKS[(t + i) % len(RANKS)] for t in range(n_tasks)]
+        qkv = [t % 2 == 0 for t in range(n_tasks)]
+        blocks = [(3, n) if q else (1, 3 * n) for q in qkv]  # (items, out_dim) per task
+        sizes = [nd * r for (cnt, nd), r in zip(blocks, ranks, strict=True) for _ in range(cnt)]
+        w, w_off = _pool(sizes, g, 0.2)
+        b, b_off = _pool([nd for cnt, nd in blocks for _ in range(cnt)], g, 1.0)
+        first = [sum(c for c, _ in blocks[:t]) for t in range(n_tasks)]  # first block of task
+        cols: dict[str, list] = {key: [] for key in ("seg", "w", "r", "j0", "c0", "n", "b")}
+        for s, task in enumerate(slots):
+            cnt, nd = blocks[task]
+            for j in range(cnt):
+                cols["seg"].append(s)
+                cols["w"].append(w_off[first[task] + j])
+                cols["b"].append(b_off[first[task] + j])
+                cols["r"].append(ranks[task])
+                cols["j0"].append(j * ranks[task])
+                cols["c0"].append(j * nd)
+                cols["n"].append(nd)
+        scale = torch.rand(len(cols["seg"]), generator=g) * 2
+        with_bias = i % 2 == 0
+        args = (torch.randn(t_tok, 3 * n, generator=g),
+                torch.randn(t_tok, 3 * MAX_RANK, generator=g), w, _indptr(lengths),
+                _i32(cols["seg"]), _i64(cols["w"]), _i32(cols["r"]), _i32(cols["j0"]),
+                _i32(cols["c0"]), _i32(cols["n"]), scale, b if with_bias else None,
+                _i64(cols["b"]) if with_bias else None)
+        yield name, _to(args, device, dtype, keep=(10,))  # item_scale stays float32
+
+
+def _csr_pool(n_tasks: int, n: int, k: int, g: torch.Generator, i: int):
+    rowptr, indices, offs, total = [], [], [], 0
+    for t in range(n_tasks):
+        mask = torch.rand(n, k, generator=g) < DENSITIES[(t + i) % len(DENSITIES)]
+        offs.append(len(rowptr))
+        counts = mask.sum(1)
+        rowptr.extend((total + torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
+                      .tolist())
+        indices.extend(mask.nonzero()[:, 1].tolist())
+        total += int(counts.sum())
+    return _i64(rowptr), _i32(indices), offs, total
+
+
+def sample_inputs_seg_spmm(device: str, dtype: torch.dtype) -> Iterator[Sample]:
+    cases = list(layouts(5))
+    wide = ("wide_k-one_segment", [19], [0], 1, torch.Generator().manual_seed(7))
+    for i, (name, lengths, slots, n_tasks, g) in enumerate([*cases, wide]):
+        n, k = 48, (1600 if name.startswith("wide") else 72)
+        rowptr, indices, offs, nnz = _csr_pool(n_tasks, n, k, g, i)
+        t_tok = sum(lengths)
+        use_values = i % 2 == 0
+        args = (torch.randn(t_tok, n, generator=g), torch.randn(t_tok, k, generator=g),
+                _indptr(lengths), _i32(list(range(len(lengths)))),
+                _i64([offs[s] for s in slots]), rowptr, indices,
+                torch.randn(nnz + 2, generator=g) if use_values else None,
+                None if use_values else torch.randn(n, k, generator=g) * 0.1,
+                1.0 if use_values else -1.0)
+        yield f"{name}-{'values' if use_values else 'mask'}", _to(args, device, dtype)
+
+
+SAMPLES = {
+    "bias_act": sample_inputs_bias_act,
+    "bias_residual_layernorm": sample_inputs_bias_residual_layernorm,
+    "sgmv_shrink": sample_inputs_sgmv_shrink,
+    "sgmv_expand": sample_inputs_sgmv_expand,
+    "seg_spmm": sample_inputs_seg_spmm,
+}
+INPLACE = {"sgmv_expand", "seg_spmm"}  # ops that accumulate into their first argument

@@ -1,0 +1,160 @@
+"""petops tests: reference vs loop oracle, compiled kernels vs reference, opcheck, wrappers.
+
+Every check draws from the same ``op_samples.SAMPLES[op](device, dtype)`` generators. Compiled
+checks skip (with the reason) only when ``build/out/libpetops.so`` is not built; CUDA variants
+skip with "requires cuda".
+"""
+
+from __future__ import annotations
+
+import op_oracle
+import pytest
+import torch
+from op_samples import INPLACE, SAMPLES
+
+import petops
+from petops import ops
+from petops import reference as ref
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+OPS = tuple(SAMPLES)
+HAS_CUDA = torch.cuda.is_available()
+
+requires_compiled = pytest.mark.skipif(
+    not petops.compiled_available(),
+    reason=f"petops library not built: {petops.backend_name()}")
+DEVICES = ("cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="requires cuda")]))
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Per-dtype tolerances: 16-bit results may differ by an ulp or two of the rounding."""
+    rtol, atol = {
+        torch.float32: (1e-4, 1e-4),
+        torch.float16: (5e-3, 5e-3),
+        torch.bfloat16: (3e-2, 2e-2),
+    }[expected.dtype]
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def _clone(args: tuple) -> tuple:
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _run(fn, op: str, args: tuple) -> torch.Tensor:
+    """Call ``fn`` on a private copy of ``args``; return its output (or mutated ``y``)."""
+    args = _clone(args)
+    out = fn(*args)
+    return args[0] if op in INPLACE else out
+
+
+def _need_kernel(device: str) -> None:
+    if device not in petops.compiled_devices():
+        pytest.skip(f"libpetops.so has no {device} kernels ({petops.backend_name()})")
+
+
+# ---- the spec: vectorised reference vs dumb loops ----
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_reference_matches_loop_oracle(op: str, dtype: torch.dtype) -> None:
+    for name, args in SAMPLES[op]("cpu", dtype):
+        expected = _run(getattr(op_oracle, op), op, args)
+        assert_close(_run(getattr(ref, op), op, args), expected, f"{op}[{name}]")
+
+
+# ---- compiled kernels vs reference ----
+
+@requires_compiled
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_compiled_matches_reference(op: str, dtype: torch.dtype, device: str) -> None:
+    _need_kernel(device)
+    compiled = getattr(torch.ops.petops, op).default
+    for name, args in SAMPLES[op](device, dtype):
+        expected = _run(getattr(ref, op), op, args)
+        assert_close(_run(compiled, op, args), expected, f"{op}[{name}] on {device}")
+
+
+@requires_compiled
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck(op: str, device: str) -> None:
+    _need_kernel(device)
+    for dtype in DTYPES:
+        samples = list(SAMPLES[op](device, dtype))
+        # every layout in float32; a few in 16-bit (opcheck is slow: it traces per sample)
+        for _, args in samples if dtype == torch.float32 else samples[::4]:
+            torch.library.opcheck(getattr(torch.ops.petops, op).default, _clone(args))
+
+
+@requires_compiled
+@pytest.mark.parametrize("device", DEVICES)
+def test_current_stream_is_used(device: str) -> None:
+    """Kernels enqueue on the caller's stream: work on a side stream is ordered correctly."""
+    _need_kernel(device)
+    if device != "cuda":
+        pytest.skip("streams are CUDA-only")
+    name, args = next(iter(SAMPLES["sgmv_shrink"]("cuda", torch.float16)))
+    expected = _run(ref.sgmv_shrink, "sgmv_shrink", args)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = torch.ops.petops.sgmv_shrink.default(*args)
+        out = out * 1  # consumer on the same stream
+    torch.cuda.current_stream().wait_stream(side)
+    assert_close(out, expected, f"sgmv_shrink[{name}] on a side stream")
+
+
+# ---- wrappers and backend selection ----
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+def test_wrappers_match_reference_on_every_backend(op: str, device: str) -> None:
+    name, args = next(iter(SAMPLES[op](device, torch.float32)))
+    expected = _run(getattr(ref, op), op, args)
+    backends = ["reference", "auto"] + (["compiled"] if petops.compiled_available() else [])
+    try:
+        for backend in backends:
+            ops.set_backend(backend)
+            if backend == "compiled" and device not in petops.compiled_devices():
+                with pytest.raises(RuntimeError, match=r"no .* kernel"):
+                    _run(getattr(ops, op), op, args)
+                continue
+            assert_close(_run(getattr(ops, op), op, args), expected, f"{op}[{name}] {backend}")
+    finally:
+        ops.set_backend("auto")
+
+
+def test_backend_selection_errors() -> None:
+    with pytest.raises(ValueError, match="unknown petops backend"):
+        ops.set_backend("fast")
+    if not petops.compiled_available():
+        with pytest.raises(RuntimeError, match="compiled"):
+            ops.set_backend("compiled")
+    assert petops.backend_name().startswith("compiled" if petops.compiled_available()
+                                            else "reference")
+
+
+# ---- input validation in the compiled kernels ----
+
+@requires_compiled
+def test_compiled_errors_name_value_and_fix() -> None:
+    _, args = next(iter(SAMPLES["bias_act"]("cpu", torch.float32)))
+    y, bias, indptr, seg_bias, scale, seg_scale, act = args
+    op = torch.ops.petops.bias_act.default
+    with pytest.raises(RuntimeError, match="bias must have the dtype of y"):
+        op(y, bias.half(), indptr, seg_bias, scale, seg_scale, act)
+    with pytest.raises(RuntimeError, match=r"act must be an ACT_\* code"):
+        op(y, bias, indptr, seg_bias, scale, seg_scale, 9)
+    bad = indptr.clone()
+    bad[-1] += 1
+    with pytest.raises(RuntimeError, match=r"seg_indptr\[-1\] must equal the token count"):
+        op(y, bias, bad, seg_bias, scale, seg_scale, act)
+    with pytest.raises(RuntimeError, match=r"seg_bias\[0\]=7 is out of range"):
+        op(y, bias, indptr, torch.full_like(seg_bias, 7), scale, seg_scale, act)
+    _, sargs = next(iter(SAMPLES["sgmv_shrink"]("cpu", torch.float32)))
+    with pytest.raises(RuntimeError, match=r"item_rank\[0\]=.* out of range"):
+        torch.ops.petops.sgmv_shrink.default(*sargs[:-1], 0)
