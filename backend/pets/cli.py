@@ -1,4 +1,5 @@
-"""The ``pets`` command line: create, list and remove tasks; build the demo store; profile."""
+"""The ``pets`` command line: create, list, remove and import tasks; build the demo store;
+measure capacity."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ from pathlib import Path
 import torch
 
 from .backbone import load_backbone, resolve_checkpoint
+from .capacity import measure
+from .engine import DTYPES
 from .errors import PetsError
 from .heads import HeadConfig
+from .importers import ImportResult, import_finetuned, import_peft
 from .pet import pet_types
 from .taskgen import DEFAULT_HPARAMS, random_task
 from .taskstore import delete_task, list_tasks, read_task, read_weights, write_task
@@ -81,6 +85,92 @@ def cmd_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def _opt_head(args: argparse.Namespace) -> HeadConfig | None:
+    if args.head is None:
+        return None
+    if args.head == "classification":
+        raise PetsError("--head classification is implied by a classifier in the checkpoint; "
+                        "use --head embedding (or leave --head out)")
+    return HeadConfig("embedding", pooling=args.pooling, normalize=args.normalize)
+
+
+def _report_import(res: ImportResult) -> int:
+    for w in res.warnings:
+        print(f"pets: warning: {w}", file=sys.stderr)
+    m = res.manifest
+    print(f"imported {m.name} ({m.pet_type}, {len(res.tensors)} tensors, "
+          f"{res.nbytes() / 1e6:.2f} MB, head {json.dumps(m.head.to_json())}) -> {res.path}")
+    return 0
+
+
+def cmd_import_peft(args: argparse.Namespace) -> int:
+    w = load_backbone(resolve_checkpoint(args.backbone))
+    return _report_import(import_peft(Path(args.store), args.name, Path(args.adapter_dir), w,
+                                      _opt_head(args)))
+
+
+def cmd_import_finetuned(args: argparse.Namespace) -> int:
+    w = load_backbone(resolve_checkpoint(args.backbone))
+    return _report_import(import_finetuned(Path(args.store), args.name,
+                                           Path(args.checkpoint_dir), w, args.pet,
+                                           args.density, _opt_head(args)))
+
+
+def cmd_capacity(args: argparse.Namespace) -> int:
+    w = load_backbone(resolve_checkpoint(args.backbone))
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (
+        torch.float16 if args.device.startswith("cuda") else torch.float32)
+    budget = None if args.budget_gb is None else int(args.budget_gb * (1 << 30))
+    hparams = json.loads(args.hparams) if args.hparams else None
+    report = measure(w, args.device, dtype, budget_bytes=budget,
+                     reserve_bytes=int(args.reserve_gb * (1 << 30)),
+                     pets=args.pet.split(",") if args.pet else None, hparams=hparams,
+                     samples=args.samples)
+    if not args.json:
+        print(report.table())
+    print(json.dumps(report.to_json(), indent=None if not args.json else 2))
+    return 0
+
+
+def _add_import_head(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--backbone", default="default", help="the serving backbone (checked)")
+    sp.add_argument("--head", choices=("classification", "embedding"), default=None,
+                    help="head when the checkpoint has no classifier (default: embedding)")
+    sp.add_argument("--pooling", choices=("cls", "mean"), default="mean")
+    sp.add_argument("--normalize", action="store_true")
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .engine import Engine
+    from .profiling import EngineProbe
+    from .scheduling import profile_cli
+
+    engine = Engine.from_parameters(
+        {"BACKBONE": args.backbone, "TASK_STORE": tempfile.mkdtemp(prefix="pets-profile-"),
+         "DTYPE": args.dtype, "OPS": args.ops}, device=args.device)
+    probe = EngineProbe(engine)
+    name = (torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda"
+            else "cpu")
+    return profile_cli(args, probe.measure, device=name,
+                       dtype=str(engine.dtype).removeprefix("torch."),
+                       backbone_fingerprint=engine.spec.fingerprint)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .metrics import scrape, status_table
+
+    try:
+        text = scrape(args.url, timeout=args.timeout)
+    except OSError as exc:
+        print(f"pets: error: cannot read metrics from {args.url} ({exc}); is tritonserver "
+              "running with --allow-metrics (default) on that --metrics-port?", file=sys.stderr)
+        return 2
+    print(status_table(text, model=args.model))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pets", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -94,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("store")
     c.add_argument("name", help="task name (a prefix when --count > 1)")
     c.add_argument("--pet", required=True,
-                   help=f"PET type, or a comma list cycled over --count; one of {sorted(pet_types())}")
+                   help="PET type, or a comma list cycled over --count; one of "
+                        f"{sorted(pet_types())}")
     c.add_argument("--backbone", default="default")
     c.add_argument("--hparams", help=f"JSON hyper-parameters; defaults: {DEFAULT_HPARAMS}")
     c.add_argument("--weights", help="safetensors file with the task's tensors")
@@ -111,10 +202,60 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_list)
 
+    pr = sub.add_parser("profile", help="measure the scheduler's cost model on this device")
+    pr.add_argument("--backbone", default="default")
+    pr.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    pr.add_argument("--dtype", default="auto")
+    pr.add_argument("--ops", default="auto")
+    from .scheduling import add_profile_arguments
+
+    add_profile_arguments(pr)
+    pr.set_defaults(func=cmd_profile)
+
     rm = sub.add_parser("remove", help="remove a task from a store")
     rm.add_argument("store")
     rm.add_argument("name")
     rm.set_defaults(func=cmd_remove)
+
+    ip = sub.add_parser("import-peft", help="import a PEFT LoRA/IA3 adapter folder (safetensors)")
+    ip.add_argument("store")
+    ip.add_argument("name")
+    ip.add_argument("adapter_dir", help="folder with adapter_config.json + "
+                                        "adapter_model.safetensors")
+    _add_import_head(ip)
+    ip.set_defaults(func=cmd_import_peft)
+
+    fi = sub.add_parser("import-finetuned",
+                        help="import a full fine-tuned BERT checkpoint as diff_pruning or bitfit")
+    fi.add_argument("store")
+    fi.add_argument("name")
+    fi.add_argument("checkpoint_dir", help="save_pretrained folder (config.json + safetensors)")
+    fi.add_argument("--as", dest="pet", choices=("diff_pruning", "bitfit"), required=True)
+    fi.add_argument("--density", type=float, default=0.01,
+                    help="diff_pruning: share of each weight matrix kept (largest |W_ft - W|)")
+    _add_import_head(fi)
+    fi.set_defaults(func=cmd_import_finetuned)
+
+    cp = sub.add_parser("capacity", help="measure per-task memory and how many tasks fit")
+    cp.add_argument("--backbone", default="default")
+    cp.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    cp.add_argument("--dtype", choices=("auto", *DTYPES), default="auto")
+    cp.add_argument("--budget-gb", type=float, default=None,
+                    help="memory for tasks (default: free device memory)")
+    cp.add_argument("--reserve-gb", type=float, default=0.0,
+                    help="keep this much free for activations and the allocator")
+    cp.add_argument("--pet", help="comma list of PET types (default: all)")
+    cp.add_argument("--hparams", help='JSON {pet: {hparam: value}} overriding the defaults')
+    cp.add_argument("--samples", type=int, default=4, help="tasks registered per PET type")
+    cp.add_argument("--json", action="store_true", help="print only the JSON report")
+    cp.set_defaults(func=cmd_capacity)
+
+    st = sub.add_parser("status", help="per-task requests, errors, tokens and compute time, "
+                                       "and residency, from a server's metrics port")
+    st.add_argument("--url", default="127.0.0.1:8002", help="metrics host:port (or URL)")
+    st.add_argument("--model", default="pets")
+    st.add_argument("--timeout", type=float, default=5.0)
+    st.set_defaults(func=cmd_status)
     return p
 
 

@@ -53,6 +53,7 @@ class TaskRegistry:
         self.slot_ln = SlotMeta((), torch.int32, 0)
         self.slot_scale = SlotMeta((), torch.int32, 0)
         self.lock = threading.RLock()  # held by writers and by a forward
+        self.budget_bytes = 0  # task memory budget (MEMORY_BUDGET_MB); 0 = unlimited
 
     # ----------------------------------------------------------------------------- lifecycle
     def validate(self, manifest: TaskManifest, tensors: dict[str, torch.Tensor]) -> PetMethod:
@@ -93,10 +94,27 @@ class TaskRegistry:
             self.slot_scale[slot] = loaded.scale_slot
             nbytes = loaded.nbytes(self.ctx) + self.heads.row_bytes()
             entry = TaskEntry(manifest, slot, loaded, nbytes, mtime_ns)
+            self._check_budget(entry, old)
             self.tasks[manifest.name] = entry
             if old is not None:
                 self._release(old)
         return entry
+
+    def _check_budget(self, entry: TaskEntry, old: TaskEntry | None) -> None:
+        """Undo ``entry``'s placement and refuse it if it would overrun the memory budget."""
+        if not self.budget_bytes:
+            return
+        used = self.memory_bytes() - (old.nbytes if old is not None else 0)
+        if used + entry.nbytes <= self.budget_bytes:
+            return
+        self._release(entry)
+        mib, left = 1 << 20, self.budget_bytes - used
+        raise TaskError(
+            f"task {entry.name!r} needs {entry.nbytes / mib:.2f} MiB of device memory, but "
+            f"MEMORY_BUDGET_MB={self.budget_bytes // mib} has {left / mib:.2f} MiB left "
+            f"({used / mib:.2f} MiB used by {len(self.tasks)} tasks); raise "
+            "MEMORY_BUDGET_MB (size it with `pets capacity`), remove tasks, or serve this task "
+            "from another model instance")
 
     def remove(self, name: str) -> None:
         with self.lock:
@@ -146,7 +164,7 @@ class TaskRegistry:
         return report
 
     def load_if_present(self, store: Path, name: str) -> bool:
-        """Load task ``name`` if the store has it (the re-check before an unknown task is refused)."""
+        """Load task ``name`` if the store has it (the re-check before refusing a task)."""
         try:
             check_name(name)
         except TaskError:

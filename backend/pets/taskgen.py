@@ -17,6 +17,7 @@ from .heads import HeadConfig
 from .pet.adapter import ADAPTER_SITES
 from .pet.base import MODULES, bias_names, layer_key, ln_names
 from .pet.diff_pruning import module_shape
+from .pet.ia3 import peft_match
 from .pet.maskbert import pack_mask
 from .taskstore import TaskManifest
 
@@ -94,6 +95,14 @@ def random_tensors(w: BackboneWeights, pet_type: str, hparams: dict[str, Any],
             for i in range(spec.layers):
                 t[layer_key(i, m, "lora_A.weight")] = rnd(r, inp, std=0.1)
                 t[layer_key(i, m, "lora_B.weight")] = rnd(out, r, std=0.1)
+    elif pet_type == "ia3":  # PEFT semantics: suffix-matched targets, scales around 1 +- 0.3
+        ff = set(peft_match(hparams.get("feedforward_modules", ["output.dense"])))
+        for m in peft_match(hparams.get("target_modules", ["key", "value", "output.dense"])):
+            width = spec.ffn if (m == "output.dense" and m in ff) else spec.hidden
+            for i in range(spec.layers):
+                t[layer_key(i, m, "ia3_l")] = 1 + (torch.rand(width, generator=g) * 2 - 1) * 0.3
+    elif pet_type == "none":
+        pass
     else:
         from .pet import get_pet_type
 
@@ -125,6 +134,11 @@ def random_task(w: BackboneWeights, name: str, pet_type: str, head: HeadConfig, 
                      "target_modules": list(hp.get("target_modules", []))}
     if pet_type == "adapter":
         stored_hp = {"activation": hp.get("activation", "relu")}
+    if pet_type == "ia3":  # manifests name exact modules; PEFT-style suffixes are resolved here
+        ff = set(peft_match(hp.get("feedforward_modules", ["output.dense"])))
+        targets = peft_match(hp.get("target_modules", ["key", "value", "output.dense"]))
+        stored_hp = {"target_modules": targets,
+                     "feedforward_modules": [m for m in targets if m in ff]}
     manifest = TaskManifest(name=name, pet_type=pet_type, hparams=stored_hp, head=head,
                             backbone_fingerprint=w.spec.fingerprint, created=time.time())
     return manifest, tensors

@@ -1,6 +1,6 @@
 """PET types. Importing this package registers every built-in type."""
 
-from . import adapter, bitfit, diff_pruning, lora, maskbert  # noqa: F401 - registration
+from . import adapter, bitfit, diff_pruning, ia3, lora, maskbert, none  # noqa: F401 - registration
 from .base import LoadedTask, PetContext, PetMethod, get_pet_type, pet_types, register_pet
 
 __all__ = ["LoadedTask", "PetContext", "PetMethod", "get_pet_type", "pet_types", "register_pet"]
