@@ -85,8 +85,15 @@ class TaskRegistry:
         pet_t = {k: v for k, v in tensors.items() if k not in head_t}
         with self.lock:
             slot = self._free_slots.pop() if self._free_slots else self._take_slot()
-            loaded = method.load(slot, manifest.hparams, pet_t)
-            loaded.allocations.extend(self.heads.add(slot, manifest.head, head_t))
+            try:
+                loaded = method.load(slot, manifest.hparams, pet_t)
+                loaded.allocations.extend(self.heads.add(slot, manifest.head, head_t))
+            except Exception:
+                # Out of device memory part-way, say: the task never becomes visible and its
+                # slot is reused (pool space it took before failing stays with the pools).
+                self.heads.remove(slot)
+                self._free_slots.append(slot)
+                raise
             old = self.tasks.get(manifest.name)
             self.slot_pet[slot] = method.code
             self.slot_bias[slot] = loaded.bias_slot

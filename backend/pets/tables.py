@@ -9,15 +9,43 @@ Two containers hold every task's weights, so that one kernel launch can serve al
   and adapter matrices of any rank, sparse values and indices of any density).
 
 Both grow by doubling and reuse freed space; ``FlatPool.compact`` returns freed space to the
-device allocator (the caller re-bases offsets from the returned map).
+device allocator (the caller re-bases offsets from the returned map). Growing a pool needs
+the old and the new tensor at once; when the device cannot hold both, the old contents are
+staged through host memory (:func:`grow_tensor`), so the peak is the new size alone and a
+full device is not declared full while a third of it is still free.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+
+def grow_into(get: Callable[[], torch.Tensor], put: Callable[[torch.Tensor], None],
+              shape: tuple[int, ...]) -> None:
+    """Replace the tensor behind ``get``/``put`` by a zero tensor of ``shape`` that holds the
+    old values in its leading corner.
+
+    Tries the direct copy first; on device out-of-memory it parks the old tensor on the host
+    (``put`` drops the device reference), frees it and retries, so only the new tensor has
+    to fit on the device.
+    """
+    old = get()
+    device, dtype = old.device, old.dtype
+    corner = tuple(slice(0, n) for n in old.shape)
+    try:
+        grown = torch.zeros(shape, device=device, dtype=dtype)
+    except torch.OutOfMemoryError:
+        put(old.cpu())
+        del old
+        torch.cuda.empty_cache()
+        old = get()
+        grown = torch.zeros(shape, device=device, dtype=dtype)
+    grown[corner] = old.to(device)
+    put(grown)
 
 
 class SlotGroup:
@@ -74,10 +102,10 @@ class SlotGroup:
 
     def _grow(self) -> None:
         old = self.capacity
-        for name, t in self.tables.items():
-            grown = torch.zeros(t.shape[0], old * 2, t.shape[2], device=t.device, dtype=t.dtype)
-            grown[:, :old] = t
-            self.tables[name] = grown
+        for name in self.names:
+            layers, _, width = self.tables[name].shape
+            grow_into(lambda n=name: self.tables[n],
+                      lambda t, n=name: self.tables.__setitem__(n, t), (layers, old * 2, width))
         self._free = list(range(old * 2 - 1, old - 1, -1)) + self._free
 
 
@@ -99,6 +127,9 @@ class FlatPool:
     def capacity(self) -> int:
         return self.data.numel()
 
+    def _set_data(self, t: torch.Tensor) -> None:
+        self.data = t
+
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
 
@@ -116,9 +147,7 @@ class FlatPool:
         flat = values.reshape(-1)
         need = max(min_capacity, offset + flat.numel())
         if need > self.capacity:
-            grown = torch.zeros(need, device=self.data.device, dtype=self.data.dtype)
-            grown[: self.capacity] = self.data
-            self.data = grown
+            grow_into(lambda: self.data, self._set_data, (need,))
         self.data[offset:offset + flat.numel()] = flat.to(self.data.device, self.data.dtype)
 
     def release(self, alloc: Allocation) -> None:
@@ -170,9 +199,7 @@ class FlatPool:
     def _grow(self, need: int) -> None:
         old = self.capacity
         new_cap = max(old * 2, old + need)
-        grown = torch.zeros(new_cap, device=self.data.device, dtype=self.data.dtype)
-        grown[:old] = self.data
-        self.data = grown
+        grow_into(lambda: self.data, self._set_data, (new_cap,))
         if self._free and self._free[-1][0] + self._free[-1][1] == old:
             off, size = self._free[-1]
             self._free[-1] = (off, size + new_cap - old)
