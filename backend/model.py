@@ -1,9 +1,10 @@
 """Triton Python-based backend ``pets``: a thin shell over :class:`pets.engine.Engine`.
 
 Triton loads this file as ``<backend-dir>/pets/model.py`` for every model whose config says
-``backend: "pets"``. It is the only module that imports ``triton_python_backend_utils``:
-it turns Triton requests into numpy dicts, calls the engine once per batch, and turns the
-engine's results into exactly one response per request, in order. ``execute`` never
+``backend: "pets"``. It and ``admin_model.py`` (the ``pets_admin`` shell) are the only
+modules that import ``triton_python_backend_utils``: it turns Triton requests into numpy
+dicts, calls the engine once per batch, and turns the engine's results into exactly one
+response per request, in order. ``execute`` never
 raises: an engine crash becomes an INTERNAL error for each request of that batch.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import traceback
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,7 @@ import triton_python_backend_utils as pb_utils
 
 from pets.engine import Engine
 from pets.errors import RequestError
+from pets.metrics import COUNTERS, GAUGES
 
 # Inputs handed to the engine as-is (absent optional inputs are left out of the dict).
 # Triton fixes one dtype per input, so INT32 ids arrive through their own optional input.
@@ -92,6 +95,16 @@ class TritonPythonModel:
         self.engine: Engine | None = Engine.from_parameters(
             params, model_dir=os.path.abspath(args["model_repository"]), device=device
         )
+        self.model = str(config.get("name", "pets"))
+        self._families: dict[str, Any] = {}
+        self._series: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
+        self._gauges: tuple[int, int] | None = None
+        if params.get("METRICS", "1") != "0" and hasattr(pb_utils, "MetricFamily"):
+            mf = pb_utils.MetricFamily
+            for key, (name, desc) in COUNTERS.items():
+                self._families[key] = mf(name=name, description=desc, kind=mf.COUNTER)
+            for key, (name, desc) in GAUGES.items():
+                self._families[key] = mf(name=name, description=desc, kind=mf.GAUGE)
         pb_utils.Logger.log_info(
             f"pets: instance {self.name} ready on {device}, parameters {params}"
         )
@@ -101,6 +114,7 @@ class TritonPythonModel:
         try:
             return self._execute(requests)
         except RequestError as err:  # the engine refused the whole batch (e.g. UNAVAILABLE)
+            self._batch_failed(n, err.code)
             return [_error(err) for _ in range(n)]
         except Exception as exc:  # never raise out of execute: one INTERNAL per request
             pb_utils.Logger.log_error(f"pets: batch of {n} failed:\n{traceback.format_exc()}")
@@ -108,7 +122,47 @@ class TritonPythonModel:
                 f"pets engine failed on a batch of {n} request(s): "
                 f"{type(exc).__name__}: {exc}; see the server log"
             )
+            self._batch_failed(n, "INTERNAL")
             return [_error(RequestError(msg, "INTERNAL")) for _ in range(n)]
+        finally:
+            self._flush_metrics()
+
+    # ------------------------------------------------------------------------- metrics
+    def _batch_failed(self, n: int, code: str) -> None:
+        stats = getattr(self.engine, "stats", None)
+        if stats is not None and self._families:
+            stats.record(
+                Counter(), Counter(), Counter({("", code): n}), 0.0, *(self._gauges or (0, 0))
+            )
+
+    def _flush_metrics(self) -> None:
+        """Push the engine's per-execute deltas: one IPC per changed series, never raises."""
+        stats = getattr(self.engine, "stats", None)
+        if stats is None or not self._families:
+            return
+        try:
+            d = stats.drain()
+            for key in ("requests", "tokens", "compute_us"):
+                for task, value in getattr(d, key).items():
+                    if value > 0:
+                        self._metric(key, task=task).increment(float(value))
+            for (task, reason), value in d.errors.items():
+                self._metric("errors", task=task, reason=reason).increment(float(value))
+            gauges = (d.tasks_resident, d.memory_bytes)
+            if gauges != self._gauges:
+                self._gauges = gauges
+                self._metric("tasks_resident", instance=self.name).set(float(gauges[0]))
+                self._metric("memory_bytes", instance=self.name).set(float(gauges[1]))
+        except Exception as exc:  # metrics must never fail a batch
+            pb_utils.Logger.log_warn(f"pets: metrics update failed: {exc}")
+
+    def _metric(self, family: str, **labels: str) -> Any:
+        key = (family, tuple(sorted(labels.items())))
+        series = self._series.get(key)
+        if series is None:
+            series = self._families[family].Metric(labels={"model": self.model, **labels})
+            self._series[key] = series
+        return series
 
     def _execute(self, requests: list[Any]) -> list[Any]:
         if self.engine is None:

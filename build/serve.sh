@@ -10,6 +10,8 @@
 #      PETS_MODEL_REPOSITORY=model_repository  PETS_DEMO_STORE=var/demo_store
 #      PETS_ADMIN_KEY=<random>   header `admin-key` unlocking the model-repository and
 #                                shared-memory APIs (restricted: Triton 2.51 advisories)
+#      PETS_ADMIN_TOKEN=<admin key>  TOKEN of the pets_admin model (register/update/
+#                                unregister tasks over HTTP/gRPC; docs/operations.md)
 #      PETS_SKIP_SETUP=1         skip setup_env/build_ops/demo store (quick restart)
 #      PETS_DEMO_REBUILD=1       recreate the demo store (it is only made when missing)
 #      PETS_OFFLINE, PETS_TRITON_RUNTIME: see build/setup_env.sh, build/install_triton.sh
@@ -39,6 +41,7 @@ http=${PETS_HTTP_PORT:-8000}; grpc=${PETS_GRPC_PORT:-8001}; metrics=${PETS_METRI
 repo=$(realpath -m "${PETS_MODEL_REPOSITORY:-model_repository}")
 store=$(realpath -m "${PETS_DEMO_STORE:-var/demo_store}")
 key=${PETS_ADMIN_KEY:-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')}
+export PETS_ADMIN_TOKEN=${PETS_ADMIN_TOKEN:-$key}  # read by the pets_admin model's stub
 
 if [[ "${PETS_SKIP_SETUP:-0}" != 1 ]]; then
   bash build/setup_env.sh
@@ -58,6 +61,8 @@ if [[ "${PETS_SKIP_SETUP:-0}" != 1 ]]; then
 else
   [[ -f build/triton/env.sh ]] || die "PETS_SKIP_SETUP=1 but build/triton/env.sh is missing; run without it once"
   cp -f backend/model.py build/triton/backends/pets/model.py
+  mkdir -p build/triton/backends/pets_admin
+  cp -f backend/admin_model.py build/triton/backends/pets_admin/model.py
 fi
 # shellcheck source=/dev/null
 source build/triton/env.sh
@@ -68,12 +73,16 @@ source build/triton/env.sh
 if ((gpu)) || ((instances != 1)) || [[ -n "$dtype" || "$store" != "$root/var/demo_store" ]]; then
   gen="$root/var/model_repository_$( ((gpu)) && echo gpu || echo cpu)"
   rm -rf "$gen"; mkdir -p "$gen"; cp -r "$repo/pets" "$gen/pets"
+  [[ -d "$repo/pets_admin" ]] && cp -r "$repo/pets_admin" "$gen/pets_admin"
   kind=$( ((gpu)) && echo 'KIND_GPU count: '"$instances"' gpus: [ 0 ]' || echo "KIND_CPU count: $instances")
   edits=(-e "s|^instance_group .*|instance_group [ { kind: $kind } ]|"
          -e "s|(key: \"TASK_STORE\" value \{ string_value: )\"[^\"]*\"|\1\"$store\"|")
   [[ -n "$dtype" ]] && edits+=(-e "s|(key: \"DTYPE\" value \{ string_value: )\"[^\"]*\"|\1\"$dtype\"|")
   sed -i -E "${edits[@]}" "$gen/pets/config.pbtxt"
   grep -qF "kind: $kind" "$gen/pets/config.pbtxt" || die "could not rewrite instance_group in $gen/pets/config.pbtxt"
+  if [[ -f "$gen/pets_admin/config.pbtxt" ]]; then  # same store as the pets model
+    sed -i -E "s|(key: \"TASK_STORE\" value \{ string_value: )\"[^\"]*\"|\1\"$store\"|" "$gen/pets_admin/config.pbtxt"
+  fi
   repo=$gen
   log "generated $repo/pets/config.pbtxt ($kind${dtype:+, DTYPE $dtype})"
 fi
@@ -129,6 +138,7 @@ done
 if ((ready)); then
   log "pets is ready: HTTP 127.0.0.1:$http  gRPC 127.0.0.1:$grpc  metrics 127.0.0.1:$metrics/metrics"
   log "model repository $repo; admin-key header for the model-repository/shared-memory APIs: $key"
+  log "pets_admin TOKEN (register/update/unregister tasks): \$PETS_ADMIN_TOKEN$([[ "$PETS_ADMIN_TOKEN" == "$key" ]] && echo ' = the admin key')"
   log "try: .venv/bin/python clients/infer.py --task demo_lora --text 'hello world'"
 else
   kill -0 "$server" 2>/dev/null || die "tritonserver exited before it became ready (see its log above)"

@@ -70,6 +70,33 @@ def build_inputs(
     return out
 
 
+def admin_inputs(
+    mod: ModuleType,
+    token: str,
+    action: str,
+    name: str | None = None,
+    manifest: bytes | str | None = None,
+    weights: bytes | None = None,
+) -> list[Any]:
+    """InferInputs of the pets_admin model (each a one-element BYTES tensor of shape [1]).
+
+    ``manifest`` is the task's manifest JSON, ``weights`` the raw safetensors file bytes.
+    """
+    values = {
+        "TOKEN": token,
+        "ACTION": action,
+        "NAME": name,
+        "MANIFEST": manifest,
+        "WEIGHTS": weights,
+    }
+    out = []
+    for key, value in values.items():
+        if value is not None:
+            raw = value.encode() if isinstance(value, str) else bytes(value)
+            out.append(_tensor(mod, key, np.array([raw], dtype=np.object_), "BYTES"))
+    return out
+
+
 def _tensor(mod: ModuleType, name: str, arr: np.ndarray, dtype: str) -> Any:
     t = mod.InferInput(name, list(arr.shape), dtype)
     t.set_data_from_numpy(arr)

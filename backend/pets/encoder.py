@@ -33,7 +33,7 @@ from .registry import TaskRegistry
 try:  # padding-free flash attention (torch >= 2.9, CUDA)
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
 except ImportError:  # pragma: no cover - depends on the torch build
-    _varlen_attn = None
+    _varlen_attn = None  # type: ignore[assignment]
 
 
 @dataclass
@@ -156,6 +156,7 @@ class SharedEncoder:
         if self.use_varlen and batch.valid_lens is None:
             out = _varlen_attn(q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_seqlen,
                                batch.max_seqlen)
+            assert isinstance(out, torch.Tensor)  # no aux outputs requested
             return out.reshape(t, nh * hd)
         # Padded path (CPU; the padded layout): scatter into [B, L, ...], mask pad keys.
         b, lmax = batch.num_seqs, batch.max_seqlen

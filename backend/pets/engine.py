@@ -7,7 +7,10 @@ over :meth:`Engine.execute`.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import weakref
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -21,10 +24,11 @@ from .batch import build_batch
 from .encoder import SharedEncoder
 from .errors import ConfigError, RequestError
 from .heads import HeadTable
+from .metrics import EngineStats
 from .pet import PetContext
 from .protocol import Row, decode_request
 from .registry import TaskRegistry
-from .scheduling import Query, make_scheduler
+from .scheduling import AnalyticModel, Query, Scheduler, make_scheduler, policy_options
 from .tables import SlotGroup
 from .tokenizer import load_tokenizer
 
@@ -40,10 +44,14 @@ class EngineConfig:
     task_store: str = "tasks"  # folder; relative to the model directory
     dtype: str = "auto"  # auto = float32 on CPU, float16 on CUDA
     scheduler: str = "task_grouped"
+    cost_table: str = "cost_table.json"  # `pets profile` output; relative to the model directory
+    batch_size: int = 0  # max sequences per engine batch (0 = the policy's default)
     max_seq_len: int = 0  # 0 = the backbone's max_position_embeddings
     max_batch_tokens: int = 16384  # tokens per engine forward
     ops: str = "auto"  # auto | compiled | reference
     refresh_ms: int = 200  # how often the task store is checked for changes
+    shadow_streams: int = 0  # >0: PetS-style per-task shadow ops over N CUDA streams
+    memory_budget_mb: int = 0  # task weights on the device; 0 = unlimited (see `pets capacity`)
 
     @staticmethod
     def from_parameters(params: Mapping[str, str]) -> EngineConfig:
@@ -69,9 +77,9 @@ def _slot_groups(w: BackboneWeights, device: torch.device, dtype: torch.dtype
                  ) -> tuple[SlotGroup, SlotGroup, SlotGroup]:
     bias = SlotGroup({s: torch.stack(w.bias[s]) for s in SITES}, device, dtype)
     ln_rows = {}
-    for ln in ("emb_ln", "attn_ln", "ffn_ln"):
-        ln_rows[f"{ln}.gamma"] = torch.stack(w.ln_gamma[ln])
-        ln_rows[f"{ln}.beta"] = torch.stack(w.ln_beta[ln])
+    for site in ("emb_ln", "attn_ln", "ffn_ln"):
+        ln_rows[f"{site}.gamma"] = torch.stack(w.ln_gamma[site])
+        ln_rows[f"{site}.beta"] = torch.stack(w.ln_beta[site])
     ln = SlotGroup(ln_rows, device, dtype)
     spec = w.spec
     scale = SlotGroup({"qkv": torch.ones(spec.layers, 3 * spec.hidden),
@@ -90,7 +98,7 @@ class Engine:
             torch.cuda.set_device(self.device)
         self.dtype = (DTYPES[config.dtype] if config.dtype != "auto"
                       else torch.float16 if self.device.type == "cuda" else torch.float32)
-        self.ops = kernels.select(config.ops)
+        ops_module, self.ops = kernels.select(config.ops)
         model_dir = Path(model_dir)
         checkpoint = resolve_checkpoint(config.backbone, model_dir)
         weights = load_backbone(checkpoint)
@@ -101,21 +109,58 @@ class Engine:
                               f"max_position_embeddings {self.spec.max_positions}")
         dev_w = weights.to(self.device, self.dtype)
         bias, ln, scale = _slot_groups(weights, self.device, self.dtype)
-        self.ctx = PetContext(self.spec, self.device, self.dtype, dev_w, bias, ln, scale)
+        self.ctx = PetContext(self.spec, self.device, self.dtype, dev_w, bias, ln, scale,
+                              ops_module)
         self.heads = HeadTable(self.spec, self.device, self.dtype, dev_w.pooler_w, dev_w.pooler_b)
         self.registry = TaskRegistry(self.ctx, self.heads)
-        self.encoder = SharedEncoder(dev_w, self.ctx, self.registry, self.heads)
+        self.registry.budget_bytes = config.memory_budget_mb << 20  # MEMORY_BUDGET_MB
+        self.encoder = SharedEncoder(dev_w, self.ctx, self.registry, self.heads,
+                                     config.shadow_streams)
         self.tokenizer = load_tokenizer(checkpoint, self.max_seq_len)
-        self.scheduler = make_scheduler(config.scheduler, max_batch_tokens=config.max_batch_tokens)
+        self.scheduler, self.cost_source = self._make_scheduler(config, model_dir)
         store = Path(config.task_store)
         self.store = store if store.is_absolute() else model_dir / store
         self.load_errors = self.registry.load_store(self.store)
         self._last_refresh = time.monotonic()
         self._generation = self._store_generation()
+        self.stats = EngineStats()  # bulk per-execute counts; backend/model.py exports them
+        self._refresh_lock = threading.Lock()  # one refresh / re-check at a time
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
+        if config.refresh_ms > 0:  # idle instances (no execute) must see changes too
+            self._refresher = threading.Thread(
+                target=_refresh_loop, args=(weakref.ref(self), self._stop, config.refresh_ms),
+                name="pets-store-refresh", daemon=True)
+            self._refresher.start()
         log.info("pets engine: backbone %s (%s, %d layers), %s on %s, ops: %s, %d tasks loaded, "
-                 "%d skipped, scheduler %s", checkpoint, self.spec.fingerprint, self.spec.layers,
-                 str(self.dtype).removeprefix("torch."), self.device, self.ops,
-                 len(self.registry.tasks), len(self.load_errors), config.scheduler)
+                 "%d skipped, scheduler %s (%s)", checkpoint, self.spec.fingerprint,
+                 self.spec.layers, str(self.dtype).removeprefix("torch."), self.device, self.ops,
+                 len(self.registry.tasks), len(self.load_errors), config.scheduler,
+                 self.cost_source)
+
+    def _make_scheduler(self, config: EngineConfig, model_dir: Path) -> tuple[Scheduler, str]:
+        """The configured policy, costed by the profiled table if there is one."""
+        accepted = policy_options(config.scheduler)
+        opts: dict[str, object] = {"max_batch_tokens": config.max_batch_tokens}
+        if config.batch_size and "max_batch_size" in accepted:
+            opts["max_batch_size"] = config.batch_size
+        if config.batch_size and "batch_size" in accepted:
+            opts["batch_size"] = config.batch_size
+        source = "no cost model"
+        if "cost_model" in accepted:
+            table = Path(config.cost_table)
+            table = table if table.is_absolute() else model_dir / table
+            if table.is_file():
+                opts["cost_model"] = str(table)
+                source = f"cost table {table}"
+            else:
+                s = self.spec
+                opts["cost_model"] = AnalyticModel.for_device(
+                    self.device.type, hidden=s.hidden, layers=s.layers, ffn=s.ffn)
+                source = (f"analytic cost model: no table at {table}; run "
+                          f"`pets profile -o {table}` to measure this device")
+        opts = {k: v for k, v in opts.items() if k in accepted}
+        return make_scheduler(config.scheduler, **opts), source
 
     @classmethod
     def from_parameters(cls, params: Mapping[str, str], *, model_dir: str | Path = ".",
@@ -123,6 +168,9 @@ class Engine:
         return cls(EngineConfig.from_parameters(params), model_dir=model_dir, device=device)
 
     def close(self) -> None:
+        self._stop.set()
+        if self._refresher is not None and self._refresher is not threading.current_thread():
+            self._refresher.join(timeout=5)
         self.registry.tasks.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -131,6 +179,8 @@ class Engine:
     def execute(self, requests: Sequence[Mapping[str, np.ndarray]]
                 ) -> list[np.ndarray | RequestError]:
         """Serve one Triton batch: one output (``[k, D]`` float32) or error per request."""
+        # Waits while the refresh thread is placing tasks: it needs the registry lock, which
+        # back-to-back forwards would otherwise keep from it (changes must show within 1 s).
         self.maybe_refresh()
         outs: list[np.ndarray | RequestError | None] = [None] * len(requests)
         rows: list[Row] = []
@@ -143,8 +193,12 @@ class Engine:
                 continue
             rows.extend(decoded)
             owner.extend([i] * len(decoded))
-        for name in {r.task for r in rows if self.registry.slot_of(r.task) is None}:
-            self.registry.load_if_present(self.store, name)  # registered a moment ago?
+        missing = {r.task for r in rows if self.registry.slot_of(r.task) is None}
+        if missing:
+            with self._refresh_lock:  # the refresh thread may be loading it right now
+                for name in missing:
+                    if self.registry.slot_of(name) is None:
+                        self.registry.load_if_present(self.store, name)  # registered just now?
         keep = []
         for j, r in enumerate(rows):
             if outs[owner[j]] is not None:
@@ -156,7 +210,9 @@ class Engine:
             else:
                 keep.append(j)
         keep = [j for j in keep if outs[owner[j]] is None]
+        t0 = time.perf_counter()
         results = self.run([rows[j].ids for j in keep], [rows[j].task for j in keep])
+        compute_s = time.perf_counter() - t0
         per_req: dict[int, list[np.ndarray]] = {}
         for j, res in zip(keep, results, strict=True):
             if isinstance(res, RequestError):
@@ -171,7 +227,28 @@ class Engine:
                 f"the rows of one request produce outputs of different widths {sorted(widths)}; "
                 "send rows of tasks with different heads as separate requests")
         assert all(o is not None for o in outs), "every request gets an answer; this is a bug"
+        self._record(outs, rows, owner, keep, compute_s)  # type: ignore[arg-type]
         return outs  # type: ignore[return-value]
+
+    def _record(self, outs: Sequence[np.ndarray | RequestError], rows: Sequence[Row],
+                owner: Sequence[int], keep: Sequence[int], compute_s: float) -> None:
+        """One bulk update of :attr:`stats` per execute (task labels: registered names only)."""
+        served: Counter[str] = Counter()
+        tokens: Counter[str] = Counter()
+        for j in keep:
+            if not isinstance(outs[owner[j]], RequestError):
+                served[rows[j].task] += 1
+                tokens[rows[j].task] += len(rows[j].ids)
+        first: dict[int, str] = {}
+        for j, r in enumerate(rows):
+            first.setdefault(owner[j], r.task)
+        tasks = self.registry.tasks
+        errors: Counter[tuple[str, str]] = Counter(
+            (t if (t := first.get(i, "")) in tasks else "", o.code)
+            for i, o in enumerate(outs) if isinstance(o, RequestError))
+        with self.registry.lock:  # the refresh thread may be adding or removing tasks
+            resident, nbytes = len(tasks), self.registry.memory_bytes()
+        self.stats.record(served, tokens, errors, compute_s, resident, nbytes)
 
     def run(self, ids: Sequence[np.ndarray], tasks: Sequence[str]
             ) -> list[np.ndarray | RequestError]:
@@ -179,6 +256,15 @@ class Engine:
         if not ids:
             return []
         with self.registry.lock:
+            live = [j for j, t in enumerate(tasks) if t in self.registry.tasks]
+            if len(live) < len(tasks):  # unregistered while these requests waited
+                done = self.run([ids[j] for j in live], [tasks[j] for j in live])
+                res: list[np.ndarray | RequestError] = [RequestError(
+                    f"task {t!r} was unregistered while the request waited; register it again "
+                    "(`pets create` or the pets_admin model)") for t in tasks]
+                for j, r in zip(live, done, strict=True):
+                    res[j] = r
+                return res
             slots = [self.registry.tasks[t].slot for t in tasks]
             pets = [self.registry.tasks[t].manifest.pet_type for t in tasks]
             queries = [Query(index=i, task_slot=s, pet_type=p, length=len(x))
@@ -188,7 +274,7 @@ class Engine:
                 idx = list(sb.indices)
                 try:
                     batch = build_batch([ids[i] for i in idx], [slots[i] for i in idx],
-                                        self.device)
+                                        self.device, pad_to=sb.padded_length)
                     values, width = self.encoder.forward(batch)
                     values_np = values.cpu().numpy()
                     for row, caller in enumerate(batch.order):
@@ -206,15 +292,47 @@ class Engine:
         except FileNotFoundError:
             return 0
 
-    def maybe_refresh(self, force: bool = False) -> None:
-        """Pick up task-store changes (cheap: one ``stat`` unless the store changed)."""
+    def maybe_refresh(self, force: bool = False, wait: bool = True,
+                      throttle: bool = True) -> None:
+        """Pick up task-store changes (cheap: one ``stat`` unless the store changed).
+
+        ``wait=False`` returns at once when another thread is refreshing; ``throttle=False``
+        checks even if the last check is less than REFRESH_MS old (the refresh thread).
+        """
         now = time.monotonic()
-        if not force and (now - self._last_refresh) * 1000 < self.config.refresh_ms:
+        if throttle and not force and (now - self._last_refresh) * 1000 < self.config.refresh_ms:
             return
-        self._last_refresh = now
-        gen = self._store_generation()
-        if force or gen != self._generation:
-            self._generation = gen
-            report = self.registry.refresh(self.store)
-            if any(report.values()):
-                log.info("task store refresh: %s", {k: v for k, v in report.items() if v})
+        if not self._refresh_lock.acquire(blocking=wait):
+            return
+        try:
+            self._last_refresh = now
+            gen = self._store_generation()
+            if force or gen != self._generation:
+                self._generation = gen
+                report = self.registry.refresh(self.store)
+                if any(report.values()):
+                    log.info("task store refresh: %s", {k: v for k, v in report.items() if v})
+        finally:
+            self._refresh_lock.release()
+
+
+def _refresh_loop(ref: weakref.ref[Engine], stop: threading.Event, period_ms: int) -> None:
+    """Poll the store every ``period_ms`` so an idle instance sees changes within a second.
+
+    Holds only a weak reference between polls: an engine dropped without ``close`` ends it.
+    Loading happens outside the registry lock; placing a task takes the lock, which a forward
+    holds for its whole duration, so a forward in flight is never disturbed.
+    """
+    eng = ref()
+    if eng is not None and eng.device.type == "cuda":
+        torch.cuda.set_device(eng.device)  # the current device is per thread
+    del eng
+    while not stop.wait(period_ms / 1000):
+        eng = ref()
+        if eng is None:
+            return
+        try:
+            eng.maybe_refresh(throttle=False)
+        except Exception:  # a bad store state must not end the polling
+            log.exception("task store refresh failed; retrying in %d ms", period_ms)
+        del eng

@@ -307,11 +307,11 @@ def convert_finetuned(weights: BackboneWeights, name: str, cfg: dict[str, Any],
                 dropped = max(dropped, float(delta.abs().max()))
                 continue
             flat = delta.reshape(-1)
-            k = min(flat.numel(), max(1, math.ceil(density * flat.numel())))
-            if k == flat.numel():  # keep every change (density 1.0)
+            keep = min(flat.numel(), max(1, math.ceil(density * flat.numel())))
+            if keep == flat.numel():  # keep every change (density 1.0)
                 idx = torch.nonzero(flat).flatten()
             else:
-                idx = torch.topk(flat.abs(), k, sorted=False).indices
+                idx = torch.topk(flat.abs(), keep, sorted=False).indices
                 idx = idx[flat[idx] != 0].sort().values
             if idx.numel():
                 tensors[layer_key(i, module, IDX)] = idx.to(torch.int32)

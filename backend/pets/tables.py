@@ -25,26 +25,39 @@ import torch
 
 
 def grow_into(get: Callable[[], torch.Tensor], put: Callable[[torch.Tensor], None],
-              shape: tuple[int, ...]) -> None:
-    """Replace the tensor behind ``get``/``put`` by a zero tensor of ``shape`` that holds the
-    old values in its leading corner.
+              shapes: list[tuple[int, ...]]) -> None:
+    """Replace the tensor behind ``get``/``put`` by a zero tensor of the first of ``shapes``
+    (largest first) that fits, holding the old values in its leading corner.
 
-    Tries the direct copy first; on device out-of-memory it parks the old tensor on the host
-    (``put`` drops the device reference), frees it and retries, so only the new tensor has
-    to fit on the device.
+    Tries each size beside the old tensor first; if none fits, parks the old tensor on the
+    host (``put`` drops the device reference), frees it and tries again, so only the new
+    tensor has to fit. If nothing fits, the old tensor goes back and OutOfMemoryError rises.
     """
     old = get()
     device, dtype = old.device, old.dtype
     corner = tuple(slice(0, n) for n in old.shape)
-    try:
-        grown = torch.zeros(shape, device=device, dtype=dtype)
-    except torch.OutOfMemoryError:
+
+    def attempt() -> torch.Tensor | None:
+        for shape in shapes:
+            try:
+                return torch.zeros(shape, device=device, dtype=dtype)
+            except torch.OutOfMemoryError:
+                continue
+        return None
+
+    grown = attempt()
+    if grown is None:
         put(old.cpu())
         del old
         torch.cuda.empty_cache()
         old = get()
-        grown = torch.zeros(shape, device=device, dtype=dtype)
-    grown[corner] = old.to(device)
+        grown = attempt()
+        if grown is None:
+            put(old.to(device))
+            raise torch.OutOfMemoryError(
+                f"cannot grow a {tuple(old.shape)} {dtype} task pool to any of {shapes} on "
+                f"{device}; remove tasks or set MEMORY_BUDGET_MB (size it with `pets capacity`)")
+    grown[corner].copy_(old)  # host -> device straight into place: no second device copy
     put(grown)
 
 
@@ -102,11 +115,20 @@ class SlotGroup:
 
     def _grow(self) -> None:
         old = self.capacity
-        for name in self.names:
+        sizes = [old * 2, old + max(1, old // 4)]
+        for name in self.names:  # the first table picks the size; the rest must match it
             layers, _, width = self.tables[name].shape
-            grow_into(lambda n=name: self.tables[n],
-                      lambda t, n=name: self.tables.__setitem__(n, t), (layers, old * 2, width))
-        self._free = list(range(old * 2 - 1, old - 1, -1)) + self._free
+
+            def get(n: str = name) -> torch.Tensor:
+                return self.tables[n]
+
+            def put(t: torch.Tensor, n: str = name) -> None:
+                self.tables[n] = t
+
+            grow_into(get, put, [(layers, p, width) for p in sizes])
+            sizes = [self.tables[name].shape[1]]
+        new = sizes[0]
+        self._free = list(range(new - 1, old - 1, -1)) + self._free
 
 
 @dataclass(frozen=True)
@@ -147,7 +169,7 @@ class FlatPool:
         flat = values.reshape(-1)
         need = max(min_capacity, offset + flat.numel())
         if need > self.capacity:
-            grow_into(lambda: self.data, self._set_data, (need,))
+            grow_into(lambda: self.data, self._set_data, [(need,)])
         self.data[offset:offset + flat.numel()] = flat.to(self.data.device, self.data.dtype)
 
     def release(self, alloc: Allocation) -> None:
@@ -198,10 +220,11 @@ class FlatPool:
 
     def _grow(self, need: int) -> None:
         old = self.capacity
-        new_cap = max(old * 2, old + need)
-        grow_into(lambda: self.data, self._set_data, (new_cap,))
+        grow_into(lambda: self.data, self._set_data,
+                  [(max(old * 2, old + need),), (old + max(need, old // 4),), (old + need,)])
+        added = self.capacity - old
         if self._free and self._free[-1][0] + self._free[-1][1] == old:
             off, size = self._free[-1]
-            self._free[-1] = (off, size + new_cap - old)
+            self._free[-1] = (off, size + added)
         else:
-            self._free.append((old, new_cap - old))
+            self._free.append((old, added))

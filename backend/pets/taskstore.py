@@ -18,12 +18,14 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
 from .errors import TaskError
@@ -102,32 +104,57 @@ def read_task(folder: Path) -> tuple[TaskManifest, dict[str, torch.Tensor]]:
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """Load a safetensors file after checking its declared header against the file size."""
     size = path.stat().st_size
-    if size > MAX_WEIGHTS_BYTES:
-        raise TaskError(f"{path} is {size} bytes, over the {MAX_WEIGHTS_BYTES}-byte task limit")
     with path.open("rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise TaskError(f"{path} is truncated: not a safetensors file")
-        header_len = int.from_bytes(head, "little")
-        if header_len > min(size - 8, 100 << 20):
-            raise TaskError(f"{path} declares a {header_len}-byte header in a {size}-byte file: "
-                            "not a safetensors file (pickle checkpoints are never loaded)")
-        try:
-            header = json.loads(fh.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise TaskError(f"{path} has a corrupt safetensors header: {exc}") from exc
-    if not isinstance(header, dict):
-        raise TaskError(f"{path} has a corrupt safetensors header")
-    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
-              default=0)
-    if 8 + header_len + end != size:
-        raise TaskError(f"{path} is truncated or padded: header describes {8 + header_len + end} "
-                        f"bytes, file has {size}")
+        _check_layout(str(path), size, fh.read(8), fh.read)
     try:
         with safe_open(str(path), framework="pt") as fh:
             return {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
     except Exception as exc:  # safetensors raises several types for corrupt data
         raise TaskError(f"{path} could not be read as safetensors: {exc}") from exc
+
+
+def weights_from_bytes(data: bytes, where: str = "WEIGHTS") -> dict[str, torch.Tensor]:
+    """Parse safetensors bytes (e.g. uploaded through the admin model) with the same checks
+    as :func:`read_weights`; ``where`` names the source in error messages."""
+    view = memoryview(data)
+    pos = 8
+
+    def read(n: int) -> bytes:
+        nonlocal pos
+        pos += n
+        return bytes(view[pos - n:pos])
+
+    _check_layout(where, len(data), bytes(view[:8]), read)
+    try:
+        return safetensors_load(bytes(data))
+    except Exception as exc:  # safetensors raises several types for corrupt data
+        raise TaskError(f"{where} could not be read as safetensors: {exc}") from exc
+
+
+def _check_layout(where: str, size: int, head: bytes, read: Callable[[int], bytes]) -> None:
+    """Check a safetensors header (``head`` = its first 8 bytes) against the total size."""
+    if size > MAX_WEIGHTS_BYTES:
+        raise TaskError(f"{where} is {size} bytes, over the {MAX_WEIGHTS_BYTES}-byte task limit")
+    if len(head) < 8:
+        raise TaskError(f"{where} is truncated ({size} bytes): not a safetensors file")
+    header_len = int.from_bytes(head, "little")
+    if header_len > min(size - 8, 100 << 20):
+        raise TaskError(f"{where} declares a {header_len}-byte header in a {size}-byte file: "
+                        "not a safetensors file (pickle checkpoints are never loaded)")
+    try:
+        header = json.loads(read(header_len))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TaskError(f"{where} has a corrupt safetensors header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise TaskError(f"{where} has a corrupt safetensors header: expected a JSON object")
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items()
+                   if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError) as exc:
+        raise TaskError(f"{where} has a corrupt safetensors header: {exc!r}") from exc
+    if 8 + header_len + end != size:
+        raise TaskError(f"{where} is truncated or padded: header describes "
+                        f"{8 + header_len + end} bytes, file has {size}")
 
 
 def write_task(store: Path, manifest: TaskManifest, tensors: dict[str, torch.Tensor]) -> Path:
@@ -140,6 +167,7 @@ def write_task(store: Path, manifest: TaskManifest, tensors: dict[str, torch.Ten
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+        _stamp(tmp / MANIFEST)
         if final.exists():
             old = store / f".old-{name}-{uuid.uuid4().hex[:8]}"
             os.rename(final, old)
@@ -188,4 +216,16 @@ def _touch_generation(store: Path) -> None:
     gen = store / ".generation"
     tmp = store / f".generation-{uuid.uuid4().hex[:8]}"
     tmp.write_text(f"{time.time_ns()}\n")
+    _stamp(tmp)
     os.replace(tmp, gen)
+
+
+def _stamp(path: Path) -> None:
+    """Give ``path`` a full-precision, practically unique mtime.
+
+    Readers detect changes by mtime (``store_state``, ``.generation``); file systems stamp
+    with a coarse clock (one tick is 1-10 ms on many kernels), so two writes in one tick
+    would otherwise look identical and the second change would be missed.
+    """
+    now = time.time_ns()
+    os.utime(path, ns=(now, now))

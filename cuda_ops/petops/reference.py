@@ -379,7 +379,11 @@ def seg_spmm(
         )[item_local]
         p = first + torch.arange(flat_row.numel(), device=y.device) - start_of_item
         k = indices[p].long()
-        v = values.float()[p] if values is not None else alpha * dense_w.float()[o, k]
+        if values is not None:
+            v = values.float()[p]
+        else:
+            assert dense_w is not None
+            v = alpha * dense_w.float()[o, k]
         delta = torch.zeros(rp.shape[0], n_out, k_dim, device=y.device)
         delta.index_put_((item_local, o, k), v, accumulate=True)
         xs = x.float()[tok[sl]]  # [C, L, K]

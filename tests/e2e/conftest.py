@@ -42,6 +42,7 @@ class Server:
     store: Path
     log: Path
     env: dict[str, str]
+    pid: int = 0  # tritonserver's pid = its process group (the stubs join it)
 
     def params(self) -> dict[str, str]:
         """The config.pbtxt parameters the served model was loaded with."""
@@ -80,23 +81,55 @@ def make_demo_store(dest: Path) -> None:
 
 @pytest.fixture(scope="session")
 def triton_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    if not (ROOT / "build" / "triton" / "env.sh").is_file():
-        pytest.skip("Triton runtime not assembled: run `bash build/install_triton.sh` (make test)")
-    env = triton_env()
-    if shutil.which("tritonserver", path=env["PATH"]) is None:
-        pytest.fail("build/triton/env.sh puts no tritonserver on PATH; rerun install_triton.sh")
     tmp = tmp_path_factory.mktemp("triton")
     store = tmp / "demo_store"
     make_demo_store(store)
+    with launch(tmp, store) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def launch(
+    tmp: Path,
+    store: Path,
+    models: tuple[str, ...] = ("pets",),
+    extra_args: tuple[str, ...] = (),
+    extra_env: dict[str, str] | None = None,
+    params: dict[str, dict[str, str]] | None = None,
+    instances: dict[str, int] | None = None,
+) -> Iterator[Server]:
+    """Start tritonserver on free loopback ports serving ``models`` (copies of
+    model_repository/<m>, TASK_STORE -> ``store``; ``params`` overrides other parameters and
+    ``instances`` the KIND_CPU instance count, per model); stop it, its stubs and their shm
+    regions on exit. The yielded Server's model_dir is the first model's folder."""
+    if not (ROOT / "build" / "triton" / "env.sh").is_file():
+        pytest.skip("Triton runtime not assembled: run `bash build/install_triton.sh` (make test)")
+    env = {**triton_env(), **(extra_env or {})}
+    if shutil.which("tritonserver", path=env["PATH"]) is None:
+        pytest.fail("build/triton/env.sh puts no tritonserver on PATH; rerun install_triton.sh")
     repo = tmp / "repo"
-    shutil.copytree(ROOT / "model_repository" / "pets", repo / "pets")
-    cfg = repo / "pets" / "config.pbtxt"
-    text, n = re.subn(r'(key: "TASK_STORE" value \{ string_value: )"[^"]*"', rf'\1"{store}"',
-                      cfg.read_text())  # fmt: skip
-    assert n == 1, "config.pbtxt has no TASK_STORE parameter to rewrite"
-    cfg.write_text(text)
-    # model.py may have changed since install_triton.sh ran: serve the current one.
-    shutil.copy2(ROOT / "backend" / "model.py", Path(env["PETS_TRITON_BACKENDS"]) / "pets")
+    for model in models:
+        shutil.copytree(ROOT / "model_repository" / model, repo / model)
+        cfg = repo / model / "config.pbtxt"
+        text = cfg.read_text()
+        for key, value in {"TASK_STORE": str(store), **(params or {}).get(model, {})}.items():
+            text, n = re.subn(rf'(key: "{key}" value \{{ string_value: )"[^"]*"', rf'\1"{value}"',
+                              text)  # fmt: skip
+            assert n == 1, f"{cfg} has no {key} parameter to rewrite"
+        if model in (instances or {}):
+            text, n = re.subn(
+                r"^instance_group .*$",
+                f"instance_group [ {{ kind: KIND_CPU count: {instances[model]} }} ]",
+                text,
+                flags=re.M,
+            )
+            assert n == 1, f"{cfg} has no one-line instance_group to rewrite"
+        cfg.write_text(text)
+    # model.py / admin_model.py may have changed since install_triton.sh ran: serve the current.
+    backends = Path(env["PETS_TRITON_BACKENDS"])
+    shutil.copy2(ROOT / "backend" / "model.py", backends / "pets")
+    (backends / "pets_admin").mkdir(exist_ok=True)
+    shutil.copy2(ROOT / "backend" / "admin_model.py", backends / "pets_admin" / "model.py")
 
     http, grpc, metrics = _free_ports(3)
     log = tmp / "tritonserver.log"
@@ -109,13 +142,13 @@ def triton_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "--metrics-address=127.0.0.1", f"--metrics-port={metrics}",
         "--http-restricted-api=model-repository,shared-memory:admin-key=test",
         "--grpc-restricted-protocol=model-repository,shared-memory:admin-key=test",
-        "--exit-timeout-secs=10",
+        "--exit-timeout-secs=10", *extra_args,
     ]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=tmp)  # fmt: skip
     server = Server(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}",
-                    repo / "pets", store, log, env)  # fmt: skip
+                    repo / models[0], store, log, env, proc.pid)  # fmt: skip
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:

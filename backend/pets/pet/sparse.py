@@ -9,6 +9,7 @@ values: ``seg_spmm`` reads them from the shared weight.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +38,7 @@ class SparseStore:
         self.rowptr_off = SlotMeta((ctx.spec.layers, len(SITES)), torch.int64)
 
     def add(self, slot: int, loaded: LoadedTask,
-            flat: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+            flat: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor | None]]) -> None:
         """Store one task's matrices.
 
         Args:

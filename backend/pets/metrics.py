@@ -1,0 +1,147 @@
+"""Per-task serving statistics, without Triton.
+
+The engine records bulk counts into :class:`EngineStats` once per ``execute``;
+``backend/model.py`` drains the deltas into ``pb_utils.MetricFamily`` series (one IPC per
+changed series). :func:`scrape` and :func:`status_table` read them back from Triton's
+metrics endpoint for ``pets status``.
+
+Series (all carry ``model``; gauges also ``instance``):
+
+* ``pets_task_requests_total{task}``        sequences answered with an output (a request
+  with k rows counts k)
+* ``pets_task_errors_total{task,reason}``   requests answered with an error; ``reason`` is the
+  error code; ``task`` is "" when the task is not registered (never a client-chosen name)
+* ``pets_task_tokens_total{task}``          tokens of the served sequences
+* ``pets_task_compute_us_total{task}``      forward time, each batch split by token share
+* ``pets_tasks_resident{instance}``, ``pets_task_memory_bytes{instance}``   gauges
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import urllib.request
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+COUNTERS = {
+    "requests": ("pets_task_requests_total", "sequences answered with an output, per task"),
+    "errors": ("pets_task_errors_total", "requests answered with an error, per task and code"),
+    "tokens": ("pets_task_tokens_total", "tokens of the served sequences, per task"),
+    "compute_us": ("pets_task_compute_us_total",
+                   "forward time per task in microseconds (each batch split by token share)"),
+}
+GAUGES = {
+    "tasks_resident": ("pets_tasks_resident", "tasks loaded in this model instance"),
+    "memory_bytes": ("pets_task_memory_bytes", "device bytes held by this instance's tasks"),
+}
+
+
+@dataclass
+class StatsDelta:
+    """Counts since the previous :meth:`EngineStats.drain`, plus the current gauges."""
+
+    requests: Counter[str] = field(default_factory=Counter)
+    errors: Counter[tuple[str, str]] = field(default_factory=Counter)
+    tokens: Counter[str] = field(default_factory=Counter)
+    compute_us: Counter[str] = field(default_factory=Counter)
+    tasks_resident: int = 0
+    memory_bytes: int = 0
+
+    def empty(self) -> bool:
+        return not (self.requests or self.errors or self.tokens or self.compute_us)
+
+
+class EngineStats:
+    """Thread-safe accumulator; :meth:`record` is called once per execute with bulk counts."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cur = StatsDelta()
+        self.totals = StatsDelta()  # since start (tests, in-process tools)
+
+    def record(self, requests: Counter[str], tokens: Counter[str],
+               errors: Counter[tuple[str, str]], compute_s: float,
+               tasks_resident: int, memory_bytes: int) -> None:
+        """Add one execute's counts; its compute time is split over tasks by token share."""
+        total = sum(tokens.values())
+        compute = Counter({t: compute_s * 1e6 * n / total for t, n in tokens.items()}
+                          ) if total else Counter()
+        with self._lock:
+            for d in (self._cur, self.totals):
+                d.requests.update(requests)
+                d.tokens.update(tokens)
+                d.errors.update(errors)
+                d.compute_us.update(compute)
+                d.tasks_resident, d.memory_bytes = tasks_resident, memory_bytes
+
+    def drain(self) -> StatsDelta:
+        """The deltas since the last drain (and the latest gauges); resets the deltas."""
+        with self._lock:
+            out, self._cur = self._cur, StatsDelta(tasks_resident=self._cur.tasks_resident,
+                                                   memory_bytes=self._cur.memory_bytes)
+        return out
+
+
+# ---------------------------------------------------------------------------- reading back
+_LINE = re.compile(r"^([A-Za-z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """(name, labels, value) of every sample in Prometheus text format."""
+    out = []
+    for line in text.splitlines():
+        m = _LINE.match(line)
+        if m is None or line.startswith("#"):
+            continue
+        try:
+            value = float(m.group(3))
+        except ValueError:
+            continue
+        out.append((m.group(1), dict(_LABEL.findall(m.group(2) or "")), value))
+    return out
+
+
+def scrape(url: str, timeout: float = 5.0) -> str:
+    """GET the metrics text of a Triton server (``host:port`` or a full URL)."""
+    full = url if "://" in url else f"http://{url}"
+    full = full if full.rstrip("/").endswith("/metrics") else full.rstrip("/") + "/metrics"
+    with urllib.request.urlopen(full, timeout=timeout) as resp:
+        return resp.read().decode()
+
+
+def status_table(text: str, model: str = "pets") -> str:
+    """Per-task rows and per-instance residency from a metrics scrape, as aligned text."""
+    samples = [(n, lab, v) for n, lab, v in parse_prometheus(text)
+               if lab.get("model", model) == model]
+    names = {v[0]: k for k, v in COUNTERS.items()}
+    rows: dict[str, defaultdict[str, float]] = {}
+    inst: dict[str, dict[str, float]] = {}
+    triton: defaultdict[str, float] = defaultdict(float)
+    for name, lab, value in samples:
+        if name in names:
+            rows.setdefault(lab.get("task", ""), defaultdict(float))[names[name]] += value
+        elif name in (GAUGES["tasks_resident"][0], GAUGES["memory_bytes"][0]):
+            inst.setdefault(lab.get("instance", "?"), {})[name] = value
+        elif name.startswith("nv_inference_") and lab.get("model") == model:
+            triton[name] += value
+    lines = [f"{'task':<32} {'requests':>10} {'errors':>8} {'tokens':>12} {'avg ms':>9}"]
+    for task in sorted(rows):
+        r = rows[task]
+        avg = r["compute_us"] / r["requests"] / 1e3 if r["requests"] else 0.0
+        lines.append(f"{task or '(unregistered)':<32} {int(r['requests']):>10} "
+                     f"{int(r['errors']):>8} {int(r['tokens']):>12} {avg:>9.3f}")
+    if not rows:
+        lines.append(f"(no pets_task_* series for model {model!r} yet: send a request first)")
+    for name in sorted(inst):
+        g = inst[name]
+        lines.append(f"instance {name}: {int(g.get(GAUGES['tasks_resident'][0], 0))} tasks "
+                     f"resident, {g.get(GAUGES['memory_bytes'][0], 0) / 2**20:.2f} MiB")
+    done = triton["nv_inference_request_success"] + triton["nv_inference_request_failure"]
+    if done:
+        lines.append(f"model {model}: {int(done)} requests, avg queue "
+                     f"{triton['nv_inference_queue_duration_us'] / done / 1e3:.3f} ms, avg "
+                     f"request {triton['nv_inference_request_duration_us'] / done / 1e3:.3f} ms "
+                     "(Triton's own counters; per-request errors count as successes there)")
+    return "\n".join(lines)

@@ -1,0 +1,148 @@
+"""Per-task statistics: EngineStats, the engine's bulk per-execute counts, model.py's flush
+into MetricFamily series (with a stand-in pb_utils), and the `pets status` table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pets.metrics import EngineStats, parse_prometheus, status_table
+
+MODEL_PY = Path(__file__).resolve().parents[1] / "backend" / "model.py"
+
+
+def test_engine_stats_drain_and_split() -> None:
+    st = EngineStats()
+    st.record(Counter(a=2, b=1), Counter(a=30, b=10), Counter({("", "INVALID_ARG"): 1}), 0.004,
+              2, 1000)
+    st.record(Counter(a=1), Counter(a=10), Counter(), 0.001, 2, 1200)
+    d = st.drain()
+    assert d.requests == Counter(a=3, b=1) and d.tokens == Counter(a=40, b=10)
+    assert d.compute_us["a"] == pytest.approx(3000 + 1000) and d.compute_us["b"] == \
+        pytest.approx(1000)
+    assert d.errors == Counter({("", "INVALID_ARG"): 1}) and d.memory_bytes == 1200
+    again = st.drain()
+    assert again.empty() and again.memory_bytes == 1200 and st.totals.requests["a"] == 3
+
+
+def test_engine_records_bulk_counts(engine: Any) -> None:
+    engine.stats.drain()
+    ids = np.array([[101, 2000, 2001, 102]], dtype=np.int64)
+    reqs = [{"TASK": np.array([[b"demo_lora"]] * 2, dtype=object),
+             "INPUT_IDS": np.vstack([ids, ids])},
+            {"TASK": np.array([[b"demo_bitfit"]], dtype=object), "INPUT_IDS": ids},
+            {"TASK": np.array([[b"who_is_this"]], dtype=object), "INPUT_IDS": ids}]
+    outs = engine.execute(reqs)
+    assert [isinstance(o, np.ndarray) for o in outs] == [True, True, False]
+    d = engine.stats.drain()
+    assert d.requests == Counter(demo_lora=2, demo_bitfit=1)
+    assert d.tokens == Counter(demo_lora=8, demo_bitfit=4)
+    assert d.errors == Counter({("", "INVALID_ARG"): 1})  # never the client's task name
+    assert d.compute_us["demo_lora"] == pytest.approx(2 * d.compute_us["demo_bitfit"])
+    assert d.tasks_resident == len(engine.registry.tasks)
+    assert d.memory_bytes == engine.registry.memory_bytes() > 0
+
+
+class _Metric:
+    def __init__(self, family: _Family, labels: dict[str, str]) -> None:
+        self.family, self.labels, self.value = family, labels, 0.0
+
+    def increment(self, v: float) -> None:
+        assert v >= 0 or self.family.kind == "GAUGE"
+        self.value += v
+        self.family.calls += 1
+
+    def set(self, v: float) -> None:
+        self.value = v
+        self.family.calls += 1
+
+
+class _Family:
+    COUNTER, GAUGE = "COUNTER", "GAUGE"
+    all: dict[str, _Family] = {}  # noqa: RUF012
+
+    def __init__(self, name: str, description: str, kind: str) -> None:
+        self.name, self.kind, self.series, self.calls = name, kind, [], 0
+        _Family.all[name] = self
+
+    def Metric(self, labels: dict[str, str]) -> _Metric:  # pb_utils' name
+        m = _Metric(self, labels)
+        self.series.append(m)
+        return m
+
+
+def test_model_flushes_changed_series_once_per_execute(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Eng:
+        def __init__(self) -> None:
+            self.stats = EngineStats()
+
+        @classmethod
+        def from_parameters(cls, *a: Any, **k: Any) -> Eng:
+            return cls()
+
+        def execute(self, requests: list[Any]) -> list[Any]:
+            self.stats.record(Counter(t=len(requests)), Counter(t=5 * len(requests)), Counter(),
+                              0.002, 1, 4096)
+            return [np.zeros((1, 2), np.float32) for _ in requests]
+
+    pb = types.ModuleType("triton_python_backend_utils")
+    pb.MetricFamily = _Family  # type: ignore[attr-defined]
+    pb.Tensor = lambda name, arr: (name, arr)  # type: ignore[attr-defined]
+    pb.InferenceResponse = lambda tensors=None, error=None: (tensors, error)  # type: ignore[attr-defined]
+    pb.TritonError = type("TritonError", (), {"INTERNAL": "INTERNAL"})  # type: ignore[attr-defined]
+    pb.Logger = types.SimpleNamespace(log_info=print, log_error=print, log_warn=print)  # type: ignore[attr-defined]
+    pb.get_input_tensor_by_name = lambda r, n: None  # type: ignore[attr-defined]
+    eng_mod = types.ModuleType("pets.engine")
+    eng_mod.Engine = Eng  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    monkeypatch.setitem(sys.modules, "pets.engine", eng_mod)
+    spec = importlib.util.spec_from_file_location("pets_model_metrics", MODEL_PY)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = mod.TritonPythonModel()
+    model.initialize({"model_config": json.dumps({"name": "pets", "parameters": {}}),
+                      "model_repository": "repo/pets", "model_instance_name": "pets_0_0"})
+    model.execute([{}, {}])
+    model.execute([{}])
+    fam = _Family.all
+    (req,) = fam["pets_task_requests_total"].series
+    assert req.labels == {"model": "pets", "task": "t"} and req.value == 3
+    assert fam["pets_task_tokens_total"].series[0].value == 15
+    assert fam["pets_task_compute_us_total"].series[0].value == pytest.approx(4000)
+    (mem,) = fam["pets_task_memory_bytes"].series
+    assert mem.labels == {"model": "pets", "instance": "pets_0_0"} and mem.value == 4096
+    assert fam["pets_task_memory_bytes"].calls == 1  # gauges only when they change
+
+
+SCRAPE = """# HELP pets_task_requests_total x
+pets_task_requests_total{model="pets",task="a"} 4
+pets_task_tokens_total{model="pets",task="a"} 40
+pets_task_compute_us_total{model="pets",task="a"} 8000
+pets_task_errors_total{model="pets",task="",reason="INVALID_ARG"} 2
+pets_tasks_resident{instance="pets_0_0",model="pets"} 3
+pets_task_memory_bytes{instance="pets_0_0",model="pets"} 2097152
+nv_inference_request_success{model="pets",version="1"} 6
+nv_inference_queue_duration_us{model="pets",version="1"} 600
+nv_inference_request_duration_us{model="pets",version="1"} 6000
+nv_inference_request_success{model="other",version="1"} 99
+"""
+
+
+def test_status_table() -> None:
+    assert ("pets_tasks_resident", {"instance": "pets_0_0", "model": "pets"}, 3.0) in \
+        parse_prometheus(SCRAPE)
+    out = status_table(SCRAPE)
+    rows = {line.split()[0]: line.split() for line in out.splitlines()}
+    assert rows["a"][1:] == ["4", "0", "40", "2.000"]
+    assert rows["(unregistered)"][1:3] == ["0", "2"]
+    assert "instance pets_0_0: 3 tasks resident, 2.00 MiB" in out
+    assert "6 requests, avg queue 0.100 ms, avg request 1.000 ms" in out
