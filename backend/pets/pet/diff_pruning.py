@@ -20,7 +20,6 @@ from ..errors import TaskError
 from .base import (
     MODULES,
     LoadedTask,
-    PetMethod,
     alloc_bias_ln,
     bias_names,
     check_bias_ln,
@@ -29,7 +28,7 @@ from .base import (
     ln_names,
     register_pet,
 )
-from .sparse import SparsePlan, SparseStore
+from .sparse import SparsePetMethod
 
 IDX, VAL = "weight_delta_indices", "weight_delta_values"
 
@@ -52,13 +51,11 @@ def check_flat_indices(name: str, idx: torch.Tensor, numel: int) -> None:
 
 
 @register_pet
-class DiffPruning(PetMethod):
+class DiffPruning(SparsePetMethod):
     name = "diff_pruning"
     code = 2
 
-    def __init__(self, ctx: Any) -> None:
-        super().__init__(ctx)
-        self.store = SparseStore(ctx, with_values=True)
+    with_values = True
 
     def _names(self) -> dict[str, tuple[int, str, str]]:
         return {layer_key(i, m, kind): (i, m, kind) for i in range(self.ctx.spec.layers)
@@ -104,14 +101,3 @@ class DiffPruning(PetMethod):
                     flat[(i, module)] = (pos, vals)
         self.store.add(slot, loaded, flat)
         return loaded
-
-    def unload(self, slot: int, loaded: LoadedTask) -> None:
-        self.store.remove(slot)
-        super().unload(slot, loaded)
-
-    def prepare(self, batch: Any, segs: torch.Tensor) -> SparsePlan:
-        return self.store.prepare(batch, segs)
-
-    def apply_linear(self, plan: SparsePlan, site: str, layer: int, x: torch.Tensor,
-                     y: torch.Tensor) -> None:
-        self.store.apply(plan, site, layer, x, y, None, 1.0)

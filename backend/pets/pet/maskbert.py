@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from ..errors import TaskError
-from .base import MODULES, LoadedTask, PetMethod, check_known, layer_key, register_pet
+from .base import MODULES, LoadedTask, check_known, layer_key, register_pet
 from .diff_pruning import module_shape
-from .sparse import SparsePlan, SparseStore
+from .sparse import SparsePetMethod
 
 MASK = "weight_mask"
 
@@ -40,13 +40,14 @@ def unpack_mask(bits: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 
 
 @register_pet
-class MaskBert(PetMethod):
+class MaskBert(SparsePetMethod):
     name = "maskbert"
     code = 3
 
+    with_values = False
+
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
-        self.store = SparseStore(ctx, with_values=False)
         self._shifts = torch.arange(8, dtype=torch.uint8, device=ctx.device)
 
     def validate(self, hparams: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
@@ -81,14 +82,6 @@ class MaskBert(PetMethod):
         self.store.add(slot, loaded, flat)
         return loaded
 
-    def unload(self, slot: int, loaded: LoadedTask) -> None:
-        self.store.remove(slot)
-        super().unload(slot, loaded)
-
-    def prepare(self, batch: Any, segs: torch.Tensor) -> SparsePlan:
-        return self.store.prepare(batch, segs)
-
-    def apply_linear(self, plan: SparsePlan, site: str, layer: int, x: torch.Tensor,
-                     y: torch.Tensor) -> None:
-        w = self.ctx.backbone.linear[site][layer]
-        self.store.apply(plan, site, layer, x, y, w, -1.0)
+    def values_source(self, site: str, layer: int) -> tuple[torch.Tensor | None, float]:
+        """Masked-out weights come from the shared ``W`` with the sign flipped."""
+        return self.ctx.backbone.linear[site][layer], -1.0

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from ..backbone import SITES
 from ..batch import Batch
-from .base import MODULES, LoadedTask, PetContext
+from .base import MODULES, LoadedTask, PetContext, PetMethod
 from .meta import SlotMeta
 
 
@@ -94,3 +95,34 @@ class SparseStore:
         self.ctx.ops.seg_spmm(y, x, plan.seg_indptr, plan.item_seg, offs,
                          self.rowptr.data, self.indices.data,
                          None if self.values is None else self.values.data, dense_w, alpha)
+
+
+class SparsePetMethod(PetMethod):
+    """The plumbing shared by the PET types that keep a :class:`SparseStore`.
+
+    Subclasses implement ``validate``/``load`` and say where the non-zero values come from
+    (:meth:`values_source`).
+    """
+
+    with_values: ClassVar[bool]
+
+    def __init__(self, ctx: PetContext) -> None:
+        super().__init__(ctx)
+        self.store = SparseStore(ctx, with_values=self.with_values)
+
+    def values_source(self, site: str, layer: int) -> tuple[torch.Tensor | None, float]:
+        """``(dense_w, alpha)`` for ``seg_spmm``: stored values by default."""
+        return None, 1.0
+
+    def unload(self, slot: int, loaded: LoadedTask) -> None:
+        self.store.remove(slot)
+        super().unload(slot, loaded)
+
+    def prepare(self, batch: Batch, segs: torch.Tensor) -> SparsePlan:
+        return self.store.prepare(batch, segs)
+
+    def apply_linear(self, plan: SparsePlan, site: str, layer: int, x: torch.Tensor,
+                     y: torch.Tensor) -> None:
+        dense_w, alpha = self.values_source(site, layer)
+        self.store.apply(plan, site, layer, x, y, dense_w, alpha)
+
