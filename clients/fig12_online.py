@@ -1,0 +1,139 @@
+"""PetS Fig. 12, online: every policy served by a real tritonserver, driven by perf_analyzer.
+
+For each policy this writes a model-repository copy whose ``SCHEDULER`` is that policy,
+starts ``build/serve.sh`` on it (set-up skipped: run ``make triton`` once), and measures it
+with perf_analyzer (gRPC, async, fixed concurrency) over a query pool whose lengths follow
+N(mean, std) clipped to [1, 128] and whose tasks are uniform over the task store. Throughput
+is normalised to the ``fixed`` policy; scheduling runs inside ``execute``, so its time counts.
+
+    python clients/fig12_online.py --store var/fig12_cpu_store --stds 4 --out var/fig12_online
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICIES = "fixed,beta_only,alpha_only,coordinated,token_budget,task_grouped"
+
+
+def set_param(config: str, key: str, value: str) -> str:
+    """Set (or add) a string parameter of a config.pbtxt text."""
+    pat = re.compile(rf'(key: "{key}" value \{{ string_value: )"[^"]*"')
+    if pat.search(config):
+        return pat.sub(rf'\1"{value}"', config)
+    return config + f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}\n'
+
+
+def serve(repo: Path, store: Path, port_base: int, extra: list[str]) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PETS_MODEL_REPOSITORY=str(repo), PETS_DEMO_STORE=str(store),
+               PETS_SKIP_SETUP="1", PETS_HTTP_PORT=str(port_base),
+               PETS_GRPC_PORT=str(port_base + 1), PETS_METRICS_PORT=str(port_base + 2))
+    proc = subprocess.Popen(["bash", "build/serve.sh", *extra], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port_base}/v2/models/pets/ready", timeout=1)
+            return proc
+        except OSError:
+            if proc.poll() is not None:
+                raise SystemExit(f"serve.sh exited with {proc.returncode}") from None
+            time.sleep(1)
+    stop(proc)
+    raise SystemExit("the server did not become ready in 300 s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def measure(port_base: int, data: Path, concurrency: int, out: Path) -> float:
+    cmd = [sys.executable, "clients/perf_sweep.py", "--url", f"127.0.0.1:{port_base + 1}",
+           "--data", str(data), "--concurrency", str(concurrency), "--interval-ms", "4000",
+           "--max-trials", "5", "--out", str(out),
+           # a loaded CPU box rarely holds perf_analyzer's default 10% window-to-window band
+           "--extra", "--stability-percentage 50"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"perf_analyzer failed:\n{(done.stdout + done.stderr)[-2000:]}")
+    with out.open() as fh:
+        return float(next(csv.DictReader(fh))["Inferences/Second"])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--store", type=Path, required=True)
+    p.add_argument("--backbone", default="default")
+    p.add_argument("--policies", default=POLICIES)
+    p.add_argument("--stds", default="4")
+    p.add_argument("--mean", type=float, default=32)
+    p.add_argument("--tasks", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--fixed-batch", type=int, default=32)
+    p.add_argument("--cost-table", type=Path, default=None)
+    p.add_argument("--port-base", type=int, default=18000)
+    p.add_argument("--serve-args", default="", help='build/serve.sh flags, e.g. "--gpu"')
+    p.add_argument("--out", type=Path, default=Path("var/fig12_online"))
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    store = args.store.resolve()
+    base = (ROOT / "model_repository/pets/config.pbtxt").read_text()
+    rows = []
+    for std in (float(s) for s in args.stds.split(",")):
+        rng = np.random.default_rng(int(std * 100))
+        lengths = np.clip(np.rint(rng.normal(args.mean, std, size=256)), 1, 128).astype(int)
+        data = args.out / f"data_std{std:g}.json"
+        subprocess.run([sys.executable, "clients/make_perf_data.py", "--tasks-from-store",
+                        str(store), "--num-tasks", str(args.tasks), "--lengths",
+                        ",".join(map(str, lengths)), "--entries", "256", "-o", str(data)],
+                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        qps: dict[str, float] = {}
+        for policy in args.policies.split(","):
+            tmp = Path(tempfile.mkdtemp(prefix="pets-f12-"))
+            (tmp / "pets").mkdir()
+            cfg = set_param(set_param(base, "SCHEDULER", policy), "BACKBONE", args.backbone)
+            cfg = set_param(cfg, "BATCH_SIZE", str(args.fixed_batch))
+            if args.cost_table:
+                cfg = set_param(cfg, "COST_TABLE", str(args.cost_table.resolve()))
+            (tmp / "pets/config.pbtxt").write_text(cfg)
+            (tmp / "pets/1").mkdir()
+            proc = serve(tmp, store, args.port_base, args.serve_args.split())
+            try:
+                qps[policy] = measure(args.port_base, data, args.concurrency,
+                                      args.out / f"pa_{policy}_std{std:g}.csv")
+            finally:
+                stop(proc)
+            print(f"std={std:g} {policy}: {qps[policy]:.1f} req/s", flush=True)
+        for policy, v in qps.items():
+            rows.append({"std": std, "tasks": args.tasks, "concurrency": args.concurrency,
+                         "policy": policy, "req_per_s": round(v, 2),
+                         "vs_fixed": round(v / qps["fixed"], 3) if "fixed" in qps else None})
+    with (args.out / "fig12_online.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {args.out / 'fig12_online.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
