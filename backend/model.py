@@ -1,7 +1,7 @@
 """Triton Python-based backend ``pets``: a thin shell over :class:`pets.engine.Engine`.
 
 Triton loads this file as ``<backend-dir>/pets/model.py`` for every model whose config says
-``backend: "pets"``. It and ``admin_model.py`` (the ``pets_admin`` shell) are the only
+``backend: "pets"``. It and ``pets_admin/model.py`` (the ``pets_admin`` shell) are the only
 modules that import ``triton_python_backend_utils``: it turns Triton requests into numpy
 dicts, calls the engine once per batch, and turns the engine's results into exactly one
 response per request, in order. ``execute`` never

@@ -3,7 +3,7 @@
 #   build/triton/bin/{tritonserver,perf_analyzer}        symlinks to the real binaries
 #   build/triton/backends/python/                         libtriton_python.so, utils, stub
 #   build/triton/backends/pets/model.py                   copy of backend/model.py
-#   build/triton/backends/pets_admin/model.py             copy of backend/admin_model.py
+#   build/triton/backends/pets_admin/model.py             copy of backend/pets_admin/model.py
 #   build/triton/lib/{libb64.so.0d,libcudart.so.12}       sonames perf_analyzer links against
 #   build/triton/env.sh                                   LD_LIBRARY_PATH + PATH for the server
 #
@@ -60,7 +60,7 @@ cp -f "$pyback/libtriton_python.so" "$pyback/triton_python_backend_utils.py" "$o
 cp -f "$stub" "$out/backends/python/triton_python_backend_stub"
 chmod +x "$out/backends/python/triton_python_backend_stub"
 cp -f "$root/backend/model.py" "$out/backends/pets/model.py"
-cp -f "$root/backend/admin_model.py" "$out/backends/pets_admin/model.py"
+cp -f "$root/backend/pets_admin/model.py" "$out/backends/pets_admin/model.py"
 ln -sfn "$server" "$out/bin/tritonserver"
 if [[ -x "$pa" ]]; then ln -sfn "$pa" "$out/bin/perf_analyzer"
 else echo "install_triton: note: no perf_analyzer at $pa (install tritonclient[all]==2.51.0)" >&2; fi

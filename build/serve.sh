@@ -62,7 +62,7 @@ else
   [[ -f build/triton/env.sh ]] || die "PETS_SKIP_SETUP=1 but build/triton/env.sh is missing; run without it once"
   cp -f backend/model.py build/triton/backends/pets/model.py
   mkdir -p build/triton/backends/pets_admin
-  cp -f backend/admin_model.py build/triton/backends/pets_admin/model.py
+  cp -f backend/pets_admin/model.py build/triton/backends/pets_admin/model.py
 fi
 # shellcheck source=/dev/null
 source build/triton/env.sh

@@ -1,6 +1,6 @@
 """Task lifecycle over HTTP/gRPC: the logic of the ``pets_admin`` model, without Triton.
 
-``backend/admin_model.py`` (installed as ``<backend-dir>/pets_admin/model.py``) is a thin
+``backend/pets_admin/model.py`` (installed as ``<backend-dir>/pets_admin/model.py``) is a thin
 shell over :class:`Admin`. Actions: ``register`` (a new name), ``update`` (an existing name),
 ``unregister``, ``list``, ``status``. A task is validated completely against the serving
 backbone (the registry's own checks plus a trial load on CPU) *before* it is published with

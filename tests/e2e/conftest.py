@@ -125,11 +125,11 @@ def launch(
             )
             assert n == 1, f"{cfg} has no one-line instance_group to rewrite"
         cfg.write_text(text)
-    # model.py / admin_model.py may have changed since install_triton.sh ran: serve the current.
+    # The shells may have changed since install_triton.sh ran: serve the current ones.
     backends = Path(env["PETS_TRITON_BACKENDS"])
     shutil.copy2(ROOT / "backend" / "model.py", backends / "pets")
     (backends / "pets_admin").mkdir(exist_ok=True)
-    shutil.copy2(ROOT / "backend" / "admin_model.py", backends / "pets_admin" / "model.py")
+    shutil.copy2(ROOT / "backend" / "pets_admin" / "model.py", backends / "pets_admin" / "model.py")
 
     http, grpc, metrics = _free_ports(3)
     log = tmp / "tritonserver.log"
