@@ -171,7 +171,7 @@ class Engine:
         self._stop.set()
         if self._refresher is not None and self._refresher is not threading.current_thread():
             self._refresher.join(timeout=5)
-        self.registry.tasks.clear()
+        self.registry.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

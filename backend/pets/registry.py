@@ -46,6 +46,7 @@ class TaskRegistry:
         self.methods: dict[str, PetMethod] = {name: cls(ctx) for name, cls in pet_types().items()}
         self.by_code = {m.code: m for m in self.methods.values()}
         self.tasks: dict[str, TaskEntry] = {}
+        self._task_bytes = 0  # sum of the resident tasks' nbytes, kept with `tasks`
         self._free_slots: list[int] = []
         self._next_slot = 0
         self.slot_pet = SlotMeta((), torch.int8, 0)
@@ -103,6 +104,7 @@ class TaskRegistry:
             entry = TaskEntry(manifest, slot, loaded, nbytes, mtime_ns)
             self._check_budget(entry, old)
             self.tasks[manifest.name] = entry
+            self._task_bytes += nbytes - (old.nbytes if old is not None else 0)
             if old is not None:
                 self._release(old)
         return entry
@@ -128,6 +130,7 @@ class TaskRegistry:
             entry = self.tasks.pop(name, None)
             if entry is None:
                 raise TaskError(f"no task {name!r} is loaded; loaded tasks: {len(self.tasks)}")
+            self._task_bytes -= entry.nbytes
             self._release(entry)
 
     def _release(self, entry: TaskEntry) -> None:
@@ -199,4 +202,11 @@ class TaskRegistry:
         return None if entry is None else entry.slot
 
     def memory_bytes(self) -> int:
-        return sum(e.nbytes for e in self.tasks.values())
+        """Device bytes of the resident tasks (O(1): read on every execute for the gauges)."""
+        return self._task_bytes
+
+    def clear(self) -> None:
+        """Forget every task (engine shutdown; the pools go with the engine)."""
+        with self.lock:
+            self.tasks.clear()
+            self._task_bytes = 0
