@@ -24,6 +24,7 @@ from lifecycle_tasks import (
     named,
     pool_usage,
     request,
+    wait_until_visible,
     which,
 )
 
@@ -109,21 +110,9 @@ def test_register_update_unregister_cycles(tmp_path: Path, versions: list[Any],
 
     def until(names: list[str], final: list[Any], before: list[Any], what: str) -> None:
         """Serve until every lane shows ``final``; meanwhile only ``before`` is acceptable."""
-        t0, todo = time.monotonic(), set(range(len(names)))
-        while todo:
-            for k, out in enumerate(serve(names)):
-                if k not in todo:
-                    continue
-                if final[k](out):
-                    todo.discard(k)
-                    lat[what].append(time.monotonic() - t0)
-                elif not before[k](out):
-                    wrong.append(f"{names[k]} {what}: unexpected answer {out!r}")
-                    todo.discard(k)
-            if todo and time.monotonic() - t0 > VISIBLE_S:
-                wrong.append(f"{sorted(names[k] for k in todo)} {what}: not seen in {VISIBLE_S} s")
-                return
-            time.sleep(0.002)
+        seen, problems = wait_until_visible(serve, names, final, before, what, VISIBLE_S, 0.002)
+        lat[what].extend(seen)
+        wrong.extend(problems)
 
     def version(k: int) -> Any:
         return lambda out: which(out, expected, [k]) is not None

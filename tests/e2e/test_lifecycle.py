@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from lifecycle_tasks import IDS, expected_outputs, make_versions, named, which
+from lifecycle_tasks import IDS, expected_outputs, make_versions, named, wait_until_visible, which
 from pets_client import admin_inputs, build_inputs, client_module
 from tritonclient.utils import InferenceServerException
 
@@ -251,22 +251,15 @@ def test_register_update_unregister_under_load(
         before: list[Callable[[Any], bool]],
         what: str,
     ) -> None:
-        t0, todo = time.monotonic(), set(range(len(names)))
-        while todo:
-            for k, out in enumerate(infer_many(client, http, names)):
-                counts["cycle"] += 1
-                if k not in todo:
-                    continue
-                if final[k](out):
-                    todo.discard(k)
-                    lat[what].append(time.monotonic() - t0)
-                elif not before[k](out):
-                    wrong.append(f"{names[k]} {what}: unexpected answer {show(out)}")
-                    todo.discard(k)
-            if todo and time.monotonic() - t0 > VISIBLE_S:
-                wrong.append(f"{sorted(names[k] for k in todo)} {what}: not seen in {VISIBLE_S} s")
-                return
-            time.sleep(0.02)
+        def serve(lanes: list[str]) -> list[Any]:
+            outs = infer_many(client, http, lanes)
+            counts["cycle"] += len(outs)
+            return outs
+
+        seen, problems = wait_until_visible(serve, names, final, before, what, VISIBLE_S, 0.02,
+                                            show)
+        lat[what].extend(seen)
+        wrong.extend(problems)
 
     def version(k: int) -> Callable[[Any], bool]:
         return lambda out: which(out, expected, [k]) is not None
