@@ -66,17 +66,19 @@ def build_batch(ids: Sequence[np.ndarray], task_slots: Sequence[int] | np.ndarra
     slots = np.asarray(task_slots, dtype=np.int64)
     order = np.argsort(slots, kind="stable")
     valid = np.fromiter((len(ids[i]) for i in order), dtype=np.int64, count=len(order))
+    if pad_to and len(valid) and valid.max() > pad_to:
+        raise ValueError(f"pad_to={pad_to} is shorter than a sequence of {valid.max()} tokens")
+    real = np.concatenate([np.asarray(ids[i], dtype=np.int64) for i in order]) if len(order) \
+        else np.zeros(0, dtype=np.int64)
     if pad_to:
-        if len(valid) and valid.max() > pad_to:
-            raise ValueError(f"pad_to={pad_to} is shorter than a sequence of {valid.max()} tokens")
         lengths = np.full_like(valid, pad_to)
+        starts = np.cumsum(valid) - valid  # of each sequence in `real`
+        dest = (np.repeat(np.arange(len(order)) * pad_to - starts, valid)
+                + np.arange(real.shape[0]))  # row * pad_to + position in the sequence
         flat = np.zeros(len(order) * pad_to, dtype=np.int64)
-        for row, i in enumerate(order):  # host copy into the padded buffer
-            flat[row * pad_to: row * pad_to + valid[row]] = ids[i]
+        flat[dest] = real
     else:
-        lengths = valid
-        flat = np.concatenate([np.asarray(ids[i], dtype=np.int64) for i in order]) if len(order) \
-            else np.zeros(0, dtype=np.int64)
+        lengths, flat = valid, real
     cu = np.zeros(len(order) + 1, dtype=np.int64)
     np.cumsum(lengths, out=cu[1:])
     positions = np.arange(cu[-1], dtype=np.int64) - np.repeat(cu[:-1], lengths)
