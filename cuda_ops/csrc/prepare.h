@@ -19,7 +19,7 @@ struct EpilogueArgs {
 // [P, N] pool of per-task rows, N = y.size(1).
 inline at::Tensor row_pool(const at::Tensor& t, const at::Tensor& y, const char* name) {
   check_dim(t, 2, name, "[pool_rows, N]");
-  TORCH_CHECK(t.size(1) == y.size(1), name, " must have N = y.size(1) = ", y.size(1),
+  PETOPS_CHECK(t.size(1) == y.size(1), name, " must have N = y.size(1) = ", y.size(1),
               " columns, got shape ", t.sizes());
   return like(t, y, name, "y");
 }
@@ -56,7 +56,7 @@ inline EpilogueArgs prepare_layernorm(const at::Tensor& y, const OptTensor& resi
   EpilogueArgs a;
   a.y = y.contiguous();
   if (residual) {
-    TORCH_CHECK(residual->sizes() == y.sizes(), "residual must have the shape of y ",
+    PETOPS_CHECK(residual->sizes() == y.sizes(), "residual must have the shape of y ",
                 y.sizes(), ", got ", residual->sizes());
     a.residual = like(*residual, y, "residual", "y");
   }
@@ -66,7 +66,7 @@ inline EpilogueArgs prepare_layernorm(const at::Tensor& y, const OptTensor& resi
   }
   a.gamma = row_pool(gamma, y, "gamma");
   a.beta = row_pool(beta, y, "beta");
-  TORCH_CHECK(gamma.size(0) == beta.size(0), "gamma and beta pools must have the same rows, got ",
+  PETOPS_CHECK(gamma.size(0) == beta.size(0), "gamma and beta pools must have the same rows, got ",
               gamma.size(0), " and ", beta.size(0));
   a.seg_indptr = index(seg_indptr, at::kInt, y, "seg_indptr", s + 1);
   a.seg_ln = index(seg_ln, at::kInt, y, "seg_ln", s);
@@ -116,7 +116,7 @@ inline GroupedArgs prepare_shrink(const at::Tensor& x, const at::Tensor& w,
   check_float(x, "x");
   check_dim(x, 2, "x", "[T, K]");
   check_act(act);
-  TORCH_CHECK(max_rank >= 0, "max_rank must be >= 0, got ", max_rank);
+  PETOPS_CHECK(max_rank >= 0, "max_rank must be >= 0, got ", max_rank);
   GroupedArgs a = prepare_items(x, seg_indptr, item_seg, item_w_off);
   a.x = x.contiguous();
   a.w = flat_pool(w, x, "w", "x");
@@ -133,10 +133,10 @@ inline GroupedArgs prepare_expand(const at::Tensor& y, const at::Tensor& tmp, co
                                   const OptTensor& bias, const OptTensor& item_b_off) {
   check_float(y, "y");
   check_dim(y, 2, "y", "[T, N]");
-  TORCH_CHECK(y.is_contiguous(), "y is updated in place and must be contiguous; pass "
+  PETOPS_CHECK(y.is_contiguous(), "y is updated in place and must be contiguous; pass "
               "y.contiguous() and use the result");
   check_dim(tmp, 2, "tmp", "[T, R]");
-  TORCH_CHECK(tmp.size(0) == y.size(0), "tmp must have T = y.size(0) = ", y.size(0),
+  PETOPS_CHECK(tmp.size(0) == y.size(0), "tmp must have T = y.size(0) = ", y.size(0),
               " rows, got shape ", tmp.sizes());
   GroupedArgs a = prepare_items(y, seg_indptr, item_seg, item_w_off);
   a.y = y;
@@ -147,7 +147,7 @@ inline GroupedArgs prepare_expand(const at::Tensor& y, const at::Tensor& tmp, co
   a.item_out_off = index(item_out_off, at::kInt, y, "item_out_off", a.num_items);
   a.item_out_dim = index(item_out_dim, at::kInt, y, "item_out_dim", a.num_items);
   check_dim(item_scale, 1, "item_scale", "[I]");
-  TORCH_CHECK(item_scale.size(0) == a.num_items && item_scale.is_floating_point() &&
+  PETOPS_CHECK(item_scale.size(0) == a.num_items && item_scale.is_floating_point() &&
                   item_scale.device() == y.device(),
               "item_scale must be a float tensor [I] = [", a.num_items, "] on ", y.device(),
               ", got ", item_scale.scalar_type(), " ", item_scale.sizes(), " on ",
@@ -164,12 +164,12 @@ inline GroupedArgs prepare_spmm(const at::Tensor& y, const at::Tensor& x,
                                 const OptTensor& dense_w) {
   check_float(y, "y");
   check_dim(y, 2, "y", "[T, N]");
-  TORCH_CHECK(y.is_contiguous(), "y is updated in place and must be contiguous; pass "
+  PETOPS_CHECK(y.is_contiguous(), "y is updated in place and must be contiguous; pass "
               "y.contiguous() and use the result");
   check_dim(x, 2, "x", "[T, K]");
-  TORCH_CHECK(x.size(0) == y.size(0), "x must have T = y.size(0) = ", y.size(0),
+  PETOPS_CHECK(x.size(0) == y.size(0), "x must have T = y.size(0) = ", y.size(0),
               " rows, got shape ", x.sizes());
-  TORCH_CHECK(values.has_value() != dense_w.has_value(),
+  PETOPS_CHECK(values.has_value() != dense_w.has_value(),
               "give exactly one of values (Diff-Pruning) or dense_w (MaskBERT), got ",
               values ? "both" : "neither");
   GroupedArgs a = prepare_items(y, seg_indptr, item_seg, item_rowptr_off);
@@ -180,7 +180,7 @@ inline GroupedArgs prepare_spmm(const at::Tensor& y, const at::Tensor& x,
   if (values) a.values = flat_pool(*values, y, "values", "y");
   if (dense_w) {
     check_dim(*dense_w, 2, "dense_w", "[N, K]");
-    TORCH_CHECK(dense_w->size(0) == y.size(1) && dense_w->size(1) == x.size(1),
+    PETOPS_CHECK(dense_w->size(0) == y.size(1) && dense_w->size(1) == x.size(1),
                 "dense_w must be [N, K] = [", y.size(1), ", ", x.size(1), "], got ",
                 dense_w->sizes());
     a.dense_w = like(*dense_w, y, "dense_w", "y");

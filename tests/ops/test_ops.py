@@ -155,6 +155,8 @@ def test_compiled_errors_name_value_and_fix() -> None:
         op(y, bias, bad, seg_bias, scale, seg_scale, act)
     with pytest.raises(RuntimeError, match=r"seg_bias\[0\]=7 is out of range"):
         op(y, bias, indptr, torch.full_like(seg_bias, 7), scale, seg_scale, act)
+    with pytest.raises(RuntimeError, match=r"must be a 2-D tensor .*got shape \[\d+\]"):
+        op(y[0], bias, indptr, seg_bias, scale, seg_scale, act)
     _, sargs = next(iter(SAMPLES["sgmv_shrink"]("cpu", torch.float32)))
     with pytest.raises(RuntimeError, match=r"item_rank\[0\]=.* out of range"):
         torch.ops.petops.sgmv_shrink.default(*sargs[:-1], 0)

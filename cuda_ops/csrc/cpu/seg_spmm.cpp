@@ -16,18 +16,18 @@ namespace {
 // Validates item i's N + 1 row pointers and its column indices.
 void check_item_csr(const GroupedArgs& a, int64_t i, int64_t n_out, int64_t k_dim) {
   const int64_t off = a.item_w_off.data_ptr<int64_t>()[i];
-  TORCH_CHECK(off >= 0 && off + n_out + 1 <= a.rowptr.numel(), "item_rowptr_off[", i, "]=", off,
+  PETOPS_CHECK(off >= 0 && off + n_out + 1 <= a.rowptr.numel(), "item_rowptr_off[", i, "]=", off,
               " needs N + 1 = ", n_out + 1, " row pointers but rowptr has ", a.rowptr.numel());
   const int64_t* rp = a.rowptr.data_ptr<int64_t>() + off;
   const int64_t nnz_pool = a.values.defined() ? std::min(a.indices.numel(), a.values.numel())
                                               : a.indices.numel();
-  TORCH_CHECK(rp[0] >= 0 && rp[n_out] <= nnz_pool, "item ", i, ": non-zeros [", rp[0], ", ",
+  PETOPS_CHECK(rp[0] >= 0 && rp[n_out] <= nnz_pool, "item ", i, ": non-zeros [", rp[0], ", ",
               rp[n_out], ") overrun the indices/values pools of ", nnz_pool, " entries");
   const int32_t* ix = a.indices.data_ptr<int32_t>();
   for (int64_t o = 0; o < n_out; ++o) {
-    TORCH_CHECK(rp[o] <= rp[o + 1], "item ", i, ": rowptr must be non-decreasing at row ", o);
+    PETOPS_CHECK(rp[o] <= rp[o + 1], "item ", i, ": rowptr must be non-decreasing at row ", o);
     for (int64_t p = rp[o]; p < rp[o + 1]; ++p) {
-      TORCH_CHECK(ix[p] >= 0 && ix[p] < k_dim, "indices[", p, "]=", ix[p],
+      PETOPS_CHECK(ix[p] >= 0 && ix[p] < k_dim, "indices[", p, "]=", ix[p],
                   " is out of range; expected an input column in [0, ", k_dim, ")");
     }
   }

@@ -38,7 +38,7 @@ at::Tensor sgmv_shrink_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
   for (int64_t i = 0; i < n_items; ++i) {
     w_len[i] = static_cast<int64_t>(rk[i]) * k;
     b_len[i] = rk[i];
-    TORCH_CHECK(!seen[is[i]], "segment ", is[i], " has more than one sgmv_shrink item (item ", i,
+    PETOPS_CHECK(!seen[is[i]], "segment ", is[i], " has more than one sgmv_shrink item (item ", i,
                 "); give each segment at most one shrink item and concatenate q/k/v ranks");
     seen[is[i]] = 1;
   }
@@ -83,10 +83,10 @@ void sgmv_expand_cpu(const at::Tensor& y, const at::Tensor& tmp, const at::Tenso
   const int32_t* nd = a.item_out_dim.data_ptr<int32_t>();
   std::vector<int64_t> w_len(n_items), b_len(n_items);
   for (int64_t i = 0; i < n_items; ++i) {
-    TORCH_CHECK(rk[i] >= 1 && j0[i] >= 0 && j0[i] + rk[i] <= r_tmp, "item ", i, ": tmp columns [",
+    PETOPS_CHECK(rk[i] >= 1 && j0[i] >= 0 && j0[i] + rk[i] <= r_tmp, "item ", i, ": tmp columns [",
                 j0[i], ", ", j0[i] + rk[i], ") (item_in_off, item_rank) must lie in [0, ", r_tmp,
                 ") with rank >= 1");
-    TORCH_CHECK(nd[i] >= 0 && c0[i] >= 0 && c0[i] + nd[i] <= n_out, "item ", i, ": y columns [",
+    PETOPS_CHECK(nd[i] >= 0 && c0[i] >= 0 && c0[i] + nd[i] <= n_out, "item ", i, ": y columns [",
                 c0[i], ", ", c0[i] + nd[i], ") (item_out_off, item_out_dim) must lie in [0, ",
                 n_out, ")");
     w_len[i] = static_cast<int64_t>(nd[i]) * rk[i];

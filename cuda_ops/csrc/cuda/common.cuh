@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "activations.h"
+#include "check.h"
 
 namespace petops {
 
@@ -122,7 +123,7 @@ inline int grouped_grid(int64_t unit_bound, int blocks_per_sm) {
 }
 
 inline void check_num_items(int64_t n_items, const char* op) {
-  TORCH_CHECK(n_items <= kMaxItems, op, ": ", n_items, " items exceed the CUDA limit of ",
+  PETOPS_CHECK(n_items <= kMaxItems, op, ": ", n_items, " items exceed the CUDA limit of ",
               static_cast<int64_t>(kMaxItems), " per call; split the batch into several calls");
 }
 

@@ -79,7 +79,7 @@ at::Tensor bias_act_cuda(const at::Tensor& y, const at::Tensor& bias, const at::
   const int64_t n_tok = a.y.size(0), n = a.y.size(1);
   if (n_tok == 0 || n == 0) return out;
   const int n_seg = static_cast<int>(a.seg_indptr.numel() - 1);
-  TORCH_CHECK(n_seg > 0, "seg_indptr describes 0 segments but y has ", n_tok, " rows");
+  PETOPS_CHECK(n_seg > 0, "seg_indptr describes 0 segments but y has ", n_tok, " rows");
   auto stream = at::cuda::getCurrentCUDAStream();
   PETOPS_DISPATCH_FLOATS(a.y.scalar_type(), "bias_act_cuda", [&] {
     bias_act_kernel<scalar_t><<<ceil_div(n_tok, kRowsPerBlock), kRowThreads, 0, stream>>>(
@@ -104,7 +104,7 @@ at::Tensor bias_residual_layernorm_cuda(const at::Tensor& y, const OptTensor& re
   const int64_t n_tok = a.y.size(0), n = a.y.size(1);
   if (n_tok == 0 || n == 0) return out;
   const int n_seg = static_cast<int>(a.seg_indptr.numel() - 1);
-  TORCH_CHECK(n_seg > 0, "seg_indptr describes 0 segments but y has ", n_tok, " rows");
+  PETOPS_CHECK(n_seg > 0, "seg_indptr describes 0 segments but y has ", n_tok, " rows");
   auto stream = at::cuda::getCurrentCUDAStream();
   PETOPS_DISPATCH_FLOATS(a.y.scalar_type(), "brln_cuda", [&] {
     bias_residual_layernorm_kernel<scalar_t>

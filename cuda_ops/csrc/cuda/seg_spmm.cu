@@ -110,7 +110,7 @@ void seg_spmm_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tensor& s
   // Largest token tile whose transposed x block fits the staged-tile budget.
   int tm = 16;
   while (tm > 1 && k_dim * tm * static_cast<int64_t>(sizeof(float)) > kMaxTileBytes) tm /= 2;
-  TORCH_CHECK(k_dim * tm * static_cast<int64_t>(sizeof(float)) <= kMaxTileBytes,
+  PETOPS_CHECK(k_dim * tm * static_cast<int64_t>(sizeof(float)) <= kMaxTileBytes,
               "seg_spmm: input width K=", k_dim, " exceeds the CUDA kernel limit of ",
               kMaxTileBytes / sizeof(float), " columns");
   auto stream = at::cuda::getCurrentCUDAStream();

@@ -282,7 +282,7 @@ at::Tensor sgmv_shrink_cuda(const at::Tensor& x, const at::Tensor& w, const at::
   GroupedArgs a = prepare_shrink(x, w, seg_indptr, item_seg, item_w_off, item_rank, bias,
                                  item_b_off, act, max_rank);
   TORCH_INTERNAL_ASSERT(a.x.is_cuda());
-  TORCH_CHECK(max_rank <= kShrinkMaxRank, "sgmv_shrink: max_rank ", max_rank,
+  PETOPS_CHECK(max_rank <= kShrinkMaxRank, "sgmv_shrink: max_rank ", max_rank,
               " exceeds the CUDA kernel limit of ", static_cast<int>(kShrinkMaxRank),
               "; split larger ranks across several items/calls");
   check_num_items(a.num_items, "sgmv_shrink");
