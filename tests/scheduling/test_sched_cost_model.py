@@ -9,7 +9,7 @@ import pytest
 
 from pets.errors import ConfigError
 from pets.scheduling import AnalyticModel, CostTable, Query, batch_cost, load_cost_model
-from pets.scheduling.cost_model import compatibility_warnings
+from pets.scheduling.cost_model import CostLattice, compatibility_warnings
 
 
 def linear_table() -> CostTable:
@@ -148,3 +148,26 @@ def test_batch_cost_padded_and_packed():
     packed = batch_cost(m, qs, 0)
     expect = float(m.alpha_packed(60) + m.beta("lora", 2, 20) + m.beta("bitfit", 1, 20))
     assert packed == pytest.approx(expect)
+
+
+@pytest.mark.parametrize("model", [linear_table(), AnalyticModel.for_device("cuda")],
+                         ids=["table", "analytic"])
+def test_cost_lattice_returns_exactly_the_wrapped_model(model):
+    lat = CostLattice(model)
+    sizes = np.arange(0, 300, 7, dtype=np.float64)[None, :]
+    lens = np.array([1.0, 17.0, 64.0, 200.0, 513.0])[:, None]  # past the first lattice
+    np.testing.assert_array_equal(lat.alpha(sizes, lens), model.alpha(sizes, lens))
+    for t in ("lora", "adapter"):  # one measured beta, one analytic fallback
+        np.testing.assert_array_equal(lat.beta(t, sizes, lens), model.beta(t, sizes, lens))
+    assert lat._grids[None].shape == (512, 1024)  # grew to powers of two past the asks
+    # Off the lattice (fractional or negative), and packed: the wrapped model answers.
+    for b, s in ((2.5, 16), (-1, 16), (4, 16.5)):
+        assert float(lat.alpha(b, s)) == float(model.alpha(b, s))
+    assert float(lat.alpha_packed(150)) == float(model.alpha_packed(150))
+
+
+def test_cost_lattice_too_large_falls_back():
+    model = AnalyticModel.for_device("cpu")
+    lat = CostLattice(model, max_cells=1000)
+    assert float(lat.alpha(4, 4096)) == float(model.alpha(4, 4096))
+    assert None not in lat._grids

@@ -252,6 +252,64 @@ class CostTable:
         return cls.from_json_dict(d, source=repr(str(path)))
 
 
+class CostLattice:
+    """Integer-lattice memo of a :class:`CostModel` for the schedulers' dynamic programs.
+
+    The DPs only ask for integer batch sizes and lengths, many times per ``execute``;
+    interpolating a :class:`CostTable` each time costs more than the DP itself. This
+    evaluates ``alpha`` / ``beta(type)`` once on the lattice ``[0, S] x [0, L]`` and then
+    answers by gathering, so it returns exactly what the wrapped model returns. The lattice
+    grows (to the next power of two) when a larger size or length is asked for; arguments
+    that are not non-negative integers, or would need more than ``max_cells`` cells per
+    kind, go to the wrapped model. ``alpha_packed`` always does.
+    """
+
+    def __init__(self, model: CostModel, max_cells: int = 1 << 21) -> None:
+        self.model = model
+        self.max_cells = max_cells
+        self._grids: dict[str | None, FArray] = {}  # None: alpha; a pet type: its beta
+
+    def _gather(self, kind: str | None, batch: ArrayLike, seq_len: ArrayLike) -> FArray | None:
+        b = np.asarray(batch)
+        s = np.asarray(seq_len)
+        if b.size == 0 or s.size == 0:
+            return None
+        bi = b.astype(np.intp)
+        si = s.astype(np.intp)
+        if (b.dtype.kind == "f" and (bi != b).any()) or (s.dtype.kind == "f" and (si != s).any()):
+            return None  # not on the lattice
+        lo_b, hi_b = int(bi.min()), int(bi.max())
+        lo_s, hi_s = int(si.min()), int(si.max())
+        if lo_b < 0 or lo_s < 0:
+            return None
+        grid = self._grids.get(kind)
+        nb, ns = hi_b + 1, hi_s + 1
+        if grid is None or nb > grid.shape[0] or ns > grid.shape[1]:
+            have = grid.shape if grid is not None else (0, 0)
+            rows = max(64, 1 << (max(nb, have[0]) - 1).bit_length())
+            cols = max(128, 1 << (max(ns, have[1]) - 1).bit_length())
+            if rows * cols > self.max_cells:
+                return None
+            sizes = np.arange(rows, dtype=np.float64)[:, None]
+            lens = np.arange(cols, dtype=np.float64)[None, :]
+            grid = np.asarray(self.model.alpha(sizes, lens) if kind is None
+                              else self.model.beta(kind, sizes, lens), dtype=np.float64)
+            self._grids[kind] = np.ascontiguousarray(np.broadcast_to(grid, (rows, cols)))
+            grid = self._grids[kind]
+        return np.asarray(grid[bi, si], dtype=np.float64)
+
+    def alpha(self, batch: ArrayLike, seq_len: ArrayLike) -> FArray:
+        out = self._gather(None, batch, seq_len)
+        return self.model.alpha(batch, seq_len) if out is None else out
+
+    def alpha_packed(self, total_tokens: ArrayLike) -> FArray:
+        return self.model.alpha_packed(total_tokens)
+
+    def beta(self, pet_type: str, batch: ArrayLike, seq_len: ArrayLike) -> FArray:
+        out = self._gather(pet_type, batch, seq_len)
+        return self.model.beta(pet_type, batch, seq_len) if out is None else out
+
+
 def load_cost_model(path: str | os.PathLike[str] | None,
                     fallback: AnalyticModel | None = None) -> CostModel:
     """The table at ``path`` if given and present, else the analytic ``fallback``."""

@@ -40,6 +40,9 @@ from pets.scheduling.cost_model import CostModel
 
 IArray = NDArray[np.intp]
 INF = np.inf
+DENSE_MAX_N = 128
+"""Up to this many items :func:`solve_sorted` gathers the full cost matrix first (beyond,
+building it costs more than the row-by-row loop saves)."""
 
 
 def solve(cost: FArray) -> tuple[FArray, IArray]:
@@ -53,12 +56,7 @@ def solve(cost: FArray) -> tuple[FArray, IArray]:
     best = np.zeros((g, n1), dtype=np.float64)
     arg = np.zeros((g, n1), dtype=np.intp)
     if g == 1:  # fast path: 1-D slices, no fancy indexing
-        b, c, a = best[0], ct[0], arg[0]
-        for i in range(1, n1):
-            v = b[:i] + c[i, :i]
-            k = int(v.argmin())
-            a[i] = k
-            b[i] = v[k]
+        _solve_rows(ct[0], best[0], arg[0])
         return best, arg
     rows = np.arange(g)
     for i in range(1, n1):
@@ -67,6 +65,16 @@ def solve(cost: FArray) -> tuple[FArray, IArray]:
         arg[:, i] = k
         best[:, i] = v[rows, k]
     return best, arg
+
+
+def _solve_rows(ct: FArray, best: FArray, arg: IArray) -> None:
+    """One DP from its transposed cost matrix ``ct[i, j]`` (run [j, i)), filling ``best`` and
+    ``arg`` [n+1] in place: one add and one argmin per row."""
+    for i in range(1, ct.shape[0]):
+        v = best[:i] + ct[i, :i]
+        k = int(v.argmin())
+        arg[i] = k
+        best[i] = v[k]
 
 
 def backtrack(arg: IArray | Sequence[int], n: int) -> list[tuple[int, int]]:
@@ -132,7 +140,8 @@ def solve_sorted(sizes: NDArray[np.int64], lengths: FArray, run_cost: FArray, un
     ``m`` when its run is padded to ``uniq[u]``. Run [j, i) costs
     ``run_cost[u_i, Σ sizes[j:i]] + Σ_{j<=m<i} item_cost[u_i, m]`` with ``u_i`` the index
     of ``lengths[i-1]``. Returns the optimal runs ``[(j, i), ...]``. O(n·w) for a band of
-    width ``w`` set by the caps (``w = n`` without caps).
+    width ``w`` set by the caps (``w = n`` without caps); instances of at most
+    ``DENSE_MAX_N`` items gather an [n+1, n+1] cost matrix first (fewer numpy calls per row).
     """
     n = sizes.shape[0]
     if n == 0:
@@ -148,12 +157,29 @@ def solve_sorted(sizes: NDArray[np.int64], lengths: FArray, run_cost: FArray, un
     lo = np.minimum(lo, np.arange(n))  # a single item is always feasible
     unit = bool(np.all(sizes == 1))
     n_u = uniq.shape[0]
-    # cs[u, k] = Σ_{m<k} item_cost[u, m]; a run [j, i) adds cs[u, i] - cs[u, j]. Keep
-    # bc = best - cs[u] for the current padded length u (changes at most U times as the
-    # lengths are sorted) so each row is one add and one argmin.
+    # cs[u, k] = Σ_{m<k} item_cost[u, m]; a run [j, i) adds cs[u, i] - cs[u, j].
     cs = np.zeros((n_u, n + 1))
     if item_cost is not None:
         np.cumsum(item_cost, axis=1, out=cs[:, 1:])
+    if n <= DENSE_MAX_N:
+        # Small instance (the online case): the whole [n+1, n+1] cost matrix in one
+        # vectorised gather, then a row loop with one add and one argmin per row.
+        ii = np.arange(1, n + 1)[:, None]
+        jj = np.arange(n + 1)[None, :]
+        u = col[:, None]
+        run = np.clip(csize[ii] - csize[jj], 0, run_cost.shape[1] - 1)
+        ct = np.full((n + 1, n + 1), INF)
+        ct[1:] = run_cost[u, run]
+        if item_cost is not None:
+            ct[1:] += cs[u, ii] - cs[u, jj]
+        ct[1:][(jj < lo[:, None]) | (jj >= ii)] = INF
+        best = np.zeros(n + 1)
+        arg_d = np.zeros(n + 1, dtype=np.intp)
+        _solve_rows(ct, best, arg_d)
+        return backtrack(arg_d, n)
+    # Large instance: row by row without the n² matrix. Keep bc = best - cs[u] for the
+    # current padded length u (changes at most U times as the lengths are sorted) so each
+    # row is one add and one argmin.
     best = np.zeros(n + 1)
     bc = np.zeros(n + 1)
     arg = [0] * (n + 1)

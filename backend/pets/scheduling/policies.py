@@ -21,6 +21,7 @@ over a cap still gets its own batch); no dropped remainder.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -30,9 +31,8 @@ import numpy as np
 from pets.errors import ConfigError
 from pets.scheduling.analytic import AnalyticModel
 from pets.scheduling.base import Query, ScheduledBatch, Scheduler, make_batch
-from pets.scheduling.cost_model import CostModel, CostTable
+from pets.scheduling.cost_model import CostLattice, CostModel, CostTable
 from pets.scheduling.dp import (
-    backtrack,
     inter_task_runs,
     intra_task_costs,
     intra_task_runs,
@@ -88,21 +88,22 @@ def form_minibatches(queries: Sequence[Query], model: CostModel, max_size: int |
                      max_tokens: int | None) -> list[list[Query]]:
     """Stage 1 (intra-task DP) for all tasks; mini-batches, each sorted by length."""
     n = len(queries)
-    task = np.fromiter((q.task_slot for q in queries), np.int64, n)
-    length = np.fromiter((q.length for q in queries), np.int64, n)
-    index = np.fromiter((q.index for q in queries), np.int64, n)
+    cols = np.array([(q.task_slot, q.length, q.index) for q in queries], dtype=np.int64)
+    task, length, index = cols[:, 0], cols[:, 1], cols[:, 2]
     order = np.lexsort((index, length, task))  # by task, then length, then index
     qs = [queries[k] for k in order.tolist()]
     st = task[order]
     starts = np.flatnonzero(np.concatenate([[True], st[1:] != st[:-1]]))
     counts = np.diff(np.append(starts, n))
-    out: list[list[Query]] = []
+    # Every task is a contiguous block of qs; each DP run [j, i) of the task starting at s0
+    # is the mini-batch qs[s0 + j : s0 + i]. Collect all run boundaries, then slice once.
+    bounds = [np.array([0, n])]
     small = np.flatnonzero(counts <= BATCHED_MAX_N)
     for g in np.flatnonzero(counts > BATCHED_MAX_N).tolist():
         s0, c = int(starts[g]), int(counts[g])
         lens = length[order[s0:s0 + c]].astype(np.float64)
         runs = intra_task_runs(model, qs[s0].pet_type, lens, max_size, max_tokens)
-        out.extend(qs[s0 + j:s0 + i] for j, i in runs)
+        bounds.append(s0 + np.array([j for j, _ in runs]))
     if small.size:
         cs, ss = counts[small], starts[small]
         width = int(cs.max())
@@ -115,9 +116,18 @@ def form_minibatches(queries: Sequence[Query], model: CostModel, max_size: int |
         cost = intra_task_costs(model, [qs[k].pet_type for k in ss.tolist()], lengths,
                                 cs.astype(np.int64), max_size, max_tokens)
         _, arg = solve(cost)
-        for r, (s0, c) in enumerate(zip(ss.tolist(), cs.tolist(), strict=True)):
-            out.extend(qs[s0 + j:s0 + i] for j, i in backtrack(arg[r], c))
-    return out
+        # Backtrack all tasks at once: follow each row's run starts down to 0.
+        rows = np.arange(small.size)
+        cur = cs.astype(np.intp)
+        bounds.append(ss)
+        while True:
+            cur = arg[rows, cur]
+            live = cur > 0
+            if not live.any():
+                break
+            bounds.append(ss[live] + cur[live])
+    cuts = np.unique(np.concatenate(bounds)).tolist()
+    return [qs[a:b] for a, b in itertools.pairwise(cuts)]
 
 
 def merge_minibatches(minis: Sequence[Sequence[Query]], model: CostModel,
@@ -175,14 +185,14 @@ class _DPScheduler(Scheduler):
 
     def __init__(self, cost_model: CostModel | None = None, max_batch_size: int | None = None,
                  max_batch_tokens: int | None = None) -> None:
-        self.cost_model = _cost_model(cost_model, self.name)
+        self.cost_model = CostLattice(_cost_model(cost_model, self.name))
         self.max_batch_size = _positive("max_batch_size", max_batch_size, self.name)
         self.max_batch_tokens = _positive("max_batch_tokens", max_batch_tokens, self.name)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "max_batch_size": self.max_batch_size,
                 "max_batch_tokens": self.max_batch_tokens,
-                "cost_model": type(self.cost_model).__name__}
+                "cost_model": type(self.cost_model.model).__name__}
 
 
 class BetaOnlyScheduler(_DPScheduler):
