@@ -6,6 +6,14 @@ Python loop of plain torch ops, and the shared GEMM of that site (``x @ W.T`` ov
 the PET-op cost is reported as a share of the GEMM. On CUDA the per-task loop is also spread
 round-robin over N streams (PetS's multi-stream option). Prints CSV; writes CSV + PNG to --out.
 
+Two clocks on CUDA: ``ms`` brackets one eager call with events, so it includes the host's
+dispatch time whenever that exceeds the GPU work (small batches); ``gpu_ms`` replays the call
+captured in a CUDA graph (``--graph-iters`` calls per replay), which leaves only device time,
+the cost the op adds once the stream is kept busy (the engine enqueues whole layers ahead).
+``share_of_gemm`` compares ``gpu_ms`` on CUDA. LoRA and adapter sites also get a
+``memory_floor`` row: ``y += x`` over the same tokens moves the bytes every unfused
+implementation must move (read x, read and write y), so no separate kernel can beat it.
+
     python clients/bench_ops.py --out .bench/ops                # CUDA if present, else CPU
     python clients/bench_ops.py --device cpu --segments 1,8 --out /tmp/b
 """
@@ -27,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cuda_ops"))
 import petops
 from petops import ops
 
-FIELDS = ["device", "dtype", "backend", "segments", "tokens", "site", "variant", "ms",
+FIELDS = ["device", "dtype", "backend", "segments", "tokens", "site", "variant", "ms", "gpu_ms",
           "share_of_gemm", "loop_over_grouped"]
 
 
@@ -50,6 +58,36 @@ def timeit(fn: Callable[[], object], device: torch.device, warmup: int, repeats:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def graph_time(fn: Callable[[], object], iters: int, repeats: int) -> float | None:
+    """Median device milliseconds per call of ``fn`` replayed from a CUDA graph, or None when
+    ``fn`` cannot be captured (it synchronises with the host)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture: allocator and lazy init settle
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(iters):
+                fn()
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return None
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / iters)
     return statistics.median(times)
 
 
@@ -87,6 +125,7 @@ def lora_like(b: Batch, rank: int, hidden: int, dev, dtype, adapter: bool):
     bd = torch.randn(n, rank, device=dev, dtype=dtype) if adapter else None
     bu = torch.randn(n, hidden, device=dev, dtype=dtype) if adapter else None
     y = torch.zeros(b.tokens, hidden, device=dev, dtype=dtype)
+    floor = lambda: y.add_(b.x)  # noqa: E731  the bytes any unfused y += f(x) must move
     # Metadata is built once per batch (the engine reuses it across layers), not timed.
     ar = torch.arange(n, device=dev, dtype=torch.int64)
     rank_t = torch.full((n,), rank, device=dev, dtype=torch.int32)
@@ -116,7 +155,7 @@ def lora_like(b: Batch, rank: int, hidden: int, dev, dtype, adapter: bool):
                 y[r] += h @ bm[i].T
         return run
 
-    return grouped, [task(i) for i in range(n)]
+    return grouped, [task(i) for i in range(n)], None, floor
 
 
 def bitfit_ffn(b: Batch, ffn: int, dev, dtype):
@@ -126,7 +165,7 @@ def bitfit_ffn(b: Batch, ffn: int, dev, dtype):
     grouped = lambda: ops.bias_act(y, bias, b.indptr, b.seg, None, None, 1)  # noqa: E731
     shared = lambda: F.gelu(y + bias[0])  # noqa: E731
     loop = [(lambda r=r, i=i: F.gelu(y[r] + bias[i])) for i, r in enumerate(b.rows)]
-    return grouped, loop, shared
+    return grouped, loop, shared, None
 
 
 def bitfit_ln(b: Batch, hidden: int, dev, dtype):
@@ -143,7 +182,7 @@ def bitfit_ln(b: Batch, hidden: int, dev, dtype):
 
     loop = [(lambda r=r, i=i: F.layer_norm(y[r] + bias[i] + res[r], (hidden,), gamma[i],
                                            beta[i], 1e-12)) for i, r in enumerate(b.rows)]
-    return grouped, loop, shared
+    return grouped, loop, shared, None
 
 
 def sparse_site(b: Batch, hidden: int, density: float, masked: bool, dev, dtype):
@@ -171,14 +210,20 @@ def sparse_site(b: Batch, hidden: int, density: float, masked: bool, dev, dtype)
             y[r] += b.x[r] @ dense[i].T
         return run
 
-    return grouped, [task(i) for i in range(n)]
+    return grouped, [task(i) for i in range(n)], None, None
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     dev = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
-    t = lambda fn: timeit(fn, dev, args.warmup, args.repeats)  # noqa: E731
+    cuda = dev.type == "cuda"
+
+    def t(fn: Callable[[], object], graph: bool = True) -> tuple[float, float | None]:
+        eager = timeit(fn, dev, args.warmup, args.repeats)
+        gpu = graph_time(fn, args.graph_iters, args.repeats) if cuda and graph else None
+        return eager, gpu
+
     rows: list[dict] = []
     for n_seg in args.segments:
         b = Batch(n_seg, args.lengths, args.hidden, dev, dtype, g)
@@ -189,32 +234,39 @@ def run(args: argparse.Namespace) -> list[dict]:
         gemm_up = t(lambda: b.x @ w_up.T)  # noqa: B023
         gemm_down = t(lambda: x_ffn @ w_up)  # noqa: B023  [T, FFN] @ [FFN, H]
         sites = {
-            "lora_r16": (*lora_like(b, 16, args.hidden, dev, dtype, False), None, gemm_h),
-            "adapter_r64": (*lora_like(b, 64, args.hidden, dev, dtype, True), None, gemm_h),
+            "lora_r16": (*lora_like(b, 16, args.hidden, dev, dtype, False), gemm_h),
+            "adapter_r64": (*lora_like(b, 64, args.hidden, dev, dtype, True), gemm_h),
             "bitfit_bias_gelu": (*bitfit_ffn(b, args.ffn, dev, dtype), gemm_up),
             "bitfit_bias_res_ln": (*bitfit_ln(b, args.hidden, dev, dtype), gemm_down),
-            "diff_1pct": (*sparse_site(b, args.hidden, 0.01, False, dev, dtype), None, gemm_h),
-            "mask_5pct": (*sparse_site(b, args.hidden, 0.05, True, dev, dtype), None, gemm_h),
+            "diff_1pct": (*sparse_site(b, args.hidden, 0.01, False, dev, dtype), gemm_h),
+            "mask_5pct": (*sparse_site(b, args.hidden, 0.05, True, dev, dtype), gemm_h),
         }
         base = {"device": dev.type, "dtype": args.dtype, "backend": petops.backend_name(),
                 "segments": n_seg, "tokens": b.tokens}
 
-        def add(site: str, variant: str, ms: float, gemm: float, grouped_ms: float) -> None:
-            rows.append({**base, "site": site, "variant": variant, "ms": round(ms, 4),  # noqa: B023
-                         "share_of_gemm": round(ms / gemm, 4),
-                         "loop_over_grouped": round(ms / grouped_ms, 3)})
+        def add(site: str, variant: str, ms: tuple[float, float | None],
+                gemm: tuple[float, float | None], grouped: tuple[float, float | None]) -> None:
+            # The share uses device time where both sides have it, else eager time.
+            share = ms[1] / gemm[1] if ms[1] and gemm[1] else ms[0] / gemm[0]
+            rows.append({**base, "site": site, "variant": variant,  # noqa: B023
+                         "ms": round(ms[0], 4),
+                         "gpu_ms": None if ms[1] is None else round(ms[1], 4),
+                         "share_of_gemm": round(share, 4),
+                         "loop_over_grouped": round(ms[0] / grouped[0], 3)})
 
-        for site, (grouped, loop, shared, gemm) in sites.items():
+        for site, (grouped, loop, shared, floor, gemm) in sites.items():
             g_ms = t(grouped)
             add(site, "shared_gemm", gemm, gemm, g_ms)
             add(site, "grouped", g_ms, gemm, g_ms)
             add(site, "per_task_loop", t(lambda loop=loop: [f() for f in loop]), gemm, g_ms)
             if shared is not None:
                 add(site, "shared_epilogue", t(shared), gemm, g_ms)
-            if dev.type == "cuda" and site in ("lora_r16", "adapter_r64", "diff_1pct"):
+            if floor is not None:
+                add(site, "memory_floor", t(floor), gemm, g_ms)
+            if cuda and site in ("lora_r16", "adapter_r64", "diff_1pct"):
                 for n_streams in args.streams:
                     streams = [torch.cuda.Stream() for _ in range(n_streams)]
-                    ms = t(lambda loop=loop, streams=streams: on_streams(loop, streams))
+                    ms = t(lambda loop=loop, streams=streams: on_streams(loop, streams), False)
                     add(site, f"loop_{n_streams}_streams", ms, gemm, g_ms)
     return rows
 
@@ -252,6 +304,7 @@ def main() -> None:
     p.add_argument("--streams", default="1,2,4,8")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=None, help="20 (CPU 5)")
+    p.add_argument("--graph-iters", type=int, default=20, help="calls per CUDA-graph replay")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     on_gpu = a.device.startswith("cuda")
