@@ -66,25 +66,33 @@ else
 fi
 # shellcheck source=/dev/null
 source build/triton/env.sh
-[[ -f "$repo/pets/config.pbtxt" ]] || die "no $repo/pets/config.pbtxt (PETS_MODEL_REPOSITORY=$repo)"
+# Every model whose config says backend "pets" is served the same way (a repository may hold
+# several, e.g. one per scheduling policy: clients/fig12_online.py).
+pets_models=()
+for cfg in "$repo"/*/config.pbtxt; do
+  grep -qE '^backend: "pets"' "$cfg" && pets_models+=("$(basename "$(dirname "$cfg")")")
+done
+((${#pets_models[@]})) || die "no model with backend \"pets\" in $repo (PETS_MODEL_REPOSITORY=$repo)"
 
 # Instance kind, count and dtype are written into a generated copy (never into the repo).
 # The plain CPU case serves model_repository/ itself (TASK_STORE ../../var/demo_store).
 if ((gpu)) || ((instances != 1)) || [[ -n "$dtype" || "$store" != "$root/var/demo_store" ]]; then
   gen="$root/var/model_repository_$( ((gpu)) && echo gpu || echo cpu)"
-  rm -rf "$gen"; mkdir -p "$gen"; cp -r "$repo/pets" "$gen/pets"
-  [[ -d "$repo/pets_admin" ]] && cp -r "$repo/pets_admin" "$gen/pets_admin"
+  rm -rf "$gen"; mkdir -p "$gen"
+  for m in "$repo"/*/; do [[ -f "$m/config.pbtxt" ]] && cp -r "${m%/}" "$gen/"; done
   kind=$( ((gpu)) && echo 'KIND_GPU count: '"$instances"' gpus: [ 0 ]' || echo "KIND_CPU count: $instances")
-  edits=(-e "s|^instance_group .*|instance_group [ { kind: $kind } ]|"
-         -e "s|(key: \"TASK_STORE\" value \{ string_value: )\"[^\"]*\"|\1\"$store\"|")
+  store_edit="s|(key: \"TASK_STORE\" value \{ string_value: )\"[^\"]*\"|\1\"$store\"|"
+  edits=(-e "s|^instance_group .*|instance_group [ { kind: $kind } ]|" -e "$store_edit")
   [[ -n "$dtype" ]] && edits+=(-e "s|(key: \"DTYPE\" value \{ string_value: )\"[^\"]*\"|\1\"$dtype\"|")
-  sed -i -E "${edits[@]}" "$gen/pets/config.pbtxt"
-  grep -qF "kind: $kind" "$gen/pets/config.pbtxt" || die "could not rewrite instance_group in $gen/pets/config.pbtxt"
-  if [[ -f "$gen/pets_admin/config.pbtxt" ]]; then  # same store as the pets model
-    sed -i -E "s|(key: \"TASK_STORE\" value \{ string_value: )\"[^\"]*\"|\1\"$store\"|" "$gen/pets_admin/config.pbtxt"
+  for m in "${pets_models[@]}"; do
+    sed -i -E "${edits[@]}" "$gen/$m/config.pbtxt"
+    grep -qF "kind: $kind" "$gen/$m/config.pbtxt" || die "could not rewrite instance_group in $gen/$m/config.pbtxt"
+  done
+  if [[ -f "$gen/pets_admin/config.pbtxt" ]]; then  # same store as the pets models
+    sed -i -E "$store_edit" "$gen/pets_admin/config.pbtxt"
   fi
   repo=$gen
-  log "generated $repo/pets/config.pbtxt ($kind${dtype:+, DTYPE $dtype})"
+  log "generated $repo (${pets_models[*]}: $kind${dtype:+, DTYPE $dtype})"
 fi
 
 shopt -s nullglob

@@ -1,12 +1,17 @@
 """PetS Fig. 12, online: every policy served by a real tritonserver, driven by perf_analyzer.
 
-For each policy this writes a model-repository copy whose ``SCHEDULER`` is that policy,
-starts ``build/serve.sh`` on it (set-up skipped: run ``make triton`` once), and measures it
-with perf_analyzer (gRPC, async, fixed concurrency) over a query pool whose lengths follow
-N(mean, std) clipped to [1, 128] and whose tasks are uniform over the task store. Throughput
-is normalised to the ``fixed`` policy; scheduling runs inside ``execute``, so its time counts.
+One model repository holds one model per policy (``pets_<policy>``, same backbone, task
+store and batcher; only ``SCHEDULER`` differs), so one ``build/serve.sh`` start serves them
+all (set-up skipped: run ``make triton`` once). Each policy is measured in turn with
+perf_analyzer (gRPC, async, fixed concurrency) over a query pool whose lengths follow
+N(mean, std) clipped to [1, 128] and whose tasks are uniform over the first N tasks of the
+store (N from ``--tasks``; the store must hold at least max N). Throughput is normalised to
+the ``fixed`` policy; scheduling runs inside ``execute``, so its time counts. Writes
+``fig12_online.csv`` and ``fig12_online.png``.
 
     python clients/fig12_online.py --store var/fig12_cpu_store --stds 4 --out var/fig12_online
+    python clients/fig12_online.py --store var/fig12_store --backbone bert-base \
+        --serve-args=--gpu --stds 1,2,4,8 --tasks 32,64,128 --concurrency 128
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+from fig12 import plot
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = "fixed,beta_only,alpha_only,coordinated,token_budget,task_grouped"
@@ -47,7 +53,7 @@ def serve(repo: Path, store: Path, port_base: int, extra: list[str]) -> subproce
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port_base}/v2/models/pets/ready", timeout=1)
+            urllib.request.urlopen(f"http://127.0.0.1:{port_base}/v2/health/ready", timeout=1)
             return proc
         except OSError:
             if proc.poll() is not None:
@@ -66,9 +72,11 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def measure(port_base: int, data: Path, concurrency: int, out: Path) -> float:
+def measure(port_base: int, model: str, data: Path, concurrency: int, interval_ms: int,
+            out: Path) -> float:
     cmd = [sys.executable, "clients/perf_sweep.py", "--url", f"127.0.0.1:{port_base + 1}",
-           "--data", str(data), "--concurrency", str(concurrency), "--interval-ms", "4000",
+           "--model", model, "--data", str(data), "--concurrency", str(concurrency),
+           "--interval-ms", str(interval_ms),
            "--max-trials", "5", "--out", str(out),
            # a loaded CPU box rarely holds perf_analyzer's default 10% window-to-window band
            "--extra", "--stability-percentage 50"]
@@ -79,6 +87,20 @@ def measure(port_base: int, data: Path, concurrency: int, out: Path) -> float:
         return float(next(csv.DictReader(fh))["Inferences/Second"])
 
 
+def write_repository(repo: Path, policies: list[str], args: argparse.Namespace) -> None:
+    """One ``pets_<policy>`` model per policy, each a copy of the shipped config."""
+    base = (ROOT / "model_repository/pets/config.pbtxt").read_text()
+    for policy in policies:
+        cfg = base.replace('name: "pets"', f'name: "pets_{policy}"', 1)
+        cfg = set_param(set_param(cfg, "SCHEDULER", policy), "BACKBONE", args.backbone)
+        cfg = set_param(cfg, "BATCH_SIZE", str(args.fixed_batch))
+        cfg = set_param(cfg, "METRICS", "0")
+        if args.cost_table:
+            cfg = set_param(cfg, "COST_TABLE", str(args.cost_table.resolve()))
+        (repo / f"pets_{policy}/1").mkdir(parents=True)
+        (repo / f"pets_{policy}/config.pbtxt").write_text(cfg)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--store", type=Path, required=True)
@@ -86,9 +108,10 @@ def main() -> int:
     p.add_argument("--policies", default=POLICIES)
     p.add_argument("--stds", default="4")
     p.add_argument("--mean", type=float, default=32)
-    p.add_argument("--tasks", type=int, default=64)
+    p.add_argument("--tasks", default="64", help="comma list of task counts (first N of store)")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--fixed-batch", type=int, default=32)
+    p.add_argument("--interval-ms", type=int, default=4000, help="perf_analyzer window")
     p.add_argument("--cost-table", type=Path, default=None)
     p.add_argument("--port-base", type=int, default=18000)
     p.add_argument("--serve-args", default="", help='build/serve.sh flags, e.g. "--gpu"')
@@ -96,41 +119,45 @@ def main() -> int:
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     store = args.store.resolve()
-    base = (ROOT / "model_repository/pets/config.pbtxt").read_text()
+    policies = args.policies.split(",")
+    repo = Path(tempfile.mkdtemp(prefix="pets-f12-"))
+    write_repository(repo, policies, args)
     rows = []
-    for std in (float(s) for s in args.stds.split(",")):
-        rng = np.random.default_rng(int(std * 100))
-        lengths = np.clip(np.rint(rng.normal(args.mean, std, size=256)), 1, 128).astype(int)
-        data = args.out / f"data_std{std:g}.json"
-        subprocess.run([sys.executable, "clients/make_perf_data.py", "--tasks-from-store",
-                        str(store), "--num-tasks", str(args.tasks), "--lengths",
-                        ",".join(map(str, lengths)), "--entries", "256", "-o", str(data)],
-                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-        qps: dict[str, float] = {}
-        for policy in args.policies.split(","):
-            tmp = Path(tempfile.mkdtemp(prefix="pets-f12-"))
-            (tmp / "pets").mkdir()
-            cfg = set_param(set_param(base, "SCHEDULER", policy), "BACKBONE", args.backbone)
-            cfg = set_param(cfg, "BATCH_SIZE", str(args.fixed_batch))
-            if args.cost_table:
-                cfg = set_param(cfg, "COST_TABLE", str(args.cost_table.resolve()))
-            (tmp / "pets/config.pbtxt").write_text(cfg)
-            (tmp / "pets/1").mkdir()
-            proc = serve(tmp, store, args.port_base, args.serve_args.split())
-            try:
-                qps[policy] = measure(args.port_base, data, args.concurrency,
-                                      args.out / f"pa_{policy}_std{std:g}.csv")
-            finally:
-                stop(proc)
-            print(f"std={std:g} {policy}: {qps[policy]:.1f} req/s", flush=True)
-        for policy, v in qps.items():
-            rows.append({"std": std, "tasks": args.tasks, "concurrency": args.concurrency,
-                         "policy": policy, "req_per_s": round(v, 2),
-                         "vs_fixed": round(v / qps["fixed"], 3) if "fixed" in qps else None})
+    proc = serve(repo, store, args.port_base, args.serve_args.split())
+    try:
+        for n_tasks in (int(t) for t in args.tasks.split(",")):
+            for std in (float(s) for s in args.stds.split(",")):
+                rng = np.random.default_rng(int(std * 100))
+                lengths = np.clip(np.rint(rng.normal(args.mean, std, size=256)), 1, 128)
+                data = args.out / f"data_t{n_tasks}_std{std:g}.json"
+                subprocess.run([sys.executable, "clients/make_perf_data.py",
+                                "--tasks-from-store", str(store), "--num-tasks", str(n_tasks),
+                                "--lengths", ",".join(str(int(v)) for v in lengths),
+                                "--entries", "256", "-o", str(data)],
+                               cwd=ROOT, check=True, capture_output=True)
+                qps: dict[str, float] = {}
+                for policy in policies:
+                    qps[policy] = measure(args.port_base, f"pets_{policy}", data,
+                                          args.concurrency, args.interval_ms,
+                                          args.out / f"pa_{policy}_t{n_tasks}_std{std:g}.csv")
+                    print(f"tasks={n_tasks} std={std:g} {policy}: {qps[policy]:.1f} req/s",
+                          flush=True)
+                for policy, v in qps.items():
+                    rows.append({"std": std, "num_tasks": n_tasks,
+                                 "concurrency": args.concurrency, "policy": policy,
+                                 "req_per_s": round(v, 2),
+                                 "qps_norm": round(v / qps["fixed"], 3) if "fixed" in qps
+                                 else None})
+    finally:
+        stop(proc)
     with (args.out / "fig12_online.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    if "fixed" in policies:
+        plot(rows, policies, args.out / "fig12_online.png",
+             f"online through Triton: {args.backbone}, perf_analyzer concurrency "
+             f"{args.concurrency}, {args.serve_args or 'CPU'}")
     print(f"wrote {args.out / 'fig12_online.csv'}")
     return 0
 

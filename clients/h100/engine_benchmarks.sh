@@ -3,11 +3,11 @@
 # Runs with the host's python3 + CUDA torch and no package access; PYTHONPATH replaces an
 # install. Each step is time-bounded; results land in OUT.
 #
-# usage: clients/h100/engine_benchmarks.sh OUT [steps...]   steps: ops parity engine profile
-#                                                                 fig12 capacity (default all)
+# usage: clients/h100/engine_benchmarks.sh OUT [steps...]   steps: ops bench_ops sched parity
+#                                           engine profile fig12 capacity (default all)
 set -uo pipefail
 out=${1:?usage: engine_benchmarks.sh OUT [steps]}; shift
-steps=${*:-ops parity engine profile fig12 capacity}
+steps=${*:-ops bench_ops sched parity engine profile fig12 capacity}
 mkdir -p "$out"
 export PYTHONPATH=$PWD/backend:$PWD/cuda_ops:$PWD/clients PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
@@ -17,6 +17,16 @@ PYTHON=$py timeout 200 bash build/build_ops.sh 2>&1 | tail -3
 mix=bitfit,diff_pruning,maskbert,adapter,lora,ia3
 if has ops; then
   timeout 240 $py -m pytest tests/ops -q 2>&1 | tail -4 | tee "$out/ops_tests.txt"
+fi
+if has bench_ops; then  # grouped op vs loop vs shared GEMM; eager and CUDA-graph clocks
+  timeout 300 $py clients/bench_ops.py --out "$out/bench_ops" > /dev/null 2>&1 \
+    || echo "bench_ops failed"
+  grep -E ",(64|256),.*(shared_gemm|grouped|memory_floor)," "$out/bench_ops/bench_ops.csv"
+fi
+if has sched; then  # DP scheduling time on this host's CPU (analytic cost model)
+  lscpu | grep -m1 "Model name" | tee "$out/cpu.txt"
+  timeout 200 $py clients/bench_scheduler.py --sizes 256,1024 --tasks 64 --std 4 \
+    | tee "$out/bench_scheduler.txt"
 fi
 if has parity; then
   timeout 240 $py clients/check_device_parity.py --backbone bert-base --dtype float16 \

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# PetS Fig. 12 online on a GPU host: one tritonserver serving one bert-base fp16 model per
+# scheduling policy (clients/fig12_online.py), perf_analyzer gRPC async at concurrency 128,
+# over a 128-task store of the six mixed PET types. Needs the packed runtime
+# (shared/tools/pack-triton-runtime.sh) at .runtime/triton-runtime.tar.xz.
+#
+# usage: clients/h100/fig12_online.sh OUT TASKS [STDS] [COST_TABLE]
+#   TASKS  comma list of task counts (first N tasks of the store), e.g. 32,64,128
+set -uo pipefail
+out=${1:?usage: fig12_online.sh OUT TASKS [STDS] [COST_TABLE]}
+tasks=${2:?TASKS, e.g. 32,64,128}
+stds=${3:-1,2,4,8}
+table=${4:-}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PETS_OFFLINE=1
+if [[ ! -f build/triton/env.sh ]]; then
+  rt=$(mktemp -d)
+  tar -xJf .runtime/triton-runtime.tar.xz -C "$rt"
+  export PETS_TRITON_RUNTIME=$rt
+  bash build/setup_env.sh >"$out/setup.log" 2>&1 || { tail "$out/setup.log"; exit 1; }
+  bash build/install_triton.sh >>"$out/setup.log" 2>&1 || { tail "$out/setup.log"; exit 1; }
+fi
+PYTHON=.venv/bin/python timeout 200 bash build/build_ops.sh 2>&1 | tail -1
+store=var/fig12_store
+[[ -d $store ]] || timeout 300 .venv/bin/pets create $store t --count 128 --backbone bert-base \
+  --pet bitfit,diff_pruning,maskbert,adapter,lora,ia3 | tail -1
+extra=()
+[[ -n $table ]] && extra=(--cost-table "$table")
+timeout 560 .venv/bin/python clients/fig12_online.py --store $store --backbone bert-base \
+  --serve-args=--gpu --tasks "$tasks" --stds "$stds" --concurrency 128 --interval-ms 2000 \
+  --out "$out" "${extra[@]}" 2>&1 | grep -v Warning
