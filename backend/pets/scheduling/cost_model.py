@@ -268,8 +268,11 @@ class CostLattice:
         self.model = model
         self.max_cells = max_cells
         self._grids: dict[str | None, FArray] = {}  # None: alpha; a pet type: its beta
+        self._stacks: dict[tuple[str, ...], FArray] = {}  # beta lattices of several types
 
-    def _gather(self, kind: str | None, batch: ArrayLike, seq_len: ArrayLike) -> FArray | None:
+    @staticmethod
+    def _index(batch: ArrayLike, seq_len: ArrayLike) -> tuple[Any, Any, int, int] | None:
+        """Integer indices of the arguments and the lattice extent they need, or None."""
         b = np.asarray(batch)
         s = np.asarray(seq_len)
         if b.size == 0 or s.size == 0:
@@ -278,25 +281,56 @@ class CostLattice:
         si = s.astype(np.intp)
         if (b.dtype.kind == "f" and (bi != b).any()) or (s.dtype.kind == "f" and (si != s).any()):
             return None  # not on the lattice
-        lo_b, hi_b = int(bi.min()), int(bi.max())
-        lo_s, hi_s = int(si.min()), int(si.max())
-        if lo_b < 0 or lo_s < 0:
+        if int(bi.min()) < 0 or int(si.min()) < 0:
             return None
+        return bi, si, int(bi.max()) + 1, int(si.max()) + 1
+
+    def _grid(self, kind: str | None, nb: int, ns: int) -> FArray | None:
+        """The lattice of ``kind`` covering ``[0, nb) x [0, ns)``, grown if needed."""
         grid = self._grids.get(kind)
-        nb, ns = hi_b + 1, hi_s + 1
-        if grid is None or nb > grid.shape[0] or ns > grid.shape[1]:
-            have = grid.shape if grid is not None else (0, 0)
-            rows = max(64, 1 << (max(nb, have[0]) - 1).bit_length())
-            cols = max(128, 1 << (max(ns, have[1]) - 1).bit_length())
-            if rows * cols > self.max_cells:
+        if grid is not None and nb <= grid.shape[0] and ns <= grid.shape[1]:
+            return grid
+        have = grid.shape if grid is not None else (0, 0)
+        rows = max(64, 1 << (max(nb, have[0]) - 1).bit_length())
+        cols = max(128, 1 << (max(ns, have[1]) - 1).bit_length())
+        if rows * cols > self.max_cells:
+            return None
+        sizes = np.arange(rows, dtype=np.float64)[:, None]
+        lens = np.arange(cols, dtype=np.float64)[None, :]
+        values = (self.model.alpha(sizes, lens) if kind is None
+                  else self.model.beta(kind, sizes, lens))
+        grid = np.ascontiguousarray(np.broadcast_to(np.asarray(values, np.float64), (rows, cols)))
+        self._grids[kind] = grid
+        return grid
+
+    def _gather(self, kind: str | None, batch: ArrayLike, seq_len: ArrayLike) -> FArray | None:
+        ix = self._index(batch, seq_len)
+        grid = None if ix is None else self._grid(kind, ix[2], ix[3])
+        if ix is None or grid is None:
+            return None
+        return np.asarray(grid[ix[0], ix[1]], dtype=np.float64)
+
+    def beta_many(self, pet_types: Sequence[str], which: ArrayLike, batch: ArrayLike,
+                  seq_len: ArrayLike) -> FArray | None:
+        """:func:`beta_by_type` as ONE gather from the stacked per-type lattices, or None
+        when an argument is off the lattice (the caller then asks per type)."""
+        ix = self._index(batch, seq_len)
+        if ix is None:
+            return None
+        key = tuple(pet_types)
+        grids = [self._grid(t, ix[2], ix[3]) for t in key]
+        if any(g is None for g in grids):
+            return None
+        rows = max(g.shape[0] for g in grids)  # type: ignore[union-attr]
+        cols = max(g.shape[1] for g in grids)  # type: ignore[union-attr]
+        stack = self._stacks.get(key)
+        if stack is None or stack.shape[1:] != (rows, cols):
+            grids = [self._grid(t, rows, cols) for t in key]  # same extent for all
+            if any(g is None for g in grids):
                 return None
-            sizes = np.arange(rows, dtype=np.float64)[:, None]
-            lens = np.arange(cols, dtype=np.float64)[None, :]
-            grid = np.asarray(self.model.alpha(sizes, lens) if kind is None
-                              else self.model.beta(kind, sizes, lens), dtype=np.float64)
-            self._grids[kind] = np.ascontiguousarray(np.broadcast_to(grid, (rows, cols)))
-            grid = self._grids[kind]
-        return np.asarray(grid[bi, si], dtype=np.float64)
+            stack = np.stack(grids)  # type: ignore[arg-type]
+            self._stacks[key] = stack
+        return np.asarray(stack[np.asarray(which), ix[0], ix[1]], dtype=np.float64)
 
     def alpha(self, batch: ArrayLike, seq_len: ArrayLike) -> FArray:
         out = self._gather(None, batch, seq_len)
@@ -308,6 +342,27 @@ class CostLattice:
     def beta(self, pet_type: str, batch: ArrayLike, seq_len: ArrayLike) -> FArray:
         out = self._gather(pet_type, batch, seq_len)
         return self.model.beta(pet_type, batch, seq_len) if out is None else out
+
+
+def beta_by_type(model: CostModel, pet_types: Sequence[str], which: ArrayLike,
+                 batch: ArrayLike, seq_len: ArrayLike) -> FArray:
+    """``beta(pet_types[which], batch, seq_len)`` elementwise, for mixed types at once.
+
+    ``which``, ``batch`` and ``seq_len`` broadcast together; ``which`` indexes
+    ``pet_types``. One call per distinct type, each on the elements of that type (a
+    :class:`CostLattice` makes each call a gather).
+    """
+    if isinstance(model, CostLattice):
+        got = model.beta_many(pet_types, which, batch, seq_len)
+        if got is not None:
+            return got
+    w, b, s = np.broadcast_arrays(np.asarray(which), np.asarray(batch, dtype=np.float64),
+                                  np.asarray(seq_len, dtype=np.float64))
+    out = np.empty(w.shape, dtype=np.float64)
+    for k in np.unique(w).tolist():
+        sel = w == k
+        out[sel] = model.beta(pet_types[k], b[sel], s[sel])
+    return out
 
 
 def load_cost_model(path: str | os.PathLike[str] | None,

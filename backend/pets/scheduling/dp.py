@@ -36,7 +36,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from pets.scheduling.analytic import FArray
-from pets.scheduling.cost_model import CostModel
+from pets.scheduling.cost_model import CostModel, beta_by_type
 
 IArray = NDArray[np.intp]
 INF = np.inf
@@ -112,16 +112,14 @@ def intra_task_costs(model: CostModel, pet_types: Sequence[str], lengths: FArray
     g, n = lengths.shape
     uniq, lidx = np.unique(lengths, return_inverse=True)
     lidx = lidx.reshape(g, n)
-    types = sorted(set(pet_types))
-    tix = np.array([types.index(t) for t in pet_types], dtype=np.intp)
-    sizes = np.arange(n + 1, dtype=np.float64)
-    bt = np.stack([model.beta(t, sizes[:, None], uniq[None, :]) for t in types])  # [T,n+1,U]
+    names, tix = np.unique(np.asarray(pet_types), return_inverse=True)
     ii = np.arange(n + 1)
     run = ii[None, :] - ii[:, None]  # run[j, i] = i - j
     run_c = np.clip(run, 0, n)
     lcol = np.concatenate([lidx[:, :1], lidx], axis=1)  # lcol[g, i] = lidx[g, i-1]
-    cost = bt[tix[:, None, None], run_c[None, :, :], lcol[:, None, :]]
     lend = uniq[lcol]  # [G, n+1] padded length of a run ending at i
+    cost = beta_by_type(model, names.tolist(), tix[:, None, None], run_c[None, :, :],
+                        lend[:, None, :])
     bad = _caps(run[None, :, :], lend[:, None, :], max_size, max_tokens)
     bad &= run[None, :, :] > 1
     bad |= run[None, :, :] <= 0
@@ -218,12 +216,9 @@ def inter_task_runs(model: CostModel, sizes: NDArray[np.int64], lengths: FArray,
     run_cost = model.alpha(np.arange(total + 1, dtype=np.float64)[None, :], uniq[:, None])
     item_cost = None
     if pet_types is not None:
-        item_cost = np.empty((uniq.shape[0], sizes.shape[0]), dtype=np.float64)
-        types = np.asarray(pet_types)
-        for t in set(pet_types):
-            sel = types == t
-            item_cost[:, sel] = model.beta(t, sizes[sel].astype(np.float64)[None, :],
-                                           uniq[:, None])
+        names, which = np.unique(np.asarray(pet_types), return_inverse=True)
+        item_cost = beta_by_type(model, names.tolist(), which[None, :],
+                                 sizes.astype(np.float64)[None, :], uniq[:, None])
     return solve_sorted(sizes, lengths, run_cost, uniq, item_cost, max_size, max_tokens)
 
 
