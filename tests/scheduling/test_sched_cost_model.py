@@ -9,7 +9,7 @@ import pytest
 
 from pets.errors import ConfigError
 from pets.scheduling import AnalyticModel, CostTable, Query, batch_cost, load_cost_model
-from pets.scheduling.cost_model import CostLattice, compatibility_warnings
+from pets.scheduling.cost_model import CostLattice, beta_by_type, compatibility_warnings
 
 
 def linear_table() -> CostTable:
@@ -171,3 +171,20 @@ def test_cost_lattice_too_large_falls_back():
     lat = CostLattice(model, max_cells=1000)
     assert float(lat.alpha(4, 4096)) == float(model.alpha(4, 4096))
     assert None not in lat._grids
+
+
+def test_beta_by_type_matches_per_type_calls():
+    names = ["adapter", "lora", "maskbert"]
+    which = np.array([[0, 1, 2, 1, 0]])
+    sizes = np.array([[1.0, 3.0, 8.0, 40.0, 2.0]])
+    lens = np.array([[16.0], [33.0], [300.0]])
+    for model in (linear_table(), AnalyticModel.for_device("cuda")):
+        want = np.stack([[float(model.beta(names[w], b, s)) for w, b in zip(which[0], sizes[0],
+                                                                            strict=True)]
+                         for s in lens[:, 0]])
+        for m in (model, CostLattice(model)):
+            np.testing.assert_allclose(beta_by_type(m, names, which, sizes, lens), want,
+                                       rtol=1e-12)
+    frac = np.array([[1.5, 3.0, 8.0, 40.0, 2.0]])  # off the lattice: per-type fallback
+    np.testing.assert_allclose(beta_by_type(CostLattice(linear_table()), names, which, frac, 16),
+                               beta_by_type(linear_table(), names, which, frac, 16))
