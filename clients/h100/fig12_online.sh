@@ -13,19 +13,19 @@ stds=${3:-1,2,4,8}
 table=${4:-}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PETS_OFFLINE=1
-if [[ ! -f build/triton/env.sh ]]; then
+if [[ ! -f build/triton/env.sh || ! -d .venv ]]; then
   rt=$(mktemp -d)
   tar -xJf .runtime/triton-runtime.tar.xz -C "$rt"
   export PETS_TRITON_RUNTIME=$rt
   bash build/setup_env.sh >"$out/setup.log" 2>&1 || { tail "$out/setup.log"; exit 1; }
   bash build/install_triton.sh >>"$out/setup.log" 2>&1 || { tail "$out/setup.log"; exit 1; }
 fi
-PYTHON=.venv/bin/python timeout 200 bash build/build_ops.sh 2>&1 | tail -1
+PYTHON=${PYTHON:-python3} timeout 200 bash build/build_ops.sh 2>&1 | tail -1
 store=var/fig12_store
 [[ -d $store ]] || timeout 300 .venv/bin/pets create $store t --count 128 --backbone bert-base \
   --pet bitfit,diff_pruning,maskbert,adapter,lora,ia3 | tail -1
 extra=()
 [[ -n $table ]] && extra=(--cost-table "$table")
-timeout 560 .venv/bin/python clients/fig12_online.py --store $store --backbone bert-base \
+timeout ${F12_TIMEOUT:-500} .venv/bin/python clients/fig12_online.py --store $store --backbone bert-base \
   --serve-args=--gpu --tasks "$tasks" --stds "$stds" --concurrency 128 --interval-ms 2000 \
   --out "$out" "${extra[@]}" 2>&1 | grep -v Warning
