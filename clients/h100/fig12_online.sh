@@ -20,7 +20,8 @@ if [[ ! -f build/triton/env.sh || ! -d .venv ]]; then
   bash build/setup_env.sh >"$out/setup.log" 2>&1 || { tail "$out/setup.log"; exit 1; }
   bash build/install_triton.sh >>"$out/setup.log" 2>&1 || { tail "$out/setup.log"; exit 1; }
 fi
-PYTHON=${PYTHON:-python3} timeout 200 bash build/build_ops.sh 2>&1 | tail -1
+TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PETOPS_CMAKE_ARGS=${PETOPS_CMAKE_ARGS:--DCMAKE_CUDA_ARCHITECTURES=90} \
+  PYTHON=${PYTHON:-python3} timeout 200 bash build/build_ops.sh 2>&1 | tail -1
 store=var/fig12_store
 [[ -d $store ]] || timeout 300 .venv/bin/pets create $store t --count 128 --backbone bert-base \
   --pet bitfit,diff_pruning,maskbert,adapter,lora,ia3 | tail -1
