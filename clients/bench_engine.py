@@ -34,8 +34,15 @@ def run(args: argparse.Namespace) -> list[dict]:
     for streams in args.streams:
         store = tempfile.mkdtemp(prefix="pets-bench-")
         engine = Engine.from_parameters(
-            {"BACKBONE": args.backbone, "TASK_STORE": store, "DTYPE": args.dtype,
-             "OPS": args.ops, "SHADOW_STREAMS": str(streams)}, device=args.device)
+            {
+                "BACKBONE": args.backbone,
+                "TASK_STORE": store,
+                "DTYPE": args.dtype,
+                "OPS": args.ops,
+                "SHADOW_STREAMS": str(streams),
+            },
+            device=args.device,
+        )
         t0 = time.perf_counter()
         probe = EngineProbe(engine, tasks_per_type=args.tasks, types=("none", *MIX))
         load_s = time.perf_counter() - t0
@@ -52,19 +59,31 @@ def run(args: argparse.Namespace) -> list[dict]:
             slots = [pool[i % len(pool)] for i in range(args.batch)]
             distinct = len(set(slots))
             batch = build_batch(ids, slots, engine.device)
-            sec = time_fn(lambda b=batch, e=engine: e.encoder.forward(b), engine.device,
-                          warmup=3, repeat=args.iters)
+            sec = time_fn(
+                lambda b=batch, e=engine: e.encoder.forward(b),
+                engine.device,
+                warmup=3,
+                repeat=args.iters,
+            )
             seq_s = args.batch / sec
             base = seq_s if label == "backbone_only" else base
-            rows.append({
-                "backbone": args.backbone, "device": _device_name(engine.device),
-                "dtype": args.dtype, "ops": engine.ops, "shadow_streams": streams,
-                "config": label, "batch": args.batch, "seq_len": args.seq_len,
-                "distinct_tasks": distinct, "ms_per_batch": round(sec * 1e3, 3),
-                "seq_per_s": round(seq_s, 1),
-                "vs_backbone": round(seq_s / base, 3) if base else None,
-                "task_load_s": round(load_s, 2),
-            })
+            rows.append(
+                {
+                    "backbone": args.backbone,
+                    "device": _device_name(engine.device),
+                    "dtype": args.dtype,
+                    "ops": engine.ops,
+                    "shadow_streams": streams,
+                    "config": label,
+                    "batch": args.batch,
+                    "seq_len": args.seq_len,
+                    "distinct_tasks": distinct,
+                    "ms_per_batch": round(sec * 1e3, 3),
+                    "seq_per_s": round(seq_s, 1),
+                    "vs_backbone": round(seq_s / base, 3) if base else None,
+                    "task_load_s": round(load_s, 2),
+                }
+            )
             print(",".join(str(v) for v in rows[-1].values()), flush=True)
         engine.close()
         del engine, probe
@@ -87,8 +106,13 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--streams", type=int, nargs="+", default=[0],
-                   help="SHADOW_STREAMS values to compare (0 = grouped ops)")
+    p.add_argument(
+        "--streams",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="SHADOW_STREAMS values to compare (0 = grouped ops)",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args()
     rows = run(args)

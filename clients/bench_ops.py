@@ -35,8 +35,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cuda_ops"))
 import petops
 from petops import ops
 
-FIELDS = ["device", "dtype", "backend", "segments", "tokens", "site", "variant", "ms", "gpu_ms",
-          "share_of_gemm", "loop_over_grouped"]
+FIELDS = [
+    "device",
+    "dtype",
+    "backend",
+    "segments",
+    "tokens",
+    "site",
+    "variant",
+    "ms",
+    "gpu_ms",
+    "share_of_gemm",
+    "loop_over_grouped",
+]
 
 
 def timeit(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
@@ -109,8 +120,10 @@ class Batch:
     def __init__(self, n_seg: int, lens: tuple[int, int], hidden: int, dev, dtype, g):
         lengths = torch.randint(lens[0], lens[1] + 1, (n_seg,), generator=g)
         self.indptr_cpu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-        self.rows = [slice(int(a), int(b)) for a, b in zip(self.indptr_cpu[:-1],
-                                                            self.indptr_cpu[1:], strict=True)]
+        self.rows = [
+            slice(int(a), int(b))
+            for a, b in zip(self.indptr_cpu[:-1], self.indptr_cpu[1:], strict=True)
+        ]
         self.tokens = int(self.indptr_cpu[-1])
         self.indptr = self.indptr_cpu.to(dev, torch.int32)
         self.seg = torch.arange(n_seg, device=dev, dtype=torch.int32)
@@ -120,8 +133,8 @@ class Batch:
 def lora_like(b: Batch, rank: int, hidden: int, dev, dtype, adapter: bool):
     """(grouped, loop closures) for y += up(act(down(x) + b_d)) + b_u (adapter) or LoRA."""
     n = len(b.rows)
-    a = torch.randn(n, rank, hidden, device=dev, dtype=dtype) * hidden ** -0.5
-    bm = torch.randn(n, hidden, rank, device=dev, dtype=dtype) * rank ** -0.5
+    a = torch.randn(n, rank, hidden, device=dev, dtype=dtype) * hidden**-0.5
+    bm = torch.randn(n, hidden, rank, device=dev, dtype=dtype) * rank**-0.5
     bd = torch.randn(n, rank, device=dev, dtype=dtype) if adapter else None
     bu = torch.randn(n, hidden, device=dev, dtype=dtype) if adapter else None
     y = torch.zeros(b.tokens, hidden, device=dev, dtype=dtype)
@@ -138,10 +151,24 @@ def lora_like(b: Batch, rank: int, hidden: int, dev, dtype, adapter: bool):
     act = 1 if adapter else 0
 
     def grouped() -> None:
-        tmp = ops.sgmv_shrink(b.x, a_flat, b.indptr, b.seg, a_off, rank_t, bd_flat, bd_off, act,
-                              rank)
-        ops.sgmv_expand(y, tmp, bm_flat, b.indptr, b.seg, b_off, rank_t, zeros, zeros, out_dim,
-                        scale, bu_flat, bu_off)
+        tmp = ops.sgmv_shrink(
+            b.x, a_flat, b.indptr, b.seg, a_off, rank_t, bd_flat, bd_off, act, rank
+        )
+        ops.sgmv_expand(
+            y,
+            tmp,
+            bm_flat,
+            b.indptr,
+            b.seg,
+            b_off,
+            rank_t,
+            zeros,
+            zeros,
+            out_dim,
+            scale,
+            bu_flat,
+            bu_off,
+        )
 
     def task(i: int) -> Callable[[], None]:
         r = b.rows[i]
@@ -153,6 +180,7 @@ def lora_like(b: Batch, rank: int, hidden: int, dev, dtype, adapter: bool):
                 y[r] += h @ bm[i].T + bu[i]
             else:
                 y[r] += h @ bm[i].T
+
         return run
 
     return grouped, [task(i) for i in range(n)], None, floor
@@ -174,40 +202,56 @@ def bitfit_ln(b: Batch, hidden: int, dev, dtype):
     bias, gamma, beta = (torch.randn(n, hidden, device=dev, dtype=dtype) for _ in range(3))
 
     def grouped():
-        return ops.bias_residual_layernorm(y, res, bias, gamma, beta, b.indptr, b.seg, b.seg,
-                                           1e-12)
+        return ops.bias_residual_layernorm(y, res, bias, gamma, beta, b.indptr, b.seg, b.seg, 1e-12)
 
     def shared():
         return F.layer_norm(y + bias[0] + res, (hidden,), gamma[0], beta[0], 1e-12)
 
-    loop = [(lambda r=r, i=i: F.layer_norm(y[r] + bias[i] + res[r], (hidden,), gamma[i],
-                                           beta[i], 1e-12)) for i, r in enumerate(b.rows)]
+    loop = [
+        (
+            lambda r=r, i=i: F.layer_norm(
+                y[r] + bias[i] + res[r], (hidden,), gamma[i], beta[i], 1e-12
+            )
+        )
+        for i, r in enumerate(b.rows)
+    ]
     return grouped, loop, shared, None
 
 
 def sparse_site(b: Batch, hidden: int, density: float, masked: bool, dev, dtype):
     """Diff-Pruning (values) or MaskBERT (dense_w, alpha=-1) delta of an H x H weight."""
     n = len(b.rows)
-    w = torch.randn(hidden, hidden, device=dev, dtype=dtype) * hidden ** -0.5
+    w = torch.randn(hidden, hidden, device=dev, dtype=dtype) * hidden**-0.5
     masks = torch.rand(n, hidden, hidden, device=dev) < density
     dense = torch.where(masks, -w if masked else torch.randn_like(w) * 0.01, 0).to(dtype)
     counts = masks.sum(-1)  # [n, H]
     rowptr = torch.cat([torch.zeros(1, device=dev, dtype=torch.long), counts.view(-1).cumsum(0)])
-    rowptr = torch.stack([rowptr[i * hidden: (i + 1) * hidden + 1] for i in range(n)]).view(-1)
+    rowptr = torch.stack([rowptr[i * hidden : (i + 1) * hidden + 1] for i in range(n)]).view(-1)
     indices = masks.nonzero()[:, 2].to(torch.int32)
     values = None if masked else dense[masks]
     y = torch.zeros(b.tokens, hidden, device=dev, dtype=dtype)
     off = torch.arange(n, device=dev, dtype=torch.long) * (hidden + 1)
 
     def grouped() -> None:
-        ops.seg_spmm(y, b.x, b.indptr, b.seg, off, rowptr, indices, values,
-                     w if masked else None, -1.0 if masked else 1.0)
+        ops.seg_spmm(
+            y,
+            b.x,
+            b.indptr,
+            b.seg,
+            off,
+            rowptr,
+            indices,
+            values,
+            w if masked else None,
+            -1.0 if masked else 1.0,
+        )
 
     def task(i: int) -> Callable[[], None]:
         r = b.rows[i]
 
         def run() -> None:
             y[r] += b.x[r] @ dense[i].T
+
         return run
 
     return grouped, [task(i) for i in range(n)], None, None
@@ -241,18 +285,34 @@ def run(args: argparse.Namespace) -> list[dict]:
             "diff_1pct": (*sparse_site(b, args.hidden, 0.01, False, dev, dtype), gemm_h),
             "mask_5pct": (*sparse_site(b, args.hidden, 0.05, True, dev, dtype), gemm_h),
         }
-        base = {"device": dev.type, "dtype": args.dtype, "backend": petops.backend_name(),
-                "segments": n_seg, "tokens": b.tokens}
+        base = {
+            "device": dev.type,
+            "dtype": args.dtype,
+            "backend": petops.backend_name(),
+            "segments": n_seg,
+            "tokens": b.tokens,
+        }
 
-        def add(site: str, variant: str, ms: tuple[float, float | None],
-                gemm: tuple[float, float | None], grouped: tuple[float, float | None]) -> None:
+        def add(
+            site: str,
+            variant: str,
+            ms: tuple[float, float | None],
+            gemm: tuple[float, float | None],
+            grouped: tuple[float, float | None],
+        ) -> None:
             # The share uses device time where both sides have it, else eager time.
             share = ms[1] / gemm[1] if ms[1] and gemm[1] else ms[0] / gemm[0]
-            rows.append({**base, "site": site, "variant": variant,  # noqa: B023
-                         "ms": round(ms[0], 4),
-                         "gpu_ms": None if ms[1] is None else round(ms[1], 4),
-                         "share_of_gemm": round(share, 4),
-                         "loop_over_grouped": round(ms[0] / grouped[0], 3)})
+            rows.append(
+                {
+                    **base,  # noqa: B023
+                    "site": site,
+                    "variant": variant,
+                    "ms": round(ms[0], 4),
+                    "gpu_ms": None if ms[1] is None else round(ms[1], 4),
+                    "share_of_gemm": round(share, 4),
+                    "loop_over_grouped": round(ms[0] / grouped[0], 3),
+                }
+            )
 
         for site, (grouped, loop, shared, floor, gemm) in sites.items():
             g_ms = t(grouped)
@@ -273,6 +333,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -280,14 +341,18 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(2, (len(sites) + 1) // 2, figsize=(5 * ((len(sites) + 1) // 2), 8))
     for ax, site in zip(axes.flat, sites, strict=False):
         for variant in dict.fromkeys(r["variant"] for r in rows if r["site"] == site):
-            pts = [(r["segments"], r["ms"]) for r in rows
-                   if r["site"] == site and r["variant"] == variant]
+            pts = [
+                (r["segments"], r["ms"])
+                for r in rows
+                if r["site"] == site and r["variant"] == variant
+            ]
             ax.plot(*zip(*pts, strict=True), marker="o", label=variant)
         ax.set(title=site, xscale="log", yscale="log", xlabel="segments (tasks)", ylabel="ms")
         ax.legend(fontsize=7)
     r0 = rows[0]
-    fig.suptitle(f"petops grouped vs per-task loop ({r0['device']}, {r0['dtype']}, "
-                 f"{r0['backend']})")
+    fig.suptitle(
+        f"petops grouped vs per-task loop ({r0['device']}, {r0['dtype']}, {r0['backend']})"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

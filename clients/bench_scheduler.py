@@ -49,12 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cost-table", default=None, help="JSON cost table (default analytic)")
     args = ap.parse_args(argv)
     model = load_cost_model(args.cost_table, AnalyticModel.for_device("cuda"))
-    print(f"# CPU: {cpu_name()} ({os.cpu_count()} logical cores), Python "
-          f"{platform.python_version()}; tasks={args.tasks} std={args.std}")
+    print(
+        f"# CPU: {cpu_name()} ({os.cpu_count()} logical cores), Python "
+        f"{platform.python_version()}; tasks={args.tasks} std={args.std}"
+    )
     print(f"{'policy':14s} {'queries':>7s} {'min ms':>8s} {'median ms':>10s} {'batches':>8s}")
     for name in args.policies.split(","):
-        opts = {"cost_model": model} if name in ("alpha_only", "beta_only",
-                                                  "coordinated") else {}
+        opts = {"cost_model": model} if name in ("alpha_only", "beta_only", "coordinated") else {}
         sched = make_scheduler(name, **opts)
         for n in (int(x) for x in args.sizes.split(",")):
             pool = make_pool(n, args.tasks, args.std, seed=1)
@@ -64,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 sched.schedule(pool)
                 times.append(time.perf_counter() - t0)
-            print(f"{name:14s} {n:7d} {1e3 * min(times):8.3f} "
-                  f"{1e3 * statistics.median(times):10.3f} {len(batches):8d}")
+            print(
+                f"{name:14s} {n:7d} {1e3 * min(times):8.3f} "
+                f"{1e3 * statistics.median(times):10.3f} {len(batches):8d}"
+            )
     return 0
 
 

@@ -46,13 +46,22 @@ def main() -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
-    engine = Engine.from_parameters({"BACKBONE": args.backbone, "DTYPE": args.dtype,
-                                     "TASK_STORE": tempfile.mkdtemp(prefix="pets-cap-")},
-                                    device=args.device)
+    engine = Engine.from_parameters(
+        {
+            "BACKBONE": args.backbone,
+            "DTYPE": args.dtype,
+            "TASK_STORE": tempfile.mkdtemp(prefix="pets-cap-"),
+        },
+        device=args.device,
+    )
     host = load_backbone(resolve_checkpoint(args.backbone))
     head = HeadConfig("classification", num_labels=2)
-    pool = [(t, random_task(host, "x", t, head, seed=v)) for v in range(args.variants)
-            for t in TYPES if t in engine.registry.methods]
+    pool = [
+        (t, random_task(host, "x", t, head, seed=v))
+        for v in range(args.variants)
+        for t in TYPES
+        if t in engine.registry.methods
+    ]
     checkpoints = sorted(int(c) for c in args.checkpoints.split(","))
     cuda = engine.device.type == "cuda"
     base_mem = torch.cuda.memory_allocated(engine.device) if cuda else 0
@@ -66,16 +75,25 @@ def main() -> int:
         pick = rng.choice(len(slots), size=args.batch, replace=len(slots) < args.batch)
         batch = build_batch(ids, [slots[i] for i in pick], engine.device)
         sec = time_fn(lambda: engine.encoder.forward(batch), engine.device, warmup=3, repeat=10)
-        rows.append({
-            "tasks": n, "device": torch.cuda.get_device_name(engine.device) if cuda else "cpu",
-            "backbone": args.backbone, "dtype": str(engine.dtype).removeprefix("torch."),
-            "batch": args.batch, "seq_len": args.seq_len, "distinct_tasks_in_batch": len(set(pick)),
-            "seq_per_s": round(args.batch / sec, 1), "ms_per_batch": round(sec * 1e3, 3),
-            "task_bytes": engine.registry.memory_bytes(),
-            "device_alloc_bytes": (torch.cuda.memory_allocated(engine.device) - base_mem)
-            if cuda else None,
-            "register_s": round(time.perf_counter() - t0, 1), **{f"n_{k}": v for k, v in
-                                                                   per_type.items()}})
+        rows.append(
+            {
+                "tasks": n,
+                "device": torch.cuda.get_device_name(engine.device) if cuda else "cpu",
+                "backbone": args.backbone,
+                "dtype": str(engine.dtype).removeprefix("torch."),
+                "batch": args.batch,
+                "seq_len": args.seq_len,
+                "distinct_tasks_in_batch": len(set(pick)),
+                "seq_per_s": round(args.batch / sec, 1),
+                "ms_per_batch": round(sec * 1e3, 3),
+                "task_bytes": engine.registry.memory_bytes(),
+                "device_alloc_bytes": (torch.cuda.memory_allocated(engine.device) - base_mem)
+                if cuda
+                else None,
+                "register_s": round(time.perf_counter() - t0, 1),
+                **{f"n_{k}": v for k, v in per_type.items()},
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
 
     while n < args.max_tasks:

@@ -54,18 +54,33 @@ def main() -> int:
     ok = True
     for k, name in enumerate(names):
         want = ref.run(seqs, [name] * len(seqs))
-        got = mixed[k * len(seqs):(k + 1) * len(seqs)]
+        got = mixed[k * len(seqs) : (k + 1) * len(seqs)]
         err = max(float(np.abs(g - r).max()) for g, r in zip(got, want, strict=True))
-        cos = min(float(np.dot(g, r) / (np.linalg.norm(g) * np.linalg.norm(r)))
-                  for g, r in zip(got, want, strict=True))
+        cos = min(
+            float(np.dot(g, r) / (np.linalg.norm(g) * np.linalg.norm(r)))
+            for g, r in zip(got, want, strict=True)
+        )
         moved = max(float(np.abs(r - b).max()) for r, b in zip(want, base, strict=True))
         passed = cos >= MIN_COSINE[args.dtype] and (name == "t_none" or moved > 10 * err)
         ok &= passed
-        print(json.dumps({"pet": name[2:], "device": torch.cuda.get_device_name(dev.device)
-                          if dev.device.type == "cuda" else "cpu", "dtype": args.dtype,
-                          "backbone": args.backbone, "ops": dev.ops, "max_abs_err": err,
-                          "min_cosine": cos, "pet_effect_max_abs": moved, "pass": passed}),
-              flush=True)
+        print(
+            json.dumps(
+                {
+                    "pet": name[2:],
+                    "device": torch.cuda.get_device_name(dev.device)
+                    if dev.device.type == "cuda"
+                    else "cpu",
+                    "dtype": args.dtype,
+                    "backbone": args.backbone,
+                    "ops": dev.ops,
+                    "max_abs_err": err,
+                    "min_cosine": cos,
+                    "pet_effect_max_abs": moved,
+                    "pass": passed,
+                }
+            ),
+            flush=True,
+        )
     return 0 if ok else 1
 
 

@@ -51,14 +51,22 @@ from pets.scheduling import (
 PETS_TYPES = ("maskbert", "diff_pruning", "bitfit", "adapter")
 POLICIES = ("fixed", "beta_only", "alpha_only", "coordinated", "token_budget", "task_grouped")
 LOADED_TASKS = 128
-ONLINE_NOT_WIRED = ("online mode (tritonserver + perf_analyzer) is not wired yet; "
-                    "run offline (--executor simulated|engine)")
+ONLINE_NOT_WIRED = (
+    "online mode (tritonserver + perf_analyzer) is not wired yet; "
+    "run offline (--executor simulated|engine)"
+)
 
 
-def make_pool(n_queries: int, num_tasks: int, std: float, mean: float = 32.0,
-              pet_types: Sequence[str] = PETS_TYPES, seed: int = 1,
-              loaded_tasks: int = LOADED_TASKS,
-              task_types: Sequence[str] | None = None) -> list[Query]:
+def make_pool(
+    n_queries: int,
+    num_tasks: int,
+    std: float,
+    mean: float = 32.0,
+    pet_types: Sequence[str] = PETS_TYPES,
+    seed: int = 1,
+    loaded_tasks: int = LOADED_TASKS,
+    task_types: Sequence[str] | None = None,
+) -> list[Query]:
     """A PetS-style query pool: ``Query.index`` = position, lengths in [1, 128] tokens.
 
     Task ``k``'s PET type is ``task_types[k]`` if given (a real task store), else drawn
@@ -68,12 +76,16 @@ def make_pool(n_queries: int, num_tasks: int, std: float, mean: float = 32.0,
     drawn = rng.integers(0, len(pet_types), max(loaded_tasks, num_tasks))
     types = list(task_types) if task_types is not None else [pet_types[int(k)] for k in drawn]
     if len(types) < num_tasks:
-        raise SystemExit(f"the task store has {len(types)} tasks, the pool needs {num_tasks}; "
-                         "create more tasks (`pets create`) or lower --tasks")
+        raise SystemExit(
+            f"the task store has {len(types)} tasks, the pool needs {num_tasks}; "
+            "create more tasks (`pets create`) or lower --tasks"
+        )
     tasks = rng.integers(0, num_tasks, n_queries)
     lengths = np.clip(rng.normal(mean, std, n_queries).astype(np.int64), 1, 128)
-    return [Query(i, int(t), types[int(t)], int(n))
-            for i, (t, n) in enumerate(zip(tasks, lengths, strict=True))]
+    return [
+        Query(i, int(t), types[int(t)], int(n))
+        for i, (t, n) in enumerate(zip(tasks, lengths, strict=True))
+    ]
 
 
 class OfflineExecutor(Protocol):
@@ -143,13 +155,14 @@ class EngineExecutor:
     def prepare(self, queries: Sequence[Query]) -> None:
         rng = np.random.default_rng(0)
         vocab = int(self.engine.spec.vocab)
-        self.tokens = {q.index: rng.integers(1000, max(1001, vocab - 1), q.length)
-                       for q in queries}
+        self.tokens = {q.index: rng.integers(1000, max(1001, vocab - 1), q.length) for q in queries}
 
     def run(self, batch_queries: Sequence[Query]) -> None:
-        batch = self._build_batch([self.tokens[q.index] for q in batch_queries],
-                                  [self.slots[q.task_slot] for q in batch_queries],
-                                  self.engine.device)
+        batch = self._build_batch(
+            [self.tokens[q.index] for q in batch_queries],
+            [self.slots[q.task_slot] for q in batch_queries],
+            self.engine.device,
+        )
         with self.engine.registry.lock:
             self.engine.encoder.forward(batch)
 
@@ -164,8 +177,14 @@ class EngineExecutor:
         return None
 
 
-def make_executor(kind: str, *, cost_model: CostModel, params: dict[str, str] | None = None,
-                  model_dir: str | None = None, device: str = "cuda") -> OfflineExecutor:
+def make_executor(
+    kind: str,
+    *,
+    cost_model: CostModel,
+    params: dict[str, str] | None = None,
+    model_dir: str | None = None,
+    device: str = "cuda",
+) -> OfflineExecutor:
     """``"simulated"`` or ``"engine"`` (see the module docstring)."""
     if kind == "simulated":
         return SimulatedExecutor(cost_model)
@@ -174,8 +193,13 @@ def make_executor(kind: str, *, cost_model: CostModel, params: dict[str, str] | 
     raise SystemExit(f"unknown --executor {kind!r}; use simulated or engine")
 
 
-def measure_policy(pool: list[Query], policy: str, cost_model: CostModel,
-                   executor: OfflineExecutor, fixed_batch: int) -> dict[str, Any]:
+def measure_policy(
+    pool: list[Query],
+    policy: str,
+    cost_model: CostModel,
+    executor: OfflineExecutor,
+    fixed_batch: int,
+) -> dict[str, Any]:
     opts: dict[str, Any] = {}
     if policy == "fixed":
         opts["batch_size"] = fixed_batch
@@ -209,15 +233,24 @@ def plot(rows: list[dict[str, Any]], policies: Sequence[str], path: Path, title:
 
     tasks = sorted({r["num_tasks"] for r in rows}, reverse=True)
     stds = sorted({r["std"] for r in rows})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), sharey=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(tasks), figsize=(4.5 * len(tasks), 3.6), sharey=True, squeeze=False
+    )
     width = 0.8 / len(policies)
     for ax, nt in zip(axes[0], tasks, strict=True):
         for k, p in enumerate(policies):
-            ys = [next((r["qps_norm"] for r in rows if r["num_tasks"] == nt
-                        and r["std"] == s and r["policy"] == p), np.nan) for s in stds]
-            ax.bar(np.arange(len(stds)) + (k - (len(policies) - 1) / 2) * width, ys, width,
-                   label=p)
+            ys = [
+                next(
+                    (
+                        r["qps_norm"]
+                        for r in rows
+                        if r["num_tasks"] == nt and r["std"] == s and r["policy"] == p
+                    ),
+                    np.nan,
+                )
+                for s in stds
+            ]
+            ax.bar(np.arange(len(stds)) + (k - (len(policies) - 1) / 2) * width, ys, width, label=p)
         ax.axhline(1.0, color="k", lw=0.6)
         ax.set_xticks(np.arange(len(stds)), [f"std={s:g}" for s in stds])
         ax.set_title(f"{nt} tasks")
@@ -241,18 +274,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--fixed-batch", type=int, default=32, help="fixed batching size (PetS 32)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per point (median QPS)")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--cost-table", default=None,
-                    help="JSON cost table from `pets profile` (default: analytic model)")
-    ap.add_argument("--sim-device", default="cuda",
-                    help="analytic model defaults when no table: cuda or cpu")
+    ap.add_argument(
+        "--cost-table",
+        default=None,
+        help="JSON cost table from `pets profile` (default: analytic model)",
+    )
+    ap.add_argument(
+        "--sim-device", default="cuda", help="analytic model defaults when no table: cuda or cpu"
+    )
     ap.add_argument("--executor", default="simulated", choices=("simulated", "engine"))
-    ap.add_argument("--online", action="store_true",
-                    help="through tritonserver + perf_analyzer (NOT WIRED YET)")
+    ap.add_argument(
+        "--online", action="store_true", help="through tritonserver + perf_analyzer (NOT WIRED YET)"
+    )
     eng = ap.add_argument_group("engine (--executor engine)")
     eng.add_argument("--model-dir", default=None)
     eng.add_argument("--device", default="cuda")
-    eng.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                     help="engine parameter as in config.pbtxt (repeatable)")
+    eng.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="engine parameter as in config.pbtxt (repeatable)",
+    )
     return ap.parse_args(argv)
 
 
@@ -266,47 +309,82 @@ def main(argv: list[str] | None = None) -> int:
         policies.insert(0, "fixed")
     model = load_cost_model(args.cost_table, AnalyticModel.for_device(args.sim_device))
     params = dict(kv.split("=", 1) for kv in args.param)
-    executor = make_executor(args.executor, cost_model=model, params=params,
-                             model_dir=args.model_dir, device=args.device)
+    executor = make_executor(
+        args.executor, cost_model=model, params=params, model_dir=args.model_dir, device=args.device
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     types = tuple(args.pet_types.split(","))
-    fields = ["num_tasks", "std", "policy", "executor", "num_batches", "mean_batch_size",
-              "schedule_ms", "execute_ms", "qps", "qps_norm", "padding_overhead"]
+    fields = [
+        "num_tasks",
+        "std",
+        "policy",
+        "executor",
+        "num_batches",
+        "mean_batch_size",
+        "schedule_ms",
+        "execute_ms",
+        "qps",
+        "qps_norm",
+        "padding_overhead",
+    ]
     csv_file = open(out / "fig12.csv", "w", newline="")  # noqa: SIM115 - written per point
     writer = csv.DictWriter(csv_file, fieldnames=fields)
     writer.writeheader()
     for nt in (int(x) for x in args.tasks.split(",")):
         for std in (float(x) for x in args.stds.split(",")):
-            pool = make_pool(args.queries, nt, std, pet_types=types, seed=args.seed,
-                             task_types=getattr(executor, "task_types", lambda: None)())
+            pool = make_pool(
+                args.queries,
+                nt,
+                std,
+                pet_types=types,
+                seed=args.seed,
+                task_types=getattr(executor, "task_types", lambda: None)(),
+            )
             point: dict[str, dict[str, Any]] = {}
             for p in policies:
-                runs = [measure_policy(pool, p, model, executor, args.fixed_batch)
-                        for _ in range(args.repeats)]
+                runs = [
+                    measure_policy(pool, p, model, executor, args.fixed_batch)
+                    for _ in range(args.repeats)
+                ]
                 qps = statistics.median(r["qps"] for r in runs)
                 best = min(runs, key=lambda r: abs(r["qps"] - qps))
                 point[p] = {**best, "qps": qps}
             base = point["fixed"]["qps"]
             for p in policies:
                 r = point[p]
-                rows.append({"num_tasks": nt, "std": std, "policy": p,
-                             "executor": args.executor, "num_batches": r["num_batches"],
-                             "mean_batch_size": round(r["mean_batch_size"], 2),
-                             "schedule_ms": round(1e3 * r["schedule_s"], 3),
-                             "execute_ms": round(1e3 * r["execute_s"], 3),
-                             "qps": round(r["qps"], 1), "qps_norm": round(r["qps"] / base, 3),
-                             "padding_overhead": round(r["padding_overhead"], 3)})
+                rows.append(
+                    {
+                        "num_tasks": nt,
+                        "std": std,
+                        "policy": p,
+                        "executor": args.executor,
+                        "num_batches": r["num_batches"],
+                        "mean_batch_size": round(r["mean_batch_size"], 2),
+                        "schedule_ms": round(1e3 * r["schedule_s"], 3),
+                        "execute_ms": round(1e3 * r["execute_s"], 3),
+                        "qps": round(r["qps"], 1),
+                        "qps_norm": round(r["qps"] / base, 3),
+                        "padding_overhead": round(r["padding_overhead"], 3),
+                    }
+                )
                 writer.writerow(rows[-1])
             csv_file.flush()
-            print(f"tasks={nt:3d} std={std:g}: " + "  ".join(
-                f"{p}={point[p]['qps'] / base:.2f}" for p in policies), flush=True)
+            print(
+                f"tasks={nt:3d} std={std:g}: "
+                + "  ".join(f"{p}={point[p]['qps'] / base:.2f}" for p in policies),
+                flush=True,
+            )
     csv_file.close()
     src = args.cost_table or f"analytic ({args.sim_device})"
-    plot(rows, policies, out / "fig12.png",
-         f"QPS normalised to fixed batching (bs {args.fixed_batch}); executor "
-         f"{args.executor}; cost model {src}; {args.queries} queries, mean length 32")
+    plot(
+        rows,
+        policies,
+        out / "fig12.png",
+        f"QPS normalised to fixed batching (bs {args.fixed_batch}); executor "
+        f"{args.executor}; cost model {src}; {args.queries} queries, mean length 32",
+    )
     print(f"wrote {out / 'fig12.csv'} and {out / 'fig12.png'}")
     return 0
 

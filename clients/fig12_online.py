@@ -44,12 +44,23 @@ def set_param(config: str, key: str, value: str) -> str:
 
 
 def serve(repo: Path, store: Path, port_base: int, extra: list[str]) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PETS_MODEL_REPOSITORY=str(repo), PETS_DEMO_STORE=str(store),
-               PETS_SKIP_SETUP="1", PETS_HTTP_PORT=str(port_base),
-               PETS_GRPC_PORT=str(port_base + 1), PETS_METRICS_PORT=str(port_base + 2))
-    proc = subprocess.Popen(["bash", "build/serve.sh", *extra], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    env = dict(
+        os.environ,
+        PETS_MODEL_REPOSITORY=str(repo),
+        PETS_DEMO_STORE=str(store),
+        PETS_SKIP_SETUP="1",
+        PETS_HTTP_PORT=str(port_base),
+        PETS_GRPC_PORT=str(port_base + 1),
+        PETS_METRICS_PORT=str(port_base + 2),
+    )
+    proc = subprocess.Popen(
+        ["bash", "build/serve.sh", *extra],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
@@ -72,8 +83,9 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def measure(port_base: int, model: str, data: Path, concurrency: int, interval_ms: int,
-            out: Path) -> float | None:
+def measure(
+    port_base: int, model: str, data: Path, concurrency: int, interval_ms: int, out: Path
+) -> float | None:
     """perf_analyzer throughput (req/s), or None when no stable window was found.
 
     A first try uses ``interval_ms`` windows; if perf_analyzer cannot find three windows
@@ -81,18 +93,37 @@ def measure(port_base: int, model: str, data: Path, concurrency: int, interval_m
     stays unstable is reported as missing, not guessed, and the sweep goes on.
     """
     for window in (interval_ms, 2 * interval_ms):
-        cmd = [sys.executable, "clients/perf_sweep.py", "--url", f"127.0.0.1:{port_base + 1}",
-               "--model", model, "--data", str(data), "--concurrency", str(concurrency),
-               "--interval-ms", str(window), "--max-trials", "6", "--out", str(out),
-               # a loaded box rarely holds perf_analyzer's default 10% window-to-window band
-               "--extra", "--stability-percentage 50"]
+        cmd = [
+            sys.executable,
+            "clients/perf_sweep.py",
+            "--url",
+            f"127.0.0.1:{port_base + 1}",
+            "--model",
+            model,
+            "--data",
+            str(data),
+            "--concurrency",
+            str(concurrency),
+            "--interval-ms",
+            str(window),
+            "--max-trials",
+            "6",
+            "--out",
+            str(out),
+            # a loaded box rarely holds perf_analyzer's default 10% window-to-window band
+            "--extra",
+            "--stability-percentage 50",
+        ]
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if done.returncode == 0:
             with out.open() as fh:
                 return float(next(csv.DictReader(fh))["Inferences/Second"])
         tail = (done.stdout + done.stderr)[-600:]
-        print(f"{model}: perf_analyzer found no stable {window} ms windows:\n{tail}",
-              file=sys.stderr, flush=True)
+        print(
+            f"{model}: perf_analyzer found no stable {window} ms windows:\n{tail}",
+            file=sys.stderr,
+            flush=True,
+        )
     return None
 
 
@@ -146,33 +177,63 @@ def main() -> int:
                 rng = np.random.default_rng(int(std * 100))
                 lengths = np.clip(np.rint(rng.normal(args.mean, std, size=256)), 1, 128)
                 data = args.out / f"data_t{n_tasks}_std{std:g}.json"
-                subprocess.run([sys.executable, "clients/make_perf_data.py",
-                                "--tasks-from-store", str(store), "--num-tasks", str(n_tasks),
-                                "--lengths", ",".join(str(int(v)) for v in lengths),
-                                "--entries", "256", "-o", str(data)],
-                               cwd=ROOT, check=True, capture_output=True)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "clients/make_perf_data.py",
+                        "--tasks-from-store",
+                        str(store),
+                        "--num-tasks",
+                        str(n_tasks),
+                        "--lengths",
+                        ",".join(str(int(v)) for v in lengths),
+                        "--entries",
+                        "256",
+                        "-o",
+                        str(data),
+                    ],
+                    cwd=ROOT,
+                    check=True,
+                    capture_output=True,
+                )
                 qps: dict[str, float | None] = {}
                 for policy in policies:
-                    qps[policy] = v = measure(args.port_base, f"pets_{policy}", data,
-                                              args.concurrency, args.interval_ms,
-                                              args.out / f"pa_{policy}_t{n_tasks}_std{std:g}.csv")
+                    qps[policy] = v = measure(
+                        args.port_base,
+                        f"pets_{policy}",
+                        data,
+                        args.concurrency,
+                        args.interval_ms,
+                        args.out / f"pa_{policy}_t{n_tasks}_std{std:g}.csv",
+                    )
                     shown = "unstable (no value)" if v is None else f"{v:.1f} req/s"
                     print(f"tasks={n_tasks} std={std:g} {policy}: {shown}", flush=True)
                 fixed = qps.get("fixed")
                 for policy, v in qps.items():
-                    rows.append({"std": std, "num_tasks": n_tasks,
-                                 "concurrency": args.concurrency, "policy": policy,
-                                 "req_per_s": None if v is None else round(v, 2),
-                                 "qps_norm": round(v / fixed, 3) if v and fixed else None})
+                    rows.append(
+                        {
+                            "std": std,
+                            "num_tasks": n_tasks,
+                            "concurrency": args.concurrency,
+                            "policy": policy,
+                            "req_per_s": None if v is None else round(v, 2),
+                            "qps_norm": round(v / fixed, 3) if v and fixed else None,
+                        }
+                    )
                 write_csv(args.out / "fig12_online.csv", rows)  # each point kept as it lands
     finally:
         stop(proc)
     if "fixed" in policies and rows:
-        shown = [{**r, "qps_norm": np.nan if r["qps_norm"] is None else r["qps_norm"]}
-                 for r in rows]
-        plot(shown, policies, args.out / "fig12_online.png",
-             f"online through Triton: {args.backbone}, perf_analyzer concurrency "
-             f"{args.concurrency}, {args.serve_args or 'CPU'}")
+        shown = [
+            {**r, "qps_norm": np.nan if r["qps_norm"] is None else r["qps_norm"]} for r in rows
+        ]
+        plot(
+            shown,
+            policies,
+            args.out / "fig12_online.png",
+            f"online through Triton: {args.backbone}, perf_analyzer concurrency "
+            f"{args.concurrency}, {args.serve_args or 'CPU'}",
+        )
     print(f"wrote {args.out / 'fig12_online.csv'}")
     return 0
 

@@ -21,15 +21,36 @@ torch.manual_seed(0)
 
 # Extra tasks beyond the demo ones: other heads, ranks, module sets, and activations.
 EXTRA_TASKS = [
-    ("emb_lora_mean", "lora", HeadConfig("embedding", pooling="mean", normalize=True),
-     {"r": 4, "lora_alpha": 8, "target_modules": ["query", "key", "value",
-                                                  "attention.output.dense",
-                                                  "intermediate.dense", "output.dense"]}),
+    (
+        "emb_lora_mean",
+        "lora",
+        HeadConfig("embedding", pooling="mean", normalize=True),
+        {
+            "r": 4,
+            "lora_alpha": 8,
+            "target_modules": [
+                "query",
+                "key",
+                "value",
+                "attention.output.dense",
+                "intermediate.dense",
+                "output.dense",
+            ],
+        },
+    ),
     ("emb_bitfit_cls", "bitfit", HeadConfig("embedding", pooling="cls"), {}),
-    ("lora_r32", "lora", HeadConfig("classification", num_labels=5),
-     {"r": 32, "lora_alpha": 16, "target_modules": ["key", "intermediate.dense"]}),
-    ("adapter_gelu_r8", "adapter", HeadConfig("classification", num_labels=2),
-     {"bottleneck": 8, "activation": "gelu"}),
+    (
+        "lora_r32",
+        "lora",
+        HeadConfig("classification", num_labels=5),
+        {"r": 32, "lora_alpha": 16, "target_modules": ["key", "intermediate.dense"]},
+    ),
+    (
+        "adapter_gelu_r8",
+        "adapter",
+        HeadConfig("classification", num_labels=2),
+        {"bottleneck": 8, "activation": "gelu"},
+    ),
     ("diff_dense5", "diff_pruning", HeadConfig("classification", num_labels=4), {"density": 0.05}),
 ]
 
@@ -44,8 +65,14 @@ def task_store(tmp_path_factory, backbone) -> Path:
     store = tmp_path_factory.mktemp("store")
     for seed, pet in enumerate(DEMO_TASKS):
         hp = {"bottleneck": 16} if pet == "adapter" else {}
-        m, t = random_task(backbone, f"demo_{pet}", pet, HeadConfig("classification", num_labels=3),
-                           seed=seed, hparams=hp)
+        m, t = random_task(
+            backbone,
+            f"demo_{pet}",
+            pet,
+            HeadConfig("classification", num_labels=3),
+            seed=seed,
+            hparams=hp,
+        )
         write_task(store, m, t)
     for seed, (name, pet, head, hp) in enumerate(EXTRA_TASKS, start=100):
         m, t = random_task(backbone, name, pet, head, seed=seed, hparams=hp)

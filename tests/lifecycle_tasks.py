@@ -32,8 +32,10 @@ Task = tuple[TaskManifest, dict[str, torch.Tensor]]
 
 def make_versions(backbone: Any, seed: int = 500) -> list[Task]:
     head = HeadConfig("classification", num_labels=3)
-    return [random_task(backbone, "version", pet, head, seed=seed + k, hparams=hp)
-            for k, (pet, hp) in enumerate(VERSIONS)]
+    return [
+        random_task(backbone, "version", pet, head, seed=seed + k, hparams=hp)
+        for k, (pet, hp) in enumerate(VERSIONS)
+    ]
 
 
 def named(task: Task, name: str) -> Task:
@@ -61,8 +63,7 @@ def which(out: Any, expected: list[np.ndarray], allowed: list[int]) -> int | Non
     if not isinstance(out, np.ndarray):
         return None
     for k in allowed:
-        if out.shape == expected[k].shape and np.allclose(out, expected[k], rtol=RTOL,
-                                                          atol=ATOL):
+        if out.shape == expected[k].shape and np.allclose(out, expected[k], rtol=RTOL, atol=ATOL):
             return k
     return None
 
@@ -99,10 +100,16 @@ def pool_usage(engine: Engine) -> dict[str, int]:
     return out
 
 
-def wait_until_visible(serve: Callable[[list[str]], list[Any]], names: list[str],
-                       final: list[Callable[[Any], bool]], before: list[Callable[[Any], bool]],
-                       what: str, deadline_s: float, pause_s: float,
-                       show: Callable[[Any], str] = repr) -> tuple[list[float], list[str]]:
+def wait_until_visible(
+    serve: Callable[[list[str]], list[Any]],
+    names: list[str],
+    final: list[Callable[[Any], bool]],
+    before: list[Callable[[Any], bool]],
+    what: str,
+    deadline_s: float,
+    pause_s: float,
+    show: Callable[[Any], str] = repr,
+) -> tuple[list[float], list[str]]:
     """Serve ``names`` until every lane shows ``final``; meanwhile only ``before`` is allowed.
 
     Returns the seconds each lane took to show its change and the problems seen (an answer

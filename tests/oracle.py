@@ -19,8 +19,14 @@ from pets.pet.diff_pruning import module_shape
 from pets.pet.maskbert import unpack_mask
 from pets.taskstore import TaskManifest
 
-HF_NAMES = {"attention.self.query", "attention.self.key", "attention.self.value",
-            "attention.output.dense", "intermediate.dense", "output.dense"}
+HF_NAMES = {
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+}
 
 
 def base_model(w: BackboneWeights) -> BertModel:
@@ -31,8 +37,9 @@ def base_model(w: BackboneWeights) -> BertModel:
     return model.eval()
 
 
-def _merged_state(w: BackboneWeights, manifest: TaskManifest,
-                  tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _merged_state(
+    w: BackboneWeights, manifest: TaskManifest, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     state = {k: v.clone() for k, v in state_from_weights(w).items()}
     # Biases and LayerNorms carried by the task replace the backbone's (BitFit, Diff, Adapter).
     for k, v in tensors.items():
@@ -43,8 +50,9 @@ def _merged_state(w: BackboneWeights, manifest: TaskManifest,
             key = f"encoder.layer.{i}.{m}"
             if f"{key}.weight_delta_indices" in tensors:
                 delta = torch.zeros(module_shape(w.spec, m)).reshape(-1)
-                delta[tensors[f"{key}.weight_delta_indices"].long()] = \
-                    tensors[f"{key}.weight_delta_values"].float()
+                delta[tensors[f"{key}.weight_delta_indices"].long()] = tensors[
+                    f"{key}.weight_delta_values"
+                ].float()
                 base = state[f"{key}.weight"]
                 state[f"{key}.weight"] = base + delta.view_as(base)
             if f"{key}.weight_mask" in tensors:
@@ -53,14 +61,21 @@ def _merged_state(w: BackboneWeights, manifest: TaskManifest,
     return state
 
 
-def _attach_adapters(model: BertModel, manifest: TaskManifest,
-                     tensors: dict[str, torch.Tensor]) -> None:
-    act = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu,
-           "gelu_new": lambda x: F.gelu(x, approximate="tanh")}[manifest.hparams.get("activation",
-                                                                                       "relu")]
+def _attach_adapters(
+    model: BertModel, manifest: TaskManifest, tensors: dict[str, torch.Tensor]
+) -> None:
+    act = {
+        "relu": F.relu,
+        "gelu": F.gelu,
+        "silu": F.silu,
+        "swish": F.silu,
+        "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    }[manifest.hparams.get("activation", "relu")]
     for i, layer in enumerate(model.encoder.layer):
-        for module, dense in (("attention.output", layer.attention.output.dense),
-                              ("output", layer.output.dense)):
+        for module, dense in (
+            ("attention.output", layer.attention.output.dense),
+            ("output", layer.output.dense),
+        ):
             p = f"encoder.layer.{i}.{module}.adapter."
             if p + "down.weight" not in tensors:
                 continue
@@ -73,13 +88,19 @@ def _attach_adapters(model: BertModel, manifest: TaskManifest,
             dense.register_forward_hook(hook)
 
 
-def _lora_model(model: BertModel, manifest: TaskManifest,
-                tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+def _lora_model(
+    model: BertModel, manifest: TaskManifest, tensors: dict[str, torch.Tensor]
+) -> torch.nn.Module:
     hp = manifest.hparams
     mods = sorted({k.split(".", 3)[3].rsplit(".lora_", 1)[0] for k in tensors if ".lora_A." in k})
-    cfg = LoraConfig(r=hp["r"], lora_alpha=hp.get("lora_alpha", hp["r"]), target_modules=mods,
-                     lora_dropout=0.0, use_rslora=bool(hp.get("use_rslora", False)),
-                     init_lora_weights=False)
+    cfg = LoraConfig(
+        r=hp["r"],
+        lora_alpha=hp.get("lora_alpha", hp["r"]),
+        target_modules=mods,
+        lora_dropout=0.0,
+        use_rslora=bool(hp.get("use_rslora", False)),
+        init_lora_weights=False,
+    )
     peft_model = get_peft_model(model, cfg)
     sd = peft_model.state_dict()
     loaded = 0
@@ -94,8 +115,9 @@ def _lora_model(model: BertModel, manifest: TaskManifest,
     return peft_model.eval()
 
 
-def task_model(w: BackboneWeights, manifest: TaskManifest,
-               tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+def task_model(
+    w: BackboneWeights, manifest: TaskManifest, tensors: dict[str, torch.Tensor]
+) -> torch.nn.Module:
     """The oracle model of one task (a BertModel, or a PEFT model wrapping one)."""
     model = BertModel(BertConfig(**hf_config(w.spec)), add_pooling_layer=True).eval()
     state = _merged_state(w, manifest, tensors)
@@ -111,15 +133,22 @@ def task_model(w: BackboneWeights, manifest: TaskManifest,
 
 
 @torch.no_grad()
-def oracle_output(model: torch.nn.Module, manifest: TaskManifest, tensors: dict[str, torch.Tensor],
-                  ids: np.ndarray) -> np.ndarray:
+def oracle_output(
+    model: torch.nn.Module,
+    manifest: TaskManifest,
+    tensors: dict[str, torch.Tensor],
+    ids: np.ndarray,
+) -> np.ndarray:
     """Head output of ``model`` for one sequence (float32 ``[D]``)."""
     x = torch.as_tensor(np.asarray(ids, dtype=np.int64))[None, :]
     out = model(input_ids=x, attention_mask=torch.ones_like(x))
     head = manifest.head
     if head.kind == "classification":
-        logits = F.linear(out.pooler_output, tensors["classifier.weight"].float(),
-                          tensors["classifier.bias"].float())
+        logits = F.linear(
+            out.pooler_output,
+            tensors["classifier.weight"].float(),
+            tensors["classifier.bias"].float(),
+        )
         return logits[0].numpy()
     hidden = out.last_hidden_state[0]
     emb = hidden.mean(0) if head.pooling == "mean" else hidden[0]

@@ -38,8 +38,9 @@ def test_token_sources(tmp_path: Path) -> None:
     assert load_token({}, tmp_path, {}) is None  # admin disabled
     assert load_token({}, tmp_path, {"PETS_ADMIN_TOKEN": f" {TOKEN}\n"}) == TOKEN
     (tmp_path / "tok").write_text(TOKEN + "\n")
-    assert load_token({"ADMIN_TOKEN_FILE": "tok"}, tmp_path,
-                      {"PETS_ADMIN_TOKEN": "x" * 20}) == TOKEN  # the file wins
+    assert (
+        load_token({"ADMIN_TOKEN_FILE": "tok"}, tmp_path, {"PETS_ADMIN_TOKEN": "x" * 20}) == TOKEN
+    )  # the file wins
     with pytest.raises(ConfigError, match="at least 16"):
         load_token({}, tmp_path, {"PETS_ADMIN_TOKEN": "short"})
     with pytest.raises(ConfigError, match="cannot be read"):
@@ -74,12 +75,14 @@ def test_register_update_unregister_list_status(admin: Admin, versions: list[Any
 
 
 def _snapshot(store: Path) -> set[tuple[str, int]]:
-    return {(str(p.relative_to(store)), p.stat().st_mtime_ns) for p in store.rglob("*")
-            if p.is_file() and p.name != ".admin.lock"}
+    return {
+        (str(p.relative_to(store)), p.stat().st_mtime_ns)
+        for p in store.rglob("*")
+        if p.is_file() and p.name != ".admin.lock"
+    }
 
 
-def test_hostile_input_is_refused_and_store_unchanged(admin: Admin,
-                                                       versions: list[Any]) -> None:
+def test_hostile_input_is_refused_and_store_unchanged(admin: Admin, versions: list[Any]) -> None:
     tok = TOKEN.encode()
     admin.handle(tok, b"register", b"keep", *payload(named(versions[0], "keep")))
     before = _snapshot(admin.store)
@@ -89,32 +92,59 @@ def test_hostile_input_is_refused_and_store_unchanged(admin: Admin,
     nan = {k: v.clone() for k, v in t.items()}
     next(iter(nan.values())).view(-1)[0] = float("inf")
     cases: dict[str, tuple[tuple[Any, ...], str, str]] = {
-        "wrong token": ((b"x" * 26, b"register", b"evil", good_m, good_w), "wrong or missing",
-                        "INVALID_ARG"),
-        "no token": ((None, b"register", b"evil", good_m, good_w), "wrong or missing",
-                     "INVALID_ARG"),
-        "dotdot": ((tok, b"register", b"../evil", good_m, good_w), "invalid task name",
-                   "INVALID_ARG"),
-        "slash": ((tok, b"register", b"a/b", good_m, good_w), "invalid task name",
-                  "INVALID_ARG"),
-        "truncated": ((tok, b"register", b"evil", good_m, good_w[:-1]), "truncated",
-                      "INVALID_ARG"),
+        "wrong token": (
+            (b"x" * 26, b"register", b"evil", good_m, good_w),
+            "wrong or missing",
+            "INVALID_ARG",
+        ),
+        "no token": (
+            (None, b"register", b"evil", good_m, good_w),
+            "wrong or missing",
+            "INVALID_ARG",
+        ),
+        "dotdot": (
+            (tok, b"register", b"../evil", good_m, good_w),
+            "invalid task name",
+            "INVALID_ARG",
+        ),
+        "slash": ((tok, b"register", b"a/b", good_m, good_w), "invalid task name", "INVALID_ARG"),
+        "truncated": ((tok, b"register", b"evil", good_m, good_w[:-1]), "truncated", "INVALID_ARG"),
         "tiny": ((tok, b"register", b"evil", good_m, b"\x01"), "truncated", "INVALID_ARG"),
-        "huge header": ((tok, b"register", b"evil", good_m,
-                         (10**12).to_bytes(8, "little") + good_w[8:]), "declares a",
-                        "INVALID_ARG"),
-        "pickle": ((tok, b"register", b"evil", good_m, torch_save_bytes(t)),
-                   "not a safetensors", "INVALID_ARG"),
-        "shape": ((tok, b"register", b"evil", good_m, safetensors_bytes(bad_shape)), "shape",
-                  "INVALID_ARG"),
-        "inf": ((tok, b"register", b"evil", good_m, safetensors_bytes(nan)), "NaN or Inf",
-                "INVALID_ARG"),
-        "manifest list": ((tok, b"register", b"evil", b"[1, 2]", good_w), "JSON object",
-                          "INVALID_ARG"),
-        "exists": ((tok, b"register", b"keep", payload(named(versions[1], "keep"))[0], good_w),
-                   "already exists", "ALREADY_EXISTS"),
-        "update missing": ((tok, b"update", b"evil", good_m, good_w), "does not exist",
-                           "NOT_FOUND"),
+        "huge header": (
+            (tok, b"register", b"evil", good_m, (10**12).to_bytes(8, "little") + good_w[8:]),
+            "declares a",
+            "INVALID_ARG",
+        ),
+        "pickle": (
+            (tok, b"register", b"evil", good_m, torch_save_bytes(t)),
+            "not a safetensors",
+            "INVALID_ARG",
+        ),
+        "shape": (
+            (tok, b"register", b"evil", good_m, safetensors_bytes(bad_shape)),
+            "shape",
+            "INVALID_ARG",
+        ),
+        "inf": (
+            (tok, b"register", b"evil", good_m, safetensors_bytes(nan)),
+            "NaN or Inf",
+            "INVALID_ARG",
+        ),
+        "manifest list": (
+            (tok, b"register", b"evil", b"[1, 2]", good_w),
+            "JSON object",
+            "INVALID_ARG",
+        ),
+        "exists": (
+            (tok, b"register", b"keep", payload(named(versions[1], "keep"))[0], good_w),
+            "already exists",
+            "ALREADY_EXISTS",
+        ),
+        "update missing": (
+            (tok, b"update", b"evil", good_m, good_w),
+            "does not exist",
+            "NOT_FOUND",
+        ),
         "unregister missing": ((tok, b"unregister", b"evil"), "does not exist", "NOT_FOUND"),
         "not utf8": ((tok, b"\xff\xfe", b"evil"), "UTF-8", "INVALID_ARG"),
     }

@@ -24,22 +24,35 @@ ATOL = 2e-5  # fp32, 6 layers; observed ~1e-6
 # name -> (PEFT target_modules, PEFT feedforward_modules, head)
 IA3_TASKS = {
     # PEFT's BERT default: key/value outputs, attention.output.dense + output.dense inputs
-    "ia3_default": (["key", "value", "output.dense"], ["output.dense"],
-                    HeadConfig("embedding", pooling="mean")),
+    "ia3_default": (
+        ["key", "value", "output.dense"],
+        ["output.dense"],
+        HeadConfig("embedding", pooling="mean"),
+    ),
     # output scaling everywhere it can be: q/k/v and both output denses as non-feedforward
-    "ia3_outputs": (["query", "key", "value", "output.dense"], [],
-                    HeadConfig("classification", num_labels=3)),
+    "ia3_outputs": (
+        ["query", "key", "value", "output.dense"],
+        [],
+        HeadConfig("classification", num_labels=3),
+    ),
     # FFN-only (feedforward output.dense as a regex, the other PEFT spelling)
-    "ia3_ffn": (r".*\.output\.dense", r"^(?!.*attention).*output\.dense",
-                HeadConfig("embedding", pooling="cls", normalize=True)),
+    "ia3_ffn": (
+        r".*\.output\.dense",
+        r"^(?!.*attention).*output\.dense",
+        HeadConfig("embedding", pooling="cls", normalize=True),
+    ),
 }
-OTHERS = [("other_lora", "lora", {"r": 4}), ("other_adapter", "adapter", {"bottleneck": 8}),
-          ("other_diff", "diff_pruning", {})]
+OTHERS = [
+    ("other_lora", "lora", {"r": 4}),
+    ("other_adapter", "adapter", {"bottleneck": 8}),
+    ("other_diff", "diff_pruning", {}),
+]
 
 
 def _seqs(rng: np.random.Generator, n: int, vocab: int) -> list[np.ndarray]:
-    return [np.r_[101, rng.integers(1000, vocab, size=int(k)), 102]
-            for k in rng.integers(1, 30, size=n)]
+    return [
+        np.r_[101, rng.integers(1000, vocab, size=int(k)), 102] for k in rng.integers(1, 30, size=n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +60,20 @@ def ia3_store(tmp_path_factory, backbone) -> tuple[Path, dict]:
     store = tmp_path_factory.mktemp("ia3store")
     made = {}
     for seed, (name, (targets, ff, head)) in enumerate(IA3_TASKS.items(), start=10):
-        m, t = random_task(backbone, name, "ia3", head, seed=seed,
-                           hparams={"target_modules": targets, "feedforward_modules": ff})
+        m, t = random_task(
+            backbone,
+            name,
+            "ia3",
+            head,
+            seed=seed,
+            hparams={"target_modules": targets, "feedforward_modules": ff},
+        )
         write_task(store, m, t)
         made[name] = (m, t)
     for seed, (name, pet, hp) in enumerate(OTHERS, start=50):
-        m, t = random_task(backbone, name, pet, HeadConfig("classification", num_labels=3),
-                           seed=seed, hparams=hp)
+        m, t = random_task(
+            backbone, name, pet, HeadConfig("classification", num_labels=3), seed=seed, hparams=hp
+        )
         write_task(store, m, t)
     return store, made
 
@@ -87,8 +107,9 @@ def _head_out(model, head: HeadConfig, tensors, ids) -> np.ndarray:
     x = torch.as_tensor(ids, dtype=torch.int64)[None]
     out = model(input_ids=x, attention_mask=torch.ones_like(x))
     if head.kind == "classification":
-        return torch.nn.functional.linear(out.pooler_output, tensors["classifier.weight"],
-                                          tensors["classifier.bias"])[0].numpy()
+        return torch.nn.functional.linear(
+            out.pooler_output, tensors["classifier.weight"], tensors["classifier.bias"]
+        )[0].numpy()
     hidden = out.last_hidden_state[0]
     emb = hidden.mean(0) if head.pooling == "mean" else hidden[0]
     return (torch.nn.functional.normalize(emb, dim=-1) if head.normalize else emb).numpy()
@@ -139,9 +160,14 @@ def test_ia3_scale_rows_released(ia3_engine, backbone):
     used, mem = ia3_engine.ctx.scale.used, reg.memory_bytes()
     method = reg.methods["ia3"]
     pool_used = method.pool.used
-    m, t = random_task(backbone, "ia3_tmp", "ia3", HeadConfig("classification", num_labels=2),
-                       seed=99, hparams={"target_modules": ["query", "output.dense"],
-                                         "feedforward_modules": []})
+    m, t = random_task(
+        backbone,
+        "ia3_tmp",
+        "ia3",
+        HeadConfig("classification", num_labels=2),
+        seed=99,
+        hparams={"target_modules": ["query", "output.dense"], "feedforward_modules": []},
+    )
     entry = reg.add(m, t)
     assert entry.loaded.scale_slot > 0 and ia3_engine.ctx.scale.used == used + 1
     assert method.pool.used > pool_used and method.has_output_transform
@@ -150,13 +176,22 @@ def test_ia3_scale_rows_released(ia3_engine, backbone):
     assert reg.memory_bytes() == mem
 
 
-@pytest.mark.parametrize("targets,ff,match", [
-    (["intermediate.dense"], [], "intermediate.dense"),
-    (["query"], ["query"], "shared input"),
-])
+@pytest.mark.parametrize(
+    "targets,ff,match",
+    [
+        (["intermediate.dense"], [], "intermediate.dense"),
+        (["query"], ["query"], "shared input"),
+    ],
+)
 def test_ia3_refusals(backbone, targets, ff, match):
-    m, t = random_task(backbone, "bad", "ia3", HeadConfig("embedding"), seed=1,
-                       hparams={"target_modules": targets, "feedforward_modules": ff})
+    m, t = random_task(
+        backbone,
+        "bad",
+        "ia3",
+        HeadConfig("embedding"),
+        seed=1,
+        hparams={"target_modules": targets, "feedforward_modules": ff},
+    )
     with pytest.raises(TaskError, match=match):
         validate_task(backbone, m, t)
 

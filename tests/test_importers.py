@@ -29,17 +29,20 @@ NUM_LABELS = 3
 
 def _seqs(n: int, vocab: int, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    return [np.r_[101, rng.integers(1000, vocab, size=int(k)), 102]
-            for k in rng.integers(1, 30, size=n)]
+    return [
+        np.r_[101, rng.integers(1000, vocab, size=int(k)), 102] for k in rng.integers(1, 30, size=n)
+    ]
 
 
-def _cls_model(backbone, num_labels: int = NUM_LABELS, seed: int = 0
-               ) -> BertForSequenceClassification:
+def _cls_model(
+    backbone, num_labels: int = NUM_LABELS, seed: int = 0
+) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     cfg = BertConfig(**hf_config(backbone.spec), num_labels=num_labels)
     model = BertForSequenceClassification(cfg)
-    model.load_state_dict({f"bert.{k}": v for k, v in state_from_weights(backbone).items()},
-                          strict=False)
+    model.load_state_dict(
+        {f"bert.{k}": v for k, v in state_from_weights(backbone).items()}, strict=False
+    )
     with torch.no_grad():
         model.classifier.weight.normal_(0, 0.2)
         model.classifier.bias.normal_(0, 0.1)
@@ -84,23 +87,30 @@ def _compare(got: list, want: list[np.ndarray], atol: float = 5e-5) -> None:
 
 def _store_snapshot(store: Path) -> tuple:
     gen = store / ".generation"
-    return (sorted(p.name for p in store.iterdir()) if store.exists() else [],
-            gen.stat().st_mtime_ns if gen.exists() else None)
+    return (
+        sorted(p.name for p in store.iterdir()) if store.exists() else [],
+        gen.stat().st_mtime_ns if gen.exists() else None,
+    )
 
 
 # ------------------------------------------------------------------------------- PEFT
 LORA_CASES = {
     "lora_qv": dict(r=4, lora_alpha=8, target_modules=["query", "value"]),
-    "lora_all_rs": dict(r=8, lora_alpha=16, use_rslora=True,
-                        target_modules=["query", "key", "value", "dense"]),  # 'dense': 3 linears
+    "lora_all_rs": dict(
+        r=8, lora_alpha=16, use_rslora=True, target_modules=["query", "key", "value", "dense"]
+    ),  # 'dense': 3 linears
 }
 
 
 @pytest.mark.parametrize("case", list(LORA_CASES))
 def test_peft_lora_round_trip(case, backbone, tmp_path):
     base = _cls_model(backbone)
-    cfg = LoraConfig(**LORA_CASES[case], modules_to_save=["classifier"], lora_dropout=0.0,
-                     init_lora_weights=False)
+    cfg = LoraConfig(
+        **LORA_CASES[case],
+        modules_to_save=["classifier"],
+        lora_dropout=0.0,
+        init_lora_weights=False,
+    )
     if case == "lora_all_rs":  # 'dense' would also catch the pooler: exclude it as users do
         cfg.exclude_modules = ["pooler.dense"]
     pm = get_peft_model(copy.deepcopy(base), cfg).eval()
@@ -125,16 +135,18 @@ def test_peft_lora_round_trip(case, backbone, tmp_path):
 
 def test_peft_ia3_round_trip(backbone, tmp_path):
     base = _cls_model(backbone, seed=1)
-    cfg = IA3Config(target_modules=["key", "value", "output.dense"],
-                    feedforward_modules=["output.dense"], modules_to_save=["classifier"],
-                    init_ia3_weights=False)
+    cfg = IA3Config(
+        target_modules=["key", "value", "output.dense"],
+        feedforward_modules=["output.dense"],
+        modules_to_save=["classifier"],
+        init_ia3_weights=False,
+    )
     pm = get_peft_model(copy.deepcopy(base), cfg).eval()
     assert _randomise(pm, "ia3_l", 1.0, 0.15) == 4 * backbone.spec.layers
     pm.save_pretrained(tmp_path / "adapter", safe_serialization=True)
     res = import_peft(tmp_path / "store", "ia3_peft", tmp_path / "adapter", backbone)
     assert res.manifest.pet_type == "ia3"
-    assert res.manifest.hparams["feedforward_modules"] == ["attention.output.dense",
-                                                           "output.dense"]
+    assert res.manifest.hparams["feedforward_modules"] == ["attention.output.dense", "output.dense"]
     eng = _engine(tmp_path / "store")
     assert not eng.load_errors, eng.load_errors
     seqs = _seqs(6, backbone.spec.vocab, seed=1)
@@ -148,9 +160,10 @@ def test_peft_ia3_round_trip(backbone, tmp_path):
 def test_peft_without_classifier_gets_mean_embedding_head(backbone, tmp_path):
     from oracle import base_model
 
-    pm = get_peft_model(base_model(backbone),
-                        LoraConfig(r=4, target_modules=["query", "value"],
-                                   init_lora_weights=False)).eval()
+    pm = get_peft_model(
+        base_model(backbone),
+        LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False),
+    ).eval()
     _randomise(pm, "lora_", 0.0, 0.1)
     pm.save_pretrained(tmp_path / "adapter")
     assert cli_main(["import-peft", str(tmp_path / "store"), "emb", str(tmp_path / "adapter")]) == 0
@@ -178,8 +191,9 @@ def _finetuned(backbone, tmp_path: Path, weights_too: bool) -> BertForSequenceCl
 
 def test_finetuned_density_one_equals_hf(backbone, tmp_path):
     model = _finetuned(backbone, tmp_path, weights_too=True)
-    res = import_finetuned(tmp_path / "store", "ft_full", tmp_path / "ft", backbone,
-                           "diff_pruning", density=1.0)
+    res = import_finetuned(
+        tmp_path / "store", "ft_full", tmp_path / "ft", backbone, "diff_pruning", density=1.0
+    )
     assert not res.warnings, res.warnings
     assert "pooler.dense.weight" in res.tensors and "classifier.weight" in res.tensors
     eng = _engine(tmp_path / "store")
@@ -199,8 +213,9 @@ def test_finetuned_density_and_bitfit(backbone, tmp_path):
     _finetuned(backbone, tmp_path, weights_too=True)  # now weights changed too
     res = import_finetuned(None, "ft_bitfit2", tmp_path / "ft", backbone, "bitfit")
     assert any("dropped" in w for w in res.warnings)
-    res = import_finetuned(None, "ft_sparse", tmp_path / "ft", backbone, "diff_pruning",
-                           density=0.01)
+    res = import_finetuned(
+        None, "ft_sparse", tmp_path / "ft", backbone, "diff_pruning", density=0.01
+    )
     idx = res.tensors["encoder.layer.0.intermediate.dense.weight_delta_indices"]
     spec = backbone.spec
     assert idx.numel() == int(np.ceil(0.01 * spec.ffn * spec.hidden))
@@ -208,8 +223,11 @@ def test_finetuned_density_and_bitfit(backbone, tmp_path):
 
 # ------------------------------------------------------------------------------- refusals
 def _lora_adapter(backbone, folder: Path, **kw) -> None:
-    cfg = LoraConfig(**{"r": 4, "target_modules": ["query", "value"], **kw},
-                     modules_to_save=["classifier"], init_lora_weights=False)
+    cfg = LoraConfig(
+        **{"r": 4, "target_modules": ["query", "value"], **kw},
+        modules_to_save=["classifier"],
+        init_lora_weights=False,
+    )
     get_peft_model(_cls_model(backbone), cfg).save_pretrained(folder, safe_serialization=True)
 
 
@@ -239,41 +257,67 @@ def test_refuse_pickle_adapter(backbone, tmp_path, seeded_store):
 
 def test_refuse_dora_and_bad_configs(backbone, tmp_path, seeded_store):
     _lora_adapter(backbone, tmp_path / "dora", use_dora=True)
-    _refused(seeded_store, lambda: import_peft(seeded_store, "d", tmp_path / "dora", backbone),
-             "use_dora.*DoRA")
+    _refused(
+        seeded_store,
+        lambda: import_peft(seeded_store, "d", tmp_path / "dora", backbone),
+        "use_dora.*DoRA",
+    )
     _lora_adapter(backbone, tmp_path / "bias", bias="all")
-    _refused(seeded_store, lambda: import_peft(seeded_store, "b", tmp_path / "bias", backbone),
-             "bias='all'")
+    _refused(
+        seeded_store,
+        lambda: import_peft(seeded_store, "b", tmp_path / "bias", backbone),
+        "bias='all'",
+    )
     _lora_adapter(backbone, tmp_path / "ranks", rank_pattern={"value": 8})
-    _refused(seeded_store, lambda: import_peft(seeded_store, "r", tmp_path / "ranks", backbone),
-             "rank_pattern")
+    _refused(
+        seeded_store,
+        lambda: import_peft(seeded_store, "r", tmp_path / "ranks", backbone),
+        "rank_pattern",
+    )
     _lora_adapter(backbone, tmp_path / "layers", layers_to_transform=[0, 1])
-    _refused(seeded_store, lambda: import_peft(seeded_store, "l", tmp_path / "layers", backbone),
-             "layers_to_transform")
+    _refused(
+        seeded_store,
+        lambda: import_peft(seeded_store, "l", tmp_path / "layers", backbone),
+        "layers_to_transform",
+    )
 
 
 def test_refuse_unsupported_target(backbone, tmp_path, seeded_store):
     _lora_adapter(backbone, tmp_path / "emb", target_modules=["query", "word_embeddings"])
-    _refused(seeded_store, lambda: import_peft(seeded_store, "e", tmp_path / "emb", backbone),
-             "outside the BERT linears")
+    _refused(
+        seeded_store,
+        lambda: import_peft(seeded_store, "e", tmp_path / "emb", backbone),
+        "outside the BERT linears",
+    )
     _lora_adapter(backbone, tmp_path / "pool", target_modules=["query", "pooler.dense"])
-    _refused(seeded_store, lambda: import_peft(seeded_store, "q", tmp_path / "pool", backbone),
-             "pooler.dense.lora_A.*outside the BERT linears")
+    _refused(
+        seeded_store,
+        lambda: import_peft(seeded_store, "q", tmp_path / "pool", backbone),
+        "pooler.dense.lora_A.*outside the BERT linears",
+    )
 
 
 def test_refuse_wrong_hidden_size(backbone, tmp_path, seeded_store):
     spec = backbone.spec
-    small = dict(hf_config(spec), hidden_size=spec.hidden // 2,
-                 intermediate_size=spec.ffn // 2, num_labels=2)
+    small = dict(
+        hf_config(spec), hidden_size=spec.hidden // 2, intermediate_size=spec.ffn // 2, num_labels=2
+    )
     model = BertForSequenceClassification(BertConfig(**small)).eval()
-    get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["query", "value"],
-                                                    modules_to_save=["classifier"])
-                   ).save_pretrained(tmp_path / "adapter")
-    _refused(seeded_store, lambda: import_peft(seeded_store, "w", tmp_path / "adapter",
-                                               backbone), "another backbone")
+    get_peft_model(
+        copy.deepcopy(model),
+        LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"]),
+    ).save_pretrained(tmp_path / "adapter")
+    _refused(
+        seeded_store,
+        lambda: import_peft(seeded_store, "w", tmp_path / "adapter", backbone),
+        "another backbone",
+    )
     model.save_pretrained(tmp_path / "ft")
-    _refused(seeded_store, lambda: import_finetuned(seeded_store, "w", tmp_path / "ft", backbone),
-             "hidden_size=192 but the serving backbone has 384")
+    _refused(
+        seeded_store,
+        lambda: import_finetuned(seeded_store, "w", tmp_path / "ft", backbone),
+        "hidden_size=192 but the serving backbone has 384",
+    )
     assert list_tasks(seeded_store) == ["existing"]
 
 
@@ -286,8 +330,11 @@ def test_memory_budget_refuses_and_leaves_registry_unchanged(backbone):
     reg.budget_bytes = first.nbytes + first.nbytes // 2  # room for 1.5 adapters
     use, mem, slots = pool_use(reg), reg.memory_bytes(), dict(reg.tasks)
     m2, t2 = random_task(backbone, "a2", "adapter", head, seed=2)
-    with pytest.raises(TaskError, match=r"needs 2\.\d+ MiB.*MEMORY_BUDGET_MB=.*raise "
-                                        r"MEMORY_BUDGET_MB"):
+    with pytest.raises(
+        TaskError,
+        match=r"needs 2\.\d+ MiB.*MEMORY_BUDGET_MB=.*raise "
+        r"MEMORY_BUDGET_MB",
+    ):
         reg.add(m2, t2)
     assert pool_use(reg) == use and reg.memory_bytes() == mem and reg.tasks == slots
     m3, t3 = random_task(backbone, "small", "ia3", head, seed=3)  # a small task still fits
@@ -325,8 +372,14 @@ def test_memory_returns_after_remove(pet, backbone):
 
 
 def test_capacity_report(backbone):
-    rep = measure(backbone, "cpu", torch.float32, budget_bytes=1 << 30,
-                  pets=["ia3", "lora", "adapter"], samples=2)
+    rep = measure(
+        backbone,
+        "cpu",
+        torch.float32,
+        budget_bytes=1 << 30,
+        pets=["ia3", "lora", "adapter"],
+        samples=2,
+    )
     rows = {r.pet: r for r in rep.rows}
     assert rows["ia3"].task_bytes < rows["lora"].task_bytes < rows["adapter"].task_bytes
     assert all(r.released for r in rep.rows)

@@ -44,8 +44,9 @@ def versions(backbone: Any) -> list[Any]:
 
 @pytest.fixture(scope="module")
 def expected(versions: list[Any], tmp_path_factory: pytest.TempPathFactory) -> list[np.ndarray]:
-    ref = Engine.from_parameters({"TASK_STORE": str(tmp_path_factory.mktemp("ref")),
-                                  "REFRESH_MS": "0"})
+    ref = Engine.from_parameters(
+        {"TASK_STORE": str(tmp_path_factory.mktemp("ref")), "REFRESH_MS": "0"}
+    )
     try:
         return expected_outputs(ref, versions)
     finally:
@@ -53,8 +54,9 @@ def expected(versions: list[Any], tmp_path_factory: pytest.TempPathFactory) -> l
 
 
 def _refused(out: Any) -> bool:
-    return isinstance(out, RequestError) and ("unknown task" in out.message
-                                              or "unregistered" in out.message)
+    return isinstance(out, RequestError) and (
+        "unknown task" in out.message or "unregistered" in out.message
+    )
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -64,14 +66,29 @@ def _pct(xs: list[float], q: float) -> float:
 def test_idle_engine_sees_changes_within_a_second(tmp_path: Path, versions: list[Any]) -> None:
     eng = Engine.from_parameters({"TASK_STORE": str(tmp_path)})  # default REFRESH_MS, no traffic
     try:
-        steps = [("register", lambda: write_task(tmp_path, *named(versions[0], "idle")),
-                  lambda: "idle" in eng.registry.tasks
-                  and eng.registry.tasks["idle"].manifest.pet_type == "bitfit"),
-                 ("update", lambda: write_task(tmp_path, *named(versions[1], "idle")),
-                  lambda: eng.registry.tasks.get("idle") is not None
-                  and eng.registry.tasks["idle"].manifest.pet_type == "lora"),
-                 ("unregister", lambda: delete_task(tmp_path, "idle"),
-                  lambda: "idle" not in eng.registry.tasks)]
+        steps = [
+            (
+                "register",
+                lambda: write_task(tmp_path, *named(versions[0], "idle")),
+                lambda: (
+                    "idle" in eng.registry.tasks
+                    and eng.registry.tasks["idle"].manifest.pet_type == "bitfit"
+                ),
+            ),
+            (
+                "update",
+                lambda: write_task(tmp_path, *named(versions[1], "idle")),
+                lambda: (
+                    eng.registry.tasks.get("idle") is not None
+                    and eng.registry.tasks["idle"].manifest.pet_type == "lora"
+                ),
+            ),
+            (
+                "unregister",
+                lambda: delete_task(tmp_path, "idle"),
+                lambda: "idle" not in eng.registry.tasks,
+            ),
+        ]
         for what, act, seen in steps:
             t0 = time.monotonic()
             act()
@@ -86,8 +103,9 @@ def test_idle_engine_sees_changes_within_a_second(tmp_path: Path, versions: list
 
 
 @pytest.mark.slow
-def test_register_update_unregister_cycles(tmp_path: Path, versions: list[Any],
-                                           expected: list[np.ndarray]) -> None:
+def test_register_update_unregister_cycles(
+    tmp_path: Path, versions: list[Any], expected: list[np.ndarray]
+) -> None:
     """CYCLES cycles in LANES lanes: every execute carries one request per lane plus one for a
     stable task (a mixed batch, as Triton delivers them); the store is written between
     executes while the engine's refresh thread runs concurrently."""
@@ -142,13 +160,16 @@ def test_register_update_unregister_cycles(tmp_path: Path, versions: list[Any],
         tasks = sorted(eng.registry.tasks)
     finally:
         eng.close()
-    print(f"\n{CYCLES} cycles ({lanes} lanes) in {elapsed:.1f} s, {served} responses checked; "
-          f"visible after update p50 {_pct(lat['update'], 50):.0f} / max "
-          f"{_pct(lat['update'], 100):.0f} ms, after unregister p50 "
-          f"{_pct(lat['unregister'], 50):.0f} / max {_pct(lat['unregister'], 100):.0f} ms; "
-          f"task memory {base_mem} -> {mem} bytes; pools {pools}")
+    print(
+        f"\n{CYCLES} cycles ({lanes} lanes) in {elapsed:.1f} s, {served} responses checked; "
+        f"visible after update p50 {_pct(lat['update'], 50):.0f} / max "
+        f"{_pct(lat['update'], 100):.0f} ms, after unregister p50 "
+        f"{_pct(lat['unregister'], 50):.0f} / max {_pct(lat['unregister'], 100):.0f} ms; "
+        f"task memory {base_mem} -> {mem} bytes; pools {pools}"
+    )
     assert not wrong, "\n".join(wrong)
     assert tasks == ["stable"]
     assert mem == base_mem, "task memory did not return after unregistering"
-    assert pools == base_pools, {k: (base_pools.get(k), v) for k, v in pools.items()
-                                 if base_pools.get(k) != v}
+    assert pools == base_pools, {
+        k: (base_pools.get(k), v) for k, v in pools.items() if base_pools.get(k) != v
+    }

@@ -21,13 +21,15 @@ MODEL_PY = Path(__file__).resolve().parents[1] / "backend" / "model.py"
 
 def test_engine_stats_drain_and_split() -> None:
     st = EngineStats()
-    st.record(Counter(a=2, b=1), Counter(a=30, b=10), Counter({("", "INVALID_ARG"): 1}), 0.004,
-              2, 1000)
+    st.record(
+        Counter(a=2, b=1), Counter(a=30, b=10), Counter({("", "INVALID_ARG"): 1}), 0.004, 2, 1000
+    )
     st.record(Counter(a=1), Counter(a=10), Counter(), 0.001, 2, 1200)
     d = st.drain()
     assert d.requests == Counter(a=3, b=1) and d.tokens == Counter(a=40, b=10)
-    assert d.compute_us["a"] == pytest.approx(3000 + 1000) and d.compute_us["b"] == \
-        pytest.approx(1000)
+    assert d.compute_us["a"] == pytest.approx(3000 + 1000) and d.compute_us["b"] == pytest.approx(
+        1000
+    )
     assert d.errors == Counter({("", "INVALID_ARG"): 1}) and d.memory_bytes == 1200
     again = st.drain()
     assert again.empty() and again.memory_bytes == 1200 and st.totals.requests["a"] == 3
@@ -36,10 +38,11 @@ def test_engine_stats_drain_and_split() -> None:
 def test_engine_records_bulk_counts(engine: Any) -> None:
     engine.stats.drain()
     ids = np.array([[101, 2000, 2001, 102]], dtype=np.int64)
-    reqs = [{"TASK": np.array([[b"demo_lora"]] * 2, dtype=object),
-             "INPUT_IDS": np.vstack([ids, ids])},
-            {"TASK": np.array([[b"demo_bitfit"]], dtype=object), "INPUT_IDS": ids},
-            {"TASK": np.array([[b"who_is_this"]], dtype=object), "INPUT_IDS": ids}]
+    reqs = [
+        {"TASK": np.array([[b"demo_lora"]] * 2, dtype=object), "INPUT_IDS": np.vstack([ids, ids])},
+        {"TASK": np.array([[b"demo_bitfit"]], dtype=object), "INPUT_IDS": ids},
+        {"TASK": np.array([[b"who_is_this"]], dtype=object), "INPUT_IDS": ids},
+    ]
     outs = engine.execute(reqs)
     assert [isinstance(o, np.ndarray) for o in outs] == [True, True, False]
     d = engine.stats.drain()
@@ -89,8 +92,9 @@ def test_model_flushes_changed_series_once_per_execute(monkeypatch: pytest.Monke
             return cls()
 
         def execute(self, requests: list[Any]) -> list[Any]:
-            self.stats.record(Counter(t=len(requests)), Counter(t=5 * len(requests)), Counter(),
-                              0.002, 1, 4096)
+            self.stats.record(
+                Counter(t=len(requests)), Counter(t=5 * len(requests)), Counter(), 0.002, 1, 4096
+            )
             return [np.zeros((1, 2), np.float32) for _ in requests]
 
     pb = types.ModuleType("triton_python_backend_utils")
@@ -109,8 +113,13 @@ def test_model_flushes_changed_series_once_per_execute(monkeypatch: pytest.Monke
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     model = mod.TritonPythonModel()
-    model.initialize({"model_config": json.dumps({"name": "pets", "parameters": {}}),
-                      "model_repository": "repo/pets", "model_instance_name": "pets_0_0"})
+    model.initialize(
+        {
+            "model_config": json.dumps({"name": "pets", "parameters": {}}),
+            "model_repository": "repo/pets",
+            "model_instance_name": "pets_0_0",
+        }
+    )
     model.execute([{}, {}])
     model.execute([{}])
     fam = _Family.all
@@ -138,8 +147,11 @@ nv_inference_request_success{model="other",version="1"} 99
 
 
 def test_status_table() -> None:
-    assert ("pets_tasks_resident", {"instance": "pets_0_0", "model": "pets"}, 3.0) in \
-        parse_prometheus(SCRAPE)
+    assert (
+        "pets_tasks_resident",
+        {"instance": "pets_0_0", "model": "pets"},
+        3.0,
+    ) in parse_prometheus(SCRAPE)
     out = status_table(SCRAPE)
     rows = {line.split()[0]: line.split() for line in out.splitlines()}
     assert rows["a"][1:] == ["4", "0", "40", "2.000"]

@@ -39,8 +39,9 @@ def test_every_task_matches_its_oracle(engine, task_store, backbone, ops_mode):
         served = engine.run(seqs, [name] * len(seqs))
         for ids, got in zip(seqs, served, strict=True):
             want = oracle_output(model, manifest, tensors, ids)
-            np.testing.assert_allclose(got, want, atol=ATOL, rtol=0,
-                                       err_msg=f"task {name} ({manifest.pet_type})")
+            np.testing.assert_allclose(
+                got, want, atol=ATOL, rtol=0, err_msg=f"task {name} ({manifest.pet_type})"
+            )
             # The PET must change the output: the same head on the bare backbone differs.
             plain = oracle_output(base, manifest, tensors, ids)
             assert np.abs(plain - want).max() > 1e-2, f"{name}: PET has no visible effect"
@@ -54,8 +55,9 @@ def test_mixed_batch_equals_each_task_alone(engine, task_store, backbone, ops_mo
     mixed = engine.run(seqs, tasks)
     for i, (ids, task) in enumerate(zip(seqs, tasks, strict=True)):
         alone = engine.run([ids], [task])[0]
-        np.testing.assert_allclose(mixed[i], alone, atol=1e-5, rtol=0,
-                                   err_msg=f"row {i} task {task}")
+        np.testing.assert_allclose(
+            mixed[i], alone, atol=1e-5, rtol=0, err_msg=f"row {i} task {task}"
+        )
 
 
 def test_same_item_in_batch_and_alone_for_every_type(engine, task_store, backbone):
@@ -66,21 +68,26 @@ def test_same_item_in_batch_and_alone_for_every_type(engine, task_store, backbon
     for name in names:
         alone = engine.run([probe], [name])[0]
         others = _seqs(rng, 8, backbone.spec.vocab)
-        batch = engine.run([*others[:4], probe, *others[4:]],
-                           [*names[:4], name, *names[-4:]])
+        batch = engine.run([*others[:4], probe, *others[4:]], [*names[:4], name, *names[-4:]])
         np.testing.assert_allclose(batch[4], alone, atol=1e-5, rtol=0, err_msg=name)
 
 
 def test_text_and_ids_paths_agree(engine):
     text = np.array([[b"parameter-efficient tasks share one backbone"]], dtype=object)
     ids = engine.tokenizer.encode(text[0, 0].decode()).ids
-    out = engine.execute([
-        {"TASK": np.array([[b"demo_lora"]], dtype=object), "TEXT": text},
-        {"TASK": np.array([[b"demo_lora"]], dtype=object),
-         "INPUT_IDS": np.array([ids], dtype=np.int64)},
-        {"TASK": np.array([[b"demo_lora"]], dtype=object),
-         "INPUT_IDS": np.array([ids], dtype=np.int32)},
-    ])
+    out = engine.execute(
+        [
+            {"TASK": np.array([[b"demo_lora"]], dtype=object), "TEXT": text},
+            {
+                "TASK": np.array([[b"demo_lora"]], dtype=object),
+                "INPUT_IDS": np.array([ids], dtype=np.int64),
+            },
+            {
+                "TASK": np.array([[b"demo_lora"]], dtype=object),
+                "INPUT_IDS": np.array([ids], dtype=np.int32),
+            },
+        ]
+    )
     assert out[0].shape == (1, 3)
     np.testing.assert_allclose(out[0], out[1], atol=1e-6)
     np.testing.assert_allclose(out[0], out[2], atol=1e-6)

@@ -20,8 +20,9 @@ from pets.taskstore import MANIFEST, WEIGHTS, check_name, read_task, write_task
 @pytest.fixture()
 def small_store(tmp_path, backbone) -> Path:
     for i, pet in enumerate(["bitfit", "lora"]):
-        m, t = random_task(backbone, f"ok_{pet}", pet, HeadConfig("classification", num_labels=2),
-                           seed=i)
+        m, t = random_task(
+            backbone, f"ok_{pet}", pet, HeadConfig("classification", num_labels=2), seed=i
+        )
         write_task(tmp_path, m, t)
     return tmp_path
 
@@ -43,20 +44,34 @@ def _first(t: dict, suffix: str) -> str:
 
 
 CORRUPTIONS = {
-    "unknown_pet_type": (dict(manifest_edit=lambda o: o["pet"].update(type="prefix")),
-                         "unknown PET type 'prefix'"),
-    "backbone_mismatch": (dict(manifest_edit=lambda o: o["backbone"].update(fingerprint="x")),
-                          "was made for backbone x"),
-    "wrong_shape": (dict(mutate=lambda t: t.update({_first(t, "query.bias"): torch.zeros(7)})),
-                    "has shape (7,), expected (384,)"),
-    "nan_values": (dict(mutate=lambda t: t[_first(t, "query.bias")].__setitem__(0, float("nan"))),
-                   "contains NaN or Inf"),
-    "unknown_tensor": (dict(mutate=lambda t: t.update({"encoder.layer.0.evil": torch.zeros(1)})),
-                       "unexpected tensor name"),
-    "lora_rank_mismatch": (dict(pet="lora", manifest_edit=lambda o: o["pet"].update(r=3)),
-                           "expected (3, 384)"),
-    "missing_head": (dict(mutate=lambda t: t.pop("classifier.weight")),
-                     "needs tensor 'classifier.weight'"),
+    "unknown_pet_type": (
+        dict(manifest_edit=lambda o: o["pet"].update(type="prefix")),
+        "unknown PET type 'prefix'",
+    ),
+    "backbone_mismatch": (
+        dict(manifest_edit=lambda o: o["backbone"].update(fingerprint="x")),
+        "was made for backbone x",
+    ),
+    "wrong_shape": (
+        dict(mutate=lambda t: t.update({_first(t, "query.bias"): torch.zeros(7)})),
+        "has shape (7,), expected (384,)",
+    ),
+    "nan_values": (
+        dict(mutate=lambda t: t[_first(t, "query.bias")].__setitem__(0, float("nan"))),
+        "contains NaN or Inf",
+    ),
+    "unknown_tensor": (
+        dict(mutate=lambda t: t.update({"encoder.layer.0.evil": torch.zeros(1)})),
+        "unexpected tensor name",
+    ),
+    "lora_rank_mismatch": (
+        dict(pet="lora", manifest_edit=lambda o: o["pet"].update(r=3)),
+        "expected (3, 384)",
+    ),
+    "missing_head": (
+        dict(mutate=lambda t: t.pop("classifier.weight")),
+        "needs tensor 'classifier.weight'",
+    ),
 }
 
 
@@ -102,8 +117,14 @@ def test_manifest_name_must_match_folder(tmp_path, backbone):
 
 def test_write_is_atomic_and_replaces(tmp_path, backbone):
     _write(tmp_path, backbone, "t")
-    _write(tmp_path, backbone, "t", mutate=lambda t: t.update(
-        {_first(t, "query.bias"): torch.ones_like(t[_first(t, "query.bias")])}))
+    _write(
+        tmp_path,
+        backbone,
+        "t",
+        mutate=lambda t: t.update(
+            {_first(t, "query.bias"): torch.ones_like(t[_first(t, "query.bias")])}
+        ),
+    )
     _, t = read_task(tmp_path / "t")
     assert torch.all(t[_first(t, "query.bias")] == 1)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".tmp", ".old"))]

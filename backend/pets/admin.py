@@ -58,8 +58,7 @@ def config_parameters(model_config: Mapping[str, Any]) -> dict[str, str]:
     return {k: str(v.get("string_value", "")) for k, v in raw.items()}
 
 
-def load_token(params: Mapping[str, str], model_dir: Path,
-               env: Mapping[str, str]) -> str | None:
+def load_token(params: Mapping[str, str], model_dir: Path, env: Mapping[str, str]) -> str | None:
     """The admin token: parameter ADMIN_TOKEN_FILE (relative to the model dir), else env
     PETS_ADMIN_TOKEN; None (admin disabled) when neither is set."""
     file = params.get("ADMIN_TOKEN_FILE", "")
@@ -68,8 +67,10 @@ def load_token(params: Mapping[str, str], model_dir: Path,
         try:
             token = path.read_text().strip()
         except OSError as exc:
-            raise ConfigError(f"ADMIN_TOKEN_FILE={file!r} cannot be read ({exc}); write the "
-                              "token into that file or remove the parameter") from None
+            raise ConfigError(
+                f"ADMIN_TOKEN_FILE={file!r} cannot be read ({exc}); write the "
+                "token into that file or remove the parameter"
+            ) from None
         source = f"ADMIN_TOKEN_FILE {path}"
     else:
         token = env.get(TOKEN_ENV, "").strip()
@@ -77,16 +78,24 @@ def load_token(params: Mapping[str, str], model_dir: Path,
         if not token:
             return None
     if len(token) < MIN_TOKEN_LEN:
-        raise ConfigError(f"the admin token from {source} has {len(token)} characters; use at "
-                          f"least {MIN_TOKEN_LEN} (e.g. `openssl rand -hex 16`)")
+        raise ConfigError(
+            f"the admin token from {source} has {len(token)} characters; use at "
+            f"least {MIN_TOKEN_LEN} (e.g. `openssl rand -hex 16`)"
+        )
     return token
 
 
 class Admin:
     """Validates and publishes tasks into one store for one backbone."""
 
-    def __init__(self, store: Path, registry: TaskRegistry, token: str | None,
-                 max_upload_bytes: int = 512 << 20, trial_load: bool = True) -> None:
+    def __init__(
+        self,
+        store: Path,
+        registry: TaskRegistry,
+        token: str | None,
+        max_upload_bytes: int = 512 << 20,
+        trial_load: bool = True,
+    ) -> None:
         self.store = store
         self.registry = registry  # scratch CPU registry: validation and trial loads only
         self._token = token
@@ -94,8 +103,9 @@ class Admin:
         self.trial_load = trial_load
 
     @classmethod
-    def from_parameters(cls, params: Mapping[str, str], model_dir: Path,
-                        env: Mapping[str, str] = os.environ) -> Admin:
+    def from_parameters(
+        cls, params: Mapping[str, str], model_dir: Path, env: Mapping[str, str] = os.environ
+    ) -> Admin:
         """Parameters: BACKBONE and TASK_STORE (as the ``pets`` model's), ADMIN_TOKEN_FILE,
         MAX_UPLOAD_MB (default 512), TRIAL_LOAD (default 1)."""
         store = Path(params.get("TASK_STORE", "tasks"))
@@ -106,16 +116,27 @@ class Admin:
         except ValueError as exc:
             raise ConfigError(f"MAX_UPLOAD_MB / TRIAL_LOAD must be integers: {exc}") from None
         weights = load_backbone(resolve_checkpoint(params.get("BACKBONE", "default"), model_dir))
-        return cls(store, scratch_registry(weights), load_token(params, model_dir, env),
-                   max_mb << 20, bool(trial))
+        return cls(
+            store,
+            scratch_registry(weights),
+            load_token(params, model_dir, env),
+            max_mb << 20,
+            bool(trial),
+        )
 
     @property
     def fingerprint(self) -> str:
         return self.registry.ctx.spec.fingerprint
 
     # ------------------------------------------------------------------------------ entry
-    def handle(self, token: bytes | None, action: bytes | str | None, name: bytes | None = None,
-               manifest: bytes | None = None, weights: bytes | None = None) -> dict[str, Any]:
+    def handle(
+        self,
+        token: bytes | None,
+        action: bytes | str | None,
+        name: bytes | None = None,
+        manifest: bytes | None = None,
+        weights: bytes | None = None,
+    ) -> dict[str, Any]:
         """Serve one admin request; raises :class:`AdminError` (never echoes the token)."""
         self._check_token(token)
         act = _text(action, "ACTION")
@@ -134,13 +155,18 @@ class Admin:
 
     def _check_token(self, token: bytes | None) -> None:
         if self._token is None:
-            raise AdminError(f"the admin API is disabled: no token is configured; set "
-                             f"{TOKEN_ENV} in tritonserver's environment or the "
-                             "ADMIN_TOKEN_FILE parameter of pets_admin", "UNAVAILABLE")
+            raise AdminError(
+                f"the admin API is disabled: no token is configured; set "
+                f"{TOKEN_ENV} in tritonserver's environment or the "
+                "ADMIN_TOKEN_FILE parameter of pets_admin",
+                "UNAVAILABLE",
+            )
         given = token if isinstance(token, bytes) else b""
         if not hmac.compare_digest(given, self._token.encode()):
-            raise AdminError("wrong or missing admin token (input TOKEN); send the token the "
-                             f"server was started with ({TOKEN_ENV} / ADMIN_TOKEN_FILE)")
+            raise AdminError(
+                "wrong or missing admin token (input TOKEN); send the token the "
+                f"server was started with ({TOKEN_ENV} / ADMIN_TOKEN_FILE)"
+            )
 
     @staticmethod
     def _name(raw: bytes) -> str:
@@ -150,17 +176,20 @@ class Admin:
             raise AdminError(str(exc)) from None
 
     # ------------------------------------------------------------------------------ actions
-    def publish(self, name: str, manifest: bytes | None, weights: bytes | None,
-                create: bool) -> dict[str, Any]:
+    def publish(
+        self, name: str, manifest: bytes | None, weights: bytes | None, create: bool
+    ) -> dict[str, Any]:
         """Validate completely, then publish atomically (register: new; update: existing)."""
         act = "register" if create else "update"
         if not manifest or not weights:
             raise AdminError(f"ACTION {act} needs MANIFEST (JSON) and WEIGHTS (safetensors bytes)")
         m = self._manifest(name, manifest)
         if len(weights) > self.max_upload_bytes:
-            raise AdminError(f"WEIGHTS is {len(weights)} bytes, over MAX_UPLOAD_MB="
-                             f"{self.max_upload_bytes >> 20}; raise it in pets_admin's config or "
-                             "copy the task into the store with `pets create --weights`")
+            raise AdminError(
+                f"WEIGHTS is {len(weights)} bytes, over MAX_UPLOAD_MB="
+                f"{self.max_upload_bytes >> 20}; raise it in pets_admin's config or "
+                "copy the task into the store with `pets create --weights`"
+            )
         try:
             tensors = weights_from_bytes(weights)
             if self.trial_load:  # add() validates, then loads; give the scratch slots back
@@ -173,23 +202,33 @@ class Admin:
         with self._locked():
             exists = (self.store / name / MANIFEST).is_file()
             if create and exists:
-                raise AdminError(f"task {name!r} already exists; use ACTION update to replace "
-                                 "it", "ALREADY_EXISTS")
+                raise AdminError(
+                    f"task {name!r} already exists; use ACTION update to replace it",
+                    "ALREADY_EXISTS",
+                )
             if not create and not exists:
-                raise AdminError(f"task {name!r} does not exist; use ACTION register",
-                                 "NOT_FOUND")
+                raise AdminError(f"task {name!r} does not exist; use ACTION register", "NOT_FOUND")
             write_task(self.store, m, tensors)
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        return {"ok": True, "action": act, "name": name, "pet": m.pet_type,
-                "version": m.version, "tensors": len(tensors), "bytes": nbytes}
+        return {
+            "ok": True,
+            "action": act,
+            "name": name,
+            "pet": m.pet_type,
+            "version": m.version,
+            "tensors": len(tensors),
+            "bytes": nbytes,
+        }
 
     def unregister(self, name: str) -> dict[str, Any]:
         with self._locked():
             try:
                 delete_task(self.store, name)
             except TaskError:
-                raise AdminError(f"task {name!r} does not exist; ACTION list shows the "
-                                 "registered tasks", "NOT_FOUND") from None
+                raise AdminError(
+                    f"task {name!r} does not exist; ACTION list shows the registered tasks",
+                    "NOT_FOUND",
+                ) from None
         return {"ok": True, "action": "unregister", "name": name}
 
     def list(self) -> dict[str, Any]:
@@ -197,17 +236,26 @@ class Admin:
         for name in list_tasks(self.store):
             try:
                 m = self._read_manifest(name)
-                tasks.append({"name": name, "pet": m.pet_type, "version": m.version,
-                              "head": m.head.to_json()})
+                tasks.append(
+                    {
+                        "name": name,
+                        "pet": m.pet_type,
+                        "version": m.version,
+                        "head": m.head.to_json(),
+                    }
+                )
             except (TaskError, OSError, ValueError) as exc:
                 tasks.append({"name": name, "pet": "INVALID", "error": str(exc)})
         return {"ok": True, "backbone": self.fingerprint, "tasks": tasks}
 
     def status(self, name: str | None) -> dict[str, Any]:
         if name is None:
-            return {"ok": True, "backbone": self.fingerprint,
-                    "tasks": len(list_tasks(self.store)),
-                    "max_upload_bytes": self.max_upload_bytes}
+            return {
+                "ok": True,
+                "backbone": self.fingerprint,
+                "tasks": len(list_tasks(self.store)),
+                "max_upload_bytes": self.max_upload_bytes,
+            }
         folder = self.store / name
         if not (folder / MANIFEST).is_file():
             raise AdminError(f"task {name!r} does not exist", "NOT_FOUND")
@@ -215,8 +263,9 @@ class Admin:
             m = self._read_manifest(name)
             size = (folder / WEIGHTS).stat().st_size
         except (TaskError, OSError, ValueError) as exc:
-            raise AdminError(f"task {name!r} is unreadable in the store: {exc}",
-                             "INTERNAL") from None
+            raise AdminError(
+                f"task {name!r} is unreadable in the store: {exc}", "INTERNAL"
+            ) from None
         return {"ok": True, "name": name, "manifest": m.to_json(), "weights_bytes": size}
 
     # ------------------------------------------------------------------------------ helpers
@@ -235,8 +284,9 @@ class Admin:
         except TaskError as exc:
             raise AdminError(f"MANIFEST refused: {exc}") from None
         if m.name != name:
-            raise AdminError(f"MANIFEST names task {m.name!r} but NAME is {name!r}; make them "
-                             "equal")
+            raise AdminError(
+                f"MANIFEST names task {m.name!r} but NAME is {name!r}; make them equal"
+            )
         return m
 
     def _read_manifest(self, name: str) -> TaskManifest:

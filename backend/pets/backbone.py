@@ -28,12 +28,24 @@ LN_SITES = ("attn_ln", "ffn_ln")
 
 # Random-weight configurations for speed work (HF BertConfig field names).
 SYNTHETIC_CONFIGS: dict[str, dict[str, int]] = {
-    "bert-base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-                  "intermediate_size": 3072},
-    "bert-base-6l": {"hidden_size": 768, "num_hidden_layers": 6, "num_attention_heads": 12,
-                     "intermediate_size": 3072},
-    "bert-large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
-                   "intermediate_size": 4096},
+    "bert-base": {
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+    },
+    "bert-base-6l": {
+        "hidden_size": 768,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+    },
+    "bert-large": {
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "intermediate_size": 4096,
+    },
 }
 
 
@@ -91,9 +103,14 @@ class BackboneWeights:
             return {k: [cv(t) for t in v] for k, v in d.items()}
 
         return BackboneWeights(
-            spec=self.spec, word=cv(self.word), position=cv(self.position),
-            token_type=cv(self.token_type), linear=cvd(self.linear), bias=cvd(self.bias),
-            ln_gamma=cvd(self.ln_gamma), ln_beta=cvd(self.ln_beta),
+            spec=self.spec,
+            word=cv(self.word),
+            position=cv(self.position),
+            token_type=cv(self.token_type),
+            linear=cvd(self.linear),
+            bias=cvd(self.bias),
+            ln_gamma=cvd(self.ln_gamma),
+            ln_beta=cvd(self.ln_beta),
             pooler_w=None if self.pooler_w is None else cv(self.pooler_w),
             pooler_b=None if self.pooler_b is None else cv(self.pooler_b),
         )
@@ -139,11 +156,15 @@ def _spec_from_config(cfg: dict, fingerprint: str) -> BackboneSpec:
     if hidden % heads:
         raise ConfigError(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
     return BackboneSpec(
-        hidden=hidden, layers=int(cfg["num_hidden_layers"]), heads=heads,
-        ffn=int(cfg["intermediate_size"]), vocab=int(cfg.get("vocab_size", 30522)),
+        hidden=hidden,
+        layers=int(cfg["num_hidden_layers"]),
+        heads=heads,
+        ffn=int(cfg["intermediate_size"]),
+        vocab=int(cfg.get("vocab_size", 30522)),
         max_positions=int(cfg.get("max_position_embeddings", 512)),
         type_vocab=int(cfg.get("type_vocab_size", 2)),
-        eps=float(cfg.get("layer_norm_eps", 1e-12)), act=str(cfg.get("hidden_act", "gelu")),
+        eps=float(cfg.get("layer_norm_eps", 1e-12)),
+        act=str(cfg.get("hidden_act", "gelu")),
         fingerprint=fingerprint,
     )
 
@@ -151,13 +172,15 @@ def _spec_from_config(cfg: dict, fingerprint: str) -> BackboneSpec:
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise ConfigError(f"no *.safetensors in {path}; convert the checkpoint to safetensors "
-                          "(pickle checkpoints are never loaded)")
+        raise ConfigError(
+            f"no *.safetensors in {path}; convert the checkpoint to safetensors "
+            "(pickle checkpoints are never loaded)"
+        )
     state: dict[str, torch.Tensor] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
             for k in fh.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                key = k[len("bert."):] if k.startswith("bert.") else k
+                key = k[len("bert.") :] if k.startswith("bert.") else k
                 state[key] = fh.get_tensor(k)
     return state
 
@@ -203,18 +226,27 @@ def weights_from_state(spec: BackboneSpec, state: dict[str, torch.Tensor]) -> Ba
 
     linear: dict[str, list[torch.Tensor]] = {s: [] for s in SITES}
     bias: dict[str, list[torch.Tensor]] = {s: [] for s in SITES}
-    ln_g: dict[str, list[torch.Tensor]] = {"emb_ln": [get("embeddings.LayerNorm.weight")],
-                                           "attn_ln": [], "ffn_ln": []}
-    ln_b: dict[str, list[torch.Tensor]] = {"emb_ln": [get("embeddings.LayerNorm.bias")],
-                                           "attn_ln": [], "ffn_ln": []}
+    ln_g: dict[str, list[torch.Tensor]] = {
+        "emb_ln": [get("embeddings.LayerNorm.weight")],
+        "attn_ln": [],
+        "ffn_ln": [],
+    }
+    ln_b: dict[str, list[torch.Tensor]] = {
+        "emb_ln": [get("embeddings.LayerNorm.bias")],
+        "attn_ln": [],
+        "ffn_ln": [],
+    }
     for i in range(spec.layers):
         p = f"encoder.layer.{i}."
         att = p + "attention.self."
         qkv_names = ("query", "key", "value")
         linear["qkv"].append(torch.cat([get(att + n + ".weight") for n in qkv_names]))
         bias["qkv"].append(torch.cat([get(att + n + ".bias") for n in qkv_names]))
-        for site, name in (("attn_out", "attention.output.dense"), ("ffn_in", "intermediate.dense"),
-                           ("ffn_out", "output.dense")):
+        for site, name in (
+            ("attn_out", "attention.output.dense"),
+            ("ffn_in", "intermediate.dense"),
+            ("ffn_out", "output.dense"),
+        ):
             linear[site].append(get(p + name + ".weight"))
             bias[site].append(get(p + name + ".bias"))
         for ln, name in (("attn_ln", "attention.output.LayerNorm"), ("ffn_ln", "output.LayerNorm")):
@@ -222,10 +254,14 @@ def weights_from_state(spec: BackboneSpec, state: dict[str, torch.Tensor]) -> Ba
             ln_b[ln].append(get(p + name + ".bias"))
     has_pooler = "pooler.dense.weight" in state
     return BackboneWeights(
-        spec=spec, word=get("embeddings.word_embeddings.weight"),
+        spec=spec,
+        word=get("embeddings.word_embeddings.weight"),
         position=get("embeddings.position_embeddings.weight"),
         token_type=get("embeddings.token_type_embeddings.weight"),
-        linear=linear, bias=bias, ln_gamma=ln_g, ln_beta=ln_b,
+        linear=linear,
+        bias=bias,
+        ln_gamma=ln_g,
+        ln_beta=ln_b,
         pooler_w=get("pooler.dense.weight") if has_pooler else None,
         pooler_b=get("pooler.dense.bias") if has_pooler else None,
     )
@@ -244,10 +280,13 @@ def state_from_weights(w: BackboneWeights) -> dict[str, torch.Tensor]:
     for i in range(s.layers):
         p = f"encoder.layer.{i}."
         for j, n in enumerate(("query", "key", "value")):
-            out[p + f"attention.self.{n}.weight"] = w.linear["qkv"][i][j * h:(j + 1) * h]
-            out[p + f"attention.self.{n}.bias"] = w.bias["qkv"][i][j * h:(j + 1) * h]
-        for site, name in (("attn_out", "attention.output.dense"), ("ffn_in", "intermediate.dense"),
-                           ("ffn_out", "output.dense")):
+            out[p + f"attention.self.{n}.weight"] = w.linear["qkv"][i][j * h : (j + 1) * h]
+            out[p + f"attention.self.{n}.bias"] = w.bias["qkv"][i][j * h : (j + 1) * h]
+        for site, name in (
+            ("attn_out", "attention.output.dense"),
+            ("ffn_in", "intermediate.dense"),
+            ("ffn_out", "output.dense"),
+        ):
             out[p + name + ".weight"] = w.linear[site][i]
             out[p + name + ".bias"] = w.bias[site][i]
         for ln, name in (("attn_ln", "attention.output.LayerNorm"), ("ffn_ln", "output.LayerNorm")):
@@ -262,10 +301,17 @@ def state_from_weights(w: BackboneWeights) -> dict[str, torch.Tensor]:
 def hf_config(spec: BackboneSpec) -> dict:
     """An HF ``BertConfig`` dict for this spec (for oracles and importers)."""
     return {
-        "model_type": "bert", "hidden_size": spec.hidden, "num_hidden_layers": spec.layers,
-        "num_attention_heads": spec.heads, "intermediate_size": spec.ffn, "vocab_size": spec.vocab,
-        "max_position_embeddings": spec.max_positions, "type_vocab_size": spec.type_vocab,
-        "layer_norm_eps": spec.eps, "hidden_act": spec.act, "hidden_dropout_prob": 0.0,
+        "model_type": "bert",
+        "hidden_size": spec.hidden,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads,
+        "intermediate_size": spec.ffn,
+        "vocab_size": spec.vocab,
+        "max_position_embeddings": spec.max_positions,
+        "type_vocab_size": spec.type_vocab,
+        "layer_norm_eps": spec.eps,
+        "hidden_act": spec.act,
+        "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
     }
 
@@ -283,7 +329,14 @@ def _random_weights(spec: BackboneSpec, seed: int) -> BackboneWeights:
     ln_g = {"emb_ln": [1 + rnd(h)], **{k: [1 + rnd(h) for _ in per_layer] for k in LN_SITES}}
     ln_b = {"emb_ln": [rnd(h)], **{k: [rnd(h) for _ in per_layer] for k in LN_SITES}}
     return BackboneWeights(
-        spec=spec, word=rnd(spec.vocab, h), position=rnd(spec.max_positions, h),
-        token_type=rnd(spec.type_vocab, h), linear=linear, bias=bias, ln_gamma=ln_g,
-        ln_beta=ln_b, pooler_w=rnd(h, h), pooler_b=rnd(h),
+        spec=spec,
+        word=rnd(spec.vocab, h),
+        position=rnd(spec.max_positions, h),
+        token_type=rnd(spec.type_vocab, h),
+        linear=linear,
+        bias=bias,
+        ln_gamma=ln_g,
+        ln_beta=ln_b,
+        pooler_w=rnd(h, h),
+        pooler_b=rnd(h),
     )

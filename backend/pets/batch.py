@@ -51,8 +51,12 @@ class Batch:
         return int(self.seg_task_cpu.shape[0])
 
 
-def build_batch(ids: Sequence[np.ndarray], task_slots: Sequence[int] | np.ndarray,
-                device: torch.device, pad_to: int = 0) -> Batch:
+def build_batch(
+    ids: Sequence[np.ndarray],
+    task_slots: Sequence[int] | np.ndarray,
+    device: torch.device,
+    pad_to: int = 0,
+) -> Batch:
     """Pack sequences into a :class:`Batch`, grouped by task.
 
     Args:
@@ -68,13 +72,17 @@ def build_batch(ids: Sequence[np.ndarray], task_slots: Sequence[int] | np.ndarra
     valid = np.fromiter((len(ids[i]) for i in order), dtype=np.int64, count=len(order))
     if pad_to and len(valid) and valid.max() > pad_to:
         raise ValueError(f"pad_to={pad_to} is shorter than a sequence of {valid.max()} tokens")
-    real = np.concatenate([np.asarray(ids[i], dtype=np.int64) for i in order]) if len(order) \
+    real = (
+        np.concatenate([np.asarray(ids[i], dtype=np.int64) for i in order])
+        if len(order)
         else np.zeros(0, dtype=np.int64)
+    )
     if pad_to:
         lengths = np.full_like(valid, pad_to)
         starts = np.cumsum(valid) - valid  # of each sequence in `real`
-        dest = (np.repeat(np.arange(len(order)) * pad_to - starts, valid)
-                + np.arange(real.shape[0]))  # row * pad_to + position in the sequence
+        dest = np.repeat(np.arange(len(order)) * pad_to - starts, valid) + np.arange(
+            real.shape[0]
+        )  # row * pad_to + position in the sequence
         flat = np.zeros(len(order) * pad_to, dtype=np.int64)
         flat[dest] = real
     else:
@@ -84,12 +92,18 @@ def build_batch(ids: Sequence[np.ndarray], task_slots: Sequence[int] | np.ndarra
     positions = np.arange(cu[-1], dtype=np.int64) - np.repeat(cu[:-1], lengths)
 
     sorted_slots = slots[order]
-    starts = np.flatnonzero(np.r_[True, sorted_slots[1:] != sorted_slots[:-1]]) \
-        if len(order) else np.zeros(0, dtype=np.int64)
+    starts = (
+        np.flatnonzero(np.r_[True, sorted_slots[1:] != sorted_slots[:-1]])
+        if len(order)
+        else np.zeros(0, dtype=np.int64)
+    )
     seg_task = sorted_slots[starts]
     seg_indptr = np.r_[cu[starts], cu[-1]].astype(np.int32)
-    seq_segment = np.cumsum(np.r_[True, sorted_slots[1:] != sorted_slots[:-1]]) - 1 \
-        if len(order) else np.zeros(0, dtype=np.int64)
+    seq_segment = (
+        np.cumsum(np.r_[True, sorted_slots[1:] != sorted_slots[:-1]]) - 1
+        if len(order)
+        else np.zeros(0, dtype=np.int64)
+    )
 
     seg_indptr_cpu = torch.from_numpy(seg_indptr)
     return Batch(

@@ -53,16 +53,20 @@ class CapacityReport:
         return asdict(self)
 
     def table(self) -> str:
-        lines = [f"device {self.device} ({self.dtype}), backbone {self.backbone} "
-                 f"({self.backbone_bytes / MIB:.1f} MiB), free {self.free_bytes / MIB:.0f} MiB "
-                 f"[{self.free_source}], reserve {self.reserve_bytes / MIB:.0f} MiB",
-                 f"{'pet':<14}{'task MiB':>10}{'stored MiB':>12}{'alloc MiB':>11}{'fits':>10}"
-                 f"{'released':>10}  hparams"]
+        lines = [
+            f"device {self.device} ({self.dtype}), backbone {self.backbone} "
+            f"({self.backbone_bytes / MIB:.1f} MiB), free {self.free_bytes / MIB:.0f} MiB "
+            f"[{self.free_source}], reserve {self.reserve_bytes / MIB:.0f} MiB",
+            f"{'pet':<14}{'task MiB':>10}{'stored MiB':>12}{'alloc MiB':>11}{'fits':>10}"
+            f"{'released':>10}  hparams",
+        ]
         for r in self.rows:
             alloc = "-" if r.alloc_bytes is None else f"{r.alloc_bytes / MIB:.3f}"
-            lines.append(f"{r.pet:<14}{r.task_bytes / MIB:>10.3f}{r.stored_bytes / MIB:>12.3f}"
-                         f"{alloc:>11}{r.fits:>10}{r.released!s:>10}  "
-                         f"{json.dumps(r.hparams)}")
+            lines.append(
+                f"{r.pet:<14}{r.task_bytes / MIB:>10.3f}{r.stored_bytes / MIB:>12.3f}"
+                f"{alloc:>11}{r.fits:>10}{r.released!s:>10}  "
+                f"{json.dumps(r.hparams)}"
+            )
         return "\n".join(lines)
 
 
@@ -87,11 +91,17 @@ def pool_use(reg: Any) -> list[int]:
     return out
 
 
-def measure(weights: BackboneWeights, device: str | torch.device = "cpu",
-            dtype: torch.dtype = torch.float32, *, budget_bytes: int | None = None,
-            reserve_bytes: int = 0, pets: list[str] | None = None,
-            hparams: dict[str, dict[str, Any]] | None = None, samples: int = 4
-            ) -> CapacityReport:
+def measure(
+    weights: BackboneWeights,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    budget_bytes: int | None = None,
+    reserve_bytes: int = 0,
+    pets: list[str] | None = None,
+    hparams: dict[str, dict[str, Any]] | None = None,
+    samples: int = 4,
+) -> CapacityReport:
     """Register ``samples`` random tasks per PET type on ``device`` and report the fit."""
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -104,17 +114,25 @@ def measure(weights: BackboneWeights, device: str | torch.device = "cpu",
         backbone_bytes = torch.cuda.memory_allocated(device) - before
     else:
         w = reg.ctx.backbone
-        backbone_bytes = sum(t.numel() * t.element_size() for t in
-                             [w.word, w.position, w.token_type,
-                              *(x for v in w.linear.values() for x in v)])
+        backbone_bytes = sum(
+            t.numel() * t.element_size()
+            for t in [w.word, w.position, w.token_type, *(x for v in w.linear.values() for x in v)]
+        )
     if budget_bytes is not None:
         free, source = budget_bytes, "budget"
     elif cuda:
         free, source = torch.cuda.mem_get_info(device)[0], "cuda mem_get_info"
     else:
         free, source = _host_available(), "host MemAvailable"
-    report = CapacityReport(str(device), str(dtype).removeprefix("torch."),
-                            weights.spec.fingerprint, backbone_bytes, free, source, reserve_bytes)
+    report = CapacityReport(
+        str(device),
+        str(dtype).removeprefix("torch."),
+        weights.spec.fingerprint,
+        backbone_bytes,
+        free,
+        source,
+        reserve_bytes,
+    )
     head = HeadConfig("classification", num_labels=2)
     for pet in pets or sorted(pet_types()):
         hp = dict(DEFAULT_HPARAMS.get(pet, {}))

@@ -34,8 +34,9 @@ def cmd_demo_store(args: argparse.Namespace) -> int:
     store = Path(args.store)
     for seed, pet in enumerate(DEMO_TASKS):
         hp = {"bottleneck": 16} if pet == "adapter" else {}
-        m, t = random_task(w, f"demo_{pet}", pet, HeadConfig("classification", num_labels=3),
-                           seed=seed, hparams=hp)
+        m, t = random_task(
+            w, f"demo_{pet}", pet, HeadConfig("classification", num_labels=3), seed=seed, hparams=hp
+        )
         write_task(store, m, t)
     print(f"demo store {store}: {', '.join(list_tasks(store))}")
     return 0
@@ -65,13 +66,27 @@ def cmd_list(args: argparse.Namespace) -> int:
         try:
             m, t = read_task(store / name)
             nbytes = sum(v.numel() * v.element_size() for v in t.values())
-            rows.append((name, m.pet_type, json.dumps(m.head.to_json()), f"{nbytes / 1e6:.2f} MB",
-                         m.backbone_fingerprint))
+            rows.append(
+                (
+                    name,
+                    m.pet_type,
+                    json.dumps(m.head.to_json()),
+                    f"{nbytes / 1e6:.2f} MB",
+                    m.backbone_fingerprint,
+                )
+            )
         except PetsError as exc:
             rows.append((name, "INVALID", str(exc), "", ""))
     if args.json:
-        print(json.dumps([dict(zip(("name", "pet", "head", "size", "backbone"), r, strict=True))
-                          for r in rows], indent=2))
+        print(
+            json.dumps(
+                [
+                    dict(zip(("name", "pet", "head", "size", "backbone"), r, strict=True))
+                    for r in rows
+                ],
+                indent=2,
+            )
+        )
     else:
         for r in rows:
             print("\t".join(r))
@@ -89,8 +104,10 @@ def _opt_head(args: argparse.Namespace) -> HeadConfig | None:
     if args.head is None:
         return None
     if args.head == "classification":
-        raise PetsError("--head classification is implied by a classifier in the checkpoint; "
-                        "use --head embedding (or leave --head out)")
+        raise PetsError(
+            "--head classification is implied by a classifier in the checkpoint; "
+            "use --head embedding (or leave --head out)"
+        )
     return HeadConfig("embedding", pooling=args.pooling, normalize=args.normalize)
 
 
@@ -98,34 +115,54 @@ def _report_import(res: ImportResult) -> int:
     for w in res.warnings:
         print(f"pets: warning: {w}", file=sys.stderr)
     m = res.manifest
-    print(f"imported {m.name} ({m.pet_type}, {len(res.tensors)} tensors, "
-          f"{res.nbytes() / 1e6:.2f} MB, head {json.dumps(m.head.to_json())}) -> {res.path}")
+    print(
+        f"imported {m.name} ({m.pet_type}, {len(res.tensors)} tensors, "
+        f"{res.nbytes() / 1e6:.2f} MB, head {json.dumps(m.head.to_json())}) -> {res.path}"
+    )
     return 0
 
 
 def cmd_import_peft(args: argparse.Namespace) -> int:
     w = load_backbone(resolve_checkpoint(args.backbone))
-    return _report_import(import_peft(Path(args.store), args.name, Path(args.adapter_dir), w,
-                                      _opt_head(args)))
+    return _report_import(
+        import_peft(Path(args.store), args.name, Path(args.adapter_dir), w, _opt_head(args))
+    )
 
 
 def cmd_import_finetuned(args: argparse.Namespace) -> int:
     w = load_backbone(resolve_checkpoint(args.backbone))
-    return _report_import(import_finetuned(Path(args.store), args.name,
-                                           Path(args.checkpoint_dir), w, args.pet,
-                                           args.density, _opt_head(args)))
+    return _report_import(
+        import_finetuned(
+            Path(args.store),
+            args.name,
+            Path(args.checkpoint_dir),
+            w,
+            args.pet,
+            args.density,
+            _opt_head(args),
+        )
+    )
 
 
 def cmd_capacity(args: argparse.Namespace) -> int:
     w = load_backbone(resolve_checkpoint(args.backbone))
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (
-        torch.float16 if args.device.startswith("cuda") else torch.float32)
+    dtype = (
+        DTYPES[args.dtype]
+        if args.dtype != "auto"
+        else (torch.float16 if args.device.startswith("cuda") else torch.float32)
+    )
     budget = None if args.budget_gb is None else int(args.budget_gb * (1 << 30))
     hparams = json.loads(args.hparams) if args.hparams else None
-    report = measure(w, args.device, dtype, budget_bytes=budget,
-                     reserve_bytes=int(args.reserve_gb * (1 << 30)),
-                     pets=args.pet.split(",") if args.pet else None, hparams=hparams,
-                     samples=args.samples)
+    report = measure(
+        w,
+        args.device,
+        dtype,
+        budget_bytes=budget,
+        reserve_bytes=int(args.reserve_gb * (1 << 30)),
+        pets=args.pet.split(",") if args.pet else None,
+        hparams=hparams,
+        samples=args.samples,
+    )
     if not args.json:
         print(report.table())
     print(json.dumps(report.to_json(), indent=None if not args.json else 2))
@@ -134,8 +171,12 @@ def cmd_capacity(args: argparse.Namespace) -> int:
 
 def _add_import_head(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--backbone", default="default", help="the serving backbone (checked)")
-    sp.add_argument("--head", choices=("classification", "embedding"), default=None,
-                    help="head when the checkpoint has no classifier (default: embedding)")
+    sp.add_argument(
+        "--head",
+        choices=("classification", "embedding"),
+        default=None,
+        help="head when the checkpoint has no classifier (default: embedding)",
+    )
     sp.add_argument("--pooling", choices=("cls", "mean"), default="mean")
     sp.add_argument("--normalize", action="store_true")
 
@@ -148,14 +189,23 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from .scheduling import profile_cli
 
     engine = Engine.from_parameters(
-        {"BACKBONE": args.backbone, "TASK_STORE": tempfile.mkdtemp(prefix="pets-profile-"),
-         "DTYPE": args.dtype, "OPS": args.ops}, device=args.device)
+        {
+            "BACKBONE": args.backbone,
+            "TASK_STORE": tempfile.mkdtemp(prefix="pets-profile-"),
+            "DTYPE": args.dtype,
+            "OPS": args.ops,
+        },
+        device=args.device,
+    )
     probe = EngineProbe(engine)
-    name = (torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda"
-            else "cpu")
-    return profile_cli(args, probe.measure, device=name,
-                       dtype=str(engine.dtype).removeprefix("torch."),
-                       backbone_fingerprint=engine.spec.fingerprint)
+    name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"
+    return profile_cli(
+        args,
+        probe.measure,
+        device=name,
+        dtype=str(engine.dtype).removeprefix("torch."),
+        backbone_fingerprint=engine.spec.fingerprint,
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -164,8 +214,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         text = scrape(args.url, timeout=args.timeout)
     except OSError as exc:
-        print(f"pets: error: cannot read metrics from {args.url} ({exc}); is tritonserver "
-              "running with --allow-metrics (default) on that --metrics-port?", file=sys.stderr)
+        print(
+            f"pets: error: cannot read metrics from {args.url} ({exc}); is tritonserver "
+            "running with --allow-metrics (default) on that --metrics-port?",
+            file=sys.stderr,
+        )
         return 2
     print(status_table(text, model=args.model))
     return 0
@@ -183,9 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("create", help="create task(s): random init, or PET tensors from --weights")
     c.add_argument("store")
     c.add_argument("name", help="task name (a prefix when --count > 1)")
-    c.add_argument("--pet", required=True,
-                   help="PET type, or a comma list cycled over --count; one of "
-                        f"{sorted(pet_types())}")
+    c.add_argument(
+        "--pet",
+        required=True,
+        help=f"PET type, or a comma list cycled over --count; one of {sorted(pet_types())}",
+    )
     c.add_argument("--backbone", default="default")
     c.add_argument("--hparams", help=f"JSON hyper-parameters; defaults: {DEFAULT_HPARAMS}")
     c.add_argument("--weights", help="safetensors file with the task's tensors")
@@ -220,19 +275,26 @@ def build_parser() -> argparse.ArgumentParser:
     ip = sub.add_parser("import-peft", help="import a PEFT LoRA/IA3 adapter folder (safetensors)")
     ip.add_argument("store")
     ip.add_argument("name")
-    ip.add_argument("adapter_dir", help="folder with adapter_config.json + "
-                                        "adapter_model.safetensors")
+    ip.add_argument(
+        "adapter_dir", help="folder with adapter_config.json + adapter_model.safetensors"
+    )
     _add_import_head(ip)
     ip.set_defaults(func=cmd_import_peft)
 
-    fi = sub.add_parser("import-finetuned",
-                        help="import a full fine-tuned BERT checkpoint as diff_pruning or bitfit")
+    fi = sub.add_parser(
+        "import-finetuned",
+        help="import a full fine-tuned BERT checkpoint as diff_pruning or bitfit",
+    )
     fi.add_argument("store")
     fi.add_argument("name")
     fi.add_argument("checkpoint_dir", help="save_pretrained folder (config.json + safetensors)")
     fi.add_argument("--as", dest="pet", choices=("diff_pruning", "bitfit"), required=True)
-    fi.add_argument("--density", type=float, default=0.01,
-                    help="diff_pruning: share of each weight matrix kept (largest |W_ft - W|)")
+    fi.add_argument(
+        "--density",
+        type=float,
+        default=0.01,
+        help="diff_pruning: share of each weight matrix kept (largest |W_ft - W|)",
+    )
     _add_import_head(fi)
     fi.set_defaults(func=cmd_import_finetuned)
 
@@ -240,18 +302,29 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--backbone", default="default")
     cp.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     cp.add_argument("--dtype", choices=("auto", *DTYPES), default="auto")
-    cp.add_argument("--budget-gb", type=float, default=None,
-                    help="memory for tasks (default: free device memory)")
-    cp.add_argument("--reserve-gb", type=float, default=0.0,
-                    help="keep this much free for activations and the allocator")
+    cp.add_argument(
+        "--budget-gb",
+        type=float,
+        default=None,
+        help="memory for tasks (default: free device memory)",
+    )
+    cp.add_argument(
+        "--reserve-gb",
+        type=float,
+        default=0.0,
+        help="keep this much free for activations and the allocator",
+    )
     cp.add_argument("--pet", help="comma list of PET types (default: all)")
-    cp.add_argument("--hparams", help='JSON {pet: {hparam: value}} overriding the defaults')
+    cp.add_argument("--hparams", help="JSON {pet: {hparam: value}} overriding the defaults")
     cp.add_argument("--samples", type=int, default=4, help="tasks registered per PET type")
     cp.add_argument("--json", action="store_true", help="print only the JSON report")
     cp.set_defaults(func=cmd_capacity)
 
-    st = sub.add_parser("status", help="per-task requests, errors, tokens and compute time, "
-                                       "and residency, from a server's metrics port")
+    st = sub.add_parser(
+        "status",
+        help="per-task requests, errors, tokens and compute time, "
+        "and residency, from a server's metrics port",
+    )
     st.add_argument("--url", default="127.0.0.1:8002", help="metrics host:port (or URL)")
     st.add_argument("--model", default="pets")
     st.add_argument("--timeout", type=float, default=5.0)

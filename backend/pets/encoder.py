@@ -46,18 +46,32 @@ class SegmentParams:
 
 
 class SharedEncoder:
-    def __init__(self, weights: BackboneWeights, ctx: PetContext, registry: TaskRegistry,
-                 heads: HeadTable, shadow_streams: int = 0) -> None:
+    def __init__(
+        self,
+        weights: BackboneWeights,
+        ctx: PetContext,
+        registry: TaskRegistry,
+        heads: HeadTable,
+        shadow_streams: int = 0,
+    ) -> None:
         self.w, self.ctx, self.registry, self.heads = weights, ctx, registry, heads
         self.spec = weights.spec
         self.act = ACTIVATIONS.get(self.spec.act)
         if self.act is None:
-            raise ValueError(f"backbone hidden_act {self.spec.act!r} is not supported; "
-                             f"supported: {sorted(ACTIVATIONS)}")
-        self.use_varlen = (_varlen_attn is not None and ctx.device.type == "cuda"
-                           and ctx.dtype in (torch.float16, torch.bfloat16))
-        self.streams = ([torch.cuda.Stream(ctx.device) for _ in range(shadow_streams)]
-                        if shadow_streams > 0 and ctx.device.type == "cuda" else [])
+            raise ValueError(
+                f"backbone hidden_act {self.spec.act!r} is not supported; "
+                f"supported: {sorted(ACTIVATIONS)}"
+            )
+        self.use_varlen = (
+            _varlen_attn is not None
+            and ctx.device.type == "cuda"
+            and ctx.dtype in (torch.float16, torch.bfloat16)
+        )
+        self.streams = (
+            [torch.cuda.Stream(ctx.device) for _ in range(shadow_streams)]
+            if shadow_streams > 0 and ctx.device.type == "cuda"
+            else []
+        )
 
     # ------------------------------------------------------------------------------- forward
     @torch.inference_mode()
@@ -80,7 +94,8 @@ class SharedEncoder:
         sp = SegmentParams(
             bias=reg.slot_bias[seg_task].to(dev, non_blocking=True),
             ln=reg.slot_ln[seg_task].to(dev, non_blocking=True),
-            scale=scale_rows.to(dev, non_blocking=True) if bool((scale_rows > 0).any()) else None)
+            scale=scale_rows.to(dev, non_blocking=True) if bool((scale_rows > 0).any()) else None,
+        )
         x = self._embed(batch, sp)
         for layer in range(self.spec.layers):
             x = self._layer(layer, x, batch, sp, active)
@@ -91,11 +106,20 @@ class SharedEncoder:
         x = w.word[batch.input_ids] + w.position[batch.positions] + w.token_type[0]
         ln = self.ctx.ln.tables
         return self.ctx.ops.bias_residual_layernorm(
-            x, None, None, ln["emb_ln.gamma"][0], ln["emb_ln.beta"][0], batch.seg_indptr, None,
-            sp.ln, self.spec.eps)
+            x,
+            None,
+            None,
+            ln["emb_ln.gamma"][0],
+            ln["emb_ln.beta"][0],
+            batch.seg_indptr,
+            None,
+            sp.ln,
+            self.spec.eps,
+        )
 
-    def _linear(self, site: str, layer: int, x: torch.Tensor,
-                active: list[tuple[PetMethod, Any]]) -> torch.Tensor:
+    def _linear(
+        self, site: str, layer: int, x: torch.Tensor, active: list[tuple[PetMethod, Any]]
+    ) -> torch.Tensor:
         y = torch.mm(x, self.w.linear[site][layer].t())  # shared GEMM, no bias
         self._shadow(active, lambda m, p: m.apply_linear(p, site, layer, x, y))
         return y
@@ -116,35 +140,65 @@ class SharedEncoder:
         for stream in self.streams[: len(active)]:
             main.wait_stream(stream)
 
-    def _output(self, site: str, ln: str, layer: int, y: torch.Tensor, residual: torch.Tensor,
-                batch: Batch, sp: SegmentParams, active: list[tuple[PetMethod, Any]]
-                ) -> torch.Tensor:
+    def _output(
+        self,
+        site: str,
+        ln: str,
+        layer: int,
+        y: torch.Tensor,
+        residual: torch.Tensor,
+        batch: Batch,
+        sp: SegmentParams,
+        active: list[tuple[PetMethod, Any]],
+    ) -> torch.Tensor:
         K = self.ctx.ops
         bias = self.ctx.bias.tables[site][layer]
         gamma = self.ctx.ln.tables[f"{ln}.gamma"][layer]
         beta = self.ctx.ln.tables[f"{ln}.beta"][layer]
         transforms = [(m, p) for m, p in active if m.has_output_transform]
         if not transforms:
-            return K.bias_residual_layernorm(y, residual, bias, gamma, beta, batch.seg_indptr,
-                                             sp.bias, sp.ln, self.spec.eps)
+            return K.bias_residual_layernorm(
+                y, residual, bias, gamma, beta, batch.seg_indptr, sp.bias, sp.ln, self.spec.eps
+            )
         h = K.bias_act(y, bias, batch.seg_indptr, sp.bias, None, None, 0)
         self._shadow(transforms, lambda m, p: m.apply_output(p, site, layer, h))
-        return K.bias_residual_layernorm(h, residual, None, gamma, beta, batch.seg_indptr, None,
-                                         sp.ln, self.spec.eps)
+        return K.bias_residual_layernorm(
+            h, residual, None, gamma, beta, batch.seg_indptr, None, sp.ln, self.spec.eps
+        )
 
-    def _layer(self, layer: int, x: torch.Tensor, batch: Batch, sp: SegmentParams,
-               active: list[tuple[PetMethod, Any]]) -> torch.Tensor:
+    def _layer(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        batch: Batch,
+        sp: SegmentParams,
+        active: list[tuple[PetMethod, Any]],
+    ) -> torch.Tensor:
         K = self.ctx.ops
         bias, scale = self.ctx.bias.tables, self.ctx.scale.tables
         qkv = self._linear("qkv", layer, x, active)
-        qkv = K.bias_act(qkv, bias["qkv"][layer], batch.seg_indptr, sp.bias,
-                         None if sp.scale is None else scale["qkv"][layer], sp.scale, 0)
+        qkv = K.bias_act(
+            qkv,
+            bias["qkv"][layer],
+            batch.seg_indptr,
+            sp.bias,
+            None if sp.scale is None else scale["qkv"][layer],
+            sp.scale,
+            0,
+        )
         a = self._attention(qkv, batch)
         y = self._linear("attn_out", layer, a, active)
         h = self._output("attn_out", "attn_ln", layer, y, x, batch, sp, active)
         i = self._linear("ffn_in", layer, h, active)
-        i = K.bias_act(i, bias["ffn_in"][layer], batch.seg_indptr, sp.bias,
-                       None if sp.scale is None else scale["ffn_in"][layer], sp.scale, self.act)
+        i = K.bias_act(
+            i,
+            bias["ffn_in"][layer],
+            batch.seg_indptr,
+            sp.bias,
+            None if sp.scale is None else scale["ffn_in"][layer],
+            sp.scale,
+            self.act,
+        )
         o = self._linear("ffn_out", layer, i, active)
         return self._output("ffn_out", "ffn_ln", layer, o, h, batch, sp, active)
 
@@ -154,8 +208,9 @@ class SharedEncoder:
         nh, hd = self.spec.heads, self.spec.head_dim
         q, k, v = qkv.view(t, 3, nh, hd).unbind(1)  # each [T, nh, hd]
         if self.use_varlen and batch.valid_lens is None:
-            out = _varlen_attn(q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_seqlen,
-                               batch.max_seqlen)
+            out = _varlen_attn(
+                q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_seqlen, batch.max_seqlen
+            )
             assert isinstance(out, torch.Tensor)  # no aux outputs requested
             return out.reshape(t, nh * hd)
         # Padded path (CPU; the padded layout): scatter into [B, L, ...], mask pad keys.

@@ -73,8 +73,9 @@ class EngineConfig:
         return cfg
 
 
-def _slot_groups(w: BackboneWeights, device: torch.device, dtype: torch.dtype
-                 ) -> tuple[SlotGroup, SlotGroup, SlotGroup]:
+def _slot_groups(
+    w: BackboneWeights, device: torch.device, dtype: torch.dtype
+) -> tuple[SlotGroup, SlotGroup, SlotGroup]:
     bias = SlotGroup({s: torch.stack(w.bias[s]) for s in SITES}, device, dtype)
     ln_rows = {}
     for site in ("emb_ln", "attn_ln", "ffn_ln"):
@@ -82,22 +83,38 @@ def _slot_groups(w: BackboneWeights, device: torch.device, dtype: torch.dtype
         ln_rows[f"{site}.beta"] = torch.stack(w.ln_beta[site])
     ln = SlotGroup(ln_rows, device, dtype)
     spec = w.spec
-    scale = SlotGroup({"qkv": torch.ones(spec.layers, 3 * spec.hidden),
-                       "ffn_in": torch.ones(spec.layers, spec.ffn)}, device, dtype)
+    scale = SlotGroup(
+        {
+            "qkv": torch.ones(spec.layers, 3 * spec.hidden),
+            "ffn_in": torch.ones(spec.layers, spec.ffn),
+        },
+        device,
+        dtype,
+    )
     return bias, ln, scale
 
 
 class Engine:
     """Shared backbone + task registry + scheduler."""
 
-    def __init__(self, config: EngineConfig, *, model_dir: str | Path = ".",
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        model_dir: str | Path = ".",
+        device: str | torch.device = "cpu",
+    ) -> None:
         self.config = config
         self.device = torch.device(device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.dtype = (DTYPES[config.dtype] if config.dtype != "auto"
-                      else torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.dtype = (
+            DTYPES[config.dtype]
+            if config.dtype != "auto"
+            else torch.float16
+            if self.device.type == "cuda"
+            else torch.float32
+        )
         ops_module, self.ops = kernels.select(config.ops)
         model_dir = Path(model_dir)
         checkpoint = resolve_checkpoint(config.backbone, model_dir)
@@ -105,17 +122,21 @@ class Engine:
         self.spec = weights.spec
         self.max_seq_len = config.max_seq_len or self.spec.max_positions
         if self.max_seq_len > self.spec.max_positions:
-            raise ConfigError(f"MAX_SEQ_LEN={self.max_seq_len} exceeds the backbone's "
-                              f"max_position_embeddings {self.spec.max_positions}")
+            raise ConfigError(
+                f"MAX_SEQ_LEN={self.max_seq_len} exceeds the backbone's "
+                f"max_position_embeddings {self.spec.max_positions}"
+            )
         dev_w = weights.to(self.device, self.dtype)
         bias, ln, scale = _slot_groups(weights, self.device, self.dtype)
-        self.ctx = PetContext(self.spec, self.device, self.dtype, dev_w, bias, ln, scale,
-                              ops_module)
+        self.ctx = PetContext(
+            self.spec, self.device, self.dtype, dev_w, bias, ln, scale, ops_module
+        )
         self.heads = HeadTable(self.spec, self.device, self.dtype, dev_w.pooler_w, dev_w.pooler_b)
         self.registry = TaskRegistry(self.ctx, self.heads)
         self.registry.budget_bytes = config.memory_budget_mb << 20  # MEMORY_BUDGET_MB
-        self.encoder = SharedEncoder(dev_w, self.ctx, self.registry, self.heads,
-                                     config.shadow_streams)
+        self.encoder = SharedEncoder(
+            dev_w, self.ctx, self.registry, self.heads, config.shadow_streams
+        )
         self.tokenizer = load_tokenizer(checkpoint, self.max_seq_len)
         self.scheduler, self.cost_source = self._make_scheduler(config, model_dir)
         store = Path(config.task_store)
@@ -129,14 +150,26 @@ class Engine:
         self._refresher: threading.Thread | None = None
         if config.refresh_ms > 0:  # idle instances (no execute) must see changes too
             self._refresher = threading.Thread(
-                target=_refresh_loop, args=(weakref.ref(self), self._stop, config.refresh_ms),
-                name="pets-store-refresh", daemon=True)
+                target=_refresh_loop,
+                args=(weakref.ref(self), self._stop, config.refresh_ms),
+                name="pets-store-refresh",
+                daemon=True,
+            )
             self._refresher.start()
-        log.info("pets engine: backbone %s (%s, %d layers), %s on %s, ops: %s, %d tasks loaded, "
-                 "%d skipped, scheduler %s (%s)", checkpoint, self.spec.fingerprint,
-                 self.spec.layers, str(self.dtype).removeprefix("torch."), self.device, self.ops,
-                 len(self.registry.tasks), len(self.load_errors), config.scheduler,
-                 self.cost_source)
+        log.info(
+            "pets engine: backbone %s (%s, %d layers), %s on %s, ops: %s, %d tasks loaded, "
+            "%d skipped, scheduler %s (%s)",
+            checkpoint,
+            self.spec.fingerprint,
+            self.spec.layers,
+            str(self.dtype).removeprefix("torch."),
+            self.device,
+            self.ops,
+            len(self.registry.tasks),
+            len(self.load_errors),
+            config.scheduler,
+            self.cost_source,
+        )
 
     def _make_scheduler(self, config: EngineConfig, model_dir: Path) -> tuple[Scheduler, str]:
         """The configured policy, costed by the profiled table if there is one."""
@@ -156,15 +189,19 @@ class Engine:
             else:
                 s = self.spec
                 opts["cost_model"] = AnalyticModel.for_device(
-                    self.device.type, hidden=s.hidden, layers=s.layers, ffn=s.ffn)
-                source = (f"analytic cost model: no table at {table}; run "
-                          f"`pets profile -o {table}` to measure this device")
+                    self.device.type, hidden=s.hidden, layers=s.layers, ffn=s.ffn
+                )
+                source = (
+                    f"analytic cost model: no table at {table}; run "
+                    f"`pets profile -o {table}` to measure this device"
+                )
         opts = {k: v for k, v in opts.items() if k in accepted}
         return make_scheduler(config.scheduler, **opts), source
 
     @classmethod
-    def from_parameters(cls, params: Mapping[str, str], *, model_dir: str | Path = ".",
-                        device: str = "cpu") -> Engine:
+    def from_parameters(
+        cls, params: Mapping[str, str], *, model_dir: str | Path = ".", device: str = "cpu"
+    ) -> Engine:
         return cls(EngineConfig.from_parameters(params), model_dir=model_dir, device=device)
 
     def close(self) -> None:
@@ -176,8 +213,9 @@ class Engine:
             torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------------------ serving
-    def execute(self, requests: Sequence[Mapping[str, np.ndarray]]
-                ) -> list[np.ndarray | RequestError]:
+    def execute(
+        self, requests: Sequence[Mapping[str, np.ndarray]]
+    ) -> list[np.ndarray | RequestError]:
         """Serve one Triton batch: one output (``[k, D]`` float32) or error per request."""
         # Waits while the refresh thread is placing tasks: it needs the registry lock, which
         # back-to-back forwards would otherwise keep from it (changes must show within 1 s).
@@ -206,7 +244,8 @@ class Engine:
             if self.registry.slot_of(r.task) is None:
                 outs[owner[j]] = RequestError(
                     f"unknown task {r.task!r}; {len(self.registry.tasks)} tasks are loaded "
-                    "(list them with `pets list`); register it in the task store first")
+                    "(list them with `pets list`); register it in the task store first"
+                )
             else:
                 keep.append(j)
         keep = [j for j in keep if outs[owner[j]] is None]
@@ -223,15 +262,27 @@ class Engine:
             if outs[i] is not None:
                 continue
             widths = {p.shape[0] for p in parts}
-            outs[i] = np.stack(parts) if len(widths) == 1 else RequestError(
-                f"the rows of one request produce outputs of different widths {sorted(widths)}; "
-                "send rows of tasks with different heads as separate requests")
+            outs[i] = (
+                np.stack(parts)
+                if len(widths) == 1
+                else RequestError(
+                    "the rows of one request produce outputs of different widths "
+                    f"{sorted(widths)}; "
+                    "send rows of tasks with different heads as separate requests"
+                )
+            )
         assert all(o is not None for o in outs), "every request gets an answer; this is a bug"
         self._record(outs, rows, owner, keep, compute_s)  # type: ignore[arg-type]
         return outs  # type: ignore[return-value]
 
-    def _record(self, outs: Sequence[np.ndarray | RequestError], rows: Sequence[Row],
-                owner: Sequence[int], keep: Sequence[int], compute_s: float) -> None:
+    def _record(
+        self,
+        outs: Sequence[np.ndarray | RequestError],
+        rows: Sequence[Row],
+        owner: Sequence[int],
+        keep: Sequence[int],
+        compute_s: float,
+    ) -> None:
         """One bulk update of :attr:`stats` per execute (task labels: registered names only)."""
         served: Counter[str] = Counter()
         tokens: Counter[str] = Counter()
@@ -245,13 +296,16 @@ class Engine:
         tasks = self.registry.tasks
         errors: Counter[tuple[str, str]] = Counter(
             (t if (t := first.get(i, "")) in tasks else "", o.code)
-            for i, o in enumerate(outs) if isinstance(o, RequestError))
+            for i, o in enumerate(outs)
+            if isinstance(o, RequestError)
+        )
         with self.registry.lock:  # the refresh thread may be adding or removing tasks
             resident, nbytes = len(tasks), self.registry.memory_bytes()
         self.stats.record(served, tokens, errors, compute_s, resident, nbytes)
 
-    def run(self, ids: Sequence[np.ndarray], tasks: Sequence[str]
-            ) -> list[np.ndarray | RequestError]:
+    def run(
+        self, ids: Sequence[np.ndarray], tasks: Sequence[str]
+    ) -> list[np.ndarray | RequestError]:
         """Run validated sequences of known tasks; returns one output row per sequence."""
         if not ids:
             return []
@@ -259,22 +313,32 @@ class Engine:
             live = [j for j, t in enumerate(tasks) if t in self.registry.tasks]
             if len(live) < len(tasks):  # unregistered while these requests waited
                 done = self.run([ids[j] for j in live], [tasks[j] for j in live])
-                res: list[np.ndarray | RequestError] = [RequestError(
-                    f"task {t!r} was unregistered while the request waited; register it again "
-                    "(`pets create` or the pets_admin model)") for t in tasks]
+                res: list[np.ndarray | RequestError] = [
+                    RequestError(
+                        f"task {t!r} was unregistered while the request waited; register it again "
+                        "(`pets create` or the pets_admin model)"
+                    )
+                    for t in tasks
+                ]
                 for j, r in zip(live, done, strict=True):
                     res[j] = r
                 return res
             slots = [self.registry.tasks[t].slot for t in tasks]
             pets = [self.registry.tasks[t].manifest.pet_type for t in tasks]
-            queries = [Query(index=i, task_slot=s, pet_type=p, length=len(x))
-                       for i, (s, p, x) in enumerate(zip(slots, pets, ids, strict=True))]
+            queries = [
+                Query(index=i, task_slot=s, pet_type=p, length=len(x))
+                for i, (s, p, x) in enumerate(zip(slots, pets, ids, strict=True))
+            ]
             out: list[np.ndarray | RequestError | None] = [None] * len(ids)
             for sb in self.scheduler.schedule(queries):
                 idx = list(sb.indices)
                 try:
-                    batch = build_batch([ids[i] for i in idx], [slots[i] for i in idx],
-                                        self.device, pad_to=sb.padded_length)
+                    batch = build_batch(
+                        [ids[i] for i in idx],
+                        [slots[i] for i in idx],
+                        self.device,
+                        pad_to=sb.padded_length,
+                    )
                     values, width = self.encoder.forward(batch)
                     values_np = values.cpu().numpy()
                     for row, caller in enumerate(batch.order):
@@ -292,8 +356,7 @@ class Engine:
         except FileNotFoundError:
             return 0
 
-    def maybe_refresh(self, force: bool = False, wait: bool = True,
-                      throttle: bool = True) -> None:
+    def maybe_refresh(self, force: bool = False, wait: bool = True, throttle: bool = True) -> None:
         """Pick up task-store changes (cheap: one ``stat`` unless the store changed).
 
         ``wait=False`` returns at once when another thread is refreshing; ``throttle=False``

@@ -27,8 +27,11 @@ class RequestError(PetsError):
         return f"RequestError({self.code}: {self.message})"
 
     def __eq__(self, other: object) -> bool:
-        return (isinstance(other, RequestError) and other.code == self.code
-                and other.message == self.message)
+        return (
+            isinstance(other, RequestError)
+            and other.code == self.code
+            and other.message == self.message
+        )
 
     def __hash__(self) -> int:
         return hash((self.code, self.message))

@@ -44,13 +44,15 @@ class HeadConfig:
     @staticmethod
     def parse(obj: Any) -> HeadConfig:
         if not isinstance(obj, dict) or obj.get("type") not in ("classification", "embedding"):
-            raise TaskError(f"head must be {{'type': 'classification'|'embedding', ...}}, got "
-                            f"{obj!r}")
+            raise TaskError(
+                f"head must be {{'type': 'classification'|'embedding', ...}}, got {obj!r}"
+            )
         if obj["type"] == "classification":
             n = obj.get("num_labels")
             if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 4096:
-                raise TaskError(f"classification head needs integer num_labels in [1, 4096], "
-                                f"got {n!r}")
+                raise TaskError(
+                    f"classification head needs integer num_labels in [1, 4096], got {n!r}"
+                )
             return HeadConfig("classification", num_labels=n)
         pooling = obj.get("pooling", "cls")
         if pooling not in ("cls", "mean"):
@@ -69,14 +71,17 @@ class HeadConfig:
 def validate_head(head: HeadConfig, spec: BackboneSpec, tensors: dict[str, torch.Tensor]) -> None:
     h = spec.hidden
     if head.kind == "classification":
-        for name, shape in (("classifier.weight", (head.num_labels, h)),
-                            ("classifier.bias", (head.num_labels,))):
+        for name, shape in (
+            ("classifier.weight", (head.num_labels, h)),
+            ("classifier.bias", (head.num_labels,)),
+        ):
             if name not in tensors:
                 raise TaskError(f"classification head needs tensor {name!r} of shape {shape}")
             check_tensor(name, tensors[name], shape)
     elif "classifier.weight" in tensors or "classifier.bias" in tensors:
-        raise TaskError("embedding head takes no classifier tensors; drop them or declare a "
-                        "classification head")
+        raise TaskError(
+            "embedding head takes no classifier tensors; drop them or declare a classification head"
+        )
     has_p = ["pooler.dense.weight" in tensors, "pooler.dense.bias" in tensors]
     if any(has_p) and not all(has_p):
         raise TaskError("pooler.dense.weight and pooler.dense.bias must come together")
@@ -90,14 +95,22 @@ def validate_head(head: HeadConfig, spec: BackboneSpec, tensors: dict[str, torch
 class HeadTable:
     """All tasks' heads, pooled for batched evaluation."""
 
-    def __init__(self, spec: BackboneSpec, device: torch.device, dtype: torch.dtype,
-                 pooler_w: torch.Tensor | None, pooler_b: torch.Tensor | None) -> None:
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        device: torch.device,
+        dtype: torch.dtype,
+        pooler_w: torch.Tensor | None,
+        pooler_b: torch.Tensor | None,
+    ) -> None:
         self.spec, self.device, self.dtype = spec, device, dtype
         h = spec.hidden
-        self.pooler_w = pooler_w if pooler_w is not None else torch.zeros(h, h, device=device,
-                                                                          dtype=dtype)
-        self.pooler_b = pooler_b if pooler_b is not None else torch.zeros(h, device=device,
-                                                                          dtype=dtype)
+        self.pooler_w = (
+            pooler_w if pooler_w is not None else torch.zeros(h, h, device=device, dtype=dtype)
+        )
+        self.pooler_b = (
+            pooler_b if pooler_b is not None else torch.zeros(h, device=device, dtype=dtype)
+        )
         self.cls_w = torch.zeros(16, 1, h, device=device, dtype=dtype)  # [cap, Cmax, H]
         self.cls_b = torch.zeros(16, 1, device=device, dtype=dtype)
         self.own_pooler = FlatPool(device, dtype, capacity=h * h + h)
@@ -107,8 +120,9 @@ class HeadTable:
         self.normalize = SlotMeta((), torch.bool, False)
         self.pooler_off = SlotMeta((), torch.int64, -1)
 
-    def add(self, slot: int, head: HeadConfig, tensors: dict[str, torch.Tensor]
-            ) -> list[tuple[FlatPool, Allocation]]:
+    def add(
+        self, slot: int, head: HeadConfig, tensors: dict[str, torch.Tensor]
+    ) -> list[tuple[FlatPool, Allocation]]:
         allocs: list[tuple[FlatPool, Allocation]] = []
         self._ensure(slot + 1, max(head.num_labels, 1))
         self.kind[slot] = CLASSIFY if head.kind == "classification" else EMBED
@@ -122,8 +136,11 @@ class HeadTable:
             self.cls_w[slot, :n] = tensors["classifier.weight"].to(self.device, self.dtype)
             self.cls_b[slot, :n] = tensors["classifier.bias"].to(self.device, self.dtype)
         if "pooler.dense.weight" in tensors:
-            alloc = self.own_pooler.put(torch.cat([tensors["pooler.dense.weight"].reshape(-1),
-                                                   tensors["pooler.dense.bias"]]))
+            alloc = self.own_pooler.put(
+                torch.cat(
+                    [tensors["pooler.dense.weight"].reshape(-1), tensors["pooler.dense.bias"]]
+                )
+            )
             allocs.append((self.own_pooler, alloc))
             self.pooler_off[slot] = alloc.offset
         else:
@@ -148,9 +165,13 @@ class HeadTable:
         w[:cap, :cmax], b[:cap, :cmax] = self.cls_w, self.cls_b
         self.cls_w, self.cls_b = w, b
 
-    def __call__(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor,
-                 seq_task_cpu: torch.Tensor, valid_lens: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        seq_task_cpu: torch.Tensor,
+        valid_lens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Evaluate every sequence's head.
 
         Args:
@@ -179,7 +200,7 @@ class HeadTable:
                 offs = own[rows].to(dev)
                 idx = offs[:, None] + torch.arange(h * h + h, device=dev)[None, :]
                 p = self.own_pooler.data[idx].float()
-                pw, pb = p[:, : h * h].view(-1, h, h), p[:, h * h:]
+                pw, pb = p[:, : h * h].view(-1, h, h), p[:, h * h :]
                 rows_d = rows.to(dev)
                 x = cls[rows_d].float()[:, :, None]  # [R, H, 1]
                 pooled[rows_d] = torch.tanh(torch.bmm(pw, x)[:, :, 0] + pb)
@@ -188,8 +209,9 @@ class HeadTable:
             out[:, : logits.shape[1]] = logits
         emb_rows = kind == EMBED
         if bool(emb_rows.any()):
-            seq = torch.repeat_interleave(torch.arange(b, device=dev), lengths,
-                                          output_size=hidden.shape[0])
+            seq = torch.repeat_interleave(
+                torch.arange(b, device=dev), lengths, output_size=hidden.shape[0]
+            )
             hid = hidden.float()
             n = lengths
             if valid_lens is not None:  # zero the pads before summing

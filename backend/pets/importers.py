@@ -40,7 +40,7 @@ LAYER_RE = re.compile(r"^encoder\.layer\.(\d+)\.(.+)\.(lora_A\.weight|lora_B\.we
 # LoRA config fields that change the math in ways the engine does not implement -> refusal.
 LORA_UNSUPPORTED = {
     "use_dora": "DoRA adds a per-column magnitude re-normalisation the LoRA kernels do not do; "
-                "merge the adapter into a full checkpoint and use `pets import-finetuned`",
+    "merge the adapter into a full checkpoint and use `pets import-finetuned`",
     "layers_to_transform": "LoRA on only some layers: every layer must adapt the same modules",
     "layer_replication": "layer replication changes the backbone's depth",
     "use_qalora": "QA-LoRA pools the input, which the LoRA kernels do not do",
@@ -69,9 +69,11 @@ class ImportResult:
 def _refuse_pickle(folder: Path, wanted: str) -> None:
     found = [n for n in PICKLE_FILES if (folder / n).exists()]
     if found:
-        raise TaskError(f"{folder} holds {found[0]!r}, a pickle file; pickle is never loaded (it "
-                        f"can run arbitrary code). Re-save it as {wanted!r} (save_pretrained(..., "
-                        "safe_serialization=True), or convert with safetensors.torch.save_file)")
+        raise TaskError(
+            f"{folder} holds {found[0]!r}, a pickle file; pickle is never loaded (it "
+            f"can run arbitrary code). Re-save it as {wanted!r} (save_pretrained(..., "
+            "safe_serialization=True), or convert with safetensors.torch.save_file)"
+        )
     raise TaskError(f"{folder} has no {wanted!r}; expected a folder written by save_pretrained")
 
 
@@ -79,36 +81,51 @@ def _strip(key: str) -> str:
     """PEFT/HF key -> BertModel-relative name (drops base_model.model., bert., adapter names)."""
     for prefix in ("base_model.model.", "bert."):
         if key.startswith(prefix):
-            key = key[len(prefix):]
-    return key.replace(".modules_to_save.default.", ".").replace(".default.", ".") \
+            key = key[len(prefix) :]
+    return (
+        key.replace(".modules_to_save.default.", ".")
+        .replace(".default.", ".")
         .removesuffix(".default")
+    )
 
 
 def _head(tensors: dict[str, torch.Tensor], head: HeadConfig | None) -> HeadConfig:
     if "classifier.weight" in tensors:
         n = int(tensors["classifier.weight"].shape[0])
         if head is not None and (head.kind != "classification" or head.num_labels != n):
-            raise TaskError(f"the checkpoint carries a {n}-label classifier but --head asks for "
-                            f"{head.to_json()}; drop --head or the classifier")
+            raise TaskError(
+                f"the checkpoint carries a {n}-label classifier but --head asks for "
+                f"{head.to_json()}; drop --head or the classifier"
+            )
         return HeadConfig("classification", num_labels=n)
     if head is not None and head.kind == "classification":
-        raise TaskError("--head classification needs a classifier in the checkpoint "
-                        "(modules_to_save=['classifier']); none was found")
+        raise TaskError(
+            "--head classification needs a classifier in the checkpoint "
+            "(modules_to_save=['classifier']); none was found"
+        )
     return head or HeadConfig("embedding", pooling="mean")
 
 
 def _check_spec(weights: BackboneWeights, cfg: dict[str, Any], where: Path) -> None:
     spec = weights.spec
-    want = {"hidden_size": spec.hidden, "num_hidden_layers": spec.layers,
-            "num_attention_heads": spec.heads, "intermediate_size": spec.ffn}
+    want = {
+        "hidden_size": spec.hidden,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads,
+        "intermediate_size": spec.ffn,
+    }
     if cfg.get("model_type", "bert") != "bert":
-        raise TaskError(f"{where}: model_type {cfg.get('model_type')!r}; only BERT checkpoints "
-                        "can be imported onto this backbone")
+        raise TaskError(
+            f"{where}: model_type {cfg.get('model_type')!r}; only BERT checkpoints "
+            "can be imported onto this backbone"
+        )
     for key, value in want.items():
         if key in cfg and int(cfg[key]) != value:
-            raise TaskError(f"{where}: {key}={cfg[key]} but the serving backbone has {value}; "
-                            "the task was trained on another backbone. Serve it with that "
-                            "backbone (BACKBONE=...) or import onto --backbone of that shape")
+            raise TaskError(
+                f"{where}: {key}={cfg[key]} but the serving backbone has {value}; "
+                "the task was trained on another backbone. Serve it with that "
+                "backbone (BACKBONE=...) or import onto --backbone of that shape"
+            )
 
 
 def _publish(store: Path | None, weights: BackboneWeights, res: ImportResult) -> ImportResult:
@@ -124,8 +141,10 @@ def read_peft(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     folder = Path(folder)
     cfg_path, st = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if not cfg_path.is_file():
-        raise TaskError(f"{folder} has no adapter_config.json; expected a PEFT adapter folder "
-                        "(PeftModel.save_pretrained)")
+        raise TaskError(
+            f"{folder} has no adapter_config.json; expected a PEFT adapter folder "
+            "(PeftModel.save_pretrained)"
+        )
     if not st.is_file():
         _refuse_pickle(folder, "adapter_model.safetensors")
     try:
@@ -137,14 +156,21 @@ def read_peft(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return cfg, read_weights(st)
 
 
-def convert_peft(weights: BackboneWeights, name: str, cfg: dict[str, Any],
-                 raw: dict[str, torch.Tensor], head: HeadConfig | None = None) -> ImportResult:
+def convert_peft(
+    weights: BackboneWeights,
+    name: str,
+    cfg: dict[str, Any],
+    raw: dict[str, torch.Tensor],
+    head: HeadConfig | None = None,
+) -> ImportResult:
     """Map a PEFT LoRA/IA3 adapter onto task tensors (no validation, nothing written)."""
     peft_type = str(cfg.get("peft_type", "")).upper()
     if peft_type not in ("LORA", "IA3"):
-        raise TaskError(f"PEFT type {cfg.get('peft_type')!r} is not supported; importable types "
-                        "are LORA and IA3 (merge others into a full checkpoint and use "
-                        "`pets import-finetuned`)")
+        raise TaskError(
+            f"PEFT type {cfg.get('peft_type')!r} is not supported; importable types "
+            "are LORA and IA3 (merge others into a full checkpoint and use "
+            "`pets import-finetuned`)"
+        )
     if peft_type == "LORA":
         _check_lora_config(cfg)  # before the tensors: the config says best what is wrong
     tensors: dict[str, torch.Tensor] = {}
@@ -154,47 +180,75 @@ def convert_peft(weights: BackboneWeights, name: str, cfg: dict[str, Any],
         k = _strip(key)
         if ".original_module." in k:
             continue  # the frozen copy PEFT keeps beside modules_to_save
-        if k in ("classifier.weight", "classifier.bias", "pooler.dense.weight",
-                 "pooler.dense.bias"):
+        if k in (
+            "classifier.weight",
+            "classifier.bias",
+            "pooler.dense.weight",
+            "pooler.dense.bias",
+        ):
             tensors[k] = t.float()
             continue
         m = LAYER_RE.match(k)
         if m is None:
-            what = ("a DoRA magnitude vector" if "lora_magnitude_vector" in k else
-                    "a PET layer on a module outside the BERT linears" if ("lora_" in k
-                                                                         or "ia3_l" in k) else
-                    "a trained copy of a backbone module")
-            raise TaskError(f"adapter tensor {key!r} is {what}; the engine serves LoRA/IA3 on "
-                            f"the BERT linears {sorted(MODULES)} plus a classifier/pooler from "
-                            "modules_to_save. Retrain without it, or merge and use "
-                            "`pets import-finetuned`")
+            what = (
+                "a DoRA magnitude vector"
+                if "lora_magnitude_vector" in k
+                else "a PET layer on a module outside the BERT linears"
+                if ("lora_" in k or "ia3_l" in k)
+                else "a trained copy of a backbone module"
+            )
+            raise TaskError(
+                f"adapter tensor {key!r} is {what}; the engine serves LoRA/IA3 on "
+                f"the BERT linears {sorted(MODULES)} plus a classifier/pooler from "
+                "modules_to_save. Retrain without it, or merge and use "
+                "`pets import-finetuned`"
+            )
         layer, module, kind = int(m.group(1)), m.group(2), m.group(3)
         if module not in MODULES:
-            raise TaskError(f"adapter tensor {key!r} adapts {module!r}, which is not a BERT "
-                            f"linear of the shared backbone ({sorted(MODULES)}); the engine runs "
-                            "PET work only at those sites")
+            raise TaskError(
+                f"adapter tensor {key!r} adapts {module!r}, which is not a BERT "
+                f"linear of the shared backbone ({sorted(MODULES)}); the engine runs "
+                "PET work only at those sites"
+            )
         if layer >= weights.spec.layers:
-            raise TaskError(f"adapter tensor {key!r} is for layer {layer}, but the backbone has "
-                            f"{weights.spec.layers} layers; it was made for another backbone")
+            raise TaskError(
+                f"adapter tensor {key!r} is for layer {layer}, but the backbone has "
+                f"{weights.spec.layers} layers; it was made for another backbone"
+            )
         if (kind == "ia3_l") != (peft_type == "IA3"):
             raise TaskError(f"adapter tensor {key!r} does not belong to a {peft_type} adapter")
         modules.add(module)
         tensors[layer_key(layer, module, kind)] = t.float()
     if not modules:
-        raise TaskError(f"the {peft_type} adapter has no tensors on BERT linears; "
-                        f"keys seen: {sorted(raw)[:5]}")
-    hparams = _lora_hparams(cfg, tensors) if peft_type == "LORA" \
+        raise TaskError(
+            f"the {peft_type} adapter has no tensors on BERT linears; keys seen: {sorted(raw)[:5]}"
+        )
+    hparams = (
+        _lora_hparams(cfg, tensors)
+        if peft_type == "LORA"
         else _ia3_hparams(cfg, tensors, sorted(modules))
+    )
     pet = "lora" if peft_type == "LORA" else "ia3"
-    extra = set(cfg.get("modules_to_save") or []) - {"classifier", "pooler", "pooler.dense",
-                                                      "score"}
+    extra = set(cfg.get("modules_to_save") or []) - {
+        "classifier",
+        "pooler",
+        "pooler.dense",
+        "score",
+    }
     if extra:
-        raise TaskError(f"modules_to_save {sorted(extra)} are trained copies of backbone modules "
-                        "the engine shares between tasks; only 'classifier' and 'pooler' can be "
-                        "per-task. Retrain without them, or merge and use `pets import-finetuned`")
-    manifest = TaskManifest(name=check_name(name), pet_type=pet, hparams=hparams,
-                            head=_head(tensors, head),
-                            backbone_fingerprint=weights.spec.fingerprint, created=time.time())
+        raise TaskError(
+            f"modules_to_save {sorted(extra)} are trained copies of backbone modules "
+            "the engine shares between tasks; only 'classifier' and 'pooler' can be "
+            "per-task. Retrain without them, or merge and use `pets import-finetuned`"
+        )
+    manifest = TaskManifest(
+        name=check_name(name),
+        pet_type=pet,
+        hparams=hparams,
+        head=_head(tensors, head),
+        backbone_fingerprint=weights.spec.fingerprint,
+        created=time.time(),
+    )
     return ImportResult(manifest, tensors, warnings)
 
 
@@ -203,22 +257,28 @@ def _check_lora_config(cfg: dict[str, Any]) -> None:
         if cfg.get(key) not in (None, False, [], {}, ""):
             raise TaskError(f"adapter_config {key}={cfg[key]!r} is not supported: {why}")
     if cfg.get("bias", "none") != "none":
-        raise TaskError(f"adapter_config bias={cfg['bias']!r}: the adapter trained the "
-                        "backbone's biases too, which a LoRA task cannot carry; retrain with "
-                        "bias='none', or merge and use `pets import-finetuned --as diff_pruning`")
+        raise TaskError(
+            f"adapter_config bias={cfg['bias']!r}: the adapter trained the "
+            "backbone's biases too, which a LoRA task cannot carry; retrain with "
+            "bias='none', or merge and use `pets import-finetuned --as diff_pruning`"
+        )
     r = cfg.get("r")
     alpha = cfg.get("lora_alpha", r)
     if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
-        raise TaskError(f"adapter_config needs integer r >= 1 and numeric lora_alpha, got "
-                        f"r={r!r}, lora_alpha={alpha!r}")
+        raise TaskError(
+            f"adapter_config needs integer r >= 1 and numeric lora_alpha, got "
+            f"r={r!r}, lora_alpha={alpha!r}"
+        )
     for key, base in (("rank_pattern", r), ("alpha_pattern", alpha)):
         pattern = cfg.get(key) or {}
         odd = {k: v for k, v in pattern.items() if v != base}
         if odd:
-            raise TaskError(f"adapter_config {key} {odd} gives some modules a different "
-                            f"{'rank' if key == 'rank_pattern' else 'alpha'} than {base}; a "
-                            "LoRA task has one rank and one alpha. Import per-module variants "
-                            "as separate tasks, or merge and use `pets import-finetuned`")
+            raise TaskError(
+                f"adapter_config {key} {odd} gives some modules a different "
+                f"{'rank' if key == 'rank_pattern' else 'alpha'} than {base}; a "
+                "LoRA task has one rank and one alpha. Import per-module variants "
+                "as separate tasks, or merge and use `pets import-finetuned`"
+            )
 
 
 def _lora_hparams(cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -226,30 +286,43 @@ def _lora_hparams(cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict
     for k, t in tensors.items():
         if k.endswith("lora_A.weight") and t.shape[0] != r:
             raise TaskError(f"{k!r} has rank {t.shape[0]} but adapter_config r={r}")
-    targets = sorted({k.split(".", 3)[3].rsplit(".lora_", 1)[0] for k in tensors
-                      if ".lora_A." in k})
-    return {"r": r, "lora_alpha": alpha, "use_rslora": bool(cfg.get("use_rslora", False)),
-            "target_modules": targets}
+    targets = sorted(
+        {k.split(".", 3)[3].rsplit(".lora_", 1)[0] for k in tensors if ".lora_A." in k}
+    )
+    return {
+        "r": r,
+        "lora_alpha": alpha,
+        "use_rslora": bool(cfg.get("use_rslora", False)),
+        "target_modules": targets,
+    }
 
 
-def _ia3_hparams(cfg: dict[str, Any], tensors: dict[str, torch.Tensor],
-                 modules: list[str]) -> dict[str, Any]:
+def _ia3_hparams(
+    cfg: dict[str, Any], tensors: dict[str, torch.Tensor], modules: list[str]
+) -> dict[str, Any]:
     ff = set()
     for k, t in list(tensors.items()):
         if not k.endswith(".ia3_l"):
             continue
         module = k.split(".", 3)[3].removesuffix(".ia3_l")
         if t.dim() != 2 or 1 not in t.shape:
-            raise TaskError(f"IA3 tensor {k!r} has shape {tuple(t.shape)}; PEFT stores [out, 1] "
-                            "(output scaling) or [1, in] (feedforward) vectors")
+            raise TaskError(
+                f"IA3 tensor {k!r} has shape {tuple(t.shape)}; PEFT stores [out, 1] "
+                "(output scaling) or [1, in] (feedforward) vectors"
+            )
         if t.shape[0] == 1 and t.shape[1] != 1:
             ff.add(module)
         tensors[k] = t.reshape(-1)
     return {"target_modules": modules, "feedforward_modules": sorted(ff)}
 
 
-def import_peft(store: Path | None, name: str, adapter_dir: Path, weights: BackboneWeights,
-                head: HeadConfig | None = None) -> ImportResult:
+def import_peft(
+    store: Path | None,
+    name: str,
+    adapter_dir: Path,
+    weights: BackboneWeights,
+    head: HeadConfig | None = None,
+) -> ImportResult:
     """Import a PEFT adapter folder as task ``name`` (validated, then published to ``store``)."""
     cfg, raw = read_peft(Path(adapter_dir))
     return _publish(store, weights, convert_peft(weights, name, cfg, raw, head))
@@ -260,8 +333,9 @@ def read_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     """``config.json`` and the state (``bert.`` prefix dropped) of an HF checkpoint folder."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        raise TaskError(f"{folder} has no config.json; expected an HF checkpoint folder "
-                        "(save_pretrained)")
+        raise TaskError(
+            f"{folder} has no config.json; expected an HF checkpoint folder (save_pretrained)"
+        )
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         _refuse_pickle(folder, "model.safetensors")
@@ -272,26 +346,37 @@ def read_checkpoint(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     return json.loads((folder / "config.json").read_text()), state
 
 
-def convert_finetuned(weights: BackboneWeights, name: str, cfg: dict[str, Any],
-                      state: dict[str, torch.Tensor], pet: str, density: float = 0.01,
-                      head: HeadConfig | None = None) -> ImportResult:
+def convert_finetuned(
+    weights: BackboneWeights,
+    name: str,
+    cfg: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    pet: str,
+    density: float = 0.01,
+    head: HeadConfig | None = None,
+) -> ImportResult:
     """Turn a fine-tuned state into a Diff-Pruning or BitFit task (nothing written)."""
     if pet not in ("diff_pruning", "bitfit"):
-        raise TaskError(f"--as {pet!r}; a fine-tuned checkpoint imports as 'diff_pruning' or "
-                        "'bitfit'")
+        raise TaskError(
+            f"--as {pet!r}; a fine-tuned checkpoint imports as 'diff_pruning' or 'bitfit'"
+        )
     if not (0.0 < density <= 1.0) or not math.isfinite(density):
         raise TaskError(f"--density {density}; expected a fraction in (0, 1]")
     base = state_from_weights(weights)
     missing = [k for k in base if k not in state and not k.startswith("pooler.")]
     if missing:
-        raise TaskError(f"the checkpoint lacks {len(missing)} backbone tensors (e.g. "
-                        f"{missing[0]!r}); expected a BertModel / BertForSequenceClassification "
-                        "of the serving backbone's shape")
+        raise TaskError(
+            f"the checkpoint lacks {len(missing)} backbone tensors (e.g. "
+            f"{missing[0]!r}); expected a BertModel / BertForSequenceClassification "
+            "of the serving backbone's shape"
+        )
     for k, v in base.items():
         if k in state and tuple(state[k].shape) != tuple(v.shape):
-            raise TaskError(f"checkpoint tensor {k!r} has shape {tuple(state[k].shape)}, the "
-                            f"backbone's has {tuple(v.shape)}; it was fine-tuned from another "
-                            "backbone")
+            raise TaskError(
+                f"checkpoint tensor {k!r} has shape {tuple(state[k].shape)}, the "
+                f"backbone's has {tuple(v.shape)}; it was fine-tuned from another "
+                "backbone"
+            )
     tensors: dict[str, torch.Tensor] = {}
     warnings: list[str] = []
     for k in base:
@@ -317,14 +402,21 @@ def convert_finetuned(weights: BackboneWeights, name: str, cfg: dict[str, Any],
                 tensors[layer_key(i, module, IDX)] = idx.to(torch.int32)
                 tensors[layer_key(i, module, VAL)] = flat[idx].clone()
     if dropped > 0:
-        warnings.append(f"bitfit keeps biases, LayerNorms and the head only: linear weight "
-                        f"changes up to {dropped:.3g} (max |W_ft - W|) are dropped")
-    for k in ("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
-              "embeddings.token_type_embeddings.weight"):
+        warnings.append(
+            f"bitfit keeps biases, LayerNorms and the head only: linear weight "
+            f"changes up to {dropped:.3g} (max |W_ft - W|) are dropped"
+        )
+    for k in (
+        "embeddings.word_embeddings.weight",
+        "embeddings.position_embeddings.weight",
+        "embeddings.token_type_embeddings.weight",
+    ):
         diff = float((state[k].float() - base[k].float()).abs().max())
         if diff > 0:
-            warnings.append(f"{k} differs from the backbone by up to {diff:.3g}; embeddings are "
-                            "shared by all tasks, so this change is dropped")
+            warnings.append(
+                f"{k} differs from the backbone by up to {diff:.3g}; embeddings are "
+                "shared by all tasks, so this change is dropped"
+            )
     for k in ("classifier.weight", "classifier.bias"):
         if k in state:
             tensors[k] = state[k].float()
@@ -334,26 +426,42 @@ def convert_finetuned(weights: BackboneWeights, name: str, cfg: dict[str, Any],
         tensors["pooler.dense.bias"] = state["pooler.dense.bias"].float()
     elif the_head.kind == "classification":
         warnings.append("the checkpoint has no pooler; the backbone's pooler is used")
-    extra = sorted(k for k in state if k not in base and not k.startswith(("classifier.",
-                                                                            "pooler.")))
+    extra = sorted(
+        k for k in state if k not in base and not k.startswith(("classifier.", "pooler."))
+    )
     extra = [k for k in extra if "position_ids" not in k]
     if extra:
-        raise TaskError(f"the checkpoint has {len(extra)} tensors a BERT task cannot carry "
-                        f"(e.g. {extra[0]!r}); expected BertModel / BertForSequenceClassification")
+        raise TaskError(
+            f"the checkpoint has {len(extra)} tensors a BERT task cannot carry "
+            f"(e.g. {extra[0]!r}); expected BertModel / BertForSequenceClassification"
+        )
     hparams: dict[str, Any] = {"density": density} if pet == "diff_pruning" else {}
     if cfg.get("architectures"):
         hparams["source_architecture"] = cfg["architectures"][0]
-    manifest = TaskManifest(name=check_name(name), pet_type=pet, hparams=hparams, head=the_head,
-                            backbone_fingerprint=weights.spec.fingerprint, created=time.time())
+    manifest = TaskManifest(
+        name=check_name(name),
+        pet_type=pet,
+        hparams=hparams,
+        head=the_head,
+        backbone_fingerprint=weights.spec.fingerprint,
+        created=time.time(),
+    )
     return ImportResult(manifest, tensors, warnings)
 
 
-def import_finetuned(store: Path | None, name: str, checkpoint_dir: Path,
-                     weights: BackboneWeights, pet: str = "diff_pruning", density: float = 0.01,
-                     head: HeadConfig | None = None) -> ImportResult:
+def import_finetuned(
+    store: Path | None,
+    name: str,
+    checkpoint_dir: Path,
+    weights: BackboneWeights,
+    pet: str = "diff_pruning",
+    density: float = 0.01,
+    head: HeadConfig | None = None,
+) -> ImportResult:
     """Import a full fine-tuned checkpoint as task ``name`` (validated, then published)."""
     folder = Path(checkpoint_dir)
     cfg, state = read_checkpoint(folder)
     _check_spec(weights, cfg, folder)
-    return _publish(store, weights,
-                    convert_finetuned(weights, name, cfg, state, pet, density, head))
+    return _publish(
+        store, weights, convert_finetuned(weights, name, cfg, state, pet, density, head)
+    )

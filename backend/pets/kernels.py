@@ -28,6 +28,8 @@ def select(mode: str) -> tuple[ModuleType, str]:
     if mode == "reference":
         return reference, "reference (pure PyTorch)"
     if mode == "compiled" and not compiled_available():
-        raise ConfigError("OPS=compiled but the petops library is not built; run "
-                          "`bash build/build_ops.sh` (or `make ops`), or set OPS=auto")
+        raise ConfigError(
+            "OPS=compiled but the petops library is not built; run "
+            "`bash build/build_ops.sh` (or `make ops`), or set OPS=auto"
+        )
     return ops, f"petops ({ops.backend_description()})"

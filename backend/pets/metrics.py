@@ -28,8 +28,10 @@ COUNTERS = {
     "requests": ("pets_task_requests_total", "sequences answered with an output, per task"),
     "errors": ("pets_task_errors_total", "requests answered with an error, per task and code"),
     "tokens": ("pets_task_tokens_total", "tokens of the served sequences, per task"),
-    "compute_us": ("pets_task_compute_us_total",
-                   "forward time per task in microseconds (each batch split by token share)"),
+    "compute_us": (
+        "pets_task_compute_us_total",
+        "forward time per task in microseconds (each batch split by token share)",
+    ),
 }
 GAUGES = {
     "tasks_resident": ("pets_tasks_resident", "tasks loaded in this model instance"),
@@ -60,13 +62,22 @@ class EngineStats:
         self._cur = StatsDelta()
         self.totals = StatsDelta()  # since start (tests, in-process tools)
 
-    def record(self, requests: Counter[str], tokens: Counter[str],
-               errors: Counter[tuple[str, str]], compute_s: float,
-               tasks_resident: int, memory_bytes: int) -> None:
+    def record(
+        self,
+        requests: Counter[str],
+        tokens: Counter[str],
+        errors: Counter[tuple[str, str]],
+        compute_s: float,
+        tasks_resident: int,
+        memory_bytes: int,
+    ) -> None:
         """Add one execute's counts; its compute time is split over tasks by token share."""
         total = sum(tokens.values())
-        compute = Counter({t: compute_s * 1e6 * n / total for t, n in tokens.items()}
-                          ) if total else Counter()
+        compute = (
+            Counter({t: compute_s * 1e6 * n / total for t, n in tokens.items()})
+            if total
+            else Counter()
+        )
         with self._lock:
             for d in (self._cur, self.totals):
                 d.requests.update(requests)
@@ -78,8 +89,12 @@ class EngineStats:
     def drain(self) -> StatsDelta:
         """The deltas since the last drain (and the latest gauges); resets the deltas."""
         with self._lock:
-            out, self._cur = self._cur, StatsDelta(tasks_resident=self._cur.tasks_resident,
-                                                   memory_bytes=self._cur.memory_bytes)
+            out, self._cur = (
+                self._cur,
+                StatsDelta(
+                    tasks_resident=self._cur.tasks_resident, memory_bytes=self._cur.memory_bytes
+                ),
+            )
         return out
 
 
@@ -113,8 +128,9 @@ def scrape(url: str, timeout: float = 5.0) -> str:
 
 def status_table(text: str, model: str = "pets") -> str:
     """Per-task rows and per-instance residency from a metrics scrape, as aligned text."""
-    samples = [(n, lab, v) for n, lab, v in parse_prometheus(text)
-               if lab.get("model", model) == model]
+    samples = [
+        (n, lab, v) for n, lab, v in parse_prometheus(text) if lab.get("model", model) == model
+    ]
     names = {v[0]: k for k, v in COUNTERS.items()}
     rows: dict[str, defaultdict[str, float]] = {}
     inst: dict[str, dict[str, float]] = {}
@@ -130,18 +146,24 @@ def status_table(text: str, model: str = "pets") -> str:
     for task in sorted(rows):
         r = rows[task]
         avg = r["compute_us"] / r["requests"] / 1e3 if r["requests"] else 0.0
-        lines.append(f"{task or '(unregistered)':<32} {int(r['requests']):>10} "
-                     f"{int(r['errors']):>8} {int(r['tokens']):>12} {avg:>9.3f}")
+        lines.append(
+            f"{task or '(unregistered)':<32} {int(r['requests']):>10} "
+            f"{int(r['errors']):>8} {int(r['tokens']):>12} {avg:>9.3f}"
+        )
     if not rows:
         lines.append(f"(no pets_task_* series for model {model!r} yet: send a request first)")
     for name in sorted(inst):
         g = inst[name]
-        lines.append(f"instance {name}: {int(g.get(GAUGES['tasks_resident'][0], 0))} tasks "
-                     f"resident, {g.get(GAUGES['memory_bytes'][0], 0) / 2**20:.2f} MiB")
+        lines.append(
+            f"instance {name}: {int(g.get(GAUGES['tasks_resident'][0], 0))} tasks "
+            f"resident, {g.get(GAUGES['memory_bytes'][0], 0) / 2**20:.2f} MiB"
+        )
     done = triton["nv_inference_request_success"] + triton["nv_inference_request_failure"]
     if done:
-        lines.append(f"model {model}: {int(done)} requests, avg queue "
-                     f"{triton['nv_inference_queue_duration_us'] / done / 1e3:.3f} ms, avg "
-                     f"request {triton['nv_inference_request_duration_us'] / done / 1e3:.3f} ms "
-                     "(Triton's own counters; per-request errors count as successes there)")
+        lines.append(
+            f"model {model}: {int(done)} requests, avg queue "
+            f"{triton['nv_inference_queue_duration_us'] / done / 1e3:.3f} ms, avg "
+            f"request {triton['nv_inference_request_duration_us'] / done / 1e3:.3f} ms "
+            "(Triton's own counters; per-request errors count as successes there)"
+        )
     return "\n".join(lines)

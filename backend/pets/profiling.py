@@ -27,8 +27,9 @@ from .taskgen import random_task
 PROBE_TYPES = ("none", "bitfit", "diff_pruning", "maskbert", "adapter", "lora", "ia3")
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 2,
-            repeat: int = 5) -> float:
+def time_fn(
+    fn: Callable[[], object], device: torch.device, warmup: int = 2, repeat: int = 5
+) -> float:
     """Median wall seconds of ``fn`` (device-synchronised)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
@@ -44,8 +45,13 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 2,
 
 
 class EngineProbe:
-    def __init__(self, engine: Engine, tasks_per_type: int = 1, types: Sequence[str] = PROBE_TYPES,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        tasks_per_type: int = 1,
+        types: Sequence[str] = PROBE_TYPES,
+        seed: int = 0,
+    ) -> None:
         self.engine = engine
         self.rng = np.random.default_rng(seed)
         self.slots: dict[str, list[int]] = {}
@@ -54,14 +60,20 @@ class EngineProbe:
             if t not in engine.registry.methods:
                 continue
             for i in range(tasks_per_type):
-                m, tensors = random_task(host, f"__probe_{t}_{i}", t,
-                                         HeadConfig("classification", num_labels=2), seed=seed + i)
+                m, tensors = random_task(
+                    host,
+                    f"__probe_{t}_{i}",
+                    t,
+                    HeadConfig("classification", num_labels=2),
+                    seed=seed + i,
+                )
                 self.slots.setdefault(t, []).append(engine.registry.add(m, tensors).slot)
 
     def batch(self, pet: str, batch_size: int, seq_len: int, pad_to: int = 0) -> Batch:
         slots = self.slots[pet]
-        ids = [self.rng.integers(1000, self.engine.spec.vocab, size=seq_len)
-               for _ in range(batch_size)]
+        ids = [
+            self.rng.integers(1000, self.engine.spec.vocab, size=seq_len) for _ in range(batch_size)
+        ]
         task_slots = [slots[i % len(slots)] for i in range(batch_size)]
         return build_batch(ids, task_slots, self.engine.device, pad_to=pad_to)
 

@@ -29,8 +29,9 @@ def _strings(name: str, arr: np.ndarray) -> list[str]:
     if arr.dtype != object and arr.dtype.kind not in ("S", "U"):
         raise RequestError(f"{name} must be a BYTES (string) tensor, got dtype {arr.dtype}")
     if arr.ndim == 0 or arr.size == 0 or (arr.ndim == 2 and arr.shape[1] != 1) or arr.ndim > 2:
-        raise RequestError(f"{name} must have shape [k, 1] (one string per row), got "
-                           f"{list(arr.shape)}")
+        raise RequestError(
+            f"{name} must have shape [k, 1] (one string per row), got {list(arr.shape)}"
+        )
     out = []
     for v in arr.reshape(-1):
         if isinstance(v, bytes):
@@ -42,22 +43,26 @@ def _strings(name: str, arr: np.ndarray) -> list[str]:
     return out
 
 
-def decode_request(req: Mapping[str, np.ndarray], tokenizer: Tokenizer | None, max_len: int,
-                   vocab: int) -> list[Row]:
+def decode_request(
+    req: Mapping[str, np.ndarray], tokenizer: Tokenizer | None, max_len: int, vocab: int
+) -> list[Row]:
     """Validate one request and return its rows; raises :class:`RequestError` (INVALID_ARG)."""
     if "TASK" not in req:
-        raise RequestError("request has no TASK input; send the task name as a BYTES tensor "
-                           "of shape [1, 1]")
+        raise RequestError(
+            "request has no TASK input; send the task name as a BYTES tensor of shape [1, 1]"
+        )
     tasks = _strings("TASK", req["TASK"])
     ids_name = next((n for n in ID_INPUTS if n in req), None)
     has_text = "TEXT" in req
     if has_text == (ids_name is not None):
-        raise RequestError("send exactly one of TEXT or INPUT_IDS, got "
-                           f"{'both' if has_text else 'neither'}")
+        raise RequestError(
+            f"send exactly one of TEXT or INPUT_IDS, got {'both' if has_text else 'neither'}"
+        )
     if has_text:
         if tokenizer is None:
-            raise RequestError("this backbone has no tokenizer, so TEXT is not accepted; "
-                               "send INPUT_IDS")
+            raise RequestError(
+                "this backbone has no tokenizer, so TEXT is not accepted; send INPUT_IDS"
+            )
         texts = _strings("TEXT", req["TEXT"])
         if any(not t for t in texts):
             raise RequestError("TEXT is empty; send at least one character")
@@ -74,16 +79,22 @@ def decode_request(req: Mapping[str, np.ndarray], tokenizer: Tokenizer | None, m
         if arr.shape[1] == 0:
             raise RequestError(f"{ids_name} is empty; send at least one token id")
         if arr.shape[1] > max_len:
-            raise RequestError(f"{ids_name} has {arr.shape[1]} tokens; the limit is {max_len} "
-                               "(MAX_SEQ_LEN): truncate or split the input")
+            raise RequestError(
+                f"{ids_name} has {arr.shape[1]} tokens; the limit is {max_len} "
+                "(MAX_SEQ_LEN): truncate or split the input"
+            )
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi >= vocab:
-            raise RequestError(f"{ids_name} holds token id {lo if lo < 0 else hi}, outside the "
-                               f"vocabulary [0, {vocab})")
+            raise RequestError(
+                f"{ids_name} holds token id {lo if lo < 0 else hi}, outside the "
+                f"vocabulary [0, {vocab})"
+            )
         seqs = list(arr.astype(np.int64, copy=False))
     if len(tasks) not in (1, len(seqs)):
-        raise RequestError(f"TASK has {len(tasks)} rows but the input has {len(seqs)}; send one "
-                           "task per row or a single task for all rows")
+        raise RequestError(
+            f"TASK has {len(tasks)} rows but the input has {len(seqs)}; send one "
+            "task per row or a single task for all rows"
+        )
     if len(tasks) == 1:
         tasks = tasks * len(seqs)
     return [Row(t, s) for t, s in zip(tasks, seqs, strict=True)]

@@ -60,17 +60,24 @@ class TaskRegistry:
     def validate(self, manifest: TaskManifest, tensors: dict[str, torch.Tensor]) -> PetMethod:
         """Full validation; raises :class:`TaskError` naming the problem."""
         if manifest.pet_type not in self.methods:
-            raise TaskError(f"task {manifest.name!r}: unknown PET type {manifest.pet_type!r}; "
-                            f"known types are {sorted(self.methods)}")
+            raise TaskError(
+                f"task {manifest.name!r}: unknown PET type {manifest.pet_type!r}; "
+                f"known types are {sorted(self.methods)}"
+            )
         if manifest.backbone_fingerprint != self.ctx.spec.fingerprint:
-            raise TaskError(f"task {manifest.name!r} was made for backbone "
-                            f"{manifest.backbone_fingerprint}, but this server runs "
-                            f"{self.ctx.spec.fingerprint}; re-create it for this backbone")
+            raise TaskError(
+                f"task {manifest.name!r} was made for backbone "
+                f"{manifest.backbone_fingerprint}, but this server runs "
+                f"{self.ctx.spec.fingerprint}; re-create it for this backbone"
+            )
         method = self.methods[manifest.pet_type]
         head_t = {k: v for k, v in tensors.items() if k.startswith(("classifier.", "pooler."))}
         pet_t = {k: v for k, v in tensors.items() if k not in head_t}
-        check_known(head_t, {"classifier.weight", "classifier.bias", "pooler.dense.weight",
-                             "pooler.dense.bias"}, manifest.pet_type)
+        check_known(
+            head_t,
+            {"classifier.weight", "classifier.bias", "pooler.dense.weight", "pooler.dense.bias"},
+            manifest.pet_type,
+        )
         validate_head(manifest.head, self.ctx.spec, head_t)
         try:
             method.validate(manifest.hparams, pet_t)
@@ -78,8 +85,9 @@ class TaskRegistry:
             raise TaskError(f"task {manifest.name!r}: {exc}") from None
         return method
 
-    def add(self, manifest: TaskManifest, tensors: dict[str, torch.Tensor],
-            mtime_ns: int = 0) -> TaskEntry:
+    def add(
+        self, manifest: TaskManifest, tensors: dict[str, torch.Tensor], mtime_ns: int = 0
+    ) -> TaskEntry:
         """Validate and place a task; replaces a task of the same name."""
         method = self.validate(manifest, tensors)
         head_t = {k: v for k, v in tensors.items() if k.startswith(("classifier.", "pooler."))}
@@ -123,7 +131,8 @@ class TaskRegistry:
             f"MEMORY_BUDGET_MB={self.budget_bytes // mib} has {left / mib:.2f} MiB left "
             f"({used / mib:.2f} MiB used by {len(self.tasks)} tasks); raise "
             "MEMORY_BUDGET_MB (size it with `pets capacity`), remove tasks, or serve this task "
-            "from another model instance")
+            "from another model instance"
+        )
 
     def remove(self, name: str) -> None:
         with self.lock:

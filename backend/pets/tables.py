@@ -24,8 +24,11 @@ from dataclasses import dataclass
 import torch
 
 
-def grow_into(get: Callable[[], torch.Tensor], put: Callable[[torch.Tensor], None],
-              shapes: list[tuple[int, ...]]) -> None:
+def grow_into(
+    get: Callable[[], torch.Tensor],
+    put: Callable[[torch.Tensor], None],
+    shapes: list[tuple[int, ...]],
+) -> None:
     """Replace the tensor behind ``get``/``put`` by a zero tensor of the first of ``shapes``
     (largest first) that fits, holding the old values in its leading corner.
 
@@ -56,7 +59,8 @@ def grow_into(get: Callable[[], torch.Tensor], put: Callable[[torch.Tensor], Non
             put(old.to(device))
             raise torch.OutOfMemoryError(
                 f"cannot grow a {tuple(old.shape)} {dtype} task pool to any of {shapes} on "
-                f"{device}; remove tasks or set MEMORY_BUDGET_MB (size it with `pets capacity`)")
+                f"{device}; remove tasks or set MEMORY_BUDGET_MB (size it with `pets capacity`)"
+            )
     grown[corner].copy_(old)  # host -> device straight into place: no second device copy
     put(grown)
 
@@ -69,8 +73,13 @@ class SlotGroup:
         device, dtype: storage placement.
     """
 
-    def __init__(self, shared: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
-                 capacity: int = 8) -> None:
+    def __init__(
+        self,
+        shared: dict[str, torch.Tensor],
+        device: torch.device,
+        dtype: torch.dtype,
+        capacity: int = 8,
+    ) -> None:
         self.names = list(shared)
         self.tables: dict[str, torch.Tensor] = {}
         for name, rows in shared.items():
@@ -161,7 +170,7 @@ class FlatPool:
         n = flat.numel()
         alloc = self._alloc(n)
         if n:
-            self.data[alloc.offset:alloc.offset + n] = flat.to(self.data.device, self.data.dtype)
+            self.data[alloc.offset : alloc.offset + n] = flat.to(self.data.device, self.data.dtype)
         return alloc
 
     def write_at(self, offset: int, values: torch.Tensor, min_capacity: int) -> None:
@@ -170,7 +179,7 @@ class FlatPool:
         need = max(min_capacity, offset + flat.numel())
         if need > self.capacity:
             grow_into(lambda: self.data, self._set_data, [(need,)])
-        self.data[offset:offset + flat.numel()] = flat.to(self.data.device, self.data.dtype)
+        self.data[offset : offset + flat.numel()] = flat.to(self.data.device, self.data.dtype)
 
     def release(self, alloc: Allocation) -> None:
         if alloc.size == 0:
@@ -196,7 +205,7 @@ class FlatPool:
         new = torch.zeros(max(total, 1), device=self.data.device, dtype=self.data.dtype)
         pos = 0
         for a in sorted(live, key=lambda a: a.offset):
-            new[pos:pos + a.size] = self.data[a.offset:a.offset + a.size]
+            new[pos : pos + a.size] = self.data[a.offset : a.offset + a.size]
             remap[a.offset] = pos
             pos += a.size
         self.data = new
@@ -220,8 +229,11 @@ class FlatPool:
 
     def _grow(self, need: int) -> None:
         old = self.capacity
-        grow_into(lambda: self.data, self._set_data,
-                  [(max(old * 2, old + need),), (old + max(need, old // 4),), (old + need,)])
+        grow_into(
+            lambda: self.data,
+            self._set_data,
+            [(max(old * 2, old + need),), (old + max(need, old // 4),), (old + need,)],
+        )
         added = self.capacity - old
         if self._free and self._free[-1][0] + self._free[-1][1] == old:
             off, size = self._free[-1]

@@ -29,10 +29,15 @@ DEFAULT_HPARAMS: dict[str, dict[str, Any]] = {
     "lora": {"r": 8, "lora_alpha": 16, "target_modules": ["query", "value"]},
     "ia3": {"target_modules": ["key", "value", "output.dense"]},
 }
-LORA_TARGETS = {"query": "attention.self.query", "key": "attention.self.key",
-                "value": "attention.self.value", "attention.output.dense": "attention.output.dense",
-                "intermediate.dense": "intermediate.dense", "output.dense": "output.dense",
-                "dense": "attention.output.dense"}
+LORA_TARGETS = {
+    "query": "attention.self.query",
+    "key": "attention.self.key",
+    "value": "attention.self.value",
+    "attention.output.dense": "attention.output.dense",
+    "intermediate.dense": "intermediate.dense",
+    "output.dense": "output.dense",
+    "dense": "attention.output.dense",
+}
 
 
 def _bias_ln(w: BackboneWeights, g: torch.Generator, std: float) -> dict[str, torch.Tensor]:
@@ -40,7 +45,7 @@ def _bias_ln(w: BackboneWeights, g: torch.Generator, std: float) -> dict[str, to
     h = spec.hidden
     for name, (site, layer, block) in bias_names(spec).items():
         width = spec.site_shape(site)[0] // (3 if site == "qkv" else 1)
-        base = w.bias[site][layer][block * width:(block + 1) * width]
+        base = w.bias[site][layer][block * width : (block + 1) * width]
         out[name] = base + torch.randn(width, generator=g) * std
     for name, (ln, layer, kind) in ln_names(spec).items():
         base = (w.ln_gamma if kind == "gamma" else w.ln_beta)[ln][layer]
@@ -48,8 +53,9 @@ def _bias_ln(w: BackboneWeights, g: torch.Generator, std: float) -> dict[str, to
     return out
 
 
-def random_tensors(w: BackboneWeights, pet_type: str, hparams: dict[str, Any],
-                   seed: int) -> dict[str, torch.Tensor]:
+def random_tensors(
+    w: BackboneWeights, pet_type: str, hparams: dict[str, Any], seed: int
+) -> dict[str, torch.Tensor]:
     """PET tensors of a random task of ``pet_type`` on backbone ``w``."""
     g = torch.Generator().manual_seed(seed)
     spec = w.spec
@@ -80,8 +86,12 @@ def random_tensors(w: BackboneWeights, pet_type: str, hparams: dict[str, Any],
         r, h = int(hparams.get("bottleneck", 64)), spec.hidden
         for i in range(spec.layers):
             for module in ADAPTER_SITES.values():
-                for part, shape, std in (("down.weight", (r, h), 0.05), ("down.bias", (r,), 0.05),
-                                         ("up.weight", (h, r), 0.05), ("up.bias", (h,), 0.05)):
+                for part, shape, std in (
+                    ("down.weight", (r, h), 0.05),
+                    ("down.bias", (r,), 0.05),
+                    ("up.weight", (h, r), 0.05),
+                    ("up.bias", (h,), 0.05),
+                ):
                     t[layer_key(i, module, f"adapter.{part}")] = rnd(*shape, std=std)
         for name, (ln, layer, kind) in ln_names(spec).items():
             if ln != "emb_ln":
@@ -116,13 +126,20 @@ def random_head(w: BackboneWeights, head: HeadConfig, seed: int) -> dict[str, to
         return {}
     g = torch.Generator().manual_seed(seed + 7919)
     h = w.spec.hidden
-    return {"classifier.weight": torch.randn(head.num_labels, h, generator=g) * 0.2,
-            "classifier.bias": torch.randn(head.num_labels, generator=g) * 0.1}
+    return {
+        "classifier.weight": torch.randn(head.num_labels, h, generator=g) * 0.2,
+        "classifier.bias": torch.randn(head.num_labels, generator=g) * 0.1,
+    }
 
 
-def random_task(w: BackboneWeights, name: str, pet_type: str, head: HeadConfig, seed: int = 0,
-                hparams: dict[str, Any] | None = None
-                ) -> tuple[TaskManifest, dict[str, torch.Tensor]]:
+def random_task(
+    w: BackboneWeights,
+    name: str,
+    pet_type: str,
+    head: HeadConfig,
+    seed: int = 0,
+    hparams: dict[str, Any] | None = None,
+) -> tuple[TaskManifest, dict[str, torch.Tensor]]:
     """A complete random task: manifest + tensors (PET + head)."""
     hp = dict(DEFAULT_HPARAMS.get(pet_type, {}))
     hp.update(hparams or {})
@@ -130,15 +147,26 @@ def random_task(w: BackboneWeights, name: str, pet_type: str, head: HeadConfig, 
     tensors.update(random_head(w, head, seed))
     stored_hp = {k: v for k, v in hp.items() if k not in ("density",)}
     if pet_type == "lora":
-        stored_hp = {"r": hp["r"], "lora_alpha": hp.get("lora_alpha", hp["r"]),
-                     "target_modules": list(hp.get("target_modules", []))}
+        stored_hp = {
+            "r": hp["r"],
+            "lora_alpha": hp.get("lora_alpha", hp["r"]),
+            "target_modules": list(hp.get("target_modules", [])),
+        }
     if pet_type == "adapter":
         stored_hp = {"activation": hp.get("activation", "relu")}
     if pet_type == "ia3":  # manifests name exact modules; PEFT-style suffixes are resolved here
         ff = set(peft_match(hp.get("feedforward_modules", ["output.dense"])))
         targets = peft_match(hp.get("target_modules", ["key", "value", "output.dense"]))
-        stored_hp = {"target_modules": targets,
-                     "feedforward_modules": [m for m in targets if m in ff]}
-    manifest = TaskManifest(name=name, pet_type=pet_type, hparams=stored_hp, head=head,
-                            backbone_fingerprint=w.spec.fingerprint, created=time.time())
+        stored_hp = {
+            "target_modules": targets,
+            "feedforward_modules": [m for m in targets if m in ff],
+        }
+    manifest = TaskManifest(
+        name=name,
+        pet_type=pet_type,
+        hparams=stored_hp,
+        head=head,
+        backbone_fingerprint=w.spec.fingerprint,
+        created=time.time(),
+    )
     return manifest, tensors

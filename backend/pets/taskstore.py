@@ -41,8 +41,10 @@ MAX_WEIGHTS_BYTES = 4 << 30
 def check_name(name: Any) -> str:
     """Return ``name`` if it is a valid task name, else raise :class:`TaskError`."""
     if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
-        raise TaskError(f"invalid task name {name!r}: use 1-128 letters, digits, '_', '-' or '.', "
-                        "starting with a letter or digit, without '..'")
+        raise TaskError(
+            f"invalid task name {name!r}: use 1-128 letters, digits, '_', '-' or '.', "
+            "starting with a letter or digit, without '..'"
+        )
     return name
 
 
@@ -57,18 +59,25 @@ class TaskManifest:
     created: float = field(default_factory=time.time)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, "name": self.name,
-                "pet": {"type": self.pet_type, **self.hparams}, "head": self.head.to_json(),
-                "backbone": {"fingerprint": self.backbone_fingerprint},
-                "version": self.version, "created": self.created}
+        return {
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "pet": {"type": self.pet_type, **self.hparams},
+            "head": self.head.to_json(),
+            "backbone": {"fingerprint": self.backbone_fingerprint},
+            "version": self.version,
+            "created": self.created,
+        }
 
     @staticmethod
     def from_json(obj: Any) -> TaskManifest:
         if not isinstance(obj, dict):
             raise TaskError(f"manifest must be a JSON object, got {type(obj).__name__}")
         if obj.get("format_version") != FORMAT_VERSION:
-            raise TaskError(f"manifest format_version {obj.get('format_version')!r}; this server "
-                            f"reads version {FORMAT_VERSION}")
+            raise TaskError(
+                f"manifest format_version {obj.get('format_version')!r}; this server "
+                f"reads version {FORMAT_VERSION}"
+            )
         pet = obj.get("pet")
         if not isinstance(pet, dict) or not isinstance(pet.get("type"), str):
             raise TaskError("manifest needs 'pet': {'type': <pet type>, ...hyper-parameters}")
@@ -79,10 +88,15 @@ class TaskManifest:
         if not isinstance(version, int):
             raise TaskError(f"manifest version must be an integer, got {version!r}")
         hparams = {k: v for k, v in pet.items() if k != "type"}
-        return TaskManifest(name=check_name(obj.get("name")), pet_type=pet["type"],
-                            hparams=hparams, head=HeadConfig.parse(obj.get("head")),
-                            backbone_fingerprint=backbone["fingerprint"], version=version,
-                            created=float(obj.get("created", 0.0)))
+        return TaskManifest(
+            name=check_name(obj.get("name")),
+            pet_type=pet["type"],
+            hparams=hparams,
+            head=HeadConfig.parse(obj.get("head")),
+            backbone_fingerprint=backbone["fingerprint"],
+            version=version,
+            created=float(obj.get("created", 0.0)),
+        )
 
 
 def read_task(folder: Path) -> tuple[TaskManifest, dict[str, torch.Tensor]]:
@@ -122,7 +136,7 @@ def weights_from_bytes(data: bytes, where: str = "WEIGHTS") -> dict[str, torch.T
     def read(n: int) -> bytes:
         nonlocal pos
         pos += n
-        return bytes(view[pos - n:pos])
+        return bytes(view[pos - n : pos])
 
     _check_layout(where, len(data), bytes(view[:8]), read)
     try:
@@ -139,8 +153,10 @@ def _check_layout(where: str, size: int, head: bytes, read: Callable[[int], byte
         raise TaskError(f"{where} is truncated ({size} bytes): not a safetensors file")
     header_len = int.from_bytes(head, "little")
     if header_len > min(size - 8, 100 << 20):
-        raise TaskError(f"{where} declares a {header_len}-byte header in a {size}-byte file: "
-                        "not a safetensors file (pickle checkpoints are never loaded)")
+        raise TaskError(
+            f"{where} declares a {header_len}-byte header in a {size}-byte file: "
+            "not a safetensors file (pickle checkpoints are never loaded)"
+        )
     try:
         header = json.loads(read(header_len))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -148,13 +164,16 @@ def _check_layout(where: str, size: int, head: bytes, read: Callable[[int], byte
     if not isinstance(header, dict):
         raise TaskError(f"{where} has a corrupt safetensors header: expected a JSON object")
     try:
-        end = max((int(v["data_offsets"][1]) for k, v in header.items()
-                   if k != "__metadata__"), default=0)
+        end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0
+        )
     except (TypeError, KeyError, IndexError, ValueError) as exc:
         raise TaskError(f"{where} has a corrupt safetensors header: {exc!r}") from exc
     if 8 + header_len + end != size:
-        raise TaskError(f"{where} is truncated or padded: header describes "
-                        f"{8 + header_len + end} bytes, file has {size}")
+        raise TaskError(
+            f"{where} is truncated or padded: header describes "
+            f"{8 + header_len + end} bytes, file has {size}"
+        )
 
 
 def write_task(store: Path, manifest: TaskManifest, tensors: dict[str, torch.Tensor]) -> Path:
@@ -197,8 +216,11 @@ def list_tasks(store: Path) -> list[str]:
     """Names of the published task folders (hidden temp folders excluded)."""
     if not store.is_dir():
         return []
-    return sorted(p.name for p in store.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).exists())
+    return sorted(
+        p.name
+        for p in store.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).exists()
+    )
 
 
 def store_state(store: Path) -> dict[str, int]:

@@ -17,20 +17,27 @@ from .registry import TaskRegistry
 from .taskstore import TaskManifest
 
 
-def scratch_registry(weights: BackboneWeights, device: torch.device | str = "cpu",
-                     dtype: torch.dtype = torch.float32) -> TaskRegistry:
+def scratch_registry(
+    weights: BackboneWeights, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> TaskRegistry:
     """An empty registry over ``weights`` (fp32 CPU weights are used as-is on CPU fp32)."""
     device = torch.device(device)
-    dev_w = weights if (device.type == "cpu" and dtype == torch.float32) \
-        else weights.to(device, dtype)
+    dev_w = (
+        weights if (device.type == "cpu" and dtype == torch.float32) else weights.to(device, dtype)
+    )
     bias, ln, scale = _slot_groups(weights, device, dtype)
     ctx = PetContext(weights.spec, device, dtype, dev_w, bias, ln, scale)
     heads = HeadTable(weights.spec, device, dtype, dev_w.pooler_w, dev_w.pooler_b)
     return TaskRegistry(ctx, heads)
 
 
-def validate_task(weights: BackboneWeights, manifest: TaskManifest,
-                  tensors: dict[str, torch.Tensor], *, trial_load: bool = False) -> None:
+def validate_task(
+    weights: BackboneWeights,
+    manifest: TaskManifest,
+    tensors: dict[str, torch.Tensor],
+    *,
+    trial_load: bool = False,
+) -> None:
     """Raise :class:`~pets.errors.TaskError` unless the engine would accept the task.
 
     Args:

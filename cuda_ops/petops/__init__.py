@@ -55,9 +55,14 @@ def compiled_devices() -> tuple[str, ...]:
 
         keys = {"cpu": "CPU", "cuda": "CUDA"}
         _devices = tuple(
-            dev for dev, key in keys.items() if compiled_available()
-            and all(torch._C._dispatch_has_kernel_for_dispatch_key(f"petops::{op}", key)
-                    for op in OP_NAMES))
+            dev
+            for dev, key in keys.items()
+            if compiled_available()
+            and all(
+                torch._C._dispatch_has_kernel_for_dispatch_key(f"petops::{op}", key)
+                for op in OP_NAMES
+            )
+        )
     return _devices
 
 
@@ -77,5 +82,11 @@ _load()
 
 from . import ops, reference  # noqa: E402  (ops registers fake kernels for the loaded library)
 
-__all__ = ["backend_name", "compiled_available", "compiled_devices", "library_path", "ops",
-           "reference"]
+__all__ = [
+    "backend_name",
+    "compiled_available",
+    "compiled_devices",
+    "library_path",
+    "ops",
+    "reference",
+]

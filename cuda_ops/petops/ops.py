@@ -59,9 +59,11 @@ def _use_compiled(op: str, device: torch.device) -> bool:
     if compiled_available() and device.type in compiled_devices():
         return True
     if _backend == "compiled":
-        raise RuntimeError(f"petops.{op}: backend 'compiled' has no {device.type} kernel "
-                           f"(compiled devices: {compiled_devices()}); rebuild with "
-                           "`bash build/build_ops.sh` or use set_backend('auto')")
+        raise RuntimeError(
+            f"petops.{op}: backend 'compiled' has no {device.type} kernel "
+            f"(compiled devices: {compiled_devices()}); rebuild with "
+            "`bash build/build_ops.sh` or use set_backend('auto')"
+        )
     return False
 
 
@@ -78,8 +80,13 @@ def _register_fake(op: str) -> Callable[[_F], _F]:
 
 
 def bias_act(
-    y: torch.Tensor, bias: torch.Tensor, seg_indptr: torch.Tensor, seg_bias: torch.Tensor,
-    scale: torch.Tensor | None, seg_scale: torch.Tensor | None, act: int,
+    y: torch.Tensor,
+    bias: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    seg_bias: torch.Tensor,
+    scale: torch.Tensor | None,
+    seg_scale: torch.Tensor | None,
+    act: int,
 ) -> torch.Tensor:
     """Segmented bias + activation (+ per-task IA3 column scale).
 
@@ -93,8 +100,9 @@ def bias_act(
     ``[Q, N]``, seg_* int32 ``[S]``, seg_indptr int32 ``[S + 1]``). Returns ``[T, N]``.
     """
     if _use_compiled("bias_act", y.device):
-        return torch.ops.petops.bias_act.default(y, bias, seg_indptr, seg_bias, scale,
-                                                 seg_scale, act)
+        return torch.ops.petops.bias_act.default(
+            y, bias, seg_indptr, seg_bias, scale, seg_scale, act
+        )
     return ref.bias_act(y, bias, seg_indptr, seg_bias, scale, seg_scale, act)
 
 
@@ -105,9 +113,15 @@ def _(y, bias, seg_indptr, seg_bias, scale, seg_scale, act):
 
 
 def bias_residual_layernorm(
-    y: torch.Tensor, residual: torch.Tensor | None, bias: torch.Tensor | None,
-    gamma: torch.Tensor, beta: torch.Tensor, seg_indptr: torch.Tensor,
-    seg_bias: torch.Tensor | None, seg_ln: torch.Tensor, eps: float,
+    y: torch.Tensor,
+    residual: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    seg_bias: torch.Tensor | None,
+    seg_ln: torch.Tensor,
+    eps: float,
 ) -> torch.Tensor:
     """Segmented (bias + residual) LayerNorm with per-task gamma/beta.
 
@@ -122,9 +136,11 @@ def bias_residual_layernorm(
     """
     if _use_compiled("bias_residual_layernorm", y.device):
         return torch.ops.petops.bias_residual_layernorm.default(
-            y, residual, bias, gamma, beta, seg_indptr, seg_bias, seg_ln, eps)
-    return ref.bias_residual_layernorm(y, residual, bias, gamma, beta, seg_indptr, seg_bias,
-                                       seg_ln, eps)
+            y, residual, bias, gamma, beta, seg_indptr, seg_bias, seg_ln, eps
+        )
+    return ref.bias_residual_layernorm(
+        y, residual, bias, gamma, beta, seg_indptr, seg_bias, seg_ln, eps
+    )
 
 
 @_register_fake("bias_residual_layernorm")
@@ -134,9 +150,16 @@ def _(y, residual, bias, gamma, beta, seg_indptr, seg_bias, seg_ln, eps):
 
 
 def sgmv_shrink(
-    x: torch.Tensor, w: torch.Tensor, seg_indptr: torch.Tensor, item_seg: torch.Tensor,
-    item_w_off: torch.Tensor, item_rank: torch.Tensor, bias: torch.Tensor | None,
-    item_b_off: torch.Tensor | None, act: int, max_rank: int,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    item_seg: torch.Tensor,
+    item_w_off: torch.Tensor,
+    item_rank: torch.Tensor,
+    bias: torch.Tensor | None,
+    item_b_off: torch.Tensor | None,
+    act: int,
+    max_rank: int,
 ) -> torch.Tensor:
     """Grouped low-rank down-projection with mixed ranks (LoRA A, adapter down + act).
 
@@ -150,10 +173,12 @@ def sgmv_shrink(
     item_* ``[I]``). Returns ``[T, max_rank]`` in the dtype of ``x``.
     """
     if _use_compiled("sgmv_shrink", x.device):
-        return torch.ops.petops.sgmv_shrink.default(x, w, seg_indptr, item_seg, item_w_off,
-                                                    item_rank, bias, item_b_off, act, max_rank)
-    return ref.sgmv_shrink(x, w, seg_indptr, item_seg, item_w_off, item_rank, bias, item_b_off,
-                           act, max_rank)
+        return torch.ops.petops.sgmv_shrink.default(
+            x, w, seg_indptr, item_seg, item_w_off, item_rank, bias, item_b_off, act, max_rank
+        )
+    return ref.sgmv_shrink(
+        x, w, seg_indptr, item_seg, item_w_off, item_rank, bias, item_b_off, act, max_rank
+    )
 
 
 @_register_fake("sgmv_shrink")
@@ -163,10 +188,19 @@ def _(x, w, seg_indptr, item_seg, item_w_off, item_rank, bias, item_b_off, act, 
 
 
 def sgmv_expand(
-    y: torch.Tensor, tmp: torch.Tensor, w: torch.Tensor, seg_indptr: torch.Tensor,
-    item_seg: torch.Tensor, item_w_off: torch.Tensor, item_rank: torch.Tensor,
-    item_in_off: torch.Tensor, item_out_off: torch.Tensor, item_out_dim: torch.Tensor,
-    item_scale: torch.Tensor, bias: torch.Tensor | None, item_b_off: torch.Tensor | None,
+    y: torch.Tensor,
+    tmp: torch.Tensor,
+    w: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    item_seg: torch.Tensor,
+    item_w_off: torch.Tensor,
+    item_rank: torch.Tensor,
+    item_in_off: torch.Tensor,
+    item_out_off: torch.Tensor,
+    item_out_dim: torch.Tensor,
+    item_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    item_b_off: torch.Tensor | None,
 ) -> None:
     """Grouped low-rank up-projection accumulated into ``y`` in place (LoRA B, adapter up).
 
@@ -181,24 +215,69 @@ def sgmv_expand(
     ``[I]``). Compiled: items of one segment must write disjoint column ranges.
     """
     if _use_compiled("sgmv_expand", y.device):
-        torch.ops.petops.sgmv_expand.default(y, tmp, w, seg_indptr, item_seg, item_w_off,
-                                             item_rank, item_in_off, item_out_off, item_out_dim,
-                                             item_scale, bias, item_b_off)
+        torch.ops.petops.sgmv_expand.default(
+            y,
+            tmp,
+            w,
+            seg_indptr,
+            item_seg,
+            item_w_off,
+            item_rank,
+            item_in_off,
+            item_out_off,
+            item_out_dim,
+            item_scale,
+            bias,
+            item_b_off,
+        )
         return
-    ref.sgmv_expand(y, tmp, w, seg_indptr, item_seg, item_w_off, item_rank, item_in_off,
-                    item_out_off, item_out_dim, item_scale, bias, item_b_off)
+    ref.sgmv_expand(
+        y,
+        tmp,
+        w,
+        seg_indptr,
+        item_seg,
+        item_w_off,
+        item_rank,
+        item_in_off,
+        item_out_off,
+        item_out_dim,
+        item_scale,
+        bias,
+        item_b_off,
+    )
 
 
 @_register_fake("sgmv_expand")
-def _(y, tmp, w, seg_indptr, item_seg, item_w_off, item_rank, item_in_off, item_out_off,
-      item_out_dim, item_scale, bias, item_b_off):
+def _(
+    y,
+    tmp,
+    w,
+    seg_indptr,
+    item_seg,
+    item_w_off,
+    item_rank,
+    item_in_off,
+    item_out_off,
+    item_out_dim,
+    item_scale,
+    bias,
+    item_b_off,
+):
     torch._check(y.dim() == 2 and tmp.dim() == 2)
 
 
 def seg_spmm(
-    y: torch.Tensor, x: torch.Tensor, seg_indptr: torch.Tensor, item_seg: torch.Tensor,
-    item_rowptr_off: torch.Tensor, rowptr: torch.Tensor, indices: torch.Tensor,
-    values: torch.Tensor | None, dense_w: torch.Tensor | None, alpha: float,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    item_seg: torch.Tensor,
+    item_rowptr_off: torch.Tensor,
+    rowptr: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor | None,
+    dense_w: torch.Tensor | None,
+    alpha: float,
 ) -> None:
     """Segmented CSR sparse x dense accumulated into ``y`` in place (Diff-Pruning, MaskBERT).
 
@@ -214,11 +293,13 @@ def seg_spmm(
     indices int32 flat pools). Compiled: at most one item per segment.
     """
     if _use_compiled("seg_spmm", y.device):
-        torch.ops.petops.seg_spmm.default(y, x, seg_indptr, item_seg, item_rowptr_off, rowptr,
-                                          indices, values, dense_w, alpha)
+        torch.ops.petops.seg_spmm.default(
+            y, x, seg_indptr, item_seg, item_rowptr_off, rowptr, indices, values, dense_w, alpha
+        )
         return
-    ref.seg_spmm(y, x, seg_indptr, item_seg, item_rowptr_off, rowptr, indices, values, dense_w,
-                 alpha)
+    ref.seg_spmm(
+        y, x, seg_indptr, item_seg, item_rowptr_off, rowptr, indices, values, dense_w, alpha
+    )
 
 
 @_register_fake("seg_spmm")

@@ -34,8 +34,15 @@ ACT_RELU = 2
 ACT_SILU = 3
 ACT_GELU_TANH = 4  # tanh approximation, HF "gelu_new"/"gelu_pytorch_tanh"
 
-ACTIVATIONS = {"none": ACT_NONE, "gelu": ACT_GELU, "relu": ACT_RELU, "silu": ACT_SILU,
-               "swish": ACT_SILU, "gelu_new": ACT_GELU_TANH, "gelu_pytorch_tanh": ACT_GELU_TANH}
+ACTIVATIONS = {
+    "none": ACT_NONE,
+    "gelu": ACT_GELU,
+    "relu": ACT_RELU,
+    "silu": ACT_SILU,
+    "swish": ACT_SILU,
+    "gelu_new": ACT_GELU_TANH,
+    "gelu_pytorch_tanh": ACT_GELU_TANH,
+}
 
 # Upper bound on elements materialised at once by seg_spmm's dense-delta reference.
 _SPMM_CHUNK_ELEMS = 1 << 25
@@ -54,7 +61,8 @@ def apply_act(x: torch.Tensor, act: int) -> torch.Tensor:
     if act == ACT_GELU_TANH:
         return F.gelu(x, approximate="tanh")
     raise ValueError(
-        f"unknown activation code {act}; expected one of {sorted(ACTIVATIONS.values())}")
+        f"unknown activation code {act}; expected one of {sorted(ACTIVATIONS.values())}"
+    )
 
 
 def token_segment(seg_indptr: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -169,8 +177,12 @@ def _item_tokens(
 
 
 def _gather_matrices(
-    w: torch.Tensor, off: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-    max_rows: int, max_cols: int,
+    w: torch.Tensor,
+    off: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    max_rows: int,
+    max_cols: int,
 ) -> torch.Tensor:
     """Gather row-major ``[rows_i, cols_i]`` matrices at element offsets ``off`` from flat ``w``.
 

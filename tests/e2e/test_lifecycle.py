@@ -256,8 +256,9 @@ def test_register_update_unregister_under_load(
             counts["cycle"] += len(outs)
             return outs
 
-        seen, problems = wait_until_visible(serve, names, final, before, what, VISIBLE_S, 0.02,
-                                            show)
+        seen, problems = wait_until_visible(
+            serve, names, final, before, what, VISIBLE_S, 0.02, show
+        )
         lat[what].extend(seen)
         wrong.extend(problems)
 

@@ -40,8 +40,7 @@ def bias_residual_layernorm(y, residual, bias, gamma, beta, seg_indptr, seg_bias
     return out.to(y.dtype)
 
 
-def sgmv_shrink(x, w, seg_indptr, item_seg, item_w_off, item_rank, bias, item_b_off, act,
-                max_rank):
+def sgmv_shrink(x, w, seg_indptr, item_seg, item_w_off, item_rank, bias, item_b_off, act, max_rank):
     k = x.shape[1]
     tmp = torch.zeros(x.shape[0], max_rank)
     for i in range(item_seg.numel()):
@@ -55,8 +54,21 @@ def sgmv_shrink(x, w, seg_indptr, item_seg, item_w_off, item_rank, bias, item_b_
     return tmp.to(x.dtype)
 
 
-def sgmv_expand(y, tmp, w, seg_indptr, item_seg, item_w_off, item_rank, item_in_off,
-                item_out_off, item_out_dim, item_scale, bias, item_b_off):
+def sgmv_expand(
+    y,
+    tmp,
+    w,
+    seg_indptr,
+    item_seg,
+    item_w_off,
+    item_rank,
+    item_in_off,
+    item_out_off,
+    item_out_dim,
+    item_scale,
+    bias,
+    item_b_off,
+):
     acc = y.float().clone()
     for i in range(item_seg.numel()):
         rows = _rows(seg_indptr, int(item_seg[i]))
@@ -70,8 +82,7 @@ def sgmv_expand(y, tmp, w, seg_indptr, item_seg, item_w_off, item_rank, item_in_
     y.copy_(acc.to(y.dtype))
 
 
-def seg_spmm(y, x, seg_indptr, item_seg, item_rowptr_off, rowptr, indices, values, dense_w,
-             alpha):
+def seg_spmm(y, x, seg_indptr, item_seg, item_rowptr_off, rowptr, indices, values, dense_w, alpha):
     n, k = y.shape[1], x.shape[1]
     acc = y.float().clone()
     rp, ix = rowptr.tolist(), indices.tolist()

@@ -119,16 +119,24 @@ def sample_inputs_sgmv_shrink(device: str, dtype: torch.dtype) -> Iterator[Sampl
     k = 72  # not a multiple of the kernel's K chunk
     for i, (name, lengths, slots, n_tasks, g) in enumerate(layouts(3)):
         ranks = [RANKS[(t + i) % len(RANKS)] for t in range(n_tasks)]
-        w, w_off = _pool([r * k for r in ranks], g, k ** -0.5)
+        w, w_off = _pool([r * k for r in ranks], g, k**-0.5)
         b, b_off = _pool(ranks, g, 1.0)
         # every 5th segment runs the backbone only (no item) when tasks are mixed
         segs = [s for s in range(len(lengths)) if n_tasks == 1 or s % 5 != 4]
         item_task = [slots[s] for s in segs]
         with_bias = i % 2 == 1
-        args = (torch.randn(sum(lengths), k, generator=g), w, _indptr(lengths), _i32(segs),
-                _i64([w_off[t] for t in item_task]), _i32([ranks[t] for t in item_task]),
-                b if with_bias else None,
-                _i64([b_off[t] for t in item_task]) if with_bias else None, i % 5, MAX_RANK)
+        args = (
+            torch.randn(sum(lengths), k, generator=g),
+            w,
+            _indptr(lengths),
+            _i32(segs),
+            _i64([w_off[t] for t in item_task]),
+            _i32([ranks[t] for t in item_task]),
+            b if with_bias else None,
+            _i64([b_off[t] for t in item_task]) if with_bias else None,
+            i % 5,
+            MAX_RANK,
+        )
         yield f"{name}-act{i % 5}", _to(args, device, dtype)
 
 
@@ -156,11 +164,21 @@ def sample_inputs_sgmv_expand(device: str, dtype: torch.dtype) -> Iterator[Sampl
                 cols["n"].append(nd)
         scale = torch.rand(len(cols["seg"]), generator=g) * 2
         with_bias = i % 2 == 0
-        args = (torch.randn(t_tok, 3 * n, generator=g),
-                torch.randn(t_tok, 3 * MAX_RANK, generator=g), w, _indptr(lengths),
-                _i32(cols["seg"]), _i64(cols["w"]), _i32(cols["r"]), _i32(cols["j0"]),
-                _i32(cols["c0"]), _i32(cols["n"]), scale, b if with_bias else None,
-                _i64(cols["b"]) if with_bias else None)
+        args = (
+            torch.randn(t_tok, 3 * n, generator=g),
+            torch.randn(t_tok, 3 * MAX_RANK, generator=g),
+            w,
+            _indptr(lengths),
+            _i32(cols["seg"]),
+            _i64(cols["w"]),
+            _i32(cols["r"]),
+            _i32(cols["j0"]),
+            _i32(cols["c0"]),
+            _i32(cols["n"]),
+            scale,
+            b if with_bias else None,
+            _i64(cols["b"]) if with_bias else None,
+        )
         yield name, _to(args, device, dtype, keep=(10,))  # item_scale stays float32
 
 
@@ -170,8 +188,9 @@ def _csr_pool(n_tasks: int, n: int, k: int, g: torch.Generator, i: int):
         mask = torch.rand(n, k, generator=g) < DENSITIES[(t + i) % len(DENSITIES)]
         offs.append(len(rowptr))
         counts = mask.sum(1)
-        rowptr.extend((total + torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
-                      .tolist())
+        rowptr.extend(
+            (total + torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])).tolist()
+        )
         indices.extend(mask.nonzero()[:, 1].tolist())
         total += int(counts.sum())
     return _i64(rowptr), _i32(indices), offs, total
@@ -185,12 +204,18 @@ def sample_inputs_seg_spmm(device: str, dtype: torch.dtype) -> Iterator[Sample]:
         rowptr, indices, offs, nnz = _csr_pool(n_tasks, n, k, g, i)
         t_tok = sum(lengths)
         use_values = i % 2 == 0
-        args = (torch.randn(t_tok, n, generator=g), torch.randn(t_tok, k, generator=g),
-                _indptr(lengths), _i32(list(range(len(lengths)))),
-                _i64([offs[s] for s in slots]), rowptr, indices,
-                torch.randn(nnz + 2, generator=g) if use_values else None,
-                None if use_values else torch.randn(n, k, generator=g) * 0.1,
-                1.0 if use_values else -1.0)
+        args = (
+            torch.randn(t_tok, n, generator=g),
+            torch.randn(t_tok, k, generator=g),
+            _indptr(lengths),
+            _i32(list(range(len(lengths)))),
+            _i64([offs[s] for s in slots]),
+            rowptr,
+            indices,
+            torch.randn(nnz + 2, generator=g) if use_values else None,
+            None if use_values else torch.randn(n, k, generator=g) * 0.1,
+            1.0 if use_values else -1.0,
+        )
         yield f"{name}-{'values' if use_values else 'mask'}", _to(args, device, dtype)
 
 

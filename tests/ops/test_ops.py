@@ -21,10 +21,14 @@ OPS = tuple(SAMPLES)
 HAS_CUDA = torch.cuda.is_available()
 
 requires_compiled = pytest.mark.skipif(
-    not petops.compiled_available(),
-    reason=f"petops library not built: {petops.backend_name()}")
-DEVICES = ("cpu", pytest.param("cuda", marks=[
-    pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="requires cuda")]))
+    not petops.compiled_available(), reason=f"petops library not built: {petops.backend_name()}"
+)
+DEVICES = (
+    "cpu",
+    pytest.param(
+        "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="requires cuda")]
+    ),
+)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
@@ -56,6 +60,7 @@ def _need_kernel(device: str) -> None:
 
 # ---- the spec: vectorised reference vs dumb loops ----
 
+
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("op", OPS)
 def test_reference_matches_loop_oracle(op: str, dtype: torch.dtype) -> None:
@@ -65,6 +70,7 @@ def test_reference_matches_loop_oracle(op: str, dtype: torch.dtype) -> None:
 
 
 # ---- compiled kernels vs reference ----
+
 
 @requires_compiled
 @pytest.mark.parametrize("device", DEVICES)
@@ -110,6 +116,7 @@ def test_current_stream_is_used(device: str) -> None:
 
 # ---- wrappers and backend selection ----
 
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", OPS)
 def test_wrappers_match_reference_on_every_backend(op: str, device: str) -> None:
@@ -134,11 +141,13 @@ def test_backend_selection_errors() -> None:
     if not petops.compiled_available():
         with pytest.raises(RuntimeError, match="compiled"):
             ops.set_backend("compiled")
-    assert petops.backend_name().startswith("compiled" if petops.compiled_available()
-                                            else "reference")
+    assert petops.backend_name().startswith(
+        "compiled" if petops.compiled_available() else "reference"
+    )
 
 
 # ---- input validation in the compiled kernels ----
+
 
 @requires_compiled
 def test_compiled_errors_name_value_and_fix() -> None:

@@ -20,16 +20,21 @@ from petops import reference as ref
 
 HAS_CUDA = torch.cuda.is_available()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DEVICES = ("cpu", pytest.param("cuda", marks=[
-    pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="requires cuda")]))
+DEVICES = (
+    "cpu",
+    pytest.param(
+        "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="requires cuda")]
+    ),
+)
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 5e-3), torch.bfloat16: (3e-2, 2e-2)}
 
 LENGTHS = [0, 1, 63, 64, 65, 130, 200, 7, 0, 33]  # 1..4 token tiles of 64, empty segments
 RANKS_128 = [1, 5, 16, 17, 24, 40, 100, 127, 128, 72]  # max_rank 128: every rank class
 RANKS_48 = [48, 3, 16, 33, 8, 47, 40, 1, 32, 17]  # max_rank 48: RN 16/32/64 under RNMAX 64
 
-pytestmark = pytest.mark.skipif(not petops.compiled_available(),
-                                reason=f"petops library not built: {petops.backend_name()}")
+pytestmark = pytest.mark.skipif(
+    not petops.compiled_available(), reason=f"petops library not built: {petops.backend_name()}"
+)
 
 
 def _need_kernel(device: str) -> None:
@@ -69,15 +74,27 @@ def test_sgmv_shrink_ranks(case: int, dtype: torch.dtype, device: str) -> None:
     g = torch.Generator().manual_seed(100 + case)
     n_w, w_off = _offsets([r * k for r in ranks], aligned)
     n_b, b_off = _offsets(ranks, aligned)
-    w = torch.randn(n_w, generator=g) * k ** -0.5
+    w = torch.randn(n_w, generator=g) * k**-0.5
     bias = torch.randn(n_b, generator=g)
     segs = [s for s in range(len(LENGTHS)) if s != 3]  # segment 3 has no item: rows stay 0
     x = torch.randn(sum(LENGTHS), k, generator=g)
     for with_bias, act in ((False, 0), (True, 1), (True, 3)):
-        args = _to((x, w, _indptr(LENGTHS), _i32(segs), _i64([w_off[s] for s in segs]),
-                    _i32([ranks[s] for s in segs]), bias if with_bias else None,
-                    _i64([b_off[s] for s in segs]) if with_bias else None, act, max_rank),
-                   device, dtype)
+        args = _to(
+            (
+                x,
+                w,
+                _indptr(LENGTHS),
+                _i32(segs),
+                _i64([w_off[s] for s in segs]),
+                _i32([ranks[s] for s in segs]),
+                bias if with_bias else None,
+                _i64([b_off[s] for s in segs]) if with_bias else None,
+                act,
+                max_rank,
+            ),
+            device,
+            dtype,
+        )
         out = torch.ops.petops.sgmv_shrink.default(*args)
         _close(out, ref.sgmv_shrink(*args), f"shrink k={k} bias={with_bias} act={act}")
 
@@ -120,10 +137,26 @@ def test_sgmv_expand_ranks(case: int, dtype: torch.dtype, device: str) -> None:
     y = torch.randn(t_tok, n_cols, generator=g)
     tmp = torch.randn(t_tok, tmp_cols, generator=g)
     for with_bias in (False, True):
-        args = _to((y, tmp, w, _indptr(LENGTHS), _i32(cols["seg"]), _i64(w_off),
-                    _i32(cols["r"]), _i32(cols["j0"]), _i32(cols["c0"]), _i32(cols["n"]), scale,
-                    bias if with_bias else None, _i64(b_off) if with_bias else None),
-                   device, dtype, keep=(10,))
+        args = _to(
+            (
+                y,
+                tmp,
+                w,
+                _indptr(LENGTHS),
+                _i32(cols["seg"]),
+                _i64(w_off),
+                _i32(cols["r"]),
+                _i32(cols["j0"]),
+                _i32(cols["c0"]),
+                _i32(cols["n"]),
+                scale,
+                bias if with_bias else None,
+                _i64(b_off) if with_bias else None,
+            ),
+            device,
+            dtype,
+            keep=(10,),
+        )
         expected = args[0].clone()
         ref.sgmv_expand(expected, *args[1:])
         actual = args[0].clone()

@@ -23,7 +23,7 @@ def set_partitions(items: Sequence[T]) -> Iterator[list[list[T]]]:
     for part in set_partitions(rest):
         yield [[first], *part]
         for k in range(len(part)):
-            yield [*part[:k], [first, *part[k]], *part[k + 1:]]
+            yield [*part[:k], [first, *part[k]], *part[k + 1 :]]
 
 
 def ordered_splits(n: int) -> Iterator[list[tuple[int, int]]]:
@@ -38,8 +38,9 @@ def ordered_splits(n: int) -> Iterator[list[tuple[int, int]]]:
         yield runs
 
 
-def random_table(rng: np.random.Generator, monotone: bool, max_b: int = 12,
-                 max_s: int = 16) -> CostTable:
+def random_table(
+    rng: np.random.Generator, monotone: bool, max_b: int = 12, max_s: int = 16
+) -> CostTable:
     """Integer-grid table (every lookup exact). ``monotone``: non-decreasing in b and s."""
     bs, ss = tuple(range(1, max_b + 1)), tuple(range(1, max_s + 1))
 
@@ -49,12 +50,14 @@ def random_table(rng: np.random.Generator, monotone: bool, max_b: int = 12,
             return np.cumsum(np.cumsum(inc, axis=0), axis=1) + rng.uniform(0.5, 2.0)
         return rng.uniform(0.1, 5.0, (len(bs), len(ss)))
 
-    return CostTable(batch_sizes=bs, seq_lens=ss, alpha_values=grid(),
-                     beta_values={t: grid() for t in TYPES})
+    return CostTable(
+        batch_sizes=bs, seq_lens=ss, alpha_values=grid(), beta_values={t: grid() for t in TYPES}
+    )
 
 
-def random_queries(rng: np.random.Generator, n: int, n_tasks: int, max_len: int = 16,
-                   types: Sequence[str] = TYPES) -> list[Query]:
+def random_queries(
+    rng: np.random.Generator, n: int, n_tasks: int, max_len: int = 16, types: Sequence[str] = TYPES
+) -> list[Query]:
     task_type = [types[int(rng.integers(len(types)))] for _ in range(n_tasks)]
     out = []
     for i in range(n):

@@ -17,12 +17,20 @@ def linear_table() -> CostTable:
     bs, ss = (1, 2, 4, 8), (8, 16, 32)
     b, s = np.meshgrid(bs, ss, indexing="ij")
     alpha = 1 + 2 * b + 3 * s + 0.5 * b * s
-    return CostTable(batch_sizes=bs, seq_lens=ss, alpha_values=alpha,
-                     total_tokens=(100, 200), alpha_packed_values=np.array([1.0, 3.0]),
-                     beta_values={"lora": alpha / 10},
-                     measured={"alpha": np.ones(alpha.shape, bool)},
-                     device="NVIDIA H100", dtype="float16", backbone_fingerprint="abc123",
-                     fallback=AnalyticModel.for_device("cpu"), meta={"note": "test"})
+    return CostTable(
+        batch_sizes=bs,
+        seq_lens=ss,
+        alpha_values=alpha,
+        total_tokens=(100, 200),
+        alpha_packed_values=np.array([1.0, 3.0]),
+        beta_values={"lora": alpha / 10},
+        measured={"alpha": np.ones(alpha.shape, bool)},
+        device="NVIDIA H100",
+        dtype="float16",
+        backbone_fingerprint="abc123",
+        fallback=AnalyticModel.for_device("cpu"),
+        meta={"note": "test"},
+    )
 
 
 def f(b, s):
@@ -41,8 +49,9 @@ def test_bilinear_between_points():
     assert float(t.alpha(3, 12)) == pytest.approx(f(3, 12))
     assert float(t.alpha(6, 24)) == pytest.approx(f(6, 24))
     # a non-bilinear surface: the midpoint is the mean of the four corners
-    t2 = CostTable(batch_sizes=(1, 3), seq_lens=(10, 20),
-                   alpha_values=np.array([[0.0, 1.0], [4.0, 9.0]]))
+    t2 = CostTable(
+        batch_sizes=(1, 3), seq_lens=(10, 20), alpha_values=np.array([[0.0, 1.0], [4.0, 9.0]])
+    )
     assert float(t2.alpha(2, 15)) == pytest.approx((0 + 1 + 4 + 9) / 4)
 
 
@@ -53,8 +62,8 @@ def test_linear_extrapolation_beyond_both_ends():
     assert float(t.alpha(64, 128)) == pytest.approx(f(64, 128))
     assert float(t.alpha(2, 4)) == pytest.approx(f(2, 4))
     assert float(t.alpha_packed(400)) == pytest.approx(7.0)  # slope 0.02 per token
-    assert float(t.alpha_packed(50)) == pytest.approx(0.0)   # 1 - 50*0.02 = 0
-    assert float(t.alpha_packed(10)) == 0.0                  # clamped at 0 s
+    assert float(t.alpha_packed(50)) == pytest.approx(0.0)  # 1 - 50*0.02 = 0
+    assert float(t.alpha_packed(10)) == 0.0  # clamped at 0 s
 
 
 def test_vectorised_lookup_broadcasts():
@@ -150,8 +159,9 @@ def test_batch_cost_padded_and_packed():
     assert packed == pytest.approx(expect)
 
 
-@pytest.mark.parametrize("model", [linear_table(), AnalyticModel.for_device("cuda")],
-                         ids=["table", "analytic"])
+@pytest.mark.parametrize(
+    "model", [linear_table(), AnalyticModel.for_device("cuda")], ids=["table", "analytic"]
+)
 def test_cost_lattice_returns_exactly_the_wrapped_model(model):
     lat = CostLattice(model)
     sizes = np.arange(0, 300, 7, dtype=np.float64)[None, :]
@@ -179,12 +189,16 @@ def test_beta_by_type_matches_per_type_calls():
     sizes = np.array([[1.0, 3.0, 8.0, 40.0, 2.0]])
     lens = np.array([[16.0], [33.0], [300.0]])
     for model in (linear_table(), AnalyticModel.for_device("cuda")):
-        want = np.stack([[float(model.beta(names[w], b, s)) for w, b in zip(which[0], sizes[0],
-                                                                            strict=True)]
-                         for s in lens[:, 0]])
+        want = np.stack(
+            [
+                [float(model.beta(names[w], b, s)) for w, b in zip(which[0], sizes[0], strict=True)]
+                for s in lens[:, 0]
+            ]
+        )
         for m in (model, CostLattice(model)):
-            np.testing.assert_allclose(beta_by_type(m, names, which, sizes, lens), want,
-                                       rtol=1e-12)
+            np.testing.assert_allclose(beta_by_type(m, names, which, sizes, lens), want, rtol=1e-12)
     frac = np.array([[1.5, 3.0, 8.0, 40.0, 2.0]])  # off the lattice: per-type fallback
-    np.testing.assert_allclose(beta_by_type(CostLattice(linear_table()), names, which, frac, 16),
-                               beta_by_type(linear_table(), names, which, frac, 16))
+    np.testing.assert_allclose(
+        beta_by_type(CostLattice(linear_table()), names, which, frac, 16),
+        beta_by_type(linear_table(), names, which, frac, 16),
+    )

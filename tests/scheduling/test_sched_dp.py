@@ -29,12 +29,14 @@ from pets.scheduling.policies import AlphaOnlyScheduler, BetaOnlyScheduler
 CAPS = [(None, None), (3, None), (None, 24), (4, 30)]
 
 
-def ok(size: int, length: float, n_items: int, max_size: int | None,
-       max_tokens: int | None) -> bool:
+def ok(
+    size: int, length: float, n_items: int, max_size: int | None, max_tokens: int | None
+) -> bool:
     if n_items == 1:
         return True
-    return ((max_size is None or size <= max_size)
-            and (max_tokens is None or size * length <= max_tokens))
+    return (max_size is None or size <= max_size) and (
+        max_tokens is None or size * length <= max_tokens
+    )
 
 
 def beta_obj(t: CostTable, typ: str, groups: list[list[int]], caps: tuple) -> float:
@@ -66,8 +68,9 @@ def test_intra_task_dp_is_optimal(caps, monotone):
         lens = sorted(int(x) for x in rng.integers(1, 17, n))
         runs = intra_task_runs(table, typ, np.array(lens, dtype=float), *caps)
         got = beta_obj(table, typ, [lens[j:i] for j, i in runs], caps)
-        best_split = min(beta_obj(table, typ, [lens[j:i] for j, i in r], caps)
-                         for r in ordered_splits(n))
+        best_split = min(
+            beta_obj(table, typ, [lens[j:i] for j, i in r], caps) for r in ordered_splits(n)
+        )
         assert math.isfinite(got)
         assert got == pytest.approx(best_split, rel=1e-12)
         if monotone:
@@ -89,10 +92,11 @@ def test_batched_intra_task_dp_matches_brute_force(caps):
         lengths = np.array([r + [r[-1]] * (n - len(r)) for r in rows], dtype=float)
         _, arg = solve(intra_task_costs(table, types, lengths, counts, *caps))
         for k, r in enumerate(rows):
-            got = beta_obj(table, types[k], [r[j:i] for j, i in backtrack(arg[k], len(r))],
-                           caps)
-            best = min(beta_obj(table, types[k], [r[j:i] for j, i in s], caps)
-                       for s in ordered_splits(len(r)))
+            got = beta_obj(table, types[k], [r[j:i] for j, i in backtrack(arg[k], len(r))], caps)
+            best = min(
+                beta_obj(table, types[k], [r[j:i] for j, i in s], caps)
+                for s in ordered_splits(len(r))
+            )
             assert got == pytest.approx(best, rel=1e-12)
 
 
@@ -145,8 +149,9 @@ def test_beta_only_is_optimal_per_task_over_all_set_partitions():
         for b in batches:
             tasks = {by[i].task_slot for i in b.indices}
             assert len(tasks) == 1  # beta-only: one task per forward
-            got += beta_obj(table, by[b.indices[0]].pet_type,
-                            [[by[i].length for i in b.indices]], caps)
+            got += beta_obj(
+                table, by[b.indices[0]].pet_type, [[by[i].length for i in b.indices]], caps
+            )
         best = 0.0
         for t in {q.task_slot for q in qs}:
             lens = [q.length for q in qs if q.task_slot == t]
@@ -166,7 +171,6 @@ def test_row_and_tensor_intra_task_paths_agree(monkeypatch, threshold):
     cost = sum(beta_obj(table, m[0].pet_type, [[q.length for q in m]], (5, 40)) for m in minis)
     monkeypatch.setattr(policies, "BATCHED_MAX_N", 1000 - threshold)
     minis2 = policies.form_minibatches(qs, table, 5, 40)
-    cost2 = sum(beta_obj(table, m[0].pet_type, [[q.length for q in m]], (5, 40))
-                for m in minis2)
+    cost2 = sum(beta_obj(table, m[0].pet_type, [[q.length for q in m]], (5, 40)) for m in minis2)
     assert cost == pytest.approx(cost2, rel=1e-12)
     assert sorted(q.index for m in minis for q in m) == list(range(60))

@@ -122,8 +122,10 @@ def test_coordinated_mixes_tasks_and_beats_fixed_on_its_cost_model():
     model = AnalyticModel()
 
     def cost(policy):
-        return sum(batch_cost(model, [by[i] for i in b.indices], b.padded_length)
-                   for b in policy.schedule(qs))
+        return sum(
+            batch_cost(model, [by[i] for i in b.indices], b.padded_length)
+            for b in policy.schedule(qs)
+        )
 
     cb = CoordinatedScheduler(model)
     assert cost(cb) < cost(make_scheduler("fixed", batch_size=32))
@@ -134,8 +136,7 @@ def test_coordinated_takes_a_cost_table():
     rng = np.random.default_rng(2)
     table = random_table(rng, monotone=True)
     qs = random_queries(rng, 50, n_tasks=6)
-    sched = make_scheduler("coordinated", cost_model=table, max_minibatch_size=4,
-                           merge_beta=False)
+    sched = make_scheduler("coordinated", cost_model=table, max_minibatch_size=4, merge_beta=False)
     validate_schedule(qs, sched.schedule(qs))
     assert sched.describe()["merge_beta"] is False
 

@@ -12,8 +12,13 @@ from pets.scheduling import AnalyticModel, CostTable, ProfileGrid, profile
 from pets.scheduling.profiler import add_profile_arguments, profile_cli
 
 BASE = AnalyticModel()
-GRID = ProfileGrid(batch_sizes=(1, 4, 16), seq_lens=(8, 32), total_tokens=(64, 512),
-                   beta_batch_sizes=(1, 8), pet_types=("lora", "bitfit"))
+GRID = ProfileGrid(
+    batch_sizes=(1, 4, 16),
+    seq_lens=(8, 32),
+    total_tokens=(64, 512),
+    beta_batch_sizes=(1, 8),
+    pet_types=("lora", "bitfit"),
+)
 
 
 def fake_measure(kind: str, b: int, s: int) -> float:
@@ -27,9 +32,15 @@ def fake_measure(kind: str, b: int, s: int) -> float:
 
 def test_full_profile_measures_every_entry():
     calls = []
-    t = profile(lambda k, b, s: calls.append((k, b, s)) or fake_measure(k, b, s), GRID,
-                progress=False, analytic=BASE, device="dev", dtype="float16",
-                backbone_fingerprint="fp")
+    t = profile(
+        lambda k, b, s: calls.append((k, b, s)) or fake_measure(k, b, s),
+        GRID,
+        progress=False,
+        analytic=BASE,
+        device="dev",
+        dtype="float16",
+        backbone_fingerprint="fp",
+    )
     assert len(calls) == 3 * 2 + 2 + 2 * 2 * 2
     assert len(set(calls)) == len(calls)
     assert t.measured_fraction() == 1.0
@@ -57,8 +68,9 @@ def test_time_budget_stops_and_fills_from_calibrated_analytic():
     b = np.array(GRID.batch_sizes)[:, None]
     s = np.array(GRID.seq_lens)[None, :]
     np.testing.assert_allclose(t.alpha_values, 2 * BASE.alpha(b, s), rtol=1e-12)
-    np.testing.assert_allclose(t.beta_values["bitfit"],
-                               2 * BASE.beta("bitfit", np.array([[1], [8]]), s), rtol=1e-12)
+    np.testing.assert_allclose(
+        t.beta_values["bitfit"], 2 * BASE.beta("bitfit", np.array([[1], [8]]), s), rtol=1e-12
+    )
     assert t.meta["attempted"] < t.meta["entries"]
 
 
@@ -87,9 +99,23 @@ def test_progress_output_without_errors(capsys):
 def test_profile_cli_round_trip(tmp_path):
     parser = add_profile_arguments(argparse.ArgumentParser())
     out = tmp_path / "t.json"
-    args = parser.parse_args(["-o", str(out), "--batch-sizes", "1,4", "--seq-lens", "8,16",
-                              "--total-tokens", "64", "--beta-batch-sizes", "1,2",
-                              "--pet-types", "lora,adapter", "--no-progress"])
+    args = parser.parse_args(
+        [
+            "-o",
+            str(out),
+            "--batch-sizes",
+            "1,4",
+            "--seq-lens",
+            "8,16",
+            "--total-tokens",
+            "64",
+            "--beta-batch-sizes",
+            "1,2",
+            "--pet-types",
+            "lora,adapter",
+            "--no-progress",
+        ]
+    )
     assert profile_cli(args, fake_measure, device="cpu", backbone_fingerprint="x") == 0
     t = CostTable.load(out)
     assert t.batch_sizes == (1, 4) and t.pet_types == ("lora", "adapter")

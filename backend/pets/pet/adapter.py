@@ -81,16 +81,21 @@ class Adapter(PetMethod):
         spec = self.ctx.spec
         act = hparams.get("activation", "relu")
         if act not in ACTIVATIONS or act == "none":
-            raise TaskError(f"adapter activation {act!r} is not supported; use one of "
-                            f"{sorted(set(ACTIVATIONS) - {'none'})}")
-        names = {self._key(i, s, p) for i in range(spec.layers) for s in ADAPTER_SITES
-                 for p in PARTS}
+            raise TaskError(
+                f"adapter activation {act!r} is not supported; use one of "
+                f"{sorted(set(ACTIVATIONS) - {'none'})}"
+            )
+        names = {
+            self._key(i, s, p) for i in range(spec.layers) for s in ADAPTER_SITES for p in PARTS
+        }
         check_known(tensors, names | set(bias_names(spec)) | set(ln_names(spec)), self.name)
         check_bias_ln(spec, tensors)
         sites = [s for s in ADAPTER_SITES if self._key(0, s, "down.weight") in tensors]
         if not sites:
-            raise TaskError("adapter task has no adapter.down.weight at layer 0; adapters must "
-                            "sit at the same sites in every layer")
+            raise TaskError(
+                "adapter task has no adapter.down.weight at layer 0; adapters must "
+                "sit at the same sites in every layer"
+            )
         r = tensors[self._key(0, sites[0], "down.weight")].shape[0]
         h = spec.hidden
         for i in range(spec.layers):
@@ -98,14 +103,17 @@ class Adapter(PetMethod):
                 for p, shape in zip(PARTS, ((r, h), (r,), (h, r), (h,)), strict=True):
                     name = self._key(i, s, p)
                     if (name in tensors) != (s in sites):
-                        raise TaskError(f"adapter tensor {name!r} is "
-                                        f"{'un' if s in sites else ''}expected: every layer "
-                                        f"must carry adapters at the same sites ({sites})")
+                        raise TaskError(
+                            f"adapter tensor {name!r} is "
+                            f"{'un' if s in sites else ''}expected: every layer "
+                            f"must carry adapters at the same sites ({sites})"
+                        )
                     if s in sites:
                         check_tensor(name, tensors[name], shape)
 
-    def load(self, slot: int, hparams: dict[str, Any],
-             tensors: dict[str, torch.Tensor]) -> LoadedTask:
+    def load(
+        self, slot: int, hparams: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> LoadedTask:
         spec = self.ctx.spec
         loaded = LoadedTask()
         alloc_bias_ln(self.ctx, tensors, loaded)
@@ -145,13 +153,18 @@ class Adapter(PetMethod):
                 def d(t: torch.Tensor) -> torch.Tensor:
                     return t.contiguous().to(dev, non_blocking=True)
 
-                groups.append(_Group(
-                    seg=d(segs[sel].to(torch.int32)),
-                    offs=d(self.offs[tasks[sel]][:, si].permute(1, 2, 0)),
-                    rank=d(rank[sel]), act=int(a), max_rank=int(rank[sel].max()),
-                    zeros=d(torch.zeros(n, dtype=torch.int32)),
-                    out_dim=d(torch.full((n,), h, dtype=torch.int32)),
-                    ones=d(torch.ones(n, dtype=torch.float32))))
+                groups.append(
+                    _Group(
+                        seg=d(segs[sel].to(torch.int32)),
+                        offs=d(self.offs[tasks[sel]][:, si].permute(1, 2, 0)),
+                        rank=d(rank[sel]),
+                        act=int(a),
+                        max_rank=int(rank[sel].max()),
+                        zeros=d(torch.zeros(n, dtype=torch.int32)),
+                        out_dim=d(torch.full((n,), h, dtype=torch.int32)),
+                        ones=d(torch.ones(n, dtype=torch.float32)),
+                    )
+                )
             if groups:
                 sites[s] = groups
         return AdapterPlan(seg_indptr=batch.seg_indptr, sites=sites)
@@ -160,7 +173,30 @@ class Adapter(PetMethod):
         K = self.ctx.ops
         for g in plan.sites.get(site, ()):
             o = g.offs[:, layer]
-            tmp = K.sgmv_shrink(h, self.pool.data, plan.seg_indptr, g.seg, o[0], g.rank,
-                                self.pool.data, o[1], g.act, g.max_rank)
-            K.sgmv_expand(h, tmp, self.pool.data, plan.seg_indptr, g.seg, o[2], g.rank, g.zeros,
-                          g.zeros, g.out_dim, g.ones, self.pool.data, o[3])
+            tmp = K.sgmv_shrink(
+                h,
+                self.pool.data,
+                plan.seg_indptr,
+                g.seg,
+                o[0],
+                g.rank,
+                self.pool.data,
+                o[1],
+                g.act,
+                g.max_rank,
+            )
+            K.sgmv_expand(
+                h,
+                tmp,
+                self.pool.data,
+                plan.seg_indptr,
+                g.seg,
+                o[2],
+                g.rank,
+                g.zeros,
+                g.zeros,
+                g.out_dim,
+                g.ones,
+                self.pool.data,
+                o[3],
+            )

@@ -41,11 +41,17 @@ MODULES: dict[str, tuple[str, int]] = {
     "output.dense": ("ffn_out", 0),
 }
 # Short aliases accepted in manifests (PEFT target_modules style).
-MODULE_ALIASES = {"query": "attention.self.query", "key": "attention.self.key",
-                  "value": "attention.self.value", "q": "attention.self.query",
-                  "k": "attention.self.key", "v": "attention.self.value",
-                  "attention.output.dense": "attention.output.dense",
-                  "intermediate.dense": "intermediate.dense", "output.dense": "output.dense"}
+MODULE_ALIASES = {
+    "query": "attention.self.query",
+    "key": "attention.self.key",
+    "value": "attention.self.value",
+    "q": "attention.self.query",
+    "k": "attention.self.key",
+    "v": "attention.self.value",
+    "attention.output.dense": "attention.output.dense",
+    "intermediate.dense": "intermediate.dense",
+    "output.dense": "output.dense",
+}
 LN_MODULES = {"attn_ln": "attention.output.LayerNorm", "ffn_ln": "output.LayerNorm"}
 
 
@@ -81,8 +87,11 @@ class LoadedTask:
 
     def nbytes(self, ctx: PetContext) -> int:
         n = sum(a.size * p.data.element_size() for p, a in (*self.allocations, *self.mirrored))
-        for slot, group in ((self.bias_slot, ctx.bias), (self.ln_slot, ctx.ln),
-                            (self.scale_slot, ctx.scale)):
+        for slot, group in (
+            (self.bias_slot, ctx.bias),
+            (self.ln_slot, ctx.ln),
+            (self.scale_slot, ctx.scale),
+        ):
             if slot:
                 n += group.row_bytes()
         return n
@@ -103,8 +112,9 @@ class PetMethod(ABC):
         """Raise :class:`TaskError` naming the problem if the task cannot be served."""
 
     @abstractmethod
-    def load(self, slot: int, hparams: dict[str, Any],
-             tensors: dict[str, torch.Tensor]) -> LoadedTask:
+    def load(
+        self, slot: int, hparams: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> LoadedTask:
         """Place a validated task's weights; ``slot`` is its engine-wide task slot."""
 
     def unload(self, slot: int, loaded: LoadedTask) -> None:
@@ -119,8 +129,9 @@ class PetMethod(ABC):
         """Per-batch plan for this type's segments ``segs`` (host int64 ``[Sm]``, non-empty)."""
         return None
 
-    def apply_linear(self, plan: Any, site: str, layer: int, x: torch.Tensor,
-                     y: torch.Tensor) -> None:
+    def apply_linear(
+        self, plan: Any, site: str, layer: int, x: torch.Tensor, y: torch.Tensor
+    ) -> None:
         """Add this type's delta to ``y = x @ W[site, layer].T`` in place.
 
         Args:
@@ -143,8 +154,10 @@ _REGISTRY: dict[str, type[PetMethod]] = {}
 def register_pet(cls: type[PetMethod]) -> type[PetMethod]:
     """Class decorator adding a PET type to the registry under ``cls.name``."""
     if cls.name in _REGISTRY:
-        raise ValueError(f"PET type {cls.name!r} is registered twice ({_REGISTRY[cls.name]} and "
-                         f"{cls}); give the new class another name")
+        raise ValueError(
+            f"PET type {cls.name!r} is registered twice ({_REGISTRY[cls.name]} and "
+            f"{cls}); give the new class another name"
+        )
     if any(c.code == cls.code for c in _REGISTRY.values()):
         raise ValueError(f"PET code {cls.code} of {cls.name!r} is taken; pick an unused code")
     _REGISTRY[cls.name] = cls
@@ -158,8 +171,10 @@ def pet_types() -> dict[str, type[PetMethod]]:
 
 def get_pet_type(name: str) -> type[PetMethod]:
     if name not in _REGISTRY:
-        raise TaskError(f"unknown PET type {name!r}; known types are {sorted(_REGISTRY)}. "
-                        "Add a module under backend/pets/pet/ and register it with @register_pet")
+        raise TaskError(
+            f"unknown PET type {name!r}; known types are {sorted(_REGISTRY)}. "
+            "Add a module under backend/pets/pet/ and register it with @register_pet"
+        )
     return _REGISTRY[name]
 
 
@@ -167,16 +182,18 @@ def get_pet_type(name: str) -> type[PetMethod]:
 # Helpers shared by several PET types
 # ---------------------------------------------------------------------------------------------
 
+
 def layer_key(layer: int, module: str, suffix: str) -> str:
     return f"encoder.layer.{layer}.{module}.{suffix}"
 
 
-def check_tensor(name: str, t: torch.Tensor, shape: tuple[int, ...],
-                 floating: bool = True) -> None:
+def check_tensor(name: str, t: torch.Tensor, shape: tuple[int, ...], floating: bool = True) -> None:
     """Raise :class:`TaskError` unless ``t`` has ``shape``, a suitable dtype and finite values."""
     if tuple(t.shape) != shape:
-        raise TaskError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape} for this "
-                        "backbone; was the task trained on another backbone?")
+        raise TaskError(
+            f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape} for this "
+            "backbone; was the task trained on another backbone?"
+        )
     if floating:
         if not t.is_floating_point():
             raise TaskError(f"tensor {name!r} has dtype {t.dtype}, expected a float dtype")
@@ -188,8 +205,10 @@ def check_known(tensors: dict[str, torch.Tensor], allowed: set[str], pet: str) -
     unknown = sorted(set(tensors) - allowed)
     if unknown:
         shown = ", ".join(repr(u) for u in unknown[:5])
-        raise TaskError(f"{len(unknown)} unexpected tensor name(s) for a {pet} task: {shown}; "
-                        "see the README's task-store section for the names each type uses")
+        raise TaskError(
+            f"{len(unknown)} unexpected tensor name(s) for a {pet} task: {shown}; "
+            "see the README's task-store section for the names each type uses"
+        )
 
 
 def bias_names(spec: BackboneSpec) -> dict[str, tuple[str, int, int]]:
@@ -203,8 +222,10 @@ def bias_names(spec: BackboneSpec) -> dict[str, tuple[str, int, int]]:
 
 def ln_names(spec: BackboneSpec) -> dict[str, tuple[str, int, str]]:
     """Tensor name -> (ln site, layer, 'gamma'|'beta') for every LayerNorm."""
-    out = {"embeddings.LayerNorm.weight": ("emb_ln", 0, "gamma"),
-           "embeddings.LayerNorm.bias": ("emb_ln", 0, "beta")}
+    out = {
+        "embeddings.LayerNorm.weight": ("emb_ln", 0, "gamma"),
+        "embeddings.LayerNorm.bias": ("emb_ln", 0, "beta"),
+    }
     for i in range(spec.layers):
         for ln, module in LN_MODULES.items():
             out[layer_key(i, module, "weight")] = (ln, i, "gamma")
@@ -224,8 +245,7 @@ def check_bias_ln(spec: BackboneSpec, tensors: dict[str, torch.Tensor]) -> None:
             check_tensor(name, tensors[name], (h,))
 
 
-def alloc_bias_ln(ctx: PetContext, tensors: dict[str, torch.Tensor],
-                  loaded: LoadedTask) -> None:
+def alloc_bias_ln(ctx: PetContext, tensors: dict[str, torch.Tensor], loaded: LoadedTask) -> None:
     """Give the task its own bias / LN rows if it carries any such tensors."""
     spec = ctx.spec
     bnames = bias_names(spec)
@@ -234,7 +254,7 @@ def alloc_bias_ln(ctx: PetContext, tensors: dict[str, torch.Tensor],
         for name, (site, layer, block) in bnames.items():
             if name in tensors:
                 w = tensors[name].shape[0]
-                rows[site][layer, block * w:(block + 1) * w] = tensors[name].to(rows[site].dtype)
+                rows[site][layer, block * w : (block + 1) * w] = tensors[name].to(rows[site].dtype)
         loaded.bias_slot = ctx.bias.alloc(rows)
     lnames = ln_names(spec)
     if any(n in tensors for n in lnames):

@@ -34,12 +34,15 @@ class BitFit(PetMethod):
         spec = self.ctx.spec
         check_known(tensors, set(bias_names(spec)) | set(ln_names(spec)), self.name)
         if not tensors:
-            raise TaskError("bitfit task carries no bias or LayerNorm tensor; it would equal the "
-                            "backbone. Export at least one bias")
+            raise TaskError(
+                "bitfit task carries no bias or LayerNorm tensor; it would equal the "
+                "backbone. Export at least one bias"
+            )
         check_bias_ln(spec, tensors)
 
-    def load(self, slot: int, hparams: dict[str, Any],
-             tensors: dict[str, torch.Tensor]) -> LoadedTask:
+    def load(
+        self, slot: int, hparams: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> LoadedTask:
         loaded = LoadedTask()
         alloc_bias_ln(self.ctx, tensors, loaded)
         return loaded

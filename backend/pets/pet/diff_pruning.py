@@ -41,11 +41,14 @@ def module_shape(spec: Any, module: str) -> tuple[int, int]:
 
 def check_flat_indices(name: str, idx: torch.Tensor, numel: int) -> None:
     if idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1:
-        raise TaskError(f"tensor {name!r} must be 1-D int32/int64, got {idx.dtype} "
-                        f"{tuple(idx.shape)}")
+        raise TaskError(
+            f"tensor {name!r} must be 1-D int32/int64, got {idx.dtype} {tuple(idx.shape)}"
+        )
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
-        raise TaskError(f"tensor {name!r} has positions outside [0, {numel}); it was made for "
-                        "another backbone shape")
+        raise TaskError(
+            f"tensor {name!r} has positions outside [0, {numel}); it was made for "
+            "another backbone shape"
+        )
     if torch.unique(idx).numel() != idx.numel():
         raise TaskError(f"tensor {name!r} repeats positions; each weight may appear once")
 
@@ -58,8 +61,12 @@ class DiffPruning(SparsePetMethod):
     with_values = True
 
     def _names(self) -> dict[str, tuple[int, str, str]]:
-        return {layer_key(i, m, kind): (i, m, kind) for i in range(self.ctx.spec.layers)
-                for m in MODULES for kind in (IDX, VAL)}
+        return {
+            layer_key(i, m, kind): (i, m, kind)
+            for i in range(self.ctx.spec.layers)
+            for m in MODULES
+            for kind in (IDX, VAL)
+        }
 
     def validate(self, hparams: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         spec = self.ctx.spec
@@ -78,16 +85,19 @@ class DiffPruning(SparsePetMethod):
             check_flat_indices(name, tensors[name], out * inp)
             vals = tensors[vname]
             if vals.shape != tensors[name].shape or not vals.is_floating_point():
-                raise TaskError(f"{vname!r} must be float with the shape of {name!r} "
-                                f"{tuple(tensors[name].shape)}, got {vals.dtype} "
-                                f"{tuple(vals.shape)}")
+                raise TaskError(
+                    f"{vname!r} must be float with the shape of {name!r} "
+                    f"{tuple(tensors[name].shape)}, got {vals.dtype} "
+                    f"{tuple(vals.shape)}"
+                )
             if not torch.isfinite(vals).all():
                 raise TaskError(f"tensor {vname!r} contains NaN or Inf; re-export the task")
         if not tensors:
             raise TaskError("diff_pruning task carries no tensors; it would equal the backbone")
 
-    def load(self, slot: int, hparams: dict[str, Any],
-             tensors: dict[str, torch.Tensor]) -> LoadedTask:
+    def load(
+        self, slot: int, hparams: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> LoadedTask:
         spec = self.ctx.spec
         loaded = LoadedTask()
         alloc_bias_ln(self.ctx, tensors, loaded)

@@ -72,14 +72,17 @@ def feedforward_set(hparams: dict[str, Any]) -> set[str]:
     """Full module names whose input is scaled; raises :class:`TaskError` on bad names."""
     ff = hparams.get("feedforward_modules", list(DEFAULT_FEEDFORWARD))
     if isinstance(ff, str) or not isinstance(ff, list):
-        raise TaskError(f"ia3 hyper-parameter 'feedforward_modules' must be a list of module "
-                        f"names, got {ff!r}")
+        raise TaskError(
+            f"ia3 hyper-parameter 'feedforward_modules' must be a list of module names, got {ff!r}"
+        )
     out = set()
     for name in ff:
         full = MODULE_ALIASES.get(name, name)
         if full not in MODULES:
-            raise TaskError(f"ia3 feedforward module {name!r} is not a BERT linear module; use "
-                            f"full names from {sorted(MODULES)}")
+            raise TaskError(
+                f"ia3 feedforward module {name!r} is not a BERT linear module; use "
+                f"full names from {sorted(MODULES)}"
+            )
         out.add(full)
     return out
 
@@ -108,14 +111,18 @@ class Ia3(PetMethod):
     def _shape(self, module: str, ff: bool) -> tuple[int, ...]:
         spec = self.ctx.spec
         if module == "intermediate.dense":
-            raise TaskError("ia3 on 'intermediate.dense' is not supported: its scale would act "
-                            "before the GELU (or on the FFN input), which the fused epilogue "
-                            "cannot express; target 'output.dense' as a feedforward module "
-                            "instead (PEFT's BERT default)")
+            raise TaskError(
+                "ia3 on 'intermediate.dense' is not supported: its scale would act "
+                "before the GELU (or on the FFN input), which the fused epilogue "
+                "cannot express; target 'output.dense' as a feedforward module "
+                "instead (PEFT's BERT default)"
+            )
         if ff and module in QKV_BLOCK:
-            raise TaskError(f"ia3 feedforward scaling of {module!r} would scale the shared input "
-                            "of the fused QKV GEMM and is not supported; make it a "
-                            "non-feedforward target (output scaling, PEFT's default)")
+            raise TaskError(
+                f"ia3 feedforward scaling of {module!r} would scale the shared input "
+                "of the fused QKV GEMM and is not supported; make it a "
+                "non-feedforward target (output scaling, PEFT's default)"
+            )
         if ff and module == "output.dense":
             return (spec.ffn,)
         return (spec.hidden,)
@@ -130,8 +137,9 @@ class Ia3(PetMethod):
             module = names[name]
             check_tensor(name, t, self._shape(module, module in ff))
 
-    def load(self, slot: int, hparams: dict[str, Any],
-             tensors: dict[str, torch.Tensor]) -> LoadedTask:
+    def load(
+        self, slot: int, hparams: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> LoadedTask:
         spec, ctx = self.ctx.spec, self.ctx
         ff = feedforward_set(hparams)
         h = spec.hidden
@@ -147,9 +155,9 @@ class Ia3(PetMethod):
                 t = t.float()
                 if module in QKV_BLOCK:
                     b = QKV_BLOCK[module]
-                    qkv[i, b * h:(b + 1) * h] *= t
+                    qkv[i, b * h : (b + 1) * h] *= t
                 elif module == "attention.output.dense" and module in ff:
-                    qkv[i, 2 * h:] *= t  # scale(A) per channel == A computed from scaled V
+                    qkv[i, 2 * h :] *= t  # scale(A) per channel == A computed from scaled V
                 elif module == "output.dense" and module in ff:
                     ffn[i] *= t
                 else:
@@ -204,12 +212,16 @@ class Ia3(PetMethod):
             # one gather of the needed [L, H] blobs, no per-task loop
             rows[own.to(dev)] = self.pool.data[o[own].to(dev)[:, None] + span[None, :]]
             tables[site] = rows.view(-1, L, h).transpose(0, 1).contiguous()
-        return Ia3Plan(tokens=tokens.to(dev, non_blocking=True),
-                       rows=seg_of_tok.to(dev, non_blocking=True), tables=tables)
+        return Ia3Plan(
+            tokens=tokens.to(dev, non_blocking=True),
+            rows=seg_of_tok.to(dev, non_blocking=True),
+            tables=tables,
+        )
 
     def apply_output(self, plan: Ia3Plan | None, site: str, layer: int, h: torch.Tensor) -> None:
         if plan is None or site not in plan.tables:
             return
-        scaled = h.index_select(0, plan.tokens) * plan.tables[site][layer].index_select(0,
-                                                                                      plan.rows)
+        scaled = h.index_select(0, plan.tokens) * plan.tables[site][layer].index_select(
+            0, plan.rows
+        )
         h.index_copy_(0, plan.tokens, scaled)

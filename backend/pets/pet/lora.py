@@ -87,22 +87,27 @@ class Lora(PetMethod):
         check_known(tensors, names, self.name)
         mods = self._modules(tensors)
         if not mods:
-            raise TaskError("lora task has no lora_A/lora_B tensors at layer 0; LoRA tasks must "
-                            "adapt the same modules at every layer")
+            raise TaskError(
+                "lora task has no lora_A/lora_B tensors at layer 0; LoRA tasks must "
+                "adapt the same modules at every layer"
+            )
         for i in range(spec.layers):
             for m in MOD_LIST:
                 for k in (A, B):
                     name = layer_key(i, m, k)
                     if (name in tensors) != (m in mods):
-                        raise TaskError(f"lora tensor {name!r} is {'un' if m in mods else ''}"
-                                        "expected: every layer must adapt the same modules "
-                                        f"({mods})")
+                        raise TaskError(
+                            f"lora tensor {name!r} is {'un' if m in mods else ''}"
+                            "expected: every layer must adapt the same modules "
+                            f"({mods})"
+                        )
                     if m in mods:
                         out, inp = module_shape(spec, m)
                         check_tensor(name, tensors[name], (r, inp) if k == A else (out, r))
 
-    def load(self, slot: int, hparams: dict[str, Any],
-             tensors: dict[str, torch.Tensor]) -> LoadedTask:
+    def load(
+        self, slot: int, hparams: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> LoadedTask:
         spec = self.ctx.spec
         r = int(hparams["r"])
         alpha = float(hparams.get("lora_alpha", r))
@@ -161,31 +166,68 @@ class Lora(PetMethod):
                     continue
                 width = spec.site_shape(site)[0] // (3 if site == "qkv" else 1)
                 n = int(pres.sum())
-                e_parts.append((segs[pres], self.b_off[tasks[pres]][:, :, mi].T, rank[pres],
-                                in_off[pres, mi], torch.full((n,), block * width),
-                                torch.full((n,), width), scale[pres]))
+                e_parts.append(
+                    (
+                        segs[pres],
+                        self.b_off[tasks[pres]][:, :, mi].T,
+                        rank[pres],
+                        in_off[pres, mi],
+                        torch.full((n,), block * width),
+                        torch.full((n,), width),
+                        scale[pres],
+                    )
+                )
             cat = [torch.cat(col, dim=-1) for col in zip(*e_parts, strict=True)]
 
             def d(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
                 return t.to(dtype).contiguous().to(dev, non_blocking=True)
 
             sites[site] = _SitePlan(
-                s_seg=d(segs[has], torch.int32), s_w_off=d(self.a_off[tasks[has]][:, :, si].T,
-                                                           torch.int64),
-                s_rank=d(s_rank, torch.int32), max_rank=int(s_rank.max()),
-                e_seg=d(cat[0], torch.int32), e_w_off=d(cat[1], torch.int64),
-                e_rank=d(cat[2], torch.int32), e_in_off=d(cat[3], torch.int32),
-                e_out_off=d(cat[4], torch.int32), e_out_dim=d(cat[5], torch.int32),
-                e_scale=d(cat[6], torch.float32))
+                s_seg=d(segs[has], torch.int32),
+                s_w_off=d(self.a_off[tasks[has]][:, :, si].T, torch.int64),
+                s_rank=d(s_rank, torch.int32),
+                max_rank=int(s_rank.max()),
+                e_seg=d(cat[0], torch.int32),
+                e_w_off=d(cat[1], torch.int64),
+                e_rank=d(cat[2], torch.int32),
+                e_in_off=d(cat[3], torch.int32),
+                e_out_off=d(cat[4], torch.int32),
+                e_out_dim=d(cat[5], torch.int32),
+                e_scale=d(cat[6], torch.float32),
+            )
         return LoraPlan(seg_indptr=batch.seg_indptr, sites=sites)
 
-    def apply_linear(self, plan: LoraPlan, site: str, layer: int, x: torch.Tensor,
-                     y: torch.Tensor) -> None:
+    def apply_linear(
+        self, plan: LoraPlan, site: str, layer: int, x: torch.Tensor, y: torch.Tensor
+    ) -> None:
         sp = plan.sites.get(site)
         if sp is None:
             return
         K = self.ctx.ops
-        tmp = K.sgmv_shrink(x, self.pool.data, plan.seg_indptr, sp.s_seg, sp.s_w_off[layer],
-                            sp.s_rank, None, None, 0, sp.max_rank)
-        K.sgmv_expand(y, tmp, self.pool.data, plan.seg_indptr, sp.e_seg, sp.e_w_off[layer],
-                      sp.e_rank, sp.e_in_off, sp.e_out_off, sp.e_out_dim, sp.e_scale, None, None)
+        tmp = K.sgmv_shrink(
+            x,
+            self.pool.data,
+            plan.seg_indptr,
+            sp.s_seg,
+            sp.s_w_off[layer],
+            sp.s_rank,
+            None,
+            None,
+            0,
+            sp.max_rank,
+        )
+        K.sgmv_expand(
+            y,
+            tmp,
+            self.pool.data,
+            plan.seg_indptr,
+            sp.e_seg,
+            sp.e_w_off[layer],
+            sp.e_rank,
+            sp.e_in_off,
+            sp.e_out_off,
+            sp.e_out_dim,
+            sp.e_scale,
+            None,
+            None,
+        )

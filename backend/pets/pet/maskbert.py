@@ -28,8 +28,9 @@ MASK = "weight_mask"
 
 def pack_mask(keep: torch.Tensor) -> torch.Tensor:
     """``[out, in]`` bool keep-mask -> packed uint8 ``[ceil(out * in / 8)]``."""
-    return torch.from_numpy(np.packbits(keep.reshape(-1).numpy().astype(np.uint8),
-                                        bitorder="little"))
+    return torch.from_numpy(
+        np.packbits(keep.reshape(-1).numpy().astype(np.uint8), bitorder="little")
+    )
 
 
 def unpack_mask(bits: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -55,18 +56,22 @@ class MaskBert(SparsePetMethod):
         names = {layer_key(i, m, MASK): m for i in range(spec.layers) for m in MODULES}
         check_known(tensors, set(names), self.name)
         if not tensors:
-            raise TaskError("maskbert task carries no weight_mask tensor; it would equal the "
-                            "backbone")
+            raise TaskError(
+                "maskbert task carries no weight_mask tensor; it would equal the backbone"
+            )
         for name, t in tensors.items():
             out, inp = module_shape(spec, names[name])
             want = (out * inp + 7) // 8
             if t.dtype != torch.uint8 or tuple(t.shape) != (want,):
-                raise TaskError(f"tensor {name!r} must be a packed uint8 bit mask of shape "
-                                f"({want},) for a [{out}, {inp}] weight, got {t.dtype} "
-                                f"{tuple(t.shape)}")
+                raise TaskError(
+                    f"tensor {name!r} must be a packed uint8 bit mask of shape "
+                    f"({want},) for a [{out}, {inp}] weight, got {t.dtype} "
+                    f"{tuple(t.shape)}"
+                )
 
-    def load(self, slot: int, hparams: dict[str, Any],
-             tensors: dict[str, torch.Tensor]) -> LoadedTask:
+    def load(
+        self, slot: int, hparams: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> LoadedTask:
         spec = self.ctx.spec
         loaded = LoadedTask()
         flat = {}

@@ -22,6 +22,7 @@ class NoPet(PetMethod):
     def validate(self, hparams: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         check_known(tensors, set(), self.name)
 
-    def load(self, slot: int, hparams: dict[str, Any],
-             tensors: dict[str, torch.Tensor]) -> LoadedTask:
+    def load(
+        self, slot: int, hparams: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> LoadedTask:
         return LoadedTask()

@@ -38,8 +38,12 @@ class SparseStore:
         self.values = ctx.pool() if with_values else None
         self.rowptr_off = SlotMeta((ctx.spec.layers, len(SITES)), torch.int64)
 
-    def add(self, slot: int, loaded: LoadedTask,
-            flat: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+    def add(
+        self,
+        slot: int,
+        loaded: LoadedTask,
+        flat: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor | None]],
+    ) -> None:
         """Store one task's matrices.
 
         Args:
@@ -85,16 +89,35 @@ class SparseStore:
         tasks = batch.seg_task_cpu[segs]
         offs = self.rowptr_off[tasks].permute(1, 2, 0).contiguous()  # [L, 4, I]
         dev = self.ctx.device
-        return SparsePlan(seg_indptr=batch.seg_indptr,
-                          item_seg=segs.to(torch.int32).to(dev, non_blocking=True),
-                          rowptr_off=offs.to(dev, non_blocking=True))
+        return SparsePlan(
+            seg_indptr=batch.seg_indptr,
+            item_seg=segs.to(torch.int32).to(dev, non_blocking=True),
+            rowptr_off=offs.to(dev, non_blocking=True),
+        )
 
-    def apply(self, plan: SparsePlan, site: str, layer: int, x: torch.Tensor, y: torch.Tensor,
-              dense_w: torch.Tensor | None, alpha: float) -> None:
+    def apply(
+        self,
+        plan: SparsePlan,
+        site: str,
+        layer: int,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        dense_w: torch.Tensor | None,
+        alpha: float,
+    ) -> None:
         offs = plan.rowptr_off[layer, SITES.index(site)]
-        self.ctx.ops.seg_spmm(y, x, plan.seg_indptr, plan.item_seg, offs,
-                         self.rowptr.data, self.indices.data,
-                         None if self.values is None else self.values.data, dense_w, alpha)
+        self.ctx.ops.seg_spmm(
+            y,
+            x,
+            plan.seg_indptr,
+            plan.item_seg,
+            offs,
+            self.rowptr.data,
+            self.indices.data,
+            None if self.values is None else self.values.data,
+            dense_w,
+            alpha,
+        )
 
 
 class SparsePetMethod(PetMethod):
@@ -121,8 +144,8 @@ class SparsePetMethod(PetMethod):
     def prepare(self, batch: Batch, segs: torch.Tensor) -> SparsePlan:
         return self.store.prepare(batch, segs)
 
-    def apply_linear(self, plan: SparsePlan, site: str, layer: int, x: torch.Tensor,
-                     y: torch.Tensor) -> None:
+    def apply_linear(
+        self, plan: SparsePlan, site: str, layer: int, x: torch.Tensor, y: torch.Tensor
+    ) -> None:
         dense_w, alpha = self.values_source(site, layer)
         self.store.apply(plan, site, layer, x, y, dense_w, alpha)
-

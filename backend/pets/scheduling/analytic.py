@@ -65,8 +65,13 @@ class AnalyticModel:
         """Defaults for ``"cuda"`` (H100-class, fp16) or ``"cpu"`` (server CPU, fp32)."""
         if device.startswith("cuda") or device.startswith("gpu"):
             return cls(**backbone)
-        return cls(flops_per_s=2.0e11, overhead_s=2.0e-4, segment_overhead_s=2.0e-5,
-                   epilogue_s_per_element=2.0e-10, **backbone)
+        return cls(
+            flops_per_s=2.0e11,
+            overhead_s=2.0e-4,
+            segment_overhead_s=2.0e-5,
+            epilogue_s_per_element=2.0e-10,
+            **backbone,
+        )
 
     @property
     def fingerprint(self) -> str:

@@ -22,7 +22,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 PET_TYPES: tuple[str, ...] = (
-    "bitfit", "diff_pruning", "maskbert", "adapter", "lora", "ia3", "none",
+    "bitfit",
+    "diff_pruning",
+    "maskbert",
+    "adapter",
+    "lora",
+    "ia3",
+    "none",
 )
 """PET type names known to the scheduler and the cost model."""
 
@@ -115,6 +121,7 @@ def validate_schedule(queries: Sequence[Query], batches: Sequence[ScheduledBatch
                 prev_task = t
         longest = max(by_index[i].length for i in b.indices)
         assert b.padded_length == 0 or b.padded_length >= longest, (
-            f"padded_length {b.padded_length} < longest query {longest}")
+            f"padded_length {b.padded_length} < longest query {longest}"
+        )
     missing = set(by_index) - seen
     assert not missing, f"queries never scheduled: {sorted(missing)[:10]}"

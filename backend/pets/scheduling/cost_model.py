@@ -86,23 +86,27 @@ def interp1d(grid: FArray, values: FArray, x: ArrayLike) -> FArray:
     return np.asarray(np.maximum(out, 0.0), dtype=np.float64)
 
 
-def interp2d(grid_b: FArray, grid_s: FArray, values: FArray,
-             b: ArrayLike, s: ArrayLike) -> FArray:
+def interp2d(grid_b: FArray, grid_s: FArray, values: FArray, b: ArrayLike, s: ArrayLike) -> FArray:
     """Bilinear interpolation of ``values`` [nb, ns]; linear extrapolation; clamped >= 0."""
-    ba, sa = np.broadcast_arrays(np.asarray(b, dtype=np.float64),
-                                 np.asarray(s, dtype=np.float64))
+    ba, sa = np.broadcast_arrays(np.asarray(b, dtype=np.float64), np.asarray(s, dtype=np.float64))
     b0, b1, tb = _axis(grid_b, ba)
     s0, s1, ts = _axis(grid_s, sa)
-    out = ((1.0 - tb) * (1.0 - ts) * values[b0, s0] + (1.0 - tb) * ts * values[b0, s1]
-           + tb * (1.0 - ts) * values[b1, s0] + tb * ts * values[b1, s1])
+    out = (
+        (1.0 - tb) * (1.0 - ts) * values[b0, s0]
+        + (1.0 - tb) * ts * values[b0, s1]
+        + tb * (1.0 - ts) * values[b1, s0]
+        + tb * ts * values[b1, s1]
+    )
     return np.asarray(np.maximum(out, 0.0), dtype=np.float64)
 
 
 def _grid(values: Sequence[int], what: str) -> FArray:
     g = np.asarray(values, dtype=np.float64)
     if g.ndim != 1 or (g.size and np.any(np.diff(g) <= 0)):
-        raise ConfigError(f"cost table grid {what}={list(values)!r} must be strictly "
-                          "increasing; regenerate the table with `pets profile`")
+        raise ConfigError(
+            f"cost table grid {what}={list(values)!r} must be strictly "
+            "increasing; regenerate the table with `pets profile`"
+        )
     return g
 
 
@@ -139,20 +143,25 @@ class CostTable:
         self._gbb = _grid(self.beta_batch_sizes, "beta_batch_sizes")
         self.alpha_values = np.asarray(self.alpha_values, dtype=np.float64)
         self.alpha_packed_values = np.asarray(self.alpha_packed_values, dtype=np.float64)
-        self.beta_values = {k: np.asarray(v, dtype=np.float64)
-                            for k, v in self.beta_values.items()}
+        self.beta_values = {k: np.asarray(v, dtype=np.float64) for k, v in self.beta_values.items()}
         shape = (len(self.batch_sizes), len(self.seq_lens))
         bshape = (len(self.beta_batch_sizes), len(self.seq_lens))
-        checks = [("alpha", self.alpha_values.shape, shape),
-                  ("alpha_packed", self.alpha_packed_values.shape, (len(self.total_tokens),))]
+        checks = [
+            ("alpha", self.alpha_values.shape, shape),
+            ("alpha_packed", self.alpha_packed_values.shape, (len(self.total_tokens),)),
+        ]
         checks += [(f"beta/{k}", v.shape, bshape) for k, v in self.beta_values.items()]
         for name, got, want in checks:
             if got != want:
-                raise ConfigError(f"cost table {name} has shape {got}, expected {want} from "
-                                  "its grid; regenerate the table with `pets profile`")
+                raise ConfigError(
+                    f"cost table {name} has shape {got}, expected {want} from "
+                    "its grid; regenerate the table with `pets profile`"
+                )
         if not self.batch_sizes or not self.seq_lens:
-            raise ConfigError("cost table needs at least one batch size and one seq len; "
-                              "regenerate the table with `pets profile`")
+            raise ConfigError(
+                "cost table needs at least one batch size and one seq len; "
+                "regenerate the table with `pets profile`"
+            )
 
     @property
     def pet_types(self) -> tuple[str, ...]:
@@ -182,51 +191,73 @@ class CostTable:
         def ms(key: str, shape: tuple[int, ...]) -> Any:
             m = self.measured.get(key)
             return (m if m is not None else np.zeros(shape, dtype=bool)).tolist()
+
         return {
-            "format_version": FORMAT_VERSION, "units": "seconds",
-            "device": self.device, "dtype": self.dtype,
+            "format_version": FORMAT_VERSION,
+            "units": "seconds",
+            "device": self.device,
+            "dtype": self.dtype,
             "backbone_fingerprint": self.backbone_fingerprint,
-            "grid": {"batch_sizes": list(self.batch_sizes), "seq_lens": list(self.seq_lens),
-                     "total_tokens": list(self.total_tokens),
-                     "beta_batch_sizes": list(self.beta_batch_sizes),
-                     "pet_types": list(self.beta_values)},
-            "values": {"alpha": self.alpha_values.tolist(),
-                       "alpha_packed": self.alpha_packed_values.tolist(),
-                       "beta": {k: v.tolist() for k, v in self.beta_values.items()}},
-            "measured": {"alpha": ms("alpha", self.alpha_values.shape),
-                         "alpha_packed": ms("alpha_packed", self.alpha_packed_values.shape),
-                         "beta": {k: ms(f"beta/{k}", v.shape)
-                                  for k, v in self.beta_values.items()}},
-            "fallback": self.fallback.to_dict(), "meta": self.meta,
+            "grid": {
+                "batch_sizes": list(self.batch_sizes),
+                "seq_lens": list(self.seq_lens),
+                "total_tokens": list(self.total_tokens),
+                "beta_batch_sizes": list(self.beta_batch_sizes),
+                "pet_types": list(self.beta_values),
+            },
+            "values": {
+                "alpha": self.alpha_values.tolist(),
+                "alpha_packed": self.alpha_packed_values.tolist(),
+                "beta": {k: v.tolist() for k, v in self.beta_values.items()},
+            },
+            "measured": {
+                "alpha": ms("alpha", self.alpha_values.shape),
+                "alpha_packed": ms("alpha_packed", self.alpha_packed_values.shape),
+                "beta": {k: ms(f"beta/{k}", v.shape) for k, v in self.beta_values.items()},
+            },
+            "fallback": self.fallback.to_dict(),
+            "meta": self.meta,
         }
 
     @classmethod
     def from_json_dict(cls, d: dict[str, Any], source: str = "<dict>") -> CostTable:
         version = d.get("format_version")
         if version != FORMAT_VERSION:
-            raise ConfigError(f"cost table {source} has format_version={version!r}, this "
-                              f"build reads {FORMAT_VERSION}; regenerate it with `pets profile`")
+            raise ConfigError(
+                f"cost table {source} has format_version={version!r}, this "
+                f"build reads {FORMAT_VERSION}; regenerate it with `pets profile`"
+            )
         try:
             g, v, m = d["grid"], d["values"], d.get("measured", {})
-            measured = {"alpha": np.asarray(m.get("alpha", False), dtype=bool),
-                        "alpha_packed": np.asarray(m.get("alpha_packed", False), dtype=bool)}
-            measured.update({f"beta/{k}": np.asarray(x, dtype=bool)
-                             for k, x in m.get("beta", {}).items()})
+            measured = {
+                "alpha": np.asarray(m.get("alpha", False), dtype=bool),
+                "alpha_packed": np.asarray(m.get("alpha_packed", False), dtype=bool),
+            }
+            measured.update(
+                {f"beta/{k}": np.asarray(x, dtype=bool) for k, x in m.get("beta", {}).items()}
+            )
             return cls(
-                batch_sizes=tuple(g["batch_sizes"]), seq_lens=tuple(g["seq_lens"]),
+                batch_sizes=tuple(g["batch_sizes"]),
+                seq_lens=tuple(g["seq_lens"]),
                 alpha_values=np.asarray(v["alpha"], dtype=np.float64),
                 total_tokens=tuple(g.get("total_tokens", ())),
                 alpha_packed_values=np.asarray(v.get("alpha_packed", []), dtype=np.float64),
                 beta_batch_sizes=tuple(g.get("beta_batch_sizes", ())),
-                beta_values={k: np.asarray(x, dtype=np.float64)
-                             for k, x in v.get("beta", {}).items()},
-                measured=measured, device=str(d.get("device", "unknown")),
+                beta_values={
+                    k: np.asarray(x, dtype=np.float64) for k, x in v.get("beta", {}).items()
+                },
+                measured=measured,
+                device=str(d.get("device", "unknown")),
                 dtype=str(d.get("dtype", "float32")),
                 backbone_fingerprint=str(d.get("backbone_fingerprint", "")),
-                fallback=AnalyticModel(**d.get("fallback", {})), meta=dict(d.get("meta", {})))
+                fallback=AnalyticModel(**d.get("fallback", {})),
+                meta=dict(d.get("meta", {})),
+            )
         except (KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"cost table {source} is malformed ({type(e).__name__}: {e}); "
-                              "regenerate it with `pets profile`") from e
+            raise ConfigError(
+                f"cost table {source} is malformed ({type(e).__name__}: {e}); "
+                "regenerate it with `pets profile`"
+            ) from e
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write JSON atomically (temp file + rename)."""
@@ -247,8 +278,10 @@ class CostTable:
             with open(path) as f:
                 d = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read cost table {str(path)!r} ({e}); check the path "
-                              "or regenerate it with `pets profile`") from e
+            raise ConfigError(
+                f"cannot read cost table {str(path)!r} ({e}); check the path "
+                "or regenerate it with `pets profile`"
+            ) from e
         return cls.from_json_dict(d, source=repr(str(path)))
 
 
@@ -297,8 +330,9 @@ class CostLattice:
             return None
         sizes = np.arange(rows, dtype=np.float64)[:, None]
         lens = np.arange(cols, dtype=np.float64)[None, :]
-        values = (self.model.alpha(sizes, lens) if kind is None
-                  else self.model.beta(kind, sizes, lens))
+        values = (
+            self.model.alpha(sizes, lens) if kind is None else self.model.beta(kind, sizes, lens)
+        )
         grid = np.ascontiguousarray(np.broadcast_to(np.asarray(values, np.float64), (rows, cols)))
         self._grids[kind] = grid
         return grid
@@ -310,8 +344,9 @@ class CostLattice:
             return None
         return np.asarray(grid[ix[0], ix[1]], dtype=np.float64)
 
-    def beta_many(self, pet_types: Sequence[str], which: ArrayLike, batch: ArrayLike,
-                  seq_len: ArrayLike) -> FArray | None:
+    def beta_many(
+        self, pet_types: Sequence[str], which: ArrayLike, batch: ArrayLike, seq_len: ArrayLike
+    ) -> FArray | None:
         """:func:`beta_by_type` as ONE gather from the stacked per-type lattices, or None
         when an argument is off the lattice (the caller then asks per type)."""
         ix = self._index(batch, seq_len)
@@ -344,8 +379,13 @@ class CostLattice:
         return self.model.beta(pet_type, batch, seq_len) if out is None else out
 
 
-def beta_by_type(model: CostModel, pet_types: Sequence[str], which: ArrayLike,
-                 batch: ArrayLike, seq_len: ArrayLike) -> FArray:
+def beta_by_type(
+    model: CostModel,
+    pet_types: Sequence[str],
+    which: ArrayLike,
+    batch: ArrayLike,
+    seq_len: ArrayLike,
+) -> FArray:
     """``beta(pet_types[which], batch, seq_len)`` elementwise, for mixed types at once.
 
     ``which``, ``batch`` and ``seq_len`` broadcast together; ``which`` indexes
@@ -356,8 +396,11 @@ def beta_by_type(model: CostModel, pet_types: Sequence[str], which: ArrayLike,
         got = model.beta_many(pet_types, which, batch, seq_len)
         if got is not None:
             return got
-    w, b, s = np.broadcast_arrays(np.asarray(which), np.asarray(batch, dtype=np.float64),
-                                  np.asarray(seq_len, dtype=np.float64))
+    w, b, s = np.broadcast_arrays(
+        np.asarray(which),
+        np.asarray(batch, dtype=np.float64),
+        np.asarray(seq_len, dtype=np.float64),
+    )
     out = np.empty(w.shape, dtype=np.float64)
     for k in np.unique(w).tolist():
         sel = w == k
@@ -365,23 +408,30 @@ def beta_by_type(model: CostModel, pet_types: Sequence[str], which: ArrayLike,
     return out
 
 
-def load_cost_model(path: str | os.PathLike[str] | None,
-                    fallback: AnalyticModel | None = None) -> CostModel:
+def load_cost_model(
+    path: str | os.PathLike[str] | None, fallback: AnalyticModel | None = None
+) -> CostModel:
     """The table at ``path`` if given and present, else the analytic ``fallback``."""
     if path is not None and Path(path).exists():
         return CostTable.load(path)
     return fallback if fallback is not None else AnalyticModel()
 
 
-def compatibility_warnings(table: CostTable, device: str, dtype: str,
-                           backbone_fingerprint: str) -> list[str]:
+def compatibility_warnings(
+    table: CostTable, device: str, dtype: str, backbone_fingerprint: str
+) -> list[str]:
     """Human-readable mismatches between a table and the engine it is used for."""
     out = []
-    for what, have, want in (("device", table.device, device), ("dtype", table.dtype, dtype),
-                             ("backbone", table.backbone_fingerprint, backbone_fingerprint)):
+    for what, have, want in (
+        ("device", table.device, device),
+        ("dtype", table.dtype, dtype),
+        ("backbone", table.backbone_fingerprint, backbone_fingerprint),
+    ):
         if want and have != want:
-            out.append(f"cost table was profiled for {what} {have!r}, engine uses {want!r}; "
-                       "re-run `pets profile` for accurate scheduling")
+            out.append(
+                f"cost table was profiled for {what} {have!r}, engine uses {want!r}; "
+                "re-run `pets profile` for accurate scheduling"
+            )
     return out
 
 

@@ -89,8 +89,9 @@ def backtrack(arg: IArray | Sequence[int], n: int) -> list[tuple[int, int]]:
     return runs
 
 
-def _caps(size: NDArray[np.int64], length: FArray, max_size: int | None,
-          max_tokens: int | None) -> NDArray[np.bool_]:
+def _caps(
+    size: NDArray[np.int64], length: FArray, max_size: int | None, max_tokens: int | None
+) -> NDArray[np.bool_]:
     """Boolean mask of runs that break a cap (``size`` and ``length`` broadcast)."""
     bad = np.zeros(np.broadcast_shapes(size.shape, length.shape), dtype=bool)
     if max_size is not None:
@@ -100,9 +101,14 @@ def _caps(size: NDArray[np.int64], length: FArray, max_size: int | None,
     return bad
 
 
-def intra_task_costs(model: CostModel, pet_types: Sequence[str], lengths: FArray,
-                     counts: NDArray[np.int64], max_size: int | None = None,
-                     max_tokens: int | None = None) -> FArray:
+def intra_task_costs(
+    model: CostModel,
+    pet_types: Sequence[str],
+    lengths: FArray,
+    counts: NDArray[np.int64],
+    max_size: int | None = None,
+    max_tokens: int | None = None,
+) -> FArray:
     """Cost tensor [G, n+1, n+1] of the intra-task DP for ``G`` tasks at once.
 
     ``lengths`` [G, n]: each task's query lengths sorted ascending (row ``g`` valid up to
@@ -118,8 +124,9 @@ def intra_task_costs(model: CostModel, pet_types: Sequence[str], lengths: FArray
     run_c = np.clip(run, 0, n)
     lcol = np.concatenate([lidx[:, :1], lidx], axis=1)  # lcol[g, i] = lidx[g, i-1]
     lend = uniq[lcol]  # [G, n+1] padded length of a run ending at i
-    cost = beta_by_type(model, names.tolist(), tix[:, None, None], run_c[None, :, :],
-                        lend[:, None, :])
+    cost = beta_by_type(
+        model, names.tolist(), tix[:, None, None], run_c[None, :, :], lend[:, None, :]
+    )
     bad = _caps(run[None, :, :], lend[:, None, :], max_size, max_tokens)
     bad &= run[None, :, :] > 1
     bad |= run[None, :, :] <= 0
@@ -127,9 +134,15 @@ def intra_task_costs(model: CostModel, pet_types: Sequence[str], lengths: FArray
     return np.asarray(cost, dtype=np.float64)
 
 
-def solve_sorted(sizes: NDArray[np.int64], lengths: FArray, run_cost: FArray, uniq: FArray,
-                 item_cost: FArray | None = None, max_size: int | None = None,
-                 max_tokens: int | None = None) -> list[tuple[int, int]]:
+def solve_sorted(
+    sizes: NDArray[np.int64],
+    lengths: FArray,
+    run_cost: FArray,
+    uniq: FArray,
+    item_cost: FArray | None = None,
+    max_size: int | None = None,
+    max_tokens: int | None = None,
+) -> list[tuple[int, int]]:
     """One partition DP over ``n`` length-sorted items, row by row (no n² matrix).
 
     ``sizes`` [n] queries per item, ``lengths`` [n] ascending padded lengths, ``uniq`` [U]
@@ -193,7 +206,7 @@ def solve_sorted(sizes: NDArray[np.int64], lengths: FArray, run_cost: FArray, un
             np.subtract(best[:i], cs[u, :i], out=bc[:i])
             cu = cs[u].tolist()
             r = rows[u]
-        v = bc[j0:i] + (r[i - j0:0:-1] if unit else r[csz[i] - csz[j0:i]])
+        v = bc[j0:i] + (r[i - j0 : 0 : -1] if unit else r[csz[i] - csz[j0:i]])
         k = int(v.argmin())
         arg[i] = j0 + k
         vk = v[k]
@@ -202,9 +215,14 @@ def solve_sorted(sizes: NDArray[np.int64], lengths: FArray, run_cost: FArray, un
     return backtrack(arg, n)
 
 
-def inter_task_runs(model: CostModel, sizes: NDArray[np.int64], lengths: FArray,
-                    pet_types: Sequence[str] | None = None, max_size: int | None = None,
-                    max_tokens: int | None = None) -> list[tuple[int, int]]:
+def inter_task_runs(
+    model: CostModel,
+    sizes: NDArray[np.int64],
+    lengths: FArray,
+    pet_types: Sequence[str] | None = None,
+    max_size: int | None = None,
+    max_tokens: int | None = None,
+) -> list[tuple[int, int]]:
     """Optimal runs of the inter-task DP over ``n`` items sorted by length.
 
     ``sizes`` [n] queries per item, ``lengths`` [n] its padded length (ascending). Run
@@ -217,14 +235,19 @@ def inter_task_runs(model: CostModel, sizes: NDArray[np.int64], lengths: FArray,
     item_cost = None
     if pet_types is not None:
         names, which = np.unique(np.asarray(pet_types), return_inverse=True)
-        item_cost = beta_by_type(model, names.tolist(), which[None, :],
-                                 sizes.astype(np.float64)[None, :], uniq[:, None])
+        item_cost = beta_by_type(
+            model, names.tolist(), which[None, :], sizes.astype(np.float64)[None, :], uniq[:, None]
+        )
     return solve_sorted(sizes, lengths, run_cost, uniq, item_cost, max_size, max_tokens)
 
 
-def intra_task_runs(model: CostModel, pet_type: str, lengths: FArray,
-                    max_size: int | None = None,
-                    max_tokens: int | None = None) -> list[tuple[int, int]]:
+def intra_task_runs(
+    model: CostModel,
+    pet_type: str,
+    lengths: FArray,
+    max_size: int | None = None,
+    max_tokens: int | None = None,
+) -> list[tuple[int, int]]:
     """Optimal runs of the intra-task DP for ONE task (``lengths`` [n] ascending).
 
     Same problem as :func:`intra_task_costs` (run [j, i) costs
@@ -232,7 +255,7 @@ def intra_task_runs(model: CostModel, pet_type: str, lengths: FArray,
     """
     n = lengths.shape[0]
     uniq = np.unique(lengths)
-    run_cost = model.beta(pet_type, np.arange(n + 1, dtype=np.float64)[None, :],
-                          uniq[:, None])
-    return solve_sorted(np.ones(n, dtype=np.int64), lengths, run_cost, uniq, None,
-                        max_size, max_tokens)
+    run_cost = model.beta(pet_type, np.arange(n + 1, dtype=np.float64)[None, :], uniq[:, None])
+    return solve_sorted(
+        np.ones(n, dtype=np.int64), lengths, run_cost, uniq, None, max_size, max_tokens
+    )

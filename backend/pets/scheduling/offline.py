@@ -13,9 +13,12 @@ from typing import Any
 from pets.scheduling.base import Query, ScheduledBatch, Scheduler
 
 
-def run_offline(queries: Sequence[Query], scheduler: Scheduler,
-                run_batch: Callable[[ScheduledBatch], None],
-                sync: Callable[[], None] | None = None) -> dict[str, Any]:
+def run_offline(
+    queries: Sequence[Query],
+    scheduler: Scheduler,
+    run_batch: Callable[[ScheduledBatch], None],
+    sync: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     """Schedule ``queries`` with ``scheduler`` and call ``run_batch`` on each batch.
 
     ``sync`` (e.g. ``torch.cuda.synchronize``) runs once after the last batch so that
@@ -36,14 +39,21 @@ def run_offline(queries: Sequence[Query], scheduler: Scheduler,
         sync()
     t2 = time.perf_counter()
     real = sum(lengths.values())
-    padded = sum(len(b.indices) * b.padded_length if b.padded_length
-                 else sum(lengths[i] for i in b.indices) for b in batches)
+    padded = sum(
+        len(b.indices) * b.padded_length if b.padded_length else sum(lengths[i] for i in b.indices)
+        for b in batches
+    )
     total = t2 - t0
     return {
-        "policy": scheduler.name, "num_queries": len(queries), "num_batches": len(batches),
-        "schedule_s": t1 - t0, "execute_s": t2 - t1, "total_s": total,
+        "policy": scheduler.name,
+        "num_queries": len(queries),
+        "num_batches": len(batches),
+        "schedule_s": t1 - t0,
+        "execute_s": t2 - t1,
+        "total_s": total,
         "qps": len(queries) / total if total > 0 else float("inf"),
         "mean_batch_size": len(queries) / len(batches) if batches else 0.0,
-        "real_tokens": real, "padded_tokens": padded,
+        "real_tokens": real,
+        "padded_tokens": padded,
         "padding_overhead": padded / real - 1.0 if real else 0.0,
     }

@@ -47,9 +47,11 @@ def _positive(name: str, value: Any, policy: str, optional: bool = True) -> int 
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"scheduler {policy!r}: option {name}={value!r} must be a positive "
-                          "integer" + (" or None" if optional else "") + "; fix the scheduler "
-                          "options in config.pbtxt")
+        raise ConfigError(
+            f"scheduler {policy!r}: option {name}={value!r} must be a positive "
+            "integer" + (" or None" if optional else "") + "; fix the scheduler "
+            "options in config.pbtxt"
+        )
     return value
 
 
@@ -62,8 +64,10 @@ def _flag(name: str, value: Any, policy: str) -> bool:
         return True
     if text in ("false", "0", "no", "off"):
         return False
-    raise ConfigError(f"scheduler {policy!r}: option {name}={value!r} must be true or false; "
-                      "fix the scheduler options in config.pbtxt")
+    raise ConfigError(
+        f"scheduler {policy!r}: option {name}={value!r} must be true or false; "
+        "fix the scheduler options in config.pbtxt"
+    )
 
 
 def _cost_model(value: Any, policy: str) -> CostModel:
@@ -73,9 +77,11 @@ def _cost_model(value: Any, policy: str) -> CostModel:
     if isinstance(value, (str, os.PathLike)):
         return CostTable.load(value)  # ConfigError naming the path if unreadable
     if not all(hasattr(value, a) for a in ("alpha", "alpha_packed", "beta")):
-        raise ConfigError(f"scheduler {policy!r}: cost_model={value!r} lacks alpha/"
-                          "alpha_packed/beta; pass a CostTable, an AnalyticModel or a path "
-                          "to a JSON cost table")
+        raise ConfigError(
+            f"scheduler {policy!r}: cost_model={value!r} lacks alpha/"
+            "alpha_packed/beta; pass a CostTable, an AnalyticModel or a path "
+            "to a JSON cost table"
+        )
     return value
 
 
@@ -84,8 +90,9 @@ BATCHED_MAX_N = 48
 tasks are solved one by one with the row DP (same optimum, less memory)."""
 
 
-def form_minibatches(queries: Sequence[Query], model: CostModel, max_size: int | None,
-                     max_tokens: int | None) -> list[list[Query]]:
+def form_minibatches(
+    queries: Sequence[Query], model: CostModel, max_size: int | None, max_tokens: int | None
+) -> list[list[Query]]:
     """Stage 1 (intra-task DP) for all tasks; mini-batches, each sorted by length."""
     n = len(queries)
     cols = np.array([(q.task_slot, q.length, q.index) for q in queries], dtype=np.int64)
@@ -101,7 +108,7 @@ def form_minibatches(queries: Sequence[Query], model: CostModel, max_size: int |
     small = np.flatnonzero(counts <= BATCHED_MAX_N)
     for g in np.flatnonzero(counts > BATCHED_MAX_N).tolist():
         s0, c = int(starts[g]), int(counts[g])
-        lens = length[order[s0:s0 + c]].astype(np.float64)
+        lens = length[order[s0 : s0 + c]].astype(np.float64)
         runs = intra_task_runs(model, qs[s0].pet_type, lens, max_size, max_tokens)
         bounds.append(s0 + np.array([j for j, _ in runs]))
     if small.size:
@@ -113,8 +120,14 @@ def form_minibatches(queries: Sequence[Query], model: CostModel, max_size: int |
         sl = length[order].astype(np.float64)
         lengths = np.repeat(sl[ss + cs - 1][:, None], width, axis=1)  # pad with the max
         lengths[row, pos] = sl[src]
-        cost = intra_task_costs(model, [qs[k].pet_type for k in ss.tolist()], lengths,
-                                cs.astype(np.int64), max_size, max_tokens)
+        cost = intra_task_costs(
+            model,
+            [qs[k].pet_type for k in ss.tolist()],
+            lengths,
+            cs.astype(np.int64),
+            max_size,
+            max_tokens,
+        )
         _, arg = solve(cost)
         # Backtrack all tasks at once: follow each row's run starts down to 0.
         rows = np.arange(small.size)
@@ -130,9 +143,13 @@ def form_minibatches(queries: Sequence[Query], model: CostModel, max_size: int |
     return [qs[a:b] for a, b in itertools.pairwise(cuts)]
 
 
-def merge_minibatches(minis: Sequence[Sequence[Query]], model: CostModel,
-                      max_size: int | None, max_tokens: int | None,
-                      merge_beta: bool) -> list[list[Query]]:
+def merge_minibatches(
+    minis: Sequence[Sequence[Query]],
+    model: CostModel,
+    max_size: int | None,
+    max_tokens: int | None,
+    merge_beta: bool,
+) -> list[list[Query]]:
     """Stage 2 (inter-task DP): merge length-sorted mini-batches into macro-batches."""
     order = sorted(minis, key=lambda m: (m[-1].length, m[0].task_slot, len(m)))
     sizes = np.array([len(m) for m in order], dtype=np.int64)
@@ -160,7 +177,7 @@ class FixedScheduler(Scheduler):
         bs, cap = self.batch_size, self.max_batch_tokens
         out: list[ScheduledBatch] = []
         for k in range(0, len(queries), bs):
-            chunk = queries[k:k + bs]
+            chunk = queries[k : k + bs]
             if cap is None:
                 out.append(make_batch(chunk))
                 continue
@@ -176,23 +193,33 @@ class FixedScheduler(Scheduler):
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "batch_size": self.batch_size,
-                "max_batch_tokens": self.max_batch_tokens}
+        return {
+            "name": self.name,
+            "batch_size": self.batch_size,
+            "max_batch_tokens": self.max_batch_tokens,
+        }
 
 
 class _DPScheduler(Scheduler):
     """Common option handling of the DP policies (the logic stays in each subclass)."""
 
-    def __init__(self, cost_model: CostModel | None = None, max_batch_size: int | None = None,
-                 max_batch_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        cost_model: CostModel | None = None,
+        max_batch_size: int | None = None,
+        max_batch_tokens: int | None = None,
+    ) -> None:
         self.cost_model = CostLattice(_cost_model(cost_model, self.name))
         self.max_batch_size = _positive("max_batch_size", max_batch_size, self.name)
         self.max_batch_tokens = _positive("max_batch_tokens", max_batch_tokens, self.name)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "max_batch_size": self.max_batch_size,
-                "max_batch_tokens": self.max_batch_tokens,
-                "cost_model": type(self.cost_model.model).__name__}
+        return {
+            "name": self.name,
+            "max_batch_size": self.max_batch_size,
+            "max_batch_tokens": self.max_batch_tokens,
+            "cost_model": type(self.cost_model.model).__name__,
+        }
 
 
 class BetaOnlyScheduler(_DPScheduler):
@@ -204,8 +231,9 @@ class BetaOnlyScheduler(_DPScheduler):
     def schedule(self, queries: Sequence[Query]) -> list[ScheduledBatch]:
         if not queries:
             return []
-        minis = form_minibatches(queries, self.cost_model, self.max_batch_size,
-                                 self.max_batch_tokens)
+        minis = form_minibatches(
+            queries, self.cost_model, self.max_batch_size, self.max_batch_tokens
+        )
         return [make_batch(m) for m in minis]
 
 
@@ -219,8 +247,9 @@ class AlphaOnlyScheduler(_DPScheduler):
         if not queries:
             return []
         singles = [[q] for q in queries]
-        macros = merge_minibatches(singles, self.cost_model, self.max_batch_size,
-                                   self.max_batch_tokens, merge_beta=False)
+        macros = merge_minibatches(
+            singles, self.cost_model, self.max_batch_size, self.max_batch_tokens, merge_beta=False
+        )
         return [make_batch(m) for m in macros]
 
 
@@ -228,15 +257,24 @@ class CoordinatedScheduler(_DPScheduler):
     """PetS coordinated batching: intra-task DP (beta) then inter-task DP (alpha [+beta])."""
 
     name = "coordinated"
-    options = ("cost_model", "max_batch_size", "max_batch_tokens", "max_minibatch_size",
-               "merge_beta")
+    options = (
+        "cost_model",
+        "max_batch_size",
+        "max_batch_tokens",
+        "max_minibatch_size",
+        "merge_beta",
+    )
 
-    def __init__(self, cost_model: CostModel | None = None, max_batch_size: int | None = None,
-                 max_batch_tokens: int | None = None, max_minibatch_size: int | None = None,
-                 merge_beta: bool = True) -> None:
+    def __init__(
+        self,
+        cost_model: CostModel | None = None,
+        max_batch_size: int | None = None,
+        max_batch_tokens: int | None = None,
+        max_minibatch_size: int | None = None,
+        merge_beta: bool = True,
+    ) -> None:
         super().__init__(cost_model, max_batch_size, max_batch_tokens)
-        self.max_minibatch_size = _positive("max_minibatch_size", max_minibatch_size,
-                                            self.name)
+        self.max_minibatch_size = _positive("max_minibatch_size", max_minibatch_size, self.name)
         if self.max_batch_size is not None and self.max_minibatch_size is not None:
             self.max_minibatch_size = min(self.max_minibatch_size, self.max_batch_size)
         elif self.max_minibatch_size is None:
@@ -246,15 +284,20 @@ class CoordinatedScheduler(_DPScheduler):
     def schedule(self, queries: Sequence[Query]) -> list[ScheduledBatch]:
         if not queries:
             return []
-        minis = form_minibatches(queries, self.cost_model, self.max_minibatch_size,
-                                 self.max_batch_tokens)
-        macros = merge_minibatches(minis, self.cost_model, self.max_batch_size,
-                                   self.max_batch_tokens, self.merge_beta)
+        minis = form_minibatches(
+            queries, self.cost_model, self.max_minibatch_size, self.max_batch_tokens
+        )
+        macros = merge_minibatches(
+            minis, self.cost_model, self.max_batch_size, self.max_batch_tokens, self.merge_beta
+        )
         return [make_batch(m) for m in macros]
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "max_minibatch_size": self.max_minibatch_size,
-                "merge_beta": self.merge_beta}
+        return {
+            **super().describe(),
+            "max_minibatch_size": self.max_minibatch_size,
+            "merge_beta": self.merge_beta,
+        }
 
 
 class TokenBudgetScheduler(Scheduler):
@@ -268,8 +311,9 @@ class TokenBudgetScheduler(Scheduler):
     options = ("max_batch_tokens", "max_batch_size")
 
     def __init__(self, max_batch_tokens: int = 8192, max_batch_size: int | None = None) -> None:
-        self.max_batch_tokens = _positive("max_batch_tokens", max_batch_tokens, self.name,
-                                          optional=False) or 8192
+        self.max_batch_tokens = (
+            _positive("max_batch_tokens", max_batch_tokens, self.name, optional=False) or 8192
+        )
         self.max_batch_size = _positive("max_batch_size", max_batch_size, self.name)
 
     def schedule(self, queries: Sequence[Query]) -> list[ScheduledBatch]:
@@ -279,8 +323,9 @@ class TokenBudgetScheduler(Scheduler):
         tokens = 0
         cap = self.max_batch_size
         for q in order:
-            if cur and (tokens + q.length > self.max_batch_tokens
-                        or (cap is not None and len(cur) >= cap)):
+            if cur and (
+                tokens + q.length > self.max_batch_tokens or (cap is not None and len(cur) >= cap)
+            ):
                 out.append(make_batch(cur, packed=True))
                 cur, tokens = [], 0
             cur.append(q)
@@ -290,8 +335,11 @@ class TokenBudgetScheduler(Scheduler):
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "max_batch_tokens": self.max_batch_tokens,
-                "max_batch_size": self.max_batch_size}
+        return {
+            "name": self.name,
+            "max_batch_tokens": self.max_batch_tokens,
+            "max_batch_size": self.max_batch_size,
+        }
 
 
 class TaskGroupedScheduler(Scheduler):
@@ -305,8 +353,12 @@ class TaskGroupedScheduler(Scheduler):
     name = "task_grouped"
     options = ("max_batch_tokens", "max_batch_size", "packed")
 
-    def __init__(self, max_batch_tokens: int | None = None, max_batch_size: int | None = None,
-                 packed: bool = True) -> None:
+    def __init__(
+        self,
+        max_batch_tokens: int | None = None,
+        max_batch_size: int | None = None,
+        packed: bool = True,
+    ) -> None:
         self.max_batch_tokens = _positive("max_batch_tokens", max_batch_tokens, self.name)
         self.max_batch_size = _positive("max_batch_size", max_batch_size, self.name)
         self.packed = _flag("packed", packed, self.name)
@@ -324,8 +376,10 @@ class TaskGroupedScheduler(Scheduler):
         for q in (q for g in groups.values() for q in g):
             n_total, n_longest = total + q.length, max(longest, q.length)
             tokens = n_total if self.packed else (len(cur) + 1) * n_longest
-            if cur and ((tok_cap is not None and tokens > tok_cap)
-                        or (size_cap is not None and len(cur) >= size_cap)):
+            if cur and (
+                (tok_cap is not None and tokens > tok_cap)
+                or (size_cap is not None and len(cur) >= size_cap)
+            ):
                 out.append(make_batch(cur, self.packed))
                 cur, n_total, n_longest = [], q.length, q.length
             cur.append(q)
@@ -335,5 +389,9 @@ class TaskGroupedScheduler(Scheduler):
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "max_batch_tokens": self.max_batch_tokens,
-                "max_batch_size": self.max_batch_size, "packed": self.packed}
+        return {
+            "name": self.name,
+            "max_batch_tokens": self.max_batch_tokens,
+            "max_batch_size": self.max_batch_size,
+            "packed": self.packed,
+        }

@@ -53,13 +53,21 @@ Entry = tuple[str, int, int, tuple[int, ...]]
 def _entries(grid: ProfileGrid) -> list[Entry]:
     """(kind, batch_size, seq_len, index in its array), round-robin across kinds."""
     per_kind: list[list[Entry]] = []
-    alpha: list[Entry] = [("alpha", b, s, (i, j)) for i, b in enumerate(grid.batch_sizes)
-             for j, s in enumerate(grid.seq_lens)]
+    alpha: list[Entry] = [
+        ("alpha", b, s, (i, j))
+        for i, b in enumerate(grid.batch_sizes)
+        for j, s in enumerate(grid.seq_lens)
+    ]
     per_kind.append(alpha)
     per_kind.append([("alpha_packed", t, 0, (i,)) for i, t in enumerate(grid.total_tokens)])
     for p in grid.pet_types:
-        per_kind.append([(p, b, s, (i, j)) for i, b in enumerate(grid.beta_batch_sizes)
-                         for j, s in enumerate(grid.seq_lens)])
+        per_kind.append(
+            [
+                (p, b, s, (i, j))
+                for i, b in enumerate(grid.beta_batch_sizes)
+                for j, s in enumerate(grid.seq_lens)
+            ]
+        )
     ordered = [[k[i] for i in _bitrev_order(len(k))] for k in per_kind if k]
     out: list[Entry] = []
     for r in range(max((len(k) for k in ordered), default=0)):
@@ -75,6 +83,7 @@ class _Progress:
         if enabled:
             try:
                 from tqdm import tqdm
+
                 self.bar = tqdm(total=total, desc="profiling", unit="pt")
             except ImportError:
                 self.bar = None
@@ -98,19 +107,27 @@ def _scale(ratios: list[float]) -> float | None:
     return float(np.median(ratios)) if ratios else None
 
 
-def profile(measure: Measure, grid: ProfileGrid | None = None, progress: bool = True,
-            time_budget_s: float | None = None, *, analytic: AnalyticModel | None = None,
-            device: str = "unknown", dtype: str = "float32", backbone_fingerprint: str = "",
-            meta: dict[str, Any] | None = None) -> CostTable:
+def profile(
+    measure: Measure,
+    grid: ProfileGrid | None = None,
+    progress: bool = True,
+    time_budget_s: float | None = None,
+    *,
+    analytic: AnalyticModel | None = None,
+    device: str = "unknown",
+    dtype: str = "float32",
+    backbone_fingerprint: str = "",
+    meta: dict[str, Any] | None = None,
+) -> CostTable:
     """Measure the grid (within ``time_budget_s`` seconds if given) into a CostTable."""
     grid = grid or ProfileGrid()
     base = analytic or AnalyticModel.for_device(device)
     entries = _entries(grid)
     shapes: dict[str, tuple[int, ...]] = {
         "alpha": (len(grid.batch_sizes), len(grid.seq_lens)),
-        "alpha_packed": (len(grid.total_tokens),)}
-    shapes.update({p: (len(grid.beta_batch_sizes), len(grid.seq_lens))
-                   for p in grid.pet_types})
+        "alpha_packed": (len(grid.total_tokens),),
+    }
+    shapes.update({p: (len(grid.beta_batch_sizes), len(grid.seq_lens)) for p in grid.pet_types})
     values = {k: np.full(s, np.nan) for k, s in shapes.items()}
     bar = _Progress(len(entries), progress)
     start = time.perf_counter()
@@ -139,10 +156,16 @@ def profile(measure: Measure, grid: ProfileGrid | None = None, progress: bool = 
         raise first_error
     table = _fill(values, grid, base)
     table.device, table.dtype, table.backbone_fingerprint = device, dtype, backbone_fingerprint
-    table.meta = {**table.meta, **(meta or {}), "elapsed_s": time.perf_counter() - start,
-                  "entries": len(entries), "attempted": attempted,
-                  "measured_fraction": table.measured_fraction(),
-                  "failures": failures[:20], "time_budget_s": time_budget_s}
+    table.meta = {
+        **table.meta,
+        **(meta or {}),
+        "elapsed_s": time.perf_counter() - start,
+        "entries": len(entries),
+        "attempted": attempted,
+        "measured_fraction": table.measured_fraction(),
+        "failures": failures[:20],
+        "time_budget_s": time_budget_s,
+    }
     return table
 
 
@@ -150,8 +173,10 @@ def _fill(values: dict[str, FArray], grid: ProfileGrid, base: AnalyticModel) -> 
     b = np.asarray(grid.batch_sizes, dtype=np.float64)[:, None]
     bb = np.asarray(grid.beta_batch_sizes, dtype=np.float64)[:, None]
     s = np.asarray(grid.seq_lens, dtype=np.float64)[None, :]
-    model: dict[str, FArray] = {"alpha": base.alpha(b, s),
-                                "alpha_packed": base.alpha_packed(list(grid.total_tokens))}
+    model: dict[str, FArray] = {
+        "alpha": base.alpha(b, s),
+        "alpha_packed": base.alpha_packed(list(grid.total_tokens)),
+    }
     model.update({p: base.beta(p, bb, s) for p in grid.pet_types})
 
     def ratios(kinds: list[str]) -> list[float]:
@@ -169,23 +194,33 @@ def _fill(values: dict[str, FArray], grid: ProfileGrid, base: AnalyticModel) -> 
         sc = a_scale if k.startswith("alpha") else (_scale(ratios([k])) or b_all)
         scales[k] = sc
         filled[k] = np.where(np.isnan(v), model[k] * sc, v)
-    measured = {("alpha" if k == "alpha" else "alpha_packed" if k == "alpha_packed"
-                 else f"beta/{k}"): ~np.isnan(v) for k, v in values.items()}
+    measured = {
+        (
+            "alpha" if k == "alpha" else "alpha_packed" if k == "alpha_packed" else f"beta/{k}"
+        ): ~np.isnan(v)
+        for k, v in values.items()
+    }
     return CostTable(
-        batch_sizes=grid.batch_sizes, seq_lens=grid.seq_lens, alpha_values=filled["alpha"],
-        total_tokens=grid.total_tokens, alpha_packed_values=filled["alpha_packed"],
+        batch_sizes=grid.batch_sizes,
+        seq_lens=grid.seq_lens,
+        alpha_values=filled["alpha"],
+        total_tokens=grid.total_tokens,
+        alpha_packed_values=filled["alpha_packed"],
         beta_batch_sizes=grid.beta_batch_sizes,
-        beta_values={p: filled[p] for p in grid.pet_types}, measured=measured,
+        beta_values={p: filled[p] for p in grid.pet_types},
+        measured=measured,
         fallback=base.calibrated(a_scale * base.alpha_scale, b_all * base.beta_scale),
-        meta={"fill_scales": scales})
+        meta={"fill_scales": scales},
+    )
 
 
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         vals = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of "
-                                         "integers, e.g. 1,2,4,8") from e
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers, e.g. 1,2,4,8"
+        ) from e
     if not vals or any(v < 1 for v in vals) or list(vals) != sorted(set(vals)):
         raise argparse.ArgumentTypeError(f"{text!r}: need increasing positive integers")
     return vals
@@ -196,46 +231,96 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     d = ProfileGrid()
     j = ",".join
     g = parser.add_argument_group("cost-model profiling")
-    g.add_argument("-o", "--output", default="cost_table.json",
-                   help="where to write the JSON cost table (default: %(default)s)")
-    g.add_argument("--batch-sizes", type=_int_list, default=d.batch_sizes,
-                   help=f"alpha batch sizes (default {j(map(str, d.batch_sizes))})")
-    g.add_argument("--seq-lens", type=_int_list, default=d.seq_lens,
-                   help=f"sequence lengths (default {j(map(str, d.seq_lens))})")
-    g.add_argument("--total-tokens", type=_int_list, default=d.total_tokens,
-                   help=f"packed total tokens (default {j(map(str, d.total_tokens))})")
-    g.add_argument("--beta-batch-sizes", type=_int_list, default=d.beta_batch_sizes,
-                   help=f"beta batch sizes (default {j(map(str, d.beta_batch_sizes))})")
-    g.add_argument("--pet-types", default=j(d.pet_types),
-                   help="comma-separated PET types to profile (default %(default)s)")
-    g.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="stop measuring after this long; the rest is filled analytically")
+    g.add_argument(
+        "-o",
+        "--output",
+        default="cost_table.json",
+        help="where to write the JSON cost table (default: %(default)s)",
+    )
+    g.add_argument(
+        "--batch-sizes",
+        type=_int_list,
+        default=d.batch_sizes,
+        help=f"alpha batch sizes (default {j(map(str, d.batch_sizes))})",
+    )
+    g.add_argument(
+        "--seq-lens",
+        type=_int_list,
+        default=d.seq_lens,
+        help=f"sequence lengths (default {j(map(str, d.seq_lens))})",
+    )
+    g.add_argument(
+        "--total-tokens",
+        type=_int_list,
+        default=d.total_tokens,
+        help=f"packed total tokens (default {j(map(str, d.total_tokens))})",
+    )
+    g.add_argument(
+        "--beta-batch-sizes",
+        type=_int_list,
+        default=d.beta_batch_sizes,
+        help=f"beta batch sizes (default {j(map(str, d.beta_batch_sizes))})",
+    )
+    g.add_argument(
+        "--pet-types",
+        default=j(d.pet_types),
+        help="comma-separated PET types to profile (default %(default)s)",
+    )
+    g.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop measuring after this long; the rest is filled analytically",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
-def profile_cli(args: argparse.Namespace, measure: Measure, *, device: str = "unknown",
-                dtype: str = "float32", backbone_fingerprint: str = "",
-                analytic: AnalyticModel | None = None) -> int:
+def profile_cli(
+    args: argparse.Namespace,
+    measure: Measure,
+    *,
+    device: str = "unknown",
+    dtype: str = "float32",
+    backbone_fingerprint: str = "",
+    analytic: AnalyticModel | None = None,
+) -> int:
     """Run :func:`profile` with options from :func:`add_profile_arguments`; 0 on success."""
     types = tuple(t.strip() for t in str(args.pet_types).split(",") if t.strip())
     bad = [t for t in types if t not in PET_TYPES]
     if bad:
-        print(f"error: unknown --pet-types {', '.join(bad)}; valid: {', '.join(PET_TYPES)}",
-              file=sys.stderr)
+        print(
+            f"error: unknown --pet-types {', '.join(bad)}; valid: {', '.join(PET_TYPES)}",
+            file=sys.stderr,
+        )
         return 2
-    grid = ProfileGrid(tuple(args.batch_sizes), tuple(args.seq_lens), tuple(args.total_tokens),
-                       tuple(args.beta_batch_sizes), types)
+    grid = ProfileGrid(
+        tuple(args.batch_sizes),
+        tuple(args.seq_lens),
+        tuple(args.total_tokens),
+        tuple(args.beta_batch_sizes),
+        types,
+    )
     try:
-        table = profile(measure, grid, progress=not args.no_progress,
-                        time_budget_s=args.time_budget, analytic=analytic, device=device,
-                        dtype=dtype, backbone_fingerprint=backbone_fingerprint)
+        table = profile(
+            measure,
+            grid,
+            progress=not args.no_progress,
+            time_budget_s=args.time_budget,
+            analytic=analytic,
+            device=device,
+            dtype=dtype,
+            backbone_fingerprint=backbone_fingerprint,
+        )
         table.save(args.output)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     m = table.meta
-    print(f"wrote {args.output}: {m['attempted']}/{m['entries']} entries attempted, "
-          f"{100 * m['measured_fraction']:.0f}% measured, {len(m['failures'])} failed, "
-          f"{m['elapsed_s']:.1f} s")
+    print(
+        f"wrote {args.output}: {m['attempted']}/{m['entries']} entries attempted, "
+        f"{100 * m['measured_fraction']:.0f}% measured, {len(m['failures'])} failed, "
+        f"{m['elapsed_s']:.1f} s"
+    )
     return 0

@@ -29,8 +29,14 @@ def register(cls: type[Scheduler]) -> type[Scheduler]:
     return cls
 
 
-for _cls in (FixedScheduler, BetaOnlyScheduler, AlphaOnlyScheduler, CoordinatedScheduler,
-             TokenBudgetScheduler, TaskGroupedScheduler):
+for _cls in (
+    FixedScheduler,
+    BetaOnlyScheduler,
+    AlphaOnlyScheduler,
+    CoordinatedScheduler,
+    TokenBudgetScheduler,
+    TaskGroupedScheduler,
+):
     register(_cls)
 
 
@@ -52,10 +58,12 @@ def make_scheduler(name: str, **options: Any) -> Scheduler:
         raise ConfigError(
             f"unknown scheduler {name!r}; valid schedulers: {', '.join(available_policies())}. "
             f"Set the 'scheduler' parameter in config.pbtxt to one of them "
-            f"(default {DEFAULT_POLICY!r})")
+            f"(default {DEFAULT_POLICY!r})"
+        )
     unknown = sorted(set(options) - set(cls.options))
     if unknown:
         raise ConfigError(
             f"scheduler {name!r} does not take option(s) {', '.join(unknown)}; valid options: "
-            f"{', '.join(cls.options) or '(none)'}. Remove or rename them in config.pbtxt")
+            f"{', '.join(cls.options) or '(none)'}. Remove or rename them in config.pbtxt"
+        )
     return cls(**options)
