@@ -15,7 +15,7 @@ scheduling time counts) through an :class:`OfflineExecutor`:
 * ``--executor engine``: the real engine (``pets.engine.Engine``, :class:`EngineExecutor`):
   every scheduled batch is one mixed-task forward; ``--param``/``--model-dir``/``--device``
   configure it as ``config.pbtxt`` would; pool tasks are the store's tasks.
-* ``--online``: Triton + perf_analyzer. NOT WIRED YET (lead): exits with code 2.
+Online (through tritonserver and perf_analyzer) is ``clients/fig12_online.py``.
 
 Writes ``<out>/fig12.csv`` and ``<out>/fig12.png``.
 """
@@ -51,10 +51,6 @@ from pets.scheduling import (
 PETS_TYPES = ("maskbert", "diff_pruning", "bitfit", "adapter")
 POLICIES = ("fixed", "beta_only", "alpha_only", "coordinated", "token_budget", "task_grouped")
 LOADED_TASKS = 128
-ONLINE_NOT_WIRED = (
-    "online mode (tritonserver + perf_analyzer) is not wired yet; "
-    "run offline (--executor simulated|engine)"
-)
 
 
 def make_pool(
@@ -283,9 +279,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--sim-device", default="cuda", help="analytic model defaults when no table: cuda or cpu"
     )
     ap.add_argument("--executor", default="simulated", choices=("simulated", "engine"))
-    ap.add_argument(
-        "--online", action="store_true", help="through tritonserver + perf_analyzer (NOT WIRED YET)"
-    )
     eng = ap.add_argument_group("engine (--executor engine)")
     eng.add_argument("--model-dir", default=None)
     eng.add_argument("--device", default="cuda")
@@ -301,9 +294,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.online:
-        print(f"error: {ONLINE_NOT_WIRED}", file=sys.stderr)
-        return 2
     policies = [p for p in args.policies.split(",") if p]
     if "fixed" not in policies:
         policies.insert(0, "fixed")
