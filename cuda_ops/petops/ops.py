@@ -14,7 +14,7 @@ without atomics. The CUDA kernels take at most 4096 items per call and ranks <= 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -67,6 +67,13 @@ def _use_compiled(op: str, device: torch.device) -> bool:
     return False
 
 
+def _call(op: str, device: torch.device, *args: Any) -> Any:
+    """``torch.ops.petops.<op>`` when :func:`_use_compiled` says so, else the reference."""
+    if _use_compiled(op, device):
+        return getattr(torch.ops.petops, op).default(*args)
+    return getattr(ref, op)(*args)
+
+
 def _register_fake(op: str) -> Callable[[_F], _F]:
     """``torch.library.register_fake`` for ``petops::<op>``, skipped when the library is
     absent (the fake kernel is what lets torch.compile trace the op without running it)."""
@@ -99,11 +106,7 @@ def bias_act(
     Args: see :func:`petops.reference.bias_act` (y ``[T, N]``, bias ``[P, N]``, scale
     ``[Q, N]``, seg_* int32 ``[S]``, seg_indptr int32 ``[S + 1]``). Returns ``[T, N]``.
     """
-    if _use_compiled("bias_act", y.device):
-        return torch.ops.petops.bias_act.default(
-            y, bias, seg_indptr, seg_bias, scale, seg_scale, act
-        )
-    return ref.bias_act(y, bias, seg_indptr, seg_bias, scale, seg_scale, act)
+    return _call("bias_act", y.device, y, bias, seg_indptr, seg_bias, scale, seg_scale, act)
 
 
 @_register_fake("bias_act")
@@ -134,12 +137,18 @@ def bias_residual_layernorm(
     Args: see :func:`petops.reference.bias_residual_layernorm` (y, residual ``[T, N]``;
     bias ``[P, N]``; gamma, beta ``[G, N]``). Returns ``[T, N]``.
     """
-    if _use_compiled("bias_residual_layernorm", y.device):
-        return torch.ops.petops.bias_residual_layernorm.default(
-            y, residual, bias, gamma, beta, seg_indptr, seg_bias, seg_ln, eps
-        )
-    return ref.bias_residual_layernorm(
-        y, residual, bias, gamma, beta, seg_indptr, seg_bias, seg_ln, eps
+    return _call(
+        "bias_residual_layernorm",
+        y.device,
+        y,
+        residual,
+        bias,
+        gamma,
+        beta,
+        seg_indptr,
+        seg_bias,
+        seg_ln,
+        eps,
     )
 
 
@@ -172,12 +181,19 @@ def sgmv_shrink(
     Args: see :func:`petops.reference.sgmv_shrink` (x ``[T, K]``; w, bias flat pools;
     item_* ``[I]``). Returns ``[T, max_rank]`` in the dtype of ``x``.
     """
-    if _use_compiled("sgmv_shrink", x.device):
-        return torch.ops.petops.sgmv_shrink.default(
-            x, w, seg_indptr, item_seg, item_w_off, item_rank, bias, item_b_off, act, max_rank
-        )
-    return ref.sgmv_shrink(
-        x, w, seg_indptr, item_seg, item_w_off, item_rank, bias, item_b_off, act, max_rank
+    return _call(
+        "sgmv_shrink",
+        x.device,
+        x,
+        w,
+        seg_indptr,
+        item_seg,
+        item_w_off,
+        item_rank,
+        bias,
+        item_b_off,
+        act,
+        max_rank,
     )
 
 
@@ -214,24 +230,9 @@ def sgmv_expand(
     Args: see :func:`petops.reference.sgmv_expand` (y ``[T, N]``, tmp ``[T, R]``, item_*
     ``[I]``). Compiled: items of one segment must write disjoint column ranges.
     """
-    if _use_compiled("sgmv_expand", y.device):
-        torch.ops.petops.sgmv_expand.default(
-            y,
-            tmp,
-            w,
-            seg_indptr,
-            item_seg,
-            item_w_off,
-            item_rank,
-            item_in_off,
-            item_out_off,
-            item_out_dim,
-            item_scale,
-            bias,
-            item_b_off,
-        )
-        return
-    ref.sgmv_expand(
+    _call(
+        "sgmv_expand",
+        y.device,
         y,
         tmp,
         w,
@@ -292,13 +293,19 @@ def seg_spmm(
     Args: see :func:`petops.reference.seg_spmm` (y ``[T, N]``, x ``[T, K]``, rowptr int64,
     indices int32 flat pools). Compiled: at most one item per segment.
     """
-    if _use_compiled("seg_spmm", y.device):
-        torch.ops.petops.seg_spmm.default(
-            y, x, seg_indptr, item_seg, item_rowptr_off, rowptr, indices, values, dense_w, alpha
-        )
-        return
-    ref.seg_spmm(
-        y, x, seg_indptr, item_seg, item_rowptr_off, rowptr, indices, values, dense_w, alpha
+    _call(
+        "seg_spmm",
+        y.device,
+        y,
+        x,
+        seg_indptr,
+        item_seg,
+        item_rowptr_off,
+        rowptr,
+        indices,
+        values,
+        dense_w,
+        alpha,
     )
 
 
