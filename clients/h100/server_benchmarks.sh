@@ -3,6 +3,8 @@
 # perf_analyzer (gRPC, async) with a concurrency sweep at length 64. Needs the packed runtime
 # (shared/tools/pack-triton-runtime.sh) at .runtime/triton-runtime.tar.xz.
 #
+# Then splits one execute's time into engine forward and Python-stub work (server_breakdown.py).
+#
 # usage: clients/h100/server_benchmarks.sh OUT [INSTANCES] [CONCURRENCY]
 set -uo pipefail
 out=${1:?usage: server_benchmarks.sh OUT [INSTANCES] [CONCURRENCY]}
@@ -15,7 +17,8 @@ tar -xJf .runtime/triton-runtime.tar.xz -C "$rt"
 export PETS_TRITON_RUNTIME=$rt
 bash build/setup_env.sh >"$out/setup.log" 2>&1 || { tail "$out/setup.log"; exit 1; }
 bash build/install_triton.sh >>"$out/setup.log" 2>&1 || { tail "$out/setup.log"; exit 1; }
-PYTHON=.venv/bin/python timeout 200 bash build/build_ops.sh 2>&1 | tail -2
+TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PETOPS_CMAKE_ARGS=${PETOPS_CMAKE_ARGS:--DCMAKE_CUDA_ARCHITECTURES=90} \
+  PYTHON=${PYTHON:-python3} timeout 200 bash build/build_ops.sh 2>&1 | tail -2
 store=var/h100_store repo=var/h100_repo
 [[ -d $store ]] || .venv/bin/pets create $store t --count 64 --backbone bert-base \
   --pet bitfit,diff_pruning,maskbert,adapter,lora,ia3 | tail -1
@@ -33,5 +36,10 @@ grep -m3 "pets engine" "$out/server.log"
 timeout 420 .venv/bin/python clients/perf_sweep.py --concurrency "$conc" \
   --make-data "--tasks-from-store $store --length 64" --out "$out/sweep.csv" \
   --metrics-url 127.0.0.1:8002/metrics 2>&1 | tail -20
+# Execute time vs engine forward time at the highest concurrency (clients/server_breakdown.py).
+top=${conc##*,}
+timeout 120 .venv/bin/python clients/server_breakdown.py -- .venv/bin/python clients/perf_sweep.py \
+  --concurrency "$top" --make-data "--tasks-from-store $store --length ${BREAKDOWN_LENGTH:-32}" \
+  --out "$out/breakdown_c$top.csv" 2>&1 | tail -1 | tee "$out/breakdown_c$top.json"
 kill -TERM -- -"$server" 2>/dev/null; wait "$server" 2>/dev/null
 tail -3 "$out/server.log"
