@@ -12,16 +12,8 @@ tasks=${2:?TASKS, e.g. 32,64,128}
 stds=${3:-1,2,4,8}
 table=${4:-}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PETS_OFFLINE=1
-if [[ ! -f build/triton/env.sh || ! -d .venv ]]; then
-  rt=$(mktemp -d)
-  tar -xJf .runtime/triton-runtime.tar.xz -C "$rt"
-  export PETS_TRITON_RUNTIME=$rt
-  bash build/setup_env.sh >"$out/setup.log" 2>&1 || { tail "$out/setup.log"; exit 1; }
-  bash build/install_triton.sh >>"$out/setup.log" 2>&1 || { tail "$out/setup.log"; exit 1; }
-fi
-TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PETOPS_CMAKE_ARGS=${PETOPS_CMAKE_ARGS:--DCMAKE_CUDA_ARCHITECTURES=90} \
-  PYTHON=${PYTHON:-python3} timeout 200 bash build/build_ops.sh 2>&1 | tail -1
+# shellcheck source=clients/h100/host_setup.sh
+source "$(dirname "${BASH_SOURCE[0]}")/host_setup.sh"
 store=var/fig12_store
 [[ -d $store ]] || timeout 300 .venv/bin/pets create $store t --count 128 --backbone bert-base \
   --pet bitfit,diff_pruning,maskbert,adapter,lora,ia3 | tail -1

@@ -11,14 +11,8 @@ out=${1:?usage: server_benchmarks.sh OUT [INSTANCES] [CONCURRENCY]}
 instances=${2:-2}
 conc=${3:-1,8,32,64,128,256}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PETS_OFFLINE=1
-rt=$(mktemp -d)
-tar -xJf .runtime/triton-runtime.tar.xz -C "$rt"
-export PETS_TRITON_RUNTIME=$rt
-bash build/setup_env.sh >"$out/setup.log" 2>&1 || { tail "$out/setup.log"; exit 1; }
-bash build/install_triton.sh >>"$out/setup.log" 2>&1 || { tail "$out/setup.log"; exit 1; }
-TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} PETOPS_CMAKE_ARGS=${PETOPS_CMAKE_ARGS:--DCMAKE_CUDA_ARCHITECTURES=90} \
-  PYTHON=${PYTHON:-python3} timeout 200 bash build/build_ops.sh 2>&1 | tail -2
+# shellcheck source=clients/h100/host_setup.sh
+source "$(dirname "${BASH_SOURCE[0]}")/host_setup.sh"
 store=var/h100_store repo=var/h100_repo
 [[ -d $store ]] || .venv/bin/pets create $store t --count 64 --backbone bert-base \
   --pet bitfit,diff_pruning,maskbert,adapter,lora,ia3 | tail -1
