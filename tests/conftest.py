@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/oracle.py
+from lifecycle_tasks import expected_outputs, make_versions
 
 from pets.backbone import default_checkpoint, load_backbone
 from pets.cli import DEMO_TASKS
@@ -85,3 +88,21 @@ def engine(task_store) -> Engine:
     eng = Engine.from_parameters({"TASK_STORE": str(task_store), "REFRESH_MS": "0"})
     assert not eng.load_errors, eng.load_errors
     return eng
+
+
+@pytest.fixture(scope="module")
+def versions(backbone: Any) -> list[Any]:
+    """The task versions the lifecycle tests register, update and unregister."""
+    return make_versions(backbone)
+
+
+@pytest.fixture(scope="module")
+def expected(versions: list[Any], tmp_path_factory: pytest.TempPathFactory) -> list[np.ndarray]:
+    """Each version's outputs for ``IDS`` from a fresh engine."""
+    ref = Engine.from_parameters(
+        {"TASK_STORE": str(tmp_path_factory.mktemp("ref")), "REFRESH_MS": "0"}
+    )
+    try:
+        return expected_outputs(ref, versions)
+    finally:
+        ref.close()

@@ -18,9 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from lifecycle_tasks import (
-    expected_outputs,
-    make_versions,
+from lifecycle_tasks import (  # fixtures versions, expected: tests/conftest.py
     named,
     pool_usage,
     request,
@@ -35,22 +33,6 @@ from pets.taskstore import delete_task, write_task
 CYCLES = int(os.environ.get("PETS_LIFECYCLE_CYCLES", "1000"))
 LANES = 10  # cycles in flight at once (one request each per execute)
 VISIBLE_S = 1.0  # the promise: every instance sees a change within a second
-
-
-@pytest.fixture(scope="module")
-def versions(backbone: Any) -> list[Any]:
-    return make_versions(backbone)
-
-
-@pytest.fixture(scope="module")
-def expected(versions: list[Any], tmp_path_factory: pytest.TempPathFactory) -> list[np.ndarray]:
-    ref = Engine.from_parameters(
-        {"TASK_STORE": str(tmp_path_factory.mktemp("ref")), "REFRESH_MS": "0"}
-    )
-    try:
-        return expected_outputs(ref, versions)
-    finally:
-        ref.close()
 
 
 def _refused(out: Any) -> bool:

@@ -23,12 +23,16 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from lifecycle_tasks import IDS, expected_outputs, make_versions, named, wait_until_visible, which
+from lifecycle_tasks import (  # fixtures versions, expected: tests/conftest.py
+    IDS,
+    named,
+    wait_until_visible,
+    which,
+)
 from pets_client import admin_inputs, build_inputs, client_module
 from tritonclient.utils import InferenceServerException
 
 from pets.admin import safetensors_bytes
-from pets.engine import Engine
 from pets.metrics import parse_prometheus
 from pets.taskstore import write_task
 
@@ -40,22 +44,6 @@ CYCLES = int(os.environ.get("PETS_SERVER_CYCLES", "100"))
 LANES = 5  # cycles in flight at once
 VISIBLE_S = 1.0
 STABLE = ("stable0", "stable1")  # versions 0 and 1 under fixed names
-
-
-@pytest.fixture(scope="module")
-def versions(backbone: Any) -> list[Any]:
-    return make_versions(backbone)
-
-
-@pytest.fixture(scope="module")
-def expected(versions: list[Any], tmp_path_factory: pytest.TempPathFactory) -> list[np.ndarray]:
-    ref = Engine.from_parameters(
-        {"TASK_STORE": str(tmp_path_factory.mktemp("ref")), "REFRESH_MS": "0"}
-    )
-    try:
-        return expected_outputs(ref, versions)
-    finally:
-        ref.close()
 
 
 @pytest.fixture(scope="module")
