@@ -202,3 +202,13 @@ def test_beta_by_type_matches_per_type_calls():
         beta_by_type(CostLattice(linear_table()), names, which, frac, 16),
         beta_by_type(linear_table(), names, which, frac, 16),
     )
+
+
+def test_cost_lattice_keeps_one_stack_over_all_types():
+    lat = CostLattice(AnalyticModel.for_device("cuda"))
+    for names in (["lora"], ["adapter", "lora"], ["bitfit", "lora", "maskbert"], ["lora"]):
+        which = np.arange(len(names))
+        got = beta_by_type(lat, names, which, np.full(len(names), 4.0), 32.0)
+        want = [float(lat.model.beta(n, 4.0, 32.0)) for n in names]
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert lat._stack is not None and lat._stack.shape[0] == 4  # one row per type seen

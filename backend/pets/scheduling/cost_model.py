@@ -301,7 +301,8 @@ class CostLattice:
         self.model = model
         self.max_cells = max_cells
         self._grids: dict[str | None, FArray] = {}  # None: alpha; a pet type: its beta
-        self._stacks: dict[tuple[str, ...], FArray] = {}  # beta lattices of several types
+        self._stack: FArray | None = None  # [K, S, L] beta lattices of _stack_kinds
+        self._stack_kinds: list[str] = []
 
     @staticmethod
     def _index(batch: ArrayLike, seq_len: ArrayLike) -> tuple[Any, Any, int, int] | None:
@@ -352,20 +353,25 @@ class CostLattice:
         ix = self._index(batch, seq_len)
         if ix is None:
             return None
-        key = tuple(pet_types)
-        grids = [self._grid(t, ix[2], ix[3]) for t in key]
-        if any(g is None for g in grids):
+        if any(self._grid(t, ix[2], ix[3]) is None for t in pet_types):
             return None
-        rows = max(g.shape[0] for g in grids)  # type: ignore[union-attr]
-        cols = max(g.shape[1] for g in grids)  # type: ignore[union-attr]
-        stack = self._stacks.get(key)
-        if stack is None or stack.shape[1:] != (rows, cols):
-            grids = [self._grid(t, rows, cols) for t in key]  # same extent for all
+        # One stack over every type seen so far (bounded by the number of PET types), in a
+        # fixed order; rebuilt when a type is new or a lattice has grown.
+        kinds = [k for k in self._grids if k is not None]
+        rows = max(self._grids[k].shape[0] for k in kinds)
+        cols = max(self._grids[k].shape[1] for k in kinds)
+        if (
+            self._stack is None
+            or self._stack_kinds != kinds
+            or self._stack.shape[1:] != (rows, cols)
+        ):
+            grids = [self._grid(k, rows, cols) for k in kinds]  # same extent for all
             if any(g is None for g in grids):
                 return None
-            stack = np.stack(grids)  # type: ignore[arg-type]
-            self._stacks[key] = stack
-        return np.asarray(stack[np.asarray(which), ix[0], ix[1]], dtype=np.float64)
+            self._stack = np.stack(grids)  # type: ignore[arg-type]
+            self._stack_kinds = kinds
+        pos = np.array([kinds.index(t) for t in pet_types], dtype=np.intp)
+        return np.asarray(self._stack[pos[np.asarray(which)], ix[0], ix[1]], dtype=np.float64)
 
     def alpha(self, batch: ArrayLike, seq_len: ArrayLike) -> FArray:
         out = self._gather(None, batch, seq_len)
