@@ -1,7 +1,8 @@
 """PetS Fig. 12, online: every policy served by a real tritonserver, driven by perf_analyzer.
 
 One model repository holds one model per policy (``pets_<policy>``, same backbone, task
-store and batcher; only ``SCHEDULER`` differs), so one ``build/serve.sh`` start serves them
+store and batcher; only ``SCHEDULER`` differs; per-task metrics are off, ``METRICS=0``, so
+six models do not each publish per-task series), so one ``build/serve.sh`` start serves them
 all (set-up skipped: run ``make triton`` once). Each policy is measured in turn with
 perf_analyzer (gRPC, async, fixed concurrency) over a query pool whose lengths follow
 N(mean, std) clipped to [1, 128] and whose tasks are uniform over the first N tasks of the
