@@ -1,10 +1,17 @@
 // CUDA kernel for seg_spmm: y[rows] += x[rows] @ S_i.T with S_i in CSR over output rows.
 //
-// Unit = (item, TM-token tile). The tile's x rows are staged transposed ([K][TM] floats) in
-// shared memory; each thread owns output rows o and walks their CSR non-zeros, updating TM
-// tokens per non-zero with one broadcast-free vector read. Each (token, o) has one owner, so
-// there are no atomics. Items sharing a segment must not be given (see ops.py).
+// Unit = (item, TM-token tile). The tile's x rows are staged transposed ([K][TM]) in shared
+// memory: float32 inputs as float, 16-bit inputs as they are (half the shared-memory bytes
+// per non-zero, which is what bounds the walk). Each thread owns output rows
+// o and walks their CSR non-zeros kUnroll at a time: the index loads, then the value (or
+// shared-weight) gathers, are issued together so the walk is not one dependent load chain per
+// non-zero. Every non-zero updates TM tokens from one contiguous shared-memory row. Each
+// (token, o) has one owner, so there are no atomics. Items sharing a segment must not be
+// given (see ops.py).
 #include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
 
 #include "common.cuh"
 #include "prepare.h"
@@ -13,18 +20,39 @@ namespace petops {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kUnroll = 4;                    // CSR non-zeros in flight per thread
+constexpr int kDefaultTM = 16;                // token-tile cap
 constexpr int64_t kMaxTileBytes = 96 * 1024;  // staged x tile; opt-in shared memory on sm_80+
 
-template <typename T, int TM>
+// acc[m] += v * xr[m] for m < TM, reading xr (16-byte aligned) in 16-byte vectors.
+template <int TM, typename XS>
+__device__ __forceinline__ void axpy_row(float (&acc)[TM], float v, const XS* __restrict__ xr) {
+  constexpr int V = 16 / sizeof(XS);
+  if constexpr (TM % V == 0) {
+#pragma unroll
+    for (int m = 0; m < TM; m += V) {
+      alignas(16) XS xv[V];
+      *reinterpret_cast<uint4*>(xv) = *reinterpret_cast<const uint4*>(xr + m);
+#pragma unroll
+      for (int q = 0; q < V; ++q) acc[m + q] += v * to_f(xv[q]);
+    }
+  } else {
+#pragma unroll
+    for (int m = 0; m < TM; ++m) acc[m] += v * to_f(xr[m]);
+  }
+}
+
+// XS: element type of the staged x tile (float, or T itself for 16-bit T).
+template <typename T, typename XS, int TM>
 __global__ void __launch_bounds__(kThreads)
     seg_spmm_kernel(T* __restrict__ y, const T* __restrict__ x, const int* __restrict__ seg_indptr,
                     const int* __restrict__ item_seg, const int64_t* __restrict__ rowptr_off,
                     const int64_t* __restrict__ rowptr, const int* __restrict__ indices,
                     const T* __restrict__ values, const T* __restrict__ dense_w, float alpha,
                     int n_items, int n_out, int k_dim) {
-  extern __shared__ __align__(16) float smem[];
-  float* xs = smem;                                            // [k_dim][TM]
-  int* prefix = reinterpret_cast<int*>(smem + static_cast<int64_t>(k_dim) * TM);  // [I + 1]
+  extern __shared__ __align__(16) char smem[];
+  XS* xs = reinterpret_cast<XS*>(smem);  // [k_dim][TM]
+  int* prefix = reinterpret_cast<int*>(smem + static_cast<int64_t>(k_dim) * TM * sizeof(XS));
   __shared__ int scratch[32];
   const int total = build_unit_prefix(prefix, n_items, [&](int i) {
     const int s = item_seg[i];
@@ -38,7 +66,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();  // previous unit's tile fully consumed
     for (int e = threadIdx.x; e < TM * k_dim; e += kThreads) {
       const int m = e / k_dim, k = e % k_dim;
-      xs[k * TM + m] = m < len ? to_f(x[(row0 + m) * k_dim + k]) : 0.f;
+      xs[k * TM + m] = m < len ? static_cast<XS>(x[(row0 + m) * k_dim + k]) : XS(0.f);
     }
     __syncthreads();
     const int64_t* rp = rowptr + rowptr_off[i];
@@ -46,25 +74,24 @@ __global__ void __launch_bounds__(kThreads)
       float acc[TM];
 #pragma unroll
       for (int m = 0; m < TM; ++m) acc[m] = 0.f;
+      const T* wrow = dense_w ? dense_w + static_cast<int64_t>(o) * k_dim : nullptr;
+      int64_t p = rp[o];
       const int64_t p1 = rp[o + 1];
-      for (int64_t p = rp[o]; p < p1; ++p) {
+      for (; p + kUnroll <= p1; p += kUnroll) {
+        int k[kUnroll];
+        float v[kUnroll];
+#pragma unroll
+        for (int q = 0; q < kUnroll; ++q) k[q] = indices[p + q];
+#pragma unroll
+        for (int q = 0; q < kUnroll; ++q)
+          v[q] = values ? to_f(values[p + q]) : alpha * to_f(wrow[k[q]]);
+#pragma unroll
+        for (int q = 0; q < kUnroll; ++q) axpy_row<TM>(acc, v[q], xs + k[q] * TM);
+      }
+      for (; p < p1; ++p) {
         const int k = indices[p];
-        const float v = values ? to_f(values[p])
-                               : alpha * to_f(dense_w[static_cast<int64_t>(o) * k_dim + k]);
-        const float* xr = xs + k * TM;
-        if constexpr (TM % 4 == 0) {
-#pragma unroll
-          for (int m = 0; m < TM; m += 4) {
-            const float4 xv = *reinterpret_cast<const float4*>(xr + m);
-            acc[m] += v * xv.x;
-            acc[m + 1] += v * xv.y;
-            acc[m + 2] += v * xv.z;
-            acc[m + 3] += v * xv.w;
-          }
-        } else {
-#pragma unroll
-          for (int m = 0; m < TM; ++m) acc[m] += v * xr[m];
-        }
+        const float v = values ? to_f(values[p]) : alpha * to_f(wrow[k]);
+        axpy_row<TM>(acc, v, xs + k * TM);
       }
 #pragma unroll
       for (int m = 0; m < TM; ++m) {
@@ -77,12 +104,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T, int TM>
+template <typename T, typename XS, int TM>
 void launch_seg_spmm(const GroupedArgs& a, double alpha, cudaStream_t stream) {
   const int64_t n_tok = a.y.size(0), n_out = a.y.size(1), k_dim = a.x.size(1);
   const int n_items = static_cast<int>(a.num_items);
-  const size_t smem = k_dim * TM * sizeof(float) + (n_items + 1) * sizeof(int);
-  auto kernel = seg_spmm_kernel<T, TM>;
+  const size_t smem = k_dim * TM * sizeof(XS) + (n_items + 1) * sizeof(int);
+  auto kernel = seg_spmm_kernel<T, XS, TM>;
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
@@ -96,6 +123,18 @@ void launch_seg_spmm(const GroupedArgs& a, double alpha, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename T, typename XS>
+void run_seg_spmm(const GroupedArgs& a, double alpha, int tm, cudaStream_t stream) {
+  switch (tm) {
+    case 32: launch_seg_spmm<T, XS, 32>(a, alpha, stream); break;
+    case 16: launch_seg_spmm<T, XS, 16>(a, alpha, stream); break;
+    case 8: launch_seg_spmm<T, XS, 8>(a, alpha, stream); break;
+    case 4: launch_seg_spmm<T, XS, 4>(a, alpha, stream); break;
+    case 2: launch_seg_spmm<T, XS, 2>(a, alpha, stream); break;
+    default: launch_seg_spmm<T, XS, 1>(a, alpha, stream); break;
+  }
+}
+
 void seg_spmm_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tensor& seg_indptr,
                    const at::Tensor& item_seg, const at::Tensor& item_rowptr_off,
                    const at::Tensor& rowptr, const at::Tensor& indices, const OptTensor& values,
@@ -107,21 +146,27 @@ void seg_spmm_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tensor& s
   const c10::cuda::CUDAGuard guard(a.y.device());
   const int64_t k_dim = a.x.size(1);
   if (a.y.numel() == 0 || a.num_items == 0) return;
-  // Largest token tile whose transposed x block fits the staged-tile budget.
-  int tm = 16;
-  while (tm > 1 && k_dim * tm * static_cast<int64_t>(sizeof(float)) > kMaxTileBytes) tm /= 2;
-  PETOPS_CHECK(k_dim * tm * static_cast<int64_t>(sizeof(float)) <= kMaxTileBytes,
-              "seg_spmm: input width K=", k_dim, " exceeds the CUDA kernel limit of ",
-              kMaxTileBytes / sizeof(float), " columns");
+  // 16-bit inputs are staged as they are: the walk is bound by shared-memory reads, and half
+  // the bytes per token beat skipping the conversions (H100, bert-base MaskBERT site: 104 vs
+  // 195 us at 64 segments). PETOPS_SPMM_STAGE=float stages them as float (A/B timing).
+  const char* stage_env = std::getenv("PETOPS_SPMM_STAGE");
+  const bool stage16 = a.x.element_size() == 2 && (stage_env == nullptr || stage_env[0] != 'f');
+  // Largest token tile whose transposed x block fits the staged-tile budget: up to kDefaultTM
+  // tokens (PETOPS_SPMM_TM=1..32 overrides the cap, for tuning).
+  const int64_t bytes = stage16 ? 2 : 4;
+  int tm = kDefaultTM;
+  if (const char* env = std::getenv("PETOPS_SPMM_TM")) tm = std::clamp(std::atoi(env), 1, 32);
+  while ((tm & (tm - 1)) != 0) tm &= tm - 1;  // a power of two
+  while (tm > 1 && k_dim * tm * bytes > kMaxTileBytes) tm /= 2;
+  PETOPS_CHECK(k_dim * tm * bytes <= kMaxTileBytes, "seg_spmm: input width K=", k_dim,
+              " exceeds the CUDA kernel limit of ", kMaxTileBytes / bytes,
+              " columns; split the input columns over several calls");
   auto stream = at::cuda::getCurrentCUDAStream();
   PETOPS_DISPATCH_FLOATS(a.y.scalar_type(), "seg_spmm", [&] {
-    switch (tm) {
-      case 16: launch_seg_spmm<scalar_t, 16>(a, alpha, stream); break;
-      case 8: launch_seg_spmm<scalar_t, 8>(a, alpha, stream); break;
-      case 4: launch_seg_spmm<scalar_t, 4>(a, alpha, stream); break;
-      case 2: launch_seg_spmm<scalar_t, 2>(a, alpha, stream); break;
-      default: launch_seg_spmm<scalar_t, 1>(a, alpha, stream); break;
+    if constexpr (sizeof(scalar_t) == 2) {
+      if (stage16) return run_seg_spmm<scalar_t, scalar_t>(a, alpha, tm, stream);
     }
+    run_seg_spmm<scalar_t, float>(a, alpha, tm, stream);
   });
 }
 
