@@ -2,7 +2,7 @@
 // float16 and bfloat16. Same work units and device-side scheduling as the CUDA-core kernels in
 // sgmv.cu (per-block shared prefix of unit counts, no host sync), with larger tiles:
 //   shrink: unit = (item, 64-token tile); N = the item's rank rounded up to 16/32/64/128;
-//           K (input dim) streamed in 64-wide chunks through a 3-stage cp.async pipeline.
+//           K (input dim) streamed in 64-wide chunks through a 4-stage cp.async pipeline.
 //   expand: unit = (item, 64-token tile, 128-column tile); K = rank in 32-wide chunks.
 // Operands are staged in shared memory as raw 16-bit values, [rows][BK + 8] (80/144-byte row
 // strides: conflict-free fragment loads). 16-byte cp.async copies are used when the operand's
@@ -27,7 +27,7 @@ namespace tc {
 constexpr int kThreads = 128;  // 4 warps
 constexpr int kBM = 64;        // token rows per unit (16 per warp in shrink)
 constexpr int kShrinkBK = 64;
-constexpr int kShrinkStages = 3;
+constexpr int kShrinkStages = 4;
 constexpr int kExpandBK = 32;
 constexpr int kExpandStages = 2;
 constexpr int kExpandBN = 128;  // output columns per unit (32 per warp)
