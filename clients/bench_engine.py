@@ -4,7 +4,10 @@ For one backbone/dtype/device, times one engine forward of ``--batch`` sequences
 ``--seq-len`` tokens spread over ``--tasks`` tasks, for: the backbone alone (``none`` tasks:
 shared ops + epilogues, no shadow work), each PET type alone, and a uniform mix of all
 types; with the grouped ops, and optionally PetS's multi-stream mode. Prints CSV and writes
-``engine_bench.csv`` / ``engine_bench.json`` under ``--out``.
+``engine_bench.csv`` / ``engine_bench.json`` under ``--out``. On CUDA, ``--profile`` adds the
+device time of one forward (``gpu_ms_per_batch``, the sum of its kernels: far below
+``ms_per_batch`` means the forward is bound by host dispatch) and writes each config's kernels
+to ``engine_kernels.csv``.
 
     python clients/bench_engine.py --backbone bert-base --device cuda:0 --dtype float16
 """
@@ -29,8 +32,8 @@ from pets.profiling import EngineProbe, time_fn
 MIX = ("bitfit", "diff_pruning", "maskbert", "adapter", "lora", "ia3")
 
 
-def run(args: argparse.Namespace) -> list[dict]:
-    rows = []
+def run(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    rows, kernels = [], []
     for streams in args.streams:
         store = tempfile.mkdtemp(prefix="pets-bench-")
         engine = Engine.from_parameters(
@@ -65,6 +68,22 @@ def run(args: argparse.Namespace) -> list[dict]:
                 warmup=3,
                 repeat=args.iters,
             )
+            gpu_ms = None
+            if args.profile and engine.device.type == "cuda":
+                from op_kernels import kernel_times
+
+                per_kernel = kernel_times(lambda b=batch, e=engine: e.encoder.forward(b), 3)
+                gpu_ms = round(sum(us for _, us in per_kernel.values()) / 1e3, 3)
+                for name, (n, us) in sorted(per_kernel.items(), key=lambda kv: -kv[1][1]):
+                    kernels.append(
+                        {
+                            "shadow_streams": streams,
+                            "config": label,
+                            "kernel": name[:90],
+                            "launches_per_batch": round(n, 2),
+                            "us_per_batch": round(us, 2),
+                        }
+                    )
             seq_s = args.batch / sec
             base = seq_s if label == "backbone_only" else base
             rows.append(
@@ -79,6 +98,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     "seq_len": args.seq_len,
                     "distinct_tasks": distinct,
                     "ms_per_batch": round(sec * 1e3, 3),
+                    "gpu_ms_per_batch": gpu_ms,
                     "seq_per_s": round(seq_s, 1),
                     "vs_backbone": round(seq_s / base, 3) if base else None,
                     "task_load_s": round(load_s, 2),
@@ -89,7 +109,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         del engine, probe
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return rows
+    return rows, kernels
 
 
 def _device_name(device: torch.device) -> str:
@@ -113,9 +133,10 @@ def main() -> int:
         default=[0],
         help="SHADOW_STREAMS values to compare (0 = grouped ops)",
     )
+    p.add_argument("--profile", action="store_true", help="CUDA: add per-kernel device time")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    rows = run(args)
+    rows, kernels = run(args)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -124,6 +145,11 @@ def main() -> int:
             w.writeheader()
             w.writerows(rows)
         (out / "engine_bench.json").write_text(json.dumps(rows, indent=2))
+        if kernels:
+            with (out / "engine_kernels.csv").open("w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=list(kernels[0]))
+                w.writeheader()
+                w.writerows(kernels)
     return 0
 
 
