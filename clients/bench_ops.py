@@ -3,7 +3,11 @@
 For 1/8/64/256 segments (random lengths 16-128, one distinct task each) and bert-base shapes,
 each PET site is timed three ways: the grouped op (one launch for all tasks), a per-task
 Python loop of plain torch ops, and the shared GEMM of that site (``x @ W.T`` over all tokens);
-the PET-op cost is reported as a share of the GEMM. On CUDA the per-task loop is also spread
+the PET-op cost is reported as a share of the GEMM. Sites: LoRA r=16 on one H x H projection
+(``lora_r16``) and on query+value at the fused QKV GEMM (``lora_qv_r16_qkv``, PEFT's default
+for BERT); a bottleneck adapter r=64 against the attention-output (H x H) and the FFN-output
+(4H -> H) GEMMs it follows; BitFit's bias+GELU (FFN up) and bias+residual+LayerNorm (FFN
+down); Diff-Pruning 1% and MaskBERT 5% on an H x H weight. On CUDA the per-task loop is also spread
 round-robin over N streams (PetS's multi-stream option). Prints CSV; writes CSV + PNG to --out.
 
 Two clocks on CUDA: ``ms`` brackets one eager call with events, so it includes the host's
@@ -186,6 +190,58 @@ def lora_like(b: Batch, rank: int, hidden: int, dev, dtype, adapter: bool):
     return grouped, [task(i) for i in range(n)], None, floor
 
 
+def lora_qv(b: Batch, rank: int, hidden: int, dev, dtype):
+    """LoRA on query and value (PEFT's default for BERT) at the fused QKV site ``[T, 3H]``:
+    one shrink item per segment over the stacked ``[A_q; A_v]`` (rank ``2r``), two expand items
+    writing the q and v column blocks."""
+    n = len(b.rows)
+    a = torch.randn(n, 2 * rank, hidden, device=dev, dtype=dtype) * hidden**-0.5
+    bm = torch.randn(n, 2, hidden, rank, device=dev, dtype=dtype) * rank**-0.5
+    y = torch.zeros(b.tokens, 3 * hidden, device=dev, dtype=dtype)
+    ar = torch.arange(n, device=dev, dtype=torch.int64)
+    i32 = dict(device=dev, dtype=torch.int32)
+    rank2 = torch.full((n,), 2 * rank, **i32)
+    seg2 = torch.cat([b.seg, b.seg])
+    b_off = torch.cat([ar * 2 + 0, ar * 2 + 1]) * hidden * rank
+    e_rank = torch.full((2 * n,), rank, **i32)
+    in_off = torch.cat([torch.zeros(n, **i32), torch.full((n,), rank, **i32)])
+    out_off = torch.cat([torch.zeros(n, **i32), torch.full((n,), 2 * hidden, **i32)])
+    out_dim, scale = torch.full((2 * n,), hidden, **i32), torch.ones(2 * n, device=dev)
+    a_flat, bm_flat = a.view(-1), bm.view(-1)
+
+    def grouped() -> None:
+        tmp = ops.sgmv_shrink(
+            b.x, a_flat, b.indptr, b.seg, ar * 2 * rank * hidden, rank2, None, None, 0, 2 * rank
+        )
+        ops.sgmv_expand(
+            y,
+            tmp,
+            bm_flat,
+            b.indptr,
+            seg2,
+            b_off,
+            e_rank,
+            in_off,
+            out_off,
+            out_dim,
+            scale,
+            None,
+            None,
+        )
+
+    def task(i: int) -> Callable[[], None]:
+        r = b.rows[i]
+
+        def run() -> None:
+            h = b.x[r] @ a[i].T
+            y[r, :hidden] += h[:, :rank] @ bm[i, 0].T
+            y[r, 2 * hidden :] += h[:, rank:] @ bm[i, 1].T
+
+        return run
+
+    return grouped, [task(i) for i in range(n)], None, None
+
+
 def bitfit_ffn(b: Batch, ffn: int, dev, dtype):
     n = len(b.rows)
     y = torch.randn(b.tokens, ffn, device=dev, dtype=dtype)
@@ -272,14 +328,19 @@ def run(args: argparse.Namespace) -> list[dict]:
     for n_seg in args.segments:
         b = Batch(n_seg, args.lengths, args.hidden, dev, dtype, g)
         w_h = torch.randn(args.hidden, args.hidden, device=dev, dtype=dtype)
+        w_qkv = torch.randn(3 * args.hidden, args.hidden, device=dev, dtype=dtype)
         w_up = torch.randn(args.ffn, args.hidden, device=dev, dtype=dtype)
         x_ffn = torch.randn(b.tokens, args.ffn, device=dev, dtype=dtype)
         gemm_h = t(lambda: b.x @ w_h.T)  # noqa: B023
+        gemm_qkv = t(lambda: b.x @ w_qkv.T)  # noqa: B023
         gemm_up = t(lambda: b.x @ w_up.T)  # noqa: B023
         gemm_down = t(lambda: x_ffn @ w_up)  # noqa: B023  [T, FFN] @ [FFN, H]
         sites = {
             "lora_r16": (*lora_like(b, 16, args.hidden, dev, dtype, False), gemm_h),
+            "lora_qv_r16_qkv": (*lora_qv(b, 16, args.hidden, dev, dtype), gemm_qkv),
             "adapter_r64": (*lora_like(b, 64, args.hidden, dev, dtype, True), gemm_h),
+            # the same adapter against the FFN-output site's GEMM (Houlsby/Pfeiffer placement)
+            "adapter_r64_ffn_out": (*lora_like(b, 64, args.hidden, dev, dtype, True), gemm_down),
             "bitfit_bias_gelu": (*bitfit_ffn(b, args.ffn, dev, dtype), gemm_up),
             "bitfit_bias_res_ln": (*bitfit_ln(b, args.hidden, dev, dtype), gemm_down),
             "diff_1pct": (*sparse_site(b, args.hidden, 0.01, False, dev, dtype), gemm_h),

@@ -17,7 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from bench_ops import Batch, bitfit_ffn, bitfit_ln, lora_like, sparse_site
+from bench_ops import Batch, bitfit_ffn, bitfit_ln, lora_like, lora_qv, sparse_site
 from torch.profiler import ProfilerActivity, profile
 
 FIELDS = ["segments", "tokens", "site", "kernel", "launches_per_call", "us_per_call"]
@@ -48,6 +48,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--ffn", type=int, default=3072)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--sites", default=None, help="comma list of sites to run (default all)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
     dev, dtype = torch.device("cuda"), torch.float16
@@ -58,6 +59,7 @@ def main() -> None:
         b = Batch(n_seg, lens, a.hidden, dev, dtype, g)  # type: ignore[arg-type]
         sites = {
             "lora_r16": lora_like(b, 16, a.hidden, dev, dtype, False)[0],
+            "lora_qv_r16_qkv": lora_qv(b, 16, a.hidden, dev, dtype)[0],
             "adapter_r64": lora_like(b, 64, a.hidden, dev, dtype, True)[0],
             "bitfit_bias_gelu": bitfit_ffn(b, a.ffn, dev, dtype)[0],
             "bitfit_bias_res_ln": bitfit_ln(b, a.hidden, dev, dtype)[0],
@@ -65,6 +67,8 @@ def main() -> None:
             "mask_5pct": sparse_site(b, a.hidden, 0.05, True, dev, dtype)[0],
         }
         for site, fn in sites.items():
+            if a.sites and site not in a.sites.split(","):
+                continue
             for name, (n, us) in sorted(
                 kernel_times(fn, a.iters).items(), key=lambda kv: -kv[1][1]
             ):
