@@ -207,12 +207,10 @@ def lora_qv(b: Batch, rank: int, hidden: int, dev, dtype):
     in_off = torch.cat([torch.zeros(n, **i32), torch.full((n,), rank, **i32)])
     out_off = torch.cat([torch.zeros(n, **i32), torch.full((n,), 2 * hidden, **i32)])
     out_dim, scale = torch.full((2 * n,), hidden, **i32), torch.ones(2 * n, device=dev)
-    a_flat, bm_flat = a.view(-1), bm.view(-1)
+    a_flat, bm_flat, a_off = a.view(-1), bm.view(-1), ar * 2 * rank * hidden
 
     def grouped() -> None:
-        tmp = ops.sgmv_shrink(
-            b.x, a_flat, b.indptr, b.seg, ar * 2 * rank * hidden, rank2, None, None, 0, 2 * rank
-        )
+        tmp = ops.sgmv_shrink(b.x, a_flat, b.indptr, b.seg, a_off, rank2, None, None, 0, 2 * rank)
         ops.sgmv_expand(
             y,
             tmp,
