@@ -18,23 +18,76 @@ namespace {
 constexpr int kRowsPerBlock = 8;  // one warp per token row: many rows in flight per SM
 constexpr int kRowThreads = 32 * kRowsPerBlock;
 
+// The token row t of this warp (t = -1 past the last row), its lane, segment and element
+// offset t * n.
+struct WarpRow {
+  int t, lane, s;
+  int64_t row;
+};
+
+__device__ __forceinline__ WarpRow warp_row(const int* __restrict__ seg_indptr, int n_tok,
+                                            int n_seg, int n) {
+  const int t = blockIdx.x * kRowsPerBlock + (threadIdx.x >> 5);
+  if (t >= n_tok) return {-1, 0, 0, 0};
+  return {t, static_cast<int>(threadIdx.x & 31), upper_slot(seg_indptr, n_seg, t),
+          static_cast<int64_t>(t) * n};
+}
+
+// V = 16 / sizeof(T) values moved as one 16-byte word.
 template <typename T>
+struct Pack {
+  static constexpr int V = 16 / sizeof(T);
+  alignas(16) T v[V];
+};
+
+template <typename T>
+__device__ __forceinline__ Pack<T> load_pack(const T* __restrict__ p) {
+  Pack<T> r;
+  *reinterpret_cast<uint4*>(r.v) = __ldg(reinterpret_cast<const uint4*>(p));
+  return r;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pack(T* __restrict__ p, const Pack<T>& r) {
+  *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(r.v);
+}
+
+// VEC: n is a whole number of packs and every tensor is 16-byte aligned (vec_ok).
+template <typename T, bool VEC>
 __global__ void __launch_bounds__(kRowThreads)
     bias_act_kernel(const T* __restrict__ y, const T* __restrict__ bias,
                     const T* __restrict__ scale, const int* __restrict__ seg_indptr,
                     const int* __restrict__ seg_bias, const int* __restrict__ seg_scale,
                     T* __restrict__ out, int n_tok, int n_seg, int n, int act) {
-  const int t = blockIdx.x * kRowsPerBlock + (threadIdx.x >> 5);
-  if (t >= n_tok) return;
-  const int lane = threadIdx.x & 31;
-  const int s = upper_slot(seg_indptr, n_seg, t);
-  const int64_t row = static_cast<int64_t>(t) * n;
-  const T* b = bias + static_cast<int64_t>(seg_bias[s]) * n;
-  const T* sc = scale ? scale + static_cast<int64_t>(seg_scale[s]) * n : nullptr;
-  for (int c = lane; c < n; c += 32) {
-    float v = apply_act(to_f(y[row + c]) + to_f(b[c]), act);
-    if (sc) v *= to_f(sc[c]);
-    out[row + c] = from_f<T>(v);
+  const WarpRow w = warp_row(seg_indptr, n_tok, n_seg, n);
+  if (w.t < 0) return;
+  const int64_t row = w.row;
+  const T* b = bias + static_cast<int64_t>(seg_bias[w.s]) * n;
+  const T* sc = scale ? scale + static_cast<int64_t>(seg_scale[w.s]) * n : nullptr;
+  if constexpr (VEC) {
+    constexpr int V = Pack<T>::V;
+#pragma unroll 4
+    for (int c = w.lane * V; c < n; c += 32 * V) {
+      const Pack<T> yv = load_pack(y + row + c), bv = load_pack(b + c);
+      Pack<T> o;
+      if (sc) {
+        const Pack<T> sv = load_pack(sc + c);
+#pragma unroll
+        for (int q = 0; q < V; ++q)
+          o.v[q] = from_f<T>(apply_act(to_f(yv.v[q]) + to_f(bv.v[q]), act) * to_f(sv.v[q]));
+      } else {
+#pragma unroll
+        for (int q = 0; q < V; ++q)
+          o.v[q] = from_f<T>(apply_act(to_f(yv.v[q]) + to_f(bv.v[q]), act));
+      }
+      store_pack(out + row + c, o);
+    }
+  } else {
+    for (int c = w.lane; c < n; c += 32) {
+      float v = apply_act(to_f(y[row + c]) + to_f(b[c]), act);
+      if (sc) v *= to_f(sc[c]);
+      out[row + c] = from_f<T>(v);
+    }
   }
 }
 
@@ -49,11 +102,10 @@ __global__ void __launch_bounds__(kRowThreads)
                                    const int* __restrict__ seg_bias,
                                    const int* __restrict__ seg_ln, T* __restrict__ out,
                                    int n_tok, int n_seg, int n, float eps) {
-  const int t = blockIdx.x * kRowsPerBlock + (threadIdx.x >> 5);
-  if (t >= n_tok) return;
-  const int lane = threadIdx.x & 31;
-  const int s = upper_slot(seg_indptr, n_seg, t);
-  const int64_t row = static_cast<int64_t>(t) * n;
+  const WarpRow w = warp_row(seg_indptr, n_tok, n_seg, n);
+  if (w.t < 0) return;
+  const int lane = w.lane, s = w.s;
+  const int64_t row = w.row;
   const T* b = bias ? bias + static_cast<int64_t>(seg_bias[s]) * n : nullptr;
   auto h_at = [&](int c) {
     float v = to_f(y[row + c]);
@@ -76,59 +128,7 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-
-// ----------------------------------------------------------------------------- vector path
-
-// V = 16 / sizeof(T) values moved as one 16-byte word.
-template <typename T>
-struct Pack {
-  static constexpr int V = 16 / sizeof(T);
-  alignas(16) T v[V];
-};
-
-template <typename T>
-__device__ __forceinline__ Pack<T> load_pack(const T* __restrict__ p) {
-  Pack<T> r;
-  *reinterpret_cast<uint4*>(r.v) = __ldg(reinterpret_cast<const uint4*>(p));
-  return r;
-}
-
-template <typename T>
-__device__ __forceinline__ void store_pack(T* __restrict__ p, const Pack<T>& r) {
-  *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(r.v);
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kRowThreads)
-    bias_act_vec_kernel(const T* __restrict__ y, const T* __restrict__ bias,
-                        const T* __restrict__ scale, const int* __restrict__ seg_indptr,
-                        const int* __restrict__ seg_bias, const int* __restrict__ seg_scale,
-                        T* __restrict__ out, int n_tok, int n_seg, int n, int act) {
-  constexpr int V = Pack<T>::V;
-  const int t = blockIdx.x * kRowsPerBlock + (threadIdx.x >> 5);
-  if (t >= n_tok) return;
-  const int lane = threadIdx.x & 31;
-  const int s = upper_slot(seg_indptr, n_seg, t);
-  const int64_t row = static_cast<int64_t>(t) * n;
-  const T* b = bias + static_cast<int64_t>(seg_bias[s]) * n;
-  const T* sc = scale ? scale + static_cast<int64_t>(seg_scale[s]) * n : nullptr;
-#pragma unroll 4
-  for (int c = lane * V; c < n; c += 32 * V) {
-    const Pack<T> yv = load_pack(y + row + c), bv = load_pack(b + c);
-    Pack<T> o;
-    if (sc) {
-      const Pack<T> sv = load_pack(sc + c);
-#pragma unroll
-      for (int q = 0; q < V; ++q)
-        o.v[q] = from_f<T>(apply_act(to_f(yv.v[q]) + to_f(bv.v[q]), act) * to_f(sv.v[q]));
-    } else {
-#pragma unroll
-      for (int q = 0; q < V; ++q)
-        o.v[q] = from_f<T>(apply_act(to_f(yv.v[q]) + to_f(bv.v[q]), act));
-    }
-    store_pack(out + row + c, o);
-  }
-}
+// --------------------------------------------------- LayerNorm with the row in registers
 
 // Warp per row; the row (NP packs per lane, n <= NP * 32 * V) stays in registers between the
 // mean, the two-pass variance and the normalised output.
@@ -142,11 +142,10 @@ __global__ void __launch_bounds__(kRowThreads)
                                        const int* __restrict__ seg_ln, T* __restrict__ out,
                                        int n_tok, int n_seg, int n, float eps) {
   constexpr int V = Pack<T>::V;
-  const int t = blockIdx.x * kRowsPerBlock + (threadIdx.x >> 5);
-  if (t >= n_tok) return;
-  const int lane = threadIdx.x & 31;
-  const int s = upper_slot(seg_indptr, n_seg, t);
-  const int64_t row = static_cast<int64_t>(t) * n;
+  const WarpRow w = warp_row(seg_indptr, n_tok, n_seg, n);
+  if (w.t < 0) return;
+  const int lane = w.lane, s = w.s;
+  const int64_t row = w.row;
   const T* b = bias ? bias + static_cast<int64_t>(seg_bias[s]) * n : nullptr;
   float h[NP][V];
   float sum = 0.f;
@@ -257,7 +256,7 @@ at::Tensor bias_act_cuda(const at::Tensor& y, const at::Tensor& bias, const at::
   auto stream = at::cuda::getCurrentCUDAStream();
   const bool vec = vec_ok(n, a.y.element_size(), {&a.y, &a.bias, &a.scale, &out});
   PETOPS_DISPATCH_FLOATS(a.y.scalar_type(), "bias_act_cuda", [&] {
-    auto kernel = vec ? bias_act_vec_kernel<scalar_t> : bias_act_kernel<scalar_t>;
+    auto kernel = vec ? bias_act_kernel<scalar_t, true> : bias_act_kernel<scalar_t, false>;
     kernel<<<ceil_div(n_tok, kRowsPerBlock), kRowThreads, 0, stream>>>(
         a.y.data_ptr<scalar_t>(), a.bias.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(a.scale),
         a.seg_indptr.data_ptr<int>(), a.seg_bias.data_ptr<int>(), ptr_or_null<int>(a.seg_scale),
