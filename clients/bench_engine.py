@@ -33,6 +33,8 @@ MIX = ("bitfit", "diff_pruning", "maskbert", "adapter", "lora", "ia3")
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    if args.profile:
+        from op_kernels import kernel_times  # torch.profiler; only when asked
     rows, kernels = [], []
     for streams in args.streams:
         store = tempfile.mkdtemp(prefix="pets-bench-")
@@ -70,8 +72,6 @@ def run(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
             )
             gpu_ms = None
             if args.profile and engine.device.type == "cuda":
-                from op_kernels import kernel_times
-
                 per_kernel = kernel_times(lambda b=batch, e=engine: e.encoder.forward(b), 3)
                 gpu_ms = round(sum(us for _, us in per_kernel.values()) / 1e3, 3)
                 for name, (n, us) in sorted(per_kernel.items(), key=lambda kv: -kv[1][1]):

@@ -2,7 +2,7 @@
 //
 // Unit = (item, TM-token tile). The tile's x rows are staged transposed ([K][TM]) in shared
 // memory: float32 inputs as float, 16-bit inputs as they are (half the shared-memory bytes
-// per non-zero, which is what bounds the walk). Each thread owns output rows
+// per non-zero; the walk waits on the L1/shared-memory pipeline). Each thread owns output rows
 // o and walks their CSR non-zeros kUnroll at a time: the index loads, then the value (or
 // shared-weight) gathers, are issued together so the walk is not one dependent load chain per
 // non-zero. Every non-zero updates TM tokens from one contiguous shared-memory row. Each
@@ -146,9 +146,10 @@ void seg_spmm_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tensor& s
   const c10::cuda::CUDAGuard guard(a.y.device());
   const int64_t k_dim = a.x.size(1);
   if (a.y.numel() == 0 || a.num_items == 0) return;
-  // 16-bit inputs are staged as they are: the walk is bound by shared-memory reads, and half
-  // the bytes per token beat skipping the conversions (H100, bert-base MaskBERT site: 104 vs
-  // 195 us at 64 segments). PETOPS_SPMM_STAGE=float stages them as float (A/B timing).
+  // 16-bit inputs are staged as they are: half the shared-memory bytes per non-zero beat
+  // skipping the conversions (H100, bert-base MaskBERT site, 64 segments: 104 vs 195 us; the
+  // kernel mostly waits on L1/TEX, which serves shared memory too). PETOPS_SPMM_STAGE=float
+  // stages them as float (A/B timing).
   const char* stage_env = std::getenv("PETOPS_SPMM_STAGE");
   const bool stage16 = a.x.element_size() == 2 && (stage_env == nullptr || stage_env[0] != 'f');
   // Largest token tile whose transposed x block fits the staged-tile budget: up to kDefaultTM
