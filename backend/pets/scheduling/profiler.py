@@ -237,30 +237,15 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         default="cost_table.json",
         help="where to write the JSON cost table (default: %(default)s)",
     )
-    g.add_argument(
-        "--batch-sizes",
-        type=_int_list,
-        default=d.batch_sizes,
-        help=f"alpha batch sizes (default {j(map(str, d.batch_sizes))})",
-    )
-    g.add_argument(
-        "--seq-lens",
-        type=_int_list,
-        default=d.seq_lens,
-        help=f"sequence lengths (default {j(map(str, d.seq_lens))})",
-    )
-    g.add_argument(
-        "--total-tokens",
-        type=_int_list,
-        default=d.total_tokens,
-        help=f"packed total tokens (default {j(map(str, d.total_tokens))})",
-    )
-    g.add_argument(
-        "--beta-batch-sizes",
-        type=_int_list,
-        default=d.beta_batch_sizes,
-        help=f"beta batch sizes (default {j(map(str, d.beta_batch_sizes))})",
-    )
+    for flag, values, what in (
+        ("--batch-sizes", d.batch_sizes, "alpha batch sizes"),
+        ("--seq-lens", d.seq_lens, "sequence lengths"),
+        ("--total-tokens", d.total_tokens, "packed total tokens"),
+        ("--beta-batch-sizes", d.beta_batch_sizes, "beta batch sizes"),
+    ):
+        g.add_argument(
+            flag, type=_int_list, default=values, help=f"{what} (default {j(map(str, values))})"
+        )
     g.add_argument(
         "--pet-types",
         default=j(d.pet_types),
