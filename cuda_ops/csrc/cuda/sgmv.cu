@@ -180,59 +180,17 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T>
-struct MmaType;
-template <>
-struct MmaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct MmaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-// Tensor-core path for 16-bit inputs on sm_80+; PETOPS_SGMV_TC=0 forces the CUDA-core kernels
-// (checked per call, for A/B timing).
-bool use_tensor_cores(at::ScalarType st) {
-  if (st != at::kHalf && st != at::kBFloat16) return false;
-  const char* env = std::getenv("PETOPS_SGMV_TC");
-  if (env != nullptr && env[0] == '0') return false;
-  return at::cuda::getCurrentDeviceProperties()->major >= 8;
-}
-
-template <typename T>
-const tc::raw16* raw_or_null(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<const tc::raw16*>(t.data_ptr<T>()) : nullptr;
-}
-
-// Dynamic shared memory of a tensor-core kernel: the unit prefix, then the tile buffers.
-size_t tc_smem(int n_items, size_t tile_bytes) {
-  const size_t prefix = (static_cast<size_t>(n_items + 1) * sizeof(int) + tc::kSmemAlign - 1) /
-                        tc::kSmemAlign * tc::kSmemAlign;
-  return prefix + tile_bytes;
-}
-
-template <typename Kernel>
-int tc_prepare(Kernel kernel, size_t smem) {
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  }
-  const size_t per_sm = at::cuda::getCurrentDeviceProperties()->sharedMemPerMultiprocessor;
-  return static_cast<int>(std::max<size_t>(1, std::min<size_t>(8, per_sm / (smem + 1024))));
-}
-
 template <typename T, int RNMAX>
 void launch_shrink_tc(const GroupedArgs& a, at::Tensor& out, int n_items, int k_dim,
                       int max_rank, int act, cudaStream_t stream) {
-  using MT = typename MmaType<T>::type;
+  using MT = typename tc::MmaType<T>::type;
   auto kernel = tc::sgmv_shrink_tc_kernel<MT, RNMAX>;
-  const size_t smem = tc_smem(n_items, tc::shrink_tile_smem<RNMAX>());
-  const int bps = tc_prepare(kernel, smem);
+  const size_t smem = tc::tile_smem(n_items, tc::shrink_tile_smem<RNMAX>());
+  const int bps = tc::prepare_kernel(kernel, smem);
   const int grid = grouped_grid(ceil_div(a.x.size(0), tc::kBM) + n_items, bps);
   kernel<<<grid, tc::kThreads, smem, stream>>>(
       reinterpret_cast<const tc::raw16*>(a.x.data_ptr<T>()),
-      reinterpret_cast<const tc::raw16*>(a.w.data_ptr<T>()), raw_or_null<T>(a.bias),
+      reinterpret_cast<const tc::raw16*>(a.w.data_ptr<T>()), tc::raw_or_null<T>(a.bias),
       a.seg_indptr.data_ptr<int>(), a.item_seg.data_ptr<int>(), a.item_w_off.data_ptr<int64_t>(),
       a.item_rank.data_ptr<int>(), ptr_or_null<int64_t>(a.item_b_off),
       reinterpret_cast<tc::raw16*>(out.data_ptr<T>()),
@@ -257,17 +215,17 @@ void run_shrink_tc(const GroupedArgs& a, at::Tensor& out, int n_items, int k_dim
 
 template <typename T>
 void launch_expand_tc(const GroupedArgs& a, int n_items, int n_cols, cudaStream_t stream) {
-  using MT = typename MmaType<T>::type;
+  using MT = typename tc::MmaType<T>::type;
   auto kernel = tc::sgmv_expand_tc_kernel<MT>;
-  const size_t smem = tc_smem(n_items, tc::expand_tile_smem());
-  const int bps = tc_prepare(kernel, smem);
+  const size_t smem = tc::tile_smem(n_items, tc::expand_tile_smem());
+  const int bps = tc::prepare_kernel(kernel, smem);
   const int64_t bound = (ceil_div(a.y.size(0), tc::kBM) + n_items) *
                         ceil_div(n_cols, tc::kExpandBN);
   const int grid = grouped_grid(bound, bps);
   kernel<<<grid, tc::kThreads, smem, stream>>>(
       reinterpret_cast<tc::raw16*>(a.y.data_ptr<T>()),
       reinterpret_cast<const tc::raw16*>(a.x.data_ptr<T>()),
-      reinterpret_cast<const tc::raw16*>(a.w.data_ptr<T>()), raw_or_null<T>(a.bias),
+      reinterpret_cast<const tc::raw16*>(a.w.data_ptr<T>()), tc::raw_or_null<T>(a.bias),
       a.seg_indptr.data_ptr<int>(), a.item_seg.data_ptr<int>(), a.item_w_off.data_ptr<int64_t>(),
       a.item_rank.data_ptr<int>(), a.item_in_off.data_ptr<int>(), a.item_out_off.data_ptr<int>(),
       a.item_out_dim.data_ptr<int>(), a.item_scale.data_ptr<float>(),
@@ -292,7 +250,7 @@ at::Tensor sgmv_shrink_cuda(const at::Tensor& x, const at::Tensor& w, const at::
   if (n_tok == 0 || max_rank == 0 || a.num_items == 0) return out;
   const int n_items = static_cast<int>(a.num_items);
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (use_tensor_cores(a.x.scalar_type())) {
+  if (tc::enabled(a.x.scalar_type(), "PETOPS_SGMV_TC")) {
     AT_DISPATCH_SWITCH(a.x.scalar_type(), "sgmv_shrink_tc",
         AT_DISPATCH_CASE(at::kHalf, [&] {
           run_shrink_tc<scalar_t>(a, out, n_items, static_cast<int>(k_dim),
@@ -334,7 +292,7 @@ void sgmv_expand_cuda(const at::Tensor& y, const at::Tensor& tmp, const at::Tens
   if (n_tok == 0 || a.num_items == 0) return;
   const int n_items = static_cast<int>(a.num_items);
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (use_tensor_cores(a.y.scalar_type())) {
+  if (tc::enabled(a.y.scalar_type(), "PETOPS_SGMV_TC")) {
     AT_DISPATCH_SWITCH(a.y.scalar_type(), "sgmv_expand_tc",
         AT_DISPATCH_CASE(at::kHalf, [&] {
           launch_expand_tc<scalar_t>(a, n_items, static_cast<int>(n_cols), stream);
