@@ -27,4 +27,8 @@ TORCH_LIBRARY(petops, m) {
       "seg_spmm(Tensor(a!) y, Tensor x, Tensor seg_indptr, Tensor item_seg, "
       "Tensor item_rowptr_off, Tensor rowptr, Tensor indices, Tensor? values, "
       "Tensor? dense_w, float alpha) -> ()");
+  // Segmented dense x bit-masked shared weight accumulated into y (MaskBERT, dense masks).
+  m.def(
+      "seg_masked_mm(Tensor(a!) y, Tensor x, Tensor seg_indptr, Tensor item_seg, "
+      "Tensor item_mask_off, Tensor mask, Tensor dense_w, float alpha) -> ()");
 }

@@ -77,7 +77,8 @@ struct GroupedArgs {
   at::Tensor y, x, w, bias;                        // y: expand/spmm output; x: input rows
   at::Tensor seg_indptr, item_seg, item_w_off, item_rank, item_b_off;
   at::Tensor item_in_off, item_out_off, item_out_dim, item_scale;  // expand only
-  at::Tensor rowptr, indices, values, dense_w;                     // seg_spmm only
+  at::Tensor rowptr, indices, values, dense_w;  // seg_spmm; seg_masked_mm: dense_w
+  at::Tensor mask;                                // seg_masked_mm: int32 word pool
   int64_t num_items = 0;
 };
 
@@ -89,13 +90,14 @@ inline at::Tensor flat_pool(const at::Tensor& t, const at::Tensor& ref, const ch
 
 // Items shared by the three grouped ops: segment + weight offset per item.
 inline GroupedArgs prepare_items(const at::Tensor& ref, const at::Tensor& seg_indptr,
-                                 const at::Tensor& item_seg, const at::Tensor& item_w_off) {
+                                 const at::Tensor& item_seg, const at::Tensor& item_w_off,
+                                 const char* off_name = "item_w_off/item_rowptr_off") {
   const int64_t s = num_segments(seg_indptr);
   GroupedArgs a;
   a.seg_indptr = index(seg_indptr, at::kInt, ref, "seg_indptr", s + 1);
   a.item_seg = index(item_seg, at::kInt, ref, "item_seg", -1);
   a.num_items = a.item_seg.numel();
-  a.item_w_off = index(item_w_off, at::kLong, ref, "item_w_off/item_rowptr_off", a.num_items);
+  a.item_w_off = index(item_w_off, at::kLong, ref, off_name, a.num_items);
   return a;
 }
 
@@ -185,6 +187,37 @@ inline GroupedArgs prepare_spmm(const at::Tensor& y, const at::Tensor& x,
                 dense_w->sizes());
     a.dense_w = like(*dense_w, y, "dense_w", "y");
   }
+  return a;
+}
+
+// 32-bit mask words per weight row of a [N, K] bit mask.
+inline int64_t mask_words(int64_t k_dim) { return (k_dim + 31) / 32; }
+
+inline GroupedArgs prepare_masked(const at::Tensor& y, const at::Tensor& x,
+                                  const at::Tensor& seg_indptr, const at::Tensor& item_seg,
+                                  const at::Tensor& item_mask_off, const at::Tensor& mask,
+                                  const at::Tensor& dense_w) {
+  check_float(y, "y");
+  check_dim(y, 2, "y", "[T, N]");
+  PETOPS_CHECK(y.is_contiguous(), "y is updated in place and must be contiguous; pass "
+              "y.contiguous() and use the result");
+  check_dim(x, 2, "x", "[T, K]");
+  PETOPS_CHECK(x.size(0) == y.size(0), "x must have T = y.size(0) = ", y.size(0),
+              " rows, got shape ", x.sizes());
+  GroupedArgs a = prepare_items(y, seg_indptr, item_seg, item_mask_off, "item_mask_off");
+  a.y = y;
+  a.x = like(x, y, "x", "y");
+  check_dim(mask, 1, "mask", "[pool_words] (a flat 1-D pool)");
+  PETOPS_CHECK(mask.scalar_type() == at::kInt, "mask must be an int32 pool of 32-bit words, got ",
+              mask.scalar_type(), "; view packed bits with .view(torch.int32)");
+  PETOPS_CHECK(mask.device() == y.device(), "mask must be on ", y.device(),
+              " with the activations, got ", mask.device());
+  a.mask = mask.contiguous();
+  check_dim(dense_w, 2, "dense_w", "[N, K]");
+  PETOPS_CHECK(dense_w.size(0) == y.size(1) && dense_w.size(1) == x.size(1),
+              "dense_w must be [N, K] = [", y.size(1), ", ", x.size(1), "], got ",
+              dense_w.sizes());
+  a.dense_w = like(dense_w, y, "dense_w", "y");
   return a;
 }
 

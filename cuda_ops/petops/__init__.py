@@ -22,7 +22,7 @@ DEFAULT_LIBRARY = _REPO_ROOT / "build" / "out" / "libpetops.so"
 
 _loaded_path: Path | None = None
 _load_error: str | None = None
-_devices: tuple[str, ...] | None = None
+_devices: dict[str, tuple[str, ...]] = {}
 
 
 def _load() -> None:
@@ -47,23 +47,25 @@ def compiled_available() -> bool:
     return _loaded_path is not None
 
 
-def compiled_devices() -> tuple[str, ...]:
-    """Device types with compiled kernels for every op, e.g. ``("cpu", "cuda")``."""
-    global _devices
-    if _devices is None:  # fixed once loaded; cached because ops.py asks on every call
+def compiled_devices(op: str | None = None) -> tuple[str, ...]:
+    """Device types with compiled kernels for ``op``, or for every op when ``op`` is None,
+    e.g. ``("cpu", "cuda")``. A library built from an older tree may lack newer ops: those
+    fall back to the reference alone."""
+    if op is None:
         from .ops import OP_NAMES
 
+        per_op = [set(compiled_devices(name)) for name in OP_NAMES]
+        return tuple(d for d in ("cpu", "cuda") if all(d in devs for devs in per_op))
+    if op not in _devices:  # fixed once loaded; cached because ops.py asks on every call
         keys = {"cpu": "CPU", "cuda": "CUDA"}
-        _devices = tuple(
+        _devices[op] = tuple(
             dev
             for dev, key in keys.items()
             if compiled_available()
-            and all(
-                torch._C._dispatch_has_kernel_for_dispatch_key(f"petops::{op}", key)
-                for op in OP_NAMES
-            )
+            and hasattr(torch.ops.petops, op)
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"petops::{op}", key)
         )
-    return _devices
+    return _devices[op]
 
 
 def backend_name() -> str:

@@ -6,9 +6,10 @@ tensors' device, else to the reference. :func:`set_backend` forces one side.
 
 Compiled-kernel preconditions beyond the reference (caller contracts of the engine):
 ``sgmv_expand`` items that share a segment must write disjoint ``y`` column ranges (q/k/v
-blocks), and ``seg_spmm`` gives each segment at most one item; the CUDA kernels update ``y``
-without atomics. The CUDA kernels take at most 4096 items per call and ranks <= 128 in
-``sgmv_shrink``; data-dependent offsets are validated on CPU only (no host sync on CUDA).
+blocks), and ``seg_spmm`` / ``seg_masked_mm`` give each segment at most one item; the CUDA
+kernels update ``y`` without atomics. The CUDA kernels take at most 4096 items per call and
+ranks <= 128 in ``sgmv_shrink``; data-dependent offsets are validated on CPU only (no host
+sync on CUDA).
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ import torch
 from . import compiled_available, compiled_devices
 from . import reference as ref
 
-OP_NAMES = ("bias_act", "bias_residual_layernorm", "sgmv_shrink", "sgmv_expand", "seg_spmm")
+OP_NAMES = (
+    "bias_act",
+    "bias_residual_layernorm",
+    "sgmv_shrink",
+    "sgmv_expand",
+    "seg_spmm",
+    "seg_masked_mm",
+)
 BACKENDS = ("auto", "compiled", "reference")
 
 _backend = "auto"
@@ -56,12 +64,12 @@ def backend_description() -> str:
 def _use_compiled(op: str, device: torch.device) -> bool:
     if _backend == "reference":
         return False
-    if compiled_available() and device.type in compiled_devices():
+    if compiled_available() and device.type in compiled_devices(op):
         return True
     if _backend == "compiled":
         raise RuntimeError(
             f"petops.{op}: backend 'compiled' has no {device.type} kernel "
-            f"(compiled devices: {compiled_devices()}); rebuild with "
+            f"(compiled devices for it: {compiled_devices(op)}); rebuild with "
             "`bash build/build_ops.sh` or use set_backend('auto')"
         )
     return False
@@ -297,4 +305,35 @@ def seg_spmm(
 
 @_register_fake("seg_spmm")
 def _(y, x, seg_indptr, item_seg, item_rowptr_off, rowptr, indices, values, dense_w, alpha):
+    torch._check(y.dim() == 2 and x.dim() == 2 and x.shape[0] == y.shape[0])
+
+
+def seg_masked_mm(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    item_seg: torch.Tensor,
+    item_mask_off: torch.Tensor,
+    mask: torch.Tensor,
+    dense_w: torch.Tensor,
+    alpha: float,
+) -> None:
+    """Segmented dense x bit-masked shared weight accumulated into ``y`` in place (MaskBERT).
+
+    Semantics (per item ``i`` with ``item_mask_off[i] >= 0``, rows of segment
+    ``item_seg[i]``; ``M_i`` the item's ``[N, K]`` bit mask, see
+    :func:`petops.reference.pack_mask_words`)::
+
+        y[rows] += alpha * x[rows] @ (dense_w * M_i).T
+
+    Args: see :func:`petops.reference.seg_masked_mm` (y ``[T, N]``, x ``[T, K]``, dense_w
+    ``[N, K]``, mask an int32 word pool). Compiled: at most one item per segment; float16 and
+    bfloat16 run on tensor cores on CUDA (``PETOPS_MASKED_TC=0`` forces CUDA cores).
+    """
+    args = (y, x, seg_indptr, item_seg, item_mask_off, mask, dense_w, alpha)
+    _call("seg_masked_mm", y.device, *args)
+
+
+@_register_fake("seg_masked_mm")
+def _(y, x, seg_indptr, item_seg, item_mask_off, mask, dense_w, alpha):
     torch._check(y.dim() == 2 and x.dim() == 2 and x.shape[0] == y.shape[0])

@@ -5,6 +5,7 @@ They validate the vectorised references (the spec) themselves; nothing here is f
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -96,4 +97,20 @@ def seg_spmm(y, x, seg_indptr, item_seg, item_rowptr_off, rowptr, indices, value
                 kk = ix[p]
                 delta[o, kk] += vals[p] if vals is not None else alpha * float(dense_w[o, kk])
         acc[rows] += x[rows].float() @ delta.T
+    y.copy_(acc.to(y.dtype))
+
+
+def seg_masked_mm(y, x, seg_indptr, item_seg, item_mask_off, mask, dense_w, alpha):
+    n, k = dense_w.shape
+    kw = (k + 31) // 32
+    acc = y.float().clone()
+    words = mask.numpy().astype("<i4")
+    for i in range(item_seg.numel()):
+        base = int(item_mask_off[i])
+        if base < 0:
+            continue
+        rows = _rows(seg_indptr, int(item_seg[i]))
+        raw = words[base : base + n * kw].view(np.uint8)  # little-endian bytes, bit 0 first
+        keep = np.unpackbits(raw, bitorder="little").reshape(n, kw * 32)[:, :k]
+        acc[rows] += alpha * (x[rows].float() @ (dense_w.float() * torch.from_numpy(keep)).T)
     y.copy_(acc.to(y.dtype))

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 
 import torch
 
+from petops import reference as ref
+
 Sample = tuple[str, tuple]
 
 DISTRIBUTIONS = ("identical", "distinct", "uniform", "skewed")
@@ -229,11 +231,44 @@ def sample_inputs_seg_spmm(device: str, dtype: torch.dtype) -> Iterator[Sample]:
         yield f"{name}-{'values' if use_values else 'mask'}", _to(args, device, dtype)
 
 
+# (N, K) of the seg_masked_mm samples: aligned rows; a column tile past 128 (two CUDA column
+# tiles); widths that are not multiples of 8 (scalar loads and stores) or of 32 (a partial
+# last mask word).
+MASKED_SHAPES = ((48, 64), (136, 72), (50, 45))
+
+
+def sample_inputs_seg_masked_mm(device: str, dtype: torch.dtype) -> Iterator[Sample]:
+    long = ("long-uniform", [70, 3, 130, 64], [0, 1, 0, 2], 3, torch.Generator().manual_seed(9))
+    for i, (name, lengths, slots, n_tasks, g) in enumerate([*layouts(6), long]):
+        n, k = MASKED_SHAPES[i % len(MASKED_SHAPES)]
+        pool, offs = [torch.randint(-(2**31), 2**31 - 1, (7,), generator=g, dtype=torch.int32)], []
+        for t in range(n_tasks):
+            density = (*DENSITIES, 0.5, 1.0)[(t + i) % (len(DENSITIES) + 2)]
+            keep = torch.rand(n, k, generator=g) < density
+            offs.append(sum(p.numel() for p in pool))
+            pool += [ref.pack_mask_words(keep), _i32([-1, 0, 5])]  # gaps: arbitrary offsets
+        no_mask = n_tasks > 1 and i % 2 == 1  # the last task has no mask at this site
+        item_off = [-1 if no_mask and s == n_tasks - 1 else offs[s] for s in slots]
+        args = (
+            torch.randn(sum(lengths), n, generator=g),
+            torch.randn(sum(lengths), k, generator=g),
+            _indptr(lengths),
+            _i32(list(range(len(lengths)))),
+            _i64(item_off),
+            torch.cat(pool),
+            torch.randn(n, k, generator=g) * 0.2,
+            -1.0 if i % 3 else 0.5,
+        )
+        yield f"{name}-n{n}-k{k}{'-unmasked_task' if no_mask else ''}", _to(args, device, dtype)
+
+
 SAMPLES = {
     "bias_act": sample_inputs_bias_act,
     "bias_residual_layernorm": sample_inputs_bias_residual_layernorm,
     "sgmv_shrink": sample_inputs_sgmv_shrink,
     "sgmv_expand": sample_inputs_sgmv_expand,
     "seg_spmm": sample_inputs_seg_spmm,
+    "seg_masked_mm": sample_inputs_seg_masked_mm,
 }
-INPLACE = {"sgmv_expand", "seg_spmm"}  # ops that accumulate into their first argument
+# ops that accumulate into their first argument
+INPLACE = {"sgmv_expand", "seg_spmm", "seg_masked_mm"}

@@ -92,6 +92,9 @@ CUDA_KNOBS = [
     ("seg_spmm", {"PETOPS_SPMM_STAGE": "float"}),
     ("seg_spmm", {"PETOPS_SPMM_TM": "32"}),
     ("seg_spmm", {"PETOPS_SPMM_TM": "3"}),  # rounded down to 2: the scalar tile path
+    ("seg_masked_mm", {"PETOPS_MASKED_TC": "0"}),
+    ("seg_masked_mm", {"PETOPS_MASKED_CFG": "32x3"}),
+    ("seg_masked_mm", {"PETOPS_MASKED_CFG": "64x3"}),
     ("sgmv_shrink", {"PETOPS_SGMV_TC": "0"}),
     ("sgmv_expand", {"PETOPS_SGMV_TC": "0"}),
 ]
@@ -197,3 +200,14 @@ def test_compiled_errors_name_value_and_fix() -> None:
     _, sargs = next(iter(SAMPLES["sgmv_shrink"]("cpu", torch.float32)))
     with pytest.raises(RuntimeError, match=r"item_rank\[0\]=.* out of range"):
         torch.ops.petops.sgmv_shrink.default(*sargs[:-1], 0)
+    _, margs = next(iter(SAMPLES["seg_masked_mm"]("cpu", torch.float32)))
+    y, x, indptr, item_seg, item_off, mask, w, alpha = margs
+    op = torch.ops.petops.seg_masked_mm.default
+    with pytest.raises(RuntimeError, match=r"mask must be an int32 pool .*view\(torch.int32\)"):
+        op(y, x, indptr, item_seg, item_off, mask.long(), w, alpha)
+    with pytest.raises(RuntimeError, match=r"dense_w must be \[N, K\]"):
+        op(y, x, indptr, item_seg, item_off, mask, w.t(), alpha)
+    with pytest.raises(RuntimeError, match=r"item_mask_off\[0\]=.* overruns|needs N \* ceil"):
+        op(y, x, indptr, item_seg, torch.full_like(item_off, mask.numel()), mask, w, alpha)
+    with pytest.raises(RuntimeError, match=r"pass -1 for an item without a mask"):
+        op(y, x, indptr, item_seg, torch.full_like(item_off, -2), mask, w, alpha)
