@@ -8,7 +8,11 @@ from oracle import base_model, oracle_output, task_model
 
 from petops import compiled_available
 from pets import kernels
-from pets.taskstore import list_tasks, read_task
+from pets.engine import Engine, EngineConfig
+from pets.errors import ConfigError
+from pets.heads import HeadConfig
+from pets.taskgen import random_task
+from pets.taskstore import list_tasks, read_task, write_task
 
 ATOL = 2e-4  # fp32, 6 layers: observed max-abs error is ~1e-6
 
@@ -108,3 +112,48 @@ def test_padded_layout_equals_packed(engine, task_store, backbone):
     out_b, w_b = engine.encoder.forward(padded)
     assert (w_a == w_b).all()
     np.testing.assert_allclose(out_a.numpy(), out_b.numpy(), atol=1e-5, rtol=0)
+
+
+def test_maskbert_storage_forms_match_the_oracle(tmp_path, backbone):
+    """A MaskBERT task served from either in-memory form (CSR index set via seg_spmm, bit
+    mask via seg_masked_mm) matches the oracle, on both op backends; ``auto`` keeps the
+    smaller form on CUDA (CSR for a sparse mask, the bit mask for a dense one), CSR on CPU."""
+    head = HeadConfig("classification", num_labels=3)
+    densities = {"mask_sparse": 0.005, "mask_dense": 0.05}
+    for seed, (name, density) in enumerate(densities.items()):
+        write_task(
+            tmp_path, *random_task(backbone, name, "maskbert", head, seed, {"density": density})
+        )
+    rng = np.random.default_rng(3)
+    seqs = _seqs(rng, 8, backbone.spec.vocab)
+    tasks = [list(densities)[i % 2] for i in range(len(seqs))]
+    want = []
+    for ids, task in zip(seqs, tasks, strict=True):
+        manifest, tensors = read_task(tmp_path / task)
+        want.append(oracle_output(task_model(backbone, manifest, tensors), manifest, tensors, ids))
+    modes = ["reference", "compiled"] if compiled_available() else ["reference"]
+    for fmt, bitmap in (
+        ("auto", None),  # the engine's device decides
+        ("csr", [False, False]),
+        ("bitmask", [True, True]),
+    ):
+        eng = Engine.from_parameters(
+            {"TASK_STORE": str(tmp_path), "REFRESH_MS": "0", "MASKBERT_FORMAT": fmt}
+        )
+        assert not eng.load_errors, eng.load_errors
+        method = eng.registry.methods["maskbert"]
+        slots = [eng.registry.slot_of(name) for name in densities]
+        if bitmap is None:
+            bitmap = [False, eng.ctx.device.type == "cuda"]
+        assert [bool(method.is_bitmap.data[s]) for s in slots] == bitmap, fmt
+        for mode in modes:
+            eng.ctx.ops = kernels.select(mode)[0]
+            for got, exp, task in zip(eng.run(seqs, tasks), want, tasks, strict=True):
+                np.testing.assert_allclose(
+                    got, exp, atol=ATOL, rtol=0, err_msg=f"{task} {fmt} {mode}"
+                )
+
+
+def test_maskbert_format_is_checked():
+    with pytest.raises(ConfigError, match=r"MASKBERT_FORMAT='bits'; expected one of auto, csr"):
+        EngineConfig.from_parameters({"MASKBERT_FORMAT": "bits"})

@@ -26,6 +26,7 @@ from .errors import ConfigError, RequestError
 from .heads import HeadTable
 from .metrics import EngineStats
 from .pet import PetContext
+from .pet.maskbert import FORMATS as MASKBERT_FORMATS
 from .protocol import Row, decode_request
 from .registry import TaskRegistry
 from .scheduling import AnalyticModel, Query, Scheduler, make_scheduler, policy_options
@@ -52,6 +53,7 @@ class EngineConfig:
     refresh_ms: int = 200  # how often the task store is checked for changes
     shadow_streams: int = 0  # >0: PetS-style per-task shadow ops over N CUDA streams
     memory_budget_mb: int = 0  # task weights on the device; 0 = unlimited (see `pets capacity`)
+    maskbert_format: str = "auto"  # auto (smaller of the two) | csr | bitmask: pet/maskbert.py
 
     @staticmethod
     def from_parameters(params: Mapping[str, str]) -> EngineConfig:
@@ -68,6 +70,11 @@ class EngineConfig:
             setattr(cfg, f.name, value)
         if cfg.dtype not in ("auto", *DTYPES):
             raise ConfigError(f"DTYPE={cfg.dtype!r}; expected auto, {', '.join(DTYPES)}")
+        if cfg.maskbert_format not in MASKBERT_FORMATS:
+            raise ConfigError(
+                f"MASKBERT_FORMAT={cfg.maskbert_format!r}; expected one of "
+                f"{', '.join(MASKBERT_FORMATS)}"
+            )
         if cfg.max_batch_tokens < 1:
             raise ConfigError(f"MAX_BATCH_TOKENS={cfg.max_batch_tokens}; must be >= 1")
         return cfg
@@ -129,7 +136,15 @@ class Engine:
         dev_w = weights.to(self.device, self.dtype)
         bias, ln, scale = _slot_groups(weights, self.device, self.dtype)
         self.ctx = PetContext(
-            self.spec, self.device, self.dtype, dev_w, bias, ln, scale, ops_module
+            self.spec,
+            self.device,
+            self.dtype,
+            dev_w,
+            bias,
+            ln,
+            scale,
+            ops_module,
+            maskbert_format=config.maskbert_format,
         )
         self.heads = HeadTable(self.spec, self.device, self.dtype, dev_w.pooler_w, dev_w.pooler_b)
         self.registry = TaskRegistry(self.ctx, self.heads)

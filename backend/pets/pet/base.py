@@ -67,6 +67,7 @@ class PetContext:
     ln: SlotGroup  # tables "<ln>.gamma"/"<ln>.beta" for emb_ln [1,P,H], attn_ln, ffn_ln [L,P,H]
     scale: SlotGroup  # IA3 tables "qkv" [L,Q,3H], "ffn_in" [L,Q,F]
     ops: ModuleType = reference  # petops.ops or petops.reference (pets.kernels.select)
+    maskbert_format: str = "auto"  # MASKBERT_FORMAT: auto | csr | bitmask (pet/maskbert.py)
 
     def pool(self, dtype: torch.dtype | None = None) -> FlatPool:
         return FlatPool(self.device, dtype or self.dtype)

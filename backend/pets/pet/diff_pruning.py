@@ -16,10 +16,13 @@ from typing import Any
 
 import torch
 
+from ..batch import Batch
 from ..errors import TaskError
 from .base import (
     MODULES,
     LoadedTask,
+    PetContext,
+    PetMethod,
     alloc_bias_ln,
     bias_names,
     check_bias_ln,
@@ -28,7 +31,7 @@ from .base import (
     ln_names,
     register_pet,
 )
-from .sparse import SparsePetMethod
+from .sparse import SparsePlan, SparseStore
 
 IDX, VAL = "weight_delta_indices", "weight_delta_values"
 
@@ -54,11 +57,13 @@ def check_flat_indices(name: str, idx: torch.Tensor, numel: int) -> None:
 
 
 @register_pet
-class DiffPruning(SparsePetMethod):
+class DiffPruning(PetMethod):
     name = "diff_pruning"
     code = 2
 
-    with_values = True
+    def __init__(self, ctx: PetContext) -> None:
+        super().__init__(ctx)
+        self.store = SparseStore(ctx, with_values=True)
 
     def _names(self) -> dict[str, tuple[int, str, str]]:
         return {
@@ -111,3 +116,15 @@ class DiffPruning(SparsePetMethod):
                     flat[(i, module)] = (pos, vals)
         self.store.add(slot, loaded, flat)
         return loaded
+
+    def unload(self, slot: int, loaded: LoadedTask) -> None:
+        self.store.remove(slot)
+        super().unload(slot, loaded)
+
+    def prepare(self, batch: Batch, segs: torch.Tensor) -> SparsePlan:
+        return self.store.prepare(batch, segs)
+
+    def apply_linear(
+        self, plan: SparsePlan, site: str, layer: int, x: torch.Tensor, y: torch.Tensor
+    ) -> None:
+        self.store.apply(plan, site, layer, x, y, None, 1.0)

@@ -1,8 +1,19 @@
 """MaskBERT: a learned binary mask over the shared weights, ``W_task = W * M``.
 
-``X @ (W * M).T = X @ W.T + X @ (W * (M - 1)).T``: the shared GEMM minus a sparse product
-over the *masked-out* weights, whose values are read from ``W`` itself. In memory a task is
-the index set of its masked-out weights (4 bytes each, no values); on disk it is a bit mask.
+``X @ (W * M).T = X @ W.T + X @ (W * (M - 1)).T``: the shared GEMM minus a product over the
+*masked-out* weights, whose values are read from ``W`` itself. In memory a task keeps the
+masked-out set in one of two forms (``MASKBERT_FORMAT``: ``csr`` or ``bitmask`` forces one):
+
+* ``csr``: the index set, 4 bytes per masked-out weight (``seg_spmm``, whose cost grows with
+  the density); smaller below about 1/32 density;
+* ``bitmask``: one bit per weight of every site the task masks (``seg_masked_mm``, a dense
+  tensor-core product of fixed cost on CUDA).
+
+``auto`` (the default) takes the smaller form on CUDA. On CPU it takes ``csr``: the CPU bit-mask
+kernel expands each task's masked weight on every call, and was 1.7x slower than the CSR
+kernel at 5% density (2-core VM, H=256, 32 tasks; ``clients/bench_ops.py``).
+
+On disk a task is always a bit mask.
 
 Tensors (one per masked module; unmasked modules are simply absent):
     ``encoder.layer.{i}.{module}.weight_mask`` uint8 ``[ceil(out * in / 8)]``: the
@@ -18,12 +29,24 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..backbone import SITES
+from ..batch import Batch
 from ..errors import TaskError
-from .base import MODULES, LoadedTask, check_known, layer_key, register_pet
+from .base import (
+    MODULES,
+    LoadedTask,
+    PetContext,
+    PetMethod,
+    check_known,
+    layer_key,
+    register_pet,
+)
 from .diff_pruning import module_shape
-from .sparse import SparsePetMethod
+from .meta import SlotMeta
+from .sparse import BitmapPlan, BitmapStore, SparsePlan, SparseStore
 
 MASK = "weight_mask"
+FORMATS = ("auto", "csr", "bitmask")  # MASKBERT_FORMAT, checked by EngineConfig
 
 
 def pack_mask(keep: torch.Tensor) -> torch.Tensor:
@@ -41,15 +64,16 @@ def unpack_mask(bits: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 
 
 @register_pet
-class MaskBert(SparsePetMethod):
+class MaskBert(PetMethod):
     name = "maskbert"
     code = 3
 
-    with_values = False
-
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: PetContext) -> None:
         super().__init__(ctx)
         self._shifts = torch.arange(8, dtype=torch.uint8, device=ctx.device)
+        self.store = SparseStore(ctx, with_values=False)
+        self.bitmaps = BitmapStore(ctx)
+        self.is_bitmap = SlotMeta((), torch.bool, fill=False)  # per slot: which store holds it
 
     def validate(self, hparams: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         spec = self.ctx.spec
@@ -74,7 +98,7 @@ class MaskBert(SparsePetMethod):
     ) -> LoadedTask:
         spec = self.ctx.spec
         loaded = LoadedTask()
-        flat = {}
+        dropped: dict[tuple[int, str], torch.Tensor] = {}  # masked-out weights, bool [out, in]
         for i in range(spec.layers):
             for module in MODULES:
                 name = layer_key(i, module, MASK)
@@ -82,11 +106,57 @@ class MaskBert(SparsePetMethod):
                     out, inp = module_shape(spec, module)
                     packed = tensors[name].to(self.ctx.device)  # unpack where the pools live
                     bits = (packed[:, None] >> self._shifts) & 1  # [nbytes, 8], LSB first
-                    keep = bits.reshape(-1)[: out * inp]
-                    flat[(i, module)] = (torch.nonzero(keep == 0).flatten(), None)  # sorted
-        self.store.add(slot, loaded, flat)
+                    dropped[(i, module)] = (bits.reshape(-1)[: out * inp] == 0).view(out, inp)
+        as_bitmap = self._use_bitmap(dropped)
+        self.is_bitmap[slot] = as_bitmap  # every slot: prepare() looks up the batch's slots
+        if as_bitmap:
+            self.bitmaps.add(slot, loaded, dropped)
+        else:
+            flat = {k: (torch.nonzero(d.reshape(-1)).flatten(), None) for k, d in dropped.items()}
+            self.store.add(slot, loaded, flat)  # positions come out sorted
         return loaded
 
-    def values_source(self, site: str, layer: int) -> tuple[torch.Tensor | None, float]:
-        """Masked-out weights come from the shared ``W`` with the sign flipped."""
-        return self.ctx.backbone.linear[site][layer], -1.0
+    def _use_bitmap(self, dropped: dict[tuple[int, str], torch.Tensor]) -> bool:
+        """Whether the bit-mask form is chosen: forced, or on CUDA smaller than the CSR form."""
+        if self.ctx.maskbert_format != "auto":
+            return self.ctx.maskbert_format == "bitmask"
+        if self.ctx.device.type != "cuda":
+            return False
+        spec = self.ctx.spec
+        csr = 4 * sum(int(d.sum()) for d in dropped.values())  # column indices
+        csr += 8 * spec.layers * sum(spec.site_shape(s)[0] + 1 for s in SITES)  # row pointers
+        sites = {(i, MODULES[m][0]) for i, m in dropped}
+        bitmap = sum(4 * n * ((k + 31) // 32) for n, k in (spec.site_shape(s) for _, s in sites))
+        return bitmap < csr
+
+    def unload(self, slot: int, loaded: LoadedTask) -> None:
+        self.store.remove(slot)
+        self.bitmaps.remove(slot)
+        self.is_bitmap.reset(slot)
+        super().unload(slot, loaded)
+
+    def prepare(
+        self, batch: Batch, segs: torch.Tensor
+    ) -> tuple[SparsePlan | None, BitmapPlan | None]:
+        as_bitmap = self.is_bitmap[batch.seg_task_cpu[segs]]
+        csr, bitmap = segs[~as_bitmap], segs[as_bitmap]
+        return (
+            self.store.prepare(batch, csr) if csr.numel() else None,
+            self.bitmaps.prepare(batch, bitmap) if bitmap.numel() else None,
+        )
+
+    def apply_linear(
+        self,
+        plan: tuple[SparsePlan | None, BitmapPlan | None],
+        site: str,
+        layer: int,
+        x: torch.Tensor,
+        y: torch.Tensor,
+    ) -> None:
+        # the masked-out weights come from the shared W with the sign flipped
+        w, alpha = self.ctx.backbone.linear[site][layer], -1.0
+        csr, bitmap = plan
+        if csr is not None:
+            self.store.apply(csr, site, layer, x, y, w, alpha)
+        if bitmap is not None:
+            self.bitmaps.apply(bitmap, site, layer, x, y, w, alpha)

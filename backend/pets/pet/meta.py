@@ -12,11 +12,14 @@ class SlotMeta:
         self.shape, self.dtype, self.fill = shape, dtype, fill
         self.data = torch.full((16, *shape), fill, dtype=dtype)
 
-    def __setitem__(self, slot: int, value: torch.Tensor | float | int) -> None:
+    def _cover(self, slot: int) -> None:
         while slot >= self.data.shape[0]:
             grown = torch.full((self.data.shape[0] * 2, *self.shape), self.fill, dtype=self.dtype)
             grown[: self.data.shape[0]] = self.data
             self.data = grown
+
+    def __setitem__(self, slot: int, value: torch.Tensor | float | int) -> None:
+        self._cover(slot)
         self.data[slot] = value
 
     def reset(self, slot: int) -> None:
@@ -24,4 +27,7 @@ class SlotMeta:
             self.data[slot] = self.fill
 
     def __getitem__(self, slots: torch.Tensor) -> torch.Tensor:
+        """Rows of ``slots`` (a CPU index tensor); slots never set read as ``fill``."""
+        if slots.numel():
+            self._cover(int(slots.max()))
         return self.data[slots]

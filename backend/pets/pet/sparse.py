@@ -1,23 +1,26 @@
-"""CSR storage of per-task sparse matrices at the four linear sites, shared by the sparse PETs.
+"""Storage of per-task sparse matrices at the four linear sites, shared by the sparse PETs.
 
-For each task, layer and site the store keeps a CSR matrix over the site's output rows
-(``[N, K]`` in the ``[out, in]`` layout of the shared weight): ``N + 1`` row pointers in an
-int64 pool (absolute positions into the index pool), the input-column indices in an int32
-pool and, for Diff-Pruning, the values in a pool of the serving dtype. MaskBERT keeps no
-values: ``seg_spmm`` reads them from the shared weight.
+:class:`SparseStore` keeps, for each task, layer and site, a CSR matrix over the site's output
+rows (``[N, K]`` in the ``[out, in]`` layout of the shared weight): ``N + 1`` row pointers in
+an int64 pool (absolute positions into the index pool), the input-column indices in an int32
+pool and, for Diff-Pruning, the values in a pool of the serving dtype (``seg_spmm``).
+:class:`BitmapStore` keeps a selection of the shared weight's entries as a bit per weight
+(``seg_masked_mm``): the form of dense MaskBERT masks. Neither keeps values for MaskBERT: the
+kernels read them from the shared weight.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
+from petops.reference import pack_mask_words
+
 from ..backbone import SITES
 from ..batch import Batch
-from .base import MODULES, LoadedTask, PetContext, PetMethod
+from .base import MODULES, LoadedTask, PetContext
 from .meta import SlotMeta
 
 
@@ -120,32 +123,82 @@ class SparseStore:
         )
 
 
-class SparsePetMethod(PetMethod):
-    """The plumbing shared by the PET types that keep a :class:`SparseStore`.
+@dataclass
+class BitmapPlan:
+    seg_indptr: torch.Tensor  # [S + 1] int32, device (the batch's)
+    item_seg: torch.Tensor  # [I] int32, device
+    word_off: torch.Tensor  # [L, 4, I] int64, device; -1 where the task has no bits
 
-    Subclasses implement ``validate``/``load`` and say where the non-zero values come from
-    (:meth:`values_source`).
+
+class BitmapStore:
+    """Per-task ``[N, K]`` bit selections of each site's shared weight, in one int32 pool.
+
+    A site's bitmap costs ``N * ceil(K / 32)`` words whatever the density; a site where the
+    task selects nothing gets no words (offset -1, no work in ``seg_masked_mm``).
     """
 
-    with_values: ClassVar[bool]
-
     def __init__(self, ctx: PetContext) -> None:
-        super().__init__(ctx)
-        self.store = SparseStore(ctx, with_values=self.with_values)
+        self.ctx = ctx
+        self.words = ctx.pool(torch.int32)
+        self.word_off = SlotMeta((ctx.spec.layers, len(SITES)), torch.int64, fill=-1)
 
-    def values_source(self, site: str, layer: int) -> tuple[torch.Tensor | None, float]:
-        """``(dense_w, alpha)`` for ``seg_spmm``: stored values by default."""
-        return None, 1.0
-
-    def unload(self, slot: int, loaded: LoadedTask) -> None:
-        self.store.remove(slot)
-        super().unload(slot, loaded)
-
-    def prepare(self, batch: Batch, segs: torch.Tensor) -> SparsePlan:
-        return self.store.prepare(batch, segs)
-
-    def apply_linear(
-        self, plan: SparsePlan, site: str, layer: int, x: torch.Tensor, y: torch.Tensor
+    def add(
+        self, slot: int, loaded: LoadedTask, selected: Mapping[tuple[int, str], torch.Tensor]
     ) -> None:
-        dense_w, alpha = self.values_source(site, layer)
-        self.store.apply(plan, site, layer, x, y, dense_w, alpha)
+        """Store one task's selections.
+
+        Args:
+            selected: (layer, module) -> bool ``[out_m, in]``: the module's selected weights.
+                Modules of one site stack into the site's rows in block order; absent modules
+                select nothing.
+        """
+        spec = self.ctx.spec
+        offs = torch.full((spec.layers, len(SITES)), -1, dtype=torch.int64)
+        for layer in range(spec.layers):
+            for si, site in enumerate(SITES):
+                present = [(m, b) for m, (s, b) in MODULES.items() if s == site]
+                if not any((layer, m) in selected for m, _ in present):
+                    continue
+                n_out, n_in = spec.site_shape(site)
+                width = n_out // len(present)
+                bits = torch.zeros(n_out, n_in, dtype=torch.bool, device=self.ctx.device)
+                for module, block in present:
+                    if (layer, module) in selected:
+                        bits[block * width : (block + 1) * width] = selected[(layer, module)]
+                alloc = self.words.put(pack_mask_words(bits))
+                loaded.allocations.append((self.words, alloc))
+                offs[layer, si] = alloc.offset
+        self.word_off[slot] = offs
+
+    def remove(self, slot: int) -> None:
+        self.word_off.reset(slot)
+
+    def prepare(self, batch: Batch, segs: torch.Tensor) -> BitmapPlan:
+        offs = self.word_off[batch.seg_task_cpu[segs]].permute(1, 2, 0).contiguous()  # [L, 4, I]
+        dev = self.ctx.device
+        return BitmapPlan(
+            seg_indptr=batch.seg_indptr,
+            item_seg=segs.to(torch.int32).to(dev, non_blocking=True),
+            word_off=offs.to(dev, non_blocking=True),
+        )
+
+    def apply(
+        self,
+        plan: BitmapPlan,
+        site: str,
+        layer: int,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        dense_w: torch.Tensor,
+        alpha: float,
+    ) -> None:
+        self.ctx.ops.seg_masked_mm(
+            y,
+            x,
+            plan.seg_indptr,
+            plan.item_seg,
+            plan.word_off[layer, SITES.index(site)],
+            self.words.data,
+            dense_w,
+            alpha,
+        )
