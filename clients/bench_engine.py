@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
                 "DTYPE": args.dtype,
                 "OPS": args.ops,
                 "SHADOW_STREAMS": str(streams),
+                **args.params,
             },
             device=args.device,
         )
@@ -93,6 +94,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
                     "dtype": args.dtype,
                     "ops": engine.ops,
                     "shadow_streams": streams,
+                    "params": " ".join(f"{k}={v}" for k, v in args.params.items()),
                     "config": label,
                     "batch": args.batch,
                     "seq_len": args.seq_len,
@@ -134,8 +136,16 @@ def main() -> int:
         help="SHADOW_STREAMS values to compare (0 = grouped ops)",
     )
     p.add_argument("--profile", action="store_true", help="CUDA: add per-kernel device time")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra engine parameter, repeatable (e.g. MASKBERT_FORMAT=csr)",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    args.params = dict(kv.split("=", 1) for kv in args.param)
     rows, kernels = run(args)
     if args.out:
         out = Path(args.out)

@@ -7,8 +7,10 @@ the PET-op cost is reported as a share of the GEMM. Sites: LoRA r=16 on one H x 
 (``lora_r16``) and on query+value at the fused QKV GEMM (``lora_qv_r16_qkv``, PEFT's default
 for BERT); a bottleneck adapter r=64 against the attention-output (H x H) and the FFN-output
 (4H -> H) GEMMs it follows; BitFit's bias+GELU (FFN up) and bias+residual+LayerNorm (FFN
-down); Diff-Pruning 1% and MaskBERT 5% on an H x H weight. On CUDA the per-task loop is also spread
-round-robin over N streams (PetS's multi-stream option). Prints CSV; writes CSV + PNG to --out.
+down); Diff-Pruning 1% and MaskBERT 5% on an H x H weight (MaskBERT as the engine keeps it at
+that density, a bit mask through ``seg_masked_mm``, and as a CSR index set through
+``seg_spmm``: ``mask_5pct_csr``). On CUDA the per-task loop is also spread round-robin over N
+streams (PetS's multi-stream option). Prints CSV; writes CSV + PNG to --out.
 
 Two clocks on CUDA: ``ms`` brackets one eager call with events, so it includes the host's
 dispatch time whenever that exceeds the GPU work (small batches); ``gpu_ms`` replays the call
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cuda_ops"))
 import petops
 from petops import ops
+from petops.reference import pack_mask_words
 
 FIELDS = [
     "device",
@@ -272,8 +275,14 @@ def bitfit_ln(b: Batch, hidden: int, dev, dtype):
     return grouped, loop, shared, None
 
 
-def sparse_site(b: Batch, hidden: int, density: float, masked: bool, dev, dtype):
-    """Diff-Pruning (values) or MaskBERT (dense_w, alpha=-1) delta of an H x H weight."""
+def sparse_site(
+    b: Batch, hidden: int, density: float, masked: bool, dev, dtype, bitmask: bool = False
+):
+    """Diff-Pruning (values) or MaskBERT (dense_w, alpha=-1) delta of an H x H weight.
+
+    MaskBERT's grouped op is ``seg_spmm`` over the masked-out index set (CSR), or with
+    ``bitmask`` ``seg_masked_mm`` over the same set as a bit mask (the engine keeps whichever
+    form is smaller: the bit mask above ~1/32 density)."""
     n = len(b.rows)
     w = torch.randn(hidden, hidden, device=dev, dtype=dtype) * hidden**-0.5
     masks = torch.rand(n, hidden, hidden, device=dev) < density
@@ -285,8 +294,13 @@ def sparse_site(b: Batch, hidden: int, density: float, masked: bool, dev, dtype)
     values = None if masked else dense[masks]
     y = torch.zeros(b.tokens, hidden, device=dev, dtype=dtype)
     off = torch.arange(n, device=dev, dtype=torch.long) * (hidden + 1)
+    words = torch.cat([pack_mask_words(m) for m in masks])
+    word_off = torch.arange(n, device=dev, dtype=torch.long) * (words.numel() // max(1, n))
 
     def grouped() -> None:
+        if bitmask:
+            ops.seg_masked_mm(y, b.x, b.indptr, b.seg, word_off, words, w, -1.0)
+            return
         ops.seg_spmm(
             y,
             b.x,
@@ -342,7 +356,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             "bitfit_bias_gelu": (*bitfit_ffn(b, args.ffn, dev, dtype), gemm_up),
             "bitfit_bias_res_ln": (*bitfit_ln(b, args.hidden, dev, dtype), gemm_down),
             "diff_1pct": (*sparse_site(b, args.hidden, 0.01, False, dev, dtype), gemm_h),
-            "mask_5pct": (*sparse_site(b, args.hidden, 0.05, True, dev, dtype), gemm_h),
+            "mask_5pct": (*sparse_site(b, args.hidden, 0.05, True, dev, dtype, True), gemm_h),
+            "mask_5pct_csr": (*sparse_site(b, args.hidden, 0.05, True, dev, dtype), gemm_h),
         }
         base = {
             "device": dev.type,
