@@ -72,7 +72,7 @@ __device__ __forceinline__ void mask_row(tc::raw16* row, const uint32_t* words) 
 }
 
 template <typename MT, int BK, int S>
-__global__ void __launch_bounds__(tc::kThreads)
+__global__ void __launch_bounds__(tc::kThreads, tc::kMinBlocks)
     seg_masked_mm_tc_kernel(tc::raw16* __restrict__ y, const tc::raw16* __restrict__ x,
                             const tc::raw16* __restrict__ w, const uint32_t* __restrict__ mask,
                             const int* __restrict__ seg_indptr, const int* __restrict__ item_seg,

@@ -170,20 +170,22 @@ __global__ void __launch_bounds__(kThreads)
                           const float* __restrict__ item_scale,
                           const int64_t* __restrict__ item_b_off, int n_items, int n_cols,
                           int tmp_cols) {
+  using namespace nvcuda;
   constexpr int BK = kExpandBK, LDS = BK + 8, S = kExpandStages, BN = kExpandBN;
   constexpr int LDC = BN + 4;
   extern __shared__ __align__(kSmemAlign) char dsmem[];
   int* prefix = reinterpret_cast<int*>(dsmem);  // [n_items + 1]
-  char* buf = dsmem + ((n_items + 1) * sizeof(int) + kSmemAlign - 1) / kSmemAlign * kSmemAlign;
-  raw16* sa = reinterpret_cast<raw16*>(buf);  // [S][kBM][LDS]
-  raw16* sb = sa + S * kBM * LDS;             // [S][BN][LDS]
-  float* sc = reinterpret_cast<float*>(buf);  // [kBM][LDC], after the main loop
+  char* tile = dsmem + ((n_items + 1) * sizeof(int) + kSmemAlign - 1) / kSmemAlign * kSmemAlign;
+  raw16* sa = reinterpret_cast<raw16*>(tile);  // [S][kBM][LDS]
+  raw16* sb = sa + S * kBM * LDS;              // [S][BN][LDS]
+  float* sc = reinterpret_cast<float*>(tile);  // [kBM][LDC], after the main loop
   __shared__ int scratch[32];
   const int total = build_unit_prefix(prefix, n_items, [&](int i) {
     const int s = item_seg[i], len = seg_indptr[s + 1] - seg_indptr[s];
     const int col_tiles = (item_out_dim[i] + BN - 1) / BN;
     return item_rank[i] >= 1 ? ((len + kBM - 1) / kBM) * col_tiles : 0;
   }, scratch);
+  const int warp = threadIdx.x >> 5;
   const bool y_al = (reinterpret_cast<uintptr_t>(y) & 15) == 0 && (n_cols & 7) == 0;
   for (int u = blockIdx.x; u < total; u += gridDim.x) {
     const int i = upper_slot(prefix, n_items, u);
@@ -198,8 +200,12 @@ __global__ void __launch_bounds__(kThreads)
     const raw16* gb = w + item_w_off[i] + static_cast<int64_t>(col0) * r;  // [n, r] row-major
     const bool av = vec_ok(ga, tmp_cols, r), bv = vec_ok(gb, r, r);
 
-    WarpTile<MT> tile;
-    tile.zero();
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
+#pragma unroll
+    for (int a = 0; a < 4; ++a)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[a][j], 0.f);
+
     const int nk = (r + BK - 1) / BK;
 #pragma unroll
     for (int st = 0; st < S - 1; ++st) {
@@ -220,17 +226,77 @@ __global__ void __launch_bounds__(kThreads)
       }
       cp_async_commit();
       const int st = kt % S;
-      tile.template mma<BK, LDS>(sa + st * kBM * LDS, sb + st * BN * LDS);
+      const MT* a_s = reinterpret_cast<const MT*>(sa + st * kBM * LDS);
+      const MT* b_s = reinterpret_cast<const MT*>(sb + st * BN * LDS + warp * 32 * LDS);
+#pragma unroll
+      for (int kk = 0; kk < BK; kk += 16) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, MT, wmma::col_major> fb[2];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], b_s + j * 16 * LDS + kk, LDS);
+#pragma unroll
+        for (int a = 0; a < 4; ++a) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, MT, wmma::row_major> fa;
+          wmma::load_matrix_sync(fa, a_s + a * 16 * LDS + kk, LDS);
+#pragma unroll
+          for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[a][j], fa, fb[j], acc[a][j]);
+        }
+      }
     }
     cp_async_wait<0>();
     __syncthreads();  // pipeline buffers free
-    tile.template store<LDC>(sc);
+#pragma unroll
+    for (int a = 0; a < 4; ++a)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        wmma::store_matrix_sync(sc + a * 16 * LDC + warp * 32 + j * 16, acc[a][j], LDC,
+                                wmma::mem_row_major);
     __syncthreads();
 
-    const raw16* bb = bias ? bias + item_b_off[i] + col0 : nullptr;
-    add_tile<MT, kBM, BN, LDC>(y + row0 * n_cols + item_out_off[i] + col0, n_cols,
-                               y_al && ((item_out_off[i] + col0) & 7) == 0, sc, len, ncol,
-                          item_scale[i], bb);
+    // Read-modify-write of y in 8-column groups. kThreads is a multiple of G: each thread
+    // keeps one group c and visits rows m0 + it * RS, all loads issued before the stores.
+    constexpr int G = BN / 8, RS = kThreads / G, IT = kBM / RS;
+    const int c = (threadIdx.x % G) * 8, m0 = threadIdx.x / G;
+    if (c < ncol) {
+      const float scale = item_scale[i];
+      const raw16* bb = bias ? bias + item_b_off[i] + col0 + c : nullptr;
+      float b[8];
+#pragma unroll
+      for (int q = 0; q < 8; ++q) b[q] = (bb && c + q < ncol) ? raw_to_f<MT>(bb[q]) : 0.f;
+      raw16* yt = y + row0 * n_cols + item_out_off[i] + col0 + c;
+      if (y_al && ((item_out_off[i] + col0) & 7) == 0 && c + 8 <= ncol) {
+        uint4 v[IT];
+#pragma unroll
+        for (int it = 0; it < IT; ++it) {
+          const int m = m0 + it * RS;
+          if (m < len) v[it] = *reinterpret_cast<const uint4*>(yt + static_cast<int64_t>(m) * n_cols);
+        }
+#pragma unroll
+        for (int it = 0; it < IT; ++it) {
+          const int m = m0 + it * RS;
+          if (m >= len) continue;
+          const float* src = sc + m * LDC + c;
+          uint32_t wd[4] = {v[it].x, v[it].y, v[it].z, v[it].w};
+#pragma unroll
+          for (int h = 0; h < 4; ++h) {
+            const float lo = raw_to_f<MT>(static_cast<raw16>(wd[h] & 0xffffu)) +
+                             (src[2 * h] * scale + b[2 * h]);
+            const float hi = raw_to_f<MT>(static_cast<raw16>(wd[h] >> 16)) +
+                             (src[2 * h + 1] * scale + b[2 * h + 1]);
+            wd[h] = static_cast<uint32_t>(f_to_raw<MT>(lo)) |
+                    (static_cast<uint32_t>(f_to_raw<MT>(hi)) << 16);
+          }
+          *reinterpret_cast<uint4*>(yt + static_cast<int64_t>(m) * n_cols) =
+              make_uint4(wd[0], wd[1], wd[2], wd[3]);
+        }
+      } else {
+        for (int m = m0; m < len; m += RS) {
+          raw16* dst = yt + static_cast<int64_t>(m) * n_cols;
+          const float* src = sc + m * LDC + c;
+          for (int q = 0; q < 8 && c + q < ncol; ++q)
+            dst[q] = f_to_raw<MT>(raw_to_f<MT>(dst[q]) + (src[q] * scale + b[q]));
+        }
+      }
+    }
     __syncthreads();  // fp32 tile consumed before the next unit refills the pipeline
   }
 }

@@ -1,7 +1,10 @@
-// Tensor-core building blocks shared by the WMMA kernels (sgmv_tc.cuh, seg_masked_mm.cu):
-// raw 16-bit storage conversions, cp.async tile loads into padded shared-memory rows, the
-// 64 x 128 block tile computed by 4 warps of 64 x 32 each, the fp32-tile read-modify-write of
-// y, and the host-side launch helpers (element type map, knob check, shared-memory sizing).
+// Tensor-core building blocks of the WMMA kernels (sgmv_tc.cuh, seg_masked_mm.cu): raw 16-bit
+// storage conversions, cp.async tile loads into padded shared-memory rows and the host-side
+// launch helpers (element type map, knob check, shared-memory sizing), shared by both; the
+// 64 x 128 block tile of 4 warps (64 x 32 each) and its fp32 read-modify-write of y, used by
+// seg_masked_mm. sgmv_expand_tc computes the same tile with the same code written in the kernel:
+// routed through these helpers it took 164 -> 168 registers (capped; 234 uncapped) and ran 3-8%
+// slower (H100, bert-base LoRA/adapter sites, 64 and 256 segments), so it keeps its own copy.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -20,6 +23,7 @@ namespace tc {
 constexpr int kThreads = 128;  // 4 warps
 constexpr int kBM = 64;        // token rows per unit (16 per warp in shrink)
 constexpr int kSmemAlign = 128;
+constexpr int kMinBlocks = 3;  // blocks per SM the 64 x 128 tile kernels are built for
 
 using raw16 = uint16_t;
 
@@ -90,8 +94,9 @@ __device__ __forceinline__ void load_tile(raw16* s, const raw16* __restrict__ g,
 // y[m * ld + c] += scale * sc[m * LDC + c] + bias[c] (bias may be null), m < len, c < ncol,
 // for a BM x BN fp32 tile staged in shared memory. Threads own 8-column groups and visit rows
 // m0 + it * RS; `vec` (y 16-byte aligned, ld % 8 == 0) allows 16-byte read-modify-writes of
-// full groups. Loads are batched 4 rows at a time: batching all 8 took sgmv_expand_tc from
-// 168 to 234 registers once inlined (3 -> 2 blocks per SM).
+// full groups; all of a thread's row loads are issued before its stores. Kernels that inline
+// this cap their registers with __launch_bounds__(kThreads, kMinBlocks) (uncapped, ptxas can
+// take 234: 2 blocks per SM).
 template <typename MT, int BM, int BN, int LDC>
 __device__ __forceinline__ void add_tile(raw16* __restrict__ y, int ld, bool vec,
                                          const float* __restrict__ sc, int len, int ncol,
@@ -105,34 +110,29 @@ __device__ __forceinline__ void add_tile(raw16* __restrict__ y, int ld, bool vec
   for (int q = 0; q < 8; ++q) b[q] = (bias && c + q < ncol) ? raw_to_f<MT>(bias[c + q]) : 0.f;
   raw16* yt = y + c;
   if (vec && c + 8 <= ncol) {
-    // Rows in batches of kBatch: the batch's loads are issued before its stores.
-    constexpr int kBatch = IT < 4 ? IT : 4;
-#pragma unroll 1
-    for (int it0 = 0; it0 < IT; it0 += kBatch) {
-      uint4 v[kBatch];
+    uint4 v[IT];
 #pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        const int m = m0 + (it0 + j) * RS;
-        if (m < len) v[j] = *reinterpret_cast<const uint4*>(yt + static_cast<int64_t>(m) * ld);
+    for (int it = 0; it < IT; ++it) {
+      const int m = m0 + it * RS;
+      if (m < len) v[it] = *reinterpret_cast<const uint4*>(yt + static_cast<int64_t>(m) * ld);
+    }
+#pragma unroll
+    for (int it = 0; it < IT; ++it) {
+      const int m = m0 + it * RS;
+      if (m >= len) continue;
+      const float* src = sc + m * LDC + c;
+      uint32_t wd[4] = {v[it].x, v[it].y, v[it].z, v[it].w};
+#pragma unroll
+      for (int h = 0; h < 4; ++h) {
+        const float lo = raw_to_f<MT>(static_cast<raw16>(wd[h] & 0xffffu)) +
+                         (src[2 * h] * scale + b[2 * h]);
+        const float hi = raw_to_f<MT>(static_cast<raw16>(wd[h] >> 16)) +
+                         (src[2 * h + 1] * scale + b[2 * h + 1]);
+        wd[h] = static_cast<uint32_t>(f_to_raw<MT>(lo)) |
+                (static_cast<uint32_t>(f_to_raw<MT>(hi)) << 16);
       }
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        const int m = m0 + (it0 + j) * RS;
-        if (m >= len) continue;
-        const float* src = sc + m * LDC + c;
-        uint32_t wd[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
-#pragma unroll
-        for (int h = 0; h < 4; ++h) {
-          const float lo = raw_to_f<MT>(static_cast<raw16>(wd[h] & 0xffffu)) +
-                           (src[2 * h] * scale + b[2 * h]);
-          const float hi = raw_to_f<MT>(static_cast<raw16>(wd[h] >> 16)) +
-                           (src[2 * h + 1] * scale + b[2 * h + 1]);
-          wd[h] = static_cast<uint32_t>(f_to_raw<MT>(lo)) |
-                  (static_cast<uint32_t>(f_to_raw<MT>(hi)) << 16);
-        }
-        *reinterpret_cast<uint4*>(yt + static_cast<int64_t>(m) * ld) =
-            make_uint4(wd[0], wd[1], wd[2], wd[3]);
-      }
+      *reinterpret_cast<uint4*>(yt + static_cast<int64_t>(m) * ld) =
+          make_uint4(wd[0], wd[1], wd[2], wd[3]);
     }
   } else {
     for (int m = m0; m < len; m += RS) {
