@@ -127,19 +127,25 @@ inline GroupedArgs prepare_shrink(const at::Tensor& x, const at::Tensor& w,
   return a;
 }
 
+// y [T, N] updated in place, and the op's input rows x [T, K] (named `x_name`).
+inline void check_accumulate(const at::Tensor& y, const at::Tensor& x, const char* x_name,
+                             const char* x_shape) {
+  check_float(y, "y");
+  check_dim(y, 2, "y", "[T, N]");
+  PETOPS_CHECK(y.is_contiguous(), "y is updated in place and must be contiguous; pass "
+              "y.contiguous() and use the result");
+  check_dim(x, 2, x_name, x_shape);
+  PETOPS_CHECK(x.size(0) == y.size(0), x_name, " must have T = y.size(0) = ", y.size(0),
+              " rows, got shape ", x.sizes());
+}
+
 inline GroupedArgs prepare_expand(const at::Tensor& y, const at::Tensor& tmp, const at::Tensor& w,
                                   const at::Tensor& seg_indptr, const at::Tensor& item_seg,
                                   const at::Tensor& item_w_off, const at::Tensor& item_rank,
                                   const at::Tensor& item_in_off, const at::Tensor& item_out_off,
                                   const at::Tensor& item_out_dim, const at::Tensor& item_scale,
                                   const OptTensor& bias, const OptTensor& item_b_off) {
-  check_float(y, "y");
-  check_dim(y, 2, "y", "[T, N]");
-  PETOPS_CHECK(y.is_contiguous(), "y is updated in place and must be contiguous; pass "
-              "y.contiguous() and use the result");
-  check_dim(tmp, 2, "tmp", "[T, R]");
-  PETOPS_CHECK(tmp.size(0) == y.size(0), "tmp must have T = y.size(0) = ", y.size(0),
-              " rows, got shape ", tmp.sizes());
+  check_accumulate(y, tmp, "tmp", "[T, R]");
   GroupedArgs a = prepare_items(y, seg_indptr, item_seg, item_w_off);
   a.y = y;
   a.x = like(tmp, y, "tmp", "y");
@@ -164,13 +170,7 @@ inline GroupedArgs prepare_spmm(const at::Tensor& y, const at::Tensor& x,
                                 const at::Tensor& item_rowptr_off, const at::Tensor& rowptr,
                                 const at::Tensor& indices, const OptTensor& values,
                                 const OptTensor& dense_w) {
-  check_float(y, "y");
-  check_dim(y, 2, "y", "[T, N]");
-  PETOPS_CHECK(y.is_contiguous(), "y is updated in place and must be contiguous; pass "
-              "y.contiguous() and use the result");
-  check_dim(x, 2, "x", "[T, K]");
-  PETOPS_CHECK(x.size(0) == y.size(0), "x must have T = y.size(0) = ", y.size(0),
-              " rows, got shape ", x.sizes());
+  check_accumulate(y, x, "x", "[T, K]");
   PETOPS_CHECK(values.has_value() != dense_w.has_value(),
               "give exactly one of values (Diff-Pruning) or dense_w (MaskBERT), got ",
               values ? "both" : "neither");
@@ -197,13 +197,7 @@ inline GroupedArgs prepare_masked(const at::Tensor& y, const at::Tensor& x,
                                   const at::Tensor& seg_indptr, const at::Tensor& item_seg,
                                   const at::Tensor& item_mask_off, const at::Tensor& mask,
                                   const at::Tensor& dense_w) {
-  check_float(y, "y");
-  check_dim(y, 2, "y", "[T, N]");
-  PETOPS_CHECK(y.is_contiguous(), "y is updated in place and must be contiguous; pass "
-              "y.contiguous() and use the result");
-  check_dim(x, 2, "x", "[T, K]");
-  PETOPS_CHECK(x.size(0) == y.size(0), "x must have T = y.size(0) = ", y.size(0),
-              " rows, got shape ", x.sizes());
+  check_accumulate(y, x, "x", "[T, K]");
   GroupedArgs a = prepare_items(y, seg_indptr, item_seg, item_mask_off, "item_mask_off");
   a.y = y;
   a.x = like(x, y, "x", "y");

@@ -31,7 +31,7 @@ from .base import (
     ln_names,
     register_pet,
 )
-from .sparse import SparsePlan, SparseStore
+from .sparse import SitePlan, SparseStore
 
 IDX, VAL = "weight_delta_indices", "weight_delta_values"
 
@@ -121,10 +121,10 @@ class DiffPruning(PetMethod):
         self.store.remove(slot)
         super().unload(slot, loaded)
 
-    def prepare(self, batch: Batch, segs: torch.Tensor) -> SparsePlan:
+    def prepare(self, batch: Batch, segs: torch.Tensor) -> SitePlan:
         return self.store.prepare(batch, segs)
 
     def apply_linear(
-        self, plan: SparsePlan, site: str, layer: int, x: torch.Tensor, y: torch.Tensor
+        self, plan: SitePlan, site: str, layer: int, x: torch.Tensor, y: torch.Tensor
     ) -> None:
         self.store.apply(plan, site, layer, x, y, None, 1.0)

@@ -43,7 +43,7 @@ from .base import (
 )
 from .diff_pruning import module_shape
 from .meta import SlotMeta
-from .sparse import BitmapPlan, BitmapStore, SparsePlan, SparseStore
+from .sparse import BitmapStore, SitePlan, SparseStore
 
 MASK = "weight_mask"
 FORMATS = ("auto", "csr", "bitmask")  # MASKBERT_FORMAT, checked by EngineConfig
@@ -135,9 +135,7 @@ class MaskBert(PetMethod):
         self.is_bitmap.reset(slot)
         super().unload(slot, loaded)
 
-    def prepare(
-        self, batch: Batch, segs: torch.Tensor
-    ) -> tuple[SparsePlan | None, BitmapPlan | None]:
+    def prepare(self, batch: Batch, segs: torch.Tensor) -> tuple[SitePlan | None, SitePlan | None]:
         as_bitmap = self.is_bitmap[batch.seg_task_cpu[segs]]
         csr, bitmap = segs[~as_bitmap], segs[as_bitmap]
         return (
@@ -147,7 +145,7 @@ class MaskBert(PetMethod):
 
     def apply_linear(
         self,
-        plan: tuple[SparsePlan | None, BitmapPlan | None],
+        plan: tuple[SitePlan | None, SitePlan | None],
         site: str,
         layer: int,
         x: torch.Tensor,

@@ -25,21 +25,42 @@ from .meta import SlotMeta
 
 
 @dataclass
-class SparsePlan:
+class SitePlan:
+    """One store's items in a batch: a segment each, and its matrix per layer and site."""
+
     seg_indptr: torch.Tensor  # [S + 1] int32, device (the batch's)
     item_seg: torch.Tensor  # [I] int32, device
-    rowptr_off: torch.Tensor  # [L, 4, I] int64, device
+    off: torch.Tensor  # [L, 4, I] int64, device: pool offsets (a store's own meaning)
 
 
-class SparseStore:
-    """Pools and per-slot row-pointer offsets for one sparse PET type."""
+class SiteStore:
+    """A store with one pool offset per task, layer and site (``offsets``, ``fill`` if unset)."""
+
+    def __init__(self, ctx: PetContext, fill: int = 0) -> None:
+        self.ctx = ctx
+        self.offsets = SlotMeta((ctx.spec.layers, len(SITES)), torch.int64, fill=fill)
+
+    def remove(self, slot: int) -> None:
+        self.offsets.reset(slot)
+
+    def prepare(self, batch: Batch, segs: torch.Tensor) -> SitePlan:
+        """The plan of segments ``segs`` (CPU indices into the batch)."""
+        offs = self.offsets[batch.seg_task_cpu[segs]].permute(1, 2, 0).contiguous()  # [L, 4, I]
+        return SitePlan(
+            seg_indptr=batch.seg_indptr,
+            item_seg=segs.to(torch.int32).to(self.ctx.device, non_blocking=True),
+            off=offs.to(self.ctx.device, non_blocking=True),
+        )
+
+
+class SparseStore(SiteStore):
+    """CSR pools for one sparse PET type; ``offsets`` locate each matrix's row pointers."""
 
     def __init__(self, ctx: PetContext, with_values: bool) -> None:
-        self.ctx = ctx
+        super().__init__(ctx)
         self.rowptr = ctx.pool(torch.int64)
         self.indices = ctx.pool(torch.int32)
         self.values = ctx.pool() if with_values else None
-        self.rowptr_off = SlotMeta((ctx.spec.layers, len(SITES)), torch.int64)
 
     def add(
         self,
@@ -83,24 +104,11 @@ class SparseStore:
                 rp_alloc = self.rowptr.put(rp + idx_alloc.offset)
                 loaded.allocations.append((self.rowptr, rp_alloc))
                 offs[layer, si] = rp_alloc.offset
-        self.rowptr_off[slot] = offs
-
-    def remove(self, slot: int) -> None:
-        self.rowptr_off.reset(slot)
-
-    def prepare(self, batch: Batch, segs: torch.Tensor) -> SparsePlan:
-        tasks = batch.seg_task_cpu[segs]
-        offs = self.rowptr_off[tasks].permute(1, 2, 0).contiguous()  # [L, 4, I]
-        dev = self.ctx.device
-        return SparsePlan(
-            seg_indptr=batch.seg_indptr,
-            item_seg=segs.to(torch.int32).to(dev, non_blocking=True),
-            rowptr_off=offs.to(dev, non_blocking=True),
-        )
+        self.offsets[slot] = offs
 
     def apply(
         self,
-        plan: SparsePlan,
+        plan: SitePlan,
         site: str,
         layer: int,
         x: torch.Tensor,
@@ -108,7 +116,7 @@ class SparseStore:
         dense_w: torch.Tensor | None,
         alpha: float,
     ) -> None:
-        offs = plan.rowptr_off[layer, SITES.index(site)]
+        offs = plan.off[layer, SITES.index(site)]
         self.ctx.ops.seg_spmm(
             y,
             x,
@@ -123,14 +131,7 @@ class SparseStore:
         )
 
 
-@dataclass
-class BitmapPlan:
-    seg_indptr: torch.Tensor  # [S + 1] int32, device (the batch's)
-    item_seg: torch.Tensor  # [I] int32, device
-    word_off: torch.Tensor  # [L, 4, I] int64, device; -1 where the task has no bits
-
-
-class BitmapStore:
+class BitmapStore(SiteStore):
     """Per-task ``[N, K]`` bit selections of each site's shared weight, in one int32 pool.
 
     A site's bitmap costs ``N * ceil(K / 32)`` words whatever the density; a site where the
@@ -138,9 +139,8 @@ class BitmapStore:
     """
 
     def __init__(self, ctx: PetContext) -> None:
-        self.ctx = ctx
+        super().__init__(ctx, fill=-1)
         self.words = ctx.pool(torch.int32)
-        self.word_off = SlotMeta((ctx.spec.layers, len(SITES)), torch.int64, fill=-1)
 
     def add(
         self, slot: int, loaded: LoadedTask, selected: Mapping[tuple[int, str], torch.Tensor]
@@ -168,23 +168,11 @@ class BitmapStore:
                 alloc = self.words.put(pack_mask_words(bits))
                 loaded.allocations.append((self.words, alloc))
                 offs[layer, si] = alloc.offset
-        self.word_off[slot] = offs
-
-    def remove(self, slot: int) -> None:
-        self.word_off.reset(slot)
-
-    def prepare(self, batch: Batch, segs: torch.Tensor) -> BitmapPlan:
-        offs = self.word_off[batch.seg_task_cpu[segs]].permute(1, 2, 0).contiguous()  # [L, 4, I]
-        dev = self.ctx.device
-        return BitmapPlan(
-            seg_indptr=batch.seg_indptr,
-            item_seg=segs.to(torch.int32).to(dev, non_blocking=True),
-            word_off=offs.to(dev, non_blocking=True),
-        )
+        self.offsets[slot] = offs
 
     def apply(
         self,
-        plan: BitmapPlan,
+        plan: SitePlan,
         site: str,
         layer: int,
         x: torch.Tensor,
@@ -197,7 +185,7 @@ class BitmapStore:
             x,
             plan.seg_indptr,
             plan.item_seg,
-            plan.word_off[layer, SITES.index(site)],
+            plan.off[layer, SITES.index(site)],
             self.words.data,
             dense_w,
             alpha,

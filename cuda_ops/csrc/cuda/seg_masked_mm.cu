@@ -24,6 +24,14 @@
 namespace petops {
 namespace {
 
+// Work units of item i: (ROWS-token tile, column tile) pairs; none without a mask.
+template <int ROWS>
+__device__ __forceinline__ int item_units(int i, const int* seg_indptr, const int* item_seg,
+                                          const int64_t* item_mask_off, int col_tiles) {
+  const int s = item_seg[i], len = seg_indptr[s + 1] - seg_indptr[s];
+  return item_mask_off[i] >= 0 ? ((len + ROWS - 1) / ROWS) * col_tiles : 0;
+}
+
 // ---- tensor cores (float16 / bfloat16) ----
 
 constexpr int kBN = tc::kTileBN;
@@ -93,8 +101,7 @@ __global__ void __launch_bounds__(tc::kThreads, tc::kMinBlocks)
   __shared__ int scratch[32];
   const int col_tiles = (n_out + kBN - 1) / kBN;
   const int total = build_unit_prefix(prefix, n_items, [&](int i) {
-    const int s = item_seg[i], len = seg_indptr[s + 1] - seg_indptr[s];
-    return item_mask_off[i] >= 0 ? ((len + kBM - 1) / kBM) * col_tiles : 0;
+    return item_units<kBM>(i, seg_indptr, item_seg, item_mask_off, col_tiles);
   }, scratch);
   const int kw = (k_dim + 31) / 32, nk = (k_dim + BK - 1) / BK;
   const bool y_al = (reinterpret_cast<uintptr_t>(y) & 15) == 0 && (n_out & 7) == 0;
@@ -168,8 +175,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ int scratch[32];
   const int col_tiles = (n_out + kTile - 1) / kTile;
   const int total = build_unit_prefix(prefix, n_items, [&](int i) {
-    const int s = item_seg[i], len = seg_indptr[s + 1] - seg_indptr[s];
-    return item_mask_off[i] >= 0 ? ((len + kTile - 1) / kTile) * col_tiles : 0;
+    return item_units<kTile>(i, seg_indptr, item_seg, item_mask_off, col_tiles);
   }, scratch);
   const int kw = (k_dim + 31) / 32;
   const int tx = threadIdx.x % kTile, ty = threadIdx.x / kTile;  // column, row group
