@@ -330,8 +330,9 @@ def seg_masked_mm(
     ``[N, K]``, mask an int32 word pool). Compiled: at most one item per segment; float16 and
     bfloat16 run on tensor cores on CUDA (``PETOPS_MASKED_TC=0`` forces CUDA cores).
     """
-    args = (y, x, seg_indptr, item_seg, item_mask_off, mask, dense_w, alpha)
-    _call("seg_masked_mm", y.device, *args)
+    _call(
+        "seg_masked_mm", y.device, y, x, seg_indptr, item_seg, item_mask_off, mask, dense_w, alpha
+    )
 
 
 @_register_fake("seg_masked_mm")

@@ -108,7 +108,7 @@ class MaskBert(PetMethod):
                     bits = (packed[:, None] >> self._shifts) & 1  # [nbytes, 8], LSB first
                     dropped[(i, module)] = (bits.reshape(-1)[: out * inp] == 0).view(out, inp)
         as_bitmap = self._use_bitmap(dropped)
-        self.is_bitmap[slot] = as_bitmap  # every slot: prepare() looks up the batch's slots
+        self.is_bitmap[slot] = as_bitmap
         if as_bitmap:
             self.bitmaps.add(slot, loaded, dropped)
         else:

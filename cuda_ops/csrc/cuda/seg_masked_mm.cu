@@ -232,8 +232,10 @@ void launch_tc(const GroupedArgs& a, double alpha, cudaStream_t stream) {
   const int bps = tc::prepare_kernel(kernel, smem);
   const int64_t bound = (ceil_div(a.y.size(0), tc::kBM) + n_items) * ceil_div(n_out, kBN);
   kernel<<<grouped_grid(bound, bps), tc::kThreads, smem, stream>>>(
-      reinterpret_cast<tc::raw16*>(a.y.data_ptr<T>()), tc::raw_or_null<T>(a.x),
-      tc::raw_or_null<T>(a.dense_w), reinterpret_cast<const uint32_t*>(a.mask.data_ptr<int>()),
+      reinterpret_cast<tc::raw16*>(a.y.data_ptr<T>()),
+      reinterpret_cast<const tc::raw16*>(a.x.data_ptr<T>()),
+      reinterpret_cast<const tc::raw16*>(a.dense_w.data_ptr<T>()),
+      reinterpret_cast<const uint32_t*>(a.mask.data_ptr<int>()),
       a.seg_indptr.data_ptr<int>(), a.item_seg.data_ptr<int>(), a.item_w_off.data_ptr<int64_t>(),
       static_cast<float>(alpha), n_items, static_cast<int>(n_out),
       static_cast<int>(a.x.size(1)));
