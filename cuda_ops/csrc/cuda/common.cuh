@@ -8,7 +8,11 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "activations.h"
 #include "check.h"
@@ -115,10 +119,42 @@ __device__ __forceinline__ int build_unit_prefix(int* prefix, int n_items, Units
 
 inline int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
-// Persistent grid for a grouped kernel: enough blocks to fill the GPU, never more than an
-// upper bound on the work units.
-inline int grouped_grid(int64_t unit_bound, int blocks_per_sm) {
-  const int64_t cap = static_cast<int64_t>(num_sms()) * blocks_per_sm;
+// Blocks of `kernel` resident on one SM at `threads` x `smem` bytes of dynamic shared memory
+// (registers and shared memory both count), after opting the kernel into shared memory past
+// 48 KB. Cached per device, kernel, block size and shared memory: it is asked on every launch.
+template <typename Kernel>
+int resident_blocks(Kernel kernel, int threads, size_t smem) {
+  using Key = std::tuple<int, const void*, int, size_t>;
+  static std::mutex mu;
+  static std::map<Key, int> cache;
+  const Key key{c10::cuda::current_device(), reinterpret_cast<const void*>(kernel), threads,
+                smem};
+  const std::lock_guard<std::mutex> lock(mu);
+  if (const auto it = cache.find(key); it != cache.end()) return it->second;
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  if (smem > static_cast<size_t>(attr.maxDynamicSharedSizeBytes)) {  // only ever raised
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem));
+  PETOPS_CHECK(blocks >= 1, "a grouped kernel needs ", smem, " bytes of shared memory per block",
+               " with ", threads, " threads, more than one SM of this GPU holds; use fewer",
+               " items per call");
+  cache.emplace(key, blocks);
+  return blocks;
+}
+
+// Persistent grid for a grouped kernel: the blocks that fit on the GPU at once, never more
+// than an upper bound on the work units. More would wait for a second round of residency and
+// pay the per-block unit-prefix prologue again (H100, 64 segments: sgmv_expand's grid sized
+// from shared memory alone, 6 blocks per SM where its registers allow 3, took 11.5 us
+// against 10.9; docs/results/h100_sgmv_variants_ab.csv).
+template <typename Kernel>
+int grouped_grid(Kernel kernel, int threads, size_t smem, int64_t unit_bound) {
+  const int64_t cap =
+      static_cast<int64_t>(num_sms()) * resident_blocks(kernel, threads, smem);
   return static_cast<int>(std::max<int64_t>(1, std::min(unit_bound, cap)));
 }
 

@@ -229,9 +229,8 @@ void launch_tc(const GroupedArgs& a, double alpha, cudaStream_t stream) {
   const int64_t n_out = a.y.size(1);
   auto kernel = seg_masked_mm_tc_kernel<MT, BK, S>;
   const size_t smem = tc::tile_smem(n_items, MaskedCfg<BK, S>::smem());
-  const int bps = tc::prepare_kernel(kernel, smem);
   const int64_t bound = (ceil_div(a.y.size(0), tc::kBM) + n_items) * ceil_div(n_out, kBN);
-  kernel<<<grouped_grid(bound, bps), tc::kThreads, smem, stream>>>(
+  kernel<<<grouped_grid(kernel, tc::kThreads, smem, bound), tc::kThreads, smem, stream>>>(
       reinterpret_cast<tc::raw16*>(a.y.data_ptr<T>()),
       reinterpret_cast<const tc::raw16*>(a.x.data_ptr<T>()),
       reinterpret_cast<const tc::raw16*>(a.dense_w.data_ptr<T>()),
@@ -272,7 +271,8 @@ void seg_masked_mm_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tens
   const int64_t bound = (ceil_div(a.y.size(0), kTile) + n_items) * ceil_div(n_out, kTile);
   const size_t smem = (n_items + 1) * sizeof(int);
   PETOPS_DISPATCH_FLOATS(a.y.scalar_type(), "seg_masked_mm", [&] {
-    seg_masked_mm_kernel<scalar_t><<<grouped_grid(bound, 8), kThreads, smem, stream>>>(
+    auto kernel = seg_masked_mm_kernel<scalar_t>;
+    kernel<<<grouped_grid(kernel, kThreads, smem, bound), kThreads, smem, stream>>>(
         a.y.data_ptr<scalar_t>(), a.x.data_ptr<scalar_t>(), a.dense_w.data_ptr<scalar_t>(),
         reinterpret_cast<const uint32_t*>(a.mask.data_ptr<int>()), a.seg_indptr.data_ptr<int>(),
         a.item_seg.data_ptr<int>(), a.item_w_off.data_ptr<int64_t>(), static_cast<float>(alpha),

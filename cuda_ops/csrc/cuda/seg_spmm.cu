@@ -110,11 +110,7 @@ void launch_seg_spmm(const GroupedArgs& a, double alpha, cudaStream_t stream) {
   const int n_items = static_cast<int>(a.num_items);
   const size_t smem = k_dim * TM * sizeof(XS) + (n_items + 1) * sizeof(int);
   auto kernel = seg_spmm_kernel<T, XS, TM>;
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  }
-  const int grid = grouped_grid(ceil_div(n_tok, TM) + n_items, smem > 64 * 1024 ? 2 : 4);
+  const int grid = grouped_grid(kernel, kThreads, smem, ceil_div(n_tok, TM) + n_items);
   kernel<<<grid, kThreads, smem, stream>>>(
       a.y.data_ptr<T>(), a.x.data_ptr<T>(), a.seg_indptr.data_ptr<int>(),
       a.item_seg.data_ptr<int>(), a.item_w_off.data_ptr<int64_t>(), a.rowptr.data_ptr<int64_t>(),

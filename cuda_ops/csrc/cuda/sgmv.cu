@@ -186,8 +186,8 @@ void launch_shrink_tc(const GroupedArgs& a, at::Tensor& out, int n_items, int k_
   using MT = typename tc::MmaType<T>::type;
   auto kernel = tc::sgmv_shrink_tc_kernel<MT, RNMAX>;
   const size_t smem = tc::tile_smem(n_items, tc::shrink_tile_smem<RNMAX>());
-  const int bps = tc::prepare_kernel(kernel, smem);
-  const int grid = grouped_grid(ceil_div(a.x.size(0), tc::kBM) + n_items, bps);
+  const int grid =
+      grouped_grid(kernel, tc::kThreads, smem, ceil_div(a.x.size(0), tc::kBM) + n_items);
   kernel<<<grid, tc::kThreads, smem, stream>>>(
       reinterpret_cast<const tc::raw16*>(a.x.data_ptr<T>()),
       reinterpret_cast<const tc::raw16*>(a.w.data_ptr<T>()), tc::raw_or_null<T>(a.bias),
@@ -218,10 +218,9 @@ void launch_expand_tc(const GroupedArgs& a, int n_items, int n_cols, cudaStream_
   using MT = typename tc::MmaType<T>::type;
   auto kernel = tc::sgmv_expand_tc_kernel<MT>;
   const size_t smem = tc::tile_smem(n_items, tc::expand_tile_smem());
-  const int bps = tc::prepare_kernel(kernel, smem);
   const int64_t bound = (ceil_div(a.y.size(0), tc::kBM) + n_items) *
                         ceil_div(n_cols, tc::kExpandBN);
-  const int grid = grouped_grid(bound, bps);
+  const int grid = grouped_grid(kernel, tc::kThreads, smem, bound);
   kernel<<<grid, tc::kThreads, smem, stream>>>(
       reinterpret_cast<tc::raw16*>(a.y.data_ptr<T>()),
       reinterpret_cast<const tc::raw16*>(a.x.data_ptr<T>()),
@@ -262,10 +261,11 @@ at::Tensor sgmv_shrink_cuda(const at::Tensor& x, const at::Tensor& w, const at::
         }));
     return out;
   }
-  const int grid = grouped_grid(ceil_div(n_tok, kTileM) + n_items, 8);
   const size_t smem = (n_items + 1) * sizeof(int);
   PETOPS_DISPATCH_FLOATS(a.x.scalar_type(), "sgmv_shrink", [&] {
-    sgmv_shrink_kernel<scalar_t><<<grid, kThreads, smem, stream>>>(
+    auto kernel = sgmv_shrink_kernel<scalar_t>;
+    const int grid = grouped_grid(kernel, kThreads, smem, ceil_div(n_tok, kTileM) + n_items);
+    kernel<<<grid, kThreads, smem, stream>>>(
         a.x.data_ptr<scalar_t>(), a.w.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(a.bias),
         a.seg_indptr.data_ptr<int>(), a.item_seg.data_ptr<int>(), a.item_w_off.data_ptr<int64_t>(),
         a.item_rank.data_ptr<int>(), ptr_or_null<int64_t>(a.item_b_off),
@@ -303,10 +303,10 @@ void sgmv_expand_cuda(const at::Tensor& y, const at::Tensor& tmp, const at::Tens
     return;
   }
   const int64_t bound = (ceil_div(n_tok, kTileM) + n_items) * ceil_div(n_cols, kExpandTN);
-  const int grid = grouped_grid(bound, 8);
   const size_t smem = (n_items + 1) * sizeof(int);
   PETOPS_DISPATCH_FLOATS(a.y.scalar_type(), "sgmv_expand", [&] {
-    sgmv_expand_kernel<scalar_t><<<grid, kThreads, smem, stream>>>(
+    auto kernel = sgmv_expand_kernel<scalar_t>;
+    kernel<<<grouped_grid(kernel, kThreads, smem, bound), kThreads, smem, stream>>>(
         a.y.data_ptr<scalar_t>(), a.x.data_ptr<scalar_t>(), a.w.data_ptr<scalar_t>(),
         ptr_or_null<scalar_t>(a.bias), a.seg_indptr.data_ptr<int>(), a.item_seg.data_ptr<int>(),
         a.item_w_off.data_ptr<int64_t>(), a.item_rank.data_ptr<int>(),

@@ -231,17 +231,5 @@ inline size_t tile_smem(int n_items, size_t tile_bytes) {
   return prefix + tile_bytes;
 }
 
-// Opts the kernel into `smem` bytes of dynamic shared memory; returns the blocks per SM that
-// fit (1..8), the persistent grid's occupancy.
-template <typename Kernel>
-int prepare_kernel(Kernel kernel, size_t smem) {
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  }
-  const size_t per_sm = at::cuda::getCurrentDeviceProperties()->sharedMemPerMultiprocessor;
-  return static_cast<int>(std::max<size_t>(1, std::min<size_t>(8, per_sm / (smem + 1024))));
-}
-
 }  // namespace tc
 }  // namespace petops
