@@ -7,7 +7,8 @@
 #
 # usage: clients/h100/kernel_ab.sh OUT BASE_DIR [steps]
 #   steps: tests kernels bench engine profile (default all); KNOBS="A=1 B=2,C=3" adds
-#   op_kernels runs of the new library with those environment settings.
+#   op_kernels runs of the new library with those environment settings; SITES=a,b limits
+#   the op_kernels runs to those sites (op_kernels.py --sites).
 set -uo pipefail
 out=${1:?usage: kernel_ab.sh OUT BASE_DIR [steps]}
 base=${2:?usage: kernel_ab.sh OUT BASE_DIR [steps]}; shift 2
@@ -31,11 +32,13 @@ if has kernels; then
   for v in base new; do
     lib=${v}_lib
     PETOPS_LIBRARY=${!lib} timeout 200 $py clients/op_kernels.py --segments 1,64,256 \
-      --out "$out/op_kernels_$v.csv" > /dev/null || echo "op_kernels $v failed"
+      ${SITES:+--sites "$SITES"} --out "$out/op_kernels_$v.csv" > /dev/null ||
+      echo "op_kernels $v failed"
   done
   for knob in ${KNOBS:-}; do
     env ${knob//,/ } timeout 200 $py clients/op_kernels.py --segments 64,256 \
-      --out "$out/op_kernels_new_${knob//[=,]/_}.csv" > /dev/null || echo "op_kernels $knob failed"
+      ${SITES:+--sites "$SITES"} --out "$out/op_kernels_new_${knob//[=,]/_}.csv" \
+      > /dev/null || echo "op_kernels $knob failed"
   done
 fi
 if has bench; then
