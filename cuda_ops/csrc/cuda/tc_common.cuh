@@ -70,15 +70,21 @@ __device__ __forceinline__ bool vec_ok(const raw16* g, int64_t ld, int kmax) {
 }
 
 // s[row][kk] = g[row * ld + k0 + kk] for row < nrows and k0 + kk < kmax, else 0;
-// row in [0, ROWS), kk in [0, BK). s has row stride BK + 8.
+// row in [0, ROWS), kk in [0, BK). s has row stride BK + 8. The 16-byte copies are spread
+// over the kThreads threads of the block with a compile-time trip count, so the loop unrolls
+// and its index arithmetic is loop-invariant across K-steps (a runtime-bounded loop cost the
+// tensor-core kernels, which issue an instruction every ~5 cycles per warp, ~20% of their
+// time: H100 ncu, docs/results/h100_ncu_sgmv.txt).
 template <int ROWS, int BK>
 __device__ __forceinline__ void load_tile(raw16* s, const raw16* __restrict__ g, int64_t ld,
                                           int nrows, int k0, int kmax, bool vec) {
   constexpr int LDS = BK + 8;
   if (vec) {
-    constexpr int G = BK / 8;
-#pragma unroll 4
-    for (int e = threadIdx.x; e < ROWS * G; e += kThreads) {
+    constexpr int G = BK / 8, N = ROWS * G, IT = (N + kThreads - 1) / kThreads;
+#pragma unroll
+    for (int it = 0; it < IT; ++it) {
+      const int e = static_cast<int>(threadIdx.x) + it * kThreads;
+      if (N % kThreads != 0 && e >= N) break;
       const int row = e / G, kk = (e % G) * 8, k = k0 + kk;
       const bool ok = row < nrows && k < kmax;
       cp_async16(s + row * LDS + kk, ok ? g + row * ld + k : g, ok);
