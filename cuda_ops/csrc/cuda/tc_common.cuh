@@ -72,9 +72,10 @@ __device__ __forceinline__ bool vec_ok(const raw16* g, int64_t ld, int kmax) {
 // s[row][kk] = g[row * ld + k0 + kk] for row < nrows and k0 + kk < kmax, else 0;
 // row in [0, ROWS), kk in [0, BK). s has row stride BK + 8. The 16-byte copies are spread
 // over the kThreads threads of the block with a compile-time trip count, so the loop unrolls
-// and its index arithmetic is loop-invariant across K-steps (a runtime-bounded loop cost the
-// tensor-core kernels, which issue an instruction every ~5 cycles per warp, ~20% of their
-// time: H100 ncu, docs/results/h100_ncu_sgmv.txt).
+// and its index arithmetic is loop-invariant across K-steps. These kernels are issue-bound
+// (H100 ncu: one instruction per ~5.5 cycles per warp, docs/results/h100_ncu_sgmv.txt); the
+// runtime-bounded loop this replaces made sgmv_shrink 23% and seg_masked_mm 4% slower
+// (docs/results/h100_sgmv_variants_ab.csv).
 template <int ROWS, int BK>
 __device__ __forceinline__ void load_tile(raw16* s, const raw16* __restrict__ g, int64_t ld,
                                           int nrows, int k0, int kmax, bool vec) {
