@@ -22,6 +22,12 @@ TORCH_LIBRARY(petops, m) {
       "sgmv_expand(Tensor(a!) y, Tensor tmp, Tensor w, Tensor seg_indptr, Tensor item_seg, "
       "Tensor item_w_off, Tensor item_rank, Tensor item_in_off, Tensor item_out_off, "
       "Tensor item_out_dim, Tensor item_scale, Tensor? bias, Tensor? item_b_off) -> ()");
+  // Bottleneck adapter (down -> act -> up, per-segment task) + bias + residual + LayerNorm:
+  // a whole adapter output site in one launch.
+  m.def(
+      "adapter_residual_layernorm(Tensor y, Tensor? residual, Tensor bias, Tensor seg_bias, "
+      "Tensor w, Tensor seg_w_off, Tensor seg_rank, Tensor seg_act, Tensor gamma, Tensor beta, "
+      "Tensor seg_indptr, Tensor seg_ln, int max_rank, float eps) -> Tensor");
   // Segmented CSR sparse x dense accumulated into y (Diff-Pruning deltas, MaskBERT masks).
   m.def(
       "seg_spmm(Tensor(a!) y, Tensor x, Tensor seg_indptr, Tensor item_seg, "

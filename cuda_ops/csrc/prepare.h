@@ -215,5 +215,42 @@ inline GroupedArgs prepare_masked(const at::Tensor& y, const at::Tensor& x,
   return a;
 }
 
+// adapter_residual_layernorm: the LayerNorm epilogue (bias required) plus per-segment adapters.
+struct AdapterLnArgs {
+  EpilogueArgs ln;  // y, residual, bias, gamma, beta, seg_indptr, seg_bias, seg_ln
+  at::Tensor w, seg_w_off, seg_rank, seg_act;
+  int64_t max_rank = 0;
+};
+
+// Adapter weights per segment: seg_w_off[s] = offsets of down.w, down.b, up.w, up.b.
+constexpr int64_t kAdapterParts = 4;
+
+inline AdapterLnArgs prepare_adapter_ln(const at::Tensor& y, const OptTensor& residual,
+                                        const at::Tensor& bias, const at::Tensor& seg_bias,
+                                        const at::Tensor& w, const at::Tensor& seg_w_off,
+                                        const at::Tensor& seg_rank, const at::Tensor& seg_act,
+                                        const at::Tensor& gamma, const at::Tensor& beta,
+                                        const at::Tensor& seg_indptr, const at::Tensor& seg_ln,
+                                        int64_t max_rank) {
+  AdapterLnArgs a;
+  a.ln = prepare_layernorm(y, residual, bias, gamma, beta, seg_indptr, seg_bias, seg_ln);
+  const int64_t s = a.ln.seg_indptr.numel() - 1;
+  PETOPS_CHECK(max_rank >= 0, "max_rank must be >= 0, got ", max_rank);
+  a.max_rank = max_rank;
+  a.w = flat_pool(w, y, "w", "y");
+  check_dim(seg_w_off, 2, "seg_w_off", "[S, 4]");
+  PETOPS_CHECK(seg_w_off.size(0) == s && seg_w_off.size(1) == kAdapterParts,
+              "seg_w_off must be [S, 4] = [", s, ", 4] (down.w, down.b, up.w, up.b offsets), got ",
+              seg_w_off.sizes());
+  PETOPS_CHECK((seg_w_off.scalar_type() == at::kLong || seg_w_off.scalar_type() == at::kInt) &&
+                  seg_w_off.device() == y.device(),
+              "seg_w_off must be an int64 (or int32) tensor on ", y.device(), ", got ",
+              seg_w_off.scalar_type(), " on ", seg_w_off.device());
+  a.seg_w_off = seg_w_off.to(at::kLong).contiguous();
+  a.seg_rank = index(seg_rank, at::kInt, y, "seg_rank", s);
+  a.seg_act = index(seg_act, at::kInt, y, "seg_act", s);
+  return a;
+}
+
 }  // namespace
 }  // namespace petops

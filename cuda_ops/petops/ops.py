@@ -27,6 +27,7 @@ OP_NAMES = (
     "bias_residual_layernorm",
     "sgmv_shrink",
     "sgmv_expand",
+    "adapter_residual_layernorm",
     "seg_spmm",
     "seg_masked_mm",
 )
@@ -260,6 +261,64 @@ def sgmv_expand(
 @_register_fake("sgmv_expand")
 def _(y, tmp, *_rest):  # in place on y: only the operands' ranks are checked
     torch._check(y.dim() == 2 and tmp.dim() == 2)
+
+
+def adapter_residual_layernorm(
+    y: torch.Tensor,
+    residual: torch.Tensor | None,
+    bias: torch.Tensor,
+    seg_bias: torch.Tensor,
+    w: torch.Tensor,
+    seg_w_off: torch.Tensor,
+    seg_rank: torch.Tensor,
+    seg_act: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    seg_ln: torch.Tensor,
+    max_rank: int,
+    eps: float,
+) -> torch.Tensor:
+    """A bottleneck-adapter output site in one op: bias, adapter, residual, LayerNorm.
+
+    Semantics (``seg`` = each token's segment, ``r = seg_rank[s]``, ``o = seg_w_off[s]``)::
+
+        h = y + bias[seg_bias[seg]]                                          # [T, N]
+        Wd, bd = w[o[0]:][:r * N].view(r, N), w[o[1]:][:r]                   # down [r, N]
+        Wu, bu = w[o[2]:][:N * r].view(N, r), w[o[3]:][:N]                   # up   [N, r]
+        h[rows of s] += seg_act[s](h[rows] @ Wd.T + bd) @ Wu.T + bu          # where r > 0
+        out = layer_norm(h + residual) * gamma[seg_ln[seg]] + beta[seg_ln[seg]]
+
+    Equal to ``bias_act`` -> ``sgmv_shrink`` -> ``sgmv_expand`` -> ``bias_residual_layernorm``
+    with the same intermediate roundings. Args: see
+    :func:`petops.reference.adapter_residual_layernorm` (seg_* ``[S]``, seg_w_off int64
+    ``[S, 4]``). Returns ``[T, N]``.
+    """
+    return _call(
+        "adapter_residual_layernorm",
+        y.device,
+        y,
+        residual,
+        bias,
+        seg_bias,
+        w,
+        seg_w_off,
+        seg_rank,
+        seg_act,
+        gamma,
+        beta,
+        seg_indptr,
+        seg_ln,
+        max_rank,
+        eps,
+    )
+
+
+@_register_fake("adapter_residual_layernorm")
+def _(y, residual, bias, seg_bias, w, seg_w_off, seg_rank, seg_act, gamma, beta, *_rest):
+    torch._check(y.dim() == 2 and w.dim() == 1 and seg_w_off.dim() == 2)
+    torch._check(gamma.shape[-1] == y.shape[1] and bias.shape[-1] == y.shape[1])
+    return y.new_empty(y.shape)
 
 
 def seg_spmm(

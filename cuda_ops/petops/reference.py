@@ -327,6 +327,82 @@ def sgmv_expand(
     y.copy_(acc.to(y.dtype))
 
 
+def adapter_residual_layernorm(
+    y: torch.Tensor,
+    residual: torch.Tensor | None,
+    bias: torch.Tensor,
+    seg_bias: torch.Tensor,
+    w: torch.Tensor,
+    seg_w_off: torch.Tensor,
+    seg_rank: torch.Tensor,
+    seg_act: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    seg_indptr: torch.Tensor,
+    seg_ln: torch.Tensor,
+    max_rank: int,
+    eps: float,
+) -> torch.Tensor:
+    """A dense layer's whole output epilogue with a per-task bottleneck adapter, fused.
+
+    Semantics (``round`` is a cast to ``y.dtype``, where the unfused ops write a buffer)::
+
+        seg = token_segment(seg_indptr, T)
+        h = round(y + bias[seg_bias[seg]])                                   # [T, N]
+        for s with seg_rank[s] = r > 0, rows = the tokens of segment s:
+            o = seg_w_off[s]                        # element offsets into the flat pool w
+            Wd, bd = w[o[0]:][:r * N].view(r, N), w[o[1]:][:r]          # adapter down
+            Wu, bu = w[o[2]:][:N * r].view(N, r), w[o[3]:][:N]          # adapter up
+            d = round(act_s(h[rows] @ Wd.T + bd))                        # act_s = seg_act[s]
+            h[rows] = round(h[rows] + d @ Wu.T + bu)
+        out = layer_norm(h + residual, eps) * gamma[seg_ln[seg]] + beta[seg_ln[seg]]
+
+    That is ``bias_act`` -> ``sgmv_shrink`` -> ``sgmv_expand`` -> ``bias_residual_layernorm``
+    in one op, indexed per segment like the epilogues: segments with rank 0 get the plain
+    LayerNorm epilogue, and tasks of different bottlenecks and activations share the call.
+
+    Args:
+        y: ``[T, N]`` shared GEMM output, no bias (fp32/fp16/bf16).
+        residual: optional ``[T, N]``.
+        bias: ``[P, N]`` bias pool; seg_bias: int32 ``[S]`` rows of it.
+        w: flat 1-D adapter weight pool, dtype of ``y``.
+        seg_w_off: int64 ``[S, 4]`` element offsets of down.weight ``[r, N]``, down.bias
+            ``[r]``, up.weight ``[N, r]`` and up.bias ``[N]`` (read only where rank > 0).
+        seg_rank: int32 ``[S]`` bottleneck, each in ``[0, max_rank]``.
+        seg_act: int32 ``[S]`` ``ACT_*`` code of each segment's adapter.
+        gamma, beta: ``[G, N]`` LayerNorm pools; seg_ln: int32 ``[S]`` rows of them.
+        seg_indptr: int32 ``[S + 1]``.
+        max_rank: upper bound on ``seg_rank``.
+        eps: LayerNorm epsilon.
+    Returns:
+        ``[T, N]`` new tensor, dtype of ``y``.
+    """
+    n_tok, n = y.shape
+    dt = y.dtype
+    seg = token_segment(seg_indptr, n_tok)
+    h = (y.float() + bias.float()[seg_bias.long()[seg]]).to(dt)
+    rank = seg_rank.long()
+    items = torch.nonzero(rank > 0).flatten()
+    if items.numel() and max_rank > 0:
+        tok, valid = _item_tokens(seg_indptr, items)  # [I, L]
+        r_i, off = rank[items], seg_w_off.long()[items]  # [I], [I, 4]
+        full = torch.full_like(r_i, n)
+        wd = _gather_matrices(w, off[:, 0], r_i, full, max_rank, n)  # [I, R, N]
+        wu = _gather_matrices(w, off[:, 2], full, r_i, n, max_rank)  # [I, N, R]
+        bd = _gather_matrices(w, off[:, 1], torch.ones_like(r_i), r_i, 1, max_rank)  # [I, 1, R]
+        bu = _gather_matrices(w, off[:, 3], torch.ones_like(r_i), full, 1, n)  # [I, 1, N]
+        hs = h.float()[tok]  # [I, L, N]
+        pre = torch.bmm(hs, wd.transpose(1, 2)) + bd  # [I, L, R]
+        acts = seg_act.long()[items][:, None, None]
+        d = torch.zeros_like(pre)
+        for code in torch.unique(acts).tolist():  # activation kinds, not tasks
+            d = torch.where(acts == code, apply_act(pre, int(code)), d)
+        d = d.to(dt).float()
+        up = (hs + torch.bmm(d, wu.transpose(1, 2)) + bu).to(dt)  # [I, L, N]
+        h[tok[valid]] = up[valid]
+    return bias_residual_layernorm(h, residual, None, gamma, beta, seg_indptr, None, seg_ln, eps)
+
+
 def seg_spmm(
     y: torch.Tensor,
     x: torch.Tensor,

@@ -83,6 +83,44 @@ def sgmv_expand(
     y.copy_(acc.to(y.dtype))
 
 
+def adapter_residual_layernorm(
+    y,
+    residual,
+    bias,
+    seg_bias,
+    w,
+    seg_w_off,
+    seg_rank,
+    seg_act,
+    gamma,
+    beta,
+    seg_indptr,
+    seg_ln,
+    max_rank,
+    eps,
+):
+    n = y.shape[1]
+    out = torch.empty_like(y, dtype=torch.float32)
+    for s in range(seg_indptr.numel() - 1):
+        rows = _rows(seg_indptr, s)
+        h = (y[rows].float() + bias[int(seg_bias[s])].float()).to(y.dtype).float()
+        r = int(seg_rank[s])
+        assert 0 <= r <= max_rank
+        if r > 0:
+            o = [int(v) for v in seg_w_off[s]]
+            wd = w[o[0] : o[0] + r * n].view(r, n).float()
+            bd = w[o[1] : o[1] + r].float()
+            wu = w[o[2] : o[2] + n * r].view(n, r).float()
+            bu = w[o[3] : o[3] + n].float()
+            d = apply_act(h @ wd.T + bd, int(seg_act[s])).to(y.dtype).float()
+            h = (h + d @ wu.T + bu).to(y.dtype).float()
+        if residual is not None:
+            h = h + residual[rows].float()
+        g, b = gamma[int(seg_ln[s])].float(), beta[int(seg_ln[s])].float()
+        out[rows] = F.layer_norm(h, (n,), eps=eps) * g + b
+    return out.to(y.dtype)
+
+
 def seg_spmm(y, x, seg_indptr, item_seg, item_rowptr_off, rowptr, indices, values, dense_w, alpha):
     n, k = y.shape[1], x.shape[1]
     acc = y.float().clone()

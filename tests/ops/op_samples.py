@@ -189,6 +189,98 @@ def sample_inputs_sgmv_expand(device: str, dtype: torch.dtype) -> Iterator[Sampl
         yield name, _to(args, device, dtype, keep=(10,))  # item_scale stays float32
 
 
+# Adapter bottlenecks per task (0: the task has no adapter at this site, plain LayerNorm),
+# activations (every ACT_* code) and hidden sizes: multiples of 64 (the CUDA tensor-core
+# kernel in 16 bits), of 8 only (136) and ragged (60).
+ADAPTER_RANKS = (64, 1, 0, 16, 33, 2, 8)
+ADAPTER_ACTS = (ref.ACT_GELU, ref.ACT_RELU, ref.ACT_SILU, ref.ACT_GELU_TANH, ref.ACT_NONE)
+ADAPTER_WIDTHS = (64, 60, 136, 128)
+# seg_w_off of a rank-0 task: never read (the spec reads the pool only where rank > 0)
+UNUSED_W_OFF = (-1, 2**40, -7, 0)
+
+
+def adapter_pool(
+    ranks: list[int], n: int, g: torch.Generator, aligned: bool
+) -> tuple[torch.Tensor, list[list[int]]]:
+    """Flat pool of each task's down.w [r, N], down.b [r], up.w [N, r], up.b [N], with gaps:
+    every offset a multiple of 8 (``aligned``) or arbitrary. Returns (pool, offsets per task)."""
+    pieces, offs, cur = [], [], 0
+    for r in ranks:
+        if r == 0:
+            offs.append(list(UNUSED_W_OFF))
+            continue
+        parts = (
+            torch.randn(r * n, generator=g) * n**-0.5,
+            torch.randn(r, generator=g) * 0.5,
+            torch.randn(n * r, generator=g) * 0.5 * r**-0.5,
+            torch.randn(n, generator=g) * 0.5,
+        )
+        task = []
+        for part in parts:
+            pad = -cur % 8 if aligned else 3 + cur % 5
+            pieces.append(torch.randn(pad, generator=g))
+            task.append(cur + pad)
+            pieces.append(part)
+            cur += pad + part.numel()
+        offs.append(task)
+    pieces.append(torch.randn(5, generator=g))
+    return torch.cat(pieces), offs
+
+
+def adapter_args(
+    lengths: list[int],
+    seg_task: list[int],
+    task_ranks: list[int],
+    task_acts: list[int],
+    n: int,
+    max_rank: int,
+    g: torch.Generator,
+    residual: bool = True,
+    aligned: bool = False,
+    eps: float = 1e-5,
+) -> tuple:
+    """adapter_residual_layernorm args (float32, CPU): segment s runs task seg_task[s]."""
+    t_tok, n_tasks = sum(lengths), len(task_ranks)
+    w, offs = adapter_pool(task_ranks, n, g, aligned)
+    return (
+        torch.randn(t_tok, n, generator=g) * 1.5,
+        torch.randn(t_tok, n, generator=g) if residual else None,
+        torch.randn(n_tasks, n, generator=g) * 0.5,
+        _i32(seg_task),
+        w,
+        _i64([o for t in seg_task for o in offs[t]]).view(-1, 4),
+        _i32([task_ranks[t] for t in seg_task]),
+        _i32([task_acts[t] for t in seg_task]),
+        torch.rand(n_tasks, n, generator=g) + 0.5,
+        torch.randn(n_tasks, n, generator=g) * 0.5,
+        _indptr(lengths),
+        _i32([(t + 1) % n_tasks for t in seg_task]),  # LayerNorm rows differ from bias rows
+        max_rank,
+        eps,
+    )
+
+
+def sample_inputs_adapter_residual_layernorm(device: str, dtype: torch.dtype) -> Iterator[Sample]:
+    for i, (name, lengths, slots, n_tasks, g) in enumerate(layouts(7)):
+        n = ADAPTER_WIDTHS[i % (2 if len(lengths) > 100 else 4)]  # 256 segments: narrow rows
+        ranks = [ADAPTER_RANKS[(t + i) % len(ADAPTER_RANKS)] for t in range(n_tasks)]
+        acts = [ADAPTER_ACTS[(t + i) % len(ADAPTER_ACTS)] for t in range(n_tasks)]
+        args = adapter_args(
+            lengths,
+            slots,
+            ranks,
+            acts,
+            n,
+            MAX_RANK,
+            g,
+            residual=i % 3 != 2,
+            aligned=i % 2 == 0,
+            eps=1e-12 if i % 2 else 1e-5,
+        )
+        used = sorted({ranks[t] for t in slots})
+        yield f"{name}-n{n}-r{'.'.join(map(str, used))}", _to(args, device, dtype)
+
+
 def _csr_pool(n_tasks: int, n: int, k: int, g: torch.Generator, i: int):
     rowptr, indices, offs, total = [], [], [], 0
     for t in range(n_tasks):
@@ -267,6 +359,7 @@ SAMPLES = {
     "bias_residual_layernorm": sample_inputs_bias_residual_layernorm,
     "sgmv_shrink": sample_inputs_sgmv_shrink,
     "sgmv_expand": sample_inputs_sgmv_expand,
+    "adapter_residual_layernorm": sample_inputs_adapter_residual_layernorm,
     "seg_spmm": sample_inputs_seg_spmm,
     "seg_masked_mm": sample_inputs_seg_masked_mm,
 }

@@ -97,6 +97,7 @@ CUDA_KNOBS = [
     ("seg_masked_mm", {"PETOPS_MASKED_CFG": "64x3"}),
     ("sgmv_shrink", {"PETOPS_SGMV_TC": "0"}),
     ("sgmv_expand", {"PETOPS_SGMV_TC": "0"}),
+    ("adapter_residual_layernorm", {"PETOPS_ADAPTER_TC": "0"}),
 ]
 
 

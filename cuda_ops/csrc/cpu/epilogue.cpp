@@ -113,11 +113,72 @@ at::Tensor bias_residual_layernorm_cpu(const at::Tensor& y, const OptTensor& res
   return out;
 }
 
+
+// Per segment with an adapter: two at::mm on its contiguous rows in fp32, rounded where the
+// unfused ops write a buffer; segments run in parallel. Then the LayerNorm epilogue above.
+at::Tensor adapter_residual_layernorm_cpu(
+    const at::Tensor& y, const OptTensor& residual, const at::Tensor& bias,
+    const at::Tensor& seg_bias, const at::Tensor& w, const at::Tensor& seg_w_off,
+    const at::Tensor& seg_rank, const at::Tensor& seg_act, const at::Tensor& gamma,
+    const at::Tensor& beta, const at::Tensor& seg_indptr, const at::Tensor& seg_ln,
+    int64_t max_rank, double eps) {
+  AdapterLnArgs a = prepare_adapter_ln(y, residual, bias, seg_bias, w, seg_w_off, seg_rank,
+                                       seg_act, gamma, beta, seg_indptr, seg_ln, max_rank);
+  TORCH_INTERNAL_ASSERT(a.ln.y.device().is_cpu());
+  const int64_t n_tok = a.ln.y.size(0), n = a.ln.y.size(1), n_seg = a.seg_rank.numel();
+  check_indptr_host(a.ln.seg_indptr, n_tok);
+  check_range_host<int32_t>(a.seg_rank, 0, max_rank + 1, "seg_rank", "a rank <= max_rank");
+  const int32_t* rk = a.seg_rank.data_ptr<int32_t>();
+  const int32_t* ac = a.seg_act.data_ptr<int32_t>();
+  const int64_t* wo = a.seg_w_off.data_ptr<int64_t>();
+  for (int64_t s = 0; s < n_seg; ++s) {
+    if (rk[s] == 0) continue;
+    PETOPS_CHECK(ac[s] >= 0 && ac[s] < kNumActs, "seg_act[", s, "]=", ac[s],
+                 " is not an ACT_* code in [0, ", static_cast<int64_t>(kNumActs),
+                 "); see petops.reference.ACTIVATIONS");
+    const int64_t len[kAdapterParts] = {rk[s] * n, rk[s], n * rk[s], n};
+    for (int64_t p = 0; p < kAdapterParts; ++p) {
+      PETOPS_CHECK(wo[s * kAdapterParts + p] >= 0 &&
+                       wo[s * kAdapterParts + p] + len[p] <= a.w.numel(),
+                   "seg_w_off[", s, ", ", p, "]=", wo[s * kAdapterParts + p], " with length ",
+                   len[p], " overruns the adapter pool of ", a.w.numel(),
+                   " elements; check the pool offsets");
+    }
+  }
+  // h = round(y + bias): the adapter's input, as bias_act writes it.
+  at::Tensor h = bias_act_cpu(a.ln.y, a.ln.bias, a.ln.seg_indptr, a.ln.seg_bias, std::nullopt,
+                              std::nullopt, kActNone);
+  const int32_t* ip = a.ln.seg_indptr.data_ptr<int32_t>();
+  const auto dt = h.scalar_type();
+  at::parallel_for(0, n_seg, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t s = lo; s < hi; ++s) {
+      const int64_t r = rk[s], r0 = ip[s], rows = ip[s + 1] - r0;
+      if (r == 0 || rows == 0) continue;
+      const int64_t* o = wo + s * kAdapterParts;
+      auto part = [&](int64_t p, at::IntArrayRef shape) {
+        return a.w.narrow(0, o[p], c10::multiply_integers(shape)).view(shape).to(at::kFloat);
+      };
+      at::Tensor hs = h.narrow(0, r0, rows);
+      at::Tensor hf = hs.to(at::kFloat);
+      at::Tensor d = at::mm(hf, part(0, {r, n}).t()).add_(part(1, {r}));
+      float* dp = d.data_ptr<float>();
+      for (int64_t e = 0; e < d.numel(); ++e) dp[e] = apply_act(dp[e], ac[s]);
+      d = d.to(dt).to(at::kFloat);
+      hs.copy_(hf.add_(at::mm(d, part(2, {n, r}).t())).add_(part(3, {n})));
+    }
+  });
+  return bias_residual_layernorm_cpu(h, a.ln.residual.defined() ? OptTensor(a.ln.residual)
+                                                                : std::nullopt,
+                                     std::nullopt, a.ln.gamma, a.ln.beta, a.ln.seg_indptr,
+                                     std::nullopt, a.ln.seg_ln, eps);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(petops, CPU, m) {
   m.impl("bias_act", &bias_act_cpu);
   m.impl("bias_residual_layernorm", &bias_residual_layernorm_cpu);
+  m.impl("adapter_residual_layernorm", &adapter_residual_layernorm_cpu);
 }
 
 }  // namespace petops
