@@ -71,27 +71,27 @@ __device__ __forceinline__ bool vec_ok(const raw16* g, int64_t ld, int kmax) {
 
 // s[row][kk] = g[row * ld + k0 + kk] for row < nrows and k0 + kk < kmax, else 0;
 // row in [0, ROWS), kk in [0, BK). s has row stride BK + 8. The 16-byte copies are spread
-// over the kThreads threads of the block with a compile-time trip count, so the loop unrolls
+// over the THREADS threads of the block with a compile-time trip count, so the loop unrolls
 // and its index arithmetic is loop-invariant across K-steps. These kernels are issue-bound
 // (H100 ncu: one instruction per ~5.5 cycles per warp, docs/results/h100_ncu_sgmv.txt); the
 // runtime-bounded loop this replaces made sgmv_shrink 23% and seg_masked_mm 4% slower
 // (docs/results/h100_sgmv_variants_ab.csv).
-template <int ROWS, int BK>
+template <int ROWS, int BK, int THREADS = kThreads>
 __device__ __forceinline__ void load_tile(raw16* s, const raw16* __restrict__ g, int64_t ld,
                                           int nrows, int k0, int kmax, bool vec) {
   constexpr int LDS = BK + 8;
   if (vec) {
-    constexpr int G = BK / 8, N = ROWS * G, IT = (N + kThreads - 1) / kThreads;
+    constexpr int G = BK / 8, N = ROWS * G, IT = (N + THREADS - 1) / THREADS;
 #pragma unroll
     for (int it = 0; it < IT; ++it) {
-      const int e = static_cast<int>(threadIdx.x) + it * kThreads;
-      if (N % kThreads != 0 && e >= N) break;
+      const int e = static_cast<int>(threadIdx.x) + it * THREADS;
+      if (N % THREADS != 0 && e >= N) break;
       const int row = e / G, kk = (e % G) * 8, k = k0 + kk;
       const bool ok = row < nrows && k < kmax;
       cp_async16(s + row * LDS + kk, ok ? g + row * ld + k : g, ok);
     }
   } else {
-    for (int e = threadIdx.x; e < ROWS * BK; e += kThreads) {
+    for (int e = threadIdx.x; e < ROWS * BK; e += THREADS) {
       const int row = e / BK, kk = e % BK, k = k0 + kk;
       s[row * LDS + kk] = (row < nrows && k < kmax) ? g[row * ld + k] : raw16(0);
     }

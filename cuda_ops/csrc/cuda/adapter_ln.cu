@@ -1,0 +1,463 @@
+// CUDA kernels for adapter_residual_layernorm: a bottleneck-adapter output site (bias, down,
+// activation, up, residual, LayerNorm) in one launch, so h never leaves the SM between the
+// four steps the unfused path runs as bias_act, sgmv_shrink, sgmv_expand and
+// bias_residual_layernorm (four launches, three round trips of [T, N] through memory).
+//
+// Tensor-core kernel (fp16/bf16, N % 64 == 0, N <= 1024, max_rank <= 64): persistent blocks
+// of 8 warps over units = (segment, 32-token tile), scheduled like the sgmv kernels (a shared
+// unit prefix built per block, no host sync). A unit keeps its h tile [32][N] in shared memory:
+//   1. h = round(y + bias) from 16-byte loads;
+//   2. down: d = h @ Wd.T over K = N in 64-wide steps (WMMA m16n16k16, fp32 accumulators);
+//   3. d = round(act(d + bd)) into shared memory, zero past the rank;
+//   4. up: h += d @ Wu.T + bu in 64-column steps, rounded once per element;
+//   5. LayerNorm of h + residual, one warp per row, written with 16-byte stores.
+// y, the residual and the weights arrive by cp.async; down and up weight tiles ([64][64]) share
+// one 4-stage pipeline, so the first up tiles load while the last down steps compute. Segments
+// of rank 0 run steps 1 and 5 only.
+//
+// Generic kernel (fp32, other shapes, PETOPS_ADAPTER_TC=0): one warp per token row with the
+// row and its bottleneck in shared memory; same roundings, CUDA cores.
+#include <torch/library.h>
+
+#include "common.cuh"
+#include "prepare.h"
+#include "tc_common.cuh"
+
+namespace petops {
+namespace {
+
+constexpr int kThreads = 256;    // 8 warps: latency of the elementwise phases hidden by 16
+                                 // warps per SM (2 blocks); 4 warps took 42 us at 64 segments
+constexpr int kWarps = kThreads / 32;
+constexpr int kBM = 32;          // token rows per unit
+constexpr int kRank = 64;        // widest bottleneck of the tensor-core kernel
+constexpr int kBK = 64;          // down: K step; up: output columns per step and the rank
+constexpr int kLDS = kBK + 8;    // weight tile row stride (conflict-free fragment loads)
+constexpr int kStages = 4;       // weight tiles in flight: 3 ahead of the one computed
+constexpr int kLDC = kBK + 4;    // fp32 accumulator staging row stride
+constexpr int kMaxN = 1024;      // LayerNorm: 4 packs of 8 values per lane
+constexpr int kStage = kRank * kLDS;  // raw16 elements per weight tile
+
+using tc::raw16;
+
+// Shared memory after the unit prefix: the h tile, then a region that holds the weight
+// pipeline, the bottleneck and the accumulator staging while the adapter runs, and the
+// residual tile for the LayerNorm afterwards.
+struct TcLayout {
+  size_t hs, ws, ds, cs, rs, total;  // byte offsets, and the bytes of all tiles
+};
+
+__host__ __device__ inline TcLayout tc_layout(int n) {
+  const size_t tile = static_cast<size_t>(kBM) * (n + 8) * sizeof(raw16);  // [kBM][n + 8]
+  TcLayout l{};
+  l.hs = 0;
+  l.ws = l.rs = tile;
+  l.ds = l.ws + static_cast<size_t>(kStages) * kStage * sizeof(raw16);
+  l.cs = l.ds + static_cast<size_t>(kBM) * kLDS * sizeof(raw16);
+  const size_t adapter = l.cs + static_cast<size_t>(kBM) * kLDC * sizeof(float);
+  l.total = adapter > l.rs + tile ? adapter : l.rs + tile;
+  return l;
+}
+
+struct AdapterLnParams {
+  const raw16 *y, *residual, *bias, *w, *gamma, *beta;
+  const int *seg_indptr, *seg_bias, *seg_rank, *seg_act, *seg_ln;
+  const int64_t* seg_w_off;
+  raw16* out;
+  size_t tiles;  // byte offset of the tile buffers (after the unit prefix)
+  int n_seg, n;
+  float eps;
+  bool w_vec;  // the pool is 16-byte aligned (per-tile checks still apply)
+};
+
+// lo/hi 16-bit halves of a 32-bit word as floats, and back.
+template <typename MT>
+__device__ __forceinline__ float lo_f(uint32_t v) {
+  return tc::raw_to_f<MT>(static_cast<raw16>(v & 0xffffu));
+}
+template <typename MT>
+__device__ __forceinline__ float hi_f(uint32_t v) {
+  return tc::raw_to_f<MT>(static_cast<raw16>(v >> 16));
+}
+template <typename MT>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  return static_cast<uint32_t>(tc::f_to_raw<MT>(lo)) |
+         (static_cast<uint32_t>(tc::f_to_raw<MT>(hi)) << 16);
+}
+
+template <typename MT>
+__global__ void __launch_bounds__(kThreads, 2)
+    adapter_ln_tc_kernel(const AdapterLnParams p) {
+  using namespace nvcuda;
+  extern __shared__ __align__(tc::kSmemAlign) char smem[];
+  __shared__ int scratch[32];
+  const int n = p.n, ldh = n + 8, groups = n / 8;
+  int* prefix = reinterpret_cast<int*>(smem);
+  const TcLayout lay = tc_layout(n);
+  raw16* hs = reinterpret_cast<raw16*>(smem + p.tiles + lay.hs);
+  raw16* ws = reinterpret_cast<raw16*>(smem + p.tiles + lay.ws);
+  raw16* ds = reinterpret_cast<raw16*>(smem + p.tiles + lay.ds);
+  float* cs = reinterpret_cast<float*>(smem + p.tiles + lay.cs);
+  raw16* rs = reinterpret_cast<raw16*>(smem + p.tiles + lay.rs);
+
+  const int total = build_unit_prefix(
+      prefix, p.n_seg,
+      [&](int s) { return (p.seg_indptr[s + 1] - p.seg_indptr[s] + kBM - 1) / kBM; }, scratch);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int rf = warp & 1, cq = warp >> 1;  // MMA: 16-row half of the tile, 16-column quarter
+  const int k_steps = n / kBK;              // down steps; the up has as many 64-column steps
+
+  // [kBM][n] rows of g (row stride n) into t ([kBM][n + 8]); rows >= len zero-filled.
+  auto load_rows = [&](raw16* t, const raw16* g, int len) {
+    for (int e = threadIdx.x; e < kBM * groups; e += kThreads) {
+      const int m = e / groups, c = (e % groups) * 8;
+      tc::cp_async16(t + m * ldh + c, m < len ? g + static_cast<int64_t>(m) * n + c : g,
+                     m < len);
+    }
+    tc::cp_async_commit();
+  };
+
+  for (int u = blockIdx.x; u < total; u += gridDim.x) {
+    const int s = upper_slot(prefix, p.n_seg, u);
+    const int row0 = p.seg_indptr[s] + (u - prefix[s]) * kBM;
+    const int len = min(kBM, p.seg_indptr[s + 1] - row0);
+    const int64_t grow = static_cast<int64_t>(row0) * n;
+    const int r = p.seg_rank[s];
+    const int64_t* off = p.seg_w_off + static_cast<int64_t>(s) * kAdapterParts;
+    const raw16* wd = p.w + off[0];
+    const raw16* wu = p.w + off[2];
+    const bool wd_vec = p.w_vec && tc::vec_ok(wd, n, n);
+    const bool wu_vec = p.w_vec && tc::vec_ok(wu, r, r);
+    const int steps = r > 0 ? 2 * k_steps : 0;  // weight tiles: down K steps, then up steps
+    auto issue = [&](int i) {  // weight tile i into stage i % kStages (one commit group)
+      if (i < steps) {
+        raw16* st = ws + (i % kStages) * kStage;
+        if (i < k_steps) {
+          tc::load_tile<kRank, kBK, kThreads>(st, wd, n, r, i * kBK, n, wd_vec);
+        } else {
+          const int n0 = (i - k_steps) * kBK;
+          tc::load_tile<kBK, kBK, kThreads>(st, wu + static_cast<int64_t>(n0) * r, r, kBK, 0, r,
+                                            wu_vec);
+        }
+      }
+      tc::cp_async_commit();
+    };
+
+    // 1. h = round(y + bias). y lands by cp.async while the first weight tiles stream in.
+    load_rows(hs, p.y + grow, len);
+    if (steps == 0 && p.residual) load_rows(rs, p.residual + grow, len);  // region is free
+    if (steps > 0) {
+      for (int i = 0; i < kStages - 1; ++i) issue(i);
+      tc::cp_async_wait<kStages - 1>();
+    } else {
+      tc::cp_async_wait<0>();
+    }
+    __syncthreads();
+    const raw16* bias = p.bias + static_cast<int64_t>(p.seg_bias[s]) * n;
+    for (int e = threadIdx.x; e < len * groups; e += kThreads) {
+      const int m = e / groups, c = (e % groups) * 8;
+      uint4* hp = reinterpret_cast<uint4*>(hs + m * ldh + c);
+      const uint4 hv = *hp, bv = __ldg(reinterpret_cast<const uint4*>(bias + c));
+      *hp = make_uint4(pack2<MT>(lo_f<MT>(hv.x) + lo_f<MT>(bv.x), hi_f<MT>(hv.x) + hi_f<MT>(bv.x)),
+                       pack2<MT>(lo_f<MT>(hv.y) + lo_f<MT>(bv.y), hi_f<MT>(hv.y) + hi_f<MT>(bv.y)),
+                       pack2<MT>(lo_f<MT>(hv.z) + lo_f<MT>(bv.z), hi_f<MT>(hv.z) + hi_f<MT>(bv.z)),
+                       pack2<MT>(lo_f<MT>(hv.w) + lo_f<MT>(bv.w), hi_f<MT>(hv.w) + hi_f<MT>(bv.w)));
+    }
+
+    // 2-4. down, activation, up over the weight tiles; warp (rf, cq) owns one 16 x 16 block.
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.f);
+    const bool down_cols = cq * 16 < r;  // this warp's 16 bottleneck columns hold any rank
+    const int rk = (r + 15) / 16 * 16;   // up: K extent (rank rounded up to the MMA step)
+    float* cw = cs + rf * 16 * kLDC + cq * 16;  // the warp's fp32 staging block
+    for (int i = 0; i < steps; ++i) {
+      tc::cp_async_wait<kStages - 2>();
+      __syncthreads();  // tile i (and the h tile) visible; stage (i - 1) % kStages consumed
+      issue(i + kStages - 1);
+      const MT* st = reinterpret_cast<const MT*>(ws + (i % kStages) * kStage) + cq * 16 * kLDS;
+      if (i < k_steps) {
+        if (down_cols) {
+          const MT* a = reinterpret_cast<const MT*>(hs) + rf * 16 * ldh + i * kBK;
+#pragma unroll
+          for (int kk = 0; kk < kBK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, MT, wmma::row_major> fa;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, MT, wmma::col_major> fb;
+            wmma::load_matrix_sync(fa, a + kk, ldh);
+            wmma::load_matrix_sync(fb, st + kk, kLDS);
+            wmma::mma_sync(acc, fa, fb, acc);
+          }
+        }
+        if (i == k_steps - 1) {  // 3. bottleneck: d = round(act(h @ Wd.T + bd)), 0 past r
+          if (down_cols) wmma::store_matrix_sync(cw, acc, kLDC, wmma::mem_row_major);
+          __syncthreads();
+          const raw16* bd = p.w + off[1];
+          const int act = p.seg_act[s];
+          for (int e = threadIdx.x; e < kBM * kRank; e += kThreads) {
+            const int m = e / kRank, c = e % kRank;
+            const float v =
+                c < r ? apply_act(cs[m * kLDC + c] + tc::raw_to_f<MT>(bd[c]), act) : 0.f;
+            ds[m * kLDS + c] = tc::f_to_raw<MT>(v);
+          }
+          __syncthreads();
+        }
+      } else {  // 4. up step: h[:, n0 : n0 + 64] += d @ Wu[n0 : n0 + 64].T + bu
+        const int n0 = (i - k_steps) * kBK;
+        wmma::fill_fragment(acc, 0.f);
+        const MT* a = reinterpret_cast<const MT*>(ds) + rf * 16 * kLDS;
+        for (int kk = 0; kk < rk; kk += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, MT, wmma::row_major> fa;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, MT, wmma::col_major> fb;
+          wmma::load_matrix_sync(fa, a + kk, kLDS);
+          wmma::load_matrix_sync(fb, st + kk, kLDS);
+          wmma::mma_sync(acc, fa, fb, acc);
+        }
+        // Each warp adds its own 16 x 16 block, staged in its part of cs: no block barrier.
+        wmma::store_matrix_sync(cw, acc, kLDC, wmma::mem_row_major);
+        __syncwarp();
+        const int m = lane >> 1, c = (lane & 1) * 8;  // 16 rows x 2 groups of 8 columns
+        if (rf * 16 + m < len) {
+          const int col = n0 + cq * 16 + c;
+          uint4* hp = reinterpret_cast<uint4*>(hs + (rf * 16 + m) * ldh + col);
+          const uint4 hv = *hp;
+          const uint32_t ha[4] = {hv.x, hv.y, hv.z, hv.w};
+          const float* cp = cw + m * kLDC + c;
+          const raw16* bu = p.w + off[3] + col;
+          uint32_t o[4];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            o[q] = pack2<MT>(lo_f<MT>(ha[q]) + (cp[2 * q] + tc::raw_to_f<MT>(bu[2 * q])),
+                             hi_f<MT>(ha[q]) + (cp[2 * q + 1] + tc::raw_to_f<MT>(bu[2 * q + 1])));
+          }
+          *hp = make_uint4(o[0], o[1], o[2], o[3]);
+        }
+      }
+    }
+    if (steps > 0) {  // the adapter's region becomes the residual tile
+      tc::cp_async_wait<0>();
+      __syncthreads();
+      if (p.residual) {
+        load_rows(rs, p.residual + grow, len);
+        tc::cp_async_wait<0>();
+      }
+    }
+    __syncthreads();  // h (bias pass or up steps) and the residual tile visible to every warp
+
+    // 5. out = LayerNorm(h + residual) * gamma + beta, one warp per row; gamma and beta are
+    // the segment's, loaded once per warp.
+    const int64_t ln = static_cast<int64_t>(p.seg_ln[s]) * n;
+    constexpr int NP = kMaxN / 256;  // 8-value packs per lane
+    uint4 gv[NP], bv[NP];
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+      const int c = (j * 32 + lane) * 8;
+      if (c < n) {
+        gv[j] = __ldg(reinterpret_cast<const uint4*>(p.gamma + ln + c));
+        bv[j] = __ldg(reinterpret_cast<const uint4*>(p.beta + ln + c));
+      }
+    }
+    for (int m = warp; m < len; m += kWarps) {
+      float h[NP][8];
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < NP; ++j) {
+        const int c = (j * 32 + lane) * 8;
+        if (c < n) {
+          const uint4 hv = *reinterpret_cast<const uint4*>(hs + m * ldh + c);
+          const uint32_t ha[4] = {hv.x, hv.y, hv.z, hv.w};
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            h[j][2 * q] = lo_f<MT>(ha[q]);
+            h[j][2 * q + 1] = hi_f<MT>(ha[q]);
+          }
+          if (p.residual) {
+            const uint4 rv = *reinterpret_cast<const uint4*>(rs + m * ldh + c);
+            const uint32_t ra[4] = {rv.x, rv.y, rv.z, rv.w};
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              h[j][2 * q] += lo_f<MT>(ra[q]);
+              h[j][2 * q + 1] += hi_f<MT>(ra[q]);
+            }
+          }
+#pragma unroll
+          for (int q = 0; q < 8; ++q) sum += h[j][q];
+        }
+      }
+      const float mean = warp_sum(sum) / n;
+      float sq = 0.f;
+#pragma unroll
+      for (int j = 0; j < NP; ++j) {
+        if ((j * 32 + lane) * 8 < n) {
+#pragma unroll
+          for (int q = 0; q < 8; ++q) sq += (h[j][q] - mean) * (h[j][q] - mean);
+        }
+      }
+      const float rstd = rsqrtf(warp_sum(sq) / n + p.eps);
+#pragma unroll
+      for (int j = 0; j < NP; ++j) {
+        const int c = (j * 32 + lane) * 8;
+        if (c < n) {
+          const uint32_t ga[4] = {gv[j].x, gv[j].y, gv[j].z, gv[j].w};
+          const uint32_t ba[4] = {bv[j].x, bv[j].y, bv[j].z, bv[j].w};
+          uint32_t o[4];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            o[q] = pack2<MT>((h[j][2 * q] - mean) * rstd * lo_f<MT>(ga[q]) + lo_f<MT>(ba[q]),
+                             (h[j][2 * q + 1] - mean) * rstd * hi_f<MT>(ga[q]) + hi_f<MT>(ba[q]));
+          }
+          *reinterpret_cast<uint4*>(p.out + grow + static_cast<int64_t>(m) * n + c) =
+              make_uint4(o[0], o[1], o[2], o[3]);
+        }
+      }
+    }
+    __syncthreads();  // the h and residual tiles are rewritten by the next unit
+  }
+}
+
+// ---------------------------------------------------------------------------------- generic
+
+constexpr int kRowWarps = 4;
+
+template <typename T>
+__device__ __forceinline__ float round_to(float v) {
+  return to_f(from_f<T>(v));
+}
+
+// One warp per token row t; the row h [N] and bottleneck d [R] live in shared memory.
+template <typename T>
+__global__ void __launch_bounds__(32 * kRowWarps)
+    adapter_ln_rows_kernel(const T* __restrict__ y, const T* __restrict__ residual,
+                           const T* __restrict__ bias, const T* __restrict__ w,
+                           const T* __restrict__ gamma, const T* __restrict__ beta,
+                           const int* __restrict__ seg_indptr, const int* __restrict__ seg_bias,
+                           const int* __restrict__ seg_rank, const int* __restrict__ seg_act,
+                           const int* __restrict__ seg_ln, const int64_t* __restrict__ seg_w_off,
+                           T* __restrict__ out, int n_tok, int n_seg, int n, int max_rank,
+                           float eps) {
+  extern __shared__ float rows[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int t = blockIdx.x * kRowWarps + warp;
+  if (t >= n_tok) return;  // no block-wide barriers below
+  float* h = rows + static_cast<size_t>(warp) * (n + max_rank);
+  float* d = h + n;
+  const int s = upper_slot(seg_indptr, n_seg, t);
+  const int64_t row = static_cast<int64_t>(t) * n;
+  const T* b = bias + static_cast<int64_t>(seg_bias[s]) * n;
+  for (int c = lane; c < n; c += 32) h[c] = round_to<T>(to_f(y[row + c]) + to_f(b[c]));
+  const int r = seg_rank[s];
+  if (r > 0) {
+    const int64_t* off = seg_w_off + static_cast<int64_t>(s) * kAdapterParts;
+    const T *wd = w + off[0], *bd = w + off[1], *wu = w + off[2], *bu = w + off[3];
+    const int act = seg_act[s];
+    __syncwarp();
+    for (int j = 0; j < r; ++j) {
+      float acc = 0.f;
+      for (int c = lane; c < n; c += 32) acc += h[c] * to_f(wd[static_cast<int64_t>(j) * n + c]);
+      acc = warp_sum(acc);
+      if (lane == 0) d[j] = round_to<T>(apply_act(acc + to_f(bd[j]), act));
+    }
+    __syncwarp();
+    for (int c = lane; c < n; c += 32) {
+      float acc = 0.f;
+      for (int j = 0; j < r; ++j) acc += d[j] * to_f(wu[static_cast<int64_t>(c) * r + j]);
+      h[c] = round_to<T>(h[c] + (acc + to_f(bu[c])));
+    }
+  }
+  __syncwarp();
+  float sum = 0.f;
+  for (int c = lane; c < n; c += 32) {
+    if (residual) h[c] += to_f(residual[row + c]);
+    sum += h[c];
+  }
+  const float mean = warp_sum(sum) / n;
+  float sq = 0.f;
+  for (int c = lane; c < n; c += 32) sq += (h[c] - mean) * (h[c] - mean);
+  const float rstd = rsqrtf(warp_sum(sq) / n + eps);
+  const int64_t ln = static_cast<int64_t>(seg_ln[s]) * n;
+  for (int c = lane; c < n; c += 32)
+    out[row + c] = from_f<T>((h[c] - mean) * rstd * to_f(gamma[ln + c]) + to_f(beta[ln + c]));
+}
+
+bool aligned16(std::initializer_list<const at::Tensor*> ts) {
+  for (const at::Tensor* t : ts) {
+    if (t->defined() && reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0) return false;
+  }
+  return true;
+}
+
+template <typename T>
+void launch_tc(const AdapterLnArgs& a, at::Tensor& out, int n_tok, int n_seg, int n, float eps,
+               cudaStream_t stream) {
+  using MT = typename tc::MmaType<T>::type;
+  const EpilogueArgs& e = a.ln;
+  AdapterLnParams p{tc::raw_or_null<T>(e.y),     tc::raw_or_null<T>(e.residual),
+                    tc::raw_or_null<T>(e.bias),  tc::raw_or_null<T>(a.w),
+                    tc::raw_or_null<T>(e.gamma), tc::raw_or_null<T>(e.beta),
+                    e.seg_indptr.data_ptr<int>(), e.seg_bias.data_ptr<int>(),
+                    a.seg_rank.data_ptr<int>(),  a.seg_act.data_ptr<int>(),
+                    e.seg_ln.data_ptr<int>(),    a.seg_w_off.data_ptr<int64_t>(),
+                    reinterpret_cast<raw16*>(out.data_ptr<T>()),
+                    tc::tile_smem(n_seg, 0), n_seg, n, eps, aligned16({&a.w})};
+  const size_t smem = p.tiles + tc_layout(n).total;
+  auto kernel = adapter_ln_tc_kernel<MT>;
+  const int grid = grouped_grid(kernel, kThreads, smem, ceil_div(n_tok, kBM) + n_seg);
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor adapter_residual_layernorm_cuda(
+    const at::Tensor& y, const OptTensor& residual, const at::Tensor& bias,
+    const at::Tensor& seg_bias, const at::Tensor& w, const at::Tensor& seg_w_off,
+    const at::Tensor& seg_rank, const at::Tensor& seg_act, const at::Tensor& gamma,
+    const at::Tensor& beta, const at::Tensor& seg_indptr, const at::Tensor& seg_ln,
+    int64_t max_rank, double eps) {
+  AdapterLnArgs a = prepare_adapter_ln(y, residual, bias, seg_bias, w, seg_w_off, seg_rank,
+                                       seg_act, gamma, beta, seg_indptr, seg_ln, max_rank);
+  const EpilogueArgs& e = a.ln;
+  TORCH_INTERNAL_ASSERT(e.y.is_cuda());
+  const c10::cuda::CUDAGuard guard(e.y.device());
+  at::Tensor out = at::empty_like(e.y);
+  const int64_t n_tok = e.y.size(0), n = e.y.size(1);
+  if (n_tok == 0 || n == 0) return out;
+  const int n_seg = static_cast<int>(e.seg_indptr.numel() - 1);
+  PETOPS_CHECK(n_seg > 0, "seg_indptr describes 0 segments but y has ", n_tok, " rows");
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const bool tc_ok = tc::enabled(e.y.scalar_type(), "PETOPS_ADAPTER_TC") && n % kBK == 0 &&
+                     n <= kMaxN && max_rank <= kRank && n_seg <= kMaxItems &&
+                     aligned16({&e.y, &e.residual, &e.bias, &e.gamma, &e.beta, &out});
+  if (tc_ok) {  // tc::enabled: float16 or bfloat16
+    auto launch = e.y.scalar_type() == at::kHalf ? launch_tc<at::Half> : launch_tc<at::BFloat16>;
+    launch(a, out, static_cast<int>(n_tok), n_seg, static_cast<int>(n), static_cast<float>(eps),
+           stream);
+    return out;
+  }
+  PETOPS_DISPATCH_FLOATS(e.y.scalar_type(), "adapter_ln_cuda", [&] {
+    const size_t smem = static_cast<size_t>(kRowWarps) * (n + max_rank) * sizeof(float);
+    const auto* prop = at::cuda::getCurrentDeviceProperties();
+    PETOPS_CHECK(smem <= prop->sharedMemPerBlockOptin, "adapter_residual_layernorm: hidden size ",
+                 n, " with max_rank ", max_rank, " needs ", smem, " bytes of shared memory per ",
+                 "block, more than this GPU's ", prop->sharedMemPerBlockOptin,
+                 "; use the unfused ops (sgmv_shrink / sgmv_expand) for such shapes");
+    auto kernel = adapter_ln_rows_kernel<scalar_t>;
+    if (smem > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+    }
+    kernel<<<ceil_div(n_tok, kRowWarps), 32 * kRowWarps, smem, stream>>>(
+        e.y.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(e.residual), e.bias.data_ptr<scalar_t>(),
+        a.w.data_ptr<scalar_t>(), e.gamma.data_ptr<scalar_t>(), e.beta.data_ptr<scalar_t>(),
+        e.seg_indptr.data_ptr<int>(), e.seg_bias.data_ptr<int>(), a.seg_rank.data_ptr<int>(),
+        a.seg_act.data_ptr<int>(), e.seg_ln.data_ptr<int>(), a.seg_w_off.data_ptr<int64_t>(),
+        out.data_ptr<scalar_t>(), static_cast<int>(n_tok), n_seg, static_cast<int>(n),
+        static_cast<int>(max_rank), static_cast<float>(eps));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(petops, CUDA, m) {
+  m.impl("adapter_residual_layernorm", &adapter_residual_layernorm_cuda);
+}
+
+}  // namespace petops
