@@ -8,6 +8,9 @@ Per layer (DESIGN.md §4)::
     i    = act(h @ W1.T (+ deltas) + b) (* IA3 scale)                            [T, F]
     x    = LN(i @ W2.T (+ deltas) + b [+ adapter] + h)                           [T, H]
 
+An output site with adapters (and no other output transform) is one fused op: bias,
+adapter, residual and LayerNorm together (``adapter_residual_layernorm``).
+
 Every per-task piece is one grouped ``petops`` launch per op family; nothing here loops over
 tasks or requests. The one exception is the opt-in ``SHADOW_STREAMS=N`` mode, PetS's
 alternative kept for comparison: each task's shadow ops are launched separately and spread
@@ -28,6 +31,7 @@ from .backbone import BackboneWeights
 from .batch import Batch
 from .heads import HeadTable
 from .pet import PetContext, PetMethod
+from .pet.base import OutputEpilogue
 from .registry import TaskRegistry
 
 try:  # padding-free flash attention (torch >= 2.9, CUDA)
@@ -53,8 +57,14 @@ class SharedEncoder:
         registry: TaskRegistry,
         heads: HeadTable,
         shadow_streams: int = 0,
+        fuse_outputs: bool = True,
     ) -> None:
+        """``shadow_streams`` > 0 (CUDA): PetS mode, see the module docstring.
+        ``fuse_outputs``: let a PET type compute a whole output site in one op
+        (:meth:`PetMethod.fused_output`, adapters); False runs the unfused ops (comparisons).
+        """
         self.w, self.ctx, self.registry, self.heads = weights, ctx, registry, heads
+        self.fuse_outputs = fuse_outputs
         self.spec = weights.spec
         self.act = ACTIVATIONS.get(self.spec.act)
         if self.act is None:
@@ -151,19 +161,46 @@ class SharedEncoder:
         sp: SegmentParams,
         active: list[tuple[PetMethod, Any]],
     ) -> torch.Tensor:
+        """``LN(transform(y + bias) + residual)`` of an output site. ``y``, residual ``[T, H]``.
+
+        No output transform in the batch: one epilogue op. One PET type's transform (and no
+        shadow streams): that type's :meth:`PetMethod.fused_output` if it has one (adapters:
+        one op for the whole site). Otherwise bias, each type's ``apply_output``, LayerNorm.
+        """
         K = self.ctx.ops
-        bias = self.ctx.bias.tables[site][layer]
-        gamma = self.ctx.ln.tables[f"{ln}.gamma"][layer]
-        beta = self.ctx.ln.tables[f"{ln}.beta"][layer]
+        ep = OutputEpilogue(
+            y=y,
+            residual=residual,
+            bias=self.ctx.bias.tables[site][layer],
+            seg_bias=sp.bias,
+            gamma=self.ctx.ln.tables[f"{ln}.gamma"][layer],
+            beta=self.ctx.ln.tables[f"{ln}.beta"][layer],
+            seg_ln=sp.ln,
+            seg_indptr=batch.seg_indptr,
+            eps=self.spec.eps,
+        )
         transforms = [(m, p) for m, p in active if m.has_output_transform]
         if not transforms:
             return K.bias_residual_layernorm(
-                y, residual, bias, gamma, beta, batch.seg_indptr, sp.bias, sp.ln, self.spec.eps
+                y,
+                residual,
+                ep.bias,
+                ep.gamma,
+                ep.beta,
+                ep.seg_indptr,
+                ep.seg_bias,
+                ep.seg_ln,
+                ep.eps,
             )
-        h = K.bias_act(y, bias, batch.seg_indptr, sp.bias, None, None, 0)
+        if self.fuse_outputs and not self.streams and len(transforms) == 1:
+            method, plan = transforms[0]
+            out = method.fused_output(plan, site, layer, ep)
+            if out is not None:
+                return out
+        h = K.bias_act(y, ep.bias, ep.seg_indptr, ep.seg_bias, None, None, 0)
         self._shadow(transforms, lambda m, p: m.apply_output(p, site, layer, h))
         return K.bias_residual_layernorm(
-            h, residual, None, gamma, beta, batch.seg_indptr, None, sp.ln, self.spec.eps
+            h, residual, None, ep.gamma, ep.beta, ep.seg_indptr, None, ep.seg_ln, ep.eps
         )
 
     def _layer(

@@ -52,6 +52,7 @@ class EngineConfig:
     ops: str = "auto"  # auto | compiled | reference
     refresh_ms: int = 200  # how often the task store is checked for changes
     shadow_streams: int = 0  # >0: PetS-style per-task shadow ops over N CUDA streams
+    fuse_outputs: int = 1  # 1: an adapter output site is one fused op; 0: unfused (A/B)
     memory_budget_mb: int = 0  # task weights on the device; 0 = unlimited (see `pets capacity`)
     maskbert_format: str = "auto"  # auto (smaller of the two) | csr | bitmask: pet/maskbert.py
 
@@ -150,7 +151,12 @@ class Engine:
         self.registry = TaskRegistry(self.ctx, self.heads)
         self.registry.budget_bytes = config.memory_budget_mb << 20  # MEMORY_BUDGET_MB
         self.encoder = SharedEncoder(
-            dev_w, self.ctx, self.registry, self.heads, config.shadow_streams
+            dev_w,
+            self.ctx,
+            self.registry,
+            self.heads,
+            config.shadow_streams,
+            fuse_outputs=bool(config.fuse_outputs),
         )
         self.tokenizer = load_tokenizer(checkpoint, self.max_seq_len)
         self.scheduler, self.cost_source = self._make_scheduler(config, model_dir)

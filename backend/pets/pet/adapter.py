@@ -2,8 +2,11 @@
 
 After the attention-output and FFN-output dense layers (bias included: the exact method,
 unlike PetS which dropped the dense bias), ``h = h + up(act(down(h)))``, then the residual
-LayerNorm with the task's gamma/beta. Tasks of different bottlenecks share one grouped
-down and one grouped up launch per site (one pair per distinct activation in the batch).
+LayerNorm with the task's gamma/beta. Tasks of different bottlenecks and activations share
+one ``adapter_residual_layernorm`` launch per site: bias, adapter, residual and LayerNorm in
+one op. Where the site has other output transforms too (IA3) or shadow ops run over streams,
+the unfused path runs instead: bias, then one grouped down and one grouped up launch per
+distinct activation in the batch, then the residual LayerNorm.
 
 Hyper-parameters: ``activation`` (``relu`` | ``gelu`` | ``silu`` | ``gelu_new``; default
 ``relu``). Tensors, for site module ``attention.output`` and/or ``output`` (the same sites
@@ -22,9 +25,11 @@ import torch
 
 from petops.reference import ACTIVATIONS
 
+from ..batch import Batch
 from ..errors import TaskError
 from .base import (
     LoadedTask,
+    OutputEpilogue,
     PetMethod,
     alloc_bias_ln,
     bias_names,
@@ -38,25 +43,50 @@ from .base import (
 from .meta import SlotMeta
 
 ADAPTER_SITES = {"attn_out": "attention.output", "ffn_out": "output"}
+SITE_INDEX = {s: i for i, s in enumerate(ADAPTER_SITES)}
 PARTS = ("down.weight", "down.bias", "up.weight", "up.bias")
 
 
 @dataclass
 class _Group:
-    seg: torch.Tensor  # [I] int32
-    offs: torch.Tensor  # [4, L, I] int64: down.w, down.b, up.w, up.b
-    rank: torch.Tensor  # [I] int32
-    act: int
+    """One activation's grouped shrink/expand items at one site (the unfused path).
+
+    ``I`` items, one per segment whose task has an adapter at the site with this activation.
+    """
+
+    act: int  # ACT_* code
     max_rank: int
+    seg: torch.Tensor  # [I] int32
+    rank: torch.Tensor  # [I] int32
     zeros: torch.Tensor  # [I] int32
-    out_dim: torch.Tensor  # [I] int32
+    out_dim: torch.Tensor  # [I] int32, all H
     ones: torch.Tensor  # [I] float32
+    offs: torch.Tensor  # [L, 4, I] int64: down.w, down.b, up.w, up.b
 
 
 @dataclass
 class AdapterPlan:
-    seg_indptr: torch.Tensor
-    sites: dict[str, list[_Group]]
+    """One batch's adapter metadata on the device (``A`` sites, ``L`` layers, ``S`` segments).
+
+    The fused op (:meth:`Adapter.fused_output`) reads the per-segment tables, indexed over
+    all ``S`` segments of the batch (rank 0 where a segment is no adapter task or its task
+    has no adapter at the site); the unfused path (:meth:`Adapter.apply_output`: SHADOW_STREAMS
+    mode, or another output transform in the batch) reads ``groups``.
+    """
+
+    seg_indptr: torch.Tensor  # [S + 1] int32
+    seg_rank: torch.Tensor  # [A, S] int32 bottleneck per site
+    seg_act: torch.Tensor  # [S] int32 ACT_* code (ACT_NONE where no adapter)
+    seg_w_off: torch.Tensor  # [A, L, S, 4] int64 pool offsets (0 where the rank is 0)
+    max_rank: list[int]  # [A] host: max of seg_rank per site
+    groups: dict[str, list[_Group]]  # site -> one group per distinct activation
+
+
+def _to_device(parts: list[torch.Tensor], dev: torch.device) -> list[torch.Tensor]:
+    """Host tensors of one dtype to ``dev`` in one transfer; returns views of their shapes."""
+    flat = torch.cat([p.reshape(-1) for p in parts]).to(dev, non_blocking=True)
+    views = flat.split([p.numel() for p in parts])
+    return [v.view(p.shape) for v, p in zip(views, parts, strict=True)]
 
 
 @register_pet
@@ -139,40 +169,121 @@ class Adapter(PetMethod):
             meta.reset(slot)
         super().unload(slot, loaded)
 
-    def prepare(self, batch: Any, segs: torch.Tensor) -> AdapterPlan:
-        dev, h = self.ctx.device, self.ctx.spec.hidden
-        tasks = batch.seg_task_cpu[segs]
-        present, rank, act = self.present[tasks], self.rank[tasks], self.act[tasks]
-        sites: dict[str, list[_Group]] = {}
-        for si, s in enumerate(ADAPTER_SITES):
-            groups = []
-            for a in torch.unique(act[present[:, si]]).tolist():  # distinct activations only
-                sel = present[:, si] & (act == a)
-                n = int(sel.sum())
+    def prepare(self, batch: Batch, segs: torch.Tensor) -> AdapterPlan:
+        """Both paths' tables for the adapter segments ``segs`` (host int64 ``[Sm]``).
 
-                def d(t: torch.Tensor) -> torch.Tensor:
-                    return t.contiguous().to(dev, non_blocking=True)
-
-                groups.append(
-                    _Group(
-                        seg=d(segs[sel].to(torch.int32)),
-                        offs=d(self.offs[tasks[sel]][:, si].permute(1, 2, 0)),
-                        rank=d(rank[sel]),
-                        act=int(a),
-                        max_rank=int(rank[sel].max()),
-                        zeros=d(torch.zeros(n, dtype=torch.int32)),
-                        out_dim=d(torch.full((n,), h, dtype=torch.int32)),
-                        ones=d(torch.ones(n, dtype=torch.float32)),
-                    )
+        Vectorised over segments on the host; two host-to-device copies (int32, int64).
+        """
+        spec, dev, h = self.ctx.spec, self.ctx.device, self.ctx.spec.hidden
+        n_sites, n_seg = len(ADAPTER_SITES), batch.num_segments
+        tasks = batch.seg_task_cpu[segs]  # [Sm]
+        present = self.present[tasks].T  # [A, Sm]
+        rank = torch.where(present, self.rank[tasks], 0)  # [A, Sm] int32
+        act = self.act[tasks]  # [Sm] int32
+        offs = self.offs[tasks].permute(1, 3, 0, 2)  # [A, L, Sm, 4]
+        # Fused path: per segment of the whole batch.
+        seg_rank = torch.zeros(n_sites, n_seg, dtype=torch.int32)
+        seg_rank[:, segs] = rank
+        seg_act = torch.zeros(n_seg, dtype=torch.int32)
+        seg_act[segs] = act
+        seg_w_off = torch.zeros(n_sites, spec.layers, n_seg, 4, dtype=torch.int64)
+        seg_w_off[:, :, segs] = torch.where(present[:, None, :, None], offs, 0)
+        # Unfused path: per site, the adapter segments sorted by activation, one group per
+        # distinct activation (a loop over activation kinds, not tasks).
+        i32, i64 = [seg_rank, seg_act], [seg_w_off]
+        bounds: dict[str, tuple[list[int], list[int], list[int]]] = {}
+        for si, site in enumerate(ADAPTER_SITES):
+            items = torch.nonzero(present[si]).flatten()
+            if not items.numel():
+                continue
+            items = items[torch.argsort(act[items], stable=True)]
+            acts, gid, counts = torch.unique_consecutive(
+                act[items], return_inverse=True, return_counts=True
+            )
+            r = rank[si, items]
+            gmax = torch.zeros(acts.numel(), dtype=torch.int32).scatter_reduce(0, gid, r, "amax")
+            n = items.numel()
+            i32 += [
+                segs[items].to(torch.int32),
+                r,
+                torch.zeros(n, dtype=torch.int32),
+                torch.full((n,), h, dtype=torch.int32),
+            ]
+            i64.append(offs[si][:, items].permute(0, 2, 1))  # [L, 4, I]
+            bounds[site] = (acts.tolist(), torch.cumsum(counts, 0).tolist(), gmax.tolist())
+        d32, d64 = _to_device(i32, dev), _to_device(i64, dev)
+        n_max = max((e[-1] for _, e, _ in bounds.values()), default=0)
+        ones = torch.ones(n_max, dtype=torch.float32, device=dev)
+        groups: dict[str, list[_Group]] = {}
+        for k, (site, (gacts, ends, gmaxs)) in enumerate(bounds.items()):
+            seg, r_d, zeros, out_dim = d32[2 + 4 * k : 6 + 4 * k]
+            offs_d = d64[1 + k]
+            groups[site] = [
+                _Group(
+                    act=a,
+                    max_rank=m,
+                    seg=seg[lo:hi],
+                    rank=r_d[lo:hi],
+                    zeros=zeros[lo:hi],
+                    out_dim=out_dim[lo:hi],
+                    ones=ones[lo:hi],
+                    offs=offs_d[:, :, lo:hi],
                 )
-            if groups:
-                sites[s] = groups
-        return AdapterPlan(seg_indptr=batch.seg_indptr, sites=sites)
+                for a, lo, hi, m in zip(gacts, [0, *ends[:-1]], ends, gmaxs, strict=True)
+            ]
+        return AdapterPlan(
+            seg_indptr=batch.seg_indptr,
+            seg_rank=d32[0],
+            seg_act=d32[1],
+            seg_w_off=d64[0],
+            max_rank=rank.amax(1).tolist(),
+            groups=groups,
+        )
+
+    def fused_output(
+        self, plan: AdapterPlan, site: str, layer: int, ep: OutputEpilogue
+    ) -> torch.Tensor | None:
+        """Bias, every segment's adapter and the residual LayerNorm of ``site``: one op.
+
+        A site without adapters in the batch (Pfeiffer's attention output) gets the plain
+        LayerNorm epilogue. Returns ``[T, H]`` (None for a site adapters never sit at).
+        """
+        K, si = self.ctx.ops, SITE_INDEX.get(site)
+        if si is None:
+            return None
+        if plan.max_rank[si] == 0:
+            return K.bias_residual_layernorm(
+                ep.y,
+                ep.residual,
+                ep.bias,
+                ep.gamma,
+                ep.beta,
+                ep.seg_indptr,
+                ep.seg_bias,
+                ep.seg_ln,
+                ep.eps,
+            )
+        return K.adapter_residual_layernorm(
+            ep.y,
+            ep.residual,
+            ep.bias,
+            ep.seg_bias,
+            self.pool.data,
+            plan.seg_w_off[si, layer],
+            plan.seg_rank[si],
+            plan.seg_act,
+            ep.gamma,
+            ep.beta,
+            ep.seg_indptr,
+            ep.seg_ln,
+            plan.max_rank[si],
+            ep.eps,
+        )
 
     def apply_output(self, plan: AdapterPlan, site: str, layer: int, h: torch.Tensor) -> None:
         K = self.ctx.ops
-        for g in plan.sites.get(site, ()):
-            o = g.offs[:, layer]
+        for g in plan.groups.get(site, ()):
+            o = g.offs[layer]  # [4, I]
             tmp = K.sgmv_shrink(
                 h,
                 self.pool.data,

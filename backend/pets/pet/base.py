@@ -8,7 +8,9 @@ shadow work to the shared ops through grouped ``petops`` kernels:
 * :meth:`PetMethod.prepare`: per batch, build the item arrays of this type's segments (host
   code, vectorised over segments: no per-task Python loop);
 * :meth:`PetMethod.apply_linear`: add this type's delta to a shared GEMM output;
-* :meth:`PetMethod.apply_output`: transform an output site after its bias (adapters).
+* :meth:`PetMethod.apply_output`: transform an output site after its bias (adapters);
+* :meth:`PetMethod.fused_output`: or compute the whole output site (bias, transform,
+  residual, LayerNorm) in one op, when this type's transform is the batch's only one.
 
 Per-task biases, LayerNorms and IA3 scales are not PET-specific: they live in the engine's
 slot groups and a method only says which rows it wants (:class:`LoadedTask`).
@@ -71,6 +73,25 @@ class PetContext:
 
     def pool(self, dtype: torch.dtype | None = None) -> FlatPool:
         return FlatPool(self.device, dtype or self.dtype)
+
+
+@dataclass
+class OutputEpilogue:
+    """Operands of one output site's epilogue ``LN(y + bias + residual)`` for one layer.
+
+    ``T`` tokens, ``S`` segments, ``H`` hidden; the ``seg_*`` rows index the pooled tables as
+    in :func:`petops.reference.bias_residual_layernorm`.
+    """
+
+    y: torch.Tensor  # [T, H] shared GEMM output, no bias
+    residual: torch.Tensor  # [T, H]
+    bias: torch.Tensor  # [P, H] bias pool of this site and layer
+    seg_bias: torch.Tensor  # [S] int32 rows of bias
+    gamma: torch.Tensor  # [G, H] LayerNorm pools of this layer
+    beta: torch.Tensor  # [G, H]
+    seg_ln: torch.Tensor  # [S] int32 rows of gamma / beta
+    seg_indptr: torch.Tensor  # [S + 1] int32
+    eps: float
 
 
 @dataclass
@@ -145,6 +166,21 @@ class PetMethod(ABC):
         """Transform ``h`` (``[T, H]``, output site after bias, before residual+LN) in place.
 
         Only types with ``has_output_transform`` (adapters) are called; the default is a no-op.
+        """
+        return None
+
+    def fused_output(
+        self, plan: Any, site: str, layer: int, ep: OutputEpilogue
+    ) -> torch.Tensor | None:
+        """The whole output site in one op, or None where this type cannot fuse it.
+
+        Called instead of bias + :meth:`apply_output` + residual LayerNorm when this type's
+        plan is the batch's only output transform (and shadow ops are not spread over
+        streams). Must equal that unfused sequence, including its intermediate roundings.
+
+        Returns:
+            ``[T, H]`` ``LN(transform(ep.y + bias) + ep.residual)`` with the per-segment
+            gamma/beta, or None (the default): the engine then runs the unfused ops.
         """
         return None
 
