@@ -19,6 +19,10 @@ the cost the op adds once the stream is kept busy (the engine enqueues whole lay
 ``share_of_gemm`` compares ``gpu_ms`` on CUDA. LoRA and adapter sites also get a
 ``memory_floor`` row: ``y += x`` over the same tokens moves the bytes every unfused
 implementation must move (read x, read and write y), so no separate kernel can beat it.
+Adapter sites are also timed as whole output sites (bias, adapter, residual, LayerNorm):
+``shared_epilogue`` is the plain LayerNorm epilogue every task runs, ``unfused_site`` the
+four-launch path and ``fused_site`` ``adapter_residual_layernorm``; ``*_over_epilogue`` rows
+are their cost beyond the plain epilogue, the adapter's true share of the site.
 
     python clients/bench_ops.py --out .bench/ops                # CUDA if present, else CPU
     python clients/bench_ops.py --device cpu --segments 1,8 --out /tmp/b
@@ -190,7 +194,40 @@ def lora_like(b: Batch, rank: int, hidden: int, dev, dtype, adapter: bool):
 
         return run
 
-    return grouped, [task(i) for i in range(n)], None, floor
+    if not adapter:
+        return grouped, [task(i) for i in range(n)], None, floor, {}
+    # The whole output site (bias, adapter, residual, LayerNorm): the plain epilogue every
+    # task pays, the unfused engine path, and the fused op on one pool of the same weights.
+    res = torch.randn(b.tokens, hidden, device=dev, dtype=dtype)
+    bias = torch.randn(1, hidden, device=dev, dtype=dtype)
+    gamma, beta = torch.ones(1, hidden, device=dev, dtype=dtype), bias.clone()
+    zs = torch.zeros(n, device=dev, dtype=torch.int32)
+    pool = torch.cat([a_flat, bd_flat, bm_flat, bu_flat])
+    starts = torch.tensor([0, a_flat.numel(), a_flat.numel() + bd_flat.numel()], device=dev)
+    starts = torch.cat([starts, starts[-1:] + bm_flat.numel()])
+    seg_w_off = torch.stack([a_off, bd_off, b_off, bu_off], 1) + starts[None, :]
+    seg_act = torch.full_like(zs, act)
+
+    def epilogue() -> torch.Tensor:
+        return ops.bias_residual_layernorm(y, res, bias, gamma, beta, b.indptr, zs, zs, 1e-12)
+
+    def unfused() -> torch.Tensor:
+        h = ops.bias_act(y, bias, b.indptr, zs, None, None, 0)
+        tmp = ops.sgmv_shrink(h, a_flat, b.indptr, b.seg, a_off, rank_t, bd_flat, bd_off, act, rank)
+        ops.sgmv_expand(
+            h, tmp, bm_flat, b.indptr, b.seg, b_off, rank_t, zeros, zeros, out_dim, scale,
+            bu_flat, bu_off,
+        )  # fmt: skip
+        return ops.bias_residual_layernorm(h, res, None, gamma, beta, b.indptr, None, zs, 1e-12)
+
+    def fused() -> torch.Tensor:
+        return ops.adapter_residual_layernorm(
+            y, res, bias, zs, pool, seg_w_off, rank_t, seg_act, gamma, beta, b.indptr, zs,
+            rank, 1e-12,
+        )  # fmt: skip
+
+    sites = {"unfused_site": unfused, "fused_site": fused}
+    return grouped, [task(i) for i in range(n)], epilogue, floor, sites
 
 
 def lora_qv(b: Batch, rank: int, hidden: int, dev, dtype):
@@ -240,7 +277,7 @@ def lora_qv(b: Batch, rank: int, hidden: int, dev, dtype):
 
         return run
 
-    return grouped, [task(i) for i in range(n)], None, None
+    return grouped, [task(i) for i in range(n)], None, None, {}
 
 
 def bitfit_ffn(b: Batch, ffn: int, dev, dtype):
@@ -250,7 +287,7 @@ def bitfit_ffn(b: Batch, ffn: int, dev, dtype):
     grouped = lambda: ops.bias_act(y, bias, b.indptr, b.seg, None, None, 1)  # noqa: E731
     shared = lambda: F.gelu(y + bias[0])  # noqa: E731
     loop = [(lambda r=r, i=i: F.gelu(y[r] + bias[i])) for i, r in enumerate(b.rows)]
-    return grouped, loop, shared, None
+    return grouped, loop, shared, None, {}
 
 
 def bitfit_ln(b: Batch, hidden: int, dev, dtype):
@@ -272,7 +309,7 @@ def bitfit_ln(b: Batch, hidden: int, dev, dtype):
         )
         for i, r in enumerate(b.rows)
     ]
-    return grouped, loop, shared, None
+    return grouped, loop, shared, None, {}
 
 
 def sparse_site(
@@ -322,7 +359,7 @@ def sparse_site(
 
         return run
 
-    return grouped, [task(i) for i in range(n)], None, None
+    return grouped, [task(i) for i in range(n)], None, None, {}
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -388,13 +425,21 @@ def run(args: argparse.Namespace) -> list[dict]:
                 }
             )
 
-        for site, (grouped, loop, shared, floor, gemm) in sites.items():
+        for site, (grouped, loop, shared, floor, whole, gemm) in sites.items():
             g_ms = t(grouped)
             add(site, "shared_gemm", gemm, gemm, g_ms)
             add(site, "grouped", g_ms, gemm, g_ms)
             add(site, "per_task_loop", t(lambda loop=loop: [f() for f in loop]), gemm, g_ms)
             if shared is not None:
-                add(site, "shared_epilogue", t(shared), gemm, g_ms)
+                e_ms = t(shared)
+                add(site, "shared_epilogue", e_ms, gemm, g_ms)
+                for name, fn in whole.items():  # whole output sites, epilogue included
+                    w_ms = t(fn)
+                    add(site, name, w_ms, gemm, g_ms)
+                    # the PET cost of the whole site: what it adds to the plain epilogue
+                    extra = tuple(None if a is None or c is None else a - c
+                                  for a, c in zip(w_ms, e_ms, strict=True))  # fmt: skip
+                    add(site, f"{name}_over_epilogue", extra, gemm, g_ms)  # type: ignore[arg-type]
             if floor is not None:
                 add(site, "memory_floor", t(floor), gemm, g_ms)
             if cuda and site in ("lora_r16", "adapter_r64", "diff_1pct"):
