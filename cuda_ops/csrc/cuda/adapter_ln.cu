@@ -44,7 +44,7 @@ using tc::raw16;
 // pipeline, the bottleneck and the accumulator staging while the adapter runs, and the
 // residual tile for the LayerNorm afterwards.
 struct TcLayout {
-  size_t hs, ws, ds, cs, rs, total;  // byte offsets, and the bytes of all tiles
+  size_t hs, ws, ds, cs, bs, rs, total;  // byte offsets, and the bytes of all tiles
 };
 
 __host__ __device__ inline TcLayout tc_layout(int n) {
@@ -54,7 +54,8 @@ __host__ __device__ inline TcLayout tc_layout(int n) {
   l.ws = l.rs = tile;
   l.ds = l.ws + static_cast<size_t>(kStages) * kStage * sizeof(raw16);
   l.cs = l.ds + static_cast<size_t>(kBM) * kLDS * sizeof(raw16);
-  const size_t adapter = l.cs + static_cast<size_t>(kBM) * kLDC * sizeof(float);
+  l.bs = l.cs + static_cast<size_t>(kBM) * kLDC * sizeof(float);  // down.b [64], up.b [n]
+  const size_t adapter = l.bs + static_cast<size_t>(kRank + n) * sizeof(raw16);
   l.total = adapter > l.rs + tile ? adapter : l.rs + tile;
   return l;
 }
@@ -99,6 +100,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   raw16* ds = reinterpret_cast<raw16*>(smem + p.tiles + lay.ds);
   float* cs = reinterpret_cast<float*>(smem + p.tiles + lay.cs);
   raw16* rs = reinterpret_cast<raw16*>(smem + p.tiles + lay.rs);
+  raw16* bs = reinterpret_cast<raw16*>(smem + p.tiles + lay.bs);  // [kRank] down.b, [n] up.b
 
   const int total = build_unit_prefix(
       prefix, p.n_seg,
@@ -107,14 +109,26 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int rf = warp & 1, cq = warp >> 1;  // MMA: 16-row half of the tile, 16-column quarter
   const int k_steps = n / kBK;              // down steps; the up has as many 64-column steps
 
+  // Row-tile passes: a thread owns one 8-value group (column gc) of rows gm, gm + g_rows, ...
+  // (n <= kMaxN: at least two rows per pass; no division inside the loops).
+  const int g_rows = kThreads / groups, gc = (threadIdx.x % groups) * 8;
+  const int gm = threadIdx.x < g_rows * groups ? static_cast<int>(threadIdx.x) / groups : kBM;
   // [kBM][n] rows of g (row stride n) into t ([kBM][n + 8]); rows >= len zero-filled.
   auto load_rows = [&](raw16* t, const raw16* g, int len) {
-    for (int e = threadIdx.x; e < kBM * groups; e += kThreads) {
-      const int m = e / groups, c = (e % groups) * 8;
-      tc::cp_async16(t + m * ldh + c, m < len ? g + static_cast<int64_t>(m) * n + c : g,
+    for (int m = gm; m < kBM; m += g_rows) {
+      tc::cp_async16(t + m * ldh + gc, m < len ? g + static_cast<int64_t>(m) * n + gc : g,
                      m < len);
     }
-    tc::cp_async_commit();
+  };
+  // dst[0, count) = src[0, count): 16-byte cp.async when aligned, else plain copies.
+  auto load_vec = [&](raw16* dst, const raw16* src, int count) {
+    if ((reinterpret_cast<uintptr_t>(src) & 15) == 0 && count % 8 == 0) {
+      for (int c = threadIdx.x * 8; c < count; c += kThreads * 8) {
+        tc::cp_async16(dst + c, src + c, true);
+      }
+    } else {
+      for (int c = threadIdx.x; c < count; c += kThreads) dst[c] = src[c];
+    }
   };
 
   for (int u = blockIdx.x; u < total; u += gridDim.x) {
@@ -146,6 +160,11 @@ __global__ void __launch_bounds__(kThreads, 2)
     // 1. h = round(y + bias). y lands by cp.async while the first weight tiles stream in.
     load_rows(hs, p.y + grow, len);
     if (steps == 0 && p.residual) load_rows(rs, p.residual + grow, len);  // region is free
+    if (steps > 0) {  // the biases of the adapter, staged with y
+      load_vec(bs, p.w + off[1], r);
+      load_vec(bs + kRank, p.w + off[3], n);
+    }
+    tc::cp_async_commit();
     if (steps > 0) {
       for (int i = 0; i < kStages - 1; ++i) issue(i);
       tc::cp_async_wait<kStages - 1>();
@@ -154,14 +173,14 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     __syncthreads();
     const raw16* bias = p.bias + static_cast<int64_t>(p.seg_bias[s]) * n;
-    for (int e = threadIdx.x; e < len * groups; e += kThreads) {
-      const int m = e / groups, c = (e % groups) * 8;
-      uint4* hp = reinterpret_cast<uint4*>(hs + m * ldh + c);
-      const uint4 hv = *hp, bv = __ldg(reinterpret_cast<const uint4*>(bias + c));
-      *hp = make_uint4(pack2<MT>(lo_f<MT>(hv.x) + lo_f<MT>(bv.x), hi_f<MT>(hv.x) + hi_f<MT>(bv.x)),
-                       pack2<MT>(lo_f<MT>(hv.y) + lo_f<MT>(bv.y), hi_f<MT>(hv.y) + hi_f<MT>(bv.y)),
-                       pack2<MT>(lo_f<MT>(hv.z) + lo_f<MT>(bv.z), hi_f<MT>(hv.z) + hi_f<MT>(bv.z)),
-                       pack2<MT>(lo_f<MT>(hv.w) + lo_f<MT>(bv.w), hi_f<MT>(hv.w) + hi_f<MT>(bv.w)));
+    const uint4 bg = __ldg(reinterpret_cast<const uint4*>(bias + gc));
+    for (int m = gm; m < len; m += g_rows) {
+      uint4* hp = reinterpret_cast<uint4*>(hs + m * ldh + gc);
+      const uint4 hv = *hp;
+      *hp = make_uint4(pack2<MT>(lo_f<MT>(hv.x) + lo_f<MT>(bg.x), hi_f<MT>(hv.x) + hi_f<MT>(bg.x)),
+                       pack2<MT>(lo_f<MT>(hv.y) + lo_f<MT>(bg.y), hi_f<MT>(hv.y) + hi_f<MT>(bg.y)),
+                       pack2<MT>(lo_f<MT>(hv.z) + lo_f<MT>(bg.z), hi_f<MT>(hv.z) + hi_f<MT>(bg.z)),
+                       pack2<MT>(lo_f<MT>(hv.w) + lo_f<MT>(bg.w), hi_f<MT>(hv.w) + hi_f<MT>(bg.w)));
     }
 
     // 2-4. down, activation, up over the weight tiles; warp (rf, cq) owns one 16 x 16 block.
@@ -190,12 +209,10 @@ __global__ void __launch_bounds__(kThreads, 2)
         if (i == k_steps - 1) {  // 3. bottleneck: d = round(act(h @ Wd.T + bd)), 0 past r
           if (down_cols) wmma::store_matrix_sync(cw, acc, kLDC, wmma::mem_row_major);
           __syncthreads();
-          const raw16* bd = p.w + off[1];
-          const int act = p.seg_act[s];
-          for (int e = threadIdx.x; e < kBM * kRank; e += kThreads) {
-            const int m = e / kRank, c = e % kRank;
-            const float v =
-                c < r ? apply_act(cs[m * kLDC + c] + tc::raw_to_f<MT>(bd[c]), act) : 0.f;
+          const int act = p.seg_act[s], c = threadIdx.x % kRank;
+          const float bd = c < r ? tc::raw_to_f<MT>(bs[c]) : 0.f;
+          for (int m = threadIdx.x / kRank; m < kBM; m += kThreads / kRank) {
+            const float v = c < r ? apply_act(cs[m * kLDC + c] + bd, act) : 0.f;
             ds[m * kLDS + c] = tc::f_to_raw<MT>(v);
           }
           __syncthreads();
@@ -220,13 +237,16 @@ __global__ void __launch_bounds__(kThreads, 2)
           uint4* hp = reinterpret_cast<uint4*>(hs + (rf * 16 + m) * ldh + col);
           const uint4 hv = *hp;
           const uint32_t ha[4] = {hv.x, hv.y, hv.z, hv.w};
-          const float* cp = cw + m * kLDC + c;
-          const raw16* bu = p.w + off[3] + col;
+          const float4 c0 = *reinterpret_cast<const float4*>(cw + m * kLDC + c);
+          const float4 c1 = *reinterpret_cast<const float4*>(cw + m * kLDC + c + 4);
+          const float cv[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
+          const uint4 bv = *reinterpret_cast<const uint4*>(bs + kRank + col);
+          const uint32_t ba[4] = {bv.x, bv.y, bv.z, bv.w};
           uint32_t o[4];
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
-            o[q] = pack2<MT>(lo_f<MT>(ha[q]) + (cp[2 * q] + tc::raw_to_f<MT>(bu[2 * q])),
-                             hi_f<MT>(ha[q]) + (cp[2 * q + 1] + tc::raw_to_f<MT>(bu[2 * q + 1])));
+            o[q] = pack2<MT>(lo_f<MT>(ha[q]) + (cv[2 * q] + lo_f<MT>(ba[q])),
+                             hi_f<MT>(ha[q]) + (cv[2 * q + 1] + hi_f<MT>(ba[q])));
           }
           *hp = make_uint4(o[0], o[1], o[2], o[3]);
         }
@@ -237,6 +257,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       __syncthreads();
       if (p.residual) {
         load_rows(rs, p.residual + grow, len);
+        tc::cp_async_commit();
         tc::cp_async_wait<0>();
       }
     }
