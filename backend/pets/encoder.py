@@ -181,17 +181,7 @@ class SharedEncoder:
         )
         transforms = [(m, p) for m, p in active if m.has_output_transform]
         if not transforms:
-            return K.bias_residual_layernorm(
-                y,
-                residual,
-                ep.bias,
-                ep.gamma,
-                ep.beta,
-                ep.seg_indptr,
-                ep.seg_bias,
-                ep.seg_ln,
-                ep.eps,
-            )
+            return ep.layernorm(K)
         if self.fuse_outputs and not self.streams and len(transforms) == 1:
             method, plan = transforms[0]
             out = method.fused_output(plan, site, layer, ep)

@@ -10,11 +10,24 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import pytest
 import torch
 
 from petops import reference as ref
 
 Sample = tuple[str, tuple]
+
+# Shared by the op test modules: dtypes, devices (CUDA skipped without a GPU) and the per-dtype
+# (rtol, atol): 16-bit results may differ from the reference by an ulp or two of a rounding.
+HAS_CUDA = torch.cuda.is_available()
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DEVICES = (
+    "cpu",
+    pytest.param(
+        "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="requires cuda")]
+    ),
+)
+TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 5e-3), torch.bfloat16: (3e-2, 2e-2)}
 
 DISTRIBUTIONS = ("identical", "distinct", "uniform", "skewed")
 RANKS = (1, 2, 8, 16, 33, 64)

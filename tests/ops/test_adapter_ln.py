@@ -14,22 +14,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from op_samples import MAX_RANK, SAMPLES, _i64, _to, adapter_args
+from op_samples import DEVICES, DTYPES, MAX_RANK, SAMPLES, TOL, _i64, _to, adapter_args
 
 import petops
 from petops import reference as ref
 
 OP = "adapter_residual_layernorm"
 UNFUSED = ("bias_act", "sgmv_shrink", "sgmv_expand", "bias_residual_layernorm")
-HAS_CUDA = torch.cuda.is_available()
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DEVICES = (
-    "cpu",
-    pytest.param(
-        "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="requires cuda")]
-    ),
-)
-TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 5e-3), torch.bfloat16: (3e-2, 2e-2)}
 ACTS = (ref.ACT_RELU, ref.ACT_GELU, ref.ACT_SILU, ref.ACT_GELU_TANH)
 
 pytestmark = pytest.mark.skipif(

@@ -10,34 +10,22 @@ from __future__ import annotations
 import op_oracle
 import pytest
 import torch
-from op_samples import INPLACE, SAMPLES
+from op_samples import DEVICES, DTYPES, HAS_CUDA, INPLACE, SAMPLES, TOL
 
 import petops
 from petops import ops
 from petops import reference as ref
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 OPS = tuple(SAMPLES)
-HAS_CUDA = torch.cuda.is_available()
 
 requires_compiled = pytest.mark.skipif(
     not petops.compiled_available(), reason=f"petops library not built: {petops.backend_name()}"
-)
-DEVICES = (
-    "cpu",
-    pytest.param(
-        "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="requires cuda")]
-    ),
 )
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     """Per-dtype tolerances: 16-bit results may differ by an ulp or two of the rounding."""
-    rtol, atol = {
-        torch.float32: (1e-4, 1e-4),
-        torch.float16: (5e-3, 5e-3),
-        torch.bfloat16: (3e-2, 2e-2),
-    }[expected.dtype]
+    rtol, atol = TOL[expected.dtype]
     assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 

@@ -13,20 +13,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from op_samples import _i32, _i64, _indptr, _to
+from op_samples import DEVICES, DTYPES, TOL, _i32, _i64, _indptr, _to
 
 import petops
 from petops import reference as ref
-
-HAS_CUDA = torch.cuda.is_available()
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DEVICES = (
-    "cpu",
-    pytest.param(
-        "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="requires cuda")]
-    ),
-)
-TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (5e-3, 5e-3), torch.bfloat16: (3e-2, 2e-2)}
 
 LENGTHS = [0, 1, 63, 64, 65, 130, 200, 7, 0, 33]  # 1..4 token tiles of 64, empty segments
 RANKS_128 = [1, 5, 16, 17, 24, 40, 100, 127, 128, 72]  # max_rank 128: every rank class

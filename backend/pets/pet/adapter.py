@@ -252,17 +252,7 @@ class Adapter(PetMethod):
         if si is None:
             return None
         if plan.max_rank[si] == 0:
-            return K.bias_residual_layernorm(
-                ep.y,
-                ep.residual,
-                ep.bias,
-                ep.gamma,
-                ep.beta,
-                ep.seg_indptr,
-                ep.seg_bias,
-                ep.seg_ln,
-                ep.eps,
-            )
+            return ep.layernorm(K)
         return K.adapter_residual_layernorm(
             ep.y,
             ep.residual,

@@ -93,6 +93,20 @@ class OutputEpilogue:
     seg_indptr: torch.Tensor  # [S + 1] int32
     eps: float
 
+    def layernorm(self, ops: Any) -> torch.Tensor:
+        """The plain epilogue, no transform: ``ops.bias_residual_layernorm``. ``[T, H]``."""
+        return ops.bias_residual_layernorm(
+            self.y,
+            self.residual,
+            self.bias,
+            self.gamma,
+            self.beta,
+            self.seg_indptr,
+            self.seg_bias,
+            self.seg_ln,
+            self.eps,
+        )
+
 
 @dataclass
 class LoadedTask:

@@ -113,7 +113,6 @@ at::Tensor bias_residual_layernorm_cpu(const at::Tensor& y, const OptTensor& res
   return out;
 }
 
-
 // Per segment with an adapter: two at::mm on its contiguous rows in fp32, rounded where the
 // unfused ops write a buffer; segments run in parallel. Then the LayerNorm epilogue above.
 at::Tensor adapter_residual_layernorm_cpu(
