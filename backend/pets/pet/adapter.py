@@ -65,13 +65,26 @@ class _Group:
 
 
 @dataclass
+class _HostTables:
+    """The adapter segments' metadata on the host (``Sm`` segments, ``A`` sites, ``L`` layers),
+    kept for the unfused path's groups."""
+
+    segs: torch.Tensor  # [Sm] int64 segment indices
+    present: torch.Tensor  # [A, Sm] bool
+    rank: torch.Tensor  # [A, Sm] int32 (0 where absent)
+    act: torch.Tensor  # [Sm] int32
+    offs: torch.Tensor  # [A, L, Sm, 4] int64
+
+
+@dataclass
 class AdapterPlan:
     """One batch's adapter metadata on the device (``A`` sites, ``L`` layers, ``S`` segments).
 
     The fused op (:meth:`Adapter.fused_output`) reads the per-segment tables, indexed over
     all ``S`` segments of the batch (rank 0 where a segment is no adapter task or its task
-    has no adapter at the site); the unfused path (:meth:`Adapter.apply_output`: SHADOW_STREAMS
-    mode, or another output transform in the batch) reads ``groups``.
+    has no adapter at the site). The unfused path (:meth:`Adapter.apply_output`:
+    SHADOW_STREAMS mode, FUSE_OUTPUTS=0, or another output transform in the batch) reads
+    ``groups``, built from ``host`` the first time it runs for the batch.
     """
 
     seg_indptr: torch.Tensor  # [S + 1] int32
@@ -79,7 +92,8 @@ class AdapterPlan:
     seg_act: torch.Tensor  # [S] int32 ACT_* code (ACT_NONE where no adapter)
     seg_w_off: torch.Tensor  # [A, L, S, 4] int64 pool offsets (0 where the rank is 0)
     max_rank: list[int]  # [A] host: max of seg_rank per site
-    groups: dict[str, list[_Group]]  # site -> one group per distinct activation
+    host: _HostTables
+    groups: dict[str, list[_Group]] | None = None  # site -> one group per distinct activation
 
 
 def _to_device(parts: list[torch.Tensor], dev: torch.device) -> list[torch.Tensor]:
@@ -170,55 +184,69 @@ class Adapter(PetMethod):
         super().unload(slot, loaded)
 
     def prepare(self, batch: Batch, segs: torch.Tensor) -> AdapterPlan:
-        """Both paths' tables for the adapter segments ``segs`` (host int64 ``[Sm]``).
-
-        Vectorised over segments on the host; two host-to-device copies (int32, int64).
-        """
-        spec, dev, h = self.ctx.spec, self.ctx.device, self.ctx.spec.hidden
+        """The fused path's per-segment tables for the adapter segments ``segs`` (host int64
+        ``[Sm]``): vectorised over segments on the host, two host-to-device copies."""
+        spec, dev = self.ctx.spec, self.ctx.device
         n_sites, n_seg = len(ADAPTER_SITES), batch.num_segments
         tasks = batch.seg_task_cpu[segs]  # [Sm]
         present = self.present[tasks].T  # [A, Sm]
         rank = torch.where(present, self.rank[tasks], 0)  # [A, Sm] int32
         act = self.act[tasks]  # [Sm] int32
         offs = self.offs[tasks].permute(1, 3, 0, 2)  # [A, L, Sm, 4]
-        # Fused path: per segment of the whole batch.
         seg_rank = torch.zeros(n_sites, n_seg, dtype=torch.int32)
         seg_rank[:, segs] = rank
         seg_act = torch.zeros(n_seg, dtype=torch.int32)
         seg_act[segs] = act
         seg_w_off = torch.zeros(n_sites, spec.layers, n_seg, 4, dtype=torch.int64)
         seg_w_off[:, :, segs] = torch.where(present[:, None, :, None], offs, 0)
-        # Unfused path: per site, the adapter segments sorted by activation, one group per
-        # distinct activation (a loop over activation kinds, not tasks).
-        i32, i64 = [seg_rank, seg_act], [seg_w_off]
+        d32 = _to_device([seg_rank, seg_act], dev)
+        return AdapterPlan(
+            seg_indptr=batch.seg_indptr,
+            seg_rank=d32[0],
+            seg_act=d32[1],
+            seg_w_off=seg_w_off.to(dev, non_blocking=True),
+            max_rank=rank.amax(1).tolist(),
+            host=_HostTables(segs=segs, present=present, rank=rank, act=act, offs=offs),
+        )
+
+    def _groups(self, plan: AdapterPlan) -> dict[str, list[_Group]]:
+        """The unfused path's items: per site, the adapter segments sorted by activation, one
+        group per distinct activation (a loop over activation kinds, not tasks). Built on
+        first use and kept in the plan; two host-to-device copies (int32, int64)."""
+        if plan.groups is not None:
+            return plan.groups
+        t, dev, h = plan.host, self.ctx.device, self.ctx.spec.hidden
+        i32: list[torch.Tensor] = []
+        i64: list[torch.Tensor] = []
         bounds: dict[str, tuple[list[int], list[int], list[int]]] = {}
         for si, site in enumerate(ADAPTER_SITES):
-            items = torch.nonzero(present[si]).flatten()
+            items = torch.nonzero(t.present[si]).flatten()
             if not items.numel():
                 continue
-            items = items[torch.argsort(act[items], stable=True)]
+            items = items[torch.argsort(t.act[items], stable=True)]
             acts, gid, counts = torch.unique_consecutive(
-                act[items], return_inverse=True, return_counts=True
+                t.act[items], return_inverse=True, return_counts=True
             )
-            r = rank[si, items]
+            r = t.rank[si, items]
             gmax = torch.zeros(acts.numel(), dtype=torch.int32).scatter_reduce(0, gid, r, "amax")
             n = items.numel()
             i32 += [
-                segs[items].to(torch.int32),
+                t.segs[items].to(torch.int32),
                 r,
                 torch.zeros(n, dtype=torch.int32),
                 torch.full((n,), h, dtype=torch.int32),
             ]
-            i64.append(offs[si][:, items].permute(0, 2, 1))  # [L, 4, I]
+            i64.append(t.offs[si][:, items].permute(0, 2, 1))  # [L, 4, I]
             bounds[site] = (acts.tolist(), torch.cumsum(counts, 0).tolist(), gmax.tolist())
+        plan.groups = {}
+        if not bounds:
+            return plan.groups
         d32, d64 = _to_device(i32, dev), _to_device(i64, dev)
-        n_max = max((e[-1] for _, e, _ in bounds.values()), default=0)
+        n_max = max(e[-1] for _, e, _ in bounds.values())
         ones = torch.ones(n_max, dtype=torch.float32, device=dev)
-        groups: dict[str, list[_Group]] = {}
         for k, (site, (gacts, ends, gmaxs)) in enumerate(bounds.items()):
-            seg, r_d, zeros, out_dim = d32[2 + 4 * k : 6 + 4 * k]
-            offs_d = d64[1 + k]
-            groups[site] = [
+            seg, r_d, zeros, out_dim = d32[4 * k : 4 * k + 4]
+            plan.groups[site] = [
                 _Group(
                     act=a,
                     max_rank=m,
@@ -227,18 +255,11 @@ class Adapter(PetMethod):
                     zeros=zeros[lo:hi],
                     out_dim=out_dim[lo:hi],
                     ones=ones[lo:hi],
-                    offs=offs_d[:, :, lo:hi],
+                    offs=d64[k][:, :, lo:hi],
                 )
                 for a, lo, hi, m in zip(gacts, [0, *ends[:-1]], ends, gmaxs, strict=True)
             ]
-        return AdapterPlan(
-            seg_indptr=batch.seg_indptr,
-            seg_rank=d32[0],
-            seg_act=d32[1],
-            seg_w_off=d64[0],
-            max_rank=rank.amax(1).tolist(),
-            groups=groups,
-        )
+        return plan.groups
 
     def fused_output(
         self, plan: AdapterPlan, site: str, layer: int, ep: OutputEpilogue
@@ -272,7 +293,7 @@ class Adapter(PetMethod):
 
     def apply_output(self, plan: AdapterPlan, site: str, layer: int, h: torch.Tensor) -> None:
         K = self.ctx.ops
-        for g in plan.groups.get(site, ()):
+        for g in self._groups(plan).get(site, ()):
             o = g.offs[layer]  # [4, I]
             tmp = K.sgmv_shrink(
                 h,
