@@ -47,6 +47,7 @@ TASKS: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
         {"target_modules": ["key", "value", "output.dense"], "feedforward_modules": []},
         (),
     ),
+    "ia3_ff": ("ia3", {"target_modules": ["key", "value", "output.dense"]}, ()),  # no out scales
 }
 ADAPTERS = [n for n, (pet, _, _) in TASKS.items() if pet == "adapter"]
 NO_IA3 = [n for n, (pet, _, _) in TASKS.items() if pet != "ia3"]
@@ -196,6 +197,31 @@ def test_other_output_transform_falls_back(eng: Engine, backbone: Any, ops_mode:
         alone, a_calls = _forward(eng, _batch(eng, [seqs[j]], [names[j]]), fused=True)
         if names[j] in ADAPTERS:
             assert a_calls["adapter_residual_layernorm"] > 0
+        np.testing.assert_allclose(
+            mixed[row].numpy(), alone[0].numpy(), atol=1e-5, rtol=0, err_msg=names[j]
+        )
+
+
+def test_ia3_without_output_scales_keeps_the_fused_path(
+    eng: Engine, backbone: Any, ops_mode: str
+) -> None:
+    """IA3 tasks that scale only q/k/v and the FFN input have no output transform: with
+    adapters in the batch the sites stay fused (while another loaded IA3 task, not in the
+    batch, has output scales), and each row equals its task run alone."""
+    rng = np.random.default_rng(11)
+    names = ["ia3_ff", *ADAPTERS, "bitfit", "ia3_ff"]
+    seqs = _seqs(rng, len(names), backbone.spec.vocab)
+    batch = _batch(eng, seqs, names)
+    mixed, calls = _forward(eng, batch, fused=True)
+    unfused, u_calls = _forward(eng, batch, fused=False)
+    layers = backbone.spec.layers
+    assert eng.registry.methods["ia3"].has_output_transform  # ia3_out is loaded
+    assert calls["adapter_residual_layernorm"] == 2 * layers
+    assert calls["sgmv_shrink"] == 0
+    assert u_calls["sgmv_shrink"] == layers * (2 + 4)  # per activation: attn 2, ffn 4
+    np.testing.assert_allclose(mixed.numpy(), unfused.numpy(), atol=1e-5, rtol=0)
+    for row, j in enumerate(batch.order):
+        alone, _ = _forward(eng, _batch(eng, [seqs[j]], [names[j]]), fused=True)
         np.testing.assert_allclose(
             mixed[row].numpy(), alone[0].numpy(), atol=1e-5, rtol=0, err_msg=names[j]
         )

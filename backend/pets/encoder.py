@@ -179,7 +179,9 @@ class SharedEncoder:
             seg_indptr=batch.seg_indptr,
             eps=self.spec.eps,
         )
-        transforms = [(m, p) for m, p in active if m.has_output_transform]
+        # A None plan: none of this type's tasks in the batch transforms the output (IA3
+        # tasks without output scales), so it neither runs nor blocks the fused path.
+        transforms = [(m, p) for m, p in active if m.has_output_transform and p is not None]
         if not transforms:
             return ep.layernorm(K)
         if self.fuse_outputs and not self.streams and len(transforms) == 1:

@@ -179,7 +179,9 @@ class PetMethod(ABC):
     def apply_output(self, plan: Any, site: str, layer: int, h: torch.Tensor) -> None:
         """Transform ``h`` (``[T, H]``, output site after bias, before residual+LN) in place.
 
-        Only types with ``has_output_transform`` (adapters) are called; the default is a no-op.
+        Only types with ``has_output_transform`` (adapters, IA3 output scales) are called, and
+        only with a plan: :meth:`prepare` returning None says the batch's tasks of this type
+        leave the output sites alone. The default is a no-op.
         """
         return None
 
