@@ -158,7 +158,7 @@ at::Tensor adapter_residual_layernorm_cpu(
         return a.w.narrow(0, o[p], c10::multiply_integers(shape)).view(shape).to(at::kFloat);
       };
       at::Tensor hs = h.narrow(0, r0, rows);
-      at::Tensor hf = hs.to(at::kFloat);
+      at::Tensor hf = hs.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);  // not hs (fp32)
       at::Tensor d = at::mm(hf, part(0, {r, n}).t()).add_(part(1, {r}));
       float* dp = d.data_ptr<float>();
       for (int64_t e = 0; e < d.numel(); ++e) dp[e] = apply_act(dp[e], ac[s]);

@@ -71,21 +71,6 @@ struct AdapterLnParams {
   bool w_vec;  // the pool is 16-byte aligned (per-tile checks still apply)
 };
 
-// lo/hi 16-bit halves of a 32-bit word as floats, and back.
-template <typename MT>
-__device__ __forceinline__ float lo_f(uint32_t v) {
-  return tc::raw_to_f<MT>(static_cast<raw16>(v & 0xffffu));
-}
-template <typename MT>
-__device__ __forceinline__ float hi_f(uint32_t v) {
-  return tc::raw_to_f<MT>(static_cast<raw16>(v >> 16));
-}
-template <typename MT>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  return static_cast<uint32_t>(tc::f_to_raw<MT>(lo)) |
-         (static_cast<uint32_t>(tc::f_to_raw<MT>(hi)) << 16);
-}
-
 template <typename MT>
 __global__ void __launch_bounds__(kThreads, 2)
     adapter_ln_tc_kernel(const AdapterLnParams p) {
@@ -177,10 +162,10 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int m = gm; m < len; m += g_rows) {
       uint4* hp = reinterpret_cast<uint4*>(hs + m * ldh + gc);
       const uint4 hv = *hp;
-      *hp = make_uint4(pack2<MT>(lo_f<MT>(hv.x) + lo_f<MT>(bg.x), hi_f<MT>(hv.x) + hi_f<MT>(bg.x)),
-                       pack2<MT>(lo_f<MT>(hv.y) + lo_f<MT>(bg.y), hi_f<MT>(hv.y) + hi_f<MT>(bg.y)),
-                       pack2<MT>(lo_f<MT>(hv.z) + lo_f<MT>(bg.z), hi_f<MT>(hv.z) + hi_f<MT>(bg.z)),
-                       pack2<MT>(lo_f<MT>(hv.w) + lo_f<MT>(bg.w), hi_f<MT>(hv.w) + hi_f<MT>(bg.w)));
+      *hp = make_uint4(tc::pack2<MT>(tc::lo_f<MT>(hv.x) + tc::lo_f<MT>(bg.x), tc::hi_f<MT>(hv.x) + tc::hi_f<MT>(bg.x)),
+                       tc::pack2<MT>(tc::lo_f<MT>(hv.y) + tc::lo_f<MT>(bg.y), tc::hi_f<MT>(hv.y) + tc::hi_f<MT>(bg.y)),
+                       tc::pack2<MT>(tc::lo_f<MT>(hv.z) + tc::lo_f<MT>(bg.z), tc::hi_f<MT>(hv.z) + tc::hi_f<MT>(bg.z)),
+                       tc::pack2<MT>(tc::lo_f<MT>(hv.w) + tc::lo_f<MT>(bg.w), tc::hi_f<MT>(hv.w) + tc::hi_f<MT>(bg.w)));
     }
 
     // 2-4. down, activation, up over the weight tiles; warp (rf, cq) owns one 16 x 16 block.
@@ -245,8 +230,8 @@ __global__ void __launch_bounds__(kThreads, 2)
           uint32_t o[4];
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
-            o[q] = pack2<MT>(lo_f<MT>(ha[q]) + (cv[2 * q] + lo_f<MT>(ba[q])),
-                             hi_f<MT>(ha[q]) + (cv[2 * q + 1] + hi_f<MT>(ba[q])));
+            o[q] = tc::pack2<MT>(tc::lo_f<MT>(ha[q]) + (cv[2 * q] + tc::lo_f<MT>(ba[q])),
+                             tc::hi_f<MT>(ha[q]) + (cv[2 * q + 1] + tc::hi_f<MT>(ba[q])));
           }
           *hp = make_uint4(o[0], o[1], o[2], o[3]);
         }
@@ -287,16 +272,16 @@ __global__ void __launch_bounds__(kThreads, 2)
           const uint32_t ha[4] = {hv.x, hv.y, hv.z, hv.w};
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
-            h[j][2 * q] = lo_f<MT>(ha[q]);
-            h[j][2 * q + 1] = hi_f<MT>(ha[q]);
+            h[j][2 * q] = tc::lo_f<MT>(ha[q]);
+            h[j][2 * q + 1] = tc::hi_f<MT>(ha[q]);
           }
           if (p.residual) {
             const uint4 rv = *reinterpret_cast<const uint4*>(rs + m * ldh + c);
             const uint32_t ra[4] = {rv.x, rv.y, rv.z, rv.w};
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
-              h[j][2 * q] += lo_f<MT>(ra[q]);
-              h[j][2 * q + 1] += hi_f<MT>(ra[q]);
+              h[j][2 * q] += tc::lo_f<MT>(ra[q]);
+              h[j][2 * q + 1] += tc::hi_f<MT>(ra[q]);
             }
           }
 #pragma unroll
@@ -322,8 +307,8 @@ __global__ void __launch_bounds__(kThreads, 2)
           uint32_t o[4];
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
-            o[q] = pack2<MT>((h[j][2 * q] - mean) * rstd * lo_f<MT>(ga[q]) + lo_f<MT>(ba[q]),
-                             (h[j][2 * q + 1] - mean) * rstd * hi_f<MT>(ga[q]) + hi_f<MT>(ba[q]));
+            o[q] = tc::pack2<MT>((h[j][2 * q] - mean) * rstd * tc::lo_f<MT>(ga[q]) + tc::lo_f<MT>(ba[q]),
+                             (h[j][2 * q + 1] - mean) * rstd * tc::hi_f<MT>(ga[q]) + tc::hi_f<MT>(ba[q]));
           }
           *reinterpret_cast<uint4*>(p.out + grow + static_cast<int64_t>(m) * n + c) =
               make_uint4(o[0], o[1], o[2], o[3]);
@@ -398,13 +383,6 @@ __global__ void __launch_bounds__(32 * kRowWarps)
     out[row + c] = from_f<T>((h[c] - mean) * rstd * to_f(gamma[ln + c]) + to_f(beta[ln + c]));
 }
 
-bool aligned16(std::initializer_list<const at::Tensor*> ts) {
-  for (const at::Tensor* t : ts) {
-    if (t->defined() && reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0) return false;
-  }
-  return true;
-}
-
 template <typename T>
 void launch_tc(const AdapterLnArgs& a, at::Tensor& out, int n_tok, int n_seg, int n, float eps,
                cudaStream_t stream) {
@@ -459,10 +437,7 @@ at::Tensor adapter_residual_layernorm_cuda(
                  "block, more than this GPU's ", prop->sharedMemPerBlockOptin,
                  "; use the unfused ops (sgmv_shrink / sgmv_expand) for such shapes");
     auto kernel = adapter_ln_rows_kernel<scalar_t>;
-    if (smem > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
-    }
+    resident_blocks(kernel, 32 * kRowWarps, smem);  // opts the kernel into smem past 48 KB
     kernel<<<ceil_div(n_tok, kRowWarps), 32 * kRowWarps, smem, stream>>>(
         e.y.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(e.residual), e.bias.data_ptr<scalar_t>(),
         a.w.data_ptr<scalar_t>(), e.gamma.data_ptr<scalar_t>(), e.beta.data_ptr<scalar_t>(),

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -164,6 +165,14 @@ inline void check_num_items(int64_t n_items, const char* op) {
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Whether every defined tensor's data starts on a 16-byte boundary (16-byte vector access).
+inline bool aligned16(std::initializer_list<const at::Tensor*> ts) {
+  for (const at::Tensor* t : ts) {
+    if (t->defined() && reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0) return false;
+  }
+  return true;
+}
 
 template <typename T>
 inline const T* ptr_or_null(const at::Tensor& t) {

@@ -209,11 +209,7 @@ bool vec_enabled() {
 
 // Whether every defined tensor is 16-byte aligned and rows are whole packs.
 bool vec_ok(int64_t n, int64_t elem_size, std::initializer_list<const at::Tensor*> ts) {
-  if (!vec_enabled() || (n * elem_size) % 16 != 0) return false;
-  for (const at::Tensor* t : ts) {
-    if (t->defined() && reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0) return false;
-  }
-  return true;
+  return vec_enabled() && (n * elem_size) % 16 == 0 && aligned16(ts);
 }
 
 template <typename T, int NP>

@@ -278,12 +278,8 @@ __global__ void __launch_bounds__(kThreads)
           uint32_t wd[4] = {v[it].x, v[it].y, v[it].z, v[it].w};
 #pragma unroll
           for (int h = 0; h < 4; ++h) {
-            const float lo = raw_to_f<MT>(static_cast<raw16>(wd[h] & 0xffffu)) +
-                             (src[2 * h] * scale + b[2 * h]);
-            const float hi = raw_to_f<MT>(static_cast<raw16>(wd[h] >> 16)) +
-                             (src[2 * h + 1] * scale + b[2 * h + 1]);
-            wd[h] = static_cast<uint32_t>(f_to_raw<MT>(lo)) |
-                    (static_cast<uint32_t>(f_to_raw<MT>(hi)) << 16);
+            wd[h] = pack2<MT>(lo_f<MT>(wd[h]) + (src[2 * h] * scale + b[2 * h]),
+                              hi_f<MT>(wd[h]) + (src[2 * h + 1] * scale + b[2 * h + 1]));
           }
           *reinterpret_cast<uint4*>(yt + static_cast<int64_t>(m) * n_cols) =
               make_uint4(wd[0], wd[1], wd[2], wd[3]);

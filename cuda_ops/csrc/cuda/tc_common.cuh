@@ -63,6 +63,21 @@ __device__ __forceinline__ raw16 f_to_raw<__nv_bfloat16>(float v) {
   return __bfloat16_as_ushort(__float2bfloat16_rn(v));
 }
 
+// The low / high 16-bit value of a 32-bit word (two packed elements) as float, and two floats
+// rounded and packed into one word: 16-byte vectors are handled as four such words.
+template <typename MT>
+__device__ __forceinline__ float lo_f(uint32_t v) {
+  return raw_to_f<MT>(static_cast<raw16>(v & 0xffffu));
+}
+template <typename MT>
+__device__ __forceinline__ float hi_f(uint32_t v) {
+  return raw_to_f<MT>(static_cast<raw16>(v >> 16));
+}
+template <typename MT>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  return static_cast<uint32_t>(f_to_raw<MT>(lo)) | (static_cast<uint32_t>(f_to_raw<MT>(hi)) << 16);
+}
+
 // Whether rows g[row * ld + k], k in [0, kmax), can be copied as aligned 8-element groups
 // that are either entirely inside or entirely outside [0, kmax).
 __device__ __forceinline__ bool vec_ok(const raw16* g, int64_t ld, int kmax) {
@@ -131,12 +146,8 @@ __device__ __forceinline__ void add_tile(raw16* __restrict__ y, int ld, bool vec
       uint32_t wd[4] = {v[it].x, v[it].y, v[it].z, v[it].w};
 #pragma unroll
       for (int h = 0; h < 4; ++h) {
-        const float lo = raw_to_f<MT>(static_cast<raw16>(wd[h] & 0xffffu)) +
-                         (src[2 * h] * scale + b[2 * h]);
-        const float hi = raw_to_f<MT>(static_cast<raw16>(wd[h] >> 16)) +
-                         (src[2 * h + 1] * scale + b[2 * h + 1]);
-        wd[h] = static_cast<uint32_t>(f_to_raw<MT>(lo)) |
-                (static_cast<uint32_t>(f_to_raw<MT>(hi)) << 16);
+        wd[h] = pack2<MT>(lo_f<MT>(wd[h]) + (src[2 * h] * scale + b[2 * h]),
+                          hi_f<MT>(wd[h]) + (src[2 * h + 1] * scale + b[2 * h + 1]));
       }
       *reinterpret_cast<uint4*>(yt + static_cast<int64_t>(m) * ld) =
           make_uint4(wd[0], wd[1], wd[2], wd[3]);
