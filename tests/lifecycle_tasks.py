@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -98,38 +96,3 @@ def pool_usage(engine: Engine) -> dict[str, int]:
     visit(reg.heads, "heads", 0)
     visit(reg.methods, "methods", 0)
     return out
-
-
-def wait_until_visible(
-    serve: Callable[[list[str]], list[Any]],
-    names: list[str],
-    final: list[Callable[[Any], bool]],
-    before: list[Callable[[Any], bool]],
-    what: str,
-    deadline_s: float,
-    pause_s: float,
-    show: Callable[[Any], str] = repr,
-) -> tuple[list[float], list[str]]:
-    """Serve ``names`` until every lane shows ``final``; meanwhile only ``before`` is allowed.
-
-    Returns the seconds each lane took to show its change and the problems seen (an answer
-    that is neither the old nor the new one, or a lane still unchanged after ``deadline_s``).
-    """
-    t0, todo = time.monotonic(), set(range(len(names)))
-    seen: list[float] = []
-    wrong: list[str] = []
-    while todo:
-        for k, out in enumerate(serve(names)):
-            if k not in todo:
-                continue
-            if final[k](out):
-                todo.discard(k)
-                seen.append(time.monotonic() - t0)
-            elif not before[k](out):
-                wrong.append(f"{names[k]} {what}: unexpected answer {show(out)}")
-                todo.discard(k)
-        if todo and time.monotonic() - t0 > deadline_s:
-            wrong.append(f"{sorted(names[k] for k in todo)} {what}: not seen in {deadline_s} s")
-            break
-        time.sleep(pause_s)
-    return seen, wrong

@@ -4,8 +4,10 @@
 shell over :class:`Admin`. Actions: ``register`` (a new name), ``update`` (an existing name),
 ``unregister``, ``list``, ``status``. A task is validated completely against the serving
 backbone (the registry's own checks plus a trial load on CPU) *before* it is published with
-the store's atomic :func:`~pets.taskstore.write_task`; every serving instance then picks it
-up within a second (``Engine``'s refresh thread). Refused input leaves the store unchanged.
+the store's atomic :func:`~pets.taskstore.write_task`; a request sent after the call returned
+is served with the change on every instance (each batch checks the store first), and idle
+instances pick it up within a second (``Engine``'s refresh thread). Refused input leaves the
+store unchanged.
 Weights arrive as raw safetensors bytes; pickle is never read.
 """
 

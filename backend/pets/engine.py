@@ -50,7 +50,7 @@ class EngineConfig:
     max_seq_len: int = 0  # 0 = the backbone's max_position_embeddings
     max_batch_tokens: int = 16384  # tokens per engine forward
     ops: str = "auto"  # auto | compiled | reference
-    refresh_ms: int = 200  # how often the task store is checked for changes
+    refresh_ms: int = 200  # how often an idle instance checks the task store (0: no thread)
     shadow_streams: int = 0  # >0: PetS-style per-task shadow ops over N CUDA streams
     fuse_outputs: int = 1  # 1: an adapter output site is one fused op; 0: unfused (A/B)
     memory_budget_mb: int = 0  # task weights on the device; 0 = unlimited (see `pets capacity`)
@@ -163,7 +163,6 @@ class Engine:
         store = Path(config.task_store)
         self.store = store if store.is_absolute() else model_dir / store
         self.load_errors = self.registry.load_store(self.store)
-        self._last_refresh = time.monotonic()
         self._generation = self._store_generation()
         self.stats = EngineStats()  # bulk per-execute counts; backend/model.py exports them
         self._refresh_lock = threading.Lock()  # one refresh / re-check at a time
@@ -238,8 +237,9 @@ class Engine:
         self, requests: Sequence[Mapping[str, np.ndarray]]
     ) -> list[np.ndarray | RequestError]:
         """Serve one Triton batch: one output (``[k, D]`` float32) or error per request."""
-        # Waits while the refresh thread is placing tasks: it needs the registry lock, which
-        # back-to-back forwards would otherwise keep from it (changes must show within 1 s).
+        # Every batch first picks up store changes (one stat unless the store changed), so a
+        # request sent after a register/update/unregister returned is served with it on every
+        # instance; this also waits while the refresh thread is placing tasks.
         self.maybe_refresh()
         outs: list[np.ndarray | RequestError | None] = [None] * len(requests)
         rows: list[Row] = []
@@ -377,27 +377,15 @@ class Engine:
         except FileNotFoundError:
             return 0
 
-    def maybe_refresh(self, force: bool = False, wait: bool = True, throttle: bool = True) -> None:
-        """Pick up task-store changes (cheap: one ``stat`` unless the store changed).
-
-        ``wait=False`` returns at once when another thread is refreshing; ``throttle=False``
-        checks even if the last check is less than REFRESH_MS old (the refresh thread).
-        """
-        now = time.monotonic()
-        if throttle and not force and (now - self._last_refresh) * 1000 < self.config.refresh_ms:
-            return
-        if not self._refresh_lock.acquire(blocking=wait):
-            return
-        try:
-            self._last_refresh = now
+    def maybe_refresh(self, force: bool = False) -> None:
+        """Pick up task-store changes (cheap: one ``stat`` unless the store changed)."""
+        with self._refresh_lock:
             gen = self._store_generation()
             if force or gen != self._generation:
                 self._generation = gen
                 report = self.registry.refresh(self.store)
                 if any(report.values()):
                     log.info("task store refresh: %s", {k: v for k, v in report.items() if v})
-        finally:
-            self._refresh_lock.release()
 
 
 def _refresh_loop(ref: weakref.ref[Engine], stop: threading.Event, period_ms: int) -> None:
@@ -416,7 +404,7 @@ def _refresh_loop(ref: weakref.ref[Engine], stop: threading.Event, period_ms: in
         if eng is None:
             return
         try:
-            eng.maybe_refresh(throttle=False)
+            eng.maybe_refresh()
         except Exception:  # a bad store state must not end the polling
             log.exception("task store refresh failed; retrying in %d ms", period_ms)
         del eng
