@@ -4,17 +4,18 @@ The op must equal ``bias_act`` -> ``sgmv_shrink`` (one call per activation: its 
 scalar) -> ``sgmv_expand`` (one full-width item per adapter segment) ->
 ``bias_residual_layernorm``, with the same intermediate roundings, on the generated samples
 (``op_samples``) and on shapes that reach every branch of the CUDA kernels: the tensor-core
-kernel (fp16/bf16, hidden N a multiple of 64 up to 1024, max_rank <= 64, 32-token tiles) and
-the generic one (fp32, ragged N, N > 1024, max_rank > 64). Rank-0 segments get the plain
-LayerNorm epilogue and segments with an adapter must not. Malformed calls raise messages that
-name the value and the fix; data-dependent checks (ranks, pool offsets) run on CPU only.
+kernels (fp16/bf16, hidden N a multiple of 64 up to 1024, max_rank <= 64: one block per
+32-token tile, or on sm_90 a cluster of four blocks per 64-token tile) and the generic one
+(fp32, ragged N, N > 1024, max_rank > 64). Rank-0 segments get the plain LayerNorm epilogue
+and segments with an adapter must not. Malformed calls raise messages that name the value and
+the fix; data-dependent checks (ranks, pool offsets) run on CPU only.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from op_samples import DEVICES, DTYPES, MAX_RANK, SAMPLES, TOL, _i64, _to, adapter_args
+from op_samples import DEVICES, DTYPES, HAS_CUDA, MAX_RANK, SAMPLES, TOL, _i64, _to, adapter_args
 
 import petops
 from petops import reference as ref
@@ -170,6 +171,27 @@ def test_edge_cases_match_reference(case: str, dtype: torch.dtype, device: str) 
     expected = ref.adapter_residual_layernorm(*args)
     _close(out, expected, f"{case} {dtype} on {device}")
     _check_site(out, args, f"{case} {dtype} on {device}")
+
+
+# sm_90 runs a unit either on one block or on a cluster of four (each owning a quarter of the
+# hidden columns); by default the cluster kernel only when every unit gets its own cluster.
+CLUSTER_MODES = {"one-block": "0", "cluster": "1"}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="requires cuda")
+@pytest.mark.parametrize("mode", CLUSTER_MODES)
+def test_cuda_kernel_choices_match_reference(mode: str, monkeypatch) -> None:
+    """Both sm_90 kernels, forced, on every edge case (elsewhere they are the same kernel)."""
+    _need_kernel("cuda")
+    monkeypatch.setenv("PETOPS_ADAPTER_CLUSTER", CLUSTER_MODES[mode])
+    for dtype in (torch.float16, torch.bfloat16):
+        for case, make in EDGE_CASES.items():
+            args = _to(make(), "cuda", dtype)
+            out = torch.ops.petops.adapter_residual_layernorm.default(*args)
+            what = f"{case} {dtype} {mode}"
+            _close(out, ref.adapter_residual_layernorm(*args), what)
+            _check_site(out, args, what)
 
 
 # the reference against itself in float32 and with 16-bit roundings, as the loop-oracle check

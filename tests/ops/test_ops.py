@@ -86,6 +86,8 @@ CUDA_KNOBS = [
     ("sgmv_shrink", {"PETOPS_SGMV_TC": "0"}),
     ("sgmv_expand", {"PETOPS_SGMV_TC": "0"}),
     ("adapter_residual_layernorm", {"PETOPS_ADAPTER_TC": "0"}),
+    ("adapter_residual_layernorm", {"PETOPS_ADAPTER_CLUSTER": "0"}),  # sm_90: one-block kernel
+    ("adapter_residual_layernorm", {"PETOPS_ADAPTER_CLUSTER": "1"}),  # sm_90: cluster kernel
 ]
 
 
