@@ -78,6 +78,38 @@ struct AdapterLnParams {
   bool w_vec;  // the pool is 16-byte aligned (per-tile checks still apply)
 };
 
+// *h = round(h + b) over 8 packed 16-bit values (the bias pass: h = round(y + bias)).
+template <typename MT>
+__device__ __forceinline__ void add_packed8(uint4* h, uint4 b) {
+  const uint4 hv = *h;
+  const uint32_t ha[4] = {hv.x, hv.y, hv.z, hv.w}, ba[4] = {b.x, b.y, b.z, b.w};
+  uint32_t o[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    o[q] = tc::pack2<MT>(tc::lo_f<MT>(ha[q]) + tc::lo_f<MT>(ba[q]),
+                         tc::hi_f<MT>(ha[q]) + tc::hi_f<MT>(ba[q]));
+  }
+  *h = make_uint4(o[0], o[1], o[2], o[3]);
+}
+
+// *h = round(h + (c + b)) over 8 packed 16-bit values, c[0, 8) the fp32 up-projection of
+// those columns (staged in shared memory) and b their up.bias: the adapter's one rounding.
+template <typename MT>
+__device__ __forceinline__ void add_up8(uint4* h, const float* c, uint4 b) {
+  const uint4 hv = *h;
+  const uint32_t ha[4] = {hv.x, hv.y, hv.z, hv.w}, ba[4] = {b.x, b.y, b.z, b.w};
+  const float4 c0 = *reinterpret_cast<const float4*>(c);
+  const float4 c1 = *reinterpret_cast<const float4*>(c + 4);
+  const float cv[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
+  uint32_t o[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    o[q] = tc::pack2<MT>(tc::lo_f<MT>(ha[q]) + (cv[2 * q] + tc::lo_f<MT>(ba[q])),
+                         tc::hi_f<MT>(ha[q]) + (cv[2 * q + 1] + tc::hi_f<MT>(ba[q])));
+  }
+  *h = make_uint4(o[0], o[1], o[2], o[3]);
+}
+
 template <typename MT>
 __global__ void __launch_bounds__(kThreads, 2)
     adapter_ln_tc_kernel(const AdapterLnParams p) {
@@ -167,12 +199,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     const raw16* bias = p.bias + static_cast<int64_t>(p.seg_bias[s]) * n;
     const uint4 bg = __ldg(reinterpret_cast<const uint4*>(bias + gc));
     for (int m = gm; m < len; m += g_rows) {
-      uint4* hp = reinterpret_cast<uint4*>(hs + m * ldh + gc);
-      const uint4 hv = *hp;
-      *hp = make_uint4(tc::pack2<MT>(tc::lo_f<MT>(hv.x) + tc::lo_f<MT>(bg.x), tc::hi_f<MT>(hv.x) + tc::hi_f<MT>(bg.x)),
-                       tc::pack2<MT>(tc::lo_f<MT>(hv.y) + tc::lo_f<MT>(bg.y), tc::hi_f<MT>(hv.y) + tc::hi_f<MT>(bg.y)),
-                       tc::pack2<MT>(tc::lo_f<MT>(hv.z) + tc::lo_f<MT>(bg.z), tc::hi_f<MT>(hv.z) + tc::hi_f<MT>(bg.z)),
-                       tc::pack2<MT>(tc::lo_f<MT>(hv.w) + tc::lo_f<MT>(bg.w), tc::hi_f<MT>(hv.w) + tc::hi_f<MT>(bg.w)));
+      add_packed8<MT>(reinterpret_cast<uint4*>(hs + m * ldh + gc), bg);
     }
 
     // 2-4. down, activation, up over the weight tiles; warp (rf, cq) owns one 16 x 16 block.
@@ -226,21 +253,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         const int m = lane >> 1, c = (lane & 1) * 8;  // 16 rows x 2 groups of 8 columns
         if (rf * 16 + m < len) {
           const int col = n0 + cq * 16 + c;
-          uint4* hp = reinterpret_cast<uint4*>(hs + (rf * 16 + m) * ldh + col);
-          const uint4 hv = *hp;
-          const uint32_t ha[4] = {hv.x, hv.y, hv.z, hv.w};
-          const float4 c0 = *reinterpret_cast<const float4*>(cw + m * kLDC + c);
-          const float4 c1 = *reinterpret_cast<const float4*>(cw + m * kLDC + c + 4);
-          const float cv[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
-          const uint4 bv = *reinterpret_cast<const uint4*>(bs + kRank + col);
-          const uint32_t ba[4] = {bv.x, bv.y, bv.z, bv.w};
-          uint32_t o[4];
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            o[q] = tc::pack2<MT>(tc::lo_f<MT>(ha[q]) + (cv[2 * q] + tc::lo_f<MT>(ba[q])),
-                             tc::hi_f<MT>(ha[q]) + (cv[2 * q + 1] + tc::hi_f<MT>(ba[q])));
-          }
-          *hp = make_uint4(o[0], o[1], o[2], o[3]);
+          add_up8<MT>(reinterpret_cast<uint4*>(hs + (rf * 16 + m) * ldh + col), cw + m * kLDC + c,
+                      *reinterpret_cast<const uint4*>(bs + kRank + col));
         }
       }
     }
@@ -464,16 +478,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const raw16* bias = p.bias + static_cast<int64_t>(p.seg_bias[s]) * n + c0;
     for (int e = threadIdx.x; e < len * groups; e += kThreads) {
       const int m = e / groups, g = (e - m * groups) * 8;
-      uint4* hp = reinterpret_cast<uint4*>(hs + m * ldh + g);
-      const uint4 hv = *hp, bg = __ldg(reinterpret_cast<const uint4*>(bias + g));
-      const uint32_t ha[4] = {hv.x, hv.y, hv.z, hv.w}, ba[4] = {bg.x, bg.y, bg.z, bg.w};
-      uint32_t o[4];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        o[q] = tc::pack2<MT>(tc::lo_f<MT>(ha[q]) + tc::lo_f<MT>(ba[q]),
-                             tc::hi_f<MT>(ha[q]) + tc::hi_f<MT>(ba[q]));
-      }
-      *hp = make_uint4(o[0], o[1], o[2], o[3]);
+      add_packed8<MT>(reinterpret_cast<uint4*>(hs + m * ldh + g),
+                      __ldg(reinterpret_cast<const uint4*>(bias + g)));
     }
     __syncthreads();
 
@@ -577,19 +583,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         __syncwarp();
         if (rb * 16 + m < len) {
           const int col = cb * 16 + cg8;
-          uint4* hp = reinterpret_cast<uint4*>(hs + (rb * 16 + m) * ldh + col);
-          const uint4 hv = *hp, bv = *reinterpret_cast<const uint4*>(bus + col);
-          const uint32_t ha[4] = {hv.x, hv.y, hv.z, hv.w}, ba[4] = {bv.x, bv.y, bv.z, bv.w};
-          const float4 c0v = *reinterpret_cast<const float4*>(stg + m * kStgLD + cg8);
-          const float4 c1v = *reinterpret_cast<const float4*>(stg + m * kStgLD + cg8 + 4);
-          const float cv[8] = {c0v.x, c0v.y, c0v.z, c0v.w, c1v.x, c1v.y, c1v.z, c1v.w};
-          uint32_t o[4];
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            o[q] = tc::pack2<MT>(tc::lo_f<MT>(ha[q]) + (cv[2 * q] + tc::lo_f<MT>(ba[q])),
-                                 tc::hi_f<MT>(ha[q]) + (cv[2 * q + 1] + tc::hi_f<MT>(ba[q])));
-          }
-          *hp = make_uint4(o[0], o[1], o[2], o[3]);
+          add_up8<MT>(reinterpret_cast<uint4*>(hs + (rb * 16 + m) * ldh + col),
+                      stg + m * kStgLD + cg8, *reinterpret_cast<const uint4*>(bus + col));
         }
         __syncwarp();  // staging block read before the next column block overwrites it
       }
