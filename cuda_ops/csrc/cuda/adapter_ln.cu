@@ -78,6 +78,43 @@ struct AdapterLnParams {
   bool w_vec;  // the pool is 16-byte aligned (per-tile checks still apply)
 };
 
+// dst[0, count) = src[0, count) by the block's kThreads threads: 16-byte cp.async when src
+// is aligned and count % 8 == 0 (dst is), else plain copies.
+__device__ __forceinline__ void load_vec(raw16* dst, const raw16* __restrict__ src, int count) {
+  if ((reinterpret_cast<uintptr_t>(src) & 15) == 0 && count % 8 == 0) {
+    for (int c = threadIdx.x * 8; c < count; c += kThreads * 8) {
+      tc::cp_async16(dst + c, src + c, true);
+    }
+  } else {
+    for (int c = threadIdx.x; c < count; c += kThreads) dst[c] = src[c];
+  }
+}
+
+// v[0, 8) = the 8 packed 16-bit values of p as fp32.
+template <typename MT>
+__device__ __forceinline__ void unpack8(uint4 p, float (&v)[8]) {
+  const uint32_t a[4] = {p.x, p.y, p.z, p.w};
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    v[2 * q] = tc::lo_f<MT>(a[q]);
+    v[2 * q + 1] = tc::hi_f<MT>(a[q]);
+  }
+}
+
+// The LayerNorm output of 8 values: round((v - mean) * rstd * gamma + beta), packed.
+template <typename MT>
+__device__ __forceinline__ uint4 ln_pack8(const float (&v)[8], float mean, float rstd, uint4 g,
+                                          uint4 b) {
+  const uint32_t ga[4] = {g.x, g.y, g.z, g.w}, ba[4] = {b.x, b.y, b.z, b.w};
+  uint32_t o[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    o[q] = tc::pack2<MT>((v[2 * q] - mean) * rstd * tc::lo_f<MT>(ga[q]) + tc::lo_f<MT>(ba[q]),
+                         (v[2 * q + 1] - mean) * rstd * tc::hi_f<MT>(ga[q]) + tc::hi_f<MT>(ba[q]));
+  }
+  return make_uint4(o[0], o[1], o[2], o[3]);
+}
+
 // *h = round(h + b) over 8 packed 16-bit values (the bias pass: h = round(y + bias)).
 template <typename MT>
 __device__ __forceinline__ void add_packed8(uint4* h, uint4 b) {
@@ -142,16 +179,6 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int m = gm; m < kBM; m += g_rows) {
       tc::cp_async16(t + m * ldh + gc, m < len ? g + static_cast<int64_t>(m) * n + gc : g,
                      m < len);
-    }
-  };
-  // dst[0, count) = src[0, count): 16-byte cp.async when aligned, else plain copies.
-  auto load_vec = [&](raw16* dst, const raw16* src, int count) {
-    if ((reinterpret_cast<uintptr_t>(src) & 15) == 0 && count % 8 == 0) {
-      for (int c = threadIdx.x * 8; c < count; c += kThreads * 8) {
-        tc::cp_async16(dst + c, src + c, true);
-      }
-    } else {
-      for (int c = threadIdx.x; c < count; c += kThreads) dst[c] = src[c];
     }
   };
 
@@ -289,21 +316,12 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int j = 0; j < NP; ++j) {
         const int c = (j * 32 + lane) * 8;
         if (c < n) {
-          const uint4 hv = *reinterpret_cast<const uint4*>(hs + m * ldh + c);
-          const uint32_t ha[4] = {hv.x, hv.y, hv.z, hv.w};
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            h[j][2 * q] = tc::lo_f<MT>(ha[q]);
-            h[j][2 * q + 1] = tc::hi_f<MT>(ha[q]);
-          }
+          unpack8<MT>(*reinterpret_cast<const uint4*>(hs + m * ldh + c), h[j]);
           if (p.residual) {
-            const uint4 rv = *reinterpret_cast<const uint4*>(rs + m * ldh + c);
-            const uint32_t ra[4] = {rv.x, rv.y, rv.z, rv.w};
+            float rv[8];
+            unpack8<MT>(*reinterpret_cast<const uint4*>(rs + m * ldh + c), rv);
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
-              h[j][2 * q] += tc::lo_f<MT>(ra[q]);
-              h[j][2 * q + 1] += tc::hi_f<MT>(ra[q]);
-            }
+            for (int q = 0; q < 8; ++q) h[j][q] += rv[q];
           }
 #pragma unroll
           for (int q = 0; q < 8; ++q) sum += h[j][q];
@@ -323,16 +341,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int j = 0; j < NP; ++j) {
         const int c = (j * 32 + lane) * 8;
         if (c < n) {
-          const uint32_t ga[4] = {gv[j].x, gv[j].y, gv[j].z, gv[j].w};
-          const uint32_t ba[4] = {bv[j].x, bv[j].y, bv[j].z, bv[j].w};
-          uint32_t o[4];
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            o[q] = tc::pack2<MT>((h[j][2 * q] - mean) * rstd * tc::lo_f<MT>(ga[q]) + tc::lo_f<MT>(ba[q]),
-                             (h[j][2 * q + 1] - mean) * rstd * tc::hi_f<MT>(ga[q]) + tc::hi_f<MT>(ba[q]));
-          }
           *reinterpret_cast<uint4*>(p.out + grow + static_cast<int64_t>(m) * n + c) =
-              make_uint4(o[0], o[1], o[2], o[3]);
+              ln_pack8<MT>(h[j], mean, rstd, gv[j], bv[j]);
         }
       }
     }
@@ -457,8 +467,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (r > 0) {
       const raw16* wu = p.w + off[2] + static_cast<int64_t>(c0) * r;
       load_block(wus, kCLDR, wu, r, nc, nc, rk, r, p.w_vec && tc::vec_ok(wu, r, r));
-      load_block(bds, 0, p.w + off[1], 0, 1, 1, rk, r, false);
-      load_block(bus, 0, p.w + off[3] + c0, 0, 1, 1, nc, nc, false);
+      load_vec(bds, p.w + off[1], r);
+      load_vec(bus, p.w + off[3] + c0, nc);
     }
     tc::cp_async_commit();
     uint4 res[kCRows];
@@ -600,14 +610,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < kCRows; ++i) {
       const int m = warp + i * kWarps;
       if (lane_cols && m < len) {
-        const uint4 hv = *reinterpret_cast<const uint4*>(hs + m * ldh + lane * 8);
-        const uint32_t ha[4] = {hv.x, hv.y, hv.z, hv.w};
-        const uint32_t ra[4] = {res[i].x, res[i].y, res[i].z, res[i].w};
+        float rv[8];
+        unpack8<MT>(*reinterpret_cast<const uint4*>(hs + m * ldh + lane * 8), v[i]);
+        unpack8<MT>(res[i], rv);
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          v[i][2 * q] = tc::lo_f<MT>(ha[q]) + tc::lo_f<MT>(ra[q]);
-          v[i][2 * q + 1] = tc::hi_f<MT>(ha[q]) + tc::hi_f<MT>(ra[q]);
-        }
+        for (int q = 0; q < 8; ++q) v[i][q] += rv[q];
       } else {
 #pragma unroll
         for (int q = 0; q < 8; ++q) v[i][q] = 0.f;
@@ -650,7 +657,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       gv = __ldg(reinterpret_cast<const uint4*>(p.gamma + ln));
       bv = __ldg(reinterpret_cast<const uint4*>(p.beta + ln));
     }
-    const uint32_t ga[4] = {gv.x, gv.y, gv.z, gv.w}, ba[4] = {bv.x, bv.y, bv.z, bv.w};
 #pragma unroll
     for (int i = 0; i < kCRows; ++i) {
       const int m = warp + i * kWarps;
@@ -666,15 +672,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       const float rstd = rsqrtf(m2 / n + p.eps);
       if (lane_cols && m < len) {
-        uint32_t o[4];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          o[q] = tc::pack2<MT>(
-              (v[i][2 * q] - mean) * rstd * tc::lo_f<MT>(ga[q]) + tc::lo_f<MT>(ba[q]),
-              (v[i][2 * q + 1] - mean) * rstd * tc::hi_f<MT>(ga[q]) + tc::hi_f<MT>(ba[q]));
-        }
         *reinterpret_cast<uint4*>(p.out + grow + static_cast<int64_t>(m) * n + c0 + lane * 8) =
-            make_uint4(o[0], o[1], o[2], o[3]);
+            ln_pack8<MT>(v[i], mean, rstd, gv, bv);
       }
     }
     __syncthreads();  // the h tile and weight slices are refilled by the next unit
