@@ -5,7 +5,7 @@ scalar) -> ``sgmv_expand`` (one full-width item per adapter segment) ->
 ``bias_residual_layernorm``, with the same intermediate roundings, on the generated samples
 (``op_samples``) and on shapes that reach every branch of the CUDA kernels: the tensor-core
 kernels (fp16/bf16, hidden N a multiple of 64 up to 1024, max_rank <= 64: one block per
-32-token tile, or on sm_90 a cluster of four blocks per 64-token tile) and the generic one
+32-token tile, or on sm_90 a cluster of four blocks per 32-token tile) and the generic one
 (fp32, ragged N, N > 1024, max_rank > 64). Rank-0 segments get the plain LayerNorm epilogue
 and segments with an adapter must not. Malformed calls raise messages that name the value and
 the fix; data-dependent checks (ranks, pool offsets) run on CPU only.

@@ -15,7 +15,7 @@
 // one 4-stage pipeline, so the first up tiles load while the last down steps compute. Segments
 // of rank 0 run steps 1 and 5 only.
 //
-// Cluster kernel (sm_90+, same shapes; chosen when each 64-token unit gets its own cluster, or
+// Cluster kernel (sm_90+, same shapes; chosen when each 32-token unit gets its own cluster, or
 // always with PETOPS_ADAPTER_CLUSTER=1): four blocks share a unit, each with a quarter of the
 // hidden columns; partial down projections and LayerNorm statistics are combined through
 // distributed shared memory. Fewer serial steps per unit, more instructions per row: it wins
@@ -352,7 +352,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 // ---------------------------------------------------------------------------------- cluster
 // sm_90+: the same unit computed by a cluster of kCS blocks, each owning n / kCS hidden
-// columns of a 64-token tile. A block loads its y, residual and weight slices at once
+// columns of a 32-token tile. A block loads its y, residual and weight slices at once
 // (everything the unit needs is in flight together), computes a partial down projection over
 // its columns, and the cluster sums the partials through distributed shared memory; the up
 // projection and the LayerNorm then run on each block's columns, the row statistics combined
@@ -361,7 +361,11 @@ __global__ void __launch_bounds__(kThreads, 2)
 // block may run ahead into the next unit while its peers still read the last one.
 
 constexpr int kCS = 4;              // blocks per cluster
-constexpr int kCBM = 64;            // token rows per unit
+constexpr int kCBM = 32;            // token rows per unit (64: 254 registers, one block per SM,
+                                    // 1.3-1.6x slower; h100_sgmv_variants_ab.csv)
+constexpr int kCRB = kCBM / 16;     // 16-row MMA blocks per unit
+constexpr int kCWR = kWarps / kCRB; // warps per 16-row block
+constexpr int kCDownFr = kRank / 16 / kCWR;  // down-projection fragments per warp
 constexpr int kCLDR = kRank + 8;    // row stride (raw16) of [.][kRank] tiles: Wu slice, d
 constexpr int kCLDP = kRank + 4;    // row stride (float) of the partial down tile
 constexpr int kStgLD = 20;          // row stride (float) of a warp's 16 x 16 staging block
@@ -410,7 +414,7 @@ __device__ __forceinline__ void load_block(raw16* s, int lds, const raw16* __res
 #endif
 
 template <typename MT>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kThreads, 2)
     adapter_ln_cluster_kernel(const AdapterLnParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   using namespace nvcuda;
@@ -440,7 +444,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       [&](int s) { return (p.seg_indptr[s + 1] - p.seg_indptr[s] + kCBM - 1) / kCBM; },
       scratch);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int rb = warp & 3, cpar = warp >> 2;  // MMA: 16-row block, column-block parity
+  const int rb = warp % kCRB, cw = warp / kCRB;  // MMA: 16-row block, first column block
   const bool lane_cols = lane < groups;       // LayerNorm: lane owns columns c0 + 8 lane + [0, 8)
   int buf = 0;
   for (int u = cid; u < total; u += n_clusters, buf ^= 1) {
@@ -494,31 +498,30 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
 
     // 2. Partial down projection over this block's columns: pd = h[:, cols] @ Wd[:, cols].T,
-    // warp (rb, cpar) owning 16 rows and column blocks cpar, cpar + 2 of the rank.
+    // warp (rb, cw) owning 16 rows and rank column blocks cw, cw + kCWR, ...
     float* pdb = pd + buf * kCBM * kCLDP;
-    if (r > 0) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
-      wmma::fill_fragment(acc[0], 0.f);
-      wmma::fill_fragment(acc[1], 0.f);
-      const bool col0 = cpar * 16 < rk, col1 = (cpar + 2) * 16 < rk;
+    if (r > 0 && cw * 16 < rk) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kCDownFr];
+#pragma unroll
+      for (int f = 0; f < kCDownFr; ++f) wmma::fill_fragment(acc[f], 0.f);
       const MT* a = reinterpret_cast<const MT*>(hs) + rb * 16 * ldh;
-      const MT* b = reinterpret_cast<const MT*>(wds) + cpar * 16 * ldh;
-      if (col0) {
-        for (int k = 0; k < nc; k += 16) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, MT, wmma::row_major> fa;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, MT, wmma::col_major> fb;
-          wmma::load_matrix_sync(fa, a + k, ldh);
-          wmma::load_matrix_sync(fb, b + k, ldh);
-          wmma::mma_sync(acc[0], fa, fb, acc[0]);
-          if (col1) {
-            wmma::load_matrix_sync(fb, b + 32 * ldh + k, ldh);
-            wmma::mma_sync(acc[1], fa, fb, acc[1]);
+      const MT* b = reinterpret_cast<const MT*>(wds) + cw * 16 * ldh;
+      for (int k = 0; k < nc; k += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, MT, wmma::row_major> fa;
+        wmma::load_matrix_sync(fa, a + k, ldh);
+#pragma unroll
+        for (int f = 0; f < kCDownFr; ++f) {
+          if ((cw + f * kCWR) * 16 < rk) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, MT, wmma::col_major> fb;
+            wmma::load_matrix_sync(fb, b + f * kCWR * 16 * ldh + k, ldh);
+            wmma::mma_sync(acc[f], fa, fb, acc[f]);
           }
         }
-        wmma::store_matrix_sync(pdb + rb * 16 * kCLDP + cpar * 16, acc[0], kCLDP,
-                                wmma::mem_row_major);
-        if (col1) {
-          wmma::store_matrix_sync(pdb + rb * 16 * kCLDP + (cpar + 2) * 16, acc[1], kCLDP,
+      }
+#pragma unroll
+      for (int f = 0; f < kCDownFr; ++f) {
+        if ((cw + f * kCWR) * 16 < rk) {
+          wmma::store_matrix_sync(pdb + rb * 16 * kCLDP + (cw + f * kCWR) * 16, acc[f], kCLDP,
                                   wmma::mem_row_major);
         }
       }
@@ -566,8 +569,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       __syncthreads();
 
-      // 4. up: h[:, cols] = round(h + (d @ Wu[cols].T + bu)), warp (rb, cpar) on column
-      // blocks cpar, cpar + 2, ... of its 16 rows, staged per warp: no block barrier.
+      // 4. up: h[:, cols] = round(h + (d @ Wu[cols].T + bu)), warp (rb, cw) on column
+      // blocks cw, cw + kCWR, ... of its 16 rows, staged per warp: no block barrier.
       wmma::fragment<wmma::matrix_a, 16, 16, 16, MT, wmma::row_major> fa[kRank / 16];
 #pragma unroll
       for (int q = 0; q < kRank / 16; ++q) {
@@ -577,7 +580,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       const int m = lane >> 1, cg8 = (lane & 1) * 8;  // 16 rows x 2 groups of 8 columns
-      for (int cb = cpar; cb < nc / 16; cb += 2) {
+      for (int cb = cw; cb < nc / 16; cb += kCWR) {
         wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
         wmma::fill_fragment(acc, 0.f);
         const MT* b = reinterpret_cast<const MT*>(wus) + cb * 16 * kCLDR;
@@ -819,11 +822,10 @@ int resident_clusters(Kernel kernel, size_t smem) {
 // Which kernel a tensor-core call runs on sm_90+: PETOPS_ADAPTER_CLUSTER=0 the one-block
 // kernel, =1 the cluster kernel, unset (auto) the cluster kernel when every unit gets its own
 // resident cluster (one round). The cluster kernel shortens a unit's critical path but runs
-// more instructions per row with 8 warps per SM (254 registers, 135 KB of shared memory), so
-// past one round the one-block kernel is faster. H100, bert-base adapter r=64 site, fused op
-// (docs/results/h100_sgmv_variants_ab.csv): 1 segment 18.6 vs 22.7 us, 8 segments 21.8 vs
-// 25.0, 64 segments 81.9 vs 35.6 (auto keeps the one-block kernel there). Read per call, for
-// A/B timing and tests.
+// more instructions per row, so past one round the one-block kernel is faster. H100,
+// bert-base adapter r=64 site, fused op (docs/results/h100_sgmv_variants_ab.csv): 1 segment
+// 13.2 vs 22.8 us, 8 segments 14.5 vs 24.8, 64 segments 47.8 vs 35.1 (auto keeps the
+// one-block kernel there). Read per call, for A/B timing and tests.
 enum class ClusterMode { kOff, kOn, kAuto };
 inline ClusterMode cluster_mode() {
   if (at::cuda::getCurrentDeviceProperties()->major < 9) return ClusterMode::kOff;
@@ -843,7 +845,7 @@ bool launch_cluster(ClusterMode mode, const AdapterLnArgs& a, at::Tensor& out, i
   const size_t smem = p.tiles + cluster_layout(n / kCS).total;
   auto kernel = adapter_ln_cluster_kernel<MT>;
   const int clusters = resident_clusters(kernel, smem);
-  const int64_t units = ceil_div(n_tok, kCBM) + n_seg;  // bound on the 64-row units
+  const int64_t units = ceil_div(n_tok, kCBM) + n_seg;  // bound on the units
   if (clusters < 1 || (mode == ClusterMode::kAuto && units > clusters)) return false;
   const int grid = kCS * static_cast<int>(std::min<int64_t>(units, clusters));
   cudaLaunchAttribute cluster{};
