@@ -82,7 +82,7 @@ class _Family:
         return m
 
 
-def test_model_flushes_changed_series_once_per_execute(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_pushes_series_off_the_request_path(monkeypatch: pytest.MonkeyPatch) -> None:
     class Eng:
         def __init__(self) -> None:
             self.stats = EngineStats()
@@ -97,13 +97,15 @@ def test_model_flushes_changed_series_once_per_execute(monkeypatch: pytest.Monke
             )
             return [np.zeros((1, 2), np.float32) for _ in requests]
 
+        def close(self) -> None:
+            pass
+
     pb = types.ModuleType("triton_python_backend_utils")
     pb.MetricFamily = _Family  # type: ignore[attr-defined]
     pb.Tensor = lambda name, arr: (name, arr)  # type: ignore[attr-defined]
     pb.InferenceResponse = lambda tensors=None, error=None: (tensors, error)  # type: ignore[attr-defined]
     pb.TritonError = type("TritonError", (), {"INTERNAL": "INTERNAL"})  # type: ignore[attr-defined]
     pb.Logger = types.SimpleNamespace(log_info=print, log_error=print, log_warn=print)  # type: ignore[attr-defined]
-    pb.get_input_tensor_by_name = lambda r, n: None  # type: ignore[attr-defined]
     eng_mod = types.ModuleType("pets.engine")
     eng_mod.Engine = Eng  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
@@ -115,14 +117,20 @@ def test_model_flushes_changed_series_once_per_execute(monkeypatch: pytest.Monke
     model = mod.TritonPythonModel()
     model.initialize(
         {
-            "model_config": json.dumps({"name": "pets", "parameters": {}}),
+            "model_config": json.dumps(
+                {"name": "pets", "parameters": {"METRICS_INTERVAL_MS": {"string_value": "60000"}}}
+            ),
             "model_repository": "repo/pets",
             "model_instance_name": "pets_0_0",
         }
     )
-    model.execute([{}, {}])
-    model.execute([{}])
+    request = types.SimpleNamespace(inputs=lambda: [])
+    model.execute([request, request])
+    model.execute([request])
     fam = _Family.all
+    # Executes only count in process: no IPC to the server on the request path.
+    assert all(f.calls == 0 for f in fam.values())
+    model.metrics.flush()  # what the pusher thread does every METRICS_INTERVAL_MS
     (req,) = fam["pets_task_requests_total"].series
     assert req.labels == {"model": "pets", "task": "t"} and req.value == 3
     assert fam["pets_task_tokens_total"].series[0].value == 15
@@ -130,6 +138,9 @@ def test_model_flushes_changed_series_once_per_execute(monkeypatch: pytest.Monke
     (mem,) = fam["pets_task_memory_bytes"].series
     assert mem.labels == {"model": "pets", "instance": "pets_0_0"} and mem.value == 4096
     assert fam["pets_task_memory_bytes"].calls == 1  # gauges only when they change
+    model.execute([request])
+    model.finalize()  # the last deltas are pushed when the instance goes away
+    assert req.value == 4 and fam["pets_task_memory_bytes"].calls == 1
 
 
 SCRAPE = """# HELP pets_task_requests_total x

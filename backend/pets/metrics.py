@@ -1,8 +1,9 @@
 """Per-task serving statistics, without Triton.
 
 The engine records bulk counts into :class:`EngineStats` once per ``execute``;
-``backend/model.py`` drains the deltas into ``pb_utils.MetricFamily`` series (one IPC per
-changed series). :func:`scrape` and :func:`status_table` read them back from Triton's
+``backend/model.py`` drains the deltas into ``pb_utils.MetricFamily`` series from a
+background thread every ``METRICS_INTERVAL_MS`` (one IPC per changed series), never on the
+request path. :func:`scrape` and :func:`status_table` read them back from Triton's
 metrics endpoint for ``pets status``.
 
 Series (all carry ``model``; gauges also ``instance``):
@@ -85,6 +86,12 @@ class EngineStats:
                 d.errors.update(errors)
                 d.compute_us.update(compute)
                 d.tasks_resident, d.memory_bytes = tasks_resident, memory_bytes
+
+    def record_errors(self, errors: Counter[tuple[str, str]]) -> None:
+        """Add errors of a batch the engine refused whole (gauges unchanged)."""
+        with self._lock:
+            for d in (self._cur, self.totals):
+                d.errors.update(errors)
 
     def drain(self) -> StatsDelta:
         """The deltas since the last drain (and the latest gauges); resets the deltas."""

@@ -302,11 +302,20 @@ def test_metrics_count_requests_errors_tokens(life: Server) -> None:
         client.infer("pets", build_inputs(mod, "stable0", ids=IDS))
     with pytest.raises(InferenceServerException):
         client.infer("pets", build_inputs(mod, "no_such_task", ids=IDS))
-    after = _scrape(life)
 
     def delta(name: str, **labels: str) -> float:
         return _get(after, name, **labels) - _get(before, name, **labels)
 
+    # Series are pushed off the request path, every METRICS_INTERVAL_MS (1 s by default):
+    # they must show the requests within a few intervals.
+    deadline = time.monotonic() + 10
+    after = _scrape(life)
+    while time.monotonic() < deadline and (
+        delta("pets_task_requests_total", task="stable0") < 6
+        or delta("pets_task_errors_total", task="", reason="INVALID_ARG") < 1
+    ):
+        time.sleep(0.1)
+        after = _scrape(life)
     assert delta("pets_task_requests_total", task="stable0") == 6
     assert delta("pets_task_tokens_total", task="stable0") == 6 * IDS.shape[1]
     assert delta("pets_task_compute_us_total", task="stable0") > 0

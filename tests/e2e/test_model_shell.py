@@ -36,10 +36,20 @@ class TritonError:
 
 class Tensor:
     def __init__(self, name: str, arr: np.ndarray) -> None:
-        self.name, self.arr = name, arr
+        self._name, self.arr = name, arr
+
+    def name(self) -> str:
+        return self._name
 
     def as_numpy(self) -> np.ndarray:
         return self.arr
+
+
+class Request(dict[str, Tensor]):
+    """pb_utils.InferenceRequest's ``inputs()``: the tensors the client sent."""
+
+    def inputs(self) -> list[Tensor]:
+        return list(self.values())
 
 
 class InferenceResponse:
@@ -83,8 +93,9 @@ def shell(monkeypatch: pytest.MonkeyPatch) -> Any:
     pb.TritonError = TritonError  # type: ignore[attr-defined]
     pb.Tensor = Tensor  # type: ignore[attr-defined]
     pb.InferenceResponse = InferenceResponse  # type: ignore[attr-defined]
-    pb.Logger = types.SimpleNamespace(log_info=lambda m: None, log_error=lambda m: None)  # type: ignore[attr-defined]
-    pb.get_input_tensor_by_name = lambda r, n: r.get(n)  # type: ignore[attr-defined]
+    pb.Logger = types.SimpleNamespace(
+        log_info=lambda m: None, log_warn=lambda m: None, log_error=lambda m: None
+    )  # type: ignore[attr-defined]
     eng = types.ModuleType("pets.engine")
     eng.Engine = FakeEngine  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
@@ -102,8 +113,8 @@ def shell(monkeypatch: pytest.MonkeyPatch) -> Any:
     return model
 
 
-def req(task: bytes, **ids: np.ndarray) -> dict[str, Tensor]:
-    r = {"TASK": Tensor("TASK", np.array([[task]], dtype=object))}
+def req(task: bytes, **ids: np.ndarray) -> Request:
+    r = Request(TASK=Tensor("TASK", np.array([[task]], dtype=object)))
     r.update({k: Tensor(k, v) for k, v in ids.items()})
     return r
 
@@ -116,7 +127,7 @@ def test_one_response_per_request_in_order(shell: Any) -> None:
                          req(b"b", INPUT_IDS_INT32=IDS.astype(np.int32))])  # fmt: skip
     assert [o.error is None for o in out] == [True, False, True]
     assert out[1].error.code == "NOT_FOUND" and "nope" in out[1].error.message
-    assert out[0].outputs[0].name == "OUTPUT" and out[0].outputs[0].arr.dtype == np.float32
+    assert out[0].outputs[0].name() == "OUTPUT" and out[0].outputs[0].arr.dtype == np.float32
     assert set(FakeEngine.seen[0][2]) == {"TASK", "INPUT_IDS_INT32"}
 
 
