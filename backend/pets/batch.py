@@ -16,7 +16,7 @@ item lists from them with vectorised host code and never synchronise with the de
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +56,7 @@ def build_batch(
     task_slots: Sequence[int] | np.ndarray,
     device: torch.device,
     pad_to: int = 0,
+    upload: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Batch:
     """Pack sequences into a :class:`Batch`, grouped by task.
 
@@ -66,7 +67,15 @@ def build_batch(
         pad_to: 0 for the padding-free layout; else every sequence is padded with token 0
             to this length (PetS's padded batches: pads cost compute in every shared and
             shadow op but are masked out of attention and pooling, so outputs are unchanged).
+        upload: host tensor -> device tensor for the device-side arrays; default
+            ``tensor.to(device, non_blocking=True)``. The engine passes its
+            :class:`~pets.staging.Stager` so the batch crosses in one copy.
     """
+    if upload is None:
+
+        def upload(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=True)
+
     slots = np.asarray(task_slots, dtype=np.int64)
     order = np.argsort(slots, kind="stable")
     valid = np.fromiter((len(ids[i]) for i in order), dtype=np.int64, count=len(order))
@@ -107,16 +116,16 @@ def build_batch(
 
     seg_indptr_cpu = torch.from_numpy(seg_indptr)
     return Batch(
-        input_ids=torch.from_numpy(flat).to(device, non_blocking=True),
-        positions=torch.from_numpy(positions).to(device, non_blocking=True),
-        cu_seqlens=torch.from_numpy(cu.astype(np.int32)).to(device, non_blocking=True),
+        input_ids=upload(torch.from_numpy(flat)),
+        positions=upload(torch.from_numpy(positions)),
+        cu_seqlens=upload(torch.from_numpy(cu.astype(np.int32))),
         max_seqlen=int(lengths.max()) if len(lengths) else 0,
         seq_task_cpu=torch.from_numpy(sorted_slots),
-        seg_indptr=seg_indptr_cpu.to(device, non_blocking=True),
+        seg_indptr=upload(seg_indptr_cpu),
         seg_indptr_cpu=seg_indptr_cpu,
         seg_task_cpu=torch.from_numpy(seg_task.astype(np.int64)),
         seq_segment_cpu=torch.from_numpy(seq_segment.astype(np.int64)),
         cu_seqlens_cpu=torch.from_numpy(cu),
         order=order,
-        valid_lens=torch.from_numpy(valid).to(device, non_blocking=True) if pad_to else None,
+        valid_lens=upload(torch.from_numpy(valid)) if pad_to else None,
     )

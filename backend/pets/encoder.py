@@ -19,6 +19,7 @@ round-robin over N CUDA streams (fork/join at every site).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,10 +30,11 @@ from petops.reference import ACTIVATIONS
 
 from .backbone import BackboneWeights
 from .batch import Batch
-from .heads import HeadTable
+from .heads import HeadPlan, HeadTable
 from .pet import PetContext, PetMethod
 from .pet.base import OutputEpilogue
 from .registry import TaskRegistry
+from .staging import Stager
 
 try:  # padding-free flash attention (torch >= 2.9, CUDA)
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
@@ -47,6 +49,16 @@ class SegmentParams:
     bias: torch.Tensor
     ln: torch.Tensor
     scale: torch.Tensor | None  # None when no segment uses IA3 scales
+
+
+@dataclass
+class Prepared:
+    """A batch after the host half of its forward (:meth:`SharedEncoder.prepare`)."""
+
+    batch: Batch
+    active: list[tuple[PetMethod, Any]]  # (PET type, its plan for the batch's segments)
+    sp: SegmentParams
+    head: HeadPlan
 
 
 class SharedEncoder:
@@ -86,7 +98,26 @@ class SharedEncoder:
     # ------------------------------------------------------------------------------- forward
     @torch.inference_mode()
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run ``batch``. Returns head outputs ``[B, D]`` float32 and widths ``[B]`` (host)."""
+        """Run ``batch`` eagerly. Returns head outputs ``[B, D]`` float32 and widths ``[B]``
+        (host). The serving path is :meth:`prepare` + :meth:`compute` (graph-captured)."""
+        stager = Stager(torch.device("cpu"))  # the batch's arrays are on the device already
+        prepared = self.prepare(batch, self._uploader(stager))
+        return self.compute(prepared), prepared.head.width
+
+    def _uploader(self, stager: Stager) -> Callable[[torch.Tensor], torch.Tensor]:
+        if stager.enabled:
+            return stager.put
+        dev = self.ctx.device
+        return lambda t: t.to(dev, non_blocking=True)
+
+    def prepare(self, batch: Batch, upload: Callable[[torch.Tensor], torch.Tensor]) -> Prepared:
+        """Host half of a forward: every PET type's plan, the segment rows, the head rows.
+
+        Args:
+            batch: the packed batch.
+            upload: host tensor -> device tensor; the serving path passes
+                :meth:`pets.staging.Stager.put`, so the whole batch crosses in one copy.
+        """
         reg = self.registry
         seg_task = batch.seg_task_cpu
         pet_codes = reg.slot_pet[seg_task]
@@ -99,17 +130,23 @@ class SharedEncoder:
                     active.extend((method, method.prepare(batch, s[None])) for s in segs)
                 else:
                     active.append((method, method.prepare(batch, segs)))
-        dev = self.ctx.device
         scale_rows = reg.slot_scale[seg_task]
         sp = SegmentParams(
-            bias=reg.slot_bias[seg_task].to(dev, non_blocking=True),
-            ln=reg.slot_ln[seg_task].to(dev, non_blocking=True),
-            scale=scale_rows.to(dev, non_blocking=True) if bool((scale_rows > 0).any()) else None,
+            bias=upload(reg.slot_bias[seg_task]),
+            ln=upload(reg.slot_ln[seg_task]),
+            scale=upload(scale_rows) if bool((scale_rows > 0).any()) else None,
         )
-        x = self._embed(batch, sp)
-        for layer in range(self.spec.layers):
-            x = self._layer(layer, x, batch, sp, active)
-        return self.heads(x, batch.cu_seqlens, batch.seq_task_cpu, batch.valid_lens)
+        head = self.heads.plan(batch.cu_seqlens, batch.seq_task_cpu, batch.valid_lens, upload)
+        return Prepared(batch, active, sp, head)
+
+    def compute(self, p: Prepared) -> torch.Tensor:
+        """Device half of a forward: ``[B, D]`` float32 head outputs. Reads only device
+        tensors and host scalars fixed by :meth:`prepare`, so it can be graph-captured."""
+        with torch.inference_mode():
+            x = self._embed(p.batch, p.sp)
+            for layer in range(self.spec.layers):
+                x = self._layer(layer, x, p.batch, p.sp, p.active)
+            return self.heads.compute(x, p.head)
 
     def _embed(self, batch: Batch, sp: SegmentParams) -> torch.Tensor:
         w = self.w

@@ -11,7 +11,7 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -21,8 +21,9 @@ import torch
 from . import kernels
 from .backbone import SITES, BackboneWeights, load_backbone, resolve_checkpoint
 from .batch import build_batch
-from .encoder import SharedEncoder
+from .encoder import Prepared, SharedEncoder
 from .errors import ConfigError, RequestError
+from .graphs import GraphCache, graph_key, state_key
 from .heads import HeadTable
 from .metrics import EngineStats
 from .pet import PetContext
@@ -30,6 +31,7 @@ from .pet.maskbert import FORMATS as MASKBERT_FORMATS
 from .protocol import Row, decode_request
 from .registry import TaskRegistry
 from .scheduling import AnalyticModel, Query, Scheduler, make_scheduler, policy_options
+from .staging import Stager, StagingOverflow
 from .tables import SlotGroup
 from .tokenizer import load_tokenizer
 
@@ -55,6 +57,8 @@ class EngineConfig:
     fuse_outputs: int = 1  # 1: an adapter output site is one fused op; 0: unfused (A/B)
     memory_budget_mb: int = 0  # task weights on the device; 0 = unlimited (see `pets capacity`)
     maskbert_format: str = "auto"  # auto (smaller of the two) | csr | bitmask: pet/maskbert.py
+    cuda_graphs: int = 1  # 1: replay captured forwards on CUDA (pets/graphs.py); 0: eager
+    graph_cache: int = 64  # most CUDA graphs held per instance (least recently used go)
 
     @staticmethod
     def from_parameters(params: Mapping[str, str]) -> EngineConfig:
@@ -158,6 +162,14 @@ class Engine:
             config.shadow_streams,
             fuse_outputs=bool(config.fuse_outputs),
         )
+        self.stager = Stager(self.device)
+        self.graphs = (
+            GraphCache(self.device, max_graphs=config.graph_cache)
+            if self.device.type == "cuda" and config.cuda_graphs and not config.shadow_streams
+            else None
+        )
+        self._state_version: tuple[int, int] | None = None
+        self._state: Hashable = ()
         self.tokenizer = load_tokenizer(checkpoint, self.max_seq_len)
         self.scheduler, self.cost_source = self._make_scheduler(config, model_dir)
         store = Path(config.task_store)
@@ -178,7 +190,7 @@ class Engine:
             self._refresher.start()
         log.info(
             "pets engine: backbone %s (%s, %d layers), %s on %s, ops: %s, %d tasks loaded, "
-            "%d skipped, scheduler %s (%s)",
+            "%d skipped, scheduler %s (%s), CUDA graphs %s",
             checkpoint,
             self.spec.fingerprint,
             self.spec.layers,
@@ -189,6 +201,9 @@ class Engine:
             len(self.load_errors),
             config.scheduler,
             self.cost_source,
+            f"on (up to {config.graph_cache}, captured on a shape's second batch)"
+            if self.graphs is not None
+            else "off",
         )
 
     def _make_scheduler(self, config: EngineConfig, model_dir: Path) -> tuple[Scheduler, str]:
@@ -354,21 +369,60 @@ class Engine:
             for sb in self.scheduler.schedule(queries):
                 idx = list(sb.indices)
                 try:
-                    batch = build_batch(
-                        [ids[i] for i in idx],
-                        [slots[i] for i in idx],
-                        self.device,
-                        pad_to=sb.padded_length,
-                    )
-                    values, width = self.encoder.forward(batch)
-                    values_np = values.cpu().numpy()
-                    for row, caller in enumerate(batch.order):
-                        out[idx[caller]] = values_np[row, : int(width[row])].copy()
+                    prepared = self._prepare([ids[i] for i in idx], [slots[i] for i in idx],
+                                             sb.padded_length)  # fmt: skip
+                    values_np = self._compute(prepared).cpu().numpy()
+                    width = prepared.head.width.numpy()
+                    for row, caller in enumerate(prepared.batch.order):
+                        out[idx[caller]] = values_np[row, : width[row]].copy()
                 except Exception as exc:  # one failed batch harms no other batch
                     log.exception("engine batch failed")
                     for i in idx:
                         out[i] = RequestError(f"internal error in the engine: {exc}", "INTERNAL")
         return out  # type: ignore[return-value]
+
+    def _prepare(self, ids: Sequence[np.ndarray], slots: Sequence[int], pad_to: int) -> Prepared:
+        """Lay out one engine batch and run the host half of its forward; its device arrays
+        are staged and copied in one transfer."""
+        stager = self.stager
+        for _ in range(2):
+            stager.begin()
+            batch = build_batch(ids, slots, self.device, pad_to=pad_to, upload=stager.put)
+            prepared = self.encoder.prepare(batch, stager.put)
+            try:
+                stager.flush()
+                return prepared
+            except StagingOverflow as exc:  # a bigger batch than any before: grow, redo
+                stager.grow(exc.need)
+        raise AssertionError("staging still overflows after growing; this is a bug")
+
+    def _compute(self, prepared: Prepared) -> torch.Tensor:
+        """The device half: ``[B, D]`` float32, replayed from a CUDA graph where possible."""
+        graphs = self.graphs
+        if graphs is None:
+            return self.encoder.compute(prepared)
+        b = prepared.batch
+        key = graph_key(
+            (
+                self.stager.layout,
+                b.max_seqlen,
+                (b.input_ids, b.positions, b.cu_seqlens, b.seg_indptr, b.valid_lens),
+                prepared.active,
+                prepared.sp,
+                prepared.head,
+            ),
+            self.stager.device_buffer,
+        )
+        return graphs.run(key, self._state_key(), lambda: self.encoder.compute(prepared))
+
+    def _state_key(self) -> Hashable:
+        """Addresses of every persistent tensor a forward reads (recomputed only after the
+        registry or the stager changed)."""
+        version = (self.registry.version, self.stager.epoch)
+        if version != self._state_version:
+            self._state_version = version
+            self._state = state_key(self.registry.device_tensors())
+        return self._state
 
     # ------------------------------------------------------------------------------ tasks
     def _store_generation(self) -> int:

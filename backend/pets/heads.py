@@ -14,6 +14,7 @@ Manifest ``head`` objects: ``{"type": "classification", "num_labels": 3}`` or
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,26 @@ def validate_head(head: HeadConfig, spec: BackboneSpec, tensors: dict[str, torch
         check_tensor("pooler.dense.bias", tensors["pooler.dense.bias"], (h,))
 
 
+@dataclass
+class HeadPlan:
+    """One batch's head work, built on the host by :meth:`HeadTable.plan`.
+
+    Device tensors are ``[B]`` rows of the batch (uploaded); the flags say which head kinds
+    run, so :meth:`HeadTable.compute` launches a fixed sequence of kernels for them.
+    """
+
+    cu_seqlens: torch.Tensor  # [B + 1] int32, device
+    valid_lens: torch.Tensor | None  # [B] int64, device (padded path only)
+    tasks: torch.Tensor  # [B] int64, device: task slot per sequence
+    width: torch.Tensor  # [B] int32, host: output width per sequence
+    classify: bool  # some sequence has a classification head
+    own_rows: torch.Tensor | None  # [R] int64, device: sequences with their own pooler
+    own_offs: torch.Tensor | None  # [R] int64, device: their pooler's pool offset
+    embed_sel: torch.Tensor | None  # [B] bool, device: embedding-head sequences (None: none)
+    use_mean: torch.Tensor | None  # [B] bool, device
+    normalize: torch.Tensor | None  # [B] bool, device
+
+
 class HeadTable:
     """All tasks' heads, pooled for batched evaluation."""
 
@@ -165,6 +186,45 @@ class HeadTable:
         w[:cap, :cmax], b[:cap, :cmax] = self.cls_w, self.cls_b
         self.cls_w, self.cls_b = w, b
 
+    def plan(
+        self,
+        cu_seqlens: torch.Tensor,
+        seq_task_cpu: torch.Tensor,
+        valid_lens: torch.Tensor | None,
+        upload: Callable[[torch.Tensor], torch.Tensor],
+    ) -> HeadPlan:
+        """Host half of :meth:`__call__`: which heads run and their index rows, uploaded.
+
+        Args:
+            cu_seqlens: ``[B + 1]`` int32 (device).
+            seq_task_cpu: ``[B]`` task slot of each sequence (host).
+            valid_lens: ``[B]`` real lengths on the padded path (pads are not pooled).
+            upload: host tensor -> device tensor (the forward's :class:`~pets.staging.Stager`).
+        """
+        kind = self.kind[seq_task_cpu]
+        classify = bool((kind == CLASSIFY).any())
+        embed_rows = kind == EMBED
+        own_rows: torch.Tensor | None = None
+        own_offs: torch.Tensor | None = None
+        if classify:
+            own = self.pooler_off[seq_task_cpu]
+            rows = torch.nonzero(own >= 0).flatten()
+            if rows.numel():  # tasks with their own (fine-tuned) pooler: gathered, no loop
+                own_rows, own_offs = upload(rows), upload(own[rows])
+        embed = bool(embed_rows.any())
+        return HeadPlan(
+            cu_seqlens=cu_seqlens,
+            valid_lens=valid_lens,
+            tasks=upload(seq_task_cpu),
+            width=self.width[seq_task_cpu],
+            classify=classify,
+            own_rows=own_rows,
+            own_offs=own_offs,
+            embed_sel=upload(embed_rows) if embed else None,
+            use_mean=upload(self.mean[seq_task_cpu]) if embed else None,
+            normalize=upload(self.normalize[seq_task_cpu]) if embed else None,
+        )
+
     def __call__(
         self,
         hidden: torch.Tensor,
@@ -172,58 +232,53 @@ class HeadTable:
         seq_task_cpu: torch.Tensor,
         valid_lens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Evaluate every sequence's head.
+        """Evaluate every sequence's head (:meth:`plan` then :meth:`compute`).
 
-        Args:
-            hidden: ``[T, H]`` last hidden states.
-            cu_seqlens: ``[B + 1]`` int32 (device).
-            seq_task_cpu: ``[B]`` task slot of each sequence (host).
-            valid_lens: ``[B]`` real lengths on the padded path (pads are not pooled).
         Returns:
             ``out [B, D]`` float32 (row ``b`` valid up to ``width[b]``) and ``width [B]`` (host).
         """
-        b = seq_task_cpu.shape[0]
+        dev = hidden.device
+        plan = self.plan(
+            cu_seqlens, seq_task_cpu, valid_lens, lambda t: t.to(dev, non_blocking=True)
+        )
+        return self.compute(hidden, plan), plan.width
+
+    def compute(self, hidden: torch.Tensor, plan: HeadPlan) -> torch.Tensor:
+        """Device half: ``hidden [T, H]`` -> ``out [B, D]`` float32; launches only (no host
+        reads, no uploads), so a CUDA graph can capture it."""
+        b = plan.tasks.shape[0]
         h = self.spec.hidden
         dev = hidden.device
-        tasks_dev = seq_task_cpu.to(dev, non_blocking=True)
+        cu_seqlens = plan.cu_seqlens
         starts = cu_seqlens[:-1].long()
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         cls = hidden[starts]  # [B, H]
-        kind = self.kind[seq_task_cpu]
-        width = self.width[seq_task_cpu]
         out = torch.zeros(b, max(h, self.cls_w.shape[1]), device=dev, dtype=torch.float32)
-        if bool((kind == CLASSIFY).any()):
+        if plan.classify:
             pooled = torch.tanh(F.linear(cls, self.pooler_w, self.pooler_b)).float()
-            own = self.pooler_off[seq_task_cpu]
-            rows = torch.nonzero(own >= 0).flatten()
-            if rows.numel():  # tasks with their own (fine-tuned) pooler: gathered, no loop
-                offs = own[rows].to(dev)
-                idx = offs[:, None] + torch.arange(h * h + h, device=dev)[None, :]
+            if plan.own_rows is not None and plan.own_offs is not None:
+                idx = plan.own_offs[:, None] + torch.arange(h * h + h, device=dev)[None, :]
                 p = self.own_pooler.data[idx].float()
                 pw, pb = p[:, : h * h].view(-1, h, h), p[:, h * h :]
-                rows_d = rows.to(dev)
-                x = cls[rows_d].float()[:, :, None]  # [R, H, 1]
-                pooled[rows_d] = torch.tanh(torch.bmm(pw, x)[:, :, 0] + pb)
-            w = self.cls_w[tasks_dev].float()  # [B, C, H]
-            logits = torch.bmm(w, pooled[:, :, None])[:, :, 0] + self.cls_b[tasks_dev].float()
+                x = cls[plan.own_rows].float()[:, :, None]  # [R, H, 1]
+                pooled[plan.own_rows] = torch.tanh(torch.bmm(pw, x)[:, :, 0] + pb)
+            w = self.cls_w[plan.tasks].float()  # [B, C, H]
+            logits = torch.bmm(w, pooled[:, :, None])[:, :, 0] + self.cls_b[plan.tasks].float()
             out[:, : logits.shape[1]] = logits
-        emb_rows = kind == EMBED
-        if bool(emb_rows.any()):
+        if plan.embed_sel is not None:
+            assert plan.use_mean is not None and plan.normalize is not None
             seq = torch.repeat_interleave(
                 torch.arange(b, device=dev), lengths, output_size=hidden.shape[0]
             )
             hid = hidden.float()
             n = lengths
-            if valid_lens is not None:  # zero the pads before summing
+            if plan.valid_lens is not None:  # zero the pads before summing
                 pos = torch.arange(hidden.shape[0], device=dev) - starts[seq]
-                hid = hid * (pos < valid_lens[seq])[:, None]
-                n = valid_lens
+                hid = hid * (pos < plan.valid_lens[seq])[:, None]
+                n = plan.valid_lens
             sums = torch.zeros(b, h, device=dev, dtype=torch.float32).index_add_(0, seq, hid)
             mean = sums / n[:, None].float()
-            use_mean = self.mean[seq_task_cpu].to(dev)[:, None]
-            emb = torch.where(use_mean, mean, cls.float())
-            norm = self.normalize[seq_task_cpu].to(dev)[:, None]
-            emb = torch.where(norm, F.normalize(emb, dim=-1), emb)
-            sel = emb_rows.to(dev)[:, None]
-            out[:, :h] = torch.where(sel, emb, out[:, :h])
-        return out, width
+            emb = torch.where(plan.use_mean[:, None], mean, cls.float())
+            emb = torch.where(plan.normalize[:, None], F.normalize(emb, dim=-1), emb)
+            out[:, :h] = torch.where(plan.embed_sel[:, None], emb, out[:, :h])
+        return out

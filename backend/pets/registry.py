@@ -19,6 +19,7 @@ from .heads import HeadTable, validate_head
 from .pet import LoadedTask, PetContext, PetMethod, pet_types
 from .pet.base import check_known
 from .pet.meta import SlotMeta
+from .tables import FlatPool, SlotGroup
 from .taskstore import TaskManifest, check_name, list_tasks, read_task, store_state
 
 log = logging.getLogger("pets")
@@ -54,6 +55,7 @@ class TaskRegistry:
         self.slot_ln = SlotMeta((), torch.int32, 0)
         self.slot_scale = SlotMeta((), torch.int32, 0)
         self.lock = threading.RLock()  # held by writers and by a forward
+        self.version = 0  # bumped by every add/remove (pools may have moved)
         self.budget_bytes = 0  # task memory budget (MEMORY_BUDGET_MB); 0 = unlimited
 
     # ----------------------------------------------------------------------------- lifecycle
@@ -112,6 +114,7 @@ class TaskRegistry:
             entry = TaskEntry(manifest, slot, loaded, nbytes, mtime_ns)
             self._check_budget(entry, old)
             self.tasks[manifest.name] = entry
+            self.version += 1
             self._task_bytes += nbytes - (old.nbytes if old is not None else 0)
             if old is not None:
                 self._release(old)
@@ -143,6 +146,7 @@ class TaskRegistry:
             self._release(entry)
 
     def _release(self, entry: TaskEntry) -> None:
+        self.version += 1
         self.methods[entry.manifest.pet_type].unload(entry.slot, entry.loaded)
         self.heads.remove(entry.slot)
         for meta in (self.slot_pet, self.slot_bias, self.slot_ln, self.slot_scale):
@@ -209,6 +213,22 @@ class TaskRegistry:
     def slot_of(self, name: str) -> int | None:
         entry = self.tasks.get(name)
         return None if entry is None else entry.slot
+
+    def device_tensors(self) -> list[torch.Tensor]:
+        """Every persistent tensor a forward may read: slot-group tables, head tables and
+        each PET type's pools (a CUDA graph is valid while none of them moved)."""
+        out = [t for g in (self.ctx.bias, self.ctx.ln, self.ctx.scale) for t in g.tables.values()]
+        heads = self.heads
+        out += [heads.cls_w, heads.cls_b, heads.own_pooler.data, heads.pooler_w, heads.pooler_b]
+        for method in self.methods.values():
+            for value in vars(method).values():
+                if isinstance(value, FlatPool):
+                    out.append(value.data)
+                elif isinstance(value, SlotGroup):
+                    out.extend(value.tables.values())
+                elif isinstance(value, torch.Tensor) and value.device.type != "cpu":
+                    out.append(value)
+        return out
 
     def memory_bytes(self) -> int:
         """Device bytes of the resident tasks (O(1): read on every execute for the gauges)."""

@@ -1,0 +1,186 @@
+"""CUDA graphs of whole mixed-task forwards, keyed by everything that shapes their launches.
+
+A bert-base forward is a few hundred kernel launches; below a few thousand tokens the host
+issuing them, not the GPU, sets the time. Replaying a captured graph issues them all at once.
+
+What a captured forward reads, and why replaying it is safe:
+
+* the batch's index arrays: views into the :class:`~pets.staging.Stager`'s device buffer,
+  rewritten by one copy before every replay. Their addresses depend only on the staged
+  (dtype, shape) sequence, which is part of the key;
+* host scalars baked into launches (``max_seqlen``, a type's ``max_rank``, head flags, host
+  index tensors): their values are part of the key (:func:`graph_key`);
+* persistent tensors (backbone weights, task pools and slot tables, head tables): read by
+  address. Registering a task can grow a pool, which moves it; the engine passes a
+  :func:`state_key` of those addresses and every graph captured under another state is
+  dropped before anything replays.
+
+A forward whose plan holds a device tensor that is neither staged nor persistent (a type
+that computes per-batch tables on the device while planning) gets no key and runs eagerly.
+Graphs share one memory pool (they never run concurrently; each keeps its own output), so
+the memory held is about the largest forward's activations plus the outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+
+log = logging.getLogger("pets")
+
+
+def graph_key(obj: Any, staged: torch.Tensor) -> Hashable | None:
+    """A hashable key of everything in ``obj`` that a captured forward bakes in.
+
+    Walks dataclasses, dicts, lists and tuples. Host tensors and scalars contribute their
+    values; device tensors must be views of ``staged`` (the stager's buffer) and contribute
+    their offset, dtype and shape. Returns None when some device tensor is not staged: such a
+    forward cannot be replayed safely.
+    """
+    base = staged.untyped_storage().data_ptr()
+    out: list[Hashable] = []
+
+    def walk(o: Any) -> bool:
+        if o is None or isinstance(o, (bool, int, float, str)):
+            out.append(o)
+        elif isinstance(o, torch.Tensor):
+            if o.device.type == "cpu":
+                out.append((str(o.dtype), tuple(o.shape), o.numpy().tobytes()))
+            elif o.untyped_storage().data_ptr() == base:
+                out.append((str(o.dtype), tuple(o.shape), o.storage_offset(), o.stride()))
+            else:
+                return False
+        elif dataclasses.is_dataclass(o) and not isinstance(o, type):
+            out.append(type(o).__name__)
+            return all(walk(getattr(o, f.name)) for f in dataclasses.fields(o))
+        elif isinstance(o, dict):
+            out.append(("dict", len(o)))
+            return all(walk(k) and walk(v) for k, v in o.items())
+        elif isinstance(o, (list, tuple)):
+            out.append(("seq", len(o)))
+            return all(walk(v) for v in o)
+        elif hasattr(o, "name") and hasattr(o, "code"):  # a PetMethod: its type is the key
+            out.append(("pet", o.name))
+        else:
+            return False
+        return True
+
+    return tuple(out) if walk(obj) else None
+
+
+def state_key(tensors: list[torch.Tensor]) -> tuple[int, ...]:
+    """Addresses of the persistent tensors a forward reads (pools, tables, weights)."""
+    return tuple(t.data_ptr() for t in tensors)
+
+
+@dataclasses.dataclass
+class _Entry:
+    graph: torch.cuda.CUDAGraph
+    out: torch.Tensor
+    capture_ms: float
+
+
+class GraphCache:
+    """Captures a forward on the second sighting of its key and replays it afterwards.
+
+    Args:
+        device: the CUDA device.
+        max_graphs: most graphs kept (least recently used dropped first).
+        min_sightings: a key is captured when seen this many times (1 = at once); one-off
+            shapes stay eager and cost no capture.
+    """
+
+    def __init__(self, device: torch.device, max_graphs: int = 64, min_sightings: int = 2) -> None:
+        self.device = device
+        self.max_graphs = max_graphs
+        self.min_sightings = min_sightings
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: OrderedDict[Hashable, _Entry] = OrderedDict()
+        self.seen: OrderedDict[Hashable, int] = OrderedDict()
+        self.failed: set[Hashable] = set()
+        self.state: Hashable | None = None
+        self.replays = 0
+        self.eager = 0
+        self.captures = 0
+
+    def clear(self) -> None:
+        """Drop every graph (their memory goes back to the pool's allocator)."""
+        self.graphs.clear()
+        self.seen.clear()
+
+    def run(
+        self, key: Hashable | None, state: Hashable, fn: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        """``fn()``'s result: replayed from a graph of ``key``, captured now, or eager.
+
+        The returned tensor of a replay is the graph's own output buffer: read it before the
+        next call.
+        """
+        if state != self.state:
+            if self.graphs:
+                log.info("CUDA graphs: task pools moved; dropping %d graphs", len(self.graphs))
+            self.clear()
+            self.state = state
+        if key is None or key in self.failed:
+            self.eager += 1
+            return fn()
+        entry = self.graphs.get(key)
+        if entry is not None:
+            self.graphs.move_to_end(key)
+            entry.graph.replay()
+            self.replays += 1
+            return entry.out
+        seen = self.seen.get(key, 0) + 1
+        self.seen[key] = seen
+        self.seen.move_to_end(key)
+        while len(self.seen) > 16 * self.max_graphs:
+            self.seen.popitem(last=False)
+        if seen < self.min_sightings:
+            self.eager += 1
+            return fn()
+        return self._capture(key, fn)
+
+    def _capture(self, key: Hashable, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        t0 = time.perf_counter()
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                fn()  # warm-up: lazy library init must not happen inside the capture
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = fn()
+        except Exception as exc:  # an op that cannot be captured: this key stays eager
+            self.failed.add(key)
+            log.warning("CUDA graphs: capture failed, this batch shape runs eagerly: %s", exc)
+            self.eager += 1
+            return fn()
+        graph.replay()
+        ms = (time.perf_counter() - t0) * 1e3
+        self.graphs[key] = _Entry(graph, out, ms)
+        self.captures += 1
+        while len(self.graphs) > self.max_graphs:
+            self.graphs.popitem(last=False)
+        log.info(
+            "CUDA graphs: captured a forward in %.1f ms (%d held, pool %.1f MiB reserved)",
+            ms,
+            len(self.graphs),
+            torch.cuda.memory_reserved(self.device) / 2**20,
+        )
+        return out
+
+    def summary(self) -> dict[str, float]:
+        """Counts for logs and benchmarks."""
+        return {
+            "graphs": len(self.graphs),
+            "captures": self.captures,
+            "replays": self.replays,
+            "eager": self.eager,
+        }
