@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from pets.backbone import load_backbone
 from pets.engine import Engine
 from pets.heads import HeadConfig
+from pets.pet import pet_types
 from pets.taskgen import random_task
 from pets.taskstore import write_task
 
@@ -21,13 +23,36 @@ pytestmark = [
 ]
 
 
+BACKBONE = "bert-base-6l"  # random weights: the GPU host has no checkpoint to read
+
+
 def _engine(store: Path, graphs: int) -> Engine:
     eng = Engine.from_parameters(
-        {"TASK_STORE": str(store), "REFRESH_MS": "0", "CUDA_GRAPHS": str(graphs)},
+        {"BACKBONE": BACKBONE, "TASK_STORE": str(store), "REFRESH_MS": "0",
+         "CUDA_GRAPHS": str(graphs)},
         device="cuda",
-    )
+    )  # fmt: skip
     assert not eng.load_errors, eng.load_errors
     return eng
+
+
+@pytest.fixture(scope="module")
+def weights() -> Any:
+    return load_backbone(BACKBONE)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, weights: Any) -> Path:
+    """One classification task of every registered PET type, and an embedding task."""
+    root = tmp_path_factory.mktemp("graph_store")
+    for seed, pet in enumerate(sorted(pet_types())):
+        m, t = random_task(weights, f"t_{pet}", pet, HeadConfig("classification", num_labels=3),
+                           seed=seed)  # fmt: skip
+        write_task(root, m, t)
+    m, t = random_task(weights, "emb_lora", "lora", HeadConfig("embedding", pooling="mean"),
+                       seed=99)  # fmt: skip
+    write_task(root, m, t)
+    return root
 
 
 def _requests(tasks: list[str], seed: int, length: int = 12) -> list[dict[str, np.ndarray]]:
@@ -49,8 +74,8 @@ def _same(graph_out: list[Any], eager_out: list[Any]) -> None:
 
 
 @pytest.fixture(scope="module")
-def engines(task_store: Path) -> Any:
-    graphed, eager = _engine(task_store, 1), _engine(task_store, 0)
+def engines(store: Path) -> Any:
+    graphed, eager = _engine(store, 1), _engine(store, 0)
     yield graphed, eager
     graphed.close()
     eager.close()
@@ -81,23 +106,24 @@ def test_mixed_batch_replays_like_eager_and_alone(engines: Any) -> None:
     assert graphed.graphs.summary()["replays"] > before
 
 
-def test_pools_moving_drops_graphs(task_store: Path, tmp_path: Path, backbone: Any) -> None:
-    store = tmp_path / "store"
-    for folder in task_store.iterdir():  # a private copy: this test adds tasks
+def test_pools_moving_drops_graphs(store: Path, tmp_path: Path, weights: Any) -> None:
+    private = tmp_path / "store"
+    for folder in store.iterdir():  # a private copy: this test adds tasks
         if folder.is_dir() and not folder.name.startswith("."):
-            dest = store / folder.name
+            dest = private / folder.name
             dest.mkdir(parents=True)
             for f in folder.iterdir():
                 (dest / f.name).write_bytes(f.read_bytes())
+    store = private
     graphed, eager = _engine(store, 1), _engine(store, 0)
     try:
-        names = ["demo_lora", "demo_adapter", "demo_bitfit"]
+        names = ["t_lora", "t_adapter", "t_bitfit"]
         for seed in range(3):
             _same(graphed.execute(_requests(names, seed)), eager.execute(_requests(names, seed)))
         state = graphed._state_key()
         for i in range(40):  # enough LoRA weights to grow the pool (it moves)
             m, t = random_task(
-                backbone,
+                weights,
                 f"grow{i}",
                 "lora",
                 HeadConfig("classification", num_labels=3),

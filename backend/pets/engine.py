@@ -23,7 +23,7 @@ from .backbone import SITES, BackboneWeights, load_backbone, resolve_checkpoint
 from .batch import build_batch
 from .encoder import Prepared, SharedEncoder
 from .errors import ConfigError, RequestError
-from .graphs import GraphCache, graph_key, state_key
+from .graphs import GraphCache, graph_key, restage, state_key
 from .heads import HeadTable
 from .metrics import EngineStats
 from .pet import PetContext
@@ -389,11 +389,17 @@ class Engine:
             stager.begin()
             batch = build_batch(ids, slots, self.device, pad_to=pad_to, upload=stager.put)
             prepared = self.encoder.prepare(batch, stager.put)
+            copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+            if self.graphs is not None:  # plans' own device arrays move into the stage too
+                prepared.active = restage(prepared.active, stager, copies)
             try:
                 stager.flush()
-                return prepared
             except StagingOverflow as exc:  # a bigger batch than any before: grow, redo
                 stager.grow(exc.need)
+                continue
+            for view, src in copies:
+                view.copy_(src)
+            return prepared
         raise AssertionError("staging still overflows after growing; this is a bug")
 
     def _compute(self, prepared: Prepared) -> torch.Tensor:

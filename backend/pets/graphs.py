@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from .staging import Stager
+
 log = logging.getLogger("pets")
 
 
@@ -72,6 +74,49 @@ def graph_key(obj: Any, staged: torch.Tensor) -> Hashable | None:
         return True
 
     return tuple(out) if walk(obj) else None
+
+
+_RESTAGE_MAX_BYTES = 16 << 20  # a bigger unstaged tensor is no per-batch array: stay eager
+
+
+def restage(obj: Any, stager: Stager, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """``obj`` with every per-batch device tensor that is not a staged view replaced by one.
+
+    A PET type's plan may upload its arrays itself or compute them on the device while
+    planning; a graph would keep reading those tensors' old addresses. This reserves a
+    staged view for each and appends ``(view, tensor)`` to ``copies``: the caller copies them
+    (device to device) after :meth:`Stager.flush`. Dataclasses, dicts, lists and tuples are
+    rebuilt; other objects are returned as they are.
+    """
+    if isinstance(obj, torch.Tensor):
+        if (
+            obj.device.type == "cpu"
+            or obj.untyped_storage().data_ptr() == stager.device_buffer.untyped_storage().data_ptr()
+            or obj.numel() * obj.element_size() > _RESTAGE_MAX_BYTES
+        ):
+            return obj
+        view = stager.reserve(obj)
+        copies.append((view, obj))
+        return view
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {}
+        for f in dataclasses.fields(obj):
+            if not f.init:
+                continue
+            old = getattr(obj, f.name)
+            new = restage(old, stager, copies)
+            if new is not old:
+                changes[f.name] = new
+        return dataclasses.replace(obj, **changes) if changes else obj
+    if isinstance(obj, dict):
+        items = {k: restage(v, stager, copies) for k, v in obj.items()}
+        return items if any(items[k] is not obj[k] for k in obj) else obj
+    if isinstance(obj, (list, tuple)):
+        seq = [restage(v, stager, copies) for v in obj]
+        if all(a is b for a, b in zip(seq, obj, strict=True)):
+            return obj
+        return type(obj)(seq) if isinstance(obj, list) else tuple(seq)
+    return obj
 
 
 def state_key(tensors: list[torch.Tensor]) -> tuple[int, ...]:

@@ -88,6 +88,16 @@ class Stager:
         self._pending.append((start, t))
         return _view(self._dev, start, t)
 
+    def reserve(self, like: torch.Tensor) -> torch.Tensor:
+        """A device view shaped like ``like`` that :meth:`flush` does not fill: the caller
+        copies a device tensor into it after the flush."""
+        if not self.enabled:
+            return like
+        self.layout.append((like.dtype, tuple(like.shape)))
+        start = self._used
+        self._used = start + (like.numel() * like.element_size() + _ALIGN - 1) // _ALIGN * _ALIGN
+        return _view(self._dev, start, like)
+
     def flush(self) -> None:
         """Copy everything staged since :meth:`begin` to the device (one async copy).
 
@@ -95,10 +105,12 @@ class Stager:
         the views handed out are rebuilt by the caller: :meth:`flush` returns normally only
         when every view handed out in this forward is valid.
         """
-        if not self.enabled or not self._pending:
+        if not self.enabled:
             return
         if self._used > self._dev.numel():
             raise StagingOverflow(self._used)
+        if not self._pending:
+            return
         host = self._host_np
         for start, t in self._pending:
             n = t.numel() * t.element_size()
