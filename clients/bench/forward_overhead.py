@@ -1,0 +1,169 @@
+"""Host overhead of the engine's forward: wall time vs GPU time, CUDA graphs on and off.
+
+For each task mix (backbone-only ``none`` tasks, 64 LoRA tasks, 64 tasks of every PET type)
+and each batch shape ``B x L``, times :meth:`pets.engine.Engine.run` (staging, forward,
+outputs back on the host) in two engines over the same tasks in one process: CUDA graphs off
+(eager launches) and on (replayed). GPU time is the replay of the captured forward alone,
+timed with CUDA events, so ``wall / gpu`` is what the host adds. Writes ``forward_overhead.csv``
+and ``manifest.json`` under ``--out``.
+
+    python -m clients.bench.forward_overhead --backbone bert-base --out var/runs/overhead
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pets.backbone import load_backbone
+from pets.engine import Engine
+from pets.heads import HeadConfig
+from pets.pet import pet_types
+from pets.taskgen import random_task
+
+MIXES = ("backbone", "lora", "mixed")
+
+
+def _engine(args: argparse.Namespace, graphs: bool, store: Path) -> Engine:
+    return Engine.from_parameters(
+        {
+            "BACKBONE": args.backbone,
+            "TASK_STORE": str(store),
+            "DTYPE": args.dtype,
+            "REFRESH_MS": "0",
+            "CUDA_GRAPHS": "1" if graphs else "0",
+        },
+        device=args.device,
+    )
+
+
+def _register(engines: list[Engine], weights: Any, mix: str, n: int) -> list[str]:
+    """``n`` tasks of the mix, registered in every engine; returns their names."""
+    types = {"backbone": ["none"], "lora": ["lora"], "mixed": sorted(pet_types())}[mix]
+    names = []
+    for i in range(n):
+        pet = types[i % len(types)]
+        name = f"{mix}_{pet}_{i}"
+        m, t = random_task(weights, name, pet, HeadConfig("classification", num_labels=2), seed=i)
+        for eng in engines:
+            eng.registry.add(m, t)
+        names.append(name)
+    return names
+
+
+def _wall_ms(fn: Any, iters: int) -> float:
+    """Median wall time of ``fn`` (which returns host data, so the GPU work is included)."""
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def _replay_ms(engine: Engine, iters: int) -> float:
+    """GPU time of the most recently used graph: CUDA-event-timed replays."""
+    assert engine.graphs is not None and engine.graphs.graphs, "no graph was captured"
+    graph = next(reversed(engine.graphs.graphs.values())).graph
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def manifest(args: argparse.Namespace) -> dict[str, Any]:
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
+
+    info: dict[str, Any] = {
+        "command": " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "commit": git("rev-parse", "HEAD") or args.commit,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "host": platform.node(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+        )
+        info["driver"] = smi.stdout.strip()
+    return info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backbone", default="bert-base")
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--tasks", type=int, default=64)
+    ap.add_argument("--mixes", default=",".join(MIXES))
+    ap.add_argument("--shapes", default="1x128,8x64,64x64,256x64")
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--commit", default="", help="recorded when git is not available")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    store = args.out / "empty_store"
+    store.mkdir(exist_ok=True)
+    weights = load_backbone(args.backbone)
+    rows = []
+    rng = np.random.default_rng(0)
+    for mix in args.mixes.split(","):
+        eager, graphed = _engine(args, False, store), _engine(args, True, store)
+        names = _register([eager, graphed], weights, mix, args.tasks)
+        for shape in args.shapes.split(","):
+            b, length = (int(v) for v in shape.split("x"))
+            ids = [rng.integers(1000, 30000, size=length) for _ in range(b)]
+            tasks = [names[i % len(names)] for i in range(b)]
+            row: dict[str, Any] = {"mix": mix, "batch": b, "seq_len": length}
+            for label, eng in (("eager", eager), ("graphs", graphed)):
+
+                def call(e: Engine = eng, i: list[Any] = ids, t: list[str] = tasks) -> Any:
+                    return e.run(i, t)
+
+                for _ in range(3):  # warm-up: the second run captures
+                    call()
+                row[f"wall_ms_{label}"] = round(_wall_ms(call, args.iters), 3)
+            outs_e, outs_g = eager.run(ids, tasks), graphed.run(ids, tasks)
+            pairs = zip(outs_g, outs_e, strict=True)
+            row["max_abs_diff"] = float(max(np.abs(g - e).max() for g, e in pairs))
+            row["gpu_ms"] = round(_replay_ms(graphed, args.iters), 3)
+            row["wall_over_gpu_eager"] = round(row["wall_ms_eager"] / row["gpu_ms"], 3)
+            row["wall_over_gpu_graphs"] = round(row["wall_ms_graphs"] / row["gpu_ms"], 3)
+            row["seq_per_s_graphs"] = round(b / row["wall_ms_graphs"] * 1e3, 1)
+            row.update(graphed.graphs.summary() if graphed.graphs else {})
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        eager.close()
+        graphed.close()
+    with (args.out / "forward_overhead.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (args.out / "manifest.json").write_text(json.dumps(manifest(args), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
