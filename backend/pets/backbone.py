@@ -40,6 +40,13 @@ SYNTHETIC_CONFIGS: dict[str, dict[str, int]] = {
         "num_attention_heads": 12,
         "intermediate_size": 3072,
     },
+    # Compute-free stand-in for measuring the serving path's host overhead on a CPU.
+    "bert-tiny": {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+    },
     "bert-large": {
         "hidden_size": 1024,
         "num_hidden_layers": 24,

@@ -1,0 +1,236 @@
+"""What the serving path costs beyond a no-op model: pets vs an empty Python model, one server.
+
+Starts one tritonserver holding two models with the same inputs, outputs and batcher:
+
+* ``pets``: the real backend over a store of mixed-type tasks (by default on ``bert-tiny``,
+  2 layers of width 32, so compute is negligible and what is measured is the host path:
+  decoding, scheduling, staging, responses, metrics);
+* ``noop``: a Python-backend model that reads the same inputs and returns zeros.
+
+perf_analyzer (gRPC, async) drives both with the same data at each concurrency; the ratio
+``pets / noop`` is the share of a bare Python model's rate the serving path keeps. Writes
+``served_overhead.csv`` and ``manifest.json`` under ``--out``.
+
+    python -m clients.bench.served_overhead --out var/runs/served_overhead
+    python -m clients.bench.served_overhead --metrics 0 --concurrency 1,32   # metrics off
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pets.backbone import load_backbone
+from pets.heads import HeadConfig
+from pets.pet import pet_types
+from pets.taskgen import random_task
+from pets.taskstore import write_task
+
+ROOT = Path(__file__).resolve().parents[2]
+
+NOOP_MODEL = '''\
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    """Reads every input like pets does and answers zeros: the Python backend's floor."""
+
+    def execute(self, requests):
+        out = []
+        for request in requests:
+            rows = 1
+            for tensor in request.inputs():
+                rows = tensor.as_numpy().shape[0]
+            zeros = np.zeros((rows, 2), np.float32)
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT", zeros)]))
+        return out
+'''
+
+
+def triton_env() -> dict[str, str]:
+    """The environment build/triton/env.sh sets up (tritonserver, perf_analyzer, libraries)."""
+    env_sh = ROOT / "build" / "triton" / "env.sh"
+    if not env_sh.is_file():
+        raise SystemExit("no build/triton/env.sh: run `make triton` (build/install_triton.sh)")
+    out = subprocess.run(
+        ["bash", "-c", f"source {env_sh} && env -0"], capture_output=True, check=True
+    ).stdout
+    return dict(kv.split("=", 1) for kv in out.decode().split("\0") if "=" in kv)
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def make_repo(args: argparse.Namespace, root: Path) -> tuple[Path, list[str]]:
+    """A model repository with ``pets`` (over a fresh store) and ``noop``; returns the task
+    names."""
+    weights = load_backbone(args.backbone)
+    store = root / "store"
+    types = sorted(pet_types())
+    names = []
+    for i in range(args.tasks):
+        pet = types[i % len(types)]
+        name = f"t{i}_{pet}"
+        m, t = random_task(weights, name, pet, HeadConfig("classification", num_labels=2), seed=i)
+        write_task(store, m, t)
+        names.append(name)
+    repo = root / "repo"
+    shutil.copytree(ROOT / "model_repository" / "pets", repo / "pets")
+    cfg = repo / "pets" / "config.pbtxt"
+    text = cfg.read_text()
+    params = {"BACKBONE": args.backbone, "TASK_STORE": str(store), "METRICS": str(args.metrics)}
+    for key, value in params.items():
+        text, n = re.subn(rf'(key: "{key}" value \{{ string_value: )"[^"]*"', rf'\1"{value}"', text)
+        if n != 1:
+            raise SystemExit(f"{cfg} has no {key} parameter to rewrite")
+    text = re.sub(
+        r"^instance_group .*$",
+        f"instance_group [ {{ kind: KIND_{args.kind} count: {args.instances} }} ]",
+        text,
+        flags=re.M,
+    )
+    cfg.write_text(text)
+    noop = repo / "noop"
+    (noop / "1").mkdir(parents=True)
+    (noop / "1" / "model.py").write_text(NOOP_MODEL)
+    head, _, _ = text.partition("# Engine parameters")
+    noop_cfg = re.sub(r'^name: "pets"', 'name: "noop"', head, flags=re.M)
+    noop_cfg = re.sub(r'^backend: "pets"', 'backend: "python"', noop_cfg, flags=re.M)
+    (noop / "config.pbtxt").write_text(noop_cfg)
+    return repo, names
+
+
+def make_data(path: Path, names: list[str], length: int, entries: int) -> None:
+    rng = np.random.default_rng(0)
+    data = [
+        {
+            "TASK": [names[i % len(names)]],
+            "INPUT_IDS": {"content": rng.integers(1000, 2000, length).tolist(), "shape": [length]},
+        }
+        for i in range(entries)
+    ]
+    path.write_text(json.dumps({"data": data}))
+
+
+def perf(args: argparse.Namespace, env: dict[str, str], url: str, model: str, data: Path,
+         c: int, tmp: Path) -> dict[str, float]:  # fmt: skip
+    out = tmp / f"{model}_c{c}.csv"
+    cmd = [
+        "perf_analyzer", "-m", model, "-i", "grpc", "-u", url, "--async",
+        "--input-data", str(data), "--concurrency-range", str(c),
+        "--measurement-interval", str(args.interval_ms), "--max-trials", "10",
+        "--stability-percentage", "30",
+        "-f", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        raise SystemExit(f"perf_analyzer failed on {model} at concurrency {c}:\n{tail}")
+    with out.open() as f:
+        row = next(csv.DictReader(f))
+    return {
+        "req_per_s": float(row["Inferences/Second"]),
+        "p50_ms": float(row["p50 latency"]) / 1e3,
+        "p99_ms": float(row["p99 latency"]) / 1e3,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backbone", default="bert-tiny")
+    ap.add_argument("--tasks", type=int, default=14, help="mixed-type tasks in the store")
+    ap.add_argument("--length", type=int, default=16, help="tokens per request")
+    ap.add_argument("--concurrency", default="32")
+    ap.add_argument("--metrics", type=int, default=1, help="the pets model's METRICS")
+    ap.add_argument("--kind", default="CPU", choices=("CPU", "GPU"))
+    ap.add_argument("--instances", type=int, default=1)
+    ap.add_argument("--interval-ms", type=int, default=4000)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = triton_env()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="pets-served-") as td:
+        tmp = Path(td)
+        repo, names = make_repo(args, tmp)
+        data = tmp / "data.json"
+        make_data(data, names, args.length, 256)
+        http, grpc, metrics = _free_ports(3)
+        cmd = [
+            "tritonserver", f"--model-repository={repo}",
+            f"--backend-directory={env['PETS_TRITON_BACKENDS']}",
+            "--http-address=127.0.0.1", f"--http-port={http}",
+            "--grpc-address=127.0.0.1", f"--grpc-port={grpc}",
+            "--metrics-address=127.0.0.1", f"--metrics-port={metrics}",
+        ]  # fmt: skip
+        shutil.copy2(ROOT / "backend" / "model.py", Path(env["PETS_TRITON_BACKENDS"]) / "pets")
+        log = (args.out / "tritonserver.log").open("wb")
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2)
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise SystemExit("tritonserver did not become ready; see its log") from None
+                    time.sleep(0.5)
+            for c in (int(v) for v in args.concurrency.split(",")):
+                got = {m: perf(args, env, f"127.0.0.1:{grpc}", m, data, c, tmp)
+                       for m in ("noop", "pets")}  # fmt: skip
+                row: dict[str, Any] = {"concurrency": c, "metrics": args.metrics}
+                for m, vals in got.items():
+                    row.update({f"{m}_{k}": round(v, 3) for k, v in vals.items()})
+                row["pets_over_noop"] = round(
+                    got["pets"]["req_per_s"] / got["noop"]["req_per_s"], 3
+                )
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+    with (args.out / "served_overhead.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    manifest = {
+        "command": " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "commit": git.stdout.strip(),
+        "params": {k: str(v) for k, v in vars(args).items()},
+    }
+    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
