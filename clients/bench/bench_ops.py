@@ -22,10 +22,11 @@ implementation must move (read x, read and write y), so no separate kernel can b
 Adapter sites are also timed as whole output sites (bias, adapter, residual, LayerNorm):
 ``shared_epilogue`` is the plain LayerNorm epilogue every task runs, ``unfused_site`` the
 four-launch path and ``fused_site`` ``adapter_residual_layernorm``; ``*_over_epilogue`` rows
-are their cost beyond the plain epilogue, the adapter's true share of the site.
+are their cost beyond the plain epilogue, the adapter's true share of the site. The CSV and
+plot go to a dated run folder under ``--out`` (``clients/bench/results.py``).
 
-    python clients/bench_ops.py --out .bench/ops                # CUDA if present, else CPU
-    python clients/bench_ops.py --device cpu --segments 1,8 --out /tmp/b
+    python -m clients.bench.bench_ops                             # CUDA if present, else CPU
+    python -m clients.bench.bench_ops --device cpu --segments 1,8 --out /tmp/runs
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cuda_ops"))
 import petops
+from clients.bench.results import add_out_argument, pyplot, start_run
 from petops import ops
 from petops.reference import pack_mask_words
 
@@ -451,11 +452,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     sites = list(dict.fromkeys(r["site"] for r in rows))
     fig, axes = plt.subplots(2, (len(sites) + 1) // 2, figsize=(5 * ((len(sites) + 1) // 2), 8))
     for ax, site in zip(axes.flat, sites, strict=False):
@@ -489,7 +486,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=None, help="20 (CPU 5)")
     p.add_argument("--graph-iters", type=int, default=20, help="calls per CUDA-graph replay")
-    p.add_argument("--out", type=Path, required=True)
+    add_out_argument(p)
     a = p.parse_args()
     on_gpu = a.device.startswith("cuda")
     a.dtype = a.dtype or ("float16" if on_gpu else "float32")
@@ -499,17 +496,15 @@ def main() -> None:
     a.ffn = a.ffn or (3072 if on_gpu else 1024)
     a.repeats = a.repeats or (20 if on_gpu else 5)
     a.streams = [int(s) for s in a.streams.split(",")]
+    out = start_run("bench_ops", a.out, params=vars(a))
+    out.update(backend=petops.backend_name())
     rows = run(a)
-    a.out.mkdir(parents=True, exist_ok=True)
-    with open(a.out / "bench_ops.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    out.write_csv("bench_ops.csv", rows, FIELDS)
     w = csv.DictWriter(sys.stdout, FIELDS)
     w.writeheader()
     w.writerows(rows)
-    plot(rows, a.out / "bench_ops.png")
-    print(f"# wrote {a.out / 'bench_ops.csv'} and {a.out / 'bench_ops.png'}", file=sys.stderr)
+    plot(rows, out.path("bench_ops.png"))
+    out.finish()
 
 
 if __name__ == "__main__":

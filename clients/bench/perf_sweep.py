@@ -1,12 +1,13 @@
 """Concurrency sweep with perf_analyzer (gRPC, async) against a running `pets` server.
 
 Runs one perf_analyzer per concurrency level (levels need not be evenly spaced), merges the
-CSV rows (`-f ... --verbose-csv`) into one file and prints a summary. Needs
-build/install_triton.sh (perf_analyzer + its libraries via build/triton/env.sh).
+CSV rows (`-f ... --verbose-csv`) into ``sweep.csv`` in a dated run folder under ``--out``
+(``clients/bench/results.py``, with the input data when it was made here) and prints a
+summary. Needs build/install_triton.sh (perf_analyzer + its libraries via build/triton/env.sh).
 
-  python clients/perf_sweep.py --data var/perf/mixed.json --concurrency 1,8,32,64,128 \\
-      --out var/perf/sweep.csv
-  python clients/perf_sweep.py --make-data "--tasks-from-store var/store64 --length 64"
+  python -m clients.bench.perf_sweep                       # demo tasks, length 64, 1..128
+  python -m clients.bench.perf_sweep --data var/perf/mixed.json --concurrency 1,8,32,64,128
+  python -m clients.bench.perf_sweep --make-data "--tasks-from-store var/store64 --length 64"
 """
 
 from __future__ import annotations
@@ -17,10 +18,16 @@ import shlex
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
-from make_perf_data import main as make_data_main
-from pets_client import MODEL, triton_env
+from clients.bench.make_perf_data import main as make_data_main
+from clients.bench.results import add_out_argument, start_run
+from clients.pets_client import MODEL, triton_env
+
+
+class PerfAnalyzerError(RuntimeError):
+    """perf_analyzer exited non-zero (e.g. no stable measurement window)."""
 
 
 def run_level(a: argparse.Namespace, data: Path, c: int, tmp: Path, env: dict[str, str]) -> list:
@@ -37,18 +44,34 @@ def run_level(a: argparse.Namespace, data: Path, c: int, tmp: Path, env: dict[st
     print("+", shlex.join(cmd), file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.timeout)
     if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-        raise SystemExit(f"perf_analyzer failed at concurrency {c} (exit {proc.returncode})")
+        raise PerfAnalyzerError(
+            f"perf_analyzer failed at concurrency {c} (exit {proc.returncode}):\n"
+            + proc.stdout[-3000:]
+            + proc.stderr[-3000:]
+        )
     with out.open() as f:
         return list(csv.reader(f))
 
 
-def main(argv: list[str] | None = None) -> int:
+def sweep(a: argparse.Namespace, data: Path) -> tuple[list[str], list[list[str]]]:
+    """perf_analyzer's CSV header and one row per concurrency level of ``a.concurrency``."""
+    env = triton_env()
+    header: list[str] = []
+    rows: list[list[str]] = []
+    with tempfile.TemporaryDirectory(prefix="pets-sweep-") as td:
+        for c in (int(x) for x in a.concurrency.split(",")):
+            got = run_level(a, data, c, Path(td), env)
+            header = header or got[0]
+            rows += [r for r in got[1:] if r]
+    return header, rows
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--url", default="127.0.0.1:8001", help="gRPC host:port")
     p.add_argument("--model", default=MODEL)
     p.add_argument("--data", type=Path, help="perf_analyzer --input-data JSON")
-    p.add_argument("--make-data", help="make_perf_data.py arguments to build the JSON instead")
+    p.add_argument("--make-data", help="make_perf_data arguments to build the JSON instead")
     p.add_argument("--concurrency", default="1,2,4,8,16,32,64,128")
     p.add_argument("--interval-ms", type=int, default=5000, help="--measurement-interval")
     p.add_argument("--percentile", type=int, default=95)
@@ -57,31 +80,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra", default="", help="more perf_analyzer flags, one string")
     p.add_argument("--perf-analyzer", default="perf_analyzer", help="binary (PATH of env.sh)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per level")
-    p.add_argument("--out", type=Path, default=Path("var/perf/sweep.csv"))
-    a = p.parse_args(argv)
-    levels = [int(x) for x in a.concurrency.split(",")]
-    env = triton_env()
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="pets-sweep-") as td:
-        tmp = Path(td)
-        data = a.data
-        if data is None:
-            data = tmp / "data.json"
-            make_data_main(["-o", str(data), *shlex.split(a.make_data or "")])
-        header: list[str] = []
-        rows: list[list[str]] = []
-        for c in levels:
-            got = run_level(a, data, c, tmp, env)
-            header = header or got[0]
-            rows += [r for r in got[1:] if r]
-    with a.out.open("w", newline="") as f:
+    add_out_argument(p)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return parser().parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    out = start_run("perf_sweep", a.out, params=vars(a))
+    data = a.data
+    if data is None:
+        data = out.path("data.json")
+        make_data_main(["-o", str(data), *shlex.split(a.make_data or "")])
+    try:
+        header, rows = sweep(a, data)
+    except PerfAnalyzerError as exc:
+        out.finish("failed: perf_analyzer")
+        raise SystemExit(str(exc)) from None
+    with out.path("sweep.csv").open("w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
     cols = {name: i for i, name in enumerate(header)}
     keys = ["Concurrency", "Inferences/Second", "p50 latency", "p99 latency"]
     print(" ".join(f"{k:>18}" for k in keys))
     for r in rows:
         print(" ".join(f"{r[cols[k]]:>18}" if k in cols else f"{'-':>18}" for k in keys))
-    print(f"wrote {a.out}", file=sys.stderr)
+    out.finish()
     return 0
 
 

@@ -3,9 +3,9 @@
 Entries cycle through the tasks; perf_analyzer uses them round-robin, so one JSON gives a
 mixed-task, mixed-length stream (triton-python-backend.md §7.1).
 
-  python clients/make_perf_data.py -o var/perf/mixed.json                    # 5 demo tasks, L=64
-  python clients/make_perf_data.py --lengths 16:128 --entries 500 -o mix.json
-  python clients/make_perf_data.py --tasks-from-store var/store64 --length 64 -o t64.json
+  python -m clients.bench.make_perf_data -o var/perf/mixed.json          # 5 demo tasks, L=64
+  python -m clients.bench.make_perf_data --lengths 16:128 --entries 500 -o mix.json
+  python -m clients.bench.make_perf_data --tasks-from-store var/store64 --length 64 -o t64.json
 """
 
 from __future__ import annotations
@@ -16,25 +16,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from pets_client import DEMO_TASKS, random_ids
 
-
-def parse_lengths(spec: str) -> tuple[str, list[int]]:
-    """'64' (fixed), 'a:b' (uniform in [a, b]) or 'a,b,c' (choice)."""
-    try:
-        if ":" in spec:
-            lo, hi = (int(x) for x in spec.split(":"))
-            if not 2 <= lo <= hi:
-                raise ValueError
-            return "uniform", [lo, hi]
-        vals = [int(x) for x in spec.split(",")]
-        if min(vals) < 2:
-            raise ValueError
-        return "choice", vals
-    except ValueError:
-        raise SystemExit(
-            f"length spec {spec!r} is invalid: use L, LO:HI or L1,L2,... with lengths >= 2"
-        ) from None
+from clients.pets_client import DEMO_TASKS, parse_lengths, random_ids
 
 
 def store_tasks(store: Path) -> list[str]:

@@ -8,10 +8,11 @@ perf_analyzer (gRPC, async, fixed concurrency) over a query pool whose lengths f
 N(mean, std) clipped to [1, 128] and whose tasks are uniform over the first N tasks of the
 store (N from ``--tasks``; the store must hold at least max N). Throughput is normalised to
 the ``fixed`` policy; scheduling runs inside ``execute``, so its time counts. Writes
-``fig12_online.csv`` and ``fig12_online.png``.
+``fig12_online.csv`` and ``fig12_online.png``, with each point's perf_analyzer data and CSV, to
+a dated run folder under ``--out`` (``clients/bench/results.py``).
 
-    python clients/fig12_online.py --store var/fig12_cpu_store --stds 4 --out var/fig12_online
-    python clients/fig12_online.py --store var/fig12_store --backbone bert-base \
+    python -m clients.paper.fig12_online --store var/fig12_cpu_store --stds 4
+    python -m clients.paper.fig12_online --store var/fig12_store --backbone bert-base \
         --serve-args=--gpu --stds 1,2,4,8 --tasks 32,64,128 --concurrency 128
 """
 
@@ -30,9 +31,13 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-from fig12 import plot
 
-ROOT = Path(__file__).resolve().parent.parent
+from clients.bench import perf_sweep
+from clients.bench.make_perf_data import main as make_data_main
+from clients.bench.results import REPO_ROOT as ROOT
+from clients.bench.results import add_out_argument, start_run
+from clients.paper.fig12 import plot
+
 POLICIES = "fixed,beta_only,alpha_only,coordinated,token_budget,task_grouped"
 
 
@@ -94,37 +99,27 @@ def measure(
     stays unstable is reported as missing, not guessed, and the sweep goes on.
     """
     for window in (interval_ms, 2 * interval_ms):
-        cmd = [
-            sys.executable,
-            "clients/perf_sweep.py",
-            "--url",
-            f"127.0.0.1:{port_base + 1}",
-            "--model",
-            model,
-            "--data",
-            str(data),
-            "--concurrency",
-            str(concurrency),
-            "--interval-ms",
-            str(window),
-            "--max-trials",
-            "6",
-            "--out",
-            str(out),
-            # a loaded box rarely holds perf_analyzer's default 10% window-to-window band
-            "--extra",
-            "--stability-percentage 50",
-        ]
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if done.returncode == 0:
-            with out.open() as fh:
-                return float(next(csv.DictReader(fh))["Inferences/Second"])
-        tail = (done.stdout + done.stderr)[-600:]
-        print(
-            f"{model}: perf_analyzer found no stable {window} ms windows:\n{tail}",
-            file=sys.stderr,
-            flush=True,
-        )
+        args = perf_sweep.parse_args(
+            [
+                "--url", f"127.0.0.1:{port_base + 1}", "--model", model,
+                "--concurrency", str(concurrency), "--interval-ms", str(window),
+                "--max-trials", "6",
+                # a loaded box rarely holds perf_analyzer's default 10% window-to-window band
+                "--extra", "--stability-percentage 50",
+            ]
+        )  # fmt: skip
+        try:
+            header, rows = perf_sweep.sweep(args, data)
+        except perf_sweep.PerfAnalyzerError as exc:
+            print(
+                f"{model}: perf_analyzer found no stable {window} ms windows:\n{str(exc)[-600:]}",
+                file=sys.stderr,
+                flush=True,
+            )
+            continue
+        with out.open("w", newline="") as fh:
+            csv.writer(fh).writerows([header, *rows])
+        return float(rows[0][header.index("Inferences/Second")])
     return None
 
 
@@ -163,9 +158,9 @@ def main() -> int:
     p.add_argument("--cost-table", type=Path, default=None)
     p.add_argument("--port-base", type=int, default=18000)
     p.add_argument("--serve-args", default="", help='build/serve.sh flags, e.g. "--gpu"')
-    p.add_argument("--out", type=Path, default=Path("var/fig12_online"))
+    add_out_argument(p)
     args = p.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    run = start_run("fig12_online", args.out, params=vars(args))
     store = args.store.resolve()
     policies = args.policies.split(",")
     repo = Path(tempfile.mkdtemp(prefix="pets-f12-"))
@@ -177,26 +172,14 @@ def main() -> int:
             for std in (float(s) for s in args.stds.split(",")):
                 rng = np.random.default_rng(int(std * 100))
                 lengths = np.clip(np.rint(rng.normal(args.mean, std, size=256)), 1, 128)
-                data = args.out / f"data_t{n_tasks}_std{std:g}.json"
-                subprocess.run(
+                data = run.path(f"data_t{n_tasks}_std{std:g}.json")
+                make_data_main(
                     [
-                        sys.executable,
-                        "clients/make_perf_data.py",
-                        "--tasks-from-store",
-                        str(store),
-                        "--num-tasks",
-                        str(n_tasks),
-                        "--lengths",
-                        ",".join(str(int(v)) for v in lengths),
-                        "--entries",
-                        "256",
-                        "-o",
-                        str(data),
-                    ],
-                    cwd=ROOT,
-                    check=True,
-                    capture_output=True,
-                )
+                        "--tasks-from-store", str(store), "--num-tasks", str(n_tasks),
+                        "--lengths", ",".join(str(int(v)) for v in lengths),
+                        "--entries", "256", "-o", str(data),
+                    ]
+                )  # fmt: skip
                 qps: dict[str, float | None] = {}
                 for policy in policies:
                     qps[policy] = v = measure(
@@ -205,7 +188,7 @@ def main() -> int:
                         data,
                         args.concurrency,
                         args.interval_ms,
-                        args.out / f"pa_{policy}_t{n_tasks}_std{std:g}.csv",
+                        run.path(f"pa_{policy}_t{n_tasks}_std{std:g}.csv"),
                     )
                     shown = "unstable (no value)" if v is None else f"{v:.1f} req/s"
                     print(f"tasks={n_tasks} std={std:g} {policy}: {shown}", flush=True)
@@ -221,7 +204,10 @@ def main() -> int:
                             "qps_norm": round(v / fixed, 3) if v and fixed else None,
                         }
                     )
-                write_csv(args.out / "fig12_online.csv", rows)  # each point kept as it lands
+                write_csv(run.path("fig12_online.csv"), rows)  # each point kept as it lands
+    except BaseException as exc:
+        run.finish(f"failed: {type(exc).__name__}")
+        raise
     finally:
         stop(proc)
     if "fixed" in policies and rows:
@@ -231,11 +217,11 @@ def main() -> int:
         plot(
             shown,
             policies,
-            args.out / "fig12_online.png",
+            run.path("fig12_online.png"),
             f"online through Triton: {args.backbone}, perf_analyzer concurrency "
             f"{args.concurrency}, {args.serve_args or 'CPU'}",
         )
-    print(f"wrote {args.out / 'fig12_online.csv'}")
+    run.finish()
     return 0
 
 

@@ -5,31 +5,34 @@ engine through the normal validation + load path. At each checkpoint the script 
 forward of ``--batch`` sequences of ``--seq-len`` tokens whose tasks are drawn uniformly
 from all loaded tasks, and records device memory. It stops at ``--max-tasks``, on
 out-of-memory, or when ``--time-budget`` runs out, and reports how many tasks were resident.
+The types are every registered one but ``none`` (:func:`pets.pet.pet_types`). Writes
+``capacity.csv`` and ``capacity.json`` to a dated run folder under ``--out``
+(``clients/bench/results.py``).
 
-    python clients/capacity_experiment.py --backbone bert-base --device cuda:0 --out OUT
+    python -m clients.paper.table5 --backbone bert-base --device cuda:0
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from clients.bench.results import add_out_argument, start_run
 from pets.backbone import load_backbone, resolve_checkpoint
 from pets.batch import build_batch
 from pets.engine import Engine
 from pets.heads import HeadConfig
+from pets.pet import pet_types
 from pets.profiling import time_fn
 from pets.taskgen import random_task
 
-TYPES = ("bitfit", "diff_pruning", "maskbert", "adapter", "lora", "ia3")
+TYPES = tuple(sorted(t for t in pet_types() if t != "none"))
 
 
 def main() -> int:
@@ -43,8 +46,9 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--variants", type=int, default=2, help="distinct random tasks per type")
     p.add_argument("--time-budget", type=float, default=300.0, help="seconds for registering")
-    p.add_argument("--out", default=None)
+    add_out_argument(p)
     args = p.parse_args()
+    out = start_run("table5", args.out, params=vars(args))
 
     engine = Engine.from_parameters(
         {
@@ -118,14 +122,9 @@ def main() -> int:
         free, total = torch.cuda.mem_get_info(engine.device)
         summary |= {"device_free_bytes": free, "device_total_bytes": total}
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "capacity.json").write_text(json.dumps(summary, indent=2))
-        with (out / "capacity.csv").open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+    out.write_json("capacity.json", summary)
+    out.write_csv("capacity.csv", rows)
+    out.finish()
     return 0
 
 

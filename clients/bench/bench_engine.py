@@ -3,38 +3,39 @@
 For one backbone/dtype/device, times one engine forward of ``--batch`` sequences of
 ``--seq-len`` tokens spread over ``--tasks`` tasks, for: the backbone alone (``none`` tasks:
 shared ops + epilogues, no shadow work), each PET type alone, and a uniform mix of all
-types; with the grouped ops, and optionally PetS's multi-stream mode. Prints CSV and writes
-``engine_bench.csv`` / ``engine_bench.json`` under ``--out``. On CUDA, ``--profile`` adds the
+types (every registered type, :func:`pets.pet.pet_types`); with the grouped ops, and optionally
+PetS's multi-stream mode. Prints CSV and writes ``engine_bench.csv`` / ``engine_bench.json`` to
+a dated run folder under ``--out`` (``clients/bench/results.py``). On CUDA, ``--profile`` adds the
 device time of one forward (``gpu_ms_per_batch``, the sum of its kernels: far below
 ``ms_per_batch`` means the forward is bound by host dispatch) and writes each config's kernels
 to ``engine_kernels.csv``.
 
-    python clients/bench_engine.py --backbone bert-base --device cuda:0 --dtype float16
+    python -m clients.bench.bench_engine --backbone bert-base --device cuda:0 --dtype float16
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from clients.bench.results import add_out_argument, start_run
 from pets.batch import build_batch
 from pets.engine import Engine
+from pets.pet import pet_types
 from pets.profiling import EngineProbe, time_fn
 
-MIX = ("bitfit", "diff_pruning", "maskbert", "adapter", "lora", "ia3")
+# Every registered PET type but "none" (the backbone alone, timed as "backbone_only").
+MIX = tuple(sorted(t for t in pet_types() if t != "none"))
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
     if args.profile:
-        from op_kernels import kernel_times  # torch.profiler; only when asked
+        from clients.bench.op_kernels import kernel_times  # torch.profiler; only when asked
     rows, kernels = [], []
     for streams in args.streams:
         store = tempfile.mkdtemp(prefix="pets-bench-")
@@ -143,23 +144,15 @@ def main() -> int:
         metavar="KEY=VALUE",
         help="extra engine parameter, repeatable (e.g. MASKBERT_FORMAT=csr)",
     )
-    p.add_argument("--out", default=None)
+    add_out_argument(p)
     args = p.parse_args()
     args.params = dict(kv.split("=", 1) for kv in args.param)
-    rows, kernels = run(args)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / "engine_bench.csv").open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        (out / "engine_bench.json").write_text(json.dumps(rows, indent=2))
+    with start_run("bench_engine", args.out, params=vars(args)) as out:
+        rows, kernels = run(args)
+        out.write_csv("engine_bench.csv", rows)
+        out.write_json("engine_bench.json", rows)
         if kernels:
-            with (out / "engine_kernels.csv").open("w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=list(kernels[0]))
-                w.writeheader()
-                w.writerows(kernels)
+            out.write_csv("engine_kernels.csv", kernels)
     return 0
 
 

@@ -4,8 +4,11 @@ Both engines load the same random tasks on the same backbone; the CPU one runs t
 PyTorch reference ops in fp32 (itself checked against HF/PEFT oracles in tests/). Prints a
 JSON line per PET type with the max-abs error, the worst cosine similarity, and how far the
 PET moves the output (so a pass cannot be vacuous), and exits non-zero past the tolerance.
+Every registered PET type (:func:`pets.pet.pet_types`, "none" included) is checked. The lines
+are also written as ``parity.jsonl`` to a dated run folder under ``--out``
+(``clients/bench/results.py``).
 
-    python clients/check_device_parity.py --backbone bert-base --device cuda:0 --dtype float16
+    python -m clients.bench.check_device_parity --backbone bert-base --device cuda:0 --dtype float16
 """
 
 from __future__ import annotations
@@ -19,13 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clients.bench.results import add_out_argument, start_run
 from pets.backbone import load_backbone, resolve_checkpoint
 from pets.engine import Engine
 from pets.heads import HeadConfig
+from pets.pet import pet_types
 from pets.taskgen import random_task
 from pets.taskstore import write_task
 
-TYPES = ("none", "bitfit", "diff_pruning", "maskbert", "adapter", "lora", "ia3")
+# "none" (the backbone alone) first: the others' effect is measured against it.
+TYPES = ("none", *sorted(t for t in pet_types() if t != "none"))
 MIN_COSINE = {"float32": 0.99999, "float16": 0.999, "bfloat16": 0.99}
 
 
@@ -35,7 +41,10 @@ def main() -> int:
     p.add_argument("--device", default="cuda:0")
     p.add_argument("--dtype", default="float16")
     p.add_argument("--seqs", type=int, default=16)
+    add_out_argument(p)
     args = p.parse_args()
+    out = start_run("check_device_parity", args.out, params=vars(args))
+    lines: list[str] = []
 
     store = Path(tempfile.mkdtemp(prefix="pets-parity-"))
     w = load_backbone(resolve_checkpoint(args.backbone))
@@ -63,7 +72,7 @@ def main() -> int:
         moved = max(float(np.abs(r - b).max()) for r, b in zip(want, base, strict=True))
         passed = cos >= MIN_COSINE[args.dtype] and (name == "t_none" or moved > 10 * err)
         ok &= passed
-        print(
+        lines.append(
             json.dumps(
                 {
                     "pet": name[2:],
@@ -78,9 +87,11 @@ def main() -> int:
                     "pet_effect_max_abs": moved,
                     "pass": passed,
                 }
-            ),
-            flush=True,
+            )
         )
+        print(lines[-1], flush=True)
+    out.write_text("parity.jsonl", "\n".join(lines) + "\n")
+    out.finish("ok" if ok else "failed: parity")
     return 0 if ok else 1
 
 

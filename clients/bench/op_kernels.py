@@ -1,11 +1,12 @@
-"""Per-kernel device time of each grouped petops site of ``bench_ops.py`` (CUDA only).
+"""Per-kernel device time of each grouped petops site of ``bench_ops`` (CUDA only).
 
-``bench_ops.py`` times a whole grouped call; this breaks one call down into the kernels it
+``bench_ops`` times a whole grouped call; this breaks one call down into the kernels it
 launches (``torch.profiler`` CUDA activity, averaged over ``--iters`` calls), so a slow site
 shows which launch to work on: e.g. LoRA = output zero-fill + shrink + expand. Prints CSV
-(site, kernel, launches per call, microseconds per call) and writes it to ``--out`` if given.
+(site, kernel, launches per call, microseconds per call) and writes it as ``op_kernels.csv``
+to a dated run folder under ``--out`` (``clients/bench/results.py``).
 
-    python clients/op_kernels.py --segments 64 --out .bench/op_kernels.csv
+    python -m clients.bench.op_kernels --segments 64
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import argparse
 import csv
 import sys
 from collections import defaultdict
-from pathlib import Path
 
 import torch
-from bench_ops import Batch, bitfit_ffn, bitfit_ln, lora_like, lora_qv, sparse_site
 from torch.profiler import ProfilerActivity, profile
+
+from clients.bench.bench_ops import Batch, bitfit_ffn, bitfit_ln, lora_like, lora_qv, sparse_site
+from clients.bench.results import add_out_argument, start_run
 
 FIELDS = ["segments", "tokens", "site", "kernel", "launches_per_call", "us_per_call"]
 
@@ -49,8 +51,9 @@ def main() -> None:
     p.add_argument("--ffn", type=int, default=3072)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--sites", default=None, help="comma list of sites to run (default all)")
-    p.add_argument("--out", type=Path, default=None)
+    add_out_argument(p)
     a = p.parse_args()
+    out = start_run("op_kernels", a.out, params=vars(a))
     dev, dtype = torch.device("cuda"), torch.float16
     lens = tuple(int(v) for v in a.lengths.split(","))
     g = torch.Generator().manual_seed(0)
@@ -86,12 +89,8 @@ def main() -> None:
     w = csv.DictWriter(sys.stdout, FIELDS)
     w.writeheader()
     w.writerows(rows)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(a.out, "w", newline="") as f:
-            cw = csv.DictWriter(f, FIELDS)
-            cw.writeheader()
-            cw.writerows(rows)
+    out.write_csv("op_kernels.csv", rows, FIELDS)
+    out.finish()
 
 
 if __name__ == "__main__":

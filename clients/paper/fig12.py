@@ -1,10 +1,10 @@
-#!/usr/bin/env python3
 """PetS Fig. 12: throughput of batching policies, normalised to fixed batching.
 
 Query pools as in the PetS artifact (``prepare_query_pool``): ``--queries`` (1024) queries,
 length ``int(N(32, std))`` clipped to [1, 128] for std in {1, 2, 4, 8}, task uniform over
 the first ``num_tasks`` (32/64/128) of 128 loaded tasks whose PET types are drawn
-uniformly from ``--pet-types``; numpy seed 1.
+uniformly from ``--pet-types`` (default the paper's four; ``all``: every registered type but
+``none``); numpy seed 1.
 
 Each policy runs the pool in offline mode (:func:`pets.scheduling.run_offline`: the
 scheduling time counts) through an :class:`OfflineExecutor`:
@@ -15,9 +15,14 @@ scheduling time counts) through an :class:`OfflineExecutor`:
 * ``--executor engine``: the real engine (``pets.engine.Engine``, :class:`EngineExecutor`):
   every scheduled batch is one mixed-task forward; ``--param``/``--model-dir``/``--device``
   configure it as ``config.pbtxt`` would; pool tasks are the store's tasks.
-Online (through tritonserver and perf_analyzer) is ``clients/fig12_online.py``.
+Online (through tritonserver and perf_analyzer) is ``clients.paper.fig12_online``.
 
-Writes ``<out>/fig12.csv`` and ``<out>/fig12.png``.
+Writes ``fig12.csv`` and ``fig12.png`` to a dated run folder under ``--out``
+(``clients/bench/results.py``).
+
+    python -m clients.paper.fig12                                   # simulated, anywhere
+    python -m clients.paper.fig12 --executor engine --device cuda:0 --param BACKBONE=bert-base \
+        --param DTYPE=float16 --param TASK_STORE=var/fig12_store
 """
 
 from __future__ import annotations
@@ -32,11 +37,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-try:
-    import pets  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backend"))
-
+from clients.bench.results import Run, add_out_argument, pyplot, start_run
+from pets.pet import pet_types
 from pets.scheduling import (
     AnalyticModel,
     CostModel,
@@ -48,6 +50,7 @@ from pets.scheduling import (
     run_offline,
 )
 
+# The PET types of the PetS paper's Fig. 12 workload (the default pool).
 PETS_TYPES = ("maskbert", "diff_pruning", "bitfit", "adapter")
 POLICIES = ("fixed", "beta_only", "alpha_only", "coordinated", "token_budget", "task_grouped")
 LOADED_TASKS = 128
@@ -221,12 +224,23 @@ def measure_policy(
     return r
 
 
+def parse_pet_types(spec: str) -> tuple[str, ...]:
+    """``--pet-types``: a comma list of registered types, or ``all`` (every one but none)."""
+    known = [t for t in sorted(pet_types()) if t != "none"]
+    if spec == "all":
+        return tuple(known)
+    types = tuple(t for t in spec.split(",") if t)
+    unknown = [t for t in types if t not in known]
+    if unknown or not types:
+        raise SystemExit(
+            f"--pet-types {spec!r}: {unknown or 'empty'} not among the registered PET types "
+            f"{known}; give a comma list of them or 'all'"
+        )
+    return types
+
+
 def plot(rows: list[dict[str, Any]], policies: Sequence[str], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     tasks = sorted({r["num_tasks"] for r in rows}, reverse=True)
     stds = sorted({r["std"] for r in rows})
     fig, axes = plt.subplots(
@@ -261,11 +275,15 @@ def plot(rows: list[dict[str, Any]], policies: Sequence[str], path: Path, title:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="PetS Fig. 12: batching policies vs fixed")
-    ap.add_argument("--out", default="var/fig12", help="output folder (default %(default)s)")
+    add_out_argument(ap)
     ap.add_argument("--queries", type=int, default=1024)
     ap.add_argument("--stds", default="1,2,4,8")
     ap.add_argument("--tasks", default="128,64,32")
-    ap.add_argument("--pet-types", default=",".join(PETS_TYPES))
+    ap.add_argument(
+        "--pet-types",
+        default=",".join(PETS_TYPES),
+        help="comma list of PET types, or 'all' (default: the paper's %(default)s)",
+    )
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--fixed-batch", type=int, default=32, help="fixed batching size (PetS 32)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per point (median QPS)")
@@ -302,10 +320,20 @@ def main(argv: list[str] | None = None) -> int:
     executor = make_executor(
         args.executor, cost_model=model, params=params, model_dir=args.model_dir, device=args.device
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    types = parse_pet_types(args.pet_types)
+    with start_run("fig12", args.out, params=vars(args)) as run:
+        return _sweep(args, run, policies, model, executor, types)
+
+
+def _sweep(
+    args: argparse.Namespace,
+    run: Run,
+    policies: list[str],
+    model: CostModel,
+    executor: OfflineExecutor,
+    types: tuple[str, ...],
+) -> int:
     rows: list[dict[str, Any]] = []
-    types = tuple(args.pet_types.split(","))
     fields = [
         "num_tasks",
         "std",
@@ -319,63 +347,61 @@ def main(argv: list[str] | None = None) -> int:
         "qps_norm",
         "padding_overhead",
     ]
-    csv_file = open(out / "fig12.csv", "w", newline="")  # noqa: SIM115 - written per point
-    writer = csv.DictWriter(csv_file, fieldnames=fields)
-    writer.writeheader()
-    for nt in (int(x) for x in args.tasks.split(",")):
-        for std in (float(x) for x in args.stds.split(",")):
-            pool = make_pool(
-                args.queries,
-                nt,
-                std,
-                pet_types=types,
-                seed=args.seed,
-                task_types=getattr(executor, "task_types", lambda: None)(),
-            )
-            point: dict[str, dict[str, Any]] = {}
-            for p in policies:
-                runs = [
-                    measure_policy(pool, p, model, executor, args.fixed_batch)
-                    for _ in range(args.repeats)
-                ]
-                qps = statistics.median(r["qps"] for r in runs)
-                best = min(runs, key=lambda r: abs(r["qps"] - qps))
-                point[p] = {**best, "qps": qps}
-            base = point["fixed"]["qps"]
-            for p in policies:
-                r = point[p]
-                rows.append(
-                    {
-                        "num_tasks": nt,
-                        "std": std,
-                        "policy": p,
-                        "executor": args.executor,
-                        "num_batches": r["num_batches"],
-                        "mean_batch_size": round(r["mean_batch_size"], 2),
-                        "schedule_ms": round(1e3 * r["schedule_s"], 3),
-                        "execute_ms": round(1e3 * r["execute_s"], 3),
-                        "qps": round(r["qps"], 1),
-                        "qps_norm": round(r["qps"] / base, 3),
-                        "padding_overhead": round(r["padding_overhead"], 3),
-                    }
+    with run.path("fig12.csv").open("w", newline="") as csv_file:  # written per point
+        writer = csv.DictWriter(csv_file, fieldnames=fields)
+        writer.writeheader()
+        for nt in (int(x) for x in args.tasks.split(",")):
+            for std in (float(x) for x in args.stds.split(",")):
+                pool = make_pool(
+                    args.queries,
+                    nt,
+                    std,
+                    pet_types=types,
+                    seed=args.seed,
+                    task_types=getattr(executor, "task_types", lambda: None)(),
                 )
-                writer.writerow(rows[-1])
-            csv_file.flush()
-            print(
-                f"tasks={nt:3d} std={std:g}: "
-                + "  ".join(f"{p}={point[p]['qps'] / base:.2f}" for p in policies),
-                flush=True,
-            )
-    csv_file.close()
+                point: dict[str, dict[str, Any]] = {}
+                for p in policies:
+                    runs = [
+                        measure_policy(pool, p, model, executor, args.fixed_batch)
+                        for _ in range(args.repeats)
+                    ]
+                    qps = statistics.median(r["qps"] for r in runs)
+                    best = min(runs, key=lambda r: abs(r["qps"] - qps))
+                    point[p] = {**best, "qps": qps}
+                base = point["fixed"]["qps"]
+                for p in policies:
+                    r = point[p]
+                    rows.append(
+                        {
+                            "num_tasks": nt,
+                            "std": std,
+                            "policy": p,
+                            "executor": args.executor,
+                            "num_batches": r["num_batches"],
+                            "mean_batch_size": round(r["mean_batch_size"], 2),
+                            "schedule_ms": round(1e3 * r["schedule_s"], 3),
+                            "execute_ms": round(1e3 * r["execute_s"], 3),
+                            "qps": round(r["qps"], 1),
+                            "qps_norm": round(r["qps"] / base, 3),
+                            "padding_overhead": round(r["padding_overhead"], 3),
+                        }
+                    )
+                    writer.writerow(rows[-1])
+                csv_file.flush()
+                print(
+                    f"tasks={nt:3d} std={std:g}: "
+                    + "  ".join(f"{p}={point[p]['qps'] / base:.2f}" for p in policies),
+                    flush=True,
+                )
     src = args.cost_table or f"analytic ({args.sim_device})"
     plot(
         rows,
         policies,
-        out / "fig12.png",
+        run.path("fig12.png"),
         f"QPS normalised to fixed batching (bs {args.fixed_batch}); executor "
         f"{args.executor}; cost model {src}; {args.queries} queries, mean length 32",
     )
-    print(f"wrote {out / 'fig12.csv'} and {out / 'fig12.png'}")
     return 0
 
 

@@ -1,15 +1,15 @@
-#!/usr/bin/env python3
 """Where a served batch's time goes: Triton's execute vs the pets engine's forward.
 
-Snapshots the metrics endpoint, runs a load command (e.g. ``clients/perf_sweep.py``),
+Snapshots the metrics endpoint, runs a load command (e.g. ``clients.bench.perf_sweep``),
 snapshots again and prints, for one model, per execute: the batch size Triton delivered,
 Triton's compute time (``nv_inference_compute_infer_duration_us``, summed per request, so
 divided by the requests here) and the engine's forward time (``pets_task_compute_us_total``
 summed over tasks). The gap is the Python stub's own work per execute: reading the request
-tensors, decoding, building and sending the responses.
+tensors, decoding, building and sending the responses. Prints one JSON object and writes it
+as ``breakdown.json`` to a dated run folder under ``--out`` (``clients/bench/results.py``).
 
-    .venv/bin/python clients/server_breakdown.py --metrics-url 127.0.0.1:8002/metrics -- \\
-        .venv/bin/python clients/perf_sweep.py --concurrency 64 --make-data "--length 32"
+    python -m clients.bench.server_breakdown --metrics-url 127.0.0.1:8002/metrics -- \\
+        python -m clients.bench.perf_sweep --concurrency 64 --make-data "--length 32"
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import subprocess
 import sys
 import urllib.request
 from collections import defaultdict
+
+from clients.bench.results import add_out_argument, start_run
 
 LINE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)$")
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -64,17 +66,23 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--metrics-url", default="127.0.0.1:8002/metrics")
     p.add_argument("--model", default="pets")
+    add_out_argument(p)
     p.add_argument("command", nargs=argparse.REMAINDER, help="load command, after --")
     a = p.parse_args()
     cmd = a.command[1:] if a.command[:1] == ["--"] else a.command
     if not cmd:
         p.error("give the load command after --")
+    out = start_run("server_breakdown", a.out, params={**vars(a), "command": cmd})
     before = scrape(a.metrics_url, a.model)
     done = subprocess.run(cmd)
     if done.returncode:
+        out.finish(f"failed: the load command exited with {done.returncode}")
         return done.returncode
     result = breakdown(before, scrape(a.metrics_url, a.model))
-    print(json.dumps({k: round(v, 3) for k, v in result.items()}))
+    summary = {k: round(v, 3) for k, v in result.items()}
+    print(json.dumps(summary), flush=True)
+    out.write_json("breakdown.json", summary, indent=None)
+    out.finish()
     return 0
 
 
