@@ -1,4 +1,5 @@
-"""Small helpers shared by the pets clients, the load generator and the e2e tests.
+"""Small helpers shared by the pets clients (infer, loadgen, canary), the benchmarks in
+clients/bench/ and the e2e tests.
 
 The `pets` model takes TASK (BYTES [k,1]) plus one of TEXT (BYTES [k,1]),
 INPUT_IDS (INT64 [k,L]) or INPUT_IDS_INT32 (INT32 [k,L]); it returns OUTPUT (FP32 [k,D]).
@@ -110,6 +111,25 @@ def random_ids(rng: np.random.Generator, length: int, rows: int = 1) -> np.ndarr
     ids = rng.integers(1000, 30000, size=(rows, length), dtype=np.int64)
     ids[:, 0], ids[:, -1] = 101, 102
     return ids
+
+
+def parse_lengths(spec: str) -> tuple[str, list[int]]:
+    """Sequence lengths: ``'64'`` (fixed), ``'a:b'`` (uniform in [a, b]) or ``'a,b,c'``
+    (choice); returns ``("uniform", [a, b])`` or ``("choice", [...])``."""
+    try:
+        if ":" in spec:
+            lo, hi = (int(x) for x in spec.split(":"))
+            if not 2 <= lo <= hi:
+                raise ValueError
+            return "uniform", [lo, hi]
+        vals = [int(x) for x in spec.split(",")]
+        if min(vals) < 2:
+            raise ValueError
+        return "choice", vals
+    except ValueError:
+        raise SystemExit(
+            f"length spec {spec!r} is invalid: use L, LO:HI or L1,L2,... with lengths >= 2"
+        ) from None
 
 
 def triton_env(root: Path = REPO_ROOT) -> dict[str, str]:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))  # tests/oracle.py
-from lifecycle_tasks import expected_outputs, make_versions
+from lifecycle_tasks import expected_outputs, make_versions  # tests/ is on pythonpath
 
 from pets.backbone import default_checkpoint, load_backbone
 from pets.cli import DEMO_TASKS

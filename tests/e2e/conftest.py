@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
+from clients.pets_client import triton_env
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "clients"))
-from pets_client import triton_env  # noqa: E402
 
 READY_TIMEOUT_S = 180.0
 SHM_RE = re.compile(r"^triton_.*backend_shm_region_")

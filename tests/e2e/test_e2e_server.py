@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from make_perf_data import make
-from pets_client import DEMO_TASKS, MODEL, build_inputs, client_module, random_ids
 from tritonclient.utils import InferenceServerException
+
+from clients.bench.make_perf_data import make
+from clients.pets_client import DEMO_TASKS, MODEL, build_inputs, client_module, random_ids
 
 from .conftest import Server
 

@@ -28,9 +28,9 @@ from lifecycle_tasks import (  # fixtures versions, expected: tests/conftest.py
     named,
     which,
 )
-from pets_client import admin_inputs, build_inputs, client_module
 from tritonclient.utils import InferenceServerException
 
+from clients.pets_client import admin_inputs, build_inputs, client_module
 from pets.admin import safetensors_bytes
 from pets.metrics import parse_prometheus
 from pets.taskstore import write_task

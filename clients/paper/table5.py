@@ -1,0 +1,132 @@
+"""PetS Table 5: register mixed-type tasks until memory is full; throughput as tasks grow.
+
+Tasks of uniformly mixed PET types (random weights, real sizes) are registered into one
+engine through the normal validation + load path. At each checkpoint the script times one
+forward of ``--batch`` sequences of ``--seq-len`` tokens whose tasks are drawn uniformly
+from all loaded tasks, and records device memory. It stops at ``--max-tasks``, on
+out-of-memory, or when ``--time-budget`` runs out, and reports how many tasks were resident.
+The types are every registered one but ``none`` (:func:`pets.pet.pet_types`). Writes
+``capacity.csv`` and ``capacity.json`` to a dated run folder under ``--out``
+(``clients/bench/results.py``).
+
+    python -m clients.paper.table5 --backbone bert-base --device cuda:0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from clients.bench.results import add_out_argument, start_run
+from pets.backbone import load_backbone, resolve_checkpoint
+from pets.batch import build_batch
+from pets.engine import Engine
+from pets.heads import HeadConfig
+from pets.pet import pet_types
+from pets.profiling import time_fn
+from pets.taskgen import random_task
+
+TYPES = tuple(sorted(t for t in pet_types() if t != "none"))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--backbone", default="bert-base")
+    p.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-tasks", type=int, default=20000)
+    p.add_argument("--checkpoints", default="64,1000,10000")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--variants", type=int, default=2, help="distinct random tasks per type")
+    p.add_argument("--time-budget", type=float, default=300.0, help="seconds for registering")
+    add_out_argument(p)
+    args = p.parse_args()
+    out = start_run("table5", args.out, params=vars(args))
+
+    engine = Engine.from_parameters(
+        {
+            "BACKBONE": args.backbone,
+            "DTYPE": args.dtype,
+            "TASK_STORE": tempfile.mkdtemp(prefix="pets-cap-"),
+        },
+        device=args.device,
+    )
+    host = load_backbone(resolve_checkpoint(args.backbone))
+    head = HeadConfig("classification", num_labels=2)
+    pool = [
+        (t, random_task(host, "x", t, head, seed=v))
+        for v in range(args.variants)
+        for t in TYPES
+        if t in engine.registry.methods
+    ]
+    checkpoints = sorted(int(c) for c in args.checkpoints.split(","))
+    cuda = engine.device.type == "cuda"
+    base_mem = torch.cuda.memory_allocated(engine.device) if cuda else 0
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(1000, engine.spec.vocab, size=args.seq_len) for _ in range(args.batch)]
+    rows, n, stop, t0 = [], 0, "max-tasks", time.perf_counter()
+    per_type = dict.fromkeys(TYPES, 0)
+
+    def checkpoint() -> None:
+        slots = [e.slot for e in engine.registry.tasks.values()]
+        pick = rng.choice(len(slots), size=args.batch, replace=len(slots) < args.batch)
+        batch = build_batch(ids, [slots[i] for i in pick], engine.device)
+        sec = time_fn(lambda: engine.encoder.forward(batch), engine.device, warmup=3, repeat=10)
+        rows.append(
+            {
+                "tasks": n,
+                "device": torch.cuda.get_device_name(engine.device) if cuda else "cpu",
+                "backbone": args.backbone,
+                "dtype": str(engine.dtype).removeprefix("torch."),
+                "batch": args.batch,
+                "seq_len": args.seq_len,
+                "distinct_tasks_in_batch": len(set(pick)),
+                "seq_per_s": round(args.batch / sec, 1),
+                "ms_per_batch": round(sec * 1e3, 3),
+                "task_bytes": engine.registry.memory_bytes(),
+                "device_alloc_bytes": (torch.cuda.memory_allocated(engine.device) - base_mem)
+                if cuda
+                else None,
+                "register_s": round(time.perf_counter() - t0, 1),
+                **{f"n_{k}": v for k, v in per_type.items()},
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+
+    while n < args.max_tasks:
+        pet, (manifest, tensors) = pool[n % len(pool)]
+        manifest.name = f"task{n:06d}"
+        try:
+            engine.registry.add(manifest, tensors)
+        except torch.OutOfMemoryError:
+            stop = "out of device memory"
+            break
+        n += 1
+        per_type[pet] += 1
+        if n in checkpoints:
+            checkpoint()
+        if time.perf_counter() - t0 > args.time_budget:
+            stop = "time budget"
+            break
+    if not rows or rows[-1]["tasks"] != n:
+        checkpoint()
+    summary = {"resident_tasks": n, "stopped_by": stop, "rows": rows}
+    if cuda:
+        free, total = torch.cuda.mem_get_info(engine.device)
+        summary |= {"device_free_bytes": free, "device_total_bytes": total}
+    print(json.dumps({k: v for k, v in summary.items() if k != "rows"}))
+    out.write_json("capacity.json", summary)
+    out.write_csv("capacity.csv", rows)
+    out.finish()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
