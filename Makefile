@@ -5,8 +5,9 @@ PY := .venv/bin/python
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 DEMO_STORE ?= var/demo_store
 BENCH_ARGS ?=
+CLANG_FORMAT ?= clang-format
 
-.PHONY: serve test setup triton ops demo lint format bench clean distclean
+.PHONY: serve test test-fast setup triton ops demo lint typecheck format bench clean distclean
 
 serve:
 	bash build/serve.sh
@@ -25,21 +26,38 @@ demo: setup
 	@if [[ -d $(DEMO_STORE) ]]; then echo "demo: $(DEMO_STORE) exists"; \
 	else mkdir -p $(dir $(DEMO_STORE)) && .venv/bin/pets demo-store $(DEMO_STORE); fi
 
+# Everything: unit, op, oracle, scheduling and the real-server end-to-end tests.
 test: triton ops demo
 	$(PY) -m pytest -q
+
+# The inner loop: no tritonserver, nothing marked slow.
+test-fast: ops
+	$(PY) -m pytest -q -m "not triton and not slow"
 
 lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy
 
+typecheck: setup
+	.venv/bin/mypy
+
+# C++/CUDA too when clang-format is installed and the repo has a .clang-format.
 format: setup
 	.venv/bin/ruff format .
 	.venv/bin/ruff check --fix .
+	@if ! command -v $(CLANG_FORMAT) >/dev/null; then \
+	  echo "format: no $(CLANG_FORMAT) on PATH; cuda_ops/csrc left as it is"; \
+	elif [[ ! -f .clang-format ]]; then \
+	  echo "format: no .clang-format; cuda_ops/csrc left as it is"; \
+	else \
+	  find cuda_ops/csrc \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) \
+	    -print0 | xargs -0 $(CLANG_FORMAT) -i --style=file; \
+	fi
 
 # Against a running server (make serve): perf_analyzer concurrency sweep over the demo tasks.
 bench: triton
-	$(PY) clients/perf_sweep.py $(BENCH_ARGS)
+	$(PY) -m clients.bench.perf_sweep $(BENCH_ARGS)
 
 clean:
 	rm -rf build/triton build/out build/cmake var .pytest_cache .mypy_cache .ruff_cache
