@@ -4,20 +4,16 @@ For each task mix (backbone-only ``none`` tasks, 64 LoRA tasks, 64 tasks of ever
 and each batch shape ``B x L``, times :meth:`pets.engine.Engine.run` (staging, forward,
 outputs back on the host) in two engines over the same tasks in one process: CUDA graphs off
 (eager launches) and on (replayed). GPU time is the replay of the captured forward alone,
-timed with CUDA events, so ``wall / gpu`` is what the host adds. Writes ``forward_overhead.csv``
-and ``manifest.json`` under ``--out``.
+timed with CUDA events, so ``wall / gpu`` is what the host adds. Writes
+``forward_overhead.csv`` into a dated run folder (clients/bench/results.py).
 
-    python -m clients.bench.forward_overhead --backbone bert-base --out var/runs/overhead
+    python -m clients.bench.forward_overhead --backbone bert-base
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from clients.bench.results import add_out_argument, start_run
 from pets.backbone import load_backbone
 from pets.engine import Engine
 from pets.heads import HeadConfig
@@ -85,33 +82,6 @@ def _replay_ms(engine: Engine, iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
-def manifest(args: argparse.Namespace) -> dict[str, Any]:
-    def git(*cmd: str) -> str:
-        try:
-            return subprocess.run(["git", *cmd], capture_output=True, text=True).stdout.strip()
-        except OSError:
-            return ""
-
-    info: dict[str, Any] = {
-        "command": " ".join(sys.argv),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "commit": git("rev-parse", "HEAD") or args.commit,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "host": platform.node(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-        smi = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-        )
-        info["driver"] = smi.stdout.strip()
-    return info
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backbone", default="bert-base")
@@ -122,11 +92,10 @@ def main() -> None:
     ap.add_argument("--shapes", default="1x128,8x64,64x64,256x64")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--commit", default="", help="recorded when git is not available")
-    ap.add_argument("--out", type=Path, required=True)
+    add_out_argument(ap)
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    store = args.out / "empty_store"
-    store.mkdir(exist_ok=True)
+    run = start_run("forward_overhead", args.out, params=vars(args))
+    store = run.path("empty_store/.keep").parent
     weights = load_backbone(args.backbone)
     rows = []
     rng = np.random.default_rng(0)
@@ -158,11 +127,9 @@ def main() -> None:
             rows.append(row)
         eager.close()
         graphed.close()
-    with (args.out / "forward_overhead.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    (args.out / "manifest.json").write_text(json.dumps(manifest(args), indent=2) + "\n")
+    store.rmdir()
+    run.write_csv("forward_overhead.csv", rows)
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ Starts one tritonserver holding two models with the same inputs, outputs and bat
 
 perf_analyzer (gRPC, async) drives both with the same data at each concurrency; the ratio
 ``pets / noop`` is the share of a bare Python model's rate the serving path keeps. Writes
-``served_overhead.csv`` and ``manifest.json`` under ``--out``.
+``served_overhead.csv`` and the server log into a dated run folder (clients/bench/results.py).
 
-    python -m clients.bench.served_overhead --out var/runs/served_overhead
+    python -m clients.bench.served_overhead
     python -m clients.bench.served_overhead --metrics 0 --concurrency 1,32   # metrics off
 """
 
@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from clients.bench.results import add_out_argument, start_run
 from pets.backbone import load_backbone
 from pets.heads import HeadConfig
 from pets.pet import pet_types
@@ -168,9 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kind", default="CPU", choices=("CPU", "GPU"))
     ap.add_argument("--instances", type=int, default=1)
     ap.add_argument("--interval-ms", type=int, default=4000)
-    ap.add_argument("--out", type=Path, required=True)
+    add_out_argument(ap)
     args = ap.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    run = start_run("served_overhead", args.out, params=vars(args))
     env = triton_env()
     rows = []
     with tempfile.TemporaryDirectory(prefix="pets-served-") as td:
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             "--metrics-address=127.0.0.1", f"--metrics-port={metrics}",
         ]  # fmt: skip
         shutil.copy2(ROOT / "backend" / "model.py", Path(env["PETS_TRITON_BACKENDS"]) / "pets")
-        log = (args.out / "tritonserver.log").open("wb")
+        log = run.path("tritonserver.log").open("wb")
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
         try:
@@ -217,18 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
-    with (args.out / "served_overhead.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    manifest = {
-        "command": " ".join(sys.argv),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "commit": git.stdout.strip(),
-        "params": {k: str(v) for k, v in vars(args).items()},
-    }
-    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    run.write_csv("served_overhead.csv", rows)
+    run.finish()
     return 0
 
 
