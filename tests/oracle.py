@@ -14,8 +14,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import BertConfig, BertModel
 
 from pets.backbone import BackboneWeights, hf_config, state_from_weights
-from pets.pet.base import MODULES
-from pets.pet.diff_pruning import module_shape
+from pets.pet.common import MODULES, module_shape
 from pets.pet.maskbert import unpack_mask
 from pets.taskstore import TaskManifest
 

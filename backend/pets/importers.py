@@ -30,7 +30,7 @@ import torch
 from .backbone import BackboneWeights, state_from_weights
 from .errors import TaskError
 from .heads import HeadConfig
-from .pet.base import MODULES, layer_key
+from .pet.common import MODULES, layer_key
 from .pet.diff_pruning import IDX, VAL
 from .taskstore import TaskManifest, check_name, read_weights, write_task
 from .validate import validate_task
