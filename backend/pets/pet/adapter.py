@@ -67,7 +67,7 @@ class AdapterConfig(PetConfig):
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any]) -> AdapterConfig:
         act = hparams.get("activation", "relu")
-        if act not in ACTIVATIONS or act == "none":
+        if not isinstance(act, str) or act not in ACTIVATIONS or act == "none":
             raise TaskError(
                 f"adapter activation {act!r} is not supported; use one of "
                 f"{sorted(set(ACTIVATIONS) - {'none'})}"
