@@ -15,7 +15,7 @@ from .capacity import measure
 from .engine import DTYPES
 from .errors import PetsError
 from .heads import HeadConfig
-from .importers import ImportResult, import_finetuned, import_peft
+from .importers import ImportResult, finetuned_types, import_finetuned, import_peft, peft_types
 from .pet import pet_types
 from .taskgen import default_options, demo_tasks, demo_types, random_task
 from .taskstore import delete_task, list_tasks, read_task, read_weights, write_task
@@ -268,7 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("name")
     rm.set_defaults(func=cmd_remove)
 
-    ip = sub.add_parser("import-peft", help="import a PEFT LoRA/IA3 adapter folder (safetensors)")
+    ip = sub.add_parser(
+        "import-peft",
+        help=f"import a PEFT {'/'.join(sorted(peft_types()))} adapter folder (safetensors)",
+    )
     ip.add_argument("store")
     ip.add_argument("name")
     ip.add_argument(
@@ -279,12 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     fi = sub.add_parser(
         "import-finetuned",
-        help="import a full fine-tuned BERT checkpoint as diff_pruning or bitfit",
+        help=f"import a full fine-tuned BERT checkpoint as {' or '.join(finetuned_types())}",
     )
     fi.add_argument("store")
     fi.add_argument("name")
     fi.add_argument("checkpoint_dir", help="save_pretrained folder (config.json + safetensors)")
-    fi.add_argument("--as", dest="pet", choices=("diff_pruning", "bitfit"), required=True)
+    fi.add_argument("--as", dest="pet", choices=finetuned_types(), required=True)
     fi.add_argument(
         "--density",
         type=float,

@@ -30,7 +30,7 @@ slot groups and a method only says which rows it wants (:class:`LoadedTask`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from types import ModuleType
 from typing import Any, ClassVar, TypeVar
@@ -189,6 +189,13 @@ class PetMethod(ABC):
     demo_options: ClassVar[dict[str, Any] | None] = None
     # False only for a type that serves the bare backbone ("none"); the tests check both ways
     changes_output: ClassVar[bool] = True
+    # `pets import-peft`: PEFT's peft_type this type imports (None: not importable), the
+    # substring that marks its tensors in PEFT state dicts and the suffixes of its layers'
+    peft_type: ClassVar[str | None] = None
+    peft_marker: ClassVar[str] = ""
+    peft_suffixes: ClassVar[tuple[str, ...]] = ()
+    # `pets import-finetuned --as <name>`: whether a full fine-tuned checkpoint imports as this
+    imports_finetuned: ClassVar[bool] = False
 
     def __init__(self, ctx: PetContext) -> None:
         self.ctx = ctx
@@ -217,6 +224,39 @@ class PetMethod(ABC):
     @abstractmethod
     def analytic_cost(cls, dims: CostDims) -> PetCost:
         """This type's term in the analytic cost model (a typical task of the type)."""
+
+    @classmethod
+    def check_peft_config(cls, cfg: Mapping[str, Any]) -> None:
+        """Refuse (:class:`TaskError`) PEFT config fields whose math this type does not
+        implement; called before the tensors are read. Types with ``peft_type`` may override."""
+        return None
+
+    @classmethod
+    def peft_hparams(
+        cls, cfg: Mapping[str, Any], tensors: dict[str, torch.Tensor], modules: list[str]
+    ) -> dict[str, Any]:
+        """The manifest hparams of a PEFT adapter of this type (``peft_type`` types only).
+
+        Args:
+            tensors: the adapter's layer tensors under task-store names (may be reshaped in
+                place to the task-store layout); modules: the BERT modules they adapt.
+        """
+        raise NotImplementedError(f"PET type {cls.name!r} does not import PEFT adapters")
+
+    @classmethod
+    def from_weight_deltas(
+        cls, deltas: Iterable[tuple[int, str, torch.Tensor]], density: float
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[str]]:
+        """A fine-tuned checkpoint as this type (``imports_finetuned`` types only).
+
+        Args:
+            deltas: ``(layer, module, W_ft - W)`` per BERT linear, ``[out, in]`` fp32, lazily;
+                density: the share of each matrix a sparse type keeps.
+        Returns:
+            ``(hparams, tensors, warnings)``: the weight tensors only; the importer adds the
+            checkpoint's biases, LayerNorms and head.
+        """
+        raise NotImplementedError(f"PET type {cls.name!r} does not import fine-tuned weights")
 
     @abstractmethod
     def validate(self, hparams: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:

@@ -8,6 +8,7 @@ lookup, which every task pays anyway. No hyper-parameters.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -22,6 +23,7 @@ from .common import alloc_bias_ln, bias_names, check_bias_ln, check_known, ln_na
 class BitFit(PetMethod):
     name = "bitfit"
     code = 1
+    imports_finetuned = True
     demo_options: ClassVar[dict[str, Any] | None] = {}
 
     @classmethod
@@ -36,6 +38,20 @@ class BitFit(PetMethod):
     @classmethod
     def analytic_cost(cls, dims: CostDims) -> PetCost:
         return PetCost()  # its rows replace the shared ones in the epilogue: no extra work
+
+    @classmethod
+    def from_weight_deltas(
+        cls, deltas: Iterable[tuple[int, str, torch.Tensor]], density: float
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[str]]:
+        """Nothing of the weights: their changes are dropped, with a warning saying how big."""
+        dropped = max((float(d.abs().max()) for _, _, d in deltas), default=0.0)
+        warnings = []
+        if dropped > 0:
+            warnings.append(
+                f"bitfit keeps biases, LayerNorms and the head only: linear weight "
+                f"changes up to {dropped:.3g} (max |W_ft - W|) are dropped"
+            )
+        return {}, {}, warnings
 
     def validate(self, hparams: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         self.Config.from_hparams(hparams)

@@ -14,6 +14,8 @@ No hyper-parameters (an imported task's ``density`` is informational). :meth:`ge
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -57,6 +59,7 @@ def check_flat_indices(name: str, idx: torch.Tensor, numel: int) -> None:
 class DiffPruning(PetMethod):
     name = "diff_pruning"
     code = 2
+    imports_finetuned = True
     default_options: ClassVar[dict[str, Any]] = {"density": 0.01}
     demo_options: ClassVar[dict[str, Any] | None] = {}
 
@@ -94,6 +97,26 @@ class DiffPruning(PetMethod):
             for m in MODULES
             for kind in (IDX, VAL)
         }
+
+    @classmethod
+    def from_weight_deltas(
+        cls, deltas: Iterable[tuple[int, str, torch.Tensor]], density: float
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[str]]:
+        """Per linear, the ``ceil(density * numel)`` largest ``|W_ft - W|`` (every change at
+        density 1); exact zeros are not kept."""
+        tensors = {}
+        for i, module, delta in deltas:
+            flat = delta.reshape(-1)
+            keep = min(flat.numel(), max(1, math.ceil(density * flat.numel())))
+            if keep == flat.numel():  # keep every change (density 1.0)
+                idx = torch.nonzero(flat).flatten()
+            else:
+                idx = torch.topk(flat.abs(), keep, sorted=False).indices
+                idx = idx[flat[idx] != 0].sort().values
+            if idx.numel():
+                tensors[layer_key(i, module, IDX)] = idx.to(torch.int32)
+                tensors[layer_key(i, module, VAL)] = flat[idx].clone()
+        return {"density": density}, tensors, []
 
     def validate(self, hparams: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         self.Config.from_hparams(hparams)

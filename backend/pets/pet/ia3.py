@@ -101,6 +101,9 @@ class Ia3(PetMethod):
     name = "ia3"
     code = 6
     Config = Ia3Config
+    peft_type = "IA3"
+    peft_marker = "ia3_l"
+    peft_suffixes = (KEY,)
     default_options: ClassVar[dict[str, Any]] = {"target_modules": ["key", "value", "output.dense"]}
 
     @classmethod
@@ -128,6 +131,27 @@ class Ia3(PetMethod):
     def analytic_cost(cls, dims: CostDims) -> PetCost:
         """No FLOPs; ``2H + F`` more epilogue elements (the q/k/v and FFN scale rows)."""
         return PetCost(epilogue_elements=2.0 * dims.hidden + dims.ffn)
+
+    @classmethod
+    def peft_hparams(
+        cls, cfg: Mapping[str, Any], tensors: dict[str, torch.Tensor], modules: list[str]
+    ) -> dict[str, Any]:
+        """PEFT's ``[out, 1]`` (output) / ``[1, in]`` (feedforward) vectors flattened; the
+        feedforward modules are those stored as ``[1, in]``."""
+        ff = set()
+        for k, t in list(tensors.items()):
+            if not k.endswith("." + KEY):
+                continue
+            module = k.split(".", 3)[3].removesuffix("." + KEY)
+            if t.dim() != 2 or 1 not in t.shape:
+                raise TaskError(
+                    f"IA3 tensor {k!r} has shape {tuple(t.shape)}; PEFT stores [out, 1] "
+                    "(output scaling) or [1, in] (feedforward) vectors"
+                )
+            if t.shape[0] == 1 and t.shape[1] != 1:
+                ff.add(module)
+            tensors[k] = t.reshape(-1)
+        return {"target_modules": modules, "feedforward_modules": sorted(ff)}
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)

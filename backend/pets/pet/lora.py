@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..backbone import SITES, BackboneWeights
+from ..errors import TaskError
 from .base import CostDims, LoadedTask, PetConfig, PetCost, PetMethod, register_pet
 from .common import (
     MODULES,
@@ -49,6 +50,21 @@ TARGETS = {
     "intermediate.dense": "intermediate.dense",
     "output.dense": "output.dense",
     "dense": "attention.output.dense",
+}
+
+
+# PEFT LoraConfig fields that change the math in ways the engine does not implement.
+PEFT_UNSUPPORTED = {
+    "use_dora": "DoRA adds a per-column magnitude re-normalisation the LoRA kernels do not do; "
+    "merge the adapter into a full checkpoint and use `pets import-finetuned`",
+    "layers_to_transform": "LoRA on only some layers: every layer must adapt the same modules",
+    "layer_replication": "layer replication changes the backbone's depth",
+    "use_qalora": "QA-LoRA pools the input, which the LoRA kernels do not do",
+    "lora_bias": "lora_bias adds a bias to lora_B, which the LoRA kernels do not do",
+    "alora_invocation_tokens": "activated LoRA switches per token",
+    "target_parameters": "LoRA on raw parameters (not Linear modules)",
+    "trainable_token_indices": "trained embedding rows would change the shared embeddings",
+    "fan_in_fan_out": "fan_in_fan_out layouts are for GPT-2 Conv1D, not BERT Linear",
 }
 
 
@@ -101,6 +117,9 @@ class Lora(PetMethod):
     name = "lora"
     code = 5
     Config = LoraConfig
+    peft_type = "LORA"
+    peft_marker = "lora_"
+    peft_suffixes = (A, B)
     default_options: ClassVar[dict[str, Any]] = {
         "r": 8,
         "lora_alpha": 16,
@@ -135,6 +154,54 @@ class Lora(PetMethod):
         """``2·r·(8H + 2F)`` FLOPs (all four sites, r = 16) at small-GEMM efficiency."""
         h, f = dims.hidden, dims.ffn
         return PetCost(flops=2.0 * COST_RANK * (8.0 * h + 2.0 * f) / dims.small_gemm_efficiency)
+
+    @classmethod
+    def check_peft_config(cls, cfg: Mapping[str, Any]) -> None:
+        """One rank and one alpha for the whole task, no bias training, no DoRA & co."""
+        for key, why in PEFT_UNSUPPORTED.items():
+            if cfg.get(key) not in (None, False, [], {}, ""):
+                raise TaskError(f"adapter_config {key}={cfg[key]!r} is not supported: {why}")
+        if cfg.get("bias", "none") != "none":
+            raise TaskError(
+                f"adapter_config bias={cfg['bias']!r}: the adapter trained the "
+                "backbone's biases too, which a LoRA task cannot carry; retrain with "
+                "bias='none', or merge and use `pets import-finetuned --as diff_pruning`"
+            )
+        r = cfg.get("r")
+        alpha = cfg.get("lora_alpha", r)
+        if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
+            raise TaskError(
+                f"adapter_config needs integer r >= 1 and numeric lora_alpha, got "
+                f"r={r!r}, lora_alpha={alpha!r}"
+            )
+        for key, base in (("rank_pattern", r), ("alpha_pattern", alpha)):
+            pattern = cfg.get(key) or {}
+            odd = {k: v for k, v in pattern.items() if v != base}
+            if odd:
+                raise TaskError(
+                    f"adapter_config {key} {odd} gives some modules a different "
+                    f"{'rank' if key == 'rank_pattern' else 'alpha'} than {base}; a "
+                    "LoRA task has one rank and one alpha. Import per-module variants "
+                    "as separate tasks, or merge and use `pets import-finetuned`"
+                )
+
+    @classmethod
+    def peft_hparams(
+        cls, cfg: Mapping[str, Any], tensors: dict[str, torch.Tensor], modules: list[str]
+    ) -> dict[str, Any]:
+        r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
+        for k, t in tensors.items():
+            if k.endswith(A) and t.shape[0] != r:
+                raise TaskError(f"{k!r} has rank {t.shape[0]} but adapter_config r={r}")
+        targets = sorted(
+            {k.split(".", 3)[3].rsplit(".lora_", 1)[0] for k in tensors if ".lora_A." in k}
+        )
+        return {
+            "r": r,
+            "lora_alpha": alpha,
+            "use_rslora": bool(cfg.get("use_rslora", False)),
+            "target_modules": targets,
+        }
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
