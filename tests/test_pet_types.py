@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from oracle import ORACLES, base_model, oracle_output, task_model
-from test_parity import ATOL
+from oracle import ATOL, ORACLES, base_model, oracle_output, task_model
 
 from pets.engine import Engine
 from pets.errors import TaskError
