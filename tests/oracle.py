@@ -1,32 +1,33 @@
-"""Independent oracles: HF ``transformers`` BertModel (and PEFT for LoRA) with a task applied.
+"""Independent oracles: HF ``transformers`` BertModel (and PEFT) with a task applied.
 
 Each oracle builds the task's model the way its method defines it (merged weights, hooks
-that implement the published formula, or PEFT's own LoRA layers), independently of the
+that implement the published formula, or PEFT's own LoRA / IA3 layers), independently of the
 engine's shared-GEMM + shadow-op split, and returns the head output for one sequence.
+
+:data:`ORACLES` holds one oracle per PET type, keyed by type name; adding a type means adding
+its oracle there (``tests/test_pet_types.py`` fails for a registered type without one).
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
+from peft import IA3Config, LoraConfig, get_peft_model
 from transformers import BertConfig, BertModel
 
 from pets.backbone import BackboneWeights, hf_config, state_from_weights
-from pets.pet.base import MODULES
-from pets.pet.diff_pruning import module_shape
+from pets.pet.common import MODULES, module_shape
 from pets.pet.maskbert import unpack_mask
 from pets.taskstore import TaskManifest
 
-HF_NAMES = {
-    "attention.self.query",
-    "attention.self.key",
-    "attention.self.value",
-    "attention.output.dense",
-    "intermediate.dense",
-    "output.dense",
-}
+ATOL = 2e-4  # served vs oracle, fp32, 6 layers: observed max-abs error is ~1e-6
+Tensors = dict[str, torch.Tensor]
+# (the backbone with the task's pooler loaded, the backbone, manifest, tensors) -> task model
+Oracle = Callable[[BertModel, BackboneWeights, TaskManifest, Tensors], torch.nn.Module]
 
 
 def base_model(w: BackboneWeights) -> BertModel:
@@ -37,14 +38,47 @@ def base_model(w: BackboneWeights) -> BertModel:
     return model.eval()
 
 
-def _merged_state(
-    w: BackboneWeights, manifest: TaskManifest, tensors: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    state = {k: v.clone() for k, v in state_from_weights(w).items()}
-    # Biases and LayerNorms carried by the task replace the backbone's (BitFit, Diff, Adapter).
-    for k, v in tensors.items():
-        if k in state and (k.endswith(".bias") or "LayerNorm" in k):
-            state[k] = v.float()
+def _load(model: BertModel, changes: Tensors) -> None:
+    """Overwrite some of ``model``'s parameters (names as in its state dict)."""
+    _, unexpected = model.load_state_dict(changes, strict=False)
+    assert not unexpected, unexpected
+
+
+def _own_bias_ln(model: BertModel, tensors: Tensors) -> None:
+    """Biases and LayerNorms the task carries replace the backbone's (full values)."""
+    state = model.state_dict()
+    _load(
+        model,
+        {
+            k: v.float()
+            for k, v in tensors.items()
+            if k in state
+            and (k.endswith(".bias") or "LayerNorm" in k)
+            and not k.startswith("pooler.")
+        },
+    )
+
+
+def _weights(model: BertModel) -> Callable[[int, str], torch.Tensor]:
+    state = model.state_dict()
+    return lambda i, m: state[f"encoder.layer.{i}.{m}.weight"]
+
+
+def oracle_none(model: BertModel, w: BackboneWeights, manifest: TaskManifest, tensors: Tensors):
+    return model
+
+
+def oracle_bitfit(model: BertModel, w: BackboneWeights, manifest: TaskManifest, tensors: Tensors):
+    _own_bias_ln(model, tensors)
+    return model
+
+
+def oracle_diff_pruning(
+    model: BertModel, w: BackboneWeights, manifest: TaskManifest, tensors: Tensors
+):
+    """``W + delta`` with the sparse delta scattered into a dense matrix."""
+    _own_bias_ln(model, tensors)
+    weight, changes = _weights(model), {}
     for i in range(w.spec.layers):
         for m in MODULES:
             key = f"encoder.layer.{i}.{m}"
@@ -53,17 +87,27 @@ def _merged_state(
                 delta[tensors[f"{key}.weight_delta_indices"].long()] = tensors[
                     f"{key}.weight_delta_values"
                 ].float()
-                base = state[f"{key}.weight"]
-                state[f"{key}.weight"] = base + delta.view_as(base)
+                changes[f"{key}.weight"] = weight(i, m) + delta.view(module_shape(w.spec, m))
+    _load(model, changes)
+    return model
+
+
+def oracle_maskbert(model: BertModel, w: BackboneWeights, manifest: TaskManifest, tensors: Tensors):
+    """``W * M`` with the unpacked keep-mask."""
+    weight, changes = _weights(model), {}
+    for i in range(w.spec.layers):
+        for m in MODULES:
+            key = f"encoder.layer.{i}.{m}"
             if f"{key}.weight_mask" in tensors:
                 keep = unpack_mask(tensors[f"{key}.weight_mask"], module_shape(w.spec, m))
-                state[f"{key}.weight"] = state[f"{key}.weight"] * keep
-    return state
+                changes[f"{key}.weight"] = weight(i, m) * keep
+    _load(model, changes)
+    return model
 
 
-def _attach_adapters(
-    model: BertModel, manifest: TaskManifest, tensors: dict[str, torch.Tensor]
-) -> None:
+def oracle_adapter(model: BertModel, w: BackboneWeights, manifest: TaskManifest, tensors: Tensors):
+    """Houlsby: ``h + up(act(down(h)))`` hooked after each adapted output dense."""
+    _own_bias_ln(model, tensors)
     act = {
         "relu": F.relu,
         "gelu": F.gelu,
@@ -86,11 +130,11 @@ def _attach_adapters(
                 return out + F.linear(act(F.linear(out, dw, db)), uw, ub)
 
             dense.register_forward_hook(hook)
+    return model
 
 
-def _lora_model(
-    model: BertModel, manifest: TaskManifest, tensors: dict[str, torch.Tensor]
-) -> torch.nn.Module:
+def oracle_lora(model: BertModel, w: BackboneWeights, manifest: TaskManifest, tensors: Tensors):
+    """PEFT's own LoRA layers with the task's A and B."""
     hp = manifest.hparams
     mods = sorted({k.split(".", 3)[3].rsplit(".lora_", 1)[0] for k in tensors if ".lora_A." in k})
     cfg = LoraConfig(
@@ -115,21 +159,58 @@ def _lora_model(
     return peft_model.eval()
 
 
-def task_model(
-    w: BackboneWeights, manifest: TaskManifest, tensors: dict[str, torch.Tensor]
-) -> torch.nn.Module:
+def oracle_ia3(model: BertModel, w: BackboneWeights, manifest: TaskManifest, tensors: Tensors):
+    """PEFT's own IA3 layers; modules matched exactly (a regex over full names), scales the
+    task does not carry set to 1."""
+    mods = sorted({k.split(".", 3)[3].removesuffix(".ia3_l") for k in tensors if "ia3_l" in k})
+    ff_default = ["attention.output.dense", "output.dense"]  # the documented default
+    ff = [m for m in mods if m in manifest.hparams.get("feedforward_modules", ff_default)]
+
+    def exact(names: list[str]) -> str:
+        alts = "|".join(re.escape(n) for n in names) or "(?!)"
+        return rf"encoder\.layer\.\d+\.(?:{alts})"
+
+    cfg = IA3Config(
+        target_modules=exact(mods), feedforward_modules=exact(ff), init_ia3_weights=False
+    )
+    peft_model = get_peft_model(model, cfg)
+    sd = peft_model.state_dict()
+    for k in sd:
+        if k.endswith("ia3_l.default"):
+            ours = k.removeprefix("base_model.model.").removesuffix(".default")
+            value = tensors.get(ours)
+            sd[k] = torch.ones_like(sd[k]) if value is None else value.float().reshape(sd[k].shape)
+    peft_model.load_state_dict(sd)
+    return peft_model.eval()
+
+
+ORACLES: dict[str, Oracle] = {
+    "none": oracle_none,
+    "bitfit": oracle_bitfit,
+    "diff_pruning": oracle_diff_pruning,
+    "maskbert": oracle_maskbert,
+    "adapter": oracle_adapter,
+    "lora": oracle_lora,
+    "ia3": oracle_ia3,
+}
+
+
+def task_model(w: BackboneWeights, manifest: TaskManifest, tensors: Tensors) -> torch.nn.Module:
     """The oracle model of one task (a BertModel, or a PEFT model wrapping one)."""
-    model = BertModel(BertConfig(**hf_config(w.spec)), add_pooling_layer=True).eval()
-    state = _merged_state(w, manifest, tensors)
+    if manifest.pet_type not in ORACLES:
+        raise KeyError(
+            f"no oracle for PET type {manifest.pet_type!r}; add one to ORACLES in tests/oracle.py"
+        )
+    model = base_model(w)
     if "pooler.dense.weight" in tensors:
-        state["pooler.dense.weight"] = tensors["pooler.dense.weight"].float()
-        state["pooler.dense.bias"] = tensors["pooler.dense.bias"].float()
-    model.load_state_dict(state, strict=False)
-    if manifest.pet_type == "adapter":
-        _attach_adapters(model, manifest, tensors)
-    if manifest.pet_type == "lora":
-        return _lora_model(model, manifest, tensors)
-    return model
+        _load(
+            model,
+            {
+                "pooler.dense.weight": tensors["pooler.dense.weight"].float(),
+                "pooler.dense.bias": tensors["pooler.dense.bias"].float(),
+            },
+        )
+    return ORACLES[manifest.pet_type](model, w, manifest, tensors)
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from pets.batch import Batch, build_batch
 from pets.engine import Engine
 from pets.heads import HeadConfig
 from pets.pet.adapter import ADAPTER_SITES, PARTS, Adapter, AdapterPlan
-from pets.pet.base import layer_key
+from pets.pet.common import layer_key
 from pets.taskgen import random_task
 from pets.taskstore import read_task, write_task
 

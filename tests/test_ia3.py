@@ -14,7 +14,7 @@ from pets.backbone import hf_config, state_from_weights
 from pets.engine import Engine
 from pets.errors import TaskError
 from pets.heads import HeadConfig
-from pets.pet.base import layer_key
+from pets.pet.common import layer_key
 from pets.taskgen import random_task
 from pets.taskstore import write_task
 from pets.validate import validate_task

@@ -19,9 +19,9 @@ import torch
 
 from .backbone import BackboneWeights
 from .heads import HeadConfig
-from .pet import pet_types
+from .pet import get_pet_type, pet_types
 from .tables import FlatPool
-from .taskgen import DEFAULT_HPARAMS, random_task
+from .taskgen import random_task
 from .validate import scratch_registry
 
 MIB = 1 << 20
@@ -135,7 +135,7 @@ def measure(
     )
     head = HeadConfig("classification", num_labels=2)
     for pet in pets or sorted(pet_types()):
-        hp = dict(DEFAULT_HPARAMS.get(pet, {}))
+        hp = dict(get_pet_type(pet).default_options)
         hp.update((hparams or {}).get(pet, {}))
         start_use, start_mem = pool_use(reg), reg.memory_bytes()
         names, sizes, stored = [], [], 0

@@ -15,12 +15,12 @@ from .capacity import measure
 from .engine import DTYPES
 from .errors import PetsError
 from .heads import HeadConfig
-from .importers import ImportResult, import_finetuned, import_peft
+from .importers import ImportResult, finetuned_types, import_finetuned, import_peft, peft_types
 from .pet import pet_types
-from .taskgen import DEFAULT_HPARAMS, random_task
+from .taskgen import default_options, demo_tasks, demo_types, random_task
 from .taskstore import delete_task, list_tasks, read_task, read_weights, write_task
 
-DEMO_TASKS = ("bitfit", "diff_pruning", "maskbert", "adapter", "lora")
+DEMO_TASKS = demo_types()  # the PET types with a demo task (their demo_options)
 
 
 def _head(args: argparse.Namespace) -> HeadConfig:
@@ -32,11 +32,7 @@ def _head(args: argparse.Namespace) -> HeadConfig:
 def cmd_demo_store(args: argparse.Namespace) -> int:
     w = load_backbone(resolve_checkpoint(args.backbone))
     store = Path(args.store)
-    for seed, pet in enumerate(DEMO_TASKS):
-        hp = {"bottleneck": 16} if pet == "adapter" else {}
-        m, t = random_task(
-            w, f"demo_{pet}", pet, HeadConfig("classification", num_labels=3), seed=seed, hparams=hp
-        )
+    for m, t in demo_tasks(w):
         write_task(store, m, t)
     print(f"demo store {store}: {', '.join(list_tasks(store))}")
     return 0
@@ -242,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"PET type, or a comma list cycled over --count; one of {sorted(pet_types())}",
     )
     c.add_argument("--backbone", default="default")
-    c.add_argument("--hparams", help=f"JSON hyper-parameters; defaults: {DEFAULT_HPARAMS}")
+    c.add_argument("--hparams", help=f"JSON hyper-parameters; defaults: {default_options()}")
     c.add_argument("--weights", help="safetensors file with the task's tensors")
     c.add_argument("--head", choices=("classification", "embedding"), default="classification")
     c.add_argument("--num-labels", type=int, default=2)
@@ -272,7 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("name")
     rm.set_defaults(func=cmd_remove)
 
-    ip = sub.add_parser("import-peft", help="import a PEFT LoRA/IA3 adapter folder (safetensors)")
+    ip = sub.add_parser(
+        "import-peft",
+        help=f"import a PEFT {'/'.join(sorted(peft_types()))} adapter folder (safetensors)",
+    )
     ip.add_argument("store")
     ip.add_argument("name")
     ip.add_argument(
@@ -283,12 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     fi = sub.add_parser(
         "import-finetuned",
-        help="import a full fine-tuned BERT checkpoint as diff_pruning or bitfit",
+        help=f"import a full fine-tuned BERT checkpoint as {' or '.join(finetuned_types())}",
     )
     fi.add_argument("store")
     fi.add_argument("name")
     fi.add_argument("checkpoint_dir", help="save_pretrained folder (config.json + safetensors)")
-    fi.add_argument("--as", dest="pet", choices=("diff_pruning", "bitfit"), required=True)
+    fi.add_argument("--as", dest="pet", choices=finetuned_types(), required=True)
     fi.add_argument(
         "--density",
         type=float,

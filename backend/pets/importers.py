@@ -1,14 +1,16 @@
 """Importers: PEFT adapter folders and full fine-tuned HF BERT checkpoints -> store tasks.
 
 * :func:`import_peft`: ``adapter_config.json`` + ``adapter_model.safetensors`` of a PEFT
-  ``LORA`` or ``IA3`` adapter on a BERT model (``BertModel`` or
+  adapter on a BERT model, of a ``peft_type`` some PET type imports (LoRA, IA3: their
+  modules hold the config checks and hyper-parameters, :func:`peft_types`) (``BertModel`` or
   ``BertForSequenceClassification``). A classifier saved through ``modules_to_save`` becomes
   a classification head (``num_labels`` from its shape); without one the task gets an
   embedding head (mean pooling unless told otherwise).
 * :func:`import_finetuned`: a fine-tuned ``BertForSequenceClassification`` (or ``BertModel``)
-  folder -> Diff-Pruning (top-k ``|W_ft - W|`` per linear at ``density``, plus every bias,
-  every LayerNorm, the classifier and the fine-tuned pooler) or BitFit (biases, LayerNorms,
-  head; weight changes are dropped with a warning).
+  folder -> a task of a type with ``imports_finetuned`` (:func:`finetuned_types`): every
+  bias, every LayerNorm, the classifier and the fine-tuned pooler, plus what the type makes
+  of the weight changes (Diff-Pruning: the top-k ``|W_ft - W|`` per linear at ``density``;
+  BitFit: nothing, with a warning).
 
 Everything is validated against the serving backbone (:func:`pets.validate.validate_task`)
 before :func:`pets.taskstore.write_task` publishes it, so a refused import leaves the store
@@ -30,26 +32,28 @@ import torch
 from .backbone import BackboneWeights, state_from_weights
 from .errors import TaskError
 from .heads import HeadConfig
-from .pet.base import MODULES, layer_key
-from .pet.diff_pruning import IDX, VAL
+from .pet import PetMethod, pet_types
+from .pet.common import MODULES, layer_key
 from .taskstore import TaskManifest, check_name, read_weights, write_task
 from .validate import validate_task
 
 PICKLE_FILES = ("adapter_model.bin", "pytorch_model.bin", "model.ckpt", "model.pt", "tf_model.h5")
-LAYER_RE = re.compile(r"^encoder\.layer\.(\d+)\.(.+)\.(lora_A\.weight|lora_B\.weight|ia3_l)$")
-# LoRA config fields that change the math in ways the engine does not implement -> refusal.
-LORA_UNSUPPORTED = {
-    "use_dora": "DoRA adds a per-column magnitude re-normalisation the LoRA kernels do not do; "
-    "merge the adapter into a full checkpoint and use `pets import-finetuned`",
-    "layers_to_transform": "LoRA on only some layers: every layer must adapt the same modules",
-    "layer_replication": "layer replication changes the backbone's depth",
-    "use_qalora": "QA-LoRA pools the input, which the LoRA kernels do not do",
-    "lora_bias": "lora_bias adds a bias to lora_B, which the LoRA kernels do not do",
-    "alora_invocation_tokens": "activated LoRA switches per token",
-    "target_parameters": "LoRA on raw parameters (not Linear modules)",
-    "trainable_token_indices": "trained embedding rows would change the shared embeddings",
-    "fan_in_fan_out": "fan_in_fan_out layouts are for GPT-2 Conv1D, not BERT Linear",
-}
+
+
+def peft_types() -> dict[str, type[PetMethod]]:
+    """PEFT ``peft_type`` -> the PET type importing it (types with ``peft_type`` set)."""
+    return {c.peft_type: c for c in pet_types().values() if c.peft_type}
+
+
+def finetuned_types() -> tuple[str, ...]:
+    """The PET types a fine-tuned checkpoint imports as (``imports_finetuned``)."""
+    return tuple(n for n, c in pet_types().items() if c.imports_finetuned)
+
+
+def _layer_re() -> re.Pattern[str]:
+    """``encoder.layer.{i}.{module}.{suffix}`` for the suffixes of every PEFT-importable type."""
+    suffixes = sorted({re.escape(x) for c in peft_types().values() for x in c.peft_suffixes})
+    return re.compile(rf"^encoder\.layer\.(\d+)\.(.+)\.({'|'.join(suffixes)})$")
 
 
 @dataclass
@@ -163,16 +167,19 @@ def convert_peft(
     raw: dict[str, torch.Tensor],
     head: HeadConfig | None = None,
 ) -> ImportResult:
-    """Map a PEFT LoRA/IA3 adapter onto task tensors (no validation, nothing written)."""
+    """Map a PEFT adapter onto task tensors (no validation, nothing written)."""
     peft_type = str(cfg.get("peft_type", "")).upper()
-    if peft_type not in ("LORA", "IA3"):
+    importable = peft_types()
+    if peft_type not in importable:
         raise TaskError(
             f"PEFT type {cfg.get('peft_type')!r} is not supported; importable types "
-            "are LORA and IA3 (merge others into a full checkpoint and use "
-            "`pets import-finetuned`)"
+            f"are {' and '.join(sorted(importable))} (merge others into a full checkpoint "
+            "and use `pets import-finetuned`)"
         )
-    if peft_type == "LORA":
-        _check_lora_config(cfg)  # before the tensors: the config says best what is wrong
+    cls = importable[peft_type]
+    cls.check_peft_config(cfg)  # before the tensors: the config says best what is wrong
+    layer_re = _layer_re()
+    markers = [c.peft_marker for c in importable.values()]
     tensors: dict[str, torch.Tensor] = {}
     warnings: list[str] = []
     modules: set[str] = set()
@@ -188,20 +195,18 @@ def convert_peft(
         ):
             tensors[k] = t.float()
             continue
-        m = LAYER_RE.match(k)
+        m = layer_re.match(k)
         if m is None:
             what = (
-                "a DoRA magnitude vector"
-                if "lora_magnitude_vector" in k
-                else "a PET layer on a module outside the BERT linears"
-                if ("lora_" in k or "ia3_l" in k)
+                "a PET layer on a module outside the BERT linears"
+                if any(marker in k for marker in markers)
                 else "a trained copy of a backbone module"
             )
             raise TaskError(
-                f"adapter tensor {key!r} is {what}; the engine serves LoRA/IA3 on "
-                f"the BERT linears {sorted(MODULES)} plus a classifier/pooler from "
-                "modules_to_save. Retrain without it, or merge and use "
-                "`pets import-finetuned`"
+                f"adapter tensor {key!r} is {what}; the engine serves "
+                f"{'/'.join(sorted(importable))} on the BERT linears {sorted(MODULES)} plus "
+                "a classifier/pooler from modules_to_save. Retrain without it, or merge and "
+                "use `pets import-finetuned`"
             )
         layer, module, kind = int(m.group(1)), m.group(2), m.group(3)
         if module not in MODULES:
@@ -215,7 +220,7 @@ def convert_peft(
                 f"adapter tensor {key!r} is for layer {layer}, but the backbone has "
                 f"{weights.spec.layers} layers; it was made for another backbone"
             )
-        if (kind == "ia3_l") != (peft_type == "IA3"):
+        if kind not in cls.peft_suffixes:
             raise TaskError(f"adapter tensor {key!r} does not belong to a {peft_type} adapter")
         modules.add(module)
         tensors[layer_key(layer, module, kind)] = t.float()
@@ -223,12 +228,8 @@ def convert_peft(
         raise TaskError(
             f"the {peft_type} adapter has no tensors on BERT linears; keys seen: {sorted(raw)[:5]}"
         )
-    hparams = (
-        _lora_hparams(cfg, tensors)
-        if peft_type == "LORA"
-        else _ia3_hparams(cfg, tensors, sorted(modules))
-    )
-    pet = "lora" if peft_type == "LORA" else "ia3"
+    hparams = cls.peft_hparams(cfg, tensors, sorted(modules))
+    pet = cls.name
     extra = set(cfg.get("modules_to_save") or []) - {
         "classifier",
         "pooler",
@@ -250,70 +251,6 @@ def convert_peft(
         created=time.time(),
     )
     return ImportResult(manifest, tensors, warnings)
-
-
-def _check_lora_config(cfg: dict[str, Any]) -> None:
-    for key, why in LORA_UNSUPPORTED.items():
-        if cfg.get(key) not in (None, False, [], {}, ""):
-            raise TaskError(f"adapter_config {key}={cfg[key]!r} is not supported: {why}")
-    if cfg.get("bias", "none") != "none":
-        raise TaskError(
-            f"adapter_config bias={cfg['bias']!r}: the adapter trained the "
-            "backbone's biases too, which a LoRA task cannot carry; retrain with "
-            "bias='none', or merge and use `pets import-finetuned --as diff_pruning`"
-        )
-    r = cfg.get("r")
-    alpha = cfg.get("lora_alpha", r)
-    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
-        raise TaskError(
-            f"adapter_config needs integer r >= 1 and numeric lora_alpha, got "
-            f"r={r!r}, lora_alpha={alpha!r}"
-        )
-    for key, base in (("rank_pattern", r), ("alpha_pattern", alpha)):
-        pattern = cfg.get(key) or {}
-        odd = {k: v for k, v in pattern.items() if v != base}
-        if odd:
-            raise TaskError(
-                f"adapter_config {key} {odd} gives some modules a different "
-                f"{'rank' if key == 'rank_pattern' else 'alpha'} than {base}; a "
-                "LoRA task has one rank and one alpha. Import per-module variants "
-                "as separate tasks, or merge and use `pets import-finetuned`"
-            )
-
-
-def _lora_hparams(cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
-    for k, t in tensors.items():
-        if k.endswith("lora_A.weight") and t.shape[0] != r:
-            raise TaskError(f"{k!r} has rank {t.shape[0]} but adapter_config r={r}")
-    targets = sorted(
-        {k.split(".", 3)[3].rsplit(".lora_", 1)[0] for k in tensors if ".lora_A." in k}
-    )
-    return {
-        "r": r,
-        "lora_alpha": alpha,
-        "use_rslora": bool(cfg.get("use_rslora", False)),
-        "target_modules": targets,
-    }
-
-
-def _ia3_hparams(
-    cfg: dict[str, Any], tensors: dict[str, torch.Tensor], modules: list[str]
-) -> dict[str, Any]:
-    ff = set()
-    for k, t in list(tensors.items()):
-        if not k.endswith(".ia3_l"):
-            continue
-        module = k.split(".", 3)[3].removesuffix(".ia3_l")
-        if t.dim() != 2 or 1 not in t.shape:
-            raise TaskError(
-                f"IA3 tensor {k!r} has shape {tuple(t.shape)}; PEFT stores [out, 1] "
-                "(output scaling) or [1, in] (feedforward) vectors"
-            )
-        if t.shape[0] == 1 and t.shape[1] != 1:
-            ff.add(module)
-        tensors[k] = t.reshape(-1)
-    return {"target_modules": modules, "feedforward_modules": sorted(ff)}
 
 
 def import_peft(
@@ -355,10 +292,10 @@ def convert_finetuned(
     density: float = 0.01,
     head: HeadConfig | None = None,
 ) -> ImportResult:
-    """Turn a fine-tuned state into a Diff-Pruning or BitFit task (nothing written)."""
-    if pet not in ("diff_pruning", "bitfit"):
+    """Turn a fine-tuned state into a task of type ``pet`` (nothing written)."""
+    if pet not in finetuned_types():
         raise TaskError(
-            f"--as {pet!r}; a fine-tuned checkpoint imports as 'diff_pruning' or 'bitfit'"
+            f"--as {pet!r}; a fine-tuned checkpoint imports as one of {list(finetuned_types())}"
         )
     if not (0.0 < density <= 1.0) or not math.isfinite(density):
         raise TaskError(f"--density {density}; expected a fraction in (0, 1]")
@@ -378,34 +315,18 @@ def convert_finetuned(
                 "backbone"
             )
     tensors: dict[str, torch.Tensor] = {}
-    warnings: list[str] = []
     for k in base:
         if k.startswith("pooler.") or not (k.endswith(".bias") or "LayerNorm" in k):
             continue
         tensors[k] = state[k].float().clone()
-    dropped = 0.0
-    for i in range(weights.spec.layers):
-        for module in MODULES:
-            key = layer_key(i, module, "weight")
-            delta = state[key].float() - base[key].float()
-            if pet == "bitfit":
-                dropped = max(dropped, float(delta.abs().max()))
-                continue
-            flat = delta.reshape(-1)
-            keep = min(flat.numel(), max(1, math.ceil(density * flat.numel())))
-            if keep == flat.numel():  # keep every change (density 1.0)
-                idx = torch.nonzero(flat).flatten()
-            else:
-                idx = torch.topk(flat.abs(), keep, sorted=False).indices
-                idx = idx[flat[idx] != 0].sort().values
-            if idx.numel():
-                tensors[layer_key(i, module, IDX)] = idx.to(torch.int32)
-                tensors[layer_key(i, module, VAL)] = flat[idx].clone()
-    if dropped > 0:
-        warnings.append(
-            f"bitfit keeps biases, LayerNorms and the head only: linear weight "
-            f"changes up to {dropped:.3g} (max |W_ft - W|) are dropped"
-        )
+    deltas = (
+        (i, module, state[key].float() - base[key].float())
+        for i in range(weights.spec.layers)
+        for module in MODULES
+        for key in (layer_key(i, module, "weight"),)
+    )
+    hparams, weight_tensors, warnings = pet_types()[pet].from_weight_deltas(deltas, density)
+    tensors.update(weight_tensors)
     for k in (
         "embeddings.word_embeddings.weight",
         "embeddings.position_embeddings.weight",
@@ -435,7 +356,6 @@ def convert_finetuned(
             f"the checkpoint has {len(extra)} tensors a BERT task cannot carry "
             f"(e.g. {extra[0]!r}); expected BertModel / BertForSequenceClassification"
         )
-    hparams: dict[str, Any] = {"density": density} if pet == "diff_pruning" else {}
     if cfg.get("architectures"):
         hparams["source_architecture"] = cfg["architectures"][0]
     manifest = TaskManifest(

@@ -22,9 +22,15 @@ from .backbone import BackboneWeights, load_backbone, resolve_checkpoint
 from .batch import Batch, build_batch
 from .engine import Engine
 from .heads import HeadConfig
+from .pet import bare_type, pet_types
 from .taskgen import random_task
 
-PROBE_TYPES = ("none", "bitfit", "diff_pruning", "maskbert", "adapter", "lora", "ia3")
+BARE = bare_type()  # the probe type of alpha ("none"): shared ops and epilogues only
+
+
+def probe_types() -> tuple[str, ...]:
+    """Every registered PET type, the bare one first."""
+    return (BARE, *(t for t in pet_types() if t != BARE))
 
 
 def time_fn(
@@ -49,14 +55,14 @@ class EngineProbe:
         self,
         engine: Engine,
         tasks_per_type: int = 1,
-        types: Sequence[str] = PROBE_TYPES,
+        types: Sequence[str] | None = None,
         seed: int = 0,
     ) -> None:
         self.engine = engine
         self.rng = np.random.default_rng(seed)
         self.slots: dict[str, list[int]] = {}
         host = _host_weights(engine)  # random_task builds from host fp32 weights
-        for t in types:
+        for t in probe_types() if types is None else types:
             if t not in engine.registry.methods:
                 continue
             for i in range(tasks_per_type):
@@ -84,8 +90,8 @@ class EngineProbe:
         """The profiler's ``measure(kind, batch_size, seq_len) -> seconds``."""
         if kind == "alpha_packed":
             n = max(1, batch_size // 64)
-            return self.time_batch(self.batch("none", n, max(1, batch_size // n)))
-        alpha = self.time_batch(self.batch("none", batch_size, seq_len))
+            return self.time_batch(self.batch(BARE, n, max(1, batch_size // n)))
+        alpha = self.time_batch(self.batch(BARE, batch_size, seq_len))
         if kind == "alpha":
             return alpha
         if kind not in self.slots:

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from pets.errors import ConfigError
-from pets.scheduling import AnalyticModel, CostTable, Query, batch_cost, load_cost_model
+from pets.pet import pet_types
+from pets.scheduling import (
+    PET_TYPES,
+    AnalyticModel,
+    CostTable,
+    Query,
+    batch_cost,
+    load_cost_model,
+)
 from pets.scheduling.cost_model import CostLattice, beta_by_type, compatibility_warnings
 
 
@@ -123,13 +131,31 @@ def test_analytic_formula():
     for b, s in [(1, 8), (32, 32), (7, 128)]:
         assert float(m.alpha(b, s)) == pytest.approx(1e-3 + c1 * b * s * (1 + s / l0))
     # beta: more PET work costs more; every type is positive and grows with tokens
-    kinds = ["none", "bitfit", "ia3", "lora", "adapter", "diff_pruning", "maskbert"]
+    kinds = PET_TYPES
     vals = {k: float(m.beta(k, 8, 64)) for k in kinds}
     assert vals["bitfit"] == vals["none"] < vals["ia3"]
     assert vals["diff_pruning"] < vals["maskbert"]
     assert all(float(m.beta(k, 16, 64)) > vals[k] > 0 for k in kinds)
     assert float(m.alpha_packed(1000)) > float(m.alpha_packed(100))
     assert float(AnalyticModel.for_device("cpu").alpha(8, 32)) > float(m.alpha(8, 32)) / 100
+
+
+def test_every_registered_type_is_costed_and_unknown_ones_refused():
+    m = AnalyticModel()
+    assert tuple(pet_types()) == PET_TYPES
+    assert all(float(m.beta(t, 4, 32)) > 0 for t in pet_types())
+    with pytest.raises(ConfigError, match="no PET type 'prefix'"):
+        m.beta("prefix", 4, 32)
+
+
+def test_analytic_model_from_dict_round_trips_and_reads_old_tables():
+    m = AnalyticModel.for_device("cpu").calibrated(0.5, 2.0)
+    assert AnalyticModel.from_dict(m.to_dict()) == m
+    # tables written before the types held their typical ranks carry two more fields
+    old = {**m.to_dict(), "adapter_rank": 64, "lora_rank": 16}
+    assert AnalyticModel.from_dict(old) == m
+    with pytest.raises(ValueError, match="'rank'"):
+        AnalyticModel.from_dict({**m.to_dict(), "rank": 3})
 
 
 def test_fallbacks():

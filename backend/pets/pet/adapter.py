@@ -14,37 +14,65 @@ at every layer):
     ``encoder.layer.{i}.{site}.adapter.down.weight`` ``[r, H]``, ``...down.bias`` ``[r]``,
     ``encoder.layer.{i}.{site}.adapter.up.weight`` ``[H, r]``, ``...up.bias`` ``[H]``,
 plus any BitFit-style LayerNorm / bias tensors (Houlsby trains the LayerNorms).
+:meth:`Adapter.generate` also takes ``bottleneck`` (default 64), the rank of a random task.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from petops.reference import ACTIVATIONS
 
+from ..backbone import BackboneWeights
 from ..batch import Batch
 from ..errors import TaskError
 from .base import (
+    CostDims,
     LoadedTask,
     OutputEpilogue,
+    PetConfig,
+    PetCost,
     PetMethod,
+    register_pet,
+)
+from .common import (
     alloc_bias_ln,
     bias_names,
     check_bias_ln,
     check_known,
+    check_same_sites,
     check_tensor,
     layer_key,
     ln_names,
-    register_pet,
+    random_bias_ln,
 )
 from .meta import SlotMeta
 
 ADAPTER_SITES = {"attn_out": "attention.output", "ffn_out": "output"}
 SITE_INDEX = {s: i for i, s in enumerate(ADAPTER_SITES)}
 PARTS = ("down.weight", "down.bias", "up.weight", "up.bias")
+COST_RANK = 64  # a typical bottleneck, for the cost model
+
+
+@dataclass(frozen=True)
+class AdapterConfig(PetConfig):
+    """An adapter task's hyper-parameters; the bottleneck comes from the tensors."""
+
+    activation: str = "relu"  # Houlsby's ReLU unless the task says otherwise
+
+    @classmethod
+    def from_hparams(cls, hparams: Mapping[str, Any]) -> AdapterConfig:
+        act = hparams.get("activation", "relu")
+        if not isinstance(act, str) or act not in ACTIVATIONS or act == "none":
+            raise TaskError(
+                f"adapter activation {act!r} is not supported; use one of "
+                f"{sorted(set(ACTIVATIONS) - {'none'})}"
+            )
+        return cls(activation=act)
 
 
 @dataclass
@@ -108,6 +136,33 @@ class Adapter(PetMethod):
     name = "adapter"
     code = 4
     has_output_transform = True
+    Config = AdapterConfig
+    default_options: ClassVar[dict[str, Any]] = {"bottleneck": 64, "activation": "relu"}
+    demo_options: ClassVar[dict[str, Any] | None] = {"bottleneck": 16}
+
+    @classmethod
+    def generate(
+        cls, weights: BackboneWeights, options: dict[str, Any], seed: int
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Houlsby adapters (both sites, rank ``bottleneck``, ``N(0, 0.05)`` weights) and
+        noisy layer LayerNorms."""
+        g = torch.Generator().manual_seed(seed)
+        spec = weights.spec
+        r, h = int(options.get("bottleneck", 64)), spec.hidden
+        t = {}
+        for i in range(spec.layers):
+            for module in ADAPTER_SITES.values():
+                for part, shape in zip(PARTS, ((r, h), (r,), (h, r), (h,)), strict=True):
+                    t[layer_key(i, module, f"adapter.{part}")] = (
+                        torch.randn(*shape, generator=g) * 0.05
+                    )
+        t.update(random_bias_ln(weights, g, 0.05, emb_ln=False, biases=False))
+        return {"activation": options.get("activation", "relu")}, t
+
+    @classmethod
+    def analytic_cost(cls, dims: CostDims) -> PetCost:
+        """``8·H·r`` FLOPs (down and up at two sites, r = 64) at small-GEMM efficiency."""
+        return PetCost(flops=8.0 * dims.hidden * COST_RANK / dims.small_gemm_efficiency)
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
@@ -122,38 +177,20 @@ class Adapter(PetMethod):
         return layer_key(i, ADAPTER_SITES[site], f"adapter.{part}")
 
     def validate(self, hparams: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self.Config.from_hparams(hparams)
         spec = self.ctx.spec
-        act = hparams.get("activation", "relu")
-        if act not in ACTIVATIONS or act == "none":
-            raise TaskError(
-                f"adapter activation {act!r} is not supported; use one of "
-                f"{sorted(set(ACTIVATIONS) - {'none'})}"
-            )
         names = {
             self._key(i, s, p) for i in range(spec.layers) for s in ADAPTER_SITES for p in PARTS
         }
         check_known(tensors, names | set(bias_names(spec)) | set(ln_names(spec)), self.name)
         check_bias_ln(spec, tensors)
-        sites = [s for s in ADAPTER_SITES if self._key(0, s, "down.weight") in tensors]
-        if not sites:
-            raise TaskError(
-                "adapter task has no adapter.down.weight at layer 0; adapters must "
-                "sit at the same sites in every layer"
-            )
+        sites = check_same_sites(tensors, spec.layers, ADAPTER_SITES, PARTS, self._key, self.name)
         r = tensors[self._key(0, sites[0], "down.weight")].shape[0]
         h = spec.hidden
         for i in range(spec.layers):
-            for s in ADAPTER_SITES:
+            for s in sites:
                 for p, shape in zip(PARTS, ((r, h), (r,), (h, r), (h,)), strict=True):
-                    name = self._key(i, s, p)
-                    if (name in tensors) != (s in sites):
-                        raise TaskError(
-                            f"adapter tensor {name!r} is "
-                            f"{'un' if s in sites else ''}expected: every layer "
-                            f"must carry adapters at the same sites ({sites})"
-                        )
-                    if s in sites:
-                        check_tensor(name, tensors[name], shape)
+                    check_tensor(self._key(i, s, p), tensors[self._key(i, s, p)], shape)
 
     def load(
         self, slot: int, hparams: dict[str, Any], tensors: dict[str, torch.Tensor]
@@ -175,7 +212,7 @@ class Adapter(PetMethod):
                     loaded.allocations.append((self.pool, alloc))
                     offs[si, pi, i] = alloc.offset
         self.offs[slot], self.present[slot], self.rank[slot] = offs, present, rank
-        self.act[slot] = ACTIVATIONS[hparams.get("activation", "relu")]
+        self.act[slot] = ACTIVATIONS[AdapterConfig.from_hparams(hparams).activation]
         return loaded
 
     def unload(self, slot: int, loaded: LoadedTask) -> None:

@@ -1,6 +1,17 @@
-"""The one interface every PET type implements, plus the pieces they share.
+"""The one interface every PET type implements, and the registry of types.
 
-A PET type turns a task's tensors (named as in the HF ``BertModel`` state dict, see the
+A PET type is one module under ``pets/pet/`` holding everything about it; nothing outside
+``pets/pet/`` names a type. Its class (a :class:`PetMethod` registered with
+:func:`register_pet`) declares:
+
+* ``Config``: its hyper-parameters as a frozen :class:`PetConfig` dataclass, parsed and checked
+  from a manifest's ``hparams`` dict (:meth:`PetConfig.from_hparams`);
+* :meth:`PetMethod.generate`: a random task of the type (tests, demos, benchmarks, capacity),
+  with ``default_options`` / ``demo_options`` for its knobs;
+* :meth:`PetMethod.analytic_cost`: its terms in the scheduler's analytic cost model;
+* the serving hooks below.
+
+At serving time a type turns a task's tensors (named as in the HF ``BertModel`` state dict, see the
 README's task-store section) into rows of the pooled tables, and at serving time adds its
 shadow work to the shared ops through grouped ``petops`` kernels:
 
@@ -18,43 +29,75 @@ slot groups and a method only says which rows it wants (:class:`LoadedTask`).
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
 from petops import reference
 
-from ..backbone import LN_SITES, SITES, BackboneSpec, BackboneWeights
+from ..backbone import BackboneSpec, BackboneWeights
 from ..batch import Batch
 from ..errors import TaskError
 from ..tables import Allocation, FlatPool, SlotGroup
 
-# HF BertModel module path (within encoder.layer.{i}) -> (site, column block of the site output)
-MODULES: dict[str, tuple[str, int]] = {
-    "attention.self.query": ("qkv", 0),
-    "attention.self.key": ("qkv", 1),
-    "attention.self.value": ("qkv", 2),
-    "attention.output.dense": ("attn_out", 0),
-    "intermediate.dense": ("ffn_in", 0),
-    "output.dense": ("ffn_out", 0),
-}
-# Short aliases accepted in manifests (PEFT target_modules style).
-MODULE_ALIASES = {
-    "query": "attention.self.query",
-    "key": "attention.self.key",
-    "value": "attention.self.value",
-    "q": "attention.self.query",
-    "k": "attention.self.key",
-    "v": "attention.self.value",
-    "attention.output.dense": "attention.output.dense",
-    "intermediate.dense": "intermediate.dense",
-    "output.dense": "output.dense",
-}
-LN_MODULES = {"attn_ln": "attention.output.LayerNorm", "ffn_ln": "output.LayerNorm"}
+# Re-exported for the callers that import them from here (registry.py, heads.py); new code
+# imports the shared helpers from .common.
+from .common import check_known as check_known
+from .common import check_tensor as check_tensor
+
+C = TypeVar("C", bound="PetConfig")
+
+
+@dataclass(frozen=True)
+class PetConfig:
+    """A type's hyper-parameters, parsed from a manifest's ``hparams`` and checked.
+
+    Subclasses add typed fields (with defaults where the manifest may omit a key) and
+    override :meth:`from_hparams`. Keys a config does not name are informational (e.g. a
+    LoRA task's ``target_modules``, an imported task's ``source_architecture``) and ignored,
+    as the engine always did. This base, with no fields, serves types without
+    hyper-parameters.
+    """
+
+    @classmethod
+    def from_hparams(cls: type[C], hparams: Mapping[str, Any]) -> C:
+        """Parse ``hparams``; raise :class:`TaskError` naming the bad key, value and fix."""
+        return cls()
+
+    def to_hparams(self) -> dict[str, Any]:
+        """The manifest form (JSON types: tuples become lists); ``from_hparams`` inverts it."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+
+@dataclass(frozen=True)
+class CostDims:
+    """What a type's analytic cost terms may depend on (see ``scheduling/analytic.py``)."""
+
+    hidden: float  # H
+    ffn: float  # F
+    sparse_efficiency: float  # share of dense throughput a sparse product reaches
+    small_gemm_efficiency: float  # share of dense throughput a rank-r product reaches
+
+    @property
+    def linear_weights(self) -> float:
+        """Weights of one layer's linears, ``4H² + 2HF``."""
+        return 4.0 * self.hidden * self.hidden + 2.0 * self.hidden * self.ffn
+
+
+@dataclass(frozen=True)
+class PetCost:
+    """A type's shadow work per token per layer, beyond the epilogue every task pays."""
+
+    flops: float = 0.0  # dense-equivalent FLOPs: the type's FLOPs / its kernels' efficiency
+    epilogue_elements: float = 0.0  # elements beyond the shared per-task epilogue (5H + F)
 
 
 @dataclass
@@ -137,11 +180,83 @@ class PetMethod(ABC):
     """Base class of the PET types. Subclasses register with :func:`register_pet`."""
 
     name: ClassVar[str]
-    code: ClassVar[int]  # small integer id, stable for a process
+    code: ClassVar[int]  # small integer id, stable for a process; orders pet_types()
     has_output_transform: ClassVar[bool] = False
+    Config: ClassVar[type[PetConfig]] = PetConfig
+    # generate()'s options when the caller gives none (shown by `pets create --help`)
+    default_options: ClassVar[dict[str, Any]] = {}
+    # options of this type's task in the demo store (`pets demo-store`), None: not in it
+    demo_options: ClassVar[dict[str, Any] | None] = None
+    # False only for a type that serves the bare backbone ("none"); the tests check both ways
+    changes_output: ClassVar[bool] = True
+    # `pets import-peft`: PEFT's peft_type this type imports (None: not importable), the
+    # substring that marks its tensors in PEFT state dicts and the suffixes of its layers'
+    peft_type: ClassVar[str | None] = None
+    peft_marker: ClassVar[str] = ""
+    peft_suffixes: ClassVar[tuple[str, ...]] = ()
+    # `pets import-finetuned --as <name>`: whether a full fine-tuned checkpoint imports as this
+    imports_finetuned: ClassVar[bool] = False
 
     def __init__(self, ctx: PetContext) -> None:
         self.ctx = ctx
+
+    # -- what a type is, independent of a device (classmethods) -----------------------------
+    @classmethod
+    @abstractmethod
+    def generate(
+        cls, weights: BackboneWeights, options: dict[str, Any], seed: int
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """A random task of this type on ``weights`` (fp32, host), for tests and demos.
+
+        The weights are sized like real tasks and large enough to visibly change the output,
+        so an oracle comparison cannot pass vacuously.
+
+        Args:
+            options: ``default_options`` updated with the caller's (generation knobs such as a
+                density or a bottleneck, and/or the config's own keys).
+            seed: the same seed gives the same tensors.
+        Returns:
+            ``(hparams, tensors)``: the manifest's hyper-parameters (they parse with
+            ``Config.from_hparams``) and the PET tensors (task-store names, no head).
+        """
+
+    @classmethod
+    @abstractmethod
+    def analytic_cost(cls, dims: CostDims) -> PetCost:
+        """This type's term in the analytic cost model (a typical task of the type)."""
+
+    @classmethod
+    def check_peft_config(cls, cfg: Mapping[str, Any]) -> None:
+        """Refuse (:class:`TaskError`) PEFT config fields whose math this type does not
+        implement; called before the tensors are read. Types with ``peft_type`` may override."""
+        return None
+
+    @classmethod
+    def peft_hparams(
+        cls, cfg: Mapping[str, Any], tensors: dict[str, torch.Tensor], modules: list[str]
+    ) -> dict[str, Any]:
+        """The manifest hparams of a PEFT adapter of this type (``peft_type`` types only).
+
+        Args:
+            tensors: the adapter's layer tensors under task-store names (may be reshaped in
+                place to the task-store layout); modules: the BERT modules they adapt.
+        """
+        raise NotImplementedError(f"PET type {cls.name!r} does not import PEFT adapters")
+
+    @classmethod
+    def from_weight_deltas(
+        cls, deltas: Iterable[tuple[int, str, torch.Tensor]], density: float
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[str]]:
+        """A fine-tuned checkpoint as this type (``imports_finetuned`` types only).
+
+        Args:
+            deltas: ``(layer, module, W_ft - W)`` per BERT linear, ``[out, in]`` fp32, lazily;
+                density: the share of each matrix a sparse type keeps.
+        Returns:
+            ``(hparams, tensors, warnings)``: the weight tensors only; the importer adds the
+            checkpoint's biases, LayerNorms and head.
+        """
+        raise NotImplementedError(f"PET type {cls.name!r} does not import fine-tuned weights")
 
     @abstractmethod
     def validate(self, hparams: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
@@ -218,8 +333,17 @@ def register_pet(cls: type[PetMethod]) -> type[PetMethod]:
 
 
 def pet_types() -> dict[str, type[PetMethod]]:
-    """Registered PET types by name."""
-    return dict(_REGISTRY)
+    """Registered PET types by name, in ``code`` order (the order every list of types uses)."""
+    return dict(sorted(_REGISTRY.items(), key=lambda kv: kv[1].code))
+
+
+def bare_type() -> str:
+    """The registered type that serves the bare backbone (``changes_output`` False): the
+    profiler's probe of the shared ops alone."""
+    bare = [name for name, cls in pet_types().items() if not cls.changes_output]
+    if len(bare) != 1:
+        raise ValueError(f"expected one registered PET type with changes_output=False, got {bare}")
+    return bare[0]
 
 
 def get_pet_type(name: str) -> type[PetMethod]:
@@ -229,107 +353,3 @@ def get_pet_type(name: str) -> type[PetMethod]:
             "Add a module under backend/pets/pet/ and register it with @register_pet"
         )
     return _REGISTRY[name]
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers shared by several PET types
-# ---------------------------------------------------------------------------------------------
-
-
-def layer_key(layer: int, module: str, suffix: str) -> str:
-    return f"encoder.layer.{layer}.{module}.{suffix}"
-
-
-def check_tensor(name: str, t: torch.Tensor, shape: tuple[int, ...], floating: bool = True) -> None:
-    """Raise :class:`TaskError` unless ``t`` has ``shape``, a suitable dtype and finite values."""
-    if tuple(t.shape) != shape:
-        raise TaskError(
-            f"tensor {name!r} has shape {tuple(t.shape)}, expected {shape} for this "
-            "backbone; was the task trained on another backbone?"
-        )
-    if floating:
-        if not t.is_floating_point():
-            raise TaskError(f"tensor {name!r} has dtype {t.dtype}, expected a float dtype")
-        if not torch.isfinite(t).all():
-            raise TaskError(f"tensor {name!r} contains NaN or Inf; re-export the task")
-
-
-def check_known(tensors: dict[str, torch.Tensor], allowed: set[str], pet: str) -> None:
-    unknown = sorted(set(tensors) - allowed)
-    if unknown:
-        shown = ", ".join(repr(u) for u in unknown[:5])
-        raise TaskError(
-            f"{len(unknown)} unexpected tensor name(s) for a {pet} task: {shown}; "
-            "see the README's task-store section for the names each type uses"
-        )
-
-
-def bias_names(spec: BackboneSpec) -> dict[str, tuple[str, int, int]]:
-    """Tensor name -> (site, layer, column block) for every linear bias."""
-    out = {}
-    for i in range(spec.layers):
-        for module, (site, block) in MODULES.items():
-            out[layer_key(i, module, "bias")] = (site, i, block)
-    return out
-
-
-def ln_names(spec: BackboneSpec) -> dict[str, tuple[str, int, str]]:
-    """Tensor name -> (ln site, layer, 'gamma'|'beta') for every LayerNorm."""
-    out = {
-        "embeddings.LayerNorm.weight": ("emb_ln", 0, "gamma"),
-        "embeddings.LayerNorm.bias": ("emb_ln", 0, "beta"),
-    }
-    for i in range(spec.layers):
-        for ln, module in LN_MODULES.items():
-            out[layer_key(i, module, "weight")] = (ln, i, "gamma")
-            out[layer_key(i, module, "bias")] = (ln, i, "beta")
-    return out
-
-
-def check_bias_ln(spec: BackboneSpec, tensors: dict[str, torch.Tensor]) -> None:
-    """Validate any bias / LayerNorm tensors present (all optional)."""
-    h = spec.hidden
-    for name, (site, _, _) in bias_names(spec).items():
-        if name in tensors:
-            out = spec.site_shape(site)[0] // (3 if site == "qkv" else 1)
-            check_tensor(name, tensors[name], (out,))
-    for name in ln_names(spec):
-        if name in tensors:
-            check_tensor(name, tensors[name], (h,))
-
-
-def alloc_bias_ln(ctx: PetContext, tensors: dict[str, torch.Tensor], loaded: LoadedTask) -> None:
-    """Give the task its own bias / LN rows if it carries any such tensors."""
-    spec = ctx.spec
-    bnames = bias_names(spec)
-    if any(n in tensors for n in bnames):
-        rows = {s: ctx.bias.shared(s).clone() for s in SITES}
-        for name, (site, layer, block) in bnames.items():
-            if name in tensors:
-                w = tensors[name].shape[0]
-                rows[site][layer, block * w : (block + 1) * w] = tensors[name].to(rows[site].dtype)
-        loaded.bias_slot = ctx.bias.alloc(rows)
-    lnames = ln_names(spec)
-    if any(n in tensors for n in lnames):
-        lrows = {name: ctx.ln.shared(name).clone() for name in ctx.ln.names}
-        for name, (ln, layer, kind) in lnames.items():
-            if name in tensors:
-                lrows[f"{ln}.{kind}"][layer] = tensors[name].to(lrows[f"{ln}.{kind}"].dtype)
-        loaded.ln_slot = ctx.ln.alloc(lrows)
-
-
-BIAS_LN_SITES = (*SITES, *LN_SITES)
-
-
-def positive_int(hparams: dict[str, Any], key: str, pet: str) -> int:
-    v = hparams.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise TaskError(f"{pet} task needs integer hyper-parameter {key!r} >= 1, got {v!r}")
-    return v
-
-
-def finite_float(hparams: dict[str, Any], key: str, pet: str, default: float) -> float:
-    v = hparams.get(key, default)
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-        raise TaskError(f"{pet} task hyper-parameter {key!r} must be a finite number, got {v!r}")
-    return float(v)

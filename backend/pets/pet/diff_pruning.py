@@ -8,38 +8,37 @@ Tensors (all optional per module; a task needs at least one):
         ``o * in + k`` into the ``[out, in]`` weight, unique;
     ``encoder.layer.{i}.{module}.weight_delta_values`` float ``[nnz]``;
     plus any BitFit-style bias / LayerNorm tensors (full values, not deltas).
+No hyper-parameters (an imported task's ``density`` is informational). :meth:`generate` takes
+``density`` (default 0.01), the share of each weight matrix that a random task changes.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from collections.abc import Iterable
+from typing import Any, ClassVar
 
 import torch
 
+from ..backbone import BackboneWeights
 from ..batch import Batch
 from ..errors import TaskError
-from .base import (
+from .base import CostDims, LoadedTask, PetContext, PetCost, PetMethod, register_pet
+from .common import (
     MODULES,
-    LoadedTask,
-    PetContext,
-    PetMethod,
     alloc_bias_ln,
     bias_names,
     check_bias_ln,
     check_known,
     layer_key,
     ln_names,
-    register_pet,
+    module_shape,
+    random_bias_ln,
 )
 from .sparse import SitePlan, SparseStore
 
 IDX, VAL = "weight_delta_indices", "weight_delta_values"
-
-
-def module_shape(spec: Any, module: str) -> tuple[int, int]:
-    site, _ = MODULES[module]
-    out, inp = spec.site_shape(site)
-    return (out // 3 if site == "qkv" else out, inp)
+COST_DENSITY = 0.01  # a typical task's share of changed weights, for the cost model
 
 
 def check_flat_indices(name: str, idx: torch.Tensor, numel: int) -> None:
@@ -60,6 +59,32 @@ def check_flat_indices(name: str, idx: torch.Tensor, numel: int) -> None:
 class DiffPruning(PetMethod):
     name = "diff_pruning"
     code = 2
+    imports_finetuned = True
+    default_options: ClassVar[dict[str, Any]] = {"density": 0.01}
+    demo_options: ClassVar[dict[str, Any] | None] = {}
+
+    @classmethod
+    def generate(
+        cls, weights: BackboneWeights, options: dict[str, Any], seed: int
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Noisy biases/LayerNorms and, per linear, ``density`` of its weights moved by
+        ``N(0, 0.05)``."""
+        g = torch.Generator().manual_seed(seed)
+        spec = weights.spec
+        t = random_bias_ln(weights, g, 0.05)
+        for i in range(spec.layers):
+            for m in MODULES:
+                out, inp = module_shape(spec, m)
+                nnz = max(1, int(options.get("density", 0.01) * out * inp))
+                idx = torch.randperm(out * inp, generator=g)[:nnz].sort().values
+                t[layer_key(i, m, IDX)] = idx.to(torch.int32)
+                t[layer_key(i, m, VAL)] = torch.randn(nnz, generator=g) * 0.05
+        return {k: v for k, v in options.items() if k != "density"}, t
+
+    @classmethod
+    def analytic_cost(cls, dims: CostDims) -> PetCost:
+        """``2·0.01·(4H² + 2HF)`` FLOPs (the changed 1%) at sparse efficiency."""
+        return PetCost(flops=2.0 * COST_DENSITY * dims.linear_weights / dims.sparse_efficiency)
 
     def __init__(self, ctx: PetContext) -> None:
         super().__init__(ctx)
@@ -73,7 +98,28 @@ class DiffPruning(PetMethod):
             for kind in (IDX, VAL)
         }
 
+    @classmethod
+    def from_weight_deltas(
+        cls, deltas: Iterable[tuple[int, str, torch.Tensor]], density: float
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[str]]:
+        """Per linear, the ``ceil(density * numel)`` largest ``|W_ft - W|`` (every change at
+        density 1); exact zeros are not kept."""
+        tensors = {}
+        for i, module, delta in deltas:
+            flat = delta.reshape(-1)
+            keep = min(flat.numel(), max(1, math.ceil(density * flat.numel())))
+            if keep == flat.numel():  # keep every change (density 1.0)
+                idx = torch.nonzero(flat).flatten()
+            else:
+                idx = torch.topk(flat.abs(), keep, sorted=False).indices
+                idx = idx[flat[idx] != 0].sort().values
+            if idx.numel():
+                tensors[layer_key(i, module, IDX)] = idx.to(torch.int32)
+                tensors[layer_key(i, module, VAL)] = flat[idx].clone()
+        return {"density": density}, tensors, []
+
     def validate(self, hparams: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self.Config.from_hparams(hparams)
         spec = self.ctx.spec
         names = self._names()
         check_known(tensors, set(names) | set(bias_names(spec)) | set(ln_names(spec)), self.name)

@@ -23,9 +23,11 @@ PEFT's BERT default (``target_modules=["key", "value", "output.dense"]``,
 ``feedforward_modules=["output.dense"]``, suffix matching) adapts ``key``, ``value`` and both
 ``attention.output.dense`` and ``output.dense`` as feedforward modules.
 
-Hyper-parameters: ``feedforward_modules``: list of full module names (aliases as in
-:data:`MODULE_ALIASES`) whose *input* is scaled; default
+Hyper-parameters (:class:`Ia3Config`): ``feedforward_modules``: list of full module names
+(aliases as in :data:`MODULE_ALIASES`) whose *input* is scaled; default
 ``["attention.output.dense", "output.dense"]``. ``target_modules`` is informational.
+:meth:`Ia3.generate` reads ``target_modules`` / ``feedforward_modules`` the PEFT way
+(:func:`peft_match`: suffixes or a regex; PEFT's BERT defaults).
 Tensors: ``encoder.layer.{i}.{module}.ia3_l`` as in the table; any subset of layers and
 modules (missing ones scale by 1).
 """
@@ -33,22 +35,16 @@ modules (missing ones scale by 1).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from ..backbone import BackboneWeights
 from ..errors import TaskError
-from .base import (
-    MODULE_ALIASES,
-    MODULES,
-    LoadedTask,
-    PetMethod,
-    check_known,
-    check_tensor,
-    layer_key,
-    register_pet,
-)
+from .base import CostDims, LoadedTask, PetConfig, PetCost, PetMethod, register_pet
+from .common import MODULE_ALIASES, MODULES, check_known, check_tensor, layer_key, module_list
 from .meta import SlotMeta
 
 KEY = "ia3_l"
@@ -68,23 +64,27 @@ class Ia3Plan:
     tables: dict[str, torch.Tensor]  # site -> [L, U, H] scales (ones where a task has none)
 
 
-def feedforward_set(hparams: dict[str, Any]) -> set[str]:
-    """Full module names whose input is scaled; raises :class:`TaskError` on bad names."""
-    ff = hparams.get("feedforward_modules", list(DEFAULT_FEEDFORWARD))
-    if isinstance(ff, str) or not isinstance(ff, list):
-        raise TaskError(
-            f"ia3 hyper-parameter 'feedforward_modules' must be a list of module names, got {ff!r}"
-        )
-    out = set()
-    for name in ff:
-        full = MODULE_ALIASES.get(name, name)
-        if full not in MODULES:
-            raise TaskError(
-                f"ia3 feedforward module {name!r} is not a BERT linear module; use "
-                f"full names from {sorted(MODULES)}"
-            )
-        out.add(full)
-    return out
+@dataclass(frozen=True)
+class Ia3Config(PetConfig):
+    """An IA3 task's hyper-parameters: which scaled modules scale their input."""
+
+    # full module names; the default is PEFT's BERT default resolved by suffix
+    feedforward_modules: tuple[str, ...] = DEFAULT_FEEDFORWARD
+
+    @classmethod
+    def from_hparams(cls, hparams: Mapping[str, Any]) -> Ia3Config:
+        """Full module names of ``feedforward_modules`` (aliases resolved, order kept)."""
+        out: list[str] = []
+        for name in module_list(hparams, "feedforward_modules", "ia3", DEFAULT_FEEDFORWARD):
+            full = MODULE_ALIASES.get(name, name)
+            if full not in MODULES:
+                raise TaskError(
+                    f"ia3 feedforward module {name!r} is not a BERT linear module; use "
+                    f"full names from {sorted(MODULES)}"
+                )
+            if full not in out:
+                out.append(full)
+        return cls(feedforward_modules=tuple(out))
 
 
 def peft_match(targets: list[str] | str) -> list[str]:
@@ -100,6 +100,58 @@ def peft_match(targets: list[str] | str) -> list[str]:
 class Ia3(PetMethod):
     name = "ia3"
     code = 6
+    Config = Ia3Config
+    peft_type = "IA3"
+    peft_marker = "ia3_l"
+    peft_suffixes = (KEY,)
+    default_options: ClassVar[dict[str, Any]] = {"target_modules": ["key", "value", "output.dense"]}
+
+    @classmethod
+    def generate(
+        cls, weights: BackboneWeights, options: dict[str, Any], seed: int
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Scales ``1 ± 0.3`` (uniform) on PEFT-matched ``target_modules`` at every layer;
+        the manifest names the matched modules exactly."""
+        g = torch.Generator().manual_seed(seed)
+        spec = weights.spec
+        ff = set(peft_match(options.get("feedforward_modules", ["output.dense"])))
+        targets = peft_match(options.get("target_modules", ["key", "value", "output.dense"]))
+        t = {}
+        for m in targets:
+            width = spec.ffn if (m == "output.dense" and m in ff) else spec.hidden
+            for i in range(spec.layers):
+                t[layer_key(i, m, KEY)] = 1 + (torch.rand(width, generator=g) * 2 - 1) * 0.3
+        hparams = {
+            "target_modules": targets,
+            "feedforward_modules": [m for m in targets if m in ff],
+        }
+        return hparams, t
+
+    @classmethod
+    def analytic_cost(cls, dims: CostDims) -> PetCost:
+        """No FLOPs; ``2H + F`` more epilogue elements (the q/k/v and FFN scale rows)."""
+        return PetCost(epilogue_elements=2.0 * dims.hidden + dims.ffn)
+
+    @classmethod
+    def peft_hparams(
+        cls, cfg: Mapping[str, Any], tensors: dict[str, torch.Tensor], modules: list[str]
+    ) -> dict[str, Any]:
+        """PEFT's ``[out, 1]`` (output) / ``[1, in]`` (feedforward) vectors flattened; the
+        feedforward modules are those stored as ``[1, in]``."""
+        ff = set()
+        for k, t in list(tensors.items()):
+            if not k.endswith("." + KEY):
+                continue
+            module = k.split(".", 3)[3].removesuffix("." + KEY)
+            if t.dim() != 2 or 1 not in t.shape:
+                raise TaskError(
+                    f"IA3 tensor {k!r} has shape {tuple(t.shape)}; PEFT stores [out, 1] "
+                    "(output scaling) or [1, in] (feedforward) vectors"
+                )
+            if t.shape[0] == 1 and t.shape[1] != 1:
+                ff.add(module)
+            tensors[k] = t.reshape(-1)
+        return {"target_modules": modules, "feedforward_modules": sorted(ff)}
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
@@ -128,7 +180,7 @@ class Ia3(PetMethod):
         return (spec.hidden,)
 
     def validate(self, hparams: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        ff = feedforward_set(hparams)
+        ff = Ia3Config.from_hparams(hparams).feedforward_modules
         names = {layer_key(i, m, KEY): m for i in range(self.ctx.spec.layers) for m in MODULES}
         check_known(tensors, set(names), self.name)
         if not tensors:
@@ -141,7 +193,7 @@ class Ia3(PetMethod):
         self, slot: int, hparams: dict[str, Any], tensors: dict[str, torch.Tensor]
     ) -> LoadedTask:
         spec, ctx = self.ctx.spec, self.ctx
-        ff = feedforward_set(hparams)
+        ff = Ia3Config.from_hparams(hparams).feedforward_modules
         h = spec.hidden
         qkv = torch.ones(spec.layers, 3 * h)
         ffn = torch.ones(spec.layers, spec.ffn)

@@ -9,34 +9,86 @@ false); scale ``s = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA), as 
 Tensors (PEFT layout; the same modules at every layer):
     ``encoder.layer.{i}.{module}.lora_A.weight`` ``[r, in]``,
     ``encoder.layer.{i}.{module}.lora_B.weight`` ``[out, r]``.
+``target_modules`` in a manifest is informational (the tensors say which modules); for
+:meth:`Lora.generate` it picks the modules (keys of :data:`TARGETS`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from ..backbone import SITES
+from ..backbone import SITES, BackboneWeights
 from ..errors import TaskError
-from .base import (
+from .base import CostDims, LoadedTask, PetConfig, PetCost, PetMethod, register_pet
+from .common import (
     MODULES,
-    LoadedTask,
-    PetMethod,
     check_known,
+    check_same_sites,
     check_tensor,
     finite_float,
+    flag,
     layer_key,
+    module_shape,
     positive_int,
-    register_pet,
 )
-from .diff_pruning import module_shape
 from .meta import SlotMeta
 
 MOD_LIST = list(MODULES)
 A, B = "lora_A.weight", "lora_B.weight"
+COST_RANK = 16  # a typical rank, for the cost model
+# generate()'s target_modules spellings (PEFT style) -> BERT module
+TARGETS = {
+    "query": "attention.self.query",
+    "key": "attention.self.key",
+    "value": "attention.self.value",
+    "attention.output.dense": "attention.output.dense",
+    "intermediate.dense": "intermediate.dense",
+    "output.dense": "output.dense",
+    "dense": "attention.output.dense",
+}
+
+
+# PEFT LoraConfig fields that change the math in ways the engine does not implement.
+PEFT_UNSUPPORTED = {
+    "use_dora": "DoRA adds a per-column magnitude re-normalisation the LoRA kernels do not do; "
+    "merge the adapter into a full checkpoint and use `pets import-finetuned`",
+    "layers_to_transform": "LoRA on only some layers: every layer must adapt the same modules",
+    "layer_replication": "layer replication changes the backbone's depth",
+    "use_qalora": "QA-LoRA pools the input, which the LoRA kernels do not do",
+    "lora_bias": "lora_bias adds a bias to lora_B, which the LoRA kernels do not do",
+    "alora_invocation_tokens": "activated LoRA switches per token",
+    "target_parameters": "LoRA on raw parameters (not Linear modules)",
+    "trainable_token_indices": "trained embedding rows would change the shared embeddings",
+    "fan_in_fan_out": "fan_in_fan_out layouts are for GPT-2 Conv1D, not BERT Linear",
+}
+
+
+@dataclass(frozen=True)
+class LoraConfig(PetConfig):
+    """A LoRA task's hyper-parameters (PEFT's ``LoraConfig`` fields of the same names)."""
+
+    r: int  # the rank; the tensors must agree
+    lora_alpha: float  # defaults to r (scale 1), as in PEFT
+    use_rslora: bool = False  # rank-stabilised scale alpha / sqrt(r) (PEFT's use_rslora)
+
+    @classmethod
+    def from_hparams(cls, hparams: Mapping[str, Any]) -> LoraConfig:
+        r = positive_int(hparams, "r", "lora")
+        return cls(
+            r=r,
+            lora_alpha=finite_float(hparams, "lora_alpha", "lora", r),
+            use_rslora=flag(hparams, "use_rslora", "lora"),
+        )
+
+    @property
+    def scale(self) -> float:
+        """``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
 @dataclass
@@ -64,6 +116,92 @@ class LoraPlan:
 class Lora(PetMethod):
     name = "lora"
     code = 5
+    Config = LoraConfig
+    peft_type = "LORA"
+    peft_marker = "lora_"
+    peft_suffixes = (A, B)
+    default_options: ClassVar[dict[str, Any]] = {
+        "r": 8,
+        "lora_alpha": 16,
+        "target_modules": ["query", "value"],
+    }
+    demo_options: ClassVar[dict[str, Any] | None] = {}
+
+    @classmethod
+    def generate(
+        cls, weights: BackboneWeights, options: dict[str, Any], seed: int
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Rank-``r`` A and B (``N(0, 0.1)``) on ``target_modules`` at every layer."""
+        g = torch.Generator().manual_seed(seed)
+        spec = weights.spec
+        r = int(options["r"])
+        t = {}
+        for target in options.get("target_modules", ["query", "value"]):
+            m = TARGETS[target]
+            out, inp = module_shape(spec, m)
+            for i in range(spec.layers):
+                t[layer_key(i, m, A)] = torch.randn(r, inp, generator=g) * 0.1
+                t[layer_key(i, m, B)] = torch.randn(out, r, generator=g) * 0.1
+        hparams = {
+            "r": options["r"],
+            "lora_alpha": options.get("lora_alpha", options["r"]),
+            "target_modules": list(options.get("target_modules", [])),
+        }
+        return hparams, t
+
+    @classmethod
+    def analytic_cost(cls, dims: CostDims) -> PetCost:
+        """``2·r·(8H + 2F)`` FLOPs (all four sites, r = 16) at small-GEMM efficiency."""
+        h, f = dims.hidden, dims.ffn
+        return PetCost(flops=2.0 * COST_RANK * (8.0 * h + 2.0 * f) / dims.small_gemm_efficiency)
+
+    @classmethod
+    def check_peft_config(cls, cfg: Mapping[str, Any]) -> None:
+        """One rank and one alpha for the whole task, no bias training, no DoRA & co."""
+        for key, why in PEFT_UNSUPPORTED.items():
+            if cfg.get(key) not in (None, False, [], {}, ""):
+                raise TaskError(f"adapter_config {key}={cfg[key]!r} is not supported: {why}")
+        if cfg.get("bias", "none") != "none":
+            raise TaskError(
+                f"adapter_config bias={cfg['bias']!r}: the adapter trained the "
+                "backbone's biases too, which a LoRA task cannot carry; retrain with "
+                "bias='none', or merge and use `pets import-finetuned --as diff_pruning`"
+            )
+        r = cfg.get("r")
+        alpha = cfg.get("lora_alpha", r)
+        if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
+            raise TaskError(
+                f"adapter_config needs integer r >= 1 and numeric lora_alpha, got "
+                f"r={r!r}, lora_alpha={alpha!r}"
+            )
+        for key, base in (("rank_pattern", r), ("alpha_pattern", alpha)):
+            pattern = cfg.get(key) or {}
+            odd = {k: v for k, v in pattern.items() if v != base}
+            if odd:
+                raise TaskError(
+                    f"adapter_config {key} {odd} gives some modules a different "
+                    f"{'rank' if key == 'rank_pattern' else 'alpha'} than {base}; a "
+                    "LoRA task has one rank and one alpha. Import per-module variants "
+                    "as separate tasks, or merge and use `pets import-finetuned`"
+                )
+
+    @classmethod
+    def peft_hparams(
+        cls, cfg: Mapping[str, Any], tensors: dict[str, torch.Tensor], modules: list[str]
+    ) -> dict[str, Any]:
+        r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
+        for k, t in tensors.items():
+            if k.endswith(A) and t.shape[0] != r:
+                raise TaskError(f"{k!r} has rank {t.shape[0]} but adapter_config r={r}")
+        targets = sorted(
+            {k.split(".", 3)[3].rsplit(".lora_", 1)[0] for k in tensors if ".lora_A." in k}
+        )
+        return {
+            "r": r,
+            "lora_alpha": alpha,
+            "use_rslora": bool(cfg.get("use_rslora", False)),
+            "target_modules": targets,
+        }
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
@@ -81,37 +219,22 @@ class Lora(PetMethod):
 
     def validate(self, hparams: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         spec = self.ctx.spec
-        r = positive_int(hparams, "r", self.name)
-        finite_float(hparams, "lora_alpha", self.name, r)
+        r = LoraConfig.from_hparams(hparams).r
         names = {layer_key(i, m, k) for i in range(spec.layers) for m in MOD_LIST for k in (A, B)}
         check_known(tensors, names, self.name)
-        mods = self._modules(tensors)
-        if not mods:
-            raise TaskError(
-                "lora task has no lora_A/lora_B tensors at layer 0; LoRA tasks must "
-                "adapt the same modules at every layer"
-            )
+        mods = check_same_sites(tensors, spec.layers, MOD_LIST, (A, B), layer_key, self.name)
         for i in range(spec.layers):
-            for m in MOD_LIST:
-                for k in (A, B):
-                    name = layer_key(i, m, k)
-                    if (name in tensors) != (m in mods):
-                        raise TaskError(
-                            f"lora tensor {name!r} is {'un' if m in mods else ''}"
-                            "expected: every layer must adapt the same modules "
-                            f"({mods})"
-                        )
-                    if m in mods:
-                        out, inp = module_shape(spec, m)
-                        check_tensor(name, tensors[name], (r, inp) if k == A else (out, r))
+            for m in mods:
+                out, inp = module_shape(spec, m)
+                check_tensor(layer_key(i, m, A), tensors[layer_key(i, m, A)], (r, inp))
+                check_tensor(layer_key(i, m, B), tensors[layer_key(i, m, B)], (out, r))
 
     def load(
         self, slot: int, hparams: dict[str, Any], tensors: dict[str, torch.Tensor]
     ) -> LoadedTask:
         spec = self.ctx.spec
-        r = int(hparams["r"])
-        alpha = float(hparams.get("lora_alpha", r))
-        scale = alpha / math.sqrt(r) if hparams.get("use_rslora") else alpha / r
+        cfg = LoraConfig.from_hparams(hparams)
+        r, scale = cfg.r, cfg.scale
         mods = self._modules(tensors)
         loaded = LoadedTask()
         a_off = torch.full((spec.layers, len(SITES)), -1, dtype=torch.int64)

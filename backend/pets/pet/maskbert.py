@@ -20,33 +20,28 @@ Tensors (one per masked module; unmasked modules are simply absent):
         ``[out, in]`` keep-mask flattened row-major and packed 8 per byte, least significant
         bit first (``numpy.packbits(mask.ravel(), bitorder="little")``); 1 keeps a weight.
 Biases and LayerNorms stay the backbone's (the method's definition); any are refused.
+No hyper-parameters. :meth:`generate` takes ``density`` (default 0.05), the share of weights a
+random task masks out.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from ..backbone import SITES
+from ..backbone import SITES, BackboneWeights
 from ..batch import Batch
 from ..errors import TaskError
-from .base import (
-    MODULES,
-    LoadedTask,
-    PetContext,
-    PetMethod,
-    check_known,
-    layer_key,
-    register_pet,
-)
-from .diff_pruning import module_shape
+from .base import CostDims, LoadedTask, PetContext, PetCost, PetMethod, register_pet
+from .common import MODULES, check_known, layer_key, module_shape
 from .meta import SlotMeta
 from .sparse import BitmapStore, SitePlan, SparseStore
 
 MASK = "weight_mask"
 FORMATS = ("auto", "csr", "bitmask")  # MASKBERT_FORMAT, checked by EngineConfig
+COST_DENSITY = 0.05  # a typical task's share of masked-out weights, for the cost model
 
 
 def pack_mask(keep: torch.Tensor) -> torch.Tensor:
@@ -67,6 +62,28 @@ def unpack_mask(bits: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 class MaskBert(PetMethod):
     name = "maskbert"
     code = 3
+    default_options: ClassVar[dict[str, Any]] = {"density": 0.05}  # share of weights masked out
+    demo_options: ClassVar[dict[str, Any] | None] = {}
+
+    @classmethod
+    def generate(
+        cls, weights: BackboneWeights, options: dict[str, Any], seed: int
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """A mask over every linear that drops each weight with probability ``density``."""
+        spec = weights.spec
+        rng = np.random.default_rng(seed)
+        t = {}
+        for i in range(spec.layers):
+            for m in MODULES:
+                out, inp = module_shape(spec, m)
+                keep = torch.from_numpy(rng.random((out, inp)) >= options.get("density", 0.05))
+                t[layer_key(i, m, MASK)] = pack_mask(keep)
+        return {k: v for k, v in options.items() if k != "density"}, t
+
+    @classmethod
+    def analytic_cost(cls, dims: CostDims) -> PetCost:
+        """``2·0.05·(4H² + 2HF)`` FLOPs (the masked-out 5%) at sparse efficiency."""
+        return PetCost(flops=2.0 * COST_DENSITY * dims.linear_weights / dims.sparse_efficiency)
 
     def __init__(self, ctx: PetContext) -> None:
         super().__init__(ctx)
@@ -76,6 +93,7 @@ class MaskBert(PetMethod):
         self.is_bitmap = SlotMeta((), torch.bool, fill=False)  # per slot: which store holds it
 
     def validate(self, hparams: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self.Config.from_hparams(hparams)
         spec = self.ctx.spec
         names = {layer_key(i, m, MASK): m for i in range(spec.layers) for m in MODULES}
         check_known(tensors, set(names), self.name)

@@ -20,7 +20,8 @@ from petops.reference import pack_mask_words
 
 from ..backbone import SITES
 from ..batch import Batch
-from .base import MODULES, LoadedTask, PetContext
+from .base import LoadedTask, PetContext
+from .common import MODULES
 from .meta import SlotMeta
 
 

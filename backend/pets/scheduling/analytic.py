@@ -18,13 +18,9 @@ flops_per_s`` (effective dense throughput). PET ops (beta) of one task segment::
 
 where ``c_seg = segment_overhead_s``, ``E = 5H + F`` elements of per-task epilogue (biases,
 LayerNorm; every type pays it, as PetS moves bias/LN into the shadow op), ``e =
-epilogue_s_per_element``, and ``W_type`` the extra FLOPs per token per layer:
-
-* ``bitfit``, ``none``: 0; ``ia3``: 0 FLOPs but ``2H + F`` more elements;
-* ``diff_pruning``: ``2·0.01·(4H² + 2HF)`` at sparse efficiency ``sparse_efficiency``;
-* ``maskbert``: ``2·0.05·(4H² + 2HF)`` (the masked-out 5%) at sparse efficiency;
-* ``adapter`` (rank r_a, two sites): ``8·H·r_a`` at ``small_gemm_efficiency``;
-* ``lora`` (rank r_l, all four sites): ``2·r_l·(8H + 2F)`` at ``small_gemm_efficiency``.
+epilogue_s_per_element``, and ``W_type / eff_type`` (plus any extra epilogue elements) the
+type's own term: :meth:`pets.pet.PetMethod.analytic_cost` in the type's module, which states
+its formula (e.g. LoRA's ``2·r·(8H + 2F)`` at ``small_gemm_efficiency``).
 
 The constants are rough per-device defaults (:meth:`AnalyticModel.for_device`); the
 profiler calibrates them against measurements when it fills unmeasured table entries.
@@ -32,13 +28,31 @@ profiler calibrates them against measurements when it fills unmeasured table ent
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
+from functools import cache
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from pets.errors import ConfigError
+from pets.pet import CostDims, pet_types
+
 FArray = NDArray[np.float64]
+# Fields that older cost tables carry in their "fallback" and that now live with the types.
+_LEGACY_FIELDS = ("adapter_rank", "lora_rank")
+
+
+@cache
+def _type_terms(pet_type: str, dims: CostDims) -> tuple[float, float]:
+    """(dense-equivalent FLOPs, extra epilogue elements) of ``pet_type``, from its module."""
+    cls = pet_types().get(pet_type)
+    if cls is None:
+        raise ConfigError(
+            f"the cost model has no PET type {pet_type!r}; known types are {list(pet_types())}"
+        )
+    cost = cls.analytic_cost(dims)
+    return cost.flops, cost.epilogue_elements
 
 
 @dataclass(frozen=True)
@@ -54,8 +68,6 @@ class AnalyticModel:
     epilogue_s_per_element: float = 4.0e-12
     sparse_efficiency: float = 0.125
     small_gemm_efficiency: float = 0.25
-    adapter_rank: int = 64
-    lora_rank: int = 16
     packed_ref_len: float = 64.0
     alpha_scale: float = 1.0
     beta_scale: float = 1.0
@@ -84,6 +96,18 @@ class AnalyticModel:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AnalyticModel:
+        """Inverse of :meth:`to_dict`; drops the per-type fields older tables carry
+        (``adapter_rank``, ``lora_rank``: the types' modules now hold their typical ranks)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known - set(_LEGACY_FIELDS))
+        if unknown:  # ValueError: CostTable.load names the file
+            raise ValueError(
+                f"analytic model fields {unknown} are unknown; expected some of {sorted(known)}"
+            )
+        return cls(**{k: v for k, v in d.items() if k in known})
+
     # -- per-token constants -------------------------------------------------------------
     @property
     def _dense_flops_per_token_layer(self) -> float:
@@ -93,22 +117,9 @@ class AnalyticModel:
     def _pet_terms(self, pet_type: str) -> tuple[float, float]:
         """(extra FLOPs, epilogue elements) per token per layer for ``pet_type``."""
         h, f = float(self.hidden), float(self.ffn)
-        weights = 4.0 * h * h + 2.0 * h * f
-        elems = 5.0 * h + f
-        if pet_type in ("bitfit", "none"):
-            return 0.0, elems
-        if pet_type == "ia3":
-            return 0.0, elems + 2.0 * h + f
-        if pet_type == "diff_pruning":
-            return 2.0 * 0.01 * weights / self.sparse_efficiency, elems
-        if pet_type == "maskbert":
-            return 2.0 * 0.05 * weights / self.sparse_efficiency, elems
-        if pet_type == "adapter":
-            return 8.0 * h * self.adapter_rank / self.small_gemm_efficiency, elems
-        if pet_type == "lora":
-            return 2.0 * self.lora_rank * (8.0 * h + 2.0 * f) / self.small_gemm_efficiency, elems
-        # unknown type: cost it like the most expensive dense PET (adapter)
-        return 8.0 * h * self.adapter_rank / self.small_gemm_efficiency, elems
+        dims = CostDims(h, f, self.sparse_efficiency, self.small_gemm_efficiency)
+        flops, extra = _type_terms(pet_type, dims)
+        return flops, 5.0 * h + f + extra
 
     # -- the CostModel interface (vectorised; returns float64 arrays) ------------------
     def alpha(self, batch: ArrayLike, seq_len: ArrayLike) -> FArray:

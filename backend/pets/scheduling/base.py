@@ -21,16 +21,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-PET_TYPES: tuple[str, ...] = (
-    "bitfit",
-    "diff_pruning",
-    "maskbert",
-    "adapter",
-    "lora",
-    "ia3",
-    "none",
-)
-"""PET type names known to the scheduler and the cost model."""
+from pets.pet import pet_types
+
+PET_TYPES: tuple[str, ...] = tuple(pet_types())
+"""PET type names known to the scheduler and the cost model: the registry's, in code order."""
 
 
 @dataclass(frozen=True)

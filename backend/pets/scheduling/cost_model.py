@@ -250,7 +250,7 @@ class CostTable:
                 device=str(d.get("device", "unknown")),
                 dtype=str(d.get("dtype", "float32")),
                 backbone_fingerprint=str(d.get("backbone_fingerprint", "")),
-                fallback=AnalyticModel(**d.get("fallback", {})),
+                fallback=AnalyticModel.from_dict(d.get("fallback", {})),
                 meta=dict(d.get("meta", {})),
             )
         except (KeyError, TypeError, ValueError) as e:
