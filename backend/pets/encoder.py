@@ -122,14 +122,18 @@ class SharedEncoder:
         seg_task = batch.seg_task_cpu
         pet_codes = reg.slot_pet[seg_task]
         active: list[tuple[PetMethod, Any]] = []
-        for code in torch.unique(pet_codes).tolist():  # one entry per PET *type* in the batch
-            method = reg.by_code.get(int(code))
-            if method is not None:
-                segs = torch.nonzero(pet_codes == code).flatten()
-                if self.streams:  # PetS mode: one plan per task segment
-                    active.extend((method, method.prepare(batch, s[None])) for s in segs)
-                else:
-                    active.append((method, method.prepare(batch, segs)))
+        self.ctx.upload = upload  # PetContext.to_device stages through it while planning
+        try:
+            for code in torch.unique(pet_codes).tolist():  # one entry per PET *type* present
+                method = reg.by_code.get(int(code))
+                if method is not None:
+                    segs = torch.nonzero(pet_codes == code).flatten()
+                    if self.streams:  # PetS mode: one plan per task segment
+                        active.extend((method, method.prepare(batch, s[None])) for s in segs)
+                    else:
+                        active.append((method, method.prepare(batch, segs)))
+        finally:
+            self.ctx.upload = None
         scale_rows = reg.slot_scale[seg_task]
         sp = SegmentParams(
             bias=upload(reg.slot_bias[seg_task]),

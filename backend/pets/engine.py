@@ -408,18 +408,21 @@ class Engine:
         if graphs is None:
             return self.encoder.compute(prepared)
         b = prepared.batch
-        key = graph_key(
-            (
-                self.stager.layout,
-                b.max_seqlen,
-                (b.input_ids, b.positions, b.cu_seqlens, b.seg_indptr, b.valid_lens),
-                prepared.active,
-                prepared.sp,
-                prepared.head,
-            ),
-            self.stager.device_buffer,
-        )
-        return graphs.run(key, self._state_key(), lambda: self.encoder.compute(prepared))
+
+        def key() -> Hashable | None:
+            return graph_key(
+                (
+                    self.stager.layout,
+                    b.max_seqlen,
+                    (b.input_ids, b.positions, b.cu_seqlens, b.seg_indptr, b.valid_lens),
+                    prepared.active,
+                    prepared.sp,
+                    prepared.head,
+                ),
+                self.stager.device_buffer,
+            )
+
+        return graphs.run(key(), self._state_key(), lambda: self.encoder.compute(prepared), key)
 
     def _state_key(self) -> Hashable:
         """Addresses of every persistent tensor a forward reads (recomputed only after the

@@ -51,6 +51,8 @@ def graph_key(obj: Any, staged: torch.Tensor) -> Hashable | None:
     def walk(o: Any) -> bool:
         if o is None or isinstance(o, (bool, int, float, str)):
             out.append(o)
+        elif isinstance(o, torch.dtype):
+            out.append(str(o))
         elif isinstance(o, torch.Tensor):
             if o.device.type == "cpu":
                 out.append((str(o.dtype), tuple(o.shape), o.numpy().tobytes()))
@@ -160,12 +162,18 @@ class GraphCache:
         self.seen.clear()
 
     def run(
-        self, key: Hashable | None, state: Hashable, fn: Callable[[], torch.Tensor]
+        self,
+        key: Hashable | None,
+        state: Hashable,
+        fn: Callable[[], torch.Tensor],
+        rekey: Callable[[], Hashable | None],
     ) -> torch.Tensor:
         """``fn()``'s result: replayed from a graph of ``key``, captured now, or eager.
 
-        The returned tensor of a replay is the graph's own output buffer: read it before the
-        next call.
+        ``rekey`` recomputes the key after a warm-up run: a plan that builds device arrays
+        lazily on first use changes its key then, and is not captured (its graph would read
+        arrays of the capturing batch). The returned tensor of a replay is the graph's own
+        output buffer: read it before the next call.
         """
         if state != self.state:
             if self.graphs:
@@ -189,16 +197,26 @@ class GraphCache:
         if seen < self.min_sightings:
             self.eager += 1
             return fn()
-        return self._capture(key, fn)
+        return self._capture(key, fn, rekey)
 
-    def _capture(self, key: Hashable, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def _capture(
+        self,
+        key: Hashable,
+        fn: Callable[[], torch.Tensor],
+        rekey: Callable[[], Hashable | None],
+    ) -> torch.Tensor:
         t0 = time.perf_counter()
         try:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                fn()  # warm-up: lazy library init must not happen inside the capture
+                warm = fn()  # warm-up: lazy library init must not happen inside the capture
             torch.cuda.current_stream(self.device).wait_stream(side)
+            if rekey() != key:  # the plan built device arrays while running: stay eager
+                self.failed.add(key)
+                log.info("CUDA graphs: a plan builds arrays while running; this shape is eager")
+                self.eager += 1
+                return warm
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
                 out = fn()

@@ -222,8 +222,8 @@ class Adapter(PetMethod):
 
     def prepare(self, batch: Batch, segs: torch.Tensor) -> AdapterPlan:
         """The fused path's per-segment tables for the adapter segments ``segs`` (host int64
-        ``[Sm]``): vectorised over segments on the host, two host-to-device copies."""
-        spec, dev = self.ctx.spec, self.ctx.device
+        ``[Sm]``): vectorised over segments on the host, staged for the forward's one copy."""
+        spec = self.ctx.spec
         n_sites, n_seg = len(ADAPTER_SITES), batch.num_segments
         tasks = batch.seg_task_cpu[segs]  # [Sm]
         present = self.present[tasks].T  # [A, Sm]
@@ -236,12 +236,12 @@ class Adapter(PetMethod):
         seg_act[segs] = act
         seg_w_off = torch.zeros(n_sites, spec.layers, n_seg, 4, dtype=torch.int64)
         seg_w_off[:, :, segs] = torch.where(present[:, None, :, None], offs, 0)
-        d32 = _to_device([seg_rank, seg_act], dev)
+        up = self.ctx.to_device
         return AdapterPlan(
             seg_indptr=batch.seg_indptr,
-            seg_rank=d32[0],
-            seg_act=d32[1],
-            seg_w_off=seg_w_off.to(dev, non_blocking=True),
+            seg_rank=up(seg_rank),
+            seg_act=up(seg_act),
+            seg_w_off=up(seg_w_off),
             max_rank=rank.amax(1).tolist(),
             host=_HostTables(segs=segs, present=present, rank=rank, act=act, offs=offs),
         )

@@ -30,7 +30,7 @@ slot groups and a method only says which rows it wants (:class:`LoadedTask`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from types import ModuleType
 from typing import Any, ClassVar, TypeVar
@@ -113,9 +113,22 @@ class PetContext:
     scale: SlotGroup  # IA3 tables "qkv" [L,Q,3H], "ffn_in" [L,Q,F]
     ops: ModuleType = reference  # petops.ops or petops.reference (pets.kernels.select)
     maskbert_format: str = "auto"  # MASKBERT_FORMAT: auto | csr | bitmask (pet/maskbert.py)
+    # Set by the encoder while it prepares a batch: the batch's Stager (one copy per forward).
+    upload: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def pool(self, dtype: torch.dtype | None = None) -> FlatPool:
         return FlatPool(self.device, dtype or self.dtype)
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A plan's host array on the device: staged while a batch is prepared (valid once the
+        engine flushes the stage, before any kernel runs), else copied directly.
+
+        Use it in :meth:`PetMethod.prepare` for arrays that only kernels read; an array a
+        device op consumes during ``prepare`` itself must be copied with ``.to(device)``.
+        """
+        if self.upload is not None:
+            return self.upload(t)
+        return t.to(self.device, non_blocking=True)
 
 
 @dataclass

@@ -265,8 +265,8 @@ class Ia3(PetMethod):
             rows[own.to(dev)] = self.pool.data[o[own].to(dev)[:, None] + span[None, :]]
             tables[site] = rows.view(-1, L, h).transpose(0, 1).contiguous()
         return Ia3Plan(
-            tokens=tokens.to(dev, non_blocking=True),
-            rows=seg_of_tok.to(dev, non_blocking=True),
+            tokens=self.ctx.to_device(tokens),
+            rows=self.ctx.to_device(seg_of_tok),
             tables=tables,
         )
 

@@ -269,7 +269,7 @@ class Lora(PetMethod):
         super().unload(slot, loaded)
 
     def prepare(self, batch: Any, segs: torch.Tensor) -> LoraPlan:
-        spec, dev = self.ctx.spec, self.ctx.device
+        spec = self.ctx.spec
         tasks = batch.seg_task_cpu[segs]
         rank, scale = self.rank[tasks], self.scale[tasks]
         in_off, nmods = self.in_off[tasks], self.nmods[tasks]
@@ -303,7 +303,7 @@ class Lora(PetMethod):
             cat = [torch.cat(col, dim=-1) for col in zip(*e_parts, strict=True)]
 
             def d(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-                return t.to(dtype).contiguous().to(dev, non_blocking=True)
+                return self.ctx.to_device(t.to(dtype))
 
             sites[site] = _SitePlan(
                 s_seg=d(segs[has], torch.int32),

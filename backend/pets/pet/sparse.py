@@ -49,8 +49,8 @@ class SiteStore:
         offs = self.offsets[batch.seg_task_cpu[segs]].permute(1, 2, 0).contiguous()  # [L, 4, I]
         return SitePlan(
             seg_indptr=batch.seg_indptr,
-            item_seg=segs.to(torch.int32).to(self.ctx.device, non_blocking=True),
-            off=offs.to(self.ctx.device, non_blocking=True),
+            item_seg=self.ctx.to_device(segs.to(torch.int32)),
+            off=self.ctx.to_device(offs),
         )
 
 
