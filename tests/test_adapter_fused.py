@@ -235,7 +235,7 @@ def test_plan_tables(eng: Engine, backbone: Any) -> None:
     batch = _batch(eng, _seqs(rng, len(names), backbone.spec.vocab), names)
     method = eng.registry.methods["adapter"]
     assert isinstance(method, Adapter)
-    adapter_code = eng.registry.slot_pet[batch.seg_task_cpu] == method.code
+    adapter_code = eng.registry.slots.segments(batch.seg_task_cpu).pet == method.code
     segs = torch.nonzero(adapter_code).flatten()
     plan = method.prepare(batch, segs)
     assert isinstance(plan, AdapterPlan)

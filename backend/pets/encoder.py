@@ -119,8 +119,8 @@ class SharedEncoder:
                 :meth:`pets.staging.Stager.put`, so the whole batch crosses in one copy.
         """
         reg = self.registry
-        seg_task = batch.seg_task_cpu
-        pet_codes = reg.slot_pet[seg_task]
+        rows = reg.slots.segments(batch.seg_task_cpu)
+        pet_codes = rows.pet
         active: list[tuple[PetMethod, Any]] = []
         self.ctx.upload = upload  # PetContext.to_device stages through it while planning
         try:
@@ -134,11 +134,10 @@ class SharedEncoder:
                         active.append((method, method.prepare(batch, segs)))
         finally:
             self.ctx.upload = None
-        scale_rows = reg.slot_scale[seg_task]
         sp = SegmentParams(
-            bias=upload(reg.slot_bias[seg_task]),
-            ln=upload(reg.slot_ln[seg_task]),
-            scale=upload(scale_rows) if bool((scale_rows > 0).any()) else None,
+            bias=upload(rows.bias),
+            ln=upload(rows.ln),
+            scale=upload(rows.scale) if bool((rows.scale > 0).any()) else None,
         )
         head = self.heads.plan(batch.cu_seqlens, batch.seq_task_cpu, batch.valid_lens, upload)
         return Prepared(batch, active, sp, head)

@@ -38,8 +38,46 @@ class TaskEntry:
         return self.manifest.name
 
 
+@dataclass(frozen=True)
+class SegmentRows:
+    """Per-segment rows of one batch, host ``[S]`` each (see :class:`SlotTable`)."""
+
+    pet: torch.Tensor  # int8 PET type code of each segment's task
+    bias: torch.Tensor  # int32 row of the bias slot group
+    ln: torch.Tensor  # int32 row of the LayerNorm slot group
+    scale: torch.Tensor  # int32 row of the IA3 scale slot group (0: the backbone's ones)
+
+
+class SlotTable:
+    """What every forward reads per task slot: the task's PET type and its rows in the
+    engine's bias, LayerNorm and IA3-scale slot groups. The registry fills it; the encoder
+    reads it per batch through :meth:`segments`. Host tensors; unset slots read 0."""
+
+    def __init__(self) -> None:
+        self._pet = SlotMeta((), torch.int8, 0)
+        self._bias = SlotMeta((), torch.int32, 0)
+        self._ln = SlotMeta((), torch.int32, 0)
+        self._scale = SlotMeta((), torch.int32, 0)
+
+    def set(self, slot: int, pet_code: int, loaded: LoadedTask) -> None:
+        self._pet[slot] = pet_code
+        self._bias[slot] = loaded.bias_slot
+        self._ln[slot] = loaded.ln_slot
+        self._scale[slot] = loaded.scale_slot
+
+    def reset(self, slot: int) -> None:
+        for meta in (self._pet, self._bias, self._ln, self._scale):
+            meta.reset(slot)
+
+    def segments(self, seg_task: torch.Tensor) -> SegmentRows:
+        """The rows of the tasks ``seg_task`` (host int64 ``[S]``)."""
+        return SegmentRows(
+            self._pet[seg_task], self._bias[seg_task], self._ln[seg_task], self._scale[seg_task]
+        )
+
+
 class TaskRegistry:
-    """Owns the PET methods, the heads and the per-slot epilogue indices."""
+    """Owns the PET methods, the heads and the per-slot rows (:class:`SlotTable`)."""
 
     def __init__(self, ctx: PetContext, heads: HeadTable) -> None:
         self.ctx = ctx
@@ -50,10 +88,7 @@ class TaskRegistry:
         self._task_bytes = 0  # sum of the resident tasks' nbytes, kept with `tasks`
         self._free_slots: list[int] = []
         self._next_slot = 0
-        self.slot_pet = SlotMeta((), torch.int8, 0)
-        self.slot_bias = SlotMeta((), torch.int32, 0)
-        self.slot_ln = SlotMeta((), torch.int32, 0)
-        self.slot_scale = SlotMeta((), torch.int32, 0)
+        self.slots = SlotTable()
         self.lock = threading.RLock()  # held by writers and by a forward
         self.version = 0  # bumped by every add/remove (pools may have moved)
         self.budget_bytes = 0  # task memory budget (MEMORY_BUDGET_MB); 0 = unlimited
@@ -106,10 +141,7 @@ class TaskRegistry:
                 self._free_slots.append(slot)
                 raise
             old = self.tasks.get(manifest.name)
-            self.slot_pet[slot] = method.code
-            self.slot_bias[slot] = loaded.bias_slot
-            self.slot_ln[slot] = loaded.ln_slot
-            self.slot_scale[slot] = loaded.scale_slot
+            self.slots.set(slot, method.code, loaded)
             nbytes = loaded.nbytes(self.ctx) + self.heads.row_bytes()
             entry = TaskEntry(manifest, slot, loaded, nbytes, mtime_ns)
             self._check_budget(entry, old)
@@ -149,8 +181,7 @@ class TaskRegistry:
         self.version += 1
         self.methods[entry.manifest.pet_type].unload(entry.slot, entry.loaded)
         self.heads.remove(entry.slot)
-        for meta in (self.slot_pet, self.slot_bias, self.slot_ln, self.slot_scale):
-            meta.reset(entry.slot)
+        self.slots.reset(entry.slot)
         self._free_slots.append(entry.slot)
 
     def _take_slot(self) -> int:
