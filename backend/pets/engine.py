@@ -30,7 +30,15 @@ from .pet import PetContext
 from .pet.maskbert import FORMATS as MASKBERT_FORMATS
 from .protocol import Row, decode_request
 from .registry import TaskRegistry
-from .scheduling import AnalyticModel, Query, Scheduler, make_scheduler, policy_options
+from .scheduling import (
+    AnalyticModel,
+    CostModel,
+    CostTable,
+    Query,
+    Scheduler,
+    SchedulerContext,
+    scheduler_from_context,
+)
 from .staging import Stager, StagingOverflow
 from .tables import SlotGroup
 from .tokenizer import load_tokenizer
@@ -207,31 +215,28 @@ class Engine:
         )
 
     def _make_scheduler(self, config: EngineConfig, model_dir: Path) -> tuple[Scheduler, str]:
-        """The configured policy, costed by the profiled table if there is one."""
-        accepted = policy_options(config.scheduler)
-        opts: dict[str, object] = {"max_batch_tokens": config.max_batch_tokens}
-        if config.batch_size and "max_batch_size" in accepted:
-            opts["max_batch_size"] = config.batch_size
-        if config.batch_size and "batch_size" in accepted:
-            opts["batch_size"] = config.batch_size
-        source = "no cost model"
-        if "cost_model" in accepted:
-            table = Path(config.cost_table)
-            table = table if table.is_absolute() else model_dir / table
+        """The configured policy; a policy that costs batches gets the profiled table if
+        there is one, else the analytic model of this device. Returns it and the cost
+        source for the log."""
+        source = ["no cost model"]
+        table = Path(config.cost_table)
+        table = table if table.is_absolute() else model_dir / table
+
+        def cost_model() -> CostModel:
             if table.is_file():
-                opts["cost_model"] = str(table)
-                source = f"cost table {table}"
-            else:
-                s = self.spec
-                opts["cost_model"] = AnalyticModel.for_device(
-                    self.device.type, hidden=s.hidden, layers=s.layers, ffn=s.ffn
-                )
-                source = (
-                    f"analytic cost model: no table at {table}; run "
-                    f"`pets profile -o {table}` to measure this device"
-                )
-        opts = {k: v for k, v in opts.items() if k in accepted}
-        return make_scheduler(config.scheduler, **opts), source
+                source[0] = f"cost table {table}"
+                return CostTable.load(table)
+            s = self.spec
+            source[0] = (
+                f"analytic cost model: no table at {table}; run "
+                f"`pets profile -o {table}` to measure this device"
+            )
+            return AnalyticModel.for_device(
+                self.device.type, hidden=s.hidden, layers=s.layers, ffn=s.ffn
+            )
+
+        ctx = SchedulerContext(config.max_batch_tokens, config.batch_size, cost_model)
+        return scheduler_from_context(config.scheduler, ctx), source[0]
 
     @classmethod
     def from_parameters(

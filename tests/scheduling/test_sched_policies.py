@@ -176,3 +176,25 @@ def test_string_options_from_config_pbtxt(tmp_path):
     table.save(tmp_path / "t.json")
     s = make_scheduler("coordinated", cost_model=str(tmp_path / "t.json"))
     assert s.describe()["cost_model"] == "CostTable"
+
+
+def test_every_policy_builds_from_the_engine_context() -> None:
+    from pets.scheduling import AnalyticModel, SchedulerContext, scheduler_from_context
+
+    built: list[str] = []
+
+    def cost_model() -> AnalyticModel:
+        built.append("cost")
+        return AnalyticModel()
+
+    for name in available_policies():
+        built.clear()
+        ctx = SchedulerContext(max_batch_tokens=512, batch_size=4, cost_model=cost_model)
+        sched = scheduler_from_context(name, ctx)
+        assert sched.name == name
+        uses_costs = name in ("alpha_only", "beta_only", "coordinated")
+        assert built == (["cost"] if uses_costs else []), name
+        limits = sched.describe()
+        assert limits.get("max_batch_tokens", 512) == 512, (name, limits)
+        size = limits.get("batch_size", limits.get("max_batch_size"))
+        assert size == 4, (name, limits)

@@ -13,6 +13,7 @@ from pets.scheduling.base import (
     Query,
     ScheduledBatch,
     Scheduler,
+    SchedulerContext,
     group_by_task,
     make_batch,
     validate_schedule,
@@ -30,8 +31,8 @@ from pets.scheduling.registry import (
     DEFAULT_POLICY,
     available_policies,
     make_scheduler,
-    policy_options,
     register,
+    scheduler_from_context,
 )
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "Query",
     "ScheduledBatch",
     "Scheduler",
+    "SchedulerContext",
     "add_profile_arguments",
     "available_policies",
     "batch_cost",
@@ -52,10 +54,10 @@ __all__ = [
     "load_cost_model",
     "make_batch",
     "make_scheduler",
-    "policy_options",
     "profile",
     "profile_cli",
     "register",
     "run_offline",
+    "scheduler_from_context",
     "validate_schedule",
 ]

@@ -17,7 +17,7 @@ Units: lengths are in tokens; every cost in this package is in seconds.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -25,6 +25,20 @@ from pets.pet import pet_types
 
 PET_TYPES: tuple[str, ...] = tuple(pet_types())
 """PET type names known to the scheduler and the cost model: the registry's, in code order."""
+
+
+@dataclass(frozen=True)
+class SchedulerContext:
+    """What the engine offers a policy to configure itself from (:meth:`Scheduler.from_context`).
+
+    ``max_batch_tokens`` caps the tokens of one forward; ``batch_size`` the sequences (0: the
+    policy's own default); ``cost_model`` builds the cost model, called only by the policies
+    that use one (the engine's profiled table, or the analytic model of its device).
+    """
+
+    max_batch_tokens: int
+    batch_size: int = 0
+    cost_model: Callable[[], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,11 @@ class Scheduler(ABC):
     name: ClassVar[str]
     options: ClassVar[tuple[str, ...]] = ()
     """Keyword options ``__init__`` accepts (the registry checks names against this)."""
+
+    @classmethod
+    def from_context(cls, ctx: SchedulerContext) -> Scheduler:
+        """The policy configured from the engine's settings; each policy takes what it uses."""
+        raise NotImplementedError(f"{cls.__name__} does not define from_context")
 
     @abstractmethod
     def schedule(self, queries: Sequence[Query]) -> list[ScheduledBatch]:

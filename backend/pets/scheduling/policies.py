@@ -30,7 +30,7 @@ import numpy as np
 
 from pets.errors import ConfigError
 from pets.scheduling.analytic import AnalyticModel
-from pets.scheduling.base import Query, ScheduledBatch, Scheduler, make_batch
+from pets.scheduling.base import Query, ScheduledBatch, Scheduler, SchedulerContext, make_batch
 from pets.scheduling.cost_model import CostLattice, CostModel, CostTable
 from pets.scheduling.dp import (
     inter_task_runs,
@@ -173,6 +173,10 @@ class FixedScheduler(Scheduler):
         self.batch_size = _positive("batch_size", batch_size, self.name, optional=False) or 32
         self.max_batch_tokens = _positive("max_batch_tokens", max_batch_tokens, self.name)
 
+    @classmethod
+    def from_context(cls, ctx: SchedulerContext) -> FixedScheduler:
+        return cls(batch_size=ctx.batch_size or 32, max_batch_tokens=ctx.max_batch_tokens)
+
     def schedule(self, queries: Sequence[Query]) -> list[ScheduledBatch]:
         bs, cap = self.batch_size, self.max_batch_tokens
         out: list[ScheduledBatch] = []
@@ -212,6 +216,14 @@ class _DPScheduler(Scheduler):
         self.cost_model = CostLattice(_cost_model(cost_model, self.name))
         self.max_batch_size = _positive("max_batch_size", max_batch_size, self.name)
         self.max_batch_tokens = _positive("max_batch_tokens", max_batch_tokens, self.name)
+
+    @classmethod
+    def from_context(cls, ctx: SchedulerContext) -> _DPScheduler:
+        return cls(
+            cost_model=ctx.cost_model() if ctx.cost_model is not None else None,
+            max_batch_size=ctx.batch_size or None,
+            max_batch_tokens=ctx.max_batch_tokens,
+        )
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -310,6 +322,10 @@ class TokenBudgetScheduler(Scheduler):
     name = "token_budget"
     options = ("max_batch_tokens", "max_batch_size")
 
+    @classmethod
+    def from_context(cls, ctx: SchedulerContext) -> TokenBudgetScheduler:
+        return cls(max_batch_tokens=ctx.max_batch_tokens, max_batch_size=ctx.batch_size or None)
+
     def __init__(self, max_batch_tokens: int = 8192, max_batch_size: int | None = None) -> None:
         self.max_batch_tokens = (
             _positive("max_batch_tokens", max_batch_tokens, self.name, optional=False) or 8192
@@ -362,6 +378,10 @@ class TaskGroupedScheduler(Scheduler):
         self.max_batch_tokens = _positive("max_batch_tokens", max_batch_tokens, self.name)
         self.max_batch_size = _positive("max_batch_size", max_batch_size, self.name)
         self.packed = _flag("packed", packed, self.name)
+
+    @classmethod
+    def from_context(cls, ctx: SchedulerContext) -> TaskGroupedScheduler:
+        return cls(max_batch_tokens=ctx.max_batch_tokens, max_batch_size=ctx.batch_size or None)
 
     def schedule(self, queries: Sequence[Query]) -> list[ScheduledBatch]:
         tok_cap, size_cap = self.max_batch_tokens, self.max_batch_size

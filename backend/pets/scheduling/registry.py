@@ -1,11 +1,12 @@
-"""Policy registry: ``make_scheduler(name, **options)``."""
+"""Policy registry: ``make_scheduler(name, **options)`` for tools and tests,
+``scheduler_from_context(name, ctx)`` for the engine."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from pets.errors import ConfigError
-from pets.scheduling.base import Scheduler
+from pets.scheduling.base import Scheduler, SchedulerContext
 from pets.scheduling.policies import (
     AlphaOnlyScheduler,
     BetaOnlyScheduler,
@@ -45,14 +46,7 @@ def available_policies() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
-def policy_options(name: str) -> tuple[str, ...]:
-    """Option names policy ``name`` accepts (empty for unknown names)."""
-    cls = _REGISTRY.get(name)
-    return tuple(cls.options) if cls is not None else ()
-
-
-def make_scheduler(name: str, **options: Any) -> Scheduler:
-    """Build the policy ``name`` with ``options``; unknown names/options raise ConfigError."""
+def _policy(name: str) -> type[Scheduler]:
     cls = _REGISTRY.get(name)
     if cls is None:
         raise ConfigError(
@@ -60,6 +54,17 @@ def make_scheduler(name: str, **options: Any) -> Scheduler:
             f"Set the 'scheduler' parameter in config.pbtxt to one of them "
             f"(default {DEFAULT_POLICY!r})"
         )
+    return cls
+
+
+def scheduler_from_context(name: str, ctx: SchedulerContext) -> Scheduler:
+    """The policy ``name`` configured from the engine's settings (unknown names: ConfigError)."""
+    return _policy(name).from_context(ctx)
+
+
+def make_scheduler(name: str, **options: Any) -> Scheduler:
+    """Build the policy ``name`` with ``options``; unknown names/options raise ConfigError."""
+    cls = _policy(name)
     unknown = sorted(set(options) - set(cls.options))
     if unknown:
         raise ConfigError(
