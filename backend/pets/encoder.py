@@ -13,8 +13,7 @@ adapter, residual and LayerNorm together (``adapter_residual_layernorm``).
 
 Every per-task piece is one grouped ``petops`` launch per op family; nothing here loops over
 tasks or requests. The one exception is the opt-in ``SHADOW_STREAMS=N`` mode, PetS's
-alternative kept for comparison: each task's shadow ops are launched separately and spread
-round-robin over N CUDA streams (fork/join at every site).
+alternative kept for comparison (:class:`ShadowStreams`).
 """
 
 from __future__ import annotations
@@ -28,10 +27,9 @@ import torch.nn.functional as F
 
 from petops.reference import ACTIVATIONS
 
-from .backbone import BackboneWeights
 from .batch import Batch
-from .heads import HeadPlan, HeadTable
-from .pet import PetContext, PetMethod
+from .heads import HeadPlan
+from .pet import PetMethod
 from .pet.base import OutputEpilogue
 from .registry import TaskRegistry
 from .staging import Stager
@@ -61,38 +59,64 @@ class Prepared:
     head: HeadPlan
 
 
+class ShadowStreams:
+    """PetS's multi-stream mode (``SHADOW_STREAMS=N``), kept for the paper's Fig. 11: each
+    task's shadow ops are planned and launched separately, round-robin over N CUDA streams
+    forked from and joined to the main stream at every site. The grouped ops are the default
+    and faster; this is the one place the mode lives."""
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        self.streams = [torch.cuda.Stream(device) for _ in range(n)]
+        self.device = device
+
+    @staticmethod
+    def plans(method: PetMethod, batch: Batch, segs: torch.Tensor) -> list[tuple[PetMethod, Any]]:
+        """One plan per task segment (instead of one for all of the type's segments)."""
+        return [(method, method.prepare(batch, s[None])) for s in segs]
+
+    def run(self, active: list[tuple[PetMethod, Any]], fn: Any) -> None:
+        """``fn(method, plan)`` for every plan, forked over the streams (plans touch disjoint
+        rows: no races), joined before the main stream goes on."""
+        main = torch.cuda.current_stream(self.device)
+        for i, (method, plan) in enumerate(active):
+            stream = self.streams[i % len(self.streams)]
+            if i < len(self.streams):
+                stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                fn(method, plan)
+        for stream in self.streams[: len(active)]:
+            main.wait_stream(stream)
+
+
 class SharedEncoder:
-    def __init__(
-        self,
-        weights: BackboneWeights,
-        ctx: PetContext,
-        registry: TaskRegistry,
-        heads: HeadTable,
-        shadow_streams: int = 0,
-        fuse_outputs: bool = True,
-    ) -> None:
-        """``shadow_streams`` > 0 (CUDA): PetS mode, see the module docstring.
-        ``fuse_outputs``: let a PET type compute a whole output site in one op
-        (:meth:`PetMethod.fused_output`, adapters); False runs the unfused ops (comparisons).
+    def __init__(self, registry: TaskRegistry, shadow_streams: int = 0) -> None:
+        """The forward over ``registry``'s backbone (``ctx.backbone``), tasks and heads.
+
+        ``shadow_streams`` > 0 (CUDA): PetS's multi-stream mode (:class:`ShadowStreams`).
         """
-        self.w, self.ctx, self.registry, self.heads = weights, ctx, registry, heads
-        self.fuse_outputs = fuse_outputs
-        self.spec = weights.spec
+        self.registry, self.ctx, self.heads = registry, registry.ctx, registry.heads
+        self.w = self.ctx.backbone
+        # An output site whose only transform is one type's fused op (adapters) runs as that
+        # op. Tests turn it off to compare with the unfused ops, which also run whenever the
+        # batch holds several output transforms.
+        self.fuse_outputs = True
+        self.spec = self.w.spec
         self.act = ACTIVATIONS.get(self.spec.act)
         if self.act is None:
             raise ValueError(
                 f"backbone hidden_act {self.spec.act!r} is not supported; "
                 f"supported: {sorted(ACTIVATIONS)}"
             )
+        ctx = self.ctx
         self.use_varlen = (
             _varlen_attn is not None
             and ctx.device.type == "cuda"
             and ctx.dtype in (torch.float16, torch.bfloat16)
         )
         self.streams = (
-            [torch.cuda.Stream(ctx.device) for _ in range(shadow_streams)]
+            ShadowStreams(shadow_streams, ctx.device)
             if shadow_streams > 0 and ctx.device.type == "cuda"
-            else []
+            else None
         )
 
     # ------------------------------------------------------------------------------- forward
@@ -128,8 +152,8 @@ class SharedEncoder:
                 method = reg.by_code.get(int(code))
                 if method is not None:
                     segs = torch.nonzero(pet_codes == code).flatten()
-                    if self.streams:  # PetS mode: one plan per task segment
-                        active.extend((method, method.prepare(batch, s[None])) for s in segs)
+                    if self.streams is not None:
+                        active.extend(self.streams.plans(method, batch, segs))
                     else:
                         active.append((method, method.prepare(batch, segs)))
         finally:
@@ -175,20 +199,12 @@ class SharedEncoder:
         return y
 
     def _shadow(self, active: list[tuple[PetMethod, Any]], fn: Any) -> None:
-        """Run ``fn(method, plan)`` for every plan: in order, or fork/join over the streams."""
-        if not self.streams:
-            for method, plan in active:
-                fn(method, plan)
+        """Run ``fn(method, plan)`` for every plan: in order, or over the PetS streams."""
+        if self.streams is not None:
+            self.streams.run(active, fn)
             return
-        main = torch.cuda.current_stream(self.ctx.device)
-        for i, (method, plan) in enumerate(active):  # plans touch disjoint rows: no races
-            stream = self.streams[i % len(self.streams)]
-            if i < len(self.streams):
-                stream.wait_stream(main)
-            with torch.cuda.stream(stream):
-                fn(method, plan)
-        for stream in self.streams[: len(active)]:
-            main.wait_stream(stream)
+        for method, plan in active:
+            fn(method, plan)
 
     def _output(
         self,
@@ -224,7 +240,7 @@ class SharedEncoder:
         transforms = [(m, p) for m, p in active if m.has_output_transform and p is not None]
         if not transforms:
             return ep.layernorm(K)
-        if self.fuse_outputs and not self.streams and len(transforms) == 1:
+        if self.fuse_outputs and self.streams is None and len(transforms) == 1:
             method, plan = transforms[0]
             out = method.fused_output(plan, site, layer, ep)
             if out is not None:

@@ -19,16 +19,14 @@ import numpy as np
 import torch
 
 from . import kernels
-from .backbone import SITES, BackboneWeights, load_backbone, resolve_checkpoint
+from .backbone import load_backbone, resolve_checkpoint
 from .batch import build_batch
 from .encoder import Prepared, SharedEncoder
 from .errors import ConfigError, RequestError
 from .graphs import GraphCache, graph_key, restage, state_key
-from .heads import HeadTable
 from .metrics import EngineStats
-from .pet import PetContext
 from .pet.maskbert import FORMATS as MASKBERT_FORMATS
-from .protocol import Row, decode_request
+from .protocol import Row, decode_request, quote
 from .registry import TaskRegistry
 from .scheduling import (
     AnalyticModel,
@@ -40,7 +38,6 @@ from .scheduling import (
     scheduler_from_context,
 )
 from .staging import Stager, StagingOverflow
-from .tables import SlotGroup
 from .tokenizer import load_tokenizer
 
 log = logging.getLogger("pets")
@@ -62,7 +59,6 @@ class EngineConfig:
     ops: str = "auto"  # auto | compiled | reference
     refresh_ms: int = 200  # how often an idle instance checks the task store (0: no thread)
     shadow_streams: int = 0  # >0: PetS-style per-task shadow ops over N CUDA streams
-    fuse_outputs: int = 1  # 1: an adapter output site is one fused op; 0: unfused (A/B)
     memory_budget_mb: int = 0  # task weights on the device; 0 = unlimited (see `pets capacity`)
     maskbert_format: str = "auto"  # auto (smaller of the two) | csr | bitmask: pet/maskbert.py
     cuda_graphs: int = 1  # 1: replay captured forwards on CUDA (pets/graphs.py); 0: eager
@@ -93,27 +89,6 @@ class EngineConfig:
         return cfg
 
 
-def _slot_groups(
-    w: BackboneWeights, device: torch.device, dtype: torch.dtype
-) -> tuple[SlotGroup, SlotGroup, SlotGroup]:
-    bias = SlotGroup({s: torch.stack(w.bias[s]) for s in SITES}, device, dtype)
-    ln_rows = {}
-    for site in ("emb_ln", "attn_ln", "ffn_ln"):
-        ln_rows[f"{site}.gamma"] = torch.stack(w.ln_gamma[site])
-        ln_rows[f"{site}.beta"] = torch.stack(w.ln_beta[site])
-    ln = SlotGroup(ln_rows, device, dtype)
-    spec = w.spec
-    scale = SlotGroup(
-        {
-            "qkv": torch.ones(spec.layers, 3 * spec.hidden),
-            "ffn_in": torch.ones(spec.layers, spec.ffn),
-        },
-        device,
-        dtype,
-    )
-    return bias, ln, scale
-
-
 class Engine:
     """Shared backbone + task registry + scheduler."""
 
@@ -124,62 +99,11 @@ class Engine:
         model_dir: str | Path = ".",
         device: str | torch.device = "cpu",
     ) -> None:
+        """Assemble the engine (:meth:`_assemble`), load the task store, start the store
+        refresher; serving is :meth:`execute`."""
         self.config = config
-        self.device = torch.device(device)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        self.dtype = (
-            DTYPES[config.dtype]
-            if config.dtype != "auto"
-            else torch.float16
-            if self.device.type == "cuda"
-            else torch.float32
-        )
-        ops_module, self.ops = kernels.select(config.ops)
         model_dir = Path(model_dir)
-        checkpoint = resolve_checkpoint(config.backbone, model_dir)
-        weights = load_backbone(checkpoint)
-        self.spec = weights.spec
-        self.max_seq_len = config.max_seq_len or self.spec.max_positions
-        if self.max_seq_len > self.spec.max_positions:
-            raise ConfigError(
-                f"MAX_SEQ_LEN={self.max_seq_len} exceeds the backbone's "
-                f"max_position_embeddings {self.spec.max_positions}"
-            )
-        dev_w = weights.to(self.device, self.dtype)
-        bias, ln, scale = _slot_groups(weights, self.device, self.dtype)
-        self.ctx = PetContext(
-            self.spec,
-            self.device,
-            self.dtype,
-            dev_w,
-            bias,
-            ln,
-            scale,
-            ops_module,
-            maskbert_format=config.maskbert_format,
-        )
-        self.heads = HeadTable(self.spec, self.device, self.dtype, dev_w.pooler_w, dev_w.pooler_b)
-        self.registry = TaskRegistry(self.ctx, self.heads)
-        self.registry.budget_bytes = config.memory_budget_mb << 20  # MEMORY_BUDGET_MB
-        self.encoder = SharedEncoder(
-            dev_w,
-            self.ctx,
-            self.registry,
-            self.heads,
-            config.shadow_streams,
-            fuse_outputs=bool(config.fuse_outputs),
-        )
-        self.stager = Stager(self.device)
-        self.graphs = (
-            GraphCache(self.device, max_graphs=config.graph_cache)
-            if self.device.type == "cuda" and config.cuda_graphs and not config.shadow_streams
-            else None
-        )
-        self._state_version: tuple[int, int] | None = None
-        self._state: Hashable = ()
-        self.tokenizer = load_tokenizer(checkpoint, self.max_seq_len)
-        self.scheduler, self.cost_source = self._make_scheduler(config, model_dir)
+        checkpoint = self._assemble(config, model_dir, torch.device(device))
         store = Path(config.task_store)
         self.store = store if store.is_absolute() else model_dir / store
         self.load_errors = self.registry.load_store(self.store)
@@ -213,6 +137,43 @@ class Engine:
             if self.graphs is not None
             else "off",
         )
+
+    def _assemble(self, config: EngineConfig, model_dir: Path, device: torch.device) -> object:
+        """Build the serving parts: backbone on the device, registry, encoder, stage and
+        graphs, tokenizer, scheduler. Returns the resolved checkpoint (for the log)."""
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        auto = torch.float16 if device.type == "cuda" else torch.float32
+        self.dtype = DTYPES[config.dtype] if config.dtype != "auto" else auto
+        ops_module, self.ops = kernels.select(config.ops)
+        checkpoint = resolve_checkpoint(config.backbone, model_dir)
+        weights = load_backbone(checkpoint)
+        self.spec = weights.spec
+        self.max_seq_len = config.max_seq_len or self.spec.max_positions
+        if self.max_seq_len > self.spec.max_positions:
+            raise ConfigError(
+                f"MAX_SEQ_LEN={self.max_seq_len} exceeds the backbone's "
+                f"max_position_embeddings {self.spec.max_positions}"
+            )
+        self.registry = TaskRegistry.on_backbone(
+            weights.to(device, self.dtype),
+            ops=ops_module,
+            maskbert_format=config.maskbert_format,
+            budget_bytes=config.memory_budget_mb << 20,
+        )
+        self.encoder = SharedEncoder(self.registry, config.shadow_streams)
+        self.stager = Stager(device)
+        self.graphs = (
+            GraphCache(device, max_graphs=config.graph_cache)
+            if device.type == "cuda" and config.cuda_graphs and not config.shadow_streams
+            else None
+        )
+        self._state_version: tuple[int, int] | None = None
+        self._state: Hashable = ()
+        self.tokenizer = load_tokenizer(checkpoint, self.max_seq_len)
+        self.scheduler, self.cost_source = self._make_scheduler(config, model_dir)
+        return checkpoint
 
     def _make_scheduler(self, config: EngineConfig, model_dir: Path) -> tuple[Scheduler, str]:
         """The configured policy; a policy that costs batches gets the profiled table if
@@ -272,24 +233,13 @@ class Engine:
                 continue
             rows.extend(decoded)
             owner.extend([i] * len(decoded))
-        missing = {r.task for r in rows if self.registry.slot_of(r.task) is None}
-        if missing:
-            with self._refresh_lock:  # the refresh thread may be loading it right now
-                for name in missing:
-                    if self.registry.slot_of(name) is None:
-                        self.registry.load_if_present(self.store, name)  # registered just now?
-        keep = []
-        for j, r in enumerate(rows):
-            if outs[owner[j]] is not None:
-                continue
-            if self.registry.slot_of(r.task) is None:
-                outs[owner[j]] = RequestError(
-                    f"unknown task {r.task!r}; {len(self.registry.tasks)} tasks are loaded "
-                    "(list them with `pets list`); register it in the task store first"
-                )
-            else:
-                keep.append(j)
-        keep = [j for j in keep if outs[owner[j]] is None]
+        unknown = {r.task for r in rows} - self.registry.tasks.keys()
+        if unknown:  # an unknown task is re-checked in the store once before it is refused
+            unknown = self._load_missing(unknown)
+        keep = [j for j, r in enumerate(rows) if outs[owner[j]] is None and r.task not in unknown]
+        for j in range(len(rows)):
+            if rows[j].task in unknown and outs[owner[j]] is None:
+                outs[owner[j]] = self._unknown(rows[j].task)
         t0 = time.perf_counter()
         results = self.run([rows[j].ids for j in keep], [rows[j].task for j in keep])
         compute_s = time.perf_counter() - t0
@@ -347,34 +297,34 @@ class Engine:
     def run(
         self, ids: Sequence[np.ndarray], tasks: Sequence[str]
     ) -> list[np.ndarray | RequestError]:
-        """Run validated sequences of known tasks; returns one output row per sequence."""
+        """Run validated sequences; returns one output row (or error) per sequence.
+
+        The task names are resolved once, under the registry lock that a writer takes to
+        place or remove a task: a task removed while its request waited is refused here.
+        """
         if not ids:
             return []
+        out: list[np.ndarray | RequestError | None] = [None] * len(ids)
         with self.registry.lock:
-            live = [j for j, t in enumerate(tasks) if t in self.registry.tasks]
-            if len(live) < len(tasks):  # unregistered while these requests waited
-                done = self.run([ids[j] for j in live], [tasks[j] for j in live])
-                res: list[np.ndarray | RequestError] = [
-                    RequestError(
-                        f"task {t!r} was unregistered while the request waited; register it again "
-                        "(`pets create` or the pets_admin model)"
-                    )
-                    for t in tasks
-                ]
-                for j, r in zip(live, done, strict=True):
-                    res[j] = r
-                return res
-            slots = [self.registry.tasks[t].slot for t in tasks]
-            pets = [self.registry.tasks[t].manifest.pet_type for t in tasks]
+            entries = [self.registry.tasks.get(t) for t in tasks]
+            live = [j for j, e in enumerate(entries) if e is not None]
+            for j, e in enumerate(entries):
+                if e is None:
+                    out[j] = self._unknown(tasks[j])
             queries = [
-                Query(index=i, task_slot=s, pet_type=p, length=len(x))
-                for i, (s, p, x) in enumerate(zip(slots, pets, ids, strict=True))
+                Query(
+                    index=k,
+                    task_slot=entries[j].slot,  # type: ignore[union-attr]
+                    pet_type=entries[j].manifest.pet_type,  # type: ignore[union-attr]
+                    length=len(ids[j]),
+                )
+                for k, j in enumerate(live)
             ]
-            out: list[np.ndarray | RequestError | None] = [None] * len(ids)
             for sb in self.scheduler.schedule(queries):
-                idx = list(sb.indices)
+                idx = [live[k] for k in sb.indices]
                 try:
-                    prepared = self._prepare([ids[i] for i in idx], [slots[i] for i in idx],
+                    prepared = self._prepare([ids[i] for i in idx],
+                                             [entries[i].slot for i in idx],  # type: ignore[union-attr]
                                              sb.padded_length)  # fmt: skip
                     values_np = self._compute(prepared).cpu().numpy()
                     width = prepared.head.width.numpy()
@@ -385,6 +335,20 @@ class Engine:
                     for i in idx:
                         out[i] = RequestError(f"internal error in the engine: {exc}", "INTERNAL")
         return out  # type: ignore[return-value]
+
+    def _unknown(self, name: str) -> RequestError:
+        return RequestError(
+            f"unknown task {quote(name)}; {len(self.registry.tasks)} tasks are loaded "
+            "(list them with `pets list`); register it in the task store first"
+        )
+
+    def _load_missing(self, names: set[str]) -> set[str]:
+        """Load the tasks ``names`` if the store has them now; returns those still unknown."""
+        with self._refresh_lock:  # the refresh thread may be loading them right now
+            for name in names:
+                if name not in self.registry.tasks:
+                    self.registry.load_if_present(self.store, name)
+        return names - self.registry.tasks.keys()
 
     def _prepare(self, ids: Sequence[np.ndarray], slots: Sequence[int], pad_to: int) -> Prepared:
         """Lay out one engine batch and run the host half of its forward; its device arrays

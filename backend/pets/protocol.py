@@ -17,6 +17,15 @@ from tokenizers import Tokenizer
 from .errors import RequestError
 
 ID_INPUTS = ("INPUT_IDS", "INPUT_IDS_INT32")
+QUOTE_LIMIT = 64  # characters of client input quoted back in an error message
+
+
+def quote(value: str, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)``, cut to ``limit`` characters with the full length said, so an error
+    never echoes unbounded client input back (gRPC caps error metadata at 8 KiB)."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
 
 
 @dataclass(frozen=True)

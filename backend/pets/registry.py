@@ -11,9 +11,13 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
+from petops import reference
+
+from .backbone import LN_SITES, SITES, BackboneWeights
 from .errors import TaskError
 from .heads import HeadTable, validate_head
 from .pet import LoadedTask, PetContext, PetMethod, pet_types
@@ -78,6 +82,44 @@ class SlotTable:
 
 class TaskRegistry:
     """Owns the PET methods, the heads and the per-slot rows (:class:`SlotTable`)."""
+
+    @classmethod
+    def on_backbone(
+        cls,
+        weights: BackboneWeights,
+        *,
+        ops: ModuleType = reference,
+        maskbert_format: str = "auto",
+        budget_bytes: int = 0,
+    ) -> TaskRegistry:
+        """An empty registry over ``weights`` (already on the serving device and dtype): the
+        slot groups start with the backbone's own biases, LayerNorms and unit IA3 scales.
+
+        Args:
+            ops: the op module the PET types call (``pets.kernels.select``).
+            maskbert_format: MASKBERT_FORMAT (pet/maskbert.py).
+            budget_bytes: task memory budget (MEMORY_BUDGET_MB); 0 = unlimited.
+        """
+        spec = weights.spec
+        device, dtype = weights.word.device, weights.word.dtype
+        bias = SlotGroup({s: torch.stack(weights.bias[s]) for s in SITES}, device, dtype)
+        ln_rows = {}
+        for site in ("emb_ln", *LN_SITES):
+            ln_rows[f"{site}.gamma"] = torch.stack(weights.ln_gamma[site])
+            ln_rows[f"{site}.beta"] = torch.stack(weights.ln_beta[site])
+        ln = SlotGroup(ln_rows, device, dtype)
+        ones = {
+            "qkv": torch.ones(spec.layers, 3 * spec.hidden),
+            "ffn_in": torch.ones(spec.layers, spec.ffn),
+        }
+        scale = SlotGroup(ones, device, dtype)
+        ctx = PetContext(
+            spec, device, dtype, weights, bias, ln, scale, ops, maskbert_format=maskbert_format
+        )
+        heads = HeadTable(spec, device, dtype, weights.pooler_w, weights.pooler_b)
+        registry = cls(ctx, heads)
+        registry.budget_bytes = budget_bytes
+        return registry
 
     def __init__(self, ctx: PetContext, heads: HeadTable) -> None:
         self.ctx = ctx

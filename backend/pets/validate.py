@@ -10,9 +10,6 @@ from __future__ import annotations
 import torch
 
 from .backbone import BackboneWeights
-from .engine import _slot_groups
-from .heads import HeadTable
-from .pet import PetContext
 from .registry import TaskRegistry
 from .taskstore import TaskManifest
 
@@ -25,10 +22,7 @@ def scratch_registry(
     dev_w = (
         weights if (device.type == "cpu" and dtype == torch.float32) else weights.to(device, dtype)
     )
-    bias, ln, scale = _slot_groups(weights, device, dtype)
-    ctx = PetContext(weights.spec, device, dtype, dev_w, bias, ln, scale)
-    heads = HeadTable(weights.spec, device, dtype, dev_w.pooler_w, dev_w.pooler_b)
-    return TaskRegistry(ctx, heads)
+    return TaskRegistry.on_backbone(dev_w)
 
 
 def validate_task(
