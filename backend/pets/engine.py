@@ -24,7 +24,9 @@ from .batch import build_batch
 from .encoder import Prepared, SharedEncoder
 from .errors import ConfigError, RequestError
 from .graphs import GraphCache, graph_key, restage, state_key
+from .heads import HeadTable
 from .metrics import EngineStats
+from .pet import PetContext
 from .pet.maskbert import FORMATS as MASKBERT_FORMATS
 from .protocol import Row, decode_request, quote
 from .registry import TaskRegistry
@@ -174,6 +176,15 @@ class Engine:
         self.tokenizer = load_tokenizer(checkpoint, self.max_seq_len)
         self.scheduler, self.cost_source = self._make_scheduler(config, model_dir)
         return checkpoint
+
+    @property
+    def ctx(self) -> PetContext:
+        """The PET types' shared context (backbone on the device, slot groups, op module)."""
+        return self.registry.ctx
+
+    @property
+    def heads(self) -> HeadTable:
+        return self.registry.heads
 
     def _make_scheduler(self, config: EngineConfig, model_dir: Path) -> tuple[Scheduler, str]:
         """The configured policy; a policy that costs batches gets the profiled table if
