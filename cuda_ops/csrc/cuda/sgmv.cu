@@ -5,10 +5,8 @@
 // through a per-block shared prefix of unit counts (common.cuh), so no host sync is needed.
 // Tiles are staged in shared memory as float and reduced with float4 reads.
 // float16/bfloat16 run the tensor-core kernels of sgmv_tc.cuh (same scheduling, WMMA tiles);
-// float32 (and PETOPS_SGMV_TC=0) runs the CUDA-core kernels below.
+// float32 (and any dtype before sm_80) runs the CUDA-core kernels below.
 #include <torch/library.h>
-
-#include <cstdlib>
 
 #include "common.cuh"
 #include "prepare.h"
@@ -249,7 +247,7 @@ at::Tensor sgmv_shrink_cuda(const at::Tensor& x, const at::Tensor& w, const at::
   if (n_tok == 0 || max_rank == 0 || a.num_items == 0) return out;
   const int n_items = static_cast<int>(a.num_items);
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (tc::enabled(a.x.scalar_type(), "PETOPS_SGMV_TC")) {
+  if (tc::use_tensor_cores(a.x.scalar_type())) {
     AT_DISPATCH_SWITCH(a.x.scalar_type(), "sgmv_shrink_tc",
         AT_DISPATCH_CASE(at::kHalf, [&] {
           run_shrink_tc<scalar_t>(a, out, n_items, static_cast<int>(k_dim),
@@ -292,7 +290,7 @@ void sgmv_expand_cuda(const at::Tensor& y, const at::Tensor& tmp, const at::Tens
   if (n_tok == 0 || a.num_items == 0) return;
   const int n_items = static_cast<int>(a.num_items);
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (tc::enabled(a.y.scalar_type(), "PETOPS_SGMV_TC")) {
+  if (tc::use_tensor_cores(a.y.scalar_type())) {
     AT_DISPATCH_SWITCH(a.y.scalar_type(), "sgmv_expand_tc",
         AT_DISPATCH_CASE(at::kHalf, [&] {
           launch_expand_tc<scalar_t>(a, n_items, static_cast<int>(n_cols), stream);
