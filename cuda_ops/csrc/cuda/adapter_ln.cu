@@ -56,13 +56,9 @@ at::Tensor adapter_residual_layernorm_cuda(
                      n_seg <= kMaxItems &&
                      aligned16({&e.y, &e.residual, &e.bias, &e.gamma, &e.beta, &out});
   if (tc_ok) {
-    AT_DISPATCH_SWITCH(e.y.scalar_type(), "adapter_ln_tc",
-        AT_DISPATCH_CASE(at::kHalf, [&] {
-          launch_tensor_cores<scalar_t>(a, out, t, n_seg, hidden, ep, stream);
-        })
-        AT_DISPATCH_CASE(at::kBFloat16, [&] {
-          launch_tensor_cores<scalar_t>(a, out, t, n_seg, hidden, ep, stream);
-        }));
+    PETOPS_DISPATCH_HALFS(e.y.scalar_type(), "adapter_ln_tc", [&] {
+      launch_tensor_cores<scalar_t>(a, out, t, n_seg, hidden, ep, stream);
+    });
     return out;
   }
   PETOPS_DISPATCH_FLOATS(e.y.scalar_type(), "adapter_ln_cuda", [&] {

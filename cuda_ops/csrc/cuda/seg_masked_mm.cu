@@ -247,9 +247,8 @@ void seg_masked_mm_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tens
   if (a.y.numel() == 0 || a.num_items == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
   if (tc::use_tensor_cores(a.y.scalar_type())) {
-    AT_DISPATCH_SWITCH(a.y.scalar_type(), "seg_masked_mm_tc",
-        AT_DISPATCH_CASE(at::kHalf, [&] { launch_tc<scalar_t>(a, alpha, stream); })
-        AT_DISPATCH_CASE(at::kBFloat16, [&] { launch_tc<scalar_t>(a, alpha, stream); }));
+    PETOPS_DISPATCH_HALFS(a.y.scalar_type(), "seg_masked_mm_tc",
+                          [&] { launch_tc<scalar_t>(a, alpha, stream); });
     return;
   }
   const int n_items = static_cast<int>(a.num_items);

@@ -248,15 +248,10 @@ at::Tensor sgmv_shrink_cuda(const at::Tensor& x, const at::Tensor& w, const at::
   const int n_items = static_cast<int>(a.num_items);
   auto stream = at::cuda::getCurrentCUDAStream();
   if (tc::use_tensor_cores(a.x.scalar_type())) {
-    AT_DISPATCH_SWITCH(a.x.scalar_type(), "sgmv_shrink_tc",
-        AT_DISPATCH_CASE(at::kHalf, [&] {
-          run_shrink_tc<scalar_t>(a, out, n_items, static_cast<int>(k_dim),
-                                  static_cast<int>(max_rank), static_cast<int>(act), stream);
-        })
-        AT_DISPATCH_CASE(at::kBFloat16, [&] {
-          run_shrink_tc<scalar_t>(a, out, n_items, static_cast<int>(k_dim),
-                                  static_cast<int>(max_rank), static_cast<int>(act), stream);
-        }));
+    PETOPS_DISPATCH_HALFS(a.x.scalar_type(), "sgmv_shrink_tc", [&] {
+      run_shrink_tc<scalar_t>(a, out, n_items, static_cast<int>(k_dim),
+                              static_cast<int>(max_rank), static_cast<int>(act), stream);
+    });
     return out;
   }
   const size_t smem = (n_items + 1) * sizeof(int);
@@ -291,13 +286,9 @@ void sgmv_expand_cuda(const at::Tensor& y, const at::Tensor& tmp, const at::Tens
   const int n_items = static_cast<int>(a.num_items);
   auto stream = at::cuda::getCurrentCUDAStream();
   if (tc::use_tensor_cores(a.y.scalar_type())) {
-    AT_DISPATCH_SWITCH(a.y.scalar_type(), "sgmv_expand_tc",
-        AT_DISPATCH_CASE(at::kHalf, [&] {
-          launch_expand_tc<scalar_t>(a, n_items, static_cast<int>(n_cols), stream);
-        })
-        AT_DISPATCH_CASE(at::kBFloat16, [&] {
-          launch_expand_tc<scalar_t>(a, n_items, static_cast<int>(n_cols), stream);
-        }));
+    PETOPS_DISPATCH_HALFS(a.y.scalar_type(), "sgmv_expand_tc", [&] {
+      launch_expand_tc<scalar_t>(a, n_items, static_cast<int>(n_cols), stream);
+    });
     return;
   }
   const int64_t bound = (ceil_div(n_tok, kTileM) + n_items) * ceil_div(n_cols, kExpandTN);

@@ -234,6 +234,12 @@ inline bool use_tensor_cores(at::ScalarType st) {
   return at::cuda::getCurrentDeviceProperties()->major >= 8;
 }
 
+// Dispatch over the tensor-core dtypes (after use_tensor_cores), scalar_t at::Half or
+// at::BFloat16.
+#define PETOPS_DISPATCH_HALFS(TYPE, NAME, ...) \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
 template <typename T>
 const raw16* raw_or_null(const at::Tensor& t) {
   return t.defined() ? reinterpret_cast<const raw16*>(t.data_ptr<T>()) : nullptr;
