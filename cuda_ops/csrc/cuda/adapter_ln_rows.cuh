@@ -1,7 +1,8 @@
 // The generic kernel of adapter_residual_layernorm, for what the tensor-core kernels do not
 // take (fp32, hidden sizes that are not a multiple of 64 or above 1024, bottlenecks above 64,
-// unaligned operands, GPUs before sm_80): one warp per token row with the row and its
-// bottleneck in shared memory; the same roundings as the tensor-core kernels, on CUDA cores.
+// unaligned operands, more than 4096 segments, GPUs before sm_80): one warp per token row with
+// the row and its bottleneck in shared memory; the same roundings as the tensor-core kernels,
+// on CUDA cores.
 #pragma once
 
 #include "adapter_ln_common.cuh"
