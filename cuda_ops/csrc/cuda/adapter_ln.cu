@@ -32,14 +32,15 @@ void launch_tensor_cores(const AdapterLnArgs& a, at::Tensor& out, int n_tok, int
   }
 }
 
-at::Tensor adapter_residual_layernorm_cuda(
-    const at::Tensor& y, const OptTensor& residual, const at::Tensor& bias,
-    const at::Tensor& seg_bias, const at::Tensor& w, const at::Tensor& seg_w_off,
-    const at::Tensor& seg_rank, const at::Tensor& seg_act, const at::Tensor& gamma,
-    const at::Tensor& beta, const at::Tensor& seg_indptr, const at::Tensor& seg_ln,
-    int64_t max_rank, double eps) {
-  AdapterLnArgs a = prepare_adapter_ln(y, residual, bias, seg_bias, w, seg_w_off, seg_rank,
-                                       seg_act, gamma, beta, seg_indptr, seg_ln, max_rank);
+at::Tensor adapter_residual_layernorm_cuda(const at::Tensor& y, const OptTensor& residual,
+                                           const at::Tensor& bias, const at::Tensor& seg_bias,
+                                           const at::Tensor& w, const at::Tensor& seg_w_off,
+                                           const at::Tensor& seg_rank, const at::Tensor& seg_act,
+                                           const at::Tensor& gamma, const at::Tensor& beta,
+                                           const at::Tensor& seg_indptr, const at::Tensor& seg_ln,
+                                           int64_t max_rank, double eps) {
+  AdapterLnArgs a = prepare_adapter_ln(y, residual, bias, seg_bias, w, seg_w_off, seg_rank, seg_act,
+                                       gamma, beta, seg_indptr, seg_ln, max_rank);
   const EpilogueArgs& e = a.ln;
   TORCH_INTERNAL_ASSERT(e.y.is_cuda());
   const c10::cuda::CUDAGuard guard(e.y.device());

@@ -19,15 +19,15 @@
 namespace petops {
 namespace adapter_ln {
 
-constexpr int kCS = 4;              // blocks per cluster
-constexpr int kCBM = 32;            // token rows per unit (64: 254 registers, one block per SM,
-                                    // 1.3-1.6x slower; h100_sgmv_variants_ab.csv)
-constexpr int kCRB = kCBM / 16;     // 16-row MMA blocks per unit
-constexpr int kCWR = kWarps / kCRB; // warps per 16-row block
+constexpr int kCS = 4;               // blocks per cluster
+constexpr int kCBM = 32;             // token rows per unit (64: 254 registers, one block per SM,
+                                     // 1.3-1.6x slower; h100_sgmv_variants_ab.csv)
+constexpr int kCRB = kCBM / 16;      // 16-row MMA blocks per unit
+constexpr int kCWR = kWarps / kCRB;  // warps per 16-row block
 constexpr int kCDownFr = kRank / 16 / kCWR;  // down-projection fragments per warp
-constexpr int kCLDR = kRank + 8;    // row stride (raw16) of [.][kRank] tiles: Wu slice, d
-constexpr int kCLDP = kRank + 4;    // row stride (float) of the partial down tile
-constexpr int kStgLD = 20;          // row stride (float) of a warp's 16 x 16 staging block
+constexpr int kCLDR = kRank + 8;             // row stride (raw16) of [.][kRank] tiles: Wu slice, d
+constexpr int kCLDP = kRank + 4;             // row stride (float) of the partial down tile
+constexpr int kStgLD = 20;                   // row stride (float) of a warp's 16 x 16 staging block
 
 struct ClusterLayout {
   size_t hs, wd, wu, pd, ds, stg, st, bd, bu, total;  // byte offsets (32-byte multiples)
@@ -37,15 +37,15 @@ struct ClusterLayout {
 __host__ __device__ inline ClusterLayout cluster_layout(int nc) {
   const size_t ldh = nc + 8;
   ClusterLayout l{};
-  l.hs = 0;                                                  // [kCBM][nc + 8] h tile
-  l.wd = l.hs + kCBM * ldh * sizeof(raw16);                  // [kRank][nc + 8] Wd columns
-  l.wu = l.wd + kRank * ldh * sizeof(raw16);                 // [nc][kCLDR] Wu rows
+  l.hs = 0;                                                       // [kCBM][nc + 8] h tile
+  l.wd = l.hs + kCBM * ldh * sizeof(raw16);                       // [kRank][nc + 8] Wd columns
+  l.wu = l.wd + kRank * ldh * sizeof(raw16);                      // [nc][kCLDR] Wu rows
   l.pd = l.wu + static_cast<size_t>(nc) * kCLDR * sizeof(raw16);  // [2][kCBM][kCLDP] partials
-  l.ds = l.pd + 2 * kCBM * kCLDP * sizeof(float);            // [kCBM][kCLDR] bottleneck d
-  l.stg = l.ds + kCBM * kCLDR * sizeof(raw16);               // [kWarps][16][kStgLD] up staging
-  l.st = l.stg + kWarps * 16 * kStgLD * sizeof(float);       // [2][kCBM] (mean, M2) per row
-  l.bd = l.st + 2 * kCBM * sizeof(float2);                   // [kRank] down.b
-  l.bu = l.bd + kRank * sizeof(raw16);                       // [nc] up.b columns
+  l.ds = l.pd + 2 * kCBM * kCLDP * sizeof(float);                 // [kCBM][kCLDR] bottleneck d
+  l.stg = l.ds + kCBM * kCLDR * sizeof(raw16);                    // [kWarps][16][kStgLD] up staging
+  l.st = l.stg + kWarps * 16 * kStgLD * sizeof(float);            // [2][kCBM] (mean, M2) per row
+  l.bd = l.st + 2 * kCBM * sizeof(float2);                        // [kRank] down.b
+  l.bu = l.bd + kRank * sizeof(raw16);                            // [nc] up.b columns
   l.total = l.bu + (static_cast<size_t>(nc) * sizeof(raw16) + 31) / 32 * 32;
   return l;
 }
@@ -73,8 +73,7 @@ __device__ __forceinline__ void load_block(raw16* s, int lds, const raw16* __res
 #endif
 
 template <typename MT>
-__global__ void __launch_bounds__(kThreads, 2)
-    adapter_ln_cluster_kernel(const AdapterLnParams p) {
+__global__ void __launch_bounds__(kThreads, 2) adapter_ln_cluster_kernel(const AdapterLnParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   using namespace nvcuda;
   namespace cg = cooperative_groups;
@@ -100,11 +99,10 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   const int total = build_unit_prefix(
       prefix, p.n_seg,
-      [&](int s) { return (p.seg_indptr[s + 1] - p.seg_indptr[s] + kCBM - 1) / kCBM; },
-      scratch);
+      [&](int s) { return (p.seg_indptr[s + 1] - p.seg_indptr[s] + kCBM - 1) / kCBM; }, scratch);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int rb = warp % kCRB, cw = warp / kCRB;  // MMA: 16-row block, first column block
-  const bool lane_cols = lane < groups;       // LayerNorm: lane owns columns c0 + 8 lane + [0, 8)
+  const bool lane_cols = lane < groups;  // LayerNorm: lane owns columns c0 + 8 lane + [0, 8)
   int buf = 0;
   for (int u = cid; u < total; u += n_clusters, buf ^= 1) {
     const int s = upper_slot(prefix, p.n_seg, u);
@@ -118,9 +116,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     // the adapter biases (group 1), the residual into registers.
     for (int e = threadIdx.x; e < kCBM * groups; e += kThreads) {
       const int m = e / groups, g = (e - m * groups) * 8;
-      tc::cp_async16(hs + m * ldh + g, m < len ? p.y + grow + static_cast<int64_t>(m) * n + c0 + g
-                                               : p.y,
-                     m < len);
+      tc::cp_async16(hs + m * ldh + g,
+                     m < len ? p.y + grow + static_cast<int64_t>(m) * n + c0 + g : p.y, m < len);
     }
     if (r > 0) {
       const raw16* wd = p.w + off[0] + c0;
@@ -396,8 +393,8 @@ int resident_clusters(Kernel kernel, size_t smem) {
 // 47.8 vs 35.1. Returns false (the caller runs the one-block kernel) before sm_90, past one
 // round, or when no cluster of the kernel fits this GPU.
 template <typename T>
-bool launch_cluster(const AdapterLnArgs& a, at::Tensor& out, int n_tok, int n_seg, int n,
-                    float eps, cudaStream_t stream) {
+bool launch_cluster(const AdapterLnArgs& a, at::Tensor& out, int n_tok, int n_seg, int n, float eps,
+                    cudaStream_t stream) {
   if (at::cuda::getCurrentDeviceProperties()->major < 9) return false;
   using MT = typename tc::MmaType<T>::type;
   const AdapterLnParams p = make_params<T>(a, out, n_seg, n, eps);

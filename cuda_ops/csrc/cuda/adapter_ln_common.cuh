@@ -10,11 +10,11 @@
 namespace petops {
 namespace adapter_ln {
 
-constexpr int kThreads = 256;    // 8 warps, 2 blocks per SM: more warps hide the latency of
-                                 // the row passes (H100, 64 segments: 4 warps 42 us, 8 warps 39)
+constexpr int kThreads = 256;  // 8 warps, 2 blocks per SM: more warps hide the latency of
+                               // the row passes (H100, 64 segments: 4 warps 42 us, 8 warps 39)
 constexpr int kWarps = kThreads / 32;
-constexpr int kRank = 64;        // widest bottleneck of the tensor-core kernels
-constexpr int kMaxN = 1024;      // widest hidden size of the tensor-core kernels
+constexpr int kRank = 64;    // widest bottleneck of the tensor-core kernels
+constexpr int kMaxN = 1024;  // widest hidden size of the tensor-core kernels
 
 using tc::raw16;
 
@@ -33,17 +33,26 @@ struct AdapterLnParams {
 
 // The kernel arguments of a validated call whose output is `out`; T is at::Half or BFloat16.
 template <typename T>
-AdapterLnParams make_params(const AdapterLnArgs& a, at::Tensor& out, int n_seg, int n,
-                            float eps) {
+AdapterLnParams make_params(const AdapterLnArgs& a, at::Tensor& out, int n_seg, int n, float eps) {
   const EpilogueArgs& e = a.ln;
-  return AdapterLnParams{tc::raw_or_null<T>(e.y),     tc::raw_or_null<T>(e.residual),
-                         tc::raw_or_null<T>(e.bias),  tc::raw_or_null<T>(a.w),
-                         tc::raw_or_null<T>(e.gamma), tc::raw_or_null<T>(e.beta),
-                         e.seg_indptr.data_ptr<int>(), e.seg_bias.data_ptr<int>(),
-                         a.seg_rank.data_ptr<int>(),  a.seg_act.data_ptr<int>(),
-                         e.seg_ln.data_ptr<int>(),    a.seg_w_off.data_ptr<int64_t>(),
+  return AdapterLnParams{tc::raw_or_null<T>(e.y),
+                         tc::raw_or_null<T>(e.residual),
+                         tc::raw_or_null<T>(e.bias),
+                         tc::raw_or_null<T>(a.w),
+                         tc::raw_or_null<T>(e.gamma),
+                         tc::raw_or_null<T>(e.beta),
+                         e.seg_indptr.data_ptr<int>(),
+                         e.seg_bias.data_ptr<int>(),
+                         a.seg_rank.data_ptr<int>(),
+                         a.seg_act.data_ptr<int>(),
+                         e.seg_ln.data_ptr<int>(),
+                         a.seg_w_off.data_ptr<int64_t>(),
                          reinterpret_cast<raw16*>(out.data_ptr<T>()),
-                         tc::tile_smem(n_seg, 0), n_seg, n, eps, aligned16({&a.w})};
+                         tc::tile_smem(n_seg, 0),
+                         n_seg,
+                         n,
+                         eps,
+                         aligned16({&a.w})};
 }
 
 // dst[0, count) = src[0, count) by the block's kThreads threads: 16-byte cp.async when src

@@ -75,14 +75,14 @@ __global__ void __launch_bounds__(32 * kRowWarps)
 // The generic kernel, kRowWarps token rows per block; raises when the rows and
 // bottlenecks of a block do not fit the GPU's shared memory.
 template <typename T>
-void launch_rows(const AdapterLnArgs& a, at::Tensor& out, int n_tok, int n_seg, int n,
-                 float eps, cudaStream_t stream) {
+void launch_rows(const AdapterLnArgs& a, at::Tensor& out, int n_tok, int n_seg, int n, float eps,
+                 cudaStream_t stream) {
   const EpilogueArgs& e = a.ln;
   const int64_t max_rank = a.max_rank;
   const size_t smem = static_cast<size_t>(kRowWarps) * (n + max_rank) * sizeof(float);
   const auto* prop = at::cuda::getCurrentDeviceProperties();
-  PETOPS_CHECK(smem <= prop->sharedMemPerBlockOptin, "adapter_residual_layernorm: hidden size ",
-               n, " with max_rank ", max_rank, " needs ", smem, " bytes of shared memory per ",
+  PETOPS_CHECK(smem <= prop->sharedMemPerBlockOptin, "adapter_residual_layernorm: hidden size ", n,
+               " with max_rank ", max_rank, " needs ", smem, " bytes of shared memory per ",
                "block, more than this GPU's ", prop->sharedMemPerBlockOptin,
                "; use the unfused ops (sgmv_shrink / sgmv_expand) for such shapes");
   auto kernel = adapter_ln_rows_kernel<T>;
@@ -91,8 +91,8 @@ void launch_rows(const AdapterLnArgs& a, at::Tensor& out, int n_tok, int n_seg, 
       e.y.data_ptr<T>(), ptr_or_null<T>(e.residual), e.bias.data_ptr<T>(), a.w.data_ptr<T>(),
       e.gamma.data_ptr<T>(), e.beta.data_ptr<T>(), e.seg_indptr.data_ptr<int>(),
       e.seg_bias.data_ptr<int>(), a.seg_rank.data_ptr<int>(), a.seg_act.data_ptr<int>(),
-      e.seg_ln.data_ptr<int>(), a.seg_w_off.data_ptr<int64_t>(), out.data_ptr<T>(), n_tok, n_seg,
-      n, static_cast<int>(max_rank), eps);
+      e.seg_ln.data_ptr<int>(), a.seg_w_off.data_ptr<int64_t>(), out.data_ptr<T>(), n_tok, n_seg, n,
+      static_cast<int>(max_rank), eps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -17,11 +17,11 @@
 namespace petops {
 namespace adapter_ln {
 
-constexpr int kBM = 32;          // token rows per unit
-constexpr int kBK = 64;          // down: K step; up: output columns per step and the rank
-constexpr int kLDS = kBK + 8;    // weight tile row stride (conflict-free fragment loads)
-constexpr int kStages = 4;       // weight tiles in flight: 3 ahead of the one computed
-constexpr int kLDC = kBK + 4;    // fp32 accumulator staging row stride
+constexpr int kBM = 32;               // token rows per unit
+constexpr int kBK = 64;               // down: K step; up: output columns per step and the rank
+constexpr int kLDS = kBK + 8;         // weight tile row stride (conflict-free fragment loads)
+constexpr int kStages = 4;            // weight tiles in flight: 3 ahead of the one computed
+constexpr int kLDC = kBK + 4;         // fp32 accumulator staging row stride
 constexpr int kStage = kRank * kLDS;  // raw16 elements per weight tile
 
 // Shared memory after the unit prefix: the h tile, then a region that holds the weight
@@ -45,8 +45,7 @@ __host__ __device__ inline TcLayout tc_layout(int n) {
 }
 
 template <typename MT>
-__global__ void __launch_bounds__(kThreads, 2)
-    adapter_ln_tc_kernel(const AdapterLnParams p) {
+__global__ void __launch_bounds__(kThreads, 2) adapter_ln_tc_kernel(const AdapterLnParams p) {
   using namespace nvcuda;
   extern __shared__ __align__(tc::kSmemAlign) char smem[];
   __shared__ int scratch[32];
@@ -74,8 +73,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   // [kBM][n] rows of g (row stride n) into t ([kBM][n + 8]); rows >= len zero-filled.
   auto load_rows = [&](raw16* t, const raw16* g, int len) {
     for (int m = gm; m < kBM; m += g_rows) {
-      tc::cp_async16(t + m * ldh + gc, m < len ? g + static_cast<int64_t>(m) * n + gc : g,
-                     m < len);
+      tc::cp_async16(t + m * ldh + gc, m < len ? g + static_cast<int64_t>(m) * n + gc : g, m < len);
     }
   };
 
@@ -129,8 +127,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     // 2-4. down, activation, up over the weight tiles; warp (rf, cq) owns one 16 x 16 block.
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
     wmma::fill_fragment(acc, 0.f);
-    const bool down_cols = cq * 16 < r;  // this warp's 16 bottleneck columns hold any rank
-    const int rk = (r + 15) / 16 * 16;   // up: K extent (rank rounded up to the MMA step)
+    const bool down_cols = cq * 16 < r;         // this warp's 16 bottleneck columns hold any rank
+    const int rk = (r + 15) / 16 * 16;          // up: K extent (rank rounded up to the MMA step)
     float* cw = cs + rf * 16 * kLDC + cq * 16;  // the warp's fp32 staging block
     for (int i = 0; i < steps; ++i) {
       tc::cp_async_wait<kStages - 2>();

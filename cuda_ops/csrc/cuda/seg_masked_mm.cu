@@ -90,15 +90,16 @@ __global__ void __launch_bounds__(tc::kThreads, tc::kMinBlocks)
   int* prefix = reinterpret_cast<int*>(dsmem);  // [n_items + 1]
   char* buf =
       dsmem + ((n_items + 1) * sizeof(int) + tc::kSmemAlign - 1) / tc::kSmemAlign * tc::kSmemAlign;
-  raw16* sa = reinterpret_cast<raw16*>(buf);                        // [S][kBM][LDS]
-  raw16* sb = sa + S * kBM * LDS;                                   // [S][kBN][LDS]
+  raw16* sa = reinterpret_cast<raw16*>(buf);                       // [S][kBM][LDS]
+  raw16* sb = sa + S * kBM * LDS;                                  // [S][kBN][LDS]
   uint32_t* sm = reinterpret_cast<uint32_t*>(sb + S * kBN * LDS);  // [S][kBN][W]
-  float* sc = reinterpret_cast<float*>(buf);                        // [kBM][kLDC], after the loop
+  float* sc = reinterpret_cast<float*>(buf);                       // [kBM][kLDC], after the loop
   __shared__ int scratch[32];
   const int col_tiles = (n_out + kBN - 1) / kBN;
-  const int total = build_unit_prefix(prefix, n_items, [&](int i) {
-    return item_units<kBM>(i, seg_indptr, item_seg, item_mask_off, col_tiles);
-  }, scratch);
+  const int total = build_unit_prefix(
+      prefix, n_items,
+      [&](int i) { return item_units<kBM>(i, seg_indptr, item_seg, item_mask_off, col_tiles); },
+      scratch);
   const int kw = (k_dim + 31) / 32, nk = (k_dim + BK - 1) / BK;
   const bool y_al = (reinterpret_cast<uintptr_t>(y) & 15) == 0 && (n_out & 7) == 0;
   const int t = threadIdx.x;  // the weight row this thread masks: one of its own warp's rows
@@ -170,12 +171,13 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float xs[kTile][kTile + 1], ws[kTile][kTile + 1];
   __shared__ int scratch[32];
   const int col_tiles = (n_out + kTile - 1) / kTile;
-  const int total = build_unit_prefix(prefix, n_items, [&](int i) {
-    return item_units<kTile>(i, seg_indptr, item_seg, item_mask_off, col_tiles);
-  }, scratch);
+  const int total = build_unit_prefix(
+      prefix, n_items,
+      [&](int i) { return item_units<kTile>(i, seg_indptr, item_seg, item_mask_off, col_tiles); },
+      scratch);
   const int kw = (k_dim + 31) / 32;
   const int tx = threadIdx.x % kTile, ty = threadIdx.x / kTile;  // column, row group
-  constexpr int kRows = kTile * kTile / kThreads;                 // rows per thread
+  constexpr int kRows = kTile * kTile / kThreads;                // rows per thread
   for (int u = blockIdx.x; u < total; u += gridDim.x) {
     const int i = upper_slot(prefix, n_items, u);
     const int s = item_seg[i], local = u - prefix[i];
@@ -230,10 +232,9 @@ void launch_tc(const GroupedArgs& a, double alpha, cudaStream_t stream) {
       reinterpret_cast<tc::raw16*>(a.y.data_ptr<T>()),
       reinterpret_cast<const tc::raw16*>(a.x.data_ptr<T>()),
       reinterpret_cast<const tc::raw16*>(a.dense_w.data_ptr<T>()),
-      reinterpret_cast<const uint32_t*>(a.mask.data_ptr<int>()),
-      a.seg_indptr.data_ptr<int>(), a.item_seg.data_ptr<int>(), a.item_w_off.data_ptr<int64_t>(),
-      static_cast<float>(alpha), n_items, static_cast<int>(n_out),
-      static_cast<int>(a.x.size(1)));
+      reinterpret_cast<const uint32_t*>(a.mask.data_ptr<int>()), a.seg_indptr.data_ptr<int>(),
+      a.item_seg.data_ptr<int>(), a.item_w_off.data_ptr<int64_t>(), static_cast<float>(alpha),
+      n_items, static_cast<int>(n_out), static_cast<int>(a.x.size(1)));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -51,10 +51,13 @@ __global__ void __launch_bounds__(kThreads)
   T* xs = reinterpret_cast<T*>(smem);  // [k_dim][TM]
   int* prefix = reinterpret_cast<int*>(smem + static_cast<int64_t>(k_dim) * TM * sizeof(T));
   __shared__ int scratch[32];
-  const int total = build_unit_prefix(prefix, n_items, [&](int i) {
-    const int s = item_seg[i];
-    return (seg_indptr[s + 1] - seg_indptr[s] + TM - 1) / TM;
-  }, scratch);
+  const int total = build_unit_prefix(
+      prefix, n_items,
+      [&](int i) {
+        const int s = item_seg[i];
+        return (seg_indptr[s + 1] - seg_indptr[s] + TM - 1) / TM;
+      },
+      scratch);
   for (int u = blockIdx.x; u < total; u += gridDim.x) {
     const int i = upper_slot(prefix, n_items, u);
     const int s = item_seg[i];
@@ -121,11 +124,21 @@ void launch_seg_spmm(const GroupedArgs& a, double alpha, cudaStream_t stream) {
 template <typename T>
 void run_seg_spmm(const GroupedArgs& a, double alpha, int tm, cudaStream_t stream) {
   switch (tm) {
-    case 16: launch_seg_spmm<T, 16>(a, alpha, stream); break;
-    case 8: launch_seg_spmm<T, 8>(a, alpha, stream); break;
-    case 4: launch_seg_spmm<T, 4>(a, alpha, stream); break;
-    case 2: launch_seg_spmm<T, 2>(a, alpha, stream); break;
-    default: launch_seg_spmm<T, 1>(a, alpha, stream); break;
+    case 16:
+      launch_seg_spmm<T, 16>(a, alpha, stream);
+      break;
+    case 8:
+      launch_seg_spmm<T, 8>(a, alpha, stream);
+      break;
+    case 4:
+      launch_seg_spmm<T, 4>(a, alpha, stream);
+      break;
+    case 2:
+      launch_seg_spmm<T, 2>(a, alpha, stream);
+      break;
+    default:
+      launch_seg_spmm<T, 1>(a, alpha, stream);
+      break;
   }
 }
 
@@ -133,8 +146,8 @@ void seg_spmm_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tensor& s
                    const at::Tensor& item_seg, const at::Tensor& item_rowptr_off,
                    const at::Tensor& rowptr, const at::Tensor& indices, const OptTensor& values,
                    const OptTensor& dense_w, double alpha) {
-  GroupedArgs a = prepare_spmm(y, x, seg_indptr, item_seg, item_rowptr_off, rowptr, indices,
-                               values, dense_w);
+  GroupedArgs a =
+      prepare_spmm(y, x, seg_indptr, item_seg, item_rowptr_off, rowptr, indices, values, dense_w);
   TORCH_INTERNAL_ASSERT(a.y.is_cuda());
   check_num_items(a.num_items, "seg_spmm");
   const c10::cuda::CUDAGuard guard(a.y.device());
@@ -146,8 +159,8 @@ void seg_spmm_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tensor& s
   int tm = kMaxTM;
   while (tm > 1 && k_dim * tm * bytes > kMaxTileBytes) tm /= 2;
   PETOPS_CHECK(k_dim * tm * bytes <= kMaxTileBytes, "seg_spmm: input width K=", k_dim,
-              " exceeds the CUDA kernel limit of ", kMaxTileBytes / bytes,
-              " columns; split the input columns over several calls");
+               " exceeds the CUDA kernel limit of ", kMaxTileBytes / bytes,
+               " columns; split the input columns over several calls");
   auto stream = at::cuda::getCurrentCUDAStream();
   PETOPS_DISPATCH_FLOATS(a.y.scalar_type(), "seg_spmm",
                          [&] { run_seg_spmm<scalar_t>(a, alpha, tm, stream); });

@@ -236,9 +236,11 @@ inline bool use_tensor_cores(at::ScalarType st) {
 
 // Dispatch over the tensor-core dtypes (after use_tensor_cores), scalar_t at::Half or
 // at::BFloat16.
-#define PETOPS_DISPATCH_HALFS(TYPE, NAME, ...) \
+// clang-format off
+#define PETOPS_DISPATCH_HALFS(TYPE, NAME, ...)                            \
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+// clang-format on
 
 template <typename T>
 const raw16* raw_or_null(const at::Tensor& t) {
@@ -247,8 +249,8 @@ const raw16* raw_or_null(const at::Tensor& t) {
 
 // Dynamic shared memory of a tensor-core kernel: the unit prefix, then the tile buffers.
 inline size_t tile_smem(int n_items, size_t tile_bytes) {
-  const size_t prefix = (static_cast<size_t>(n_items + 1) * sizeof(int) + kSmemAlign - 1) /
-                        kSmemAlign * kSmemAlign;
+  const size_t prefix =
+      (static_cast<size_t>(n_items + 1) * sizeof(int) + kSmemAlign - 1) / kSmemAlign * kSmemAlign;
   return prefix + tile_bytes;
 }
 
