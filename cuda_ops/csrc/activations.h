@@ -14,7 +14,7 @@
 namespace petops {
 
 constexpr int64_t kActNone = 0;
-constexpr int64_t kActGelu = 1;      // exact erf GELU (BERT "gelu")
+constexpr int64_t kActGelu = 1;  // exact erf GELU (BERT "gelu")
 constexpr int64_t kActRelu = 2;
 constexpr int64_t kActSilu = 3;
 constexpr int64_t kActGeluTanh = 4;  // tanh approximation (HF "gelu_new")

@@ -20,7 +20,7 @@ struct EpilogueArgs {
 inline at::Tensor row_pool(const at::Tensor& t, const at::Tensor& y, const char* name) {
   check_dim(t, 2, name, "[pool_rows, N]");
   PETOPS_CHECK(t.size(1) == y.size(1), name, " must have N = y.size(1) = ", y.size(1),
-              " columns, got shape ", t.sizes());
+               " columns, got shape ", t.sizes());
   return like(t, y, name, "y");
 }
 
@@ -56,8 +56,8 @@ inline EpilogueArgs prepare_layernorm(const at::Tensor& y, const OptTensor& resi
   EpilogueArgs a;
   a.y = y.contiguous();
   if (residual) {
-    PETOPS_CHECK(residual->sizes() == y.sizes(), "residual must have the shape of y ",
-                y.sizes(), ", got ", residual->sizes());
+    PETOPS_CHECK(residual->sizes() == y.sizes(), "residual must have the shape of y ", y.sizes(),
+                 ", got ", residual->sizes());
     a.residual = like(*residual, y, "residual", "y");
   }
   if (bias) {
@@ -67,18 +67,18 @@ inline EpilogueArgs prepare_layernorm(const at::Tensor& y, const OptTensor& resi
   a.gamma = row_pool(gamma, y, "gamma");
   a.beta = row_pool(beta, y, "beta");
   PETOPS_CHECK(gamma.size(0) == beta.size(0), "gamma and beta pools must have the same rows, got ",
-              gamma.size(0), " and ", beta.size(0));
+               gamma.size(0), " and ", beta.size(0));
   a.seg_indptr = index(seg_indptr, at::kInt, y, "seg_indptr", s + 1);
   a.seg_ln = index(seg_ln, at::kInt, y, "seg_ln", s);
   return a;
 }
 
 struct GroupedArgs {
-  at::Tensor y, x, w, bias;                        // y: expand/spmm output; x: input rows
+  at::Tensor y, x, w, bias;  // y: expand/spmm output; x: input rows
   at::Tensor seg_indptr, item_seg, item_w_off, item_rank, item_b_off;
   at::Tensor item_in_off, item_out_off, item_out_dim, item_scale;  // expand only
   at::Tensor rowptr, indices, values, dense_w;  // seg_spmm; seg_masked_mm: dense_w
-  at::Tensor mask;                                // seg_masked_mm: int32 word pool
+  at::Tensor mask;                              // seg_masked_mm: int32 word pool
   int64_t num_items = 0;
 };
 
@@ -113,8 +113,8 @@ inline void prepare_item_bias(GroupedArgs& a, const at::Tensor& ref, const OptTe
 inline GroupedArgs prepare_shrink(const at::Tensor& x, const at::Tensor& w,
                                   const at::Tensor& seg_indptr, const at::Tensor& item_seg,
                                   const at::Tensor& item_w_off, const at::Tensor& item_rank,
-                                  const OptTensor& bias, const OptTensor& item_b_off,
-                                  int64_t act, int64_t max_rank) {
+                                  const OptTensor& bias, const OptTensor& item_b_off, int64_t act,
+                                  int64_t max_rank) {
   check_float(x, "x");
   check_dim(x, 2, "x", "[T, K]");
   check_act(act);
@@ -132,11 +132,12 @@ inline void check_accumulate(const at::Tensor& y, const at::Tensor& x, const cha
                              const char* x_shape) {
   check_float(y, "y");
   check_dim(y, 2, "y", "[T, N]");
-  PETOPS_CHECK(y.is_contiguous(), "y is updated in place and must be contiguous; pass "
-              "y.contiguous() and use the result");
+  PETOPS_CHECK(y.is_contiguous(),
+               "y is updated in place and must be contiguous; pass "
+               "y.contiguous() and use the result");
   check_dim(x, 2, x_name, x_shape);
   PETOPS_CHECK(x.size(0) == y.size(0), x_name, " must have T = y.size(0) = ", y.size(0),
-              " rows, got shape ", x.sizes());
+               " rows, got shape ", x.sizes());
 }
 
 inline GroupedArgs prepare_expand(const at::Tensor& y, const at::Tensor& tmp, const at::Tensor& w,
@@ -156,10 +157,10 @@ inline GroupedArgs prepare_expand(const at::Tensor& y, const at::Tensor& tmp, co
   a.item_out_dim = index(item_out_dim, at::kInt, y, "item_out_dim", a.num_items);
   check_dim(item_scale, 1, "item_scale", "[I]");
   PETOPS_CHECK(item_scale.size(0) == a.num_items && item_scale.is_floating_point() &&
-                  item_scale.device() == y.device(),
-              "item_scale must be a float tensor [I] = [", a.num_items, "] on ", y.device(),
-              ", got ", item_scale.scalar_type(), " ", item_scale.sizes(), " on ",
-              item_scale.device());
+                   item_scale.device() == y.device(),
+               "item_scale must be a float tensor [I] = [", a.num_items, "] on ", y.device(),
+               ", got ", item_scale.scalar_type(), " ", item_scale.sizes(), " on ",
+               item_scale.device());
   a.item_scale = item_scale.to(at::kFloat).contiguous();
   prepare_item_bias(a, y, bias, item_b_off);
   return a;
@@ -172,8 +173,8 @@ inline GroupedArgs prepare_spmm(const at::Tensor& y, const at::Tensor& x,
                                 const OptTensor& dense_w) {
   check_accumulate(y, x, "x", "[T, K]");
   PETOPS_CHECK(values.has_value() != dense_w.has_value(),
-              "give exactly one of values (Diff-Pruning) or dense_w (MaskBERT), got ",
-              values ? "both" : "neither");
+               "give exactly one of values (Diff-Pruning) or dense_w (MaskBERT), got ",
+               values ? "both" : "neither");
   GroupedArgs a = prepare_items(y, seg_indptr, item_seg, item_rowptr_off);
   a.y = y;
   a.x = like(x, y, "x", "y");
@@ -183,8 +184,8 @@ inline GroupedArgs prepare_spmm(const at::Tensor& y, const at::Tensor& x,
   if (dense_w) {
     check_dim(*dense_w, 2, "dense_w", "[N, K]");
     PETOPS_CHECK(dense_w->size(0) == y.size(1) && dense_w->size(1) == x.size(1),
-                "dense_w must be [N, K] = [", y.size(1), ", ", x.size(1), "], got ",
-                dense_w->sizes());
+                 "dense_w must be [N, K] = [", y.size(1), ", ", x.size(1), "], got ",
+                 dense_w->sizes());
     a.dense_w = like(*dense_w, y, "dense_w", "y");
   }
   return a;
@@ -203,14 +204,14 @@ inline GroupedArgs prepare_masked(const at::Tensor& y, const at::Tensor& x,
   a.x = like(x, y, "x", "y");
   check_dim(mask, 1, "mask", "[pool_words] (a flat 1-D pool)");
   PETOPS_CHECK(mask.scalar_type() == at::kInt, "mask must be an int32 pool of 32-bit words, got ",
-              mask.scalar_type(), "; view packed bits with .view(torch.int32)");
+               mask.scalar_type(), "; view packed bits with .view(torch.int32)");
   PETOPS_CHECK(mask.device() == y.device(), "mask must be on ", y.device(),
-              " with the activations, got ", mask.device());
+               " with the activations, got ", mask.device());
   a.mask = mask.contiguous();
   check_dim(dense_w, 2, "dense_w", "[N, K]");
   PETOPS_CHECK(dense_w.size(0) == y.size(1) && dense_w.size(1) == x.size(1),
-              "dense_w must be [N, K] = [", y.size(1), ", ", x.size(1), "], got ",
-              dense_w.sizes());
+               "dense_w must be [N, K] = [", y.size(1), ", ", x.size(1), "], got ",
+               dense_w.sizes());
   a.dense_w = like(dense_w, y, "dense_w", "y");
   return a;
 }
@@ -240,12 +241,12 @@ inline AdapterLnArgs prepare_adapter_ln(const at::Tensor& y, const OptTensor& re
   a.w = flat_pool(w, y, "w", "y");
   check_dim(seg_w_off, 2, "seg_w_off", "[S, 4]");
   PETOPS_CHECK(seg_w_off.size(0) == s && seg_w_off.size(1) == kAdapterParts,
-              "seg_w_off must be [S, 4] = [", s, ", 4] (down.w, down.b, up.w, up.b offsets), got ",
-              seg_w_off.sizes());
+               "seg_w_off must be [S, 4] = [", s, ", 4] (down.w, down.b, up.w, up.b offsets), got ",
+               seg_w_off.sizes());
   PETOPS_CHECK((seg_w_off.scalar_type() == at::kLong || seg_w_off.scalar_type() == at::kInt) &&
-                  seg_w_off.device() == y.device(),
-              "seg_w_off must be an int64 (or int32) tensor on ", y.device(), ", got ",
-              seg_w_off.scalar_type(), " on ", seg_w_off.device());
+                   seg_w_off.device() == y.device(),
+               "seg_w_off must be an int64 (or int32) tensor on ", y.device(), ", got ",
+               seg_w_off.scalar_type(), " on ", seg_w_off.device());
   a.seg_w_off = seg_w_off.to(at::kLong).contiguous();
   a.seg_rank = index(seg_rank, at::kInt, y, "seg_rank", s);
   a.seg_act = index(seg_act, at::kInt, y, "seg_act", s);

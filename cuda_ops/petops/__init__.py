@@ -1,50 +1,43 @@
 """petops: the PET serving op library (compiled CPU/CUDA kernels with a pure-PyTorch fallback).
 
-The compiled library ``build/out/libpetops.so`` (built by ``build/build_ops.sh``) registers the
-``torch.ops.petops.*`` operators. Importing this package loads it when present:
-
-* ``PETOPS_LIBRARY=/path/libpetops.so`` loads that file instead;
-* ``PETOPS_DISABLE=1`` skips loading, so every op runs ``petops.reference``.
-
-Use :mod:`petops.ops` for the typed entry points; they fall back to the reference when the
-library is missing or has no kernel for the tensors' device.
+The compiled library ``build/out/libpetops.so`` of this source tree (built by
+``build/build_ops.sh``) registers the ``torch.ops.petops.*`` operators; importing this package
+loads it when it is there. :mod:`petops.ops` has the typed entry points, which fall back to
+:mod:`petops.reference` when the library is missing or has no kernel for the tensors' device.
+Which of the two an engine calls is the engine's ``OPS`` parameter (``pets.kernels``), not a
+setting of this package.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_LIBRARY = _REPO_ROOT / "build" / "out" / "libpetops.so"
+LIBRARY = _REPO_ROOT / "build" / "out" / "libpetops.so"
 
-_loaded_path: Path | None = None
+_loaded = False
 _load_error: str | None = None
 _devices: dict[str, tuple[str, ...]] = {}
 
 
 def _load() -> None:
-    global _loaded_path, _load_error
-    if os.environ.get("PETOPS_DISABLE", "") not in ("", "0"):
-        _load_error = "disabled by PETOPS_DISABLE"
-        return
-    path = Path(os.environ.get("PETOPS_LIBRARY") or DEFAULT_LIBRARY)
-    if not path.is_file():
-        _load_error = f"{path} not found; build it with `bash build/build_ops.sh`"
+    global _loaded, _load_error
+    if not LIBRARY.is_file():
+        _load_error = f"{LIBRARY} not found; build it with `bash build/build_ops.sh`"
         return
     try:
-        torch.ops.load_library(str(path))
+        torch.ops.load_library(str(LIBRARY))
     except (OSError, RuntimeError) as exc:  # ABI mismatch, missing CUDA runtime, ...
-        _load_error = f"failed to load {path}: {exc}"
+        _load_error = f"failed to load {LIBRARY}: {exc}"
         return
-    _loaded_path = path
+    _loaded = True
 
 
 def compiled_available() -> bool:
     """Whether ``torch.ops.petops`` kernels were loaded from the compiled library."""
-    return _loaded_path is not None
+    return _loaded
 
 
 def compiled_devices(op: str | None = None) -> tuple[str, ...]:
@@ -75,20 +68,15 @@ def backend_name() -> str:
     return f"reference ({_load_error})"
 
 
-def library_path() -> Path | None:
-    """The loaded ``libpetops.so``, or ``None``."""
-    return _loaded_path
-
-
 _load()
 
 from . import ops, reference  # noqa: E402  (ops registers fake kernels for the loaded library)
 
 __all__ = [
+    "LIBRARY",
     "backend_name",
     "compiled_available",
     "compiled_devices",
-    "library_path",
     "ops",
     "reference",
 ]

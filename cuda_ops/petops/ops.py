@@ -2,7 +2,8 @@
 
 Every function has the signature of its spec in :mod:`petops.reference` and dispatches to
 ``torch.ops.petops.<op>`` when the compiled library is loaded and has a kernel for the
-tensors' device, else to the reference. :func:`set_backend` forces one side.
+tensors' device, else to the reference. To run the references everywhere, call
+:mod:`petops.reference` itself (the engine's ``OPS=reference``).
 
 Compiled-kernel preconditions beyond the reference (caller contracts of the engine):
 ``sgmv_expand`` items that share a segment must write disjoint ``y`` column ranges (q/k/v
@@ -31,54 +32,21 @@ OP_NAMES = (
     "seg_spmm",
     "seg_masked_mm",
 )
-BACKENDS = ("auto", "compiled", "reference")
-
-_backend = "auto"
 _F = TypeVar("_F", bound=Callable)
 
 
-def set_backend(name: str) -> None:
-    """Select ``"auto"`` (compiled where available), ``"compiled"`` (error if missing) or
-    ``"reference"`` (pure PyTorch everywhere)."""
-    global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"unknown petops backend {name!r}; expected one of {BACKENDS}")
-    if name == "compiled" and not compiled_available():
-        from . import backend_name
-
-        raise RuntimeError(f"petops backend 'compiled' requested but {backend_name()}")
-    _backend = name
-
-
-def get_backend() -> str:
-    """The backend selected with :func:`set_backend`."""
-    return _backend
-
-
 def backend_description() -> str:
-    """What :func:`set_backend` selected and what is loaded, for the engine's log."""
+    """What is loaded, for the engine's log, e.g. ``"compiled[cpu,cuda]"`` or
+    ``"reference (<why>)"``."""
     from . import backend_name
 
-    return f"backend={_backend}, {backend_name()}"
-
-
-def _use_compiled(op: str, device: torch.device) -> bool:
-    if _backend == "reference":
-        return False
-    if compiled_available() and device.type in compiled_devices(op):
-        return True
-    if _backend == "compiled":
-        raise RuntimeError(
-            f"petops.{op}: backend 'compiled' has no {device.type} kernel "
-            f"(compiled devices for it: {compiled_devices(op)}); rebuild with "
-            "`bash build/build_ops.sh` or use set_backend('auto')"
-        )
-    return False
+    return backend_name()
 
 
 def _call(op: str, device: torch.device, *args: Any) -> Any:
-    """``torch.ops.petops.<op>`` when :func:`_use_compiled` says so, else the reference."""
-    if _use_compiled(op, device):
+    """``torch.ops.petops.<op>`` when the library has a kernel for ``device``, else the
+    reference."""
+    if device.type in compiled_devices(op):
         return getattr(torch.ops.petops, op).default(*args)
     return getattr(ref, op)(*args)
 
@@ -387,7 +355,7 @@ def seg_masked_mm(
 
     Args: see :func:`petops.reference.seg_masked_mm` (y ``[T, N]``, x ``[T, K]``, dense_w
     ``[N, K]``, mask an int32 word pool). Compiled: at most one item per segment; float16 and
-    bfloat16 run on tensor cores on CUDA (``PETOPS_MASKED_TC=0`` forces CUDA cores).
+    bfloat16 run on tensor cores on CUDA sm_80+.
     """
     _call(
         "seg_masked_mm", y.device, y, x, seg_indptr, item_seg, item_mask_off, mask, dense_w, alpha

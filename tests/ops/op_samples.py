@@ -94,9 +94,11 @@ def _to(args: tuple, device: str, dtype: torch.dtype, keep: tuple[int, ...] = ()
     return tuple(out)
 
 
-# Row widths of the epilogue samples: whole 16-byte packs (the CUDA vector kernels), a ragged
-# width (the scalar kernels) and rows too wide for the register-resident LayerNorm in 16 bits.
-EPILOGUE_WIDTHS = (48, 64, 50, 2056)
+# Row widths of the epilogue samples: whole 16-byte packs (the CUDA vector kernels; the
+# register-resident LayerNorm holds 1, 2 (384 in 16 bits), 4 or 8 (1024 in fp32) packs per
+# lane), a ragged width (the scalar kernels) and rows too wide for the register-resident
+# LayerNorm (2056: its scalar kernel).
+EPILOGUE_WIDTHS = (48, 64, 50, 2056, 384, 1024)
 
 
 def sample_inputs_bias_act(device: str, dtype: torch.dtype) -> Iterator[Sample]:
@@ -310,10 +312,11 @@ def _csr_pool(n_tasks: int, n: int, k: int, g: torch.Generator, i: int):
 
 def sample_inputs_seg_spmm(device: str, dtype: torch.dtype) -> Iterator[Sample]:
     cases = list(layouts(5))
-    # wide inputs: fewer tokens per staged tile on CUDA (16 / 8 at 16 bits)
+    # wide inputs: fewer tokens per staged tile on CUDA (16-bit / fp32: 16 / 8 tokens at
+    # K=1600, 8 / 4 at 3200, 4 / 2 at 8192, where a tile row is less than one 16-byte vector)
     wide = [
         (f"wide_k{k}-one_segment", [19], [0], 1, torch.Generator().manual_seed(k))
-        for k in (1600, 3200)
+        for k in (1600, 3200, 8192)
     ]
     for i, (name, lengths, slots, n_tasks, g) in enumerate([*cases, *wide]):
         n = 48

@@ -4,8 +4,8 @@ The op must equal ``bias_act`` -> ``sgmv_shrink`` (one call per activation: its 
 scalar) -> ``sgmv_expand`` (one full-width item per adapter segment) ->
 ``bias_residual_layernorm``, with the same intermediate roundings, on the generated samples
 (``op_samples``) and on shapes that reach every branch of the CUDA kernels: the tensor-core
-kernels (fp16/bf16, hidden N a multiple of 64 up to 1024, max_rank <= 64: one block per
-32-token tile, or on sm_90 a cluster of four blocks per 32-token tile) and the generic one
+kernels (fp16/bf16, hidden N a multiple of 64 up to 1024, max_rank <= 64: on sm_90 a cluster
+of four blocks per 32-token tile for small calls, else one block per tile) and the generic one
 (fp32, ragged N, N > 1024, max_rank > 64). Rank-0 segments get the plain LayerNorm epilogue
 and segments with an adapter must not. Malformed calls raise messages that name the value and
 the fix; data-dependent checks (ranks, pool offsets) run on CPU only.
@@ -173,25 +173,35 @@ def test_edge_cases_match_reference(case: str, dtype: torch.dtype, device: str) 
     _check_site(out, args, f"{case} {dtype} on {device}")
 
 
-# sm_90 runs a unit either on one block or on a cluster of four (each owning a quarter of the
-# hidden columns); by default the cluster kernel only when every unit gets its own cluster.
-CLUSTER_MODES = {"one-block": "0", "cluster": "1"}
+def _repeat(args: tuple, copies: int) -> tuple:
+    """The call's segments (and their tokens) repeated ``copies`` times, pools unchanged."""
+    y, residual, bias, seg_bias, w, seg_w_off, seg_rank, seg_act = args[:8]
+    gamma, beta, seg_indptr, seg_ln, max_rank, eps = args[8:]
+    lengths = (seg_indptr[1:] - seg_indptr[:-1]).repeat(copies)
+    indptr = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(seg_indptr.dtype)
+    rows = (y.repeat(copies, 1), None if residual is None else residual.repeat(copies, 1))
+    segs = [t.repeat(copies) for t in (seg_bias, seg_rank, seg_act, seg_ln)]
+    return (*rows, bias, segs[0], w, seg_w_off.repeat(copies, 1), segs[1], segs[2], gamma, beta,
+            indptr, segs[3], max_rank, eps)  # fmt: skip
 
 
+# On sm_90 a tensor-core call runs on clusters of four blocks while every 32-token unit gets its
+# own resident cluster (at most SMs / 2 clusters), else on one block per unit: the edge cases
+# above are small enough for the cluster kernel, and with their segments repeated up to 400 or
+# more (400+ units) they run the one-block kernel (test_kernel_choice.py checks which runs).
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="requires cuda")
-@pytest.mark.parametrize("mode", CLUSTER_MODES)
-def test_cuda_kernel_choices_match_reference(mode: str, monkeypatch) -> None:
-    """Both sm_90 kernels, forced, on every edge case (elsewhere they are the same kernel)."""
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_edge_cases_on_many_units_match_reference(dtype: torch.dtype) -> None:
     _need_kernel("cuda")
-    monkeypatch.setenv("PETOPS_ADAPTER_CLUSTER", CLUSTER_MODES[mode])
-    for dtype in (torch.float16, torch.bfloat16):
-        for case, make in EDGE_CASES.items():
-            args = _to(make(), "cuda", dtype)
-            out = torch.ops.petops.adapter_residual_layernorm.default(*args)
-            what = f"{case} {dtype} {mode}"
-            _close(out, ref.adapter_residual_layernorm(*args), what)
-            _check_site(out, args, what)
+    for case, make in EDGE_CASES.items():
+        args = make()
+        copies = -(-400 // max(args[6].numel(), 1))
+        args = _to(_repeat(args, copies), "cuda", dtype)
+        out = torch.ops.petops.adapter_residual_layernorm.default(*args)
+        what = f"{case} x{copies} {dtype}"
+        _close(out, ref.adapter_residual_layernorm(*args), what)
+        _check_site(out, args, what)
 
 
 # the reference against itself in float32 and with 16-bit roundings, as the loop-oracle check

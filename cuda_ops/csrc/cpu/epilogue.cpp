@@ -115,14 +115,15 @@ at::Tensor bias_residual_layernorm_cpu(const at::Tensor& y, const OptTensor& res
 
 // Per segment with an adapter: two at::mm on its contiguous rows in fp32, rounded where the
 // unfused ops write a buffer; segments run in parallel. Then the LayerNorm epilogue above.
-at::Tensor adapter_residual_layernorm_cpu(
-    const at::Tensor& y, const OptTensor& residual, const at::Tensor& bias,
-    const at::Tensor& seg_bias, const at::Tensor& w, const at::Tensor& seg_w_off,
-    const at::Tensor& seg_rank, const at::Tensor& seg_act, const at::Tensor& gamma,
-    const at::Tensor& beta, const at::Tensor& seg_indptr, const at::Tensor& seg_ln,
-    int64_t max_rank, double eps) {
-  AdapterLnArgs a = prepare_adapter_ln(y, residual, bias, seg_bias, w, seg_w_off, seg_rank,
-                                       seg_act, gamma, beta, seg_indptr, seg_ln, max_rank);
+at::Tensor adapter_residual_layernorm_cpu(const at::Tensor& y, const OptTensor& residual,
+                                          const at::Tensor& bias, const at::Tensor& seg_bias,
+                                          const at::Tensor& w, const at::Tensor& seg_w_off,
+                                          const at::Tensor& seg_rank, const at::Tensor& seg_act,
+                                          const at::Tensor& gamma, const at::Tensor& beta,
+                                          const at::Tensor& seg_indptr, const at::Tensor& seg_ln,
+                                          int64_t max_rank, double eps) {
+  AdapterLnArgs a = prepare_adapter_ln(y, residual, bias, seg_bias, w, seg_w_off, seg_rank, seg_act,
+                                       gamma, beta, seg_indptr, seg_ln, max_rank);
   TORCH_INTERNAL_ASSERT(a.ln.y.device().is_cpu());
   const int64_t n_tok = a.ln.y.size(0), n = a.ln.y.size(1), n_seg = a.seg_rank.numel();
   check_indptr_host(a.ln.seg_indptr, n_tok);
@@ -137,11 +138,10 @@ at::Tensor adapter_residual_layernorm_cpu(
                  "); see petops.reference.ACTIVATIONS");
     const int64_t len[kAdapterParts] = {rk[s] * n, rk[s], n * rk[s], n};
     for (int64_t p = 0; p < kAdapterParts; ++p) {
-      PETOPS_CHECK(wo[s * kAdapterParts + p] >= 0 &&
-                       wo[s * kAdapterParts + p] + len[p] <= a.w.numel(),
-                   "seg_w_off[", s, ", ", p, "]=", wo[s * kAdapterParts + p], " with length ",
-                   len[p], " overruns the adapter pool of ", a.w.numel(),
-                   " elements; check the pool offsets");
+      PETOPS_CHECK(
+          wo[s * kAdapterParts + p] >= 0 && wo[s * kAdapterParts + p] + len[p] <= a.w.numel(),
+          "seg_w_off[", s, ", ", p, "]=", wo[s * kAdapterParts + p], " with length ", len[p],
+          " overruns the adapter pool of ", a.w.numel(), " elements; check the pool offsets");
     }
   }
   // h = round(y + bias): the adapter's input, as bias_act writes it.
@@ -166,10 +166,9 @@ at::Tensor adapter_residual_layernorm_cpu(
       hs.copy_(hf.add_(at::mm(d, part(2, {n, r}).t())).add_(part(3, {n})));
     }
   });
-  return bias_residual_layernorm_cpu(h, a.ln.residual.defined() ? OptTensor(a.ln.residual)
-                                                                : std::nullopt,
-                                     std::nullopt, a.ln.gamma, a.ln.beta, a.ln.seg_indptr,
-                                     std::nullopt, a.ln.seg_ln, eps);
+  return bias_residual_layernorm_cpu(
+      h, a.ln.residual.defined() ? OptTensor(a.ln.residual) : std::nullopt, std::nullopt,
+      a.ln.gamma, a.ln.beta, a.ln.seg_indptr, std::nullopt, a.ln.seg_ln, eps);
 }
 
 }  // namespace

@@ -12,8 +12,8 @@ namespace petops {
 // so the CPU kernels run groups in parallel and a group's items sequentially; that keeps
 // the reference's "sum every item's contribution" semantics even for overlapping columns.
 struct SegmentGroups {
-  std::vector<int32_t> seg;        // segment of group g
-  std::vector<int64_t> begin;      // items of group g: order[begin[g] .. begin[g + 1])
+  std::vector<int32_t> seg;    // segment of group g
+  std::vector<int64_t> begin;  // items of group g: order[begin[g] .. begin[g + 1])
   std::vector<int64_t> order;
 };
 

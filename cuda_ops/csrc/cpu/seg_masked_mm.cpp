@@ -24,9 +24,9 @@ void seg_masked_mm_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tenso
   const int64_t* mo = a.item_w_off.data_ptr<int64_t>();
   for (int64_t i = 0; i < a.num_items; ++i) {
     PETOPS_CHECK(mo[i] == -1 || (mo[i] >= 0 && mo[i] + n_out * kw <= a.mask.numel()),
-                "item_mask_off[", i, "]=", mo[i], " needs N * ceil(K / 32) = ", n_out * kw,
-                " mask words but the mask pool has ", a.mask.numel(),
-                "; pass -1 for an item without a mask");
+                 "item_mask_off[", i, "]=", mo[i], " needs N * ceil(K / 32) = ", n_out * kw,
+                 " mask words but the mask pool has ", a.mask.numel(),
+                 "; pass -1 for an item without a mask");
   }
   if (a.y.numel() == 0 || a.num_items == 0) return;
 

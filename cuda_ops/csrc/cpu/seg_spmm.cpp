@@ -17,18 +17,18 @@ namespace {
 void check_item_csr(const GroupedArgs& a, int64_t i, int64_t n_out, int64_t k_dim) {
   const int64_t off = a.item_w_off.data_ptr<int64_t>()[i];
   PETOPS_CHECK(off >= 0 && off + n_out + 1 <= a.rowptr.numel(), "item_rowptr_off[", i, "]=", off,
-              " needs N + 1 = ", n_out + 1, " row pointers but rowptr has ", a.rowptr.numel());
+               " needs N + 1 = ", n_out + 1, " row pointers but rowptr has ", a.rowptr.numel());
   const int64_t* rp = a.rowptr.data_ptr<int64_t>() + off;
-  const int64_t nnz_pool = a.values.defined() ? std::min(a.indices.numel(), a.values.numel())
-                                              : a.indices.numel();
+  const int64_t nnz_pool =
+      a.values.defined() ? std::min(a.indices.numel(), a.values.numel()) : a.indices.numel();
   PETOPS_CHECK(rp[0] >= 0 && rp[n_out] <= nnz_pool, "item ", i, ": non-zeros [", rp[0], ", ",
-              rp[n_out], ") overrun the indices/values pools of ", nnz_pool, " entries");
+               rp[n_out], ") overrun the indices/values pools of ", nnz_pool, " entries");
   const int32_t* ix = a.indices.data_ptr<int32_t>();
   for (int64_t o = 0; o < n_out; ++o) {
     PETOPS_CHECK(rp[o] <= rp[o + 1], "item ", i, ": rowptr must be non-decreasing at row ", o);
     for (int64_t p = rp[o]; p < rp[o + 1]; ++p) {
       PETOPS_CHECK(ix[p] >= 0 && ix[p] < k_dim, "indices[", p, "]=", ix[p],
-                  " is out of range; expected an input column in [0, ", k_dim, ")");
+                   " is out of range; expected an input column in [0, ", k_dim, ")");
     }
   }
 }
@@ -37,8 +37,8 @@ void seg_spmm_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tensor& se
                   const at::Tensor& item_seg, const at::Tensor& item_rowptr_off,
                   const at::Tensor& rowptr, const at::Tensor& indices, const OptTensor& values,
                   const OptTensor& dense_w, double alpha) {
-  GroupedArgs a = prepare_spmm(y, x, seg_indptr, item_seg, item_rowptr_off, rowptr, indices,
-                               values, dense_w);
+  GroupedArgs a =
+      prepare_spmm(y, x, seg_indptr, item_seg, item_rowptr_off, rowptr, indices, values, dense_w);
   TORCH_INTERNAL_ASSERT(a.y.device().is_cpu());
   const int64_t n_tok = a.y.size(0), n_out = a.y.size(1), k_dim = a.x.size(1);
   const int64_t n_seg = a.seg_indptr.numel() - 1;
@@ -60,7 +60,7 @@ void seg_spmm_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tensor& se
         if (len == 0) continue;
         at::Tensor rows = a.y.narrow(0, r0, len);
         at::Tensor x_t = a.x.narrow(0, r0, len).to(at::kFloat).t().contiguous();  // [K, len]
-        at::Tensor acc_t = rows.to(at::kFloat).t().contiguous();                 // [N, len]
+        at::Tensor acc_t = rows.to(at::kFloat).t().contiguous();                  // [N, len]
         const float* xp = x_t.data_ptr<float>();
         float* ap = acc_t.data_ptr<float>();
         for (int64_t e = g.begin[gi]; e < g.begin[gi + 1]; ++e) {
@@ -69,8 +69,8 @@ void seg_spmm_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tensor& se
             float* arow = ap + o * len;
             for (int64_t p = rp[o]; p < rp[o + 1]; ++p) {
               const int64_t kk = ix[p];
-              const float v = vp ? static_cast<float>(vp[p])
-                                 : al * static_cast<float>(dw[o * k_dim + kk]);
+              const float v =
+                  vp ? static_cast<float>(vp[p]) : al * static_cast<float>(dw[o * k_dim + kk]);
               const float* xr = xp + kk * len;
               for (int64_t t = 0; t < len; ++t) arow[t] += v * xr[t];
             }

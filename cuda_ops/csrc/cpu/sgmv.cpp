@@ -39,7 +39,7 @@ at::Tensor sgmv_shrink_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
     w_len[i] = static_cast<int64_t>(rk[i]) * k;
     b_len[i] = rk[i];
     PETOPS_CHECK(!seen[is[i]], "segment ", is[i], " has more than one sgmv_shrink item (item ", i,
-                "); give each segment at most one shrink item and concatenate q/k/v ranks");
+                 "); give each segment at most one shrink item and concatenate q/k/v ranks");
     seen[is[i]] = 1;
   }
   check_spans_host(a.item_w_off, w_len.data(), a.w.numel(), "item_w_off");
@@ -69,9 +69,9 @@ void sgmv_expand_cpu(const at::Tensor& y, const at::Tensor& tmp, const at::Tenso
                      const at::Tensor& item_in_off, const at::Tensor& item_out_off,
                      const at::Tensor& item_out_dim, const at::Tensor& item_scale,
                      const OptTensor& bias, const OptTensor& item_b_off) {
-  GroupedArgs a = prepare_expand(y, tmp, w, seg_indptr, item_seg, item_w_off, item_rank,
-                                 item_in_off, item_out_off, item_out_dim, item_scale, bias,
-                                 item_b_off);
+  GroupedArgs a =
+      prepare_expand(y, tmp, w, seg_indptr, item_seg, item_w_off, item_rank, item_in_off,
+                     item_out_off, item_out_dim, item_scale, bias, item_b_off);
   TORCH_INTERNAL_ASSERT(a.y.device().is_cpu());
   const int64_t n_tok = a.y.size(0), n_out = a.y.size(1), r_tmp = a.x.size(1);
   const int64_t n_items = a.num_items, n_seg = a.seg_indptr.numel() - 1;
@@ -84,11 +84,11 @@ void sgmv_expand_cpu(const at::Tensor& y, const at::Tensor& tmp, const at::Tenso
   std::vector<int64_t> w_len(n_items), b_len(n_items);
   for (int64_t i = 0; i < n_items; ++i) {
     PETOPS_CHECK(rk[i] >= 1 && j0[i] >= 0 && j0[i] + rk[i] <= r_tmp, "item ", i, ": tmp columns [",
-                j0[i], ", ", j0[i] + rk[i], ") (item_in_off, item_rank) must lie in [0, ", r_tmp,
-                ") with rank >= 1");
+                 j0[i], ", ", j0[i] + rk[i], ") (item_in_off, item_rank) must lie in [0, ", r_tmp,
+                 ") with rank >= 1");
     PETOPS_CHECK(nd[i] >= 0 && c0[i] >= 0 && c0[i] + nd[i] <= n_out, "item ", i, ": y columns [",
-                c0[i], ", ", c0[i] + nd[i], ") (item_out_off, item_out_dim) must lie in [0, ",
-                n_out, ")");
+                 c0[i], ", ", c0[i] + nd[i], ") (item_out_off, item_out_dim) must lie in [0, ",
+                 n_out, ")");
     w_len[i] = static_cast<int64_t>(nd[i]) * rk[i];
     b_len[i] = nd[i];
   }

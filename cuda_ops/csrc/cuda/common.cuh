@@ -41,7 +41,10 @@ __device__ __forceinline__ int upper_slot(const int* prefix, int n, int v) {
   int lo = 0, hi = n;
   while (hi - lo > 1) {
     const int mid = (lo + hi) >> 1;
-    if (prefix[mid] <= v) lo = mid; else hi = mid;
+    if (prefix[mid] <= v)
+      lo = mid;
+    else
+      hi = mid;
   }
   return lo;
 }
@@ -128,8 +131,7 @@ int resident_blocks(Kernel kernel, int threads, size_t smem) {
   using Key = std::tuple<int, const void*, int, size_t>;
   static std::mutex mu;
   static std::map<Key, int> cache;
-  const Key key{c10::cuda::current_device(), reinterpret_cast<const void*>(kernel), threads,
-                smem};
+  const Key key{c10::cuda::current_device(), reinterpret_cast<const void*>(kernel), threads, smem};
   const std::lock_guard<std::mutex> lock(mu);
   if (const auto it = cache.find(key); it != cache.end()) return it->second;
   cudaFuncAttributes attr{};
@@ -154,14 +156,13 @@ int resident_blocks(Kernel kernel, int threads, size_t smem) {
 // against 10.9; docs/results/h100_sgmv_variants_ab.csv).
 template <typename Kernel>
 int grouped_grid(Kernel kernel, int threads, size_t smem, int64_t unit_bound) {
-  const int64_t cap =
-      static_cast<int64_t>(num_sms()) * resident_blocks(kernel, threads, smem);
+  const int64_t cap = static_cast<int64_t>(num_sms()) * resident_blocks(kernel, threads, smem);
   return static_cast<int>(std::max<int64_t>(1, std::min(unit_bound, cap)));
 }
 
 inline void check_num_items(int64_t n_items, const char* op) {
   PETOPS_CHECK(n_items <= kMaxItems, op, ": ", n_items, " items exceed the CUDA limit of ",
-              static_cast<int64_t>(kMaxItems), " per call; split the batch into several calls");
+               static_cast<int64_t>(kMaxItems), " per call; split the batch into several calls");
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

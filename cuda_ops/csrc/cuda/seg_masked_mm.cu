@@ -4,18 +4,15 @@
 // A MaskBERT delta at a few percent density is a sparse matrix, but as a sparse product every
 // token gathers every non-zero (seg_spmm waits on L1/TEX for it). Here the mask instead selects
 // weights inside a dense tensor-core GEMM, whose cost does not depend on the density:
-//   unit = (item, 64-token tile, 128-column tile); K streamed in 32-wide chunks (one mask word
-//   per weight row per chunk) through a 3-stage cp.async pipeline that brings the x rows, the
-//   W rows and the mask words; each thread then zeroes the unselected weights of one staged W
-//   row in shared memory, and the 4 warps run WMMA on the masked tile (tc_common.cuh).
-// float32 (and PETOPS_MASKED_TC=0) runs a CUDA-core kernel with the same units on 32 x 32
+//   unit = (item, 64-token tile, 128-column tile); K streamed in 64-wide chunks (two mask
+//   words per weight row per chunk) through a 2-stage cp.async pipeline that brings the x rows,
+//   the W rows and the mask words; each thread then zeroes the unselected weights of one staged
+//   W row in shared memory, and the 4 warps run WMMA on the masked tile (tc_common.cuh).
+// float32 (and any dtype before sm_80) runs a CUDA-core kernel with the same units on 32 x 32
 // tiles. Items with item_mask_off < 0 have no mask at this site and get no units. Each
 // (token, column) has one owner, so there are no atomics; items sharing a segment must not be
 // given (see ops.py).
 #include <torch/library.h>
-
-#include <cstdlib>
-#include <string>
 
 #include "common.cuh"
 #include "prepare.h"
@@ -38,17 +35,17 @@ constexpr int kBN = tc::kTileBN;
 constexpr int kLDC = kBN + 4;
 static_assert(kBN == tc::kThreads, "the mask pass gives each thread one staged weight row");
 
-// Pipeline shape: BK input columns (BK / 32 mask words per weight row) per stage, S stages.
-template <int BK, int S>
-struct MaskedCfg {
-  static constexpr int kWords = BK / 32;
-  static constexpr int kLDS = BK + 8;
-  static constexpr size_t kStageBytes = size_t(tc::kBM + kBN) * kLDS * 2 + size_t(kBN) * kWords * 4;
-  static constexpr size_t smem() {
-    constexpr size_t pipe = S * kStageBytes, epi = size_t(tc::kBM) * kLDC * 4;
-    return pipe > epi ? pipe : epi;
-  }
-};
+// Pipeline shape: kBK input columns (kWords mask words per weight row) per stage, kStages
+// stages. H100, bert-base MaskBERT 5% site (docs/results/h100_masked_cfg.csv), 64 x 2 against
+// the shapes tried and dropped, 64 x 3 and 32 x 3: 19.7 vs 19.6 and 23.8 us at 1 segment, 67.2
+// vs 66.7 and 65.3 at 64, 200 vs 221 and 272 at 256.
+constexpr int kBK = 64;
+constexpr int kStages = 2;
+constexpr int kWords = kBK / 32;
+constexpr int kLDS = kBK + 8;
+constexpr size_t kStageBytes = size_t(tc::kBM + kBN) * kLDS * 2 + size_t(kBN) * kWords * 4;
+constexpr size_t kPipeBytes = kStages * kStageBytes, kEpiBytes = size_t(tc::kBM) * kLDC * 4;
+constexpr size_t kTcSmem = kPipeBytes > kEpiBytes ? kPipeBytes : kEpiBytes;
 
 __device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool pred) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -79,7 +76,7 @@ __device__ __forceinline__ void mask_row(tc::raw16* row, const uint32_t* words) 
   }
 }
 
-template <typename MT, int BK, int S>
+template <typename MT>
 __global__ void __launch_bounds__(tc::kThreads, tc::kMinBlocks)
     seg_masked_mm_tc_kernel(tc::raw16* __restrict__ y, const tc::raw16* __restrict__ x,
                             const tc::raw16* __restrict__ w, const uint32_t* __restrict__ mask,
@@ -88,21 +85,21 @@ __global__ void __launch_bounds__(tc::kThreads, tc::kMinBlocks)
                             int n_out, int k_dim) {
   using tc::kBM;
   using tc::raw16;
-  using Cfg = MaskedCfg<BK, S>;
-  constexpr int LDS = Cfg::kLDS, W = Cfg::kWords;
+  constexpr int BK = kBK, S = kStages, LDS = kLDS, W = kWords;
   extern __shared__ __align__(tc::kSmemAlign) char dsmem[];
   int* prefix = reinterpret_cast<int*>(dsmem);  // [n_items + 1]
   char* buf =
       dsmem + ((n_items + 1) * sizeof(int) + tc::kSmemAlign - 1) / tc::kSmemAlign * tc::kSmemAlign;
-  raw16* sa = reinterpret_cast<raw16*>(buf);                        // [S][kBM][LDS]
-  raw16* sb = sa + S * kBM * LDS;                                   // [S][kBN][LDS]
+  raw16* sa = reinterpret_cast<raw16*>(buf);                       // [S][kBM][LDS]
+  raw16* sb = sa + S * kBM * LDS;                                  // [S][kBN][LDS]
   uint32_t* sm = reinterpret_cast<uint32_t*>(sb + S * kBN * LDS);  // [S][kBN][W]
-  float* sc = reinterpret_cast<float*>(buf);                        // [kBM][kLDC], after the loop
+  float* sc = reinterpret_cast<float*>(buf);                       // [kBM][kLDC], after the loop
   __shared__ int scratch[32];
   const int col_tiles = (n_out + kBN - 1) / kBN;
-  const int total = build_unit_prefix(prefix, n_items, [&](int i) {
-    return item_units<kBM>(i, seg_indptr, item_seg, item_mask_off, col_tiles);
-  }, scratch);
+  const int total = build_unit_prefix(
+      prefix, n_items,
+      [&](int i) { return item_units<kBM>(i, seg_indptr, item_seg, item_mask_off, col_tiles); },
+      scratch);
   const int kw = (k_dim + 31) / 32, nk = (k_dim + BK - 1) / BK;
   const bool y_al = (reinterpret_cast<uintptr_t>(y) & 15) == 0 && (n_out & 7) == 0;
   const int t = threadIdx.x;  // the weight row this thread masks: one of its own warp's rows
@@ -174,12 +171,13 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float xs[kTile][kTile + 1], ws[kTile][kTile + 1];
   __shared__ int scratch[32];
   const int col_tiles = (n_out + kTile - 1) / kTile;
-  const int total = build_unit_prefix(prefix, n_items, [&](int i) {
-    return item_units<kTile>(i, seg_indptr, item_seg, item_mask_off, col_tiles);
-  }, scratch);
+  const int total = build_unit_prefix(
+      prefix, n_items,
+      [&](int i) { return item_units<kTile>(i, seg_indptr, item_seg, item_mask_off, col_tiles); },
+      scratch);
   const int kw = (k_dim + 31) / 32;
   const int tx = threadIdx.x % kTile, ty = threadIdx.x / kTile;  // column, row group
-  constexpr int kRows = kTile * kTile / kThreads;                 // rows per thread
+  constexpr int kRows = kTile * kTile / kThreads;                // rows per thread
   for (int u = blockIdx.x; u < total; u += gridDim.x) {
     const int i = upper_slot(prefix, n_items, u);
     const int s = item_seg[i], local = u - prefix[i];
@@ -222,33 +220,22 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T, int BK, int S>
+template <typename T>
 void launch_tc(const GroupedArgs& a, double alpha, cudaStream_t stream) {
   using MT = typename tc::MmaType<T>::type;
   const int n_items = static_cast<int>(a.num_items);
   const int64_t n_out = a.y.size(1);
-  auto kernel = seg_masked_mm_tc_kernel<MT, BK, S>;
-  const size_t smem = tc::tile_smem(n_items, MaskedCfg<BK, S>::smem());
+  auto kernel = seg_masked_mm_tc_kernel<MT>;
+  const size_t smem = tc::tile_smem(n_items, kTcSmem);
   const int64_t bound = (ceil_div(a.y.size(0), tc::kBM) + n_items) * ceil_div(n_out, kBN);
   kernel<<<grouped_grid(kernel, tc::kThreads, smem, bound), tc::kThreads, smem, stream>>>(
       reinterpret_cast<tc::raw16*>(a.y.data_ptr<T>()),
       reinterpret_cast<const tc::raw16*>(a.x.data_ptr<T>()),
       reinterpret_cast<const tc::raw16*>(a.dense_w.data_ptr<T>()),
-      reinterpret_cast<const uint32_t*>(a.mask.data_ptr<int>()),
-      a.seg_indptr.data_ptr<int>(), a.item_seg.data_ptr<int>(), a.item_w_off.data_ptr<int64_t>(),
-      static_cast<float>(alpha), n_items, static_cast<int>(n_out),
-      static_cast<int>(a.x.size(1)));
+      reinterpret_cast<const uint32_t*>(a.mask.data_ptr<int>()), a.seg_indptr.data_ptr<int>(),
+      a.item_seg.data_ptr<int>(), a.item_w_off.data_ptr<int64_t>(), static_cast<float>(alpha),
+      n_items, static_cast<int>(n_out), static_cast<int>(a.x.size(1)));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// PETOPS_MASKED_CFG=BKxS picks the pipeline shape (A/B timing): 32x3, 64x2 or 64x3.
-template <typename T>
-void run_tc(const GroupedArgs& a, double alpha, cudaStream_t stream) {
-  const char* env = std::getenv("PETOPS_MASKED_CFG");
-  const std::string cfg = env ? env : "64x2";
-  if (cfg == "32x3") return launch_tc<T, 32, 3>(a, alpha, stream);
-  if (cfg == "64x3") return launch_tc<T, 64, 3>(a, alpha, stream);
-  launch_tc<T, 64, 2>(a, alpha, stream);
 }
 
 void seg_masked_mm_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tensor& seg_indptr,
@@ -260,10 +247,9 @@ void seg_masked_mm_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tens
   const c10::cuda::CUDAGuard guard(a.y.device());
   if (a.y.numel() == 0 || a.num_items == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (tc::enabled(a.y.scalar_type(), "PETOPS_MASKED_TC")) {
-    AT_DISPATCH_SWITCH(a.y.scalar_type(), "seg_masked_mm_tc",
-        AT_DISPATCH_CASE(at::kHalf, [&] { run_tc<scalar_t>(a, alpha, stream); })
-        AT_DISPATCH_CASE(at::kBFloat16, [&] { run_tc<scalar_t>(a, alpha, stream); }));
+  if (tc::use_tensor_cores(a.y.scalar_type())) {
+    PETOPS_DISPATCH_HALFS(a.y.scalar_type(), "seg_masked_mm_tc",
+                          [&] { launch_tc<scalar_t>(a, alpha, stream); });
     return;
   }
   const int n_items = static_cast<int>(a.num_items);

@@ -1,17 +1,15 @@
 // CUDA kernel for seg_spmm: y[rows] += x[rows] @ S_i.T with S_i in CSR over output rows.
 //
 // Unit = (item, TM-token tile). The tile's x rows are staged transposed ([K][TM]) in shared
-// memory: float32 inputs as float, 16-bit inputs as they are (half the shared-memory bytes
-// per non-zero; the walk waits on the L1/shared-memory pipeline). Each thread owns output rows
+// memory in x's own dtype: 16-bit inputs stay 16-bit, half the shared-memory bytes per
+// non-zero (the walk waits on L1/TEX, which serves shared memory too; H100, bert-base MaskBERT
+// site, 64 segments: 104 us against 195 us staged as float). Each thread owns output rows
 // o and walks their CSR non-zeros kUnroll at a time: the index loads, then the value (or
 // shared-weight) gathers, are issued together so the walk is not one dependent load chain per
 // non-zero. Every non-zero updates TM tokens from one contiguous shared-memory row. Each
 // (token, o) has one owner, so there are no atomics. Items sharing a segment must not be
 // given (see ops.py).
 #include <torch/library.h>
-
-#include <algorithm>
-#include <cstdlib>
 
 #include "common.cuh"
 #include "prepare.h"
@@ -21,7 +19,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kUnroll = 4;                    // CSR non-zeros in flight per thread
-constexpr int kDefaultTM = 16;                // token-tile cap
+constexpr int kMaxTM = 16;                    // tokens per tile, fewer for wide inputs
 constexpr int64_t kMaxTileBytes = 96 * 1024;  // staged x tile; opt-in shared memory on sm_80+
 
 // acc[m] += v * xr[m] for m < TM, reading xr (16-byte aligned) in 16-byte vectors.
@@ -42,8 +40,7 @@ __device__ __forceinline__ void axpy_row(float (&acc)[TM], float v, const XS* __
   }
 }
 
-// XS: element type of the staged x tile (float, or T itself for 16-bit T).
-template <typename T, typename XS, int TM>
+template <typename T, int TM>
 __global__ void __launch_bounds__(kThreads)
     seg_spmm_kernel(T* __restrict__ y, const T* __restrict__ x, const int* __restrict__ seg_indptr,
                     const int* __restrict__ item_seg, const int64_t* __restrict__ rowptr_off,
@@ -51,13 +48,16 @@ __global__ void __launch_bounds__(kThreads)
                     const T* __restrict__ values, const T* __restrict__ dense_w, float alpha,
                     int n_items, int n_out, int k_dim) {
   extern __shared__ __align__(16) char smem[];
-  XS* xs = reinterpret_cast<XS*>(smem);  // [k_dim][TM]
-  int* prefix = reinterpret_cast<int*>(smem + static_cast<int64_t>(k_dim) * TM * sizeof(XS));
+  T* xs = reinterpret_cast<T*>(smem);  // [k_dim][TM]
+  int* prefix = reinterpret_cast<int*>(smem + static_cast<int64_t>(k_dim) * TM * sizeof(T));
   __shared__ int scratch[32];
-  const int total = build_unit_prefix(prefix, n_items, [&](int i) {
-    const int s = item_seg[i];
-    return (seg_indptr[s + 1] - seg_indptr[s] + TM - 1) / TM;
-  }, scratch);
+  const int total = build_unit_prefix(
+      prefix, n_items,
+      [&](int i) {
+        const int s = item_seg[i];
+        return (seg_indptr[s + 1] - seg_indptr[s] + TM - 1) / TM;
+      },
+      scratch);
   for (int u = blockIdx.x; u < total; u += gridDim.x) {
     const int i = upper_slot(prefix, n_items, u);
     const int s = item_seg[i];
@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();  // previous unit's tile fully consumed
     for (int e = threadIdx.x; e < TM * k_dim; e += kThreads) {
       const int m = e / k_dim, k = e % k_dim;
-      xs[k * TM + m] = m < len ? static_cast<XS>(x[(row0 + m) * k_dim + k]) : XS(0.f);
+      xs[k * TM + m] = m < len ? x[(row0 + m) * k_dim + k] : T(0.f);
     }
     __syncthreads();
     const int64_t* rp = rowptr + rowptr_off[i];
@@ -104,12 +104,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T, typename XS, int TM>
+template <typename T, int TM>
 void launch_seg_spmm(const GroupedArgs& a, double alpha, cudaStream_t stream) {
   const int64_t n_tok = a.y.size(0), n_out = a.y.size(1), k_dim = a.x.size(1);
   const int n_items = static_cast<int>(a.num_items);
-  const size_t smem = k_dim * TM * sizeof(XS) + (n_items + 1) * sizeof(int);
-  auto kernel = seg_spmm_kernel<T, XS, TM>;
+  const size_t smem = k_dim * TM * sizeof(T) + (n_items + 1) * sizeof(int);
+  auto kernel = seg_spmm_kernel<T, TM>;
   const int grid = grouped_grid(kernel, kThreads, smem, ceil_div(n_tok, TM) + n_items);
   kernel<<<grid, kThreads, smem, stream>>>(
       a.y.data_ptr<T>(), a.x.data_ptr<T>(), a.seg_indptr.data_ptr<int>(),
@@ -119,15 +119,26 @@ void launch_seg_spmm(const GroupedArgs& a, double alpha, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, typename XS>
+// TM < 16 / sizeof(T) (inputs wider than 6144 columns) reads the staged rows element by
+// element (axpy_row); wider tiles read them in 16-byte vectors.
+template <typename T>
 void run_seg_spmm(const GroupedArgs& a, double alpha, int tm, cudaStream_t stream) {
   switch (tm) {
-    case 32: launch_seg_spmm<T, XS, 32>(a, alpha, stream); break;
-    case 16: launch_seg_spmm<T, XS, 16>(a, alpha, stream); break;
-    case 8: launch_seg_spmm<T, XS, 8>(a, alpha, stream); break;
-    case 4: launch_seg_spmm<T, XS, 4>(a, alpha, stream); break;
-    case 2: launch_seg_spmm<T, XS, 2>(a, alpha, stream); break;
-    default: launch_seg_spmm<T, XS, 1>(a, alpha, stream); break;
+    case 16:
+      launch_seg_spmm<T, 16>(a, alpha, stream);
+      break;
+    case 8:
+      launch_seg_spmm<T, 8>(a, alpha, stream);
+      break;
+    case 4:
+      launch_seg_spmm<T, 4>(a, alpha, stream);
+      break;
+    case 2:
+      launch_seg_spmm<T, 2>(a, alpha, stream);
+      break;
+    default:
+      launch_seg_spmm<T, 1>(a, alpha, stream);
+      break;
   }
 }
 
@@ -135,36 +146,24 @@ void seg_spmm_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tensor& s
                    const at::Tensor& item_seg, const at::Tensor& item_rowptr_off,
                    const at::Tensor& rowptr, const at::Tensor& indices, const OptTensor& values,
                    const OptTensor& dense_w, double alpha) {
-  GroupedArgs a = prepare_spmm(y, x, seg_indptr, item_seg, item_rowptr_off, rowptr, indices,
-                               values, dense_w);
+  GroupedArgs a =
+      prepare_spmm(y, x, seg_indptr, item_seg, item_rowptr_off, rowptr, indices, values, dense_w);
   TORCH_INTERNAL_ASSERT(a.y.is_cuda());
   check_num_items(a.num_items, "seg_spmm");
   const c10::cuda::CUDAGuard guard(a.y.device());
   const int64_t k_dim = a.x.size(1);
   if (a.y.numel() == 0 || a.num_items == 0) return;
-  // 16-bit inputs are staged as they are: half the shared-memory bytes per non-zero beat
-  // skipping the conversions (H100, bert-base MaskBERT site, 64 segments: 104 vs 195 us; the
-  // kernel mostly waits on L1/TEX, which serves shared memory too). PETOPS_SPMM_STAGE=float
-  // stages them as float (A/B timing).
-  const char* stage_env = std::getenv("PETOPS_SPMM_STAGE");
-  const bool stage16 = a.x.element_size() == 2 && (stage_env == nullptr || stage_env[0] != 'f');
-  // Largest token tile whose transposed x block fits the staged-tile budget: up to kDefaultTM
-  // tokens (PETOPS_SPMM_TM=1..32 overrides the cap, for tuning).
-  const int64_t bytes = stage16 ? 2 : 4;
-  int tm = kDefaultTM;
-  if (const char* env = std::getenv("PETOPS_SPMM_TM")) tm = std::clamp(std::atoi(env), 1, 32);
-  while ((tm & (tm - 1)) != 0) tm &= tm - 1;  // a power of two
+  // The largest power-of-two token tile, up to kMaxTM, whose transposed x block fits the
+  // staged-tile budget.
+  const int64_t bytes = a.x.element_size();
+  int tm = kMaxTM;
   while (tm > 1 && k_dim * tm * bytes > kMaxTileBytes) tm /= 2;
   PETOPS_CHECK(k_dim * tm * bytes <= kMaxTileBytes, "seg_spmm: input width K=", k_dim,
-              " exceeds the CUDA kernel limit of ", kMaxTileBytes / bytes,
-              " columns; split the input columns over several calls");
+               " exceeds the CUDA kernel limit of ", kMaxTileBytes / bytes,
+               " columns; split the input columns over several calls");
   auto stream = at::cuda::getCurrentCUDAStream();
-  PETOPS_DISPATCH_FLOATS(a.y.scalar_type(), "seg_spmm", [&] {
-    if constexpr (sizeof(scalar_t) == 2) {
-      if (stage16) return run_seg_spmm<scalar_t, scalar_t>(a, alpha, tm, stream);
-    }
-    run_seg_spmm<scalar_t, float>(a, alpha, tm, stream);
-  });
+  PETOPS_DISPATCH_FLOATS(a.y.scalar_type(), "seg_spmm",
+                         [&] { run_seg_spmm<scalar_t>(a, alpha, tm, stream); });
 }
 
 }  // namespace

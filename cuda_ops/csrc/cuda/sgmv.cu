@@ -5,10 +5,8 @@
 // through a per-block shared prefix of unit counts (common.cuh), so no host sync is needed.
 // Tiles are staged in shared memory as float and reduced with float4 reads.
 // float16/bfloat16 run the tensor-core kernels of sgmv_tc.cuh (same scheduling, WMMA tiles);
-// float32 (and PETOPS_SGMV_TC=0) runs the CUDA-core kernels below.
+// float32 (and any dtype before sm_80) runs the CUDA-core kernels below.
 #include <torch/library.h>
-
-#include <cstdlib>
 
 #include "common.cuh"
 #include "prepare.h"
@@ -18,11 +16,11 @@ namespace petops {
 namespace {
 
 constexpr int kThreads = 128;
-constexpr int kTileM = 32;        // token rows per unit
-constexpr int kShrinkKC = 32;     // K chunk staged per step
-constexpr int kExpandKC = 16;     // rank chunk staged per step
-constexpr int kExpandTN = 128;    // output columns per unit (one per thread)
-constexpr int kPad = 4;           // keeps float4 rows 16-byte aligned and spreads banks
+constexpr int kTileM = 32;      // token rows per unit
+constexpr int kShrinkKC = 32;   // K chunk staged per step
+constexpr int kExpandKC = 16;   // rank chunk staged per step
+constexpr int kExpandTN = 128;  // output columns per unit (one per thread)
+constexpr int kPad = 4;         // keeps float4 rows 16-byte aligned and spreads banks
 constexpr int kShrinkMaxRank = 128;
 
 struct ShrinkSmem {
@@ -74,18 +72,21 @@ __device__ __forceinline__ void shrink_tile(ShrinkSmem& sm, const T* __restrict_
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    sgmv_shrink_kernel(const T* __restrict__ x, const T* __restrict__ w,
-                       const T* __restrict__ bias, const int* __restrict__ seg_indptr,
-                       const int* __restrict__ item_seg, const int64_t* __restrict__ item_w_off,
-                       const int* __restrict__ item_rank, const int64_t* __restrict__ item_b_off,
-                       T* __restrict__ out, int n_items, int k_dim, int max_rank, int act) {
+    sgmv_shrink_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
+                       const int* __restrict__ seg_indptr, const int* __restrict__ item_seg,
+                       const int64_t* __restrict__ item_w_off, const int* __restrict__ item_rank,
+                       const int64_t* __restrict__ item_b_off, T* __restrict__ out, int n_items,
+                       int k_dim, int max_rank, int act) {
   extern __shared__ int prefix[];  // [n_items + 1]
   __shared__ __align__(16) ShrinkSmem sm;
   __shared__ int scratch[32];
-  const int total = build_unit_prefix(prefix, n_items, [&](int i) {
-    const int s = item_seg[i], len = seg_indptr[s + 1] - seg_indptr[s];
-    return item_rank[i] >= 1 ? (len + kTileM - 1) / kTileM : 0;
-  }, scratch);
+  const int total = build_unit_prefix(
+      prefix, n_items,
+      [&](int i) {
+        const int s = item_seg[i], len = seg_indptr[s + 1] - seg_indptr[s];
+        return item_rank[i] >= 1 ? (len + kTileM - 1) / kTileM : 0;
+      },
+      scratch);
   for (int u = blockIdx.x; u < total; u += gridDim.x) {
     const int i = upper_slot(prefix, n_items, u);
     const int s = item_seg[i];
@@ -123,11 +124,14 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ int prefix[];  // [n_items + 1]
   __shared__ __align__(16) ExpandSmem sm;
   __shared__ int scratch[32];
-  const int total = build_unit_prefix(prefix, n_items, [&](int i) {
-    const int s = item_seg[i], len = seg_indptr[s + 1] - seg_indptr[s];
-    const int col_tiles = (item_out_dim[i] + kExpandTN - 1) / kExpandTN;
-    return item_rank[i] >= 1 ? ((len + kTileM - 1) / kTileM) * col_tiles : 0;
-  }, scratch);
+  const int total = build_unit_prefix(
+      prefix, n_items,
+      [&](int i) {
+        const int s = item_seg[i], len = seg_indptr[s + 1] - seg_indptr[s];
+        const int col_tiles = (item_out_dim[i] + kExpandTN - 1) / kExpandTN;
+        return item_rank[i] >= 1 ? ((len + kTileM - 1) / kTileM) * col_tiles : 0;
+      },
+      scratch);
   const int c = threadIdx.x;
   for (int u = blockIdx.x; u < total; u += gridDim.x) {
     const int i = upper_slot(prefix, n_items, u);
@@ -181,8 +185,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T, int RNMAX>
-void launch_shrink_tc(const GroupedArgs& a, at::Tensor& out, int n_items, int k_dim,
-                      int max_rank, int act, cudaStream_t stream) {
+void launch_shrink_tc(const GroupedArgs& a, at::Tensor& out, int n_items, int k_dim, int max_rank,
+                      int act, cudaStream_t stream) {
   using MT = typename tc::MmaType<T>::type;
   auto kernel = tc::sgmv_shrink_tc_kernel<MT, RNMAX>;
   const size_t smem = tc::tile_smem(n_items, tc::shrink_tile_smem<RNMAX>());
@@ -193,8 +197,7 @@ void launch_shrink_tc(const GroupedArgs& a, at::Tensor& out, int n_items, int k_
       reinterpret_cast<const tc::raw16*>(a.w.data_ptr<T>()), tc::raw_or_null<T>(a.bias),
       a.seg_indptr.data_ptr<int>(), a.item_seg.data_ptr<int>(), a.item_w_off.data_ptr<int64_t>(),
       a.item_rank.data_ptr<int>(), ptr_or_null<int64_t>(a.item_b_off),
-      reinterpret_cast<tc::raw16*>(out.data_ptr<T>()),
-      n_items, k_dim, max_rank, act);
+      reinterpret_cast<tc::raw16*>(out.data_ptr<T>()), n_items, k_dim, max_rank, act);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -218,8 +221,8 @@ void launch_expand_tc(const GroupedArgs& a, int n_items, int n_cols, cudaStream_
   using MT = typename tc::MmaType<T>::type;
   auto kernel = tc::sgmv_expand_tc_kernel<MT>;
   const size_t smem = tc::tile_smem(n_items, tc::expand_tile_smem());
-  const int64_t bound = (ceil_div(a.y.size(0), tc::kBM) + n_items) *
-                        ceil_div(n_cols, tc::kExpandBN);
+  const int64_t bound =
+      (ceil_div(a.y.size(0), tc::kBM) + n_items) * ceil_div(n_cols, tc::kExpandBN);
   const int grid = grouped_grid(kernel, tc::kThreads, smem, bound);
   kernel<<<grid, tc::kThreads, smem, stream>>>(
       reinterpret_cast<tc::raw16*>(a.y.data_ptr<T>()),
@@ -240,8 +243,8 @@ at::Tensor sgmv_shrink_cuda(const at::Tensor& x, const at::Tensor& w, const at::
                                  item_b_off, act, max_rank);
   TORCH_INTERNAL_ASSERT(a.x.is_cuda());
   PETOPS_CHECK(max_rank <= kShrinkMaxRank, "sgmv_shrink: max_rank ", max_rank,
-              " exceeds the CUDA kernel limit of ", static_cast<int>(kShrinkMaxRank),
-              "; split larger ranks across several items/calls");
+               " exceeds the CUDA kernel limit of ", static_cast<int>(kShrinkMaxRank),
+               "; split larger ranks across several items/calls");
   check_num_items(a.num_items, "sgmv_shrink");
   const c10::cuda::CUDAGuard guard(a.x.device());
   const int64_t n_tok = a.x.size(0), k_dim = a.x.size(1);
@@ -249,16 +252,11 @@ at::Tensor sgmv_shrink_cuda(const at::Tensor& x, const at::Tensor& w, const at::
   if (n_tok == 0 || max_rank == 0 || a.num_items == 0) return out;
   const int n_items = static_cast<int>(a.num_items);
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (tc::enabled(a.x.scalar_type(), "PETOPS_SGMV_TC")) {
-    AT_DISPATCH_SWITCH(a.x.scalar_type(), "sgmv_shrink_tc",
-        AT_DISPATCH_CASE(at::kHalf, [&] {
-          run_shrink_tc<scalar_t>(a, out, n_items, static_cast<int>(k_dim),
-                                  static_cast<int>(max_rank), static_cast<int>(act), stream);
-        })
-        AT_DISPATCH_CASE(at::kBFloat16, [&] {
-          run_shrink_tc<scalar_t>(a, out, n_items, static_cast<int>(k_dim),
-                                  static_cast<int>(max_rank), static_cast<int>(act), stream);
-        }));
+  if (tc::use_tensor_cores(a.x.scalar_type())) {
+    PETOPS_DISPATCH_HALFS(a.x.scalar_type(), "sgmv_shrink_tc", [&] {
+      run_shrink_tc<scalar_t>(a, out, n_items, static_cast<int>(k_dim), static_cast<int>(max_rank),
+                              static_cast<int>(act), stream);
+    });
     return out;
   }
   const size_t smem = (n_items + 1) * sizeof(int);
@@ -268,9 +266,8 @@ at::Tensor sgmv_shrink_cuda(const at::Tensor& x, const at::Tensor& w, const at::
     kernel<<<grid, kThreads, smem, stream>>>(
         a.x.data_ptr<scalar_t>(), a.w.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(a.bias),
         a.seg_indptr.data_ptr<int>(), a.item_seg.data_ptr<int>(), a.item_w_off.data_ptr<int64_t>(),
-        a.item_rank.data_ptr<int>(), ptr_or_null<int64_t>(a.item_b_off),
-        out.data_ptr<scalar_t>(), n_items, static_cast<int>(k_dim), static_cast<int>(max_rank),
-        static_cast<int>(act));
+        a.item_rank.data_ptr<int>(), ptr_or_null<int64_t>(a.item_b_off), out.data_ptr<scalar_t>(),
+        n_items, static_cast<int>(k_dim), static_cast<int>(max_rank), static_cast<int>(act));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -282,9 +279,9 @@ void sgmv_expand_cuda(const at::Tensor& y, const at::Tensor& tmp, const at::Tens
                       const at::Tensor& item_in_off, const at::Tensor& item_out_off,
                       const at::Tensor& item_out_dim, const at::Tensor& item_scale,
                       const OptTensor& bias, const OptTensor& item_b_off) {
-  GroupedArgs a = prepare_expand(y, tmp, w, seg_indptr, item_seg, item_w_off, item_rank,
-                                 item_in_off, item_out_off, item_out_dim, item_scale, bias,
-                                 item_b_off);
+  GroupedArgs a =
+      prepare_expand(y, tmp, w, seg_indptr, item_seg, item_w_off, item_rank, item_in_off,
+                     item_out_off, item_out_dim, item_scale, bias, item_b_off);
   TORCH_INTERNAL_ASSERT(a.y.is_cuda());
   check_num_items(a.num_items, "sgmv_expand");
   const c10::cuda::CUDAGuard guard(a.y.device());
@@ -292,14 +289,10 @@ void sgmv_expand_cuda(const at::Tensor& y, const at::Tensor& tmp, const at::Tens
   if (n_tok == 0 || a.num_items == 0) return;
   const int n_items = static_cast<int>(a.num_items);
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (tc::enabled(a.y.scalar_type(), "PETOPS_SGMV_TC")) {
-    AT_DISPATCH_SWITCH(a.y.scalar_type(), "sgmv_expand_tc",
-        AT_DISPATCH_CASE(at::kHalf, [&] {
-          launch_expand_tc<scalar_t>(a, n_items, static_cast<int>(n_cols), stream);
-        })
-        AT_DISPATCH_CASE(at::kBFloat16, [&] {
-          launch_expand_tc<scalar_t>(a, n_items, static_cast<int>(n_cols), stream);
-        }));
+  if (tc::use_tensor_cores(a.y.scalar_type())) {
+    PETOPS_DISPATCH_HALFS(a.y.scalar_type(), "sgmv_expand_tc", [&] {
+      launch_expand_tc<scalar_t>(a, n_items, static_cast<int>(n_cols), stream);
+    });
     return;
   }
   const int64_t bound = (ceil_div(n_tok, kTileM) + n_items) * ceil_div(n_cols, kExpandTN);

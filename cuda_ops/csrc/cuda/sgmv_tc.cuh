@@ -37,10 +37,9 @@ constexpr size_t shrink_tile_smem() {
 template <typename MT, int RN, int RNMAX>
 __device__ __forceinline__ void shrink_tile(char* smem, const raw16* __restrict__ x,
                                             const raw16* __restrict__ wa,
-                                            const raw16* __restrict__ bias,
-                                            raw16* __restrict__ out,
-                                            int64_t row0, int len, int r, int k_dim,
-                                            int out_stride, int act) {
+                                            const raw16* __restrict__ bias, raw16* __restrict__ out,
+                                            int64_t row0, int len, int r, int k_dim, int out_stride,
+                                            int act) {
   using namespace nvcuda;
   constexpr int BK = kShrinkBK, LDS = BK + 8, S = kShrinkStages, NF = RN / 16;
   raw16* sa = reinterpret_cast<raw16*>(smem);  // [S][kBM][LDS]
@@ -112,17 +111,19 @@ __global__ void __launch_bounds__(kThreads)
     sgmv_shrink_tc_kernel(const raw16* __restrict__ x, const raw16* __restrict__ w,
                           const raw16* __restrict__ bias, const int* __restrict__ seg_indptr,
                           const int* __restrict__ item_seg, const int64_t* __restrict__ item_w_off,
-                          const int* __restrict__ item_rank,
-                          const int64_t* __restrict__ item_b_off, raw16* __restrict__ out,
-                          int n_items, int k_dim, int max_rank, int act) {
+                          const int* __restrict__ item_rank, const int64_t* __restrict__ item_b_off,
+                          raw16* __restrict__ out, int n_items, int k_dim, int max_rank, int act) {
   extern __shared__ __align__(kSmemAlign) char dsmem[];
   int* prefix = reinterpret_cast<int*>(dsmem);  // [n_items + 1]
   char* tile = dsmem + ((n_items + 1) * sizeof(int) + kSmemAlign - 1) / kSmemAlign * kSmemAlign;
   __shared__ int scratch[32];
-  const int total = build_unit_prefix(prefix, n_items, [&](int i) {
-    const int s = item_seg[i], len = seg_indptr[s + 1] - seg_indptr[s];
-    return item_rank[i] >= 1 ? (len + kBM - 1) / kBM : 0;
-  }, scratch);
+  const int total = build_unit_prefix(
+      prefix, n_items,
+      [&](int i) {
+        const int s = item_seg[i], len = seg_indptr[s + 1] - seg_indptr[s];
+        return item_rank[i] >= 1 ? (len + kBM - 1) / kBM : 0;
+      },
+      scratch);
   for (int u = blockIdx.x; u < total; u += gridDim.x) {
     const int i = upper_slot(prefix, n_items, u);
     const int s = item_seg[i];
@@ -140,8 +141,7 @@ __global__ void __launch_bounds__(kThreads)
         if (r <= 64) {
           shrink_tile<MT, 64, RNMAX>(tile, x, wa, b, out, row0, len, r, k_dim, max_rank, act);
         } else if constexpr (RNMAX >= 128) {
-          shrink_tile<MT, 128, RNMAX>(tile, x, wa, b, out, row0, len, r, k_dim, max_rank,
-                                         act);
+          shrink_tile<MT, 128, RNMAX>(tile, x, wa, b, out, row0, len, r, k_dim, max_rank, act);
         }
       }
     }
@@ -163,9 +163,8 @@ __global__ void __launch_bounds__(kThreads)
     sgmv_expand_tc_kernel(raw16* __restrict__ y, const raw16* __restrict__ tmp,
                           const raw16* __restrict__ w, const raw16* __restrict__ bias,
                           const int* __restrict__ seg_indptr, const int* __restrict__ item_seg,
-                          const int64_t* __restrict__ item_w_off,
-                          const int* __restrict__ item_rank, const int* __restrict__ item_in_off,
-                          const int* __restrict__ item_out_off,
+                          const int64_t* __restrict__ item_w_off, const int* __restrict__ item_rank,
+                          const int* __restrict__ item_in_off, const int* __restrict__ item_out_off,
                           const int* __restrict__ item_out_dim,
                           const float* __restrict__ item_scale,
                           const int64_t* __restrict__ item_b_off, int n_items, int n_cols,
@@ -180,11 +179,14 @@ __global__ void __launch_bounds__(kThreads)
   raw16* sb = sa + S * kBM * LDS;              // [S][BN][LDS]
   float* sc = reinterpret_cast<float*>(tile);  // [kBM][LDC], after the main loop
   __shared__ int scratch[32];
-  const int total = build_unit_prefix(prefix, n_items, [&](int i) {
-    const int s = item_seg[i], len = seg_indptr[s + 1] - seg_indptr[s];
-    const int col_tiles = (item_out_dim[i] + BN - 1) / BN;
-    return item_rank[i] >= 1 ? ((len + kBM - 1) / kBM) * col_tiles : 0;
-  }, scratch);
+  const int total = build_unit_prefix(
+      prefix, n_items,
+      [&](int i) {
+        const int s = item_seg[i], len = seg_indptr[s + 1] - seg_indptr[s];
+        const int col_tiles = (item_out_dim[i] + BN - 1) / BN;
+        return item_rank[i] >= 1 ? ((len + kBM - 1) / kBM) * col_tiles : 0;
+      },
+      scratch);
   const int warp = threadIdx.x >> 5;
   const bool y_al = (reinterpret_cast<uintptr_t>(y) & 15) == 0 && (n_cols & 7) == 0;
   for (int u = blockIdx.x; u < total; u += gridDim.x) {
@@ -268,7 +270,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int it = 0; it < IT; ++it) {
           const int m = m0 + it * RS;
-          if (m < len) v[it] = *reinterpret_cast<const uint4*>(yt + static_cast<int64_t>(m) * n_cols);
+          if (m < len)
+            v[it] = *reinterpret_cast<const uint4*>(yt + static_cast<int64_t>(m) * n_cols);
         }
 #pragma unroll
         for (int it = 0; it < IT; ++it) {

@@ -1,6 +1,6 @@
 // Tensor-core building blocks of the WMMA kernels (sgmv_tc.cuh, seg_masked_mm.cu): raw 16-bit
 // storage conversions, cp.async tile loads into padded shared-memory rows and the host-side
-// launch helpers (element type map, knob check, shared-memory sizing), shared by both; the
+// launch helpers (element type map, tensor-core check, shared-memory sizing), shared by both; the
 // 64 x 128 block tile of 4 warps (64 x 32 each) and its fp32 read-modify-write of y, used by
 // seg_masked_mm. sgmv_expand_tc computes the same tile with the same code written in the kernel:
 // routed through these helpers it took 164 -> 168 registers (capped; 234 uncapped) and ran 3-8%
@@ -13,7 +13,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 
 #include "common.cuh"
 
@@ -228,14 +227,20 @@ struct MmaType<at::BFloat16> {
   using type = __nv_bfloat16;
 };
 
-// Tensor-core path for 16-bit inputs on sm_80+; `knob`=0 in the environment forces the
-// CUDA-core kernels (checked per call, for A/B timing and tests).
-inline bool enabled(at::ScalarType st, const char* knob) {
+// Whether a call on the current device takes the tensor-core kernels: float16 or bfloat16 on
+// sm_80+. Everything else (float32, older GPUs) runs the CUDA-core kernels.
+inline bool use_tensor_cores(at::ScalarType st) {
   if (st != at::kHalf && st != at::kBFloat16) return false;
-  const char* env = std::getenv(knob);
-  if (env != nullptr && env[0] == '0') return false;
   return at::cuda::getCurrentDeviceProperties()->major >= 8;
 }
+
+// Dispatch over the tensor-core dtypes (after use_tensor_cores), scalar_t at::Half or
+// at::BFloat16.
+// clang-format off
+#define PETOPS_DISPATCH_HALFS(TYPE, NAME, ...)                            \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+// clang-format on
 
 template <typename T>
 const raw16* raw_or_null(const at::Tensor& t) {
@@ -244,8 +249,8 @@ const raw16* raw_or_null(const at::Tensor& t) {
 
 // Dynamic shared memory of a tensor-core kernel: the unit prefix, then the tile buffers.
 inline size_t tile_smem(int n_items, size_t tile_bytes) {
-  const size_t prefix = (static_cast<size_t>(n_items + 1) * sizeof(int) + kSmemAlign - 1) /
-                        kSmemAlign * kSmemAlign;
+  const size_t prefix =
+      (static_cast<size_t>(n_items + 1) * sizeof(int) + kSmemAlign - 1) / kSmemAlign * kSmemAlign;
   return prefix + tile_bytes;
 }
 
