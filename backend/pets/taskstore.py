@@ -3,7 +3,7 @@
 Layout::
 
     <store>/<name>/manifest.json        # see TaskManifest
-    <store>/<name>/weights.safetensors  # tensors named as in the README's task-store section
+    <store>/<name>/weights.safetensors  # tensors named as in docs/task-store.md
 
 Writers publish atomically: a task is written into a hidden temp folder beside its final
 place and renamed into it (an update swaps folders with two renames), so readers never see

@@ -11,8 +11,8 @@ A PET type is one module under ``pets/pet/`` holding everything about it; nothin
 * :meth:`PetMethod.analytic_cost`: its terms in the scheduler's analytic cost model;
 * the serving hooks below.
 
-At serving time a type turns a task's tensors (named as in the HF ``BertModel`` state dict, see the
-README's task-store section) into rows of the pooled tables, and at serving time adds its
+A type turns a task's tensors (named as in the HF ``BertModel`` state dict, see
+docs/task-store.md) into rows of the pooled tables, and at serving time adds its
 shadow work to the shared ops through grouped ``petops`` kernels:
 
 * :meth:`PetMethod.load` / :meth:`PetMethod.unload`: place or free one task's weights;

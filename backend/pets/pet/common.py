@@ -1,8 +1,8 @@
 """Helpers shared by the PET types: tensor names, checks, bias/LayerNorm rows, random draws.
 
 Everything here is type-neutral; a helper that only one type needs lives in that type's
-module. Tensor names follow the HF ``BertModel`` state dict (the README's task-store
-section): ``encoder.layer.{i}.{module}.{suffix}``.
+module. Tensor names follow the HF ``BertModel`` state dict (docs/task-store.md):
+``encoder.layer.{i}.{module}.{suffix}``.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def check_known(tensors: Mapping[str, torch.Tensor], allowed: set[str], pet: str
         shown = ", ".join(repr(u) for u in unknown[:5])
         raise TaskError(
             f"{len(unknown)} unexpected tensor name(s) for a {pet} task: {shown}; "
-            "see the README's task-store section for the names each type uses"
+            "see docs/task-store.md for the names each type uses"
         )
 
 
