@@ -19,11 +19,12 @@
 namespace petops {
 namespace adapter_ln {
 
-constexpr int kCS = 4;               // blocks per cluster
-constexpr int kCBM = 32;             // token rows per unit (64: 254 registers, one block per SM,
-                                     // 1.3-1.6x slower; h100_sgmv_variants_ab.csv)
-constexpr int kCRB = kCBM / 16;      // 16-row MMA blocks per unit
-constexpr int kCWR = kWarps / kCRB;  // warps per 16-row block
+// Token rows per unit: 32. At 64, 254 registers allowed one block per SM and every case ran
+// 1.3-1.6x slower (docs/results/2026-11-27_h100_sgmv_variants_ab/h100_sgmv_variants_ab.csv).
+constexpr int kCS = 4;                       // blocks per cluster
+constexpr int kCBM = 32;                     // token rows per unit
+constexpr int kCRB = kCBM / 16;              // 16-row MMA blocks per unit
+constexpr int kCWR = kWarps / kCRB;          // warps per 16-row block
 constexpr int kCDownFr = kRank / 16 / kCWR;  // down-projection fragments per warp
 constexpr int kCLDR = kRank + 8;             // row stride (raw16) of [.][kRank] tiles: Wu slice, d
 constexpr int kCLDP = kRank + 4;             // row stride (float) of the partial down tile
@@ -388,10 +389,11 @@ int resident_clusters(Kernel kernel, size_t smem) {
 // Runs the cluster kernel and returns true when it is the faster kernel for this call: on
 // sm_90+, when every unit of the call gets its own resident cluster (one round). It shortens a
 // unit's critical path but runs more instructions per row, so past one round the one-block
-// kernel is faster. H100, bert-base adapter r=64 site (docs/results/h100_sgmv_variants_ab.csv),
-// cluster vs one-block kernel: 1 segment 13.2 vs 22.8 us, 8 segments 14.5 vs 24.8, 64 segments
-// 47.8 vs 35.1. Returns false (the caller runs the one-block kernel) before sm_90, past one
-// round, or when no cluster of the kernel fits this GPU.
+// kernel is faster. H100, bert-base adapter r=64 site
+// (docs/results/2026-11-27_h100_sgmv_variants_ab/h100_sgmv_variants_ab.csv), cluster vs one-block
+// kernel: 1 segment 13.2 vs 22.8 us, 8 segments 14.5 vs 24.8, 64 segments 47.8 vs 35.1. Returns
+// false (the caller runs the one-block kernel) before sm_90, past one round, or when no cluster of
+// the kernel fits this GPU.
 template <typename T>
 bool launch_cluster(const AdapterLnArgs& a, at::Tensor& out, int n_tok, int n_seg, int n, float eps,
                     cudaStream_t stream) {

@@ -153,7 +153,7 @@ int resident_blocks(Kernel kernel, int threads, size_t smem) {
 // than an upper bound on the work units. More would wait for a second round of residency and
 // pay the per-block unit-prefix prologue again (H100, 64 segments: sgmv_expand's grid sized
 // from shared memory alone, 6 blocks per SM where its registers allow 3, took 11.5 us
-// against 10.9; docs/results/h100_sgmv_variants_ab.csv).
+// against 10.9; docs/results/2026-11-27_h100_sgmv_variants_ab/h100_sgmv_variants_ab.csv).
 template <typename Kernel>
 int grouped_grid(Kernel kernel, int threads, size_t smem, int64_t unit_bound) {
   const int64_t cap = static_cast<int64_t>(num_sms()) * resident_blocks(kernel, threads, smem);

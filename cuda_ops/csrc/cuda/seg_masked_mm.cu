@@ -36,9 +36,10 @@ constexpr int kLDC = kBN + 4;
 static_assert(kBN == tc::kThreads, "the mask pass gives each thread one staged weight row");
 
 // Pipeline shape: kBK input columns (kWords mask words per weight row) per stage, kStages
-// stages. H100, bert-base MaskBERT 5% site (docs/results/h100_masked_cfg.csv), 64 x 2 against
-// the shapes tried and dropped, 64 x 3 and 32 x 3: 19.7 vs 19.6 and 23.8 us at 1 segment, 67.2
-// vs 66.7 and 65.3 at 64, 200 vs 221 and 272 at 256.
+// stages. H100, bert-base MaskBERT 5% site
+// (docs/results/2026-11-26_h100_masked_cfg/h100_masked_cfg.csv), 64 x 2 against the shapes tried
+// and dropped, 64 x 3 and 32 x 3: 19.7 vs 19.6 and 23.8 us at 1 segment, 67.2 vs 66.7 and 65.3 at
+// 64, 200 vs 221 and 272 at 256.
 constexpr int kBK = 64;
 constexpr int kStages = 2;
 constexpr int kWords = kBK / 32;

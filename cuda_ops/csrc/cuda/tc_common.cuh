@@ -87,9 +87,10 @@ __device__ __forceinline__ bool vec_ok(const raw16* g, int64_t ld, int kmax) {
 // row in [0, ROWS), kk in [0, BK). s has row stride BK + 8. The 16-byte copies are spread
 // over the THREADS threads of the block with a compile-time trip count, so the loop unrolls
 // and its index arithmetic is loop-invariant across K-steps. These kernels are issue-bound
-// (H100 ncu: one instruction per ~5.5 cycles per warp, docs/results/h100_ncu_sgmv.txt); the
-// runtime-bounded loop this replaces made sgmv_shrink 23% and seg_masked_mm 4% slower
-// (docs/results/h100_sgmv_variants_ab.csv).
+// (H100 ncu: one instruction per ~5.5 cycles per warp,
+// docs/results/2026-11-26_h100_ncu_sgmv/h100_ncu_sgmv.txt); the runtime-bounded loop this replaces
+// made sgmv_shrink 23% and seg_masked_mm 4% slower
+// (docs/results/2026-11-27_h100_sgmv_variants_ab/h100_sgmv_variants_ab.csv).
 template <int ROWS, int BK, int THREADS = kThreads>
 __device__ __forceinline__ void load_tile(raw16* s, const raw16* __restrict__ g, int64_t ld,
                                           int nrows, int k0, int kmax, bool vec) {
