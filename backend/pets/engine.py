@@ -143,9 +143,11 @@ class Engine:
     def _assemble(self, config: EngineConfig, model_dir: Path, device: torch.device) -> object:
         """Build the serving parts: backbone on the device, registry, encoder, stage and
         graphs, tokenizer, scheduler. Returns the resolved checkpoint (for the log)."""
-        self.device = device
         if device.type == "cuda":
+            if device.index is None:  # "cuda": the current device, named by its index
+                device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(device)
+        self.device = device
         auto = torch.float16 if device.type == "cuda" else torch.float32
         self.dtype = DTYPES[config.dtype] if config.dtype != "auto" else auto
         ops_module, self.ops = kernels.select(config.ops)

@@ -12,7 +12,9 @@ perf_analyzer (gRPC, async) drives both with the same data at each concurrency; 
 ``served_overhead.csv`` and the server log into a dated run folder (clients/bench/results.py).
 
     python -m clients.bench.served_overhead
-    python -m clients.bench.served_overhead --metrics 0 --concurrency 1,32   # metrics off
+    python -m clients.bench.served_overhead --metrics 0 --points 1x16,32x16   # metrics off
+    python -m clients.bench.served_overhead --kind GPU --backbone bert-base --tasks 64 \
+        --instances 2 --points 1x128,256x64
 """
 
 from __future__ import annotations
@@ -163,8 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backbone", default="bert-tiny")
     ap.add_argument("--tasks", type=int, default=14, help="mixed-type tasks in the store")
-    ap.add_argument("--length", type=int, default=16, help="tokens per request")
-    ap.add_argument("--concurrency", default="32")
+    ap.add_argument(
+        "--points",
+        default="32x16",
+        help="comma-separated CONCURRENCYxLENGTH points (tokens per request), e.g. 1x128,256x64",
+    )
     ap.add_argument("--metrics", type=int, default=1, help="the pets model's METRICS")
     ap.add_argument("--kind", default="CPU", choices=("CPU", "GPU"))
     ap.add_argument("--instances", type=int, default=1)
@@ -177,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pets-served-") as td:
         tmp = Path(td)
         repo, names = make_repo(args, tmp)
-        data = tmp / "data.json"
-        make_data(data, names, args.length, 256)
+        points = [tuple(int(v) for v in p.split("x")) for p in args.points.split(",")]
+        for length in {n for _, n in points}:
+            make_data(tmp / f"data{length}.json", names, length, 256)
         http, grpc, metrics = _free_ports(3)
         cmd = [
             "tritonserver", f"--model-repository={repo}",
@@ -201,10 +207,11 @@ def main(argv: list[str] | None = None) -> int:
                     if proc.poll() is not None or time.monotonic() > deadline:
                         raise SystemExit("tritonserver did not become ready; see its log") from None
                     time.sleep(0.5)
-            for c in (int(v) for v in args.concurrency.split(",")):
+            for c, length in points:
+                data = tmp / f"data{length}.json"
                 got = {m: perf(args, env, f"127.0.0.1:{grpc}", m, data, c, tmp)
                        for m in ("noop", "pets")}  # fmt: skip
-                row: dict[str, Any] = {"concurrency": c, "metrics": args.metrics}
+                row: dict[str, Any] = {"concurrency": c, "length": length, "metrics": args.metrics}
                 for m, vals in got.items():
                     row.update({f"{m}_{k}": round(v, 3) for k, v in vals.items()})
                 row["pets_over_noop"] = round(
