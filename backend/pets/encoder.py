@@ -156,6 +156,10 @@ class SharedEncoder:
                         active.extend(self.streams.plans(method, batch, segs))
                     else:
                         active.append((method, method.prepare(batch, segs)))
+            transforms = [(m, p) for m, p in active if m.has_output_transform and p is not None]
+            if len(transforms) > 1 or self.streams is not None or not self.fuse_outputs:
+                for method, plan in transforms:  # the output sites will run unfused
+                    method.prepare_unfused(plan)
         finally:
             self.ctx.upload = None
         sp = SegmentParams(

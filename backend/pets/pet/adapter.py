@@ -35,6 +35,7 @@ from .base import (
     LoadedTask,
     OutputEpilogue,
     PetConfig,
+    PetContext,
     PetCost,
     PetMethod,
     register_pet,
@@ -124,9 +125,10 @@ class AdapterPlan:
     groups: dict[str, list[_Group]] | None = None  # site -> one group per distinct activation
 
 
-def _to_device(parts: list[torch.Tensor], dev: torch.device) -> list[torch.Tensor]:
-    """Host tensors of one dtype to ``dev`` in one transfer; returns views of their shapes."""
-    flat = torch.cat([p.reshape(-1) for p in parts]).to(dev, non_blocking=True)
+def _to_device(parts: list[torch.Tensor], ctx: PetContext) -> list[torch.Tensor]:
+    """Host tensors of one dtype on the device in one transfer (staged while a batch is being
+    prepared, see :meth:`PetContext.to_device`); returns views of their shapes."""
+    flat = ctx.to_device(torch.cat([p.reshape(-1) for p in parts]))
     views = flat.split([p.numel() for p in parts])
     return [v.view(p.shape) for v, p in zip(views, parts, strict=True)]
 
@@ -252,7 +254,7 @@ class Adapter(PetMethod):
         first use and kept in the plan; two host-to-device copies (int32, int64)."""
         if plan.groups is not None:
             return plan.groups
-        t, dev, h = plan.host, self.ctx.device, self.ctx.spec.hidden
+        t, h = plan.host, self.ctx.spec.hidden
         i32: list[torch.Tensor] = []
         i64: list[torch.Tensor] = []
         bounds: dict[str, tuple[list[int], list[int], list[int]]] = {}
@@ -278,9 +280,9 @@ class Adapter(PetMethod):
         plan.groups = {}
         if not bounds:
             return plan.groups
-        d32, d64 = _to_device(i32, dev), _to_device(i64, dev)
         n_max = max(e[-1] for _, e, _ in bounds.values())
-        ones = torch.ones(n_max, dtype=torch.float32, device=dev)
+        d32, d64 = _to_device(i32, self.ctx), _to_device(i64, self.ctx)
+        ones = self.ctx.to_device(torch.ones(n_max, dtype=torch.float32))
         for k, (site, (gacts, ends, gmaxs)) in enumerate(bounds.items()):
             seg, r_d, zeros, out_dim = d32[4 * k : 4 * k + 4]
             plan.groups[site] = [
@@ -327,6 +329,9 @@ class Adapter(PetMethod):
             plan.max_rank[si],
             ep.eps,
         )
+
+    def prepare_unfused(self, plan: AdapterPlan) -> None:
+        self._groups(plan)
 
     def apply_output(self, plan: AdapterPlan, site: str, layer: int, h: torch.Tensor) -> None:
         K = self.ctx.ops

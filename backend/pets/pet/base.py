@@ -313,6 +313,14 @@ class PetMethod(ABC):
         """
         return None
 
+    def prepare_unfused(self, plan: Any) -> None:
+        """Called while the batch is prepared when its output sites will run unfused (bias,
+        :meth:`apply_output`, LayerNorm): build what :meth:`apply_output` needs beyond
+        ``plan`` now, through :meth:`PetContext.to_device`, rather than on first use while
+        the forward runs (a captured CUDA graph must find every array staged). Default: none.
+        """
+        return None
+
     def fused_output(
         self, plan: Any, site: str, layer: int, ep: OutputEpilogue
     ) -> torch.Tensor | None:

@@ -27,7 +27,12 @@ class SlotMeta:
             self.data[slot] = self.fill
 
     def __getitem__(self, slots: torch.Tensor) -> torch.Tensor:
-        """Rows of ``slots`` (a CPU index tensor); slots never set read as ``fill``."""
-        if slots.numel():
+        """Rows of ``slots`` (a CPU index tensor); slots never set read as ``fill``.
+
+        Read for every batch: the common case, slots within the table, costs one index.
+        """
+        try:
+            return self.data[slots]
+        except IndexError:  # a slot past every slot ever set (never a registered task's)
             self._cover(int(slots.max()))
-        return self.data[slots]
+            return self.data[slots]
