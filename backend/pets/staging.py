@@ -17,6 +17,8 @@ On the CPU, :meth:`Stager.put` returns the host tensor itself (no copy at all).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -69,6 +71,25 @@ class Stager:
         self.layout = []
         self._used = 0
         self._pending = []
+
+    def snapshot(self) -> StageSnapshot:
+        """What was staged since :meth:`begin` (before :meth:`flush`), to stage it again."""
+        return StageSnapshot(list(self.layout), self._used, list(self._pending))
+
+    def restore(self, snap: StageSnapshot, replace: dict[int, torch.Tensor]) -> None:
+        """Stage ``snap`` again, its ``i``-th array's values replaced by ``replace[i]`` (same
+        dtype and shape): the views handed out for ``snap`` stay valid."""
+        self.layout = list(snap.layout)
+        self._used = snap.used
+        self._pending = list(snap.pending)
+        for i, t in replace.items():
+            start, old = self._pending[i]
+            if t.dtype != old.dtype or t.shape != old.shape:
+                raise ValueError(
+                    f"restaged array {i} is {t.dtype} {tuple(t.shape)}, the snapshot's "
+                    f"{old.dtype} {tuple(old.shape)}; a snapshot only takes new values"
+                )
+            self._pending[i] = (start, t.contiguous())
 
     def put(self, t: torch.Tensor) -> torch.Tensor:
         """A device view holding ``t``'s values (valid after :meth:`flush`).
@@ -126,6 +147,15 @@ class Stager:
         while cap < need:
             cap *= 2
         self._allocate(cap)
+
+
+@dataclass(frozen=True)
+class StageSnapshot:
+    """A forward's staged arrays (see :meth:`Stager.snapshot`)."""
+
+    layout: list[tuple[torch.dtype, tuple[int, ...]]]
+    used: int
+    pending: list[tuple[int, torch.Tensor]]  # (offset, host tensor)
 
 
 class StagingOverflow(RuntimeError):

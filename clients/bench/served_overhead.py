@@ -92,7 +92,7 @@ def make_repo(args: argparse.Namespace, root: Path) -> tuple[Path, list[str]]:
     names."""
     weights = load_backbone(args.backbone)
     store = root / "store"
-    types = sorted(pet_types())
+    types = sorted(pet_types()) if args.pet_types == "all" else args.pet_types.split(",")
     names = []
     for i in range(args.tasks):
         pet = types[i % len(types)]
@@ -164,7 +164,10 @@ def perf(args: argparse.Namespace, env: dict[str, str], url: str, model: str, da
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backbone", default="bert-tiny")
-    ap.add_argument("--tasks", type=int, default=14, help="mixed-type tasks in the store")
+    ap.add_argument("--tasks", type=int, default=14, help="tasks in the store")
+    ap.add_argument(
+        "--pet-types", default="all", help="PET types the tasks cycle over, comma-separated"
+    )
     ap.add_argument(
         "--points",
         default="32x16",
