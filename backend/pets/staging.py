@@ -37,9 +37,11 @@ class Stager:
         capacity: initial size of both buffers in bytes (they grow by doubling).
     """
 
-    def __init__(self, device: torch.device, capacity: int = 1 << 20) -> None:
+    def __init__(
+        self, device: torch.device, capacity: int = 1 << 20, enabled: bool | None = None
+    ) -> None:
         self.device = device
-        self.enabled = device.type == "cuda"
+        self.enabled = device.type == "cuda" if enabled is None else enabled  # tests: CPU on
         self.epoch = 0  # bumped whenever the device buffer moves
         self.layout: list[tuple[torch.dtype, tuple[int, ...]]] = []
         self._used = 0
@@ -61,7 +63,8 @@ class Stager:
         return int(self._dev.numel())
 
     def _allocate(self, capacity: int) -> None:
-        self._host = torch.empty(capacity, dtype=torch.uint8, pin_memory=True)
+        pinned = self.device.type == "cuda"
+        self._host = torch.empty(capacity, dtype=torch.uint8, pin_memory=pinned)
         self._host_np = self._host.numpy()
         self._dev = torch.empty(capacity, dtype=torch.uint8, device=self.device)
         self.epoch += 1
