@@ -2,12 +2,15 @@
 
 Runs one perf_analyzer per concurrency level (levels need not be evenly spaced), merges the
 CSV rows (`-f ... --verbose-csv`) into ``sweep.csv`` in a dated run folder under ``--out``
-(``clients/bench/results.py``, with the input data when it was made here) and prints a
-summary. Needs build/install_triton.sh (perf_analyzer + its libraries via build/triton/env.sh).
+(``clients/bench/results.py``, with the input data when it was made here), prints the
+latency-throughput curve (concurrency -> req/s, p50, p99), the best throughput whose p99 stays
+under ``--p99-ms``, and draws ``curve.png`` (req/s against p99). Needs build/install_triton.sh
+(perf_analyzer + its libraries via build/triton/env.sh).
 
   python -m clients.bench.perf_sweep                       # demo tasks, length 64, 1..128
   python -m clients.bench.perf_sweep --data var/perf/mixed.json --concurrency 1,8,32,64,128
   python -m clients.bench.perf_sweep --make-data "--tasks-from-store var/store64 --length 64"
+  python -m clients.bench.perf_sweep --concurrency 1,16,64,256,512 --p99-ms 50
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--extra", default="", help="more perf_analyzer flags, one string")
     p.add_argument("--perf-analyzer", default="perf_analyzer", help="binary (PATH of env.sh)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per level")
+    p.add_argument("--p99-ms", type=float, default=50.0, help="latency bound of the summary")
     add_out_argument(p)
     return p
 
@@ -102,13 +106,60 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(str(exc)) from None
     with out.path("sweep.csv").open("w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
-    cols = {name: i for i, name in enumerate(header)}
-    keys = ["Concurrency", "Inferences/Second", "p50 latency", "p99 latency"]
-    print(" ".join(f"{k:>18}" for k in keys))
-    for r in rows:
-        print(" ".join(f"{r[cols[k]]:>18}" if k in cols else f"{'-':>18}" for k in keys))
+    curve = summarize(header, rows)
+    print(f"{'concurrency':>12} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
+    for c, rps, p50, p99 in curve:
+        print(f"{c:>12} {rps:>10.1f} {p50:>8.2f} {p99:>8.2f}")
+    best = best_under(curve, a.p99_ms)
+    if best is None:
+        print(f"no concurrency kept p99 under {a.p99_ms} ms")
+    else:
+        print(f"best under p99 {a.p99_ms} ms: {best[1]:.1f} req/s at concurrency {best[0]} "
+              f"(p50 {best[2]:.2f} ms, p99 {best[3]:.2f} ms)")  # fmt: skip
+    out.update(best_under_p99=None if best is None else list(best))
+    plot(curve, a.p99_ms, out.path("curve.png"))
     out.finish()
     return 0
+
+
+def summarize(header: list[str], rows: list[list[str]]) -> list[tuple[int, float, float, float]]:
+    """(concurrency, req/s, p50 ms, p99 ms) per level, from perf_analyzer's CSV (µs)."""
+    cols = {name: i for i, name in enumerate(header)}
+    return [
+        (
+            int(r[cols["Concurrency"]]),
+            float(r[cols["Inferences/Second"]]),
+            float(r[cols["p50 latency"]]) / 1e3,
+            float(r[cols["p99 latency"]]) / 1e3,
+        )
+        for r in rows
+    ]
+
+
+def best_under(
+    curve: list[tuple[int, float, float, float]], p99_ms: float
+) -> tuple[int, float, float, float] | None:
+    """The level of highest throughput whose p99 is at most ``p99_ms`` (None: no level)."""
+    ok = [pt for pt in curve if pt[3] <= p99_ms]
+    return max(ok, key=lambda pt: pt[1]) if ok else None
+
+
+def plot(curve: list[tuple[int, float, float, float]], p99_ms: float, path: Path) -> None:
+    """req/s against p99 latency, each point labelled with its concurrency."""
+    from clients.bench.results import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([pt[3] for pt in curve], [pt[1] for pt in curve], marker="o")
+    for c, rps, _, p99 in curve:
+        ax.annotate(str(c), (p99, rps), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axvline(p99_ms, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("p99 latency (ms)")
+    ax.set_ylabel("requests / s")
+    ax.set_title("latency-throughput curve (labels: concurrency)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
