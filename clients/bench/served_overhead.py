@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from clients.bench.results import add_out_argument, start_run
+from clients.bench.server_breakdown import breakdown, scrape
 from pets.backbone import load_backbone
 from pets.heads import HeadConfig
 from pets.pet import pet_types
@@ -210,13 +211,27 @@ def main(argv: list[str] | None = None) -> int:
                     if proc.poll() is not None or time.monotonic() > deadline:
                         raise SystemExit("tritonserver did not become ready; see its log") from None
                     time.sleep(0.5)
+            metrics_url = f"127.0.0.1:{metrics}/metrics"
             for c, length in points:
                 data = tmp / f"data{length}.json"
-                got = {m: perf(args, env, f"127.0.0.1:{grpc}", m, data, c, tmp)
-                       for m in ("noop", "pets")}  # fmt: skip
+                url = f"127.0.0.1:{grpc}"
+                got = {"noop": perf(args, env, url, "noop", data, c, tmp)}
+                before = scrape(metrics_url, "pets")
+                got["pets"] = perf(args, env, url, "pets", data, c, tmp)
+                time.sleep(1.5)  # the per-task series are pushed once a second
+                try:
+                    split = breakdown(before, scrape(metrics_url, "pets"))
+                except SystemExit as exc:  # no executes counted: report the rates alone
+                    print(f"no breakdown at concurrency {c}: {exc}", file=sys.stderr)
+                    split = {"requests_per_execute": float("nan"), "stub_ms": float("nan")}
                 row: dict[str, Any] = {"concurrency": c, "length": length, "metrics": args.metrics}
                 for m, vals in got.items():
                     row.update({f"{m}_{k}": round(v, 3) for k, v in vals.items()})
+                # Where a pets execute's time goes (Triton's execute vs the engine's forward).
+                row.update({f"exec_{k}": round(v, 3) for k, v in split.items()})
+                row["exec_stub_us_per_request"] = round(
+                    1e3 * split["stub_ms"] / split["requests_per_execute"], 1
+                )
                 row["pets_over_noop"] = round(
                     got["pets"]["req_per_s"] / got["noop"]["req_per_s"], 3
                 )
