@@ -175,7 +175,7 @@ def test_perf_analyzer_mixed_tasks(triton_server: Server, tmp_path: Path) -> Non
         "--input-data", str(data), "--concurrency-range", "4",
         # count windows: a slow CI machine still completes them; any stable result will do
         "--measurement-mode", "count_windows", "--measurement-request-count", "10",
-        "--max-trials", "3", "--stability-percentage", "999",
+        "--max-trials", "6", "--stability-percentage", "999",
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=triton_server.env, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr

@@ -294,8 +294,22 @@ def _get(m: dict[Any, float], name: str, **labels: str) -> float:
     return m.get((name, tuple(sorted({"model": "pets", **labels}.items()))), 0.0)
 
 
+def _settled_scrape(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A scrape once earlier tests' counts have all been pushed (two scrapes, more than one
+    METRICS_INTERVAL_MS apart, agree)."""
+    last = _scrape(server)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        time.sleep(1.2)
+        now = _scrape(server)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 def test_metrics_count_requests_errors_tokens(life: Server) -> None:
-    before = _scrape(life)
+    before = _settled_scrape(life)
     mod = client_module("http")
     client = mod.InferenceServerClient(life.http_url)
     for _ in range(6):
