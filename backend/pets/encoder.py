@@ -57,6 +57,7 @@ class Prepared:
     active: list[tuple[PetMethod, Any]]  # (PET type, its plan for the batch's segments)
     sp: SegmentParams
     head: HeadPlan
+    graph_key: Any = None  # set by the engine once computed (a reused batch keeps it)
 
 
 class ShadowStreams:

@@ -441,7 +441,11 @@ class Engine:
                 self.stager.device_buffer,
             )
 
-        return graphs.run(key(), self._state_key(), lambda: self.encoder.compute(prepared), key)
+        if prepared.graph_key is None:  # computed once per prepared batch (reused batches too)
+            prepared.graph_key = (key(),)
+        return graphs.run(
+            prepared.graph_key[0], self._state_key(), lambda: self.encoder.compute(prepared), key
+        )
 
     def _state_key(self) -> Hashable:
         """Addresses of every persistent tensor a forward reads (recomputed only after the
