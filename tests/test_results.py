@@ -109,3 +109,10 @@ def test_default_root_is_ignored_by_git() -> None:
     if done.returncode == 128:
         pytest.skip("not a git checkout")
     assert done.returncode == 0, "var/runs is not ignored by git"
+
+
+def test_a_named_commit_wins_over_the_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    from clients.bench.results import git_state
+
+    monkeypatch.setenv("PETS_RUN_COMMIT", "0123abc")
+    assert git_state() == {"commit": "0123abc", "dirty": False, "commit_source": "PETS_RUN_COMMIT"}

@@ -66,8 +66,13 @@ def command_line(argv: Sequence[str] | None = None) -> str:
 def git_state(repo: Path = REPO_ROOT) -> dict[str, Any]:
     """``{"commit": sha or None, "dirty": bool or None}`` of the checkout holding ``repo``.
 
-    Dirty means tracked changes or untracked files git does not ignore.
+    Dirty means tracked changes or untracked files git does not ignore. ``PETS_RUN_COMMIT``
+    in the environment names the commit instead: a copy of the tree shipped to a GPU host may
+    carry a ``.git`` that does not match its files.
     """
+    named = os.environ.get("PETS_RUN_COMMIT")
+    if named:
+        return {"commit": named, "dirty": False, "commit_source": "PETS_RUN_COMMIT"}
 
     def git(*args: str) -> str | None:
         try:
