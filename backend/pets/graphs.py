@@ -37,13 +37,19 @@ from .staging import Stager
 log = logging.getLogger("pets")
 
 
+HOST_ONLY = "pets_host_only"
+"""Dataclass field metadata key: ``field(metadata={HOST_ONLY: True})`` marks a plan field the
+device half never reads (host tables a type keeps for building more arrays while planning),
+so it is left out of the graph key. A field read by kernels must never carry it."""
+
+
 def graph_key(obj: Any, staged: torch.Tensor) -> Hashable | None:
     """A hashable key of everything in ``obj`` that a captured forward bakes in.
 
-    Walks dataclasses, dicts, lists and tuples. Host tensors and scalars contribute their
-    values; device tensors must be views of ``staged`` (the stager's buffer) and contribute
-    their offset, dtype and shape. Returns None when some device tensor is not staged: such a
-    forward cannot be replayed safely.
+    Walks dataclasses (except :data:`HOST_ONLY` fields), dicts, lists and tuples. Host
+    tensors and scalars contribute their values; device tensors must be views of ``staged``
+    (the stager's buffer) and contribute their offset, dtype and shape. Returns None when
+    some device tensor is not staged: such a forward cannot be replayed safely.
     """
     base = staged.untyped_storage().data_ptr()
     out: list[Hashable] = []
@@ -62,7 +68,8 @@ def graph_key(obj: Any, staged: torch.Tensor) -> Hashable | None:
                 return False
         elif dataclasses.is_dataclass(o) and not isinstance(o, type):
             out.append(type(o).__name__)
-            return all(walk(getattr(o, f.name)) for f in dataclasses.fields(o))
+            fields = [f for f in dataclasses.fields(o) if not f.metadata.get(HOST_ONLY)]
+            return all(walk(getattr(o, f.name)) for f in fields)
         elif isinstance(o, dict):
             out.append(("dict", len(o)))
             return all(walk(k) and walk(v) for k, v in o.items())

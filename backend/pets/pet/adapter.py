@@ -20,7 +20,7 @@ plus any BitFit-style LayerNorm / bias tensors (Houlsby trains the LayerNorms).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -30,6 +30,7 @@ from petops.reference import ACTIVATIONS
 from ..backbone import BackboneWeights
 from ..batch import Batch
 from ..errors import TaskError
+from ..graphs import HOST_ONLY
 from .base import (
     CostDims,
     LoadedTask,
@@ -112,8 +113,8 @@ class AdapterPlan:
     The fused op (:meth:`Adapter.fused_output`) reads the per-segment tables, indexed over
     all ``S`` segments of the batch (rank 0 where a segment is no adapter task or its task
     has no adapter at the site). The unfused path (:meth:`Adapter.apply_output`:
-    SHADOW_STREAMS mode, FUSE_OUTPUTS=0, or another output transform in the batch) reads
-    ``groups``, built from ``host`` the first time it runs for the batch.
+    SHADOW_STREAMS mode, or another output transform in the batch) reads ``groups``, built
+    from ``host`` while the batch is planned (:meth:`Adapter.prepare_unfused`).
     """
 
     seg_indptr: torch.Tensor  # [S + 1] int32
@@ -121,7 +122,8 @@ class AdapterPlan:
     seg_act: torch.Tensor  # [S] int32 ACT_* code (ACT_NONE where no adapter)
     seg_w_off: torch.Tensor  # [A, L, S, 4] int64 pool offsets (0 where the rank is 0)
     max_rank: list[int]  # [A] host: max of seg_rank per site
-    host: _HostTables
+    # Read only while planning (the unfused path's groups); not by the forward's kernels.
+    host: _HostTables = field(metadata={HOST_ONLY: True})
     groups: dict[str, list[_Group]] | None = None  # site -> one group per distinct activation
 
 
