@@ -92,6 +92,11 @@ def main() -> None:
     ap.add_argument("--shapes", default="1x128,8x64,64x64,256x64")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--commit", default="", help="recorded when git is not available")
+    ap.add_argument(
+        "--eager-only",
+        action="store_true",
+        help="time the eager engine alone (an engine without CUDA graphs, e.g. an older tree)",
+    )
     add_out_argument(ap)
     args = ap.parse_args()
     run = start_run("forward_overhead", args.out, params=vars(args))
@@ -100,14 +105,16 @@ def main() -> None:
     rows = []
     rng = np.random.default_rng(0)
     for mix in args.mixes.split(","):
-        eager, graphed = _engine(args, False, store), _engine(args, True, store)
-        names = _register([eager, graphed], weights, mix, args.tasks)
+        eager = _engine(args, False, store)
+        graphed = None if args.eager_only else _engine(args, True, store)
+        engines = [eager] if graphed is None else [eager, graphed]
+        names = _register(engines, weights, mix, args.tasks)
         for shape in args.shapes.split(","):
             b, length = (int(v) for v in shape.split("x"))
             ids = [rng.integers(1000, 30000, size=length) for _ in range(b)]
             tasks = [names[i % len(names)] for i in range(b)]
             row: dict[str, Any] = {"mix": mix, "batch": b, "seq_len": length}
-            for label, eng in (("eager", eager), ("graphs", graphed)):
+            for label, eng in zip(("eager", "graphs"), engines, strict=False):
 
                 def call(e: Engine = eng, i: list[Any] = ids, t: list[str] = tasks) -> Any:
                     return e.run(i, t)
@@ -115,6 +122,11 @@ def main() -> None:
                 for _ in range(3):  # warm-up: the second run captures
                     call()
                 row[f"wall_ms_{label}"] = round(_wall_ms(call, args.iters), 3)
+            if graphed is None:
+                row["seq_per_s_eager"] = round(b / row["wall_ms_eager"] * 1e3, 1)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                continue
             outs_e, outs_g = eager.run(ids, tasks), graphed.run(ids, tasks)
             pairs = zip(outs_g, outs_e, strict=True)
             row["max_abs_diff"] = float(max(np.abs(g - e).max() for g, e in pairs))
@@ -125,8 +137,8 @@ def main() -> None:
             row.update(graphed.graphs.summary() if graphed.graphs else {})
             print(json.dumps(row), flush=True)
             rows.append(row)
-        eager.close()
-        graphed.close()
+        for eng in engines:
+            eng.close()
     store.rmdir()
     run.write_csv("forward_overhead.csv", rows)
     run.finish()
