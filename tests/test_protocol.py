@@ -72,6 +72,14 @@ BAD_CASES = [
         {"TASK": np.array([[b"\xff\xfe"]], dtype=object), "INPUT_IDS": np.array([[101]])},
         "not valid UTF-8",
     ),
+    (
+        {"TASK": task("t" * 129), "INPUT_IDS": np.array([[101]])},
+        "a TASK row has 129 bytes; the limit is 128 (task names have at most 128 characters)",
+    ),
+    (
+        {"TASK": task("demo_bitfit"), "TEXT": np.array([[b"w" * 70_000]], dtype=object)},
+        "a TEXT row has 70000 bytes; the limit is 65536 (MAX_TEXT_BYTES)",
+    ),
 ]
 
 
@@ -110,3 +118,10 @@ def test_text_is_truncated_to_max_seq_len(engine):
     long_text = np.array([[("word " * 2000).encode()]], dtype=object)
     out = engine.execute([{"TASK": task("demo_bitfit"), "TEXT": long_text}])[0]
     assert isinstance(out, np.ndarray) and out.shape == (1, 3)
+
+
+def test_an_unknown_long_name_is_quoted_only_in_part(engine):
+    name = "x" * 120
+    (err,) = engine.execute([{"TASK": task(name), "INPUT_IDS": np.array([[101, 102]])}])
+    assert isinstance(err, RequestError) and "(120 characters)" in err.message
+    assert name not in err.message and len(err.message) < 300

@@ -64,6 +64,7 @@ class EngineConfig:
     shadow_streams: int = 0  # >0: PetS-style per-task shadow ops over N CUDA streams
     memory_budget_mb: int = 0  # task weights on the device; 0 = unlimited (see `pets capacity`)
     maskbert_format: str = "auto"  # auto (smaller of the two) | csr | bitmask: pet/maskbert.py
+    max_text_bytes: int = 1 << 16  # a TEXT row over this is refused before tokenizing
     cuda_graphs: int = 1  # 1: replay captured forwards on CUDA (pets/graphs.py); 0: eager
     graph_cache: int = 64  # most CUDA graphs held per instance (least recently used go)
 
@@ -87,6 +88,8 @@ class EngineConfig:
                 f"MASKBERT_FORMAT={cfg.maskbert_format!r}; expected one of "
                 f"{', '.join(MASKBERT_FORMATS)}"
             )
+        if cfg.max_text_bytes < 1:
+            raise ConfigError(f"MAX_TEXT_BYTES={cfg.max_text_bytes}; must be >= 1")
         if cfg.max_batch_tokens < 1:
             raise ConfigError(f"MAX_BATCH_TOKENS={cfg.max_batch_tokens}; must be >= 1")
         return cfg
@@ -254,7 +257,10 @@ class Engine:
         owner: list[int] = []
         for i, req in enumerate(requests):
             try:
-                decoded = decode_request(req, self.tokenizer, self.max_seq_len, self.spec.vocab)
+                decoded = decode_request(
+                    req, self.tokenizer, self.max_seq_len, self.spec.vocab,
+                    self.config.max_text_bytes,
+                )  # fmt: skip
             except RequestError as err:
                 outs[i] = err
                 continue

@@ -34,7 +34,12 @@ class Row:
     ids: np.ndarray  # [L] int64
 
 
-def _strings(name: str, arr: np.ndarray) -> list[str]:
+MAX_TASK_NAME = 128  # characters of a task name (taskstore.check_name's rule)
+
+
+def _strings(name: str, arr: np.ndarray, max_bytes: int, limit: str) -> list[str]:
+    """The rows of a BYTES input as text; a row over ``max_bytes`` is refused before it is
+    decoded or tokenized (``limit`` names the bound in the message)."""
     if arr.dtype != object and arr.dtype.kind not in ("S", "U"):
         raise RequestError(f"{name} must be a BYTES (string) tensor, got dtype {arr.dtype}")
     if arr.ndim == 0 or arr.size == 0 or (arr.ndim == 2 and arr.shape[1] != 1) or arr.ndim > 2:
@@ -43,6 +48,11 @@ def _strings(name: str, arr: np.ndarray) -> list[str]:
         )
     out = []
     for v in arr.reshape(-1):
+        if len(v) > max_bytes:
+            raise RequestError(
+                f"a {name} row has {len(v)} bytes; the limit is {max_bytes} ({limit}): "
+                "shorten it or split it over several rows"
+            )
         if isinstance(v, bytes):
             try:
                 v = v.decode("utf-8")
@@ -53,14 +63,22 @@ def _strings(name: str, arr: np.ndarray) -> list[str]:
 
 
 def decode_request(
-    req: Mapping[str, np.ndarray], tokenizer: Tokenizer | None, max_len: int, vocab: int
+    req: Mapping[str, np.ndarray],
+    tokenizer: Tokenizer | None,
+    max_len: int,
+    vocab: int,
+    max_text_bytes: int = 1 << 16,
 ) -> list[Row]:
-    """Validate one request and return its rows; raises :class:`RequestError` (INVALID_ARG)."""
+    """Validate one request and return its rows; raises :class:`RequestError` (INVALID_ARG).
+
+    Bounded work: a TEXT row over ``max_text_bytes`` and a TASK row over 128 characters are
+    refused before anything else is done with them.
+    """
     if "TASK" not in req:
         raise RequestError(
             "request has no TASK input; send the task name as a BYTES tensor of shape [1, 1]"
         )
-    tasks = _strings("TASK", req["TASK"])
+    tasks = _strings("TASK", req["TASK"], MAX_TASK_NAME, "task names have at most 128 characters")
     ids_name = next((n for n in ID_INPUTS if n in req), None)
     has_text = "TEXT" in req
     if has_text == (ids_name is not None):
@@ -72,7 +90,7 @@ def decode_request(
             raise RequestError(
                 "this backbone has no tokenizer, so TEXT is not accepted; send INPUT_IDS"
             )
-        texts = _strings("TEXT", req["TEXT"])
+        texts = _strings("TEXT", req["TEXT"], max_text_bytes, "MAX_TEXT_BYTES")
         if any(not t for t in texts):
             raise RequestError("TEXT is empty; send at least one character")
         seqs = [np.asarray(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(texts)]
