@@ -419,6 +419,7 @@ class Engine:
             for view, src in copies:
                 view.copy_(src)
             if reuse:
+                sig = (self.registry.version, stager.epoch, *sig[2:])  # the stage may have grown
                 if self._templates and next(iter(self._templates))[:2] != sig[:2]:
                     self._templates.clear()  # tasks or the stage moved: every plan is stale
                 self._templates[sig] = _Template(prepared, snap, copies)
