@@ -67,7 +67,7 @@ fi
 # shellcheck source=/dev/null
 source build/triton/env.sh
 # Every model whose config says backend "pets" is served the same way (a repository may hold
-# several, e.g. one per scheduling policy: clients/fig12_online.py).
+# several, e.g. one per scheduling policy: clients/paper/fig12_online.py).
 pets_models=()
 for cfg in "$repo"/*/config.pbtxt; do
   grep -qE '^backend: "pets"' "$cfg" && pets_models+=("$(basename "$(dirname "$cfg")")")

@@ -11,7 +11,7 @@ masked-out set in one of two forms (``MASKBERT_FORMAT``: ``csr`` or ``bitmask`` 
 
 ``auto`` (the default) takes the smaller form on CUDA. On CPU it takes ``csr``: the CPU bit-mask
 kernel expands each task's masked weight on every call, and was 1.7x slower than the CSR
-kernel at 5% density (2-core VM, H=256, 32 tasks; ``clients/bench_ops.py``).
+kernel at 5% density (2-core VM, H=256, 32 tasks; ``clients/bench/bench_ops.py``).
 
 On disk a task is always a bit mask.
 
