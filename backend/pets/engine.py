@@ -455,12 +455,14 @@ class Engine:
         )
 
     def _state_key(self) -> Hashable:
-        """Addresses of every persistent tensor a forward reads (recomputed only after the
-        registry or the stager changed)."""
+        """Addresses of every persistent tensor a forward reads: the task pools and tables,
+        and the stage's device buffer (recomputed only after the registry or the stage
+        changed). A graph captured before the stage grew would read the old buffer."""
         version = (self.registry.version, self.stager.epoch)
         if version != self._state_version:
             self._state_version = version
-            self._state = state_key(self.registry.device_tensors())
+            tensors = [*self.registry.device_tensors(), self.stager.device_buffer]
+            self._state = state_key(tensors)
         return self._state
 
     # ------------------------------------------------------------------------------ tasks
