@@ -269,10 +269,10 @@ class Engine:
         unknown = {r.task for r in rows} - self.registry.tasks.keys()
         if unknown:  # an unknown task is re-checked in the store once before it is refused
             unknown = self._load_missing(unknown)
-        keep = [j for j, r in enumerate(rows) if outs[owner[j]] is None and r.task not in unknown]
-        for j in range(len(rows)):
-            if rows[j].task in unknown and outs[owner[j]] is None:
-                outs[owner[j]] = self._unknown(rows[j].task)
+        for j, r in enumerate(rows):  # a request with an unknown row fails as a whole
+            if r.task in unknown and outs[owner[j]] is None:
+                outs[owner[j]] = self._unknown(r.task)
+        keep = [j for j in range(len(rows)) if outs[owner[j]] is None]
         t0 = time.perf_counter()
         results = self.run([rows[j].ids for j in keep], [rows[j].task for j in keep])
         compute_s = time.perf_counter() - t0
