@@ -32,7 +32,6 @@ from .heads import HeadPlan
 from .pet import PetMethod
 from .pet.base import OutputEpilogue
 from .registry import TaskRegistry
-from .staging import Stager
 
 try:  # padding-free flash attention (torch >= 2.9, CUDA)
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
@@ -125,28 +124,25 @@ class SharedEncoder:
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Run ``batch`` eagerly. Returns head outputs ``[B, D]`` float32 and widths ``[B]``
         (host). The serving path is :meth:`prepare` + :meth:`compute` (graph-captured)."""
-        stager = Stager(torch.device("cpu"))  # the batch's arrays are on the device already
-        prepared = self.prepare(batch, self._uploader(stager))
+        prepared = self.prepare(batch)
         return self.compute(prepared), prepared.head.width
 
-    def _uploader(self, stager: Stager) -> Callable[[torch.Tensor], torch.Tensor]:
-        if stager.enabled:
-            return stager.put
-        dev = self.ctx.device
-        return lambda t: t.to(dev, non_blocking=True)
-
-    def prepare(self, batch: Batch, upload: Callable[[torch.Tensor], torch.Tensor]) -> Prepared:
+    def prepare(
+        self, batch: Batch, upload: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> Prepared:
         """Host half of a forward: every PET type's plan, the segment rows, the head rows.
 
         Args:
             batch: the packed batch.
             upload: host tensor -> device tensor; the serving path passes
                 :meth:`pets.staging.Stager.put`, so the whole batch crosses in one copy.
+                None: each array is copied on its own (:meth:`PetContext.to_device`).
         """
         reg = self.registry
         rows = reg.slots.segments(batch.seg_task_cpu)
         pet_codes = rows.pet
         active: list[tuple[PetMethod, Any]] = []
+        to_device = self.ctx.to_device
         self.ctx.upload = upload  # PetContext.to_device stages through it while planning
         try:
             for code in torch.unique(pet_codes).tolist():  # one entry per PET *type* present
@@ -161,14 +157,16 @@ class SharedEncoder:
             if len(transforms) > 1 or self.streams is not None or not self.fuse_outputs:
                 for method, plan in transforms:  # the output sites will run unfused
                     method.prepare_unfused(plan)
+            sp = SegmentParams(
+                bias=to_device(rows.bias),
+                ln=to_device(rows.ln),
+                scale=to_device(rows.scale) if bool((rows.scale > 0).any()) else None,
+            )
+            head = self.heads.plan(
+                batch.cu_seqlens, batch.seq_task_cpu, batch.valid_lens, to_device
+            )
         finally:
             self.ctx.upload = None
-        sp = SegmentParams(
-            bias=upload(rows.bias),
-            ln=upload(rows.ln),
-            scale=upload(rows.scale) if bool((rows.scale > 0).any()) else None,
-        )
-        head = self.heads.plan(batch.cu_seqlens, batch.seq_task_cpu, batch.valid_lens, upload)
         return Prepared(batch, active, sp, head)
 
     def compute(self, p: Prepared) -> torch.Tensor:

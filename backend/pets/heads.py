@@ -193,7 +193,8 @@ class HeadTable:
         valid_lens: torch.Tensor | None,
         upload: Callable[[torch.Tensor], torch.Tensor],
     ) -> HeadPlan:
-        """Host half of :meth:`__call__`: which heads run and their index rows, uploaded.
+        """Host half of the heads: which kinds run and their index rows, uploaded (the device
+        half is :meth:`compute`).
 
         Args:
             cu_seqlens: ``[B + 1]`` int32 (device).
@@ -224,24 +225,6 @@ class HeadTable:
             use_mean=upload(self.mean[seq_task_cpu]) if embed else None,
             normalize=upload(self.normalize[seq_task_cpu]) if embed else None,
         )
-
-    def __call__(
-        self,
-        hidden: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        seq_task_cpu: torch.Tensor,
-        valid_lens: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Evaluate every sequence's head (:meth:`plan` then :meth:`compute`).
-
-        Returns:
-            ``out [B, D]`` float32 (row ``b`` valid up to ``width[b]``) and ``width [B]`` (host).
-        """
-        dev = hidden.device
-        plan = self.plan(
-            cu_seqlens, seq_task_cpu, valid_lens, lambda t: t.to(dev, non_blocking=True)
-        )
-        return self.compute(hidden, plan), plan.width
 
     def compute(self, hidden: torch.Tensor, plan: HeadPlan) -> torch.Tensor:
         """Device half: ``hidden [T, H]`` -> ``out [B, D]`` float32; launches only (no host
