@@ -39,6 +39,7 @@ import numpy as np
 
 from clients.bench.results import add_out_argument, start_run
 from clients.bench.server_breakdown import breakdown, scrape
+from clients.pets_client import triton_env
 from pets.backbone import load_backbone
 from pets.heads import HeadConfig
 from pets.pet import pet_types
@@ -65,17 +66,6 @@ class TritonPythonModel:
             out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT", zeros)]))
         return out
 '''
-
-
-def triton_env() -> dict[str, str]:
-    """The environment build/triton/env.sh sets up (tritonserver, perf_analyzer, libraries)."""
-    env_sh = ROOT / "build" / "triton" / "env.sh"
-    if not env_sh.is_file():
-        raise SystemExit("no build/triton/env.sh: run `make triton` (build/install_triton.sh)")
-    out = subprocess.run(
-        ["bash", "-c", f"source {env_sh} && env -0"], capture_output=True, check=True
-    ).stdout
-    return dict(kv.split("=", 1) for kv in out.decode().split("\0") if "=" in kv)
 
 
 def _free_ports(n: int) -> list[int]:
@@ -181,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     add_out_argument(ap)
     args = ap.parse_args(argv)
     run = start_run("served_overhead", args.out, params=vars(args))
-    env = triton_env()
+    env = triton_env(ROOT)
     rows = []
     with tempfile.TemporaryDirectory(prefix="pets-served-") as td:
         tmp = Path(td)
