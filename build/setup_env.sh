@@ -47,7 +47,7 @@ if [[ "$offline" == 1 ]]; then
   # The base python may itself be a venv (e.g. /opt/torch/.venv), whose packages a
   # --system-site-packages venv does not see: put its site-packages on the path as well.
   base_sites=$("$base" -c 'import site; print("\n".join(site.getsitepackages()))')
-  printf '%s\n%s\n%s\n' "$root/backend" "$root/cuda_ops" "$base_sites" > "$site/pets-repo.pth"
+  printf '%s\n%s\n%s\n%s\n' "$root" "$root/backend" "$root/cuda_ops" "$base_sites" > "$site/pets-repo.pth"
   printf '#!/usr/bin/env bash\nexec "%s" -m pets.cli "$@"\n' "$py" > "$venv/bin/pets"
   chmod +x "$venv/bin/pets"
   shopt -s nullglob

@@ -29,10 +29,7 @@ from typing import Any
 
 import numpy as np
 
-if __package__:  # python -m clients.canary
-    from .pets_client import DEFAULT_URL, MODEL, admin_inputs, build_inputs, client_module
-else:  # python clients/canary.py: Python puts this folder first on sys.path
-    from pets_client import DEFAULT_URL, MODEL, admin_inputs, build_inputs, client_module
+from clients.pets_client import DEFAULT_URL, MODEL, admin_inputs, build_inputs, client_module
 
 PROBE_IDS = np.array([[101, 7592, 2088, 102]], dtype=np.int64)  # [CLS] hello world [SEP]
 

@@ -13,10 +13,7 @@ import sys
 
 import numpy as np
 
-if __package__:  # python -m clients.infer
-    from .pets_client import DEFAULT_URL, MODEL, build_inputs, client_module
-else:  # python clients/infer.py: Python puts this folder first on sys.path
-    from pets_client import DEFAULT_URL, MODEL, build_inputs, client_module
+from clients.pets_client import DEFAULT_URL, MODEL, build_inputs, client_module
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,26 +18,15 @@ from typing import Any
 
 import numpy as np
 
-if __package__:  # python -m clients.loadgen
-    from .pets_client import (
-        DEFAULT_URL,
-        DEMO_TASKS,
-        MODEL,
-        build_inputs,
-        client_module,
-        parse_lengths,
-        random_ids,
-    )
-else:  # python clients/loadgen.py: Python puts this folder first on sys.path
-    from pets_client import (
-        DEFAULT_URL,
-        DEMO_TASKS,
-        MODEL,
-        build_inputs,
-        client_module,
-        parse_lengths,
-        random_ids,
-    )
+from clients.pets_client import (
+    DEFAULT_URL,
+    DEMO_TASKS,
+    MODEL,
+    build_inputs,
+    client_module,
+    parse_lengths,
+    random_ids,
+)
 
 
 class Stats:
