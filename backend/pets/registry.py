@@ -132,7 +132,7 @@ class TaskRegistry:
         self._next_slot = 0
         self.slots = SlotTable()
         self.lock = threading.RLock()  # held by writers and by a forward
-        self.version = 0  # bumped by every add/remove (pools may have moved)
+        self.version = 0  # bumped by every add (even a failed one) and removal
         self.budget_bytes = 0  # task memory budget (MEMORY_BUDGET_MB); 0 = unlimited
 
     # ----------------------------------------------------------------------------- lifecycle
@@ -172,6 +172,9 @@ class TaskRegistry:
         head_t = {k: v for k, v in tensors.items() if k.startswith(("classifier.", "pooler."))}
         pet_t = {k: v for k, v in tensors.items() if k not in head_t}
         with self.lock:
+            # Loading may grow (move) a pool or head table even if it fails part-way: every
+            # cache of their addresses (CUDA graphs, reused plans) is stale from here on.
+            self.version += 1
             slot = self._free_slots.pop() if self._free_slots else self._take_slot()
             try:
                 loaded = method.load(slot, manifest.hparams, pet_t)
@@ -188,7 +191,6 @@ class TaskRegistry:
             entry = TaskEntry(manifest, slot, loaded, nbytes, mtime_ns)
             self._check_budget(entry, old)
             self.tasks[manifest.name] = entry
-            self.version += 1
             self._task_bytes += nbytes - (old.nbytes if old is not None else 0)
             if old is not None:
                 self._release(old)
