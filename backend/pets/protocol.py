@@ -15,6 +15,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .errors import RequestError
+from .taskstore import MAX_NAME_LEN
 
 ID_INPUTS = ("INPUT_IDS", "INPUT_IDS_INT32")
 QUOTE_LIMIT = 64  # characters of client input quoted back in an error message
@@ -32,9 +33,6 @@ def quote(value: str, limit: int = QUOTE_LIMIT) -> str:
 class Row:
     task: str
     ids: np.ndarray  # [L] int64
-
-
-MAX_TASK_NAME = 128  # characters of a task name (taskstore.check_name's rule)
 
 
 def _strings(name: str, arr: np.ndarray, max_bytes: int, limit: str) -> list[str]:
@@ -78,7 +76,9 @@ def decode_request(
         raise RequestError(
             "request has no TASK input; send the task name as a BYTES tensor of shape [1, 1]"
         )
-    tasks = _strings("TASK", req["TASK"], MAX_TASK_NAME, "task names have at most 128 characters")
+    tasks = _strings(
+        "TASK", req["TASK"], MAX_NAME_LEN, f"task names have at most {MAX_NAME_LEN} characters"
+    )
     ids_name = next((n for n in ID_INPUTS if n in req), None)
     has_text = "TEXT" in req
     if has_text == (ids_name is not None):

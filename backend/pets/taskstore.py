@@ -33,7 +33,8 @@ from .heads import HeadConfig
 
 FORMAT_VERSION = 1
 MANIFEST, WEIGHTS = "manifest.json", "weights.safetensors"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+MAX_NAME_LEN = 128  # characters of a task name
+NAME_RE = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.\-]{{0,{MAX_NAME_LEN - 1}}}$")
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_WEIGHTS_BYTES = 4 << 30
 
@@ -42,7 +43,7 @@ def check_name(name: Any) -> str:
     """Return ``name`` if it is a valid task name, else raise :class:`TaskError`."""
     if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
         raise TaskError(
-            f"invalid task name {name!r}: use 1-128 letters, digits, '_', '-' or '.', "
+            f"invalid task name {name!r}: use 1-{MAX_NAME_LEN} letters, digits, '_', '-' or '.', "
             "starting with a letter or digit, without '..'"
         )
     return name
