@@ -106,9 +106,7 @@ class Stager:
         if not self.enabled:
             return t
         t = t.contiguous()
-        self.layout.append((t.dtype, tuple(t.shape)))
-        start = self._used
-        self._used = start + (t.numel() * t.element_size() + _ALIGN - 1) // _ALIGN * _ALIGN
+        start = self._claim(t)
         self._pending.append((start, t))
         return _view(self._dev, start, t)
 
@@ -117,10 +115,14 @@ class Stager:
         copies a device tensor into it after the flush."""
         if not self.enabled:
             return like
+        return _view(self._dev, self._claim(like), like)
+
+    def _claim(self, like: torch.Tensor) -> int:
+        """Record ``like``'s dtype and shape in the layout; returns its aligned offset."""
         self.layout.append((like.dtype, tuple(like.shape)))
         start = self._used
         self._used = start + (like.numel() * like.element_size() + _ALIGN - 1) // _ALIGN * _ALIGN
-        return _view(self._dev, start, like)
+        return start
 
     def flush(self) -> None:
         """Copy everything staged since :meth:`begin` to the device (one async copy).
