@@ -199,10 +199,13 @@ class TritonPythonModel:
         self.model = str(config.get("name", "pets"))
         self.metrics: _MetricsPusher | None = None
         if params.get("METRICS", "1") != "0" and hasattr(pb_utils, "MetricFamily"):
-            interval_ms = int(params.get("METRICS_INTERVAL_MS", "1000") or 1000)
-            self.metrics = _MetricsPusher(
-                self.engine.stats, self.model, self.name, max(interval_ms, 10) / 1000
-            )
+            raw = params.get("METRICS_INTERVAL_MS", "1000") or "1000"
+            if not raw.isdigit() or int(raw) < 10:
+                raise ValueError(
+                    f"METRICS_INTERVAL_MS={raw!r}; expected an integer >= 10 (milliseconds "
+                    "between pushes of the per-task series); fix config.pbtxt"
+                )
+            self.metrics = _MetricsPusher(self.engine.stats, self.model, self.name, int(raw) / 1000)
         pb_utils.Logger.log_info(
             f"pets: instance {self.name} ready on {device}, parameters {params}"
         )
