@@ -136,7 +136,9 @@ def main() -> None:
     store = run.path("empty_store/.keep").parent
     weights = load_backbone(args.backbone)
     params = {"BACKBONE": args.backbone, "TASK_STORE": str(store), "DTYPE": "float16"}
-    engine = Engine.from_parameters({**params, "REFRESH_MS": "0", "CUDA_GRAPHS": "0"}, "cuda:0")
+    engine = Engine.from_parameters(
+        {**params, "REFRESH_MS": "0", "CUDA_GRAPHS": "0"}, device="cuda:0"
+    )
     names = []
     for i in range(args.tasks):
         m, t = random_task(weights, f"b{i}", "none", HeadConfig("embedding"), seed=i)

@@ -68,6 +68,37 @@ class TritonPythonModel:
 '''
 
 
+PROFILED_MODEL = '''\
+import cProfile
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location("pets_backend_model", {source!r})
+_mod = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_mod)
+
+
+class TritonPythonModel(_mod.TritonPythonModel):
+    """The pets model with cProfile around every execute (the stub's main thread only)."""
+
+    def initialize(self, args):
+        super().initialize(args)
+        self._profile = cProfile.Profile()
+
+    def execute(self, requests):
+        self._profile.enable()
+        try:
+            return super().execute(requests)
+        finally:
+            self._profile.disable()
+
+    def finalize(self):
+        self._profile.dump_stats(os.path.join({out!r}, f"stub.{{os.getpid()}}.prof"))
+        super().finalize()
+'''
+"""``--profile-stub``: a Python-backend model that runs backend/model.py under cProfile."""
+
+
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
@@ -106,6 +137,13 @@ def make_repo(args: argparse.Namespace, root: Path) -> tuple[Path, list[str]]:
         text,
         flags=re.M,
     )
+    if args.profile_stub:
+        (repo / "pets" / "1").mkdir(exist_ok=True)
+        source = str(ROOT / "backend" / "model.py")
+        (repo / "pets" / "1" / "model.py").write_text(
+            PROFILED_MODEL.format(source=source, out=str(root))
+        )
+        text = re.sub(r'^backend: "pets"', 'backend: "python"', text, flags=re.M)
     cfg.write_text(text)
     noop = repo / "noop"
     (noop / "1").mkdir(parents=True)
@@ -152,6 +190,23 @@ def perf(args: argparse.Namespace, env: dict[str, str], url: str, model: str, da
     }
 
 
+def _write_profile(folder: Path, out: Path) -> None:
+    """Merge the instances' cProfile dumps into one report (top functions by own and total
+    time)."""
+    import io
+    import pstats
+
+    dumps = sorted(folder.glob("stub.*.prof"))
+    if not dumps:
+        print("no stub profile was written (was the model finalized?)", file=sys.stderr)
+        return
+    buf = io.StringIO()
+    stats = pstats.Stats(*map(str, dumps), stream=buf)
+    stats.sort_stats("tottime").print_stats(40)
+    stats.sort_stats("cumulative").print_stats(40)
+    out.write_text(buf.getvalue())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backbone", default="bert-tiny")
@@ -168,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kind", default="CPU", choices=("CPU", "GPU"))
     ap.add_argument("--instances", type=int, default=1)
     ap.add_argument("--interval-ms", type=int, default=4000)
+    ap.add_argument(
+        "--profile-stub",
+        action="store_true",
+        help="run the pets model under cProfile; writes stub_profile.txt (slows it down)",
+    )
     add_out_argument(ap)
     args = ap.parse_args(argv)
     run = start_run("served_overhead", args.out, params=vars(args))
@@ -233,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+            if args.profile_stub:
+                _write_profile(tmp, run.path("stub_profile.txt"))
     run.write_csv("served_overhead.csv", rows)
     run.finish()
     return 0
