@@ -98,7 +98,8 @@ if [[ -n "$gpus" ]] || ((instances != 1)) || [[ -n "$dtype$budget" || "$store" !
   else place+=(--cpu-instances "$instances"); fi
   [[ -n "$dtype" ]] && place+=(--dtype "$dtype")
   [[ -n "$budget" ]] && place+=(--memory-budget-mb "$budget")
-  "$root/.venv/bin/python" -m pets.placement "${place[@]}" >/dev/null \
+  PYTHONPATH="$root/backend${PYTHONPATH:+:$PYTHONPATH}" \
+    "$root/.venv/bin/python" -m pets.placement "${place[@]}" >/dev/null \
     || die "could not place the instances (see the placement error above)"
   repo=$gen
   log "generated $repo"
