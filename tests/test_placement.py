@@ -104,7 +104,7 @@ def test_one_named_group_per_gpu_in_triton_config() -> None:
     assert names[:3] == [("pets_gpu0_0", "cuda:0"), ("pets_gpu0_1", "cuda:0"),
                          ("pets_gpu1_0", "cuda:1")]  # fmt: skip
     one = Placement(gpus=gpus[:1], per_gpu=1)
-    assert one.instance_names("pets") == [("pets_gpu0", "cuda:0")]
+    assert one.instance_names("pets") == [("pets_gpu0_0", "cuda:0")]
     assert Placement(cpu=2).instance_names("pets") == [("pets_0_0", "cpu"), ("pets_0_1", "cpu")]
     with pytest.raises(ConfigError, match="0 instances per device"):
         Placement(gpus=gpus, per_gpu=0)

@@ -165,18 +165,16 @@ class Placement:
         return f"instance_group [\n{groups}\n]"
 
     def instance_names(self, model: str) -> list[tuple[str, str]]:
-        """(Triton instance name, torch device) of every instance, as Triton names them:
-        a group of count 1 names its one instance after the group, else ``<group>_<i>``."""
+        """(Triton instance name, torch device) of every instance. Triton 2.51 names the
+        i-th instance of a group ``<group>_<i>``, also when the group has one (checked by
+        tests/e2e/test_scaleout.py); the default group name is ``<model>_<group index>``."""
         if not self.gpus:
-            base = f"{model}_0"
-            names = [base] if self.cpu == 1 else [f"{base}_{i}" for i in range(self.cpu)]
-            return [(n, "cpu") for n in names]
-        out = []
-        for g in self.gpus:
-            base = f"{model}_gpu{g.index}"
-            for i in range(self.per_gpu):
-                out.append((base if self.per_gpu == 1 else f"{base}_{i}", f"cuda:{g.index}"))
-        return out
+            return [(f"{model}_0_{i}", "cpu") for i in range(self.cpu)]
+        return [
+            (f"{model}_gpu{g.index}_{i}", f"cuda:{g.index}")
+            for g in self.gpus
+            for i in range(self.per_gpu)
+        ]
 
     def check_budget(self, memory_budget_mb: int) -> None:
         """Refuse a per-instance task budget whose copies cannot fit one GPU."""
