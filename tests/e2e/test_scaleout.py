@@ -61,6 +61,7 @@ IDS = [
 LOAD_S = float(os.environ.get("PETS_SCALEOUT_LOAD_S", "4"))
 HTTP_WORKERS, GRPC_WORKERS = 3, 2
 RETRIES = 3
+BURST = 16  # extra HTTP requests sent at once just before the kill (and a quarter on gRPC)
 READY_S = 240.0
 KILL_GRACE_S = 1.0  # an attempt that started this long after C died must not fail
 RESIDENT_WAIT_S = 20.0
@@ -346,13 +347,14 @@ class Load:
     gave_up: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def run(self, protocol: str, worker: int) -> None:
+    def run(self, protocol: str, worker: int, count: int = 0) -> None:
+        """Requests one after another until :attr:`stop` (or ``count`` of them)."""
         mod = client_module(protocol)
         url = self.reh.nginx_http if protocol == "http" else self.reh.nginx_grpc
         rng = random.Random(worker)
         client = mod.InferenceServerClient(url)
         n = 0
-        while not self.stop.is_set():
+        while not self.stop.is_set() and (count == 0 or n < count):
             n += 1
             task, ids = rng.choice(STABLE), rng.randrange(len(IDS))
             for k in range(RETRIES):
@@ -483,9 +485,19 @@ def test_scaleout_rehearsal(rehearsal: Rehearsal) -> None:
         figures["resident"] = _wait_resident(reh.replicas, {k: v + 1 for k, v in base.items()}, t0)
         time.sleep(LOAD_S / 2)
 
-        # 2. kill C mid-load; change the store while it is down; restart it
+        # 2. kill C mid-load (with a burst in flight, so that some requests are at C when it
+        # dies); change the store while it is down; restart it
+        burst = [
+            threading.Thread(target=load.run, args=(p, 100 + i, 1), daemon=True)
+            for i, p in enumerate(["http"] * BURST + ["grpc"] * (BURST // 4))
+        ]
+        for w in burst:
+            w.start()
+        time.sleep(0.05)
         c.kill()
         t_kill = time.monotonic()
+        for w in burst:
+            w.join(timeout=60)
         figures["while_down"] = _propagate(reh, [a, b], "register", "during_outage", 1)
         time.sleep(LOAD_S / 2)
         c.start(reh.repo, reh.backends, reh.env)
