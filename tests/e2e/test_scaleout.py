@@ -7,8 +7,9 @@ mixed-task load through nginx over both protocols while the test
 * registers, updates and unregisters a task through replica A's `pets_admin` and asks every
   replica directly right after each call returned (docs/operations.md promises the change on
   the first request; the residency gauge gives the time an idle replica takes on its own),
-* SIGKILLs replica C (server and stubs) mid-load, registers a task while C is down, and
-  restarts C on the same ports.
+* SIGKILLs replica C (server and stubs) mid-load, 50 ms after a burst of requests went out
+  (so that some are in flight at C), registers a task while C is down, and restarts C on the
+  same ports.
 
 Checks: every answer equals the in-process engine's (which a direct answer of every replica
 equals first); failed attempts were all routed to C and started before C died (nginx's
