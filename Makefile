@@ -5,13 +5,17 @@ PY := .venv/bin/python
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 DEMO_STORE ?= var/demo_store
 BENCH_ARGS ?=
+GPUS ?=
+SERVE_ARGS ?=
 CLANG_FORMAT ?= .venv/bin/clang-format
 CXX_SOURCES = find cuda_ops/csrc \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) -print0
 
 .PHONY: serve test test-fast setup triton ops demo lint typecheck format bench clean distclean
 
+# GPUS=all or GPUS=0,1 serves on those GPUs (build/serve.sh --gpus; docs/deploy.md);
+# SERVE_ARGS passes more serve.sh options, e.g. SERVE_ARGS="--instances-per-gpu 3".
 serve:
-	bash build/serve.sh
+	bash build/serve.sh $(if $(GPUS),--gpus $(GPUS)) $(SERVE_ARGS)
 
 setup:
 	bash build/setup_env.sh

@@ -128,8 +128,10 @@ class _MetricsPusher:
     :meth:`close`, so the exported series lag by at most one interval.
     """
 
-    def __init__(self, stats: Any, model: str, instance: str, interval_s: float) -> None:
-        self.stats, self.model, self.instance = stats, model, instance
+    def __init__(
+        self, stats: Any, model: str, instance: str, device: str, interval_s: float
+    ) -> None:
+        self.stats, self.model, self.instance, self.device = stats, model, instance, device
         mf = pb_utils.MetricFamily
         self._families: dict[str, Any] = {}
         for key, (name, desc) in COUNTERS.items():
@@ -168,8 +170,11 @@ class _MetricsPusher:
                 gauges = (d.tasks_resident, d.memory_bytes)
                 if gauges != self._gauges:
                     self._gauges = gauges
-                    self._metric("tasks_resident", instance=self.instance).set(float(gauges[0]))
-                    self._metric("memory_bytes", instance=self.instance).set(float(gauges[1]))
+                    # device too: Triton names instances per group, so one group over
+                    # several GPUs repeats a name (pets_0_0 on cuda:0 and on cuda:1)
+                    where = {"instance": self.instance, "device": self.device}
+                    self._metric("tasks_resident", **where).set(float(gauges[0]))
+                    self._metric("memory_bytes", **where).set(float(gauges[1]))
             except Exception as exc:  # metrics must never fail serving
                 pb_utils.Logger.log_warn(f"pets: metrics update failed: {exc}")
 
@@ -205,7 +210,9 @@ class TritonPythonModel:
                     f"METRICS_INTERVAL_MS={raw!r}; expected an integer >= 10 (milliseconds "
                     "between pushes of the per-task series); fix config.pbtxt"
                 )
-            self.metrics = _MetricsPusher(self.engine.stats, self.model, self.name, int(raw) / 1000)
+            self.metrics = _MetricsPusher(
+                self.engine.stats, self.model, self.name, device, int(raw) / 1000
+            )
         pb_utils.Logger.log_info(
             f"pets: instance {self.name} ready on {device}, parameters {params}"
         )

@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Build what is needed and serve the `pets` model with Triton 2.51 on 127.0.0.1.
 #
-# usage: build/serve.sh [--gpu] [--instances N] [--dtype D] [-- extra tritonserver flags]
-#   --gpu          serve a generated copy of the model repository (var/model_repository_gpu)
-#                  whose instances are KIND_GPU on GPU 0 with DTYPE float16
-#   --instances N  instances (stub processes) of the model; default 1
+# usage: build/serve.sh [--gpus all|0,1,...] [--instances-per-gpu N] [--instances N]
+#                       [--dtype D] [--memory-budget-mb M] [-- extra tritonserver flags]
+#   --gpus G       serve a generated copy of the model repository (var/model_repository_gpu)
+#                  with one instance group per listed GPU ('all': every GPU this process
+#                  sees, after CUDA_VISIBLE_DEVICES), DTYPE float16 (backend/pets/placement.py)
+#   --gpu          the same as --gpus 0
+#   --instances-per-gpu N  instances (stub processes, each its own engine) per GPU; default 2
+#   --instances N  CPU instances of the model (default 1); with --gpus, the same as
+#                  --instances-per-gpu
 #   --dtype D      override DTYPE (auto|float32|float16|bfloat16)
+#   --memory-budget-mb M  MEMORY_BUDGET_MB of every instance (tasks' device memory each)
 # env: PETS_HTTP_PORT=8000 PETS_GRPC_PORT=8001 PETS_METRICS_PORT=8002
 #      PETS_MODEL_REPOSITORY=model_repository  PETS_DEMO_STORE=var/demo_store
 #      PETS_ADMIN_KEY=<random>   header `admin-key` unlocking the model-repository and
@@ -22,20 +28,28 @@ cd "$root"
 log() { echo "serve: $*" >&2; }
 die() { log "$*"; exit 1; }
 
-gpu=0; instances=1; dtype=""; extra=()
+gpus=""; instances=""; per_gpu=""; dtype=""; budget=""; extra=()
 while (($#)); do
   case "$1" in
-    --gpu) gpu=1 ;;
+    --gpu) gpus=0 ;;
+    --gpus) gpus=${2:?--gpus needs 'all' or a list such as 0,1}; shift ;;
     --instances) instances=${2:?--instances needs a number}; shift ;;
+    --instances-per-gpu) per_gpu=${2:?--instances-per-gpu needs a number}; shift ;;
     --dtype) dtype=${2:?--dtype needs a value}; shift ;;
+    --memory-budget-mb) budget=${2:?--memory-budget-mb needs a number}; shift ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
   shift
 done
-[[ "$instances" =~ ^[1-9][0-9]*$ ]] || die "--instances '$instances' must be a positive integer"
-((gpu)) && [[ -z "$dtype" ]] && dtype=float16
+for n in "$instances" "$per_gpu"; do
+  [[ -z "$n" || "$n" =~ ^[1-9][0-9]*$ ]] || die "instance count '$n' must be a positive integer"
+done
+[[ -z "$budget" || "$budget" =~ ^[0-9]+$ ]] || die "--memory-budget-mb '$budget' must be an integer"
+[[ -n "$gpus" ]] && per_gpu=${per_gpu:-${instances:-2}}  # 2 per GPU: docs/performance.md
+[[ -z "$gpus" && -n "$per_gpu" ]] && die "--instances-per-gpu needs --gpus (or --gpu)"
+instances=${instances:-1}
 
 http=${PETS_HTTP_PORT:-8000}; grpc=${PETS_GRPC_PORT:-8001}; metrics=${PETS_METRICS_PORT:-8002}
 repo=$(realpath -m "${PETS_MODEL_REPOSITORY:-model_repository}")
@@ -74,25 +88,21 @@ for cfg in "$repo"/*/config.pbtxt; do
 done
 ((${#pets_models[@]})) || die "no model with backend \"pets\" in $repo (PETS_MODEL_REPOSITORY=$repo)"
 
-# Instance kind, count and dtype are written into a generated copy (never into the repo).
-# The plain CPU case serves model_repository/ itself (TASK_STORE ../../var/demo_store).
-if ((gpu)) || ((instances != 1)) || [[ -n "$dtype" || "$store" != "$root/var/demo_store" ]]; then
-  gen="$root/var/model_repository_$( ((gpu)) && echo gpu || echo cpu)"
-  rm -rf "$gen"; mkdir -p "$gen"
-  for m in "$repo"/*/; do [[ -f "$m/config.pbtxt" ]] && cp -r "${m%/}" "$gen/"; done
-  kind=$( ((gpu)) && echo 'KIND_GPU count: '"$instances"' gpus: [ 0 ]' || echo "KIND_CPU count: $instances")
-  store_edit="s|(key: \"TASK_STORE\" value \{ string_value: )\"[^\"]*\"|\1\"$store\"|"
-  edits=(-e "s|^instance_group .*|instance_group [ { kind: $kind } ]|" -e "$store_edit")
-  [[ -n "$dtype" ]] && edits+=(-e "s|(key: \"DTYPE\" value \{ string_value: )\"[^\"]*\"|\1\"$dtype\"|")
-  for m in "${pets_models[@]}"; do
-    sed -i -E "${edits[@]}" "$gen/$m/config.pbtxt"
-    grep -qF "kind: $kind" "$gen/$m/config.pbtxt" || die "could not rewrite instance_group in $gen/$m/config.pbtxt"
-  done
-  if [[ -f "$gen/pets_admin/config.pbtxt" ]]; then  # same store as the pets models
-    sed -i -E "$store_edit" "$gen/pets_admin/config.pbtxt"
-  fi
+# Placement, dtype, budget and store are written into a generated copy (never into the repo)
+# by backend/pets/placement.py. The plain CPU case serves model_repository/ itself
+# (TASK_STORE ../../var/demo_store).
+if [[ -n "$gpus" ]] || ((instances != 1)) || [[ -n "$dtype$budget" || "$store" != "$root/var/demo_store" ]]; then
+  gen="$root/var/model_repository_$([[ -n "$gpus" ]] && echo gpu || echo cpu)"
+  place=(--src "$repo" --out "$gen" --store "$store")
+  if [[ -n "$gpus" ]]; then place+=(--gpus "$gpus" --instances-per-gpu "$per_gpu")
+  else place+=(--cpu-instances "$instances"); fi
+  [[ -n "$dtype" ]] && place+=(--dtype "$dtype")
+  [[ -n "$budget" ]] && place+=(--memory-budget-mb "$budget")
+  PYTHONPATH="$root/backend${PYTHONPATH:+:$PYTHONPATH}" \
+    "$root/.venv/bin/python" -m pets.placement "${place[@]}" >/dev/null \
+    || die "could not place the instances (see the placement error above)"
   repo=$gen
-  log "generated $repo (${pets_models[*]}: $kind${dtype:+, DTYPE $dtype})"
+  log "generated $repo"
 fi
 
 shopt -s nullglob

@@ -136,7 +136,8 @@ def test_model_pushes_series_off_the_request_path(monkeypatch: pytest.MonkeyPatc
     assert fam["pets_task_tokens_total"].series[0].value == 15
     assert fam["pets_task_compute_us_total"].series[0].value == pytest.approx(4000)
     (mem,) = fam["pets_task_memory_bytes"].series
-    assert mem.labels == {"model": "pets", "instance": "pets_0_0"} and mem.value == 4096
+    assert mem.labels == {"model": "pets", "instance": "pets_0_0", "device": "cpu"}
+    assert mem.value == 4096
     assert fam["pets_task_memory_bytes"].calls == 1  # gauges only when they change
     model.execute([request])
     model.finalize()  # the last deltas are pushed when the instance goes away
@@ -169,3 +170,15 @@ def test_status_table() -> None:
     assert rows["(unregistered)"][1:3] == ["0", "2"]
     assert "instance pets_0_0: 3 tasks resident, 2.00 MiB" in out
     assert "6 requests, avg queue 0.100 ms, avg request 1.000 ms" in out
+
+
+def test_status_table_tells_instances_apart_by_device() -> None:
+    """One instance group over two GPUs gives two instances one name: the device label
+    keeps their rows apart instead of one overwriting the other."""
+    scrape = "\n".join(
+        f'pets_tasks_resident{{device="cuda:{k}",instance="pets_0_0",model="pets"}} {k + 2}'
+        for k in range(2)
+    )
+    out = status_table(scrape)
+    assert "instance pets_0_0 (cuda:0): 2 tasks resident" in out
+    assert "instance pets_0_0 (cuda:1): 3 tasks resident" in out

@@ -14,7 +14,8 @@ Series (all carry ``model``; gauges also ``instance``):
   error code; ``task`` is "" when the task is not registered (never a client-chosen name)
 * ``pets_task_tokens_total{task}``          tokens of the served sequences
 * ``pets_task_compute_us_total{task}``      forward time, each batch split by token share
-* ``pets_tasks_resident{instance}``, ``pets_task_memory_bytes{instance}``   gauges
+* ``pets_tasks_resident{instance,device}``, ``pets_task_memory_bytes{instance,device}``
+  gauges (``device``: ``cpu`` or ``cuda:<k>``)
 """
 
 from __future__ import annotations
@@ -146,7 +147,9 @@ def status_table(text: str, model: str = "pets") -> str:
         if name in names:
             rows.setdefault(lab.get("task", ""), defaultdict(float))[names[name]] += value
         elif name in (GAUGES["tasks_resident"][0], GAUGES["memory_bytes"][0]):
-            inst.setdefault(lab.get("instance", "?"), {})[name] = value
+            key = lab.get("instance", "?")
+            key += f" ({lab['device']})" if "device" in lab else ""
+            inst.setdefault(key, {})[name] = value
         elif name.startswith("nv_inference_") and lab.get("model") == model:
             triton[name] += value
     lines = [f"{'task':<32} {'requests':>10} {'errors':>8} {'tokens':>12} {'avg ms':>9}"]

@@ -1,0 +1,199 @@
+"""Throughput on one GPU vs on N GPUs of one host, same store, same data, one call.
+
+Serves `pets` twice from a fresh store of mixed-type tasks, placed by ``pets.placement``
+(one instance group per GPU, ``--instances-per-gpu`` each): first on the first GPU of
+``--gpus``, then on all of them. perf_analyzer (gRPC, async) drives each server at
+``--concurrency-per-gpu`` x GPUs, so both are loaded alike per GPU. Prints and writes
+(``gpu_scaling.csv`` in a dated run folder, clients/bench/results.py) the rates and
+``scaling = rate(N) / (N x rate(1))``; the issue-21 target is >= 0.9.
+
+    python -m clients.bench.gpu_scaling --gpus 0,1                       # bert-base, 64 tasks
+    python -m clients.bench.gpu_scaling --gpus all --concurrency-per-gpu 512
+    python -m clients.bench.gpu_scaling --cpu 2 --backbone bert-tiny --tasks 8 \\
+        --concurrency-per-gpu 8 --interval-ms 2000 --stability 100       # the flow, on a CPU
+
+``--cpu K`` compares 1 CPU instance with K (the flow, on a machine without GPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from clients.bench.results import add_out_argument, start_run
+from clients.bench.served_overhead import _free_ports, make_data
+from clients.pets_client import triton_env
+from pets.backbone import load_backbone
+from pets.heads import HeadConfig
+from pets.pet import pet_types
+from pets.placement import Placement, discover_gpus, render_repository, select_gpus, visible_gpus
+from pets.taskgen import random_task
+from pets.taskstore import write_task
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_store(store: Path, backbone: str, tasks: int) -> list[str]:
+    """``tasks`` random tasks cycling over every PET type; returns their names."""
+    weights = load_backbone(backbone)
+    types = sorted(pet_types())
+    names = []
+    for i in range(tasks):
+        name = f"t{i}_{types[i % len(types)]}"
+        head = HeadConfig("classification", num_labels=2)
+        write_task(store, *random_task(weights, name, types[i % len(types)], head, seed=i))
+        names.append(name)
+    return names
+
+
+def perf(
+    args: argparse.Namespace, env: dict[str, str], url: str, data: Path, c: int, tmp: Path
+) -> dict[str, float]:
+    """One perf_analyzer measurement (gRPC, async) of `pets` at concurrency ``c``."""
+    out = tmp / f"perf_c{c}.csv"
+    cmd = [
+        "perf_analyzer", "-m", "pets", "-i", "grpc", "-u", url, "--async",
+        "--input-data", str(data), "--concurrency-range", str(c),
+        "--measurement-interval", str(args.interval_ms), "--max-trials", "10",
+        "--stability-percentage", str(args.stability), "-f", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr)[-2000:]
+        raise SystemExit(f"perf_analyzer failed at concurrency {c}:\n{tail}")
+    with out.open() as f:
+        row = next(csv.DictReader(f))
+    return {
+        "req_per_s": float(row["Inferences/Second"]),
+        "p50_ms": float(row["p50 latency"]) / 1e3,
+        "p99_ms": float(row["p99 latency"]) / 1e3,
+    }
+
+
+def serve_and_measure(
+    args: argparse.Namespace, env: dict[str, str], repo: Path, data: Path, c: int, log: Path
+) -> dict[str, float]:
+    """Start tritonserver on ``repo``, run perf_analyzer at concurrency ``c``, stop it."""
+    http, grpc, metrics = _free_ports(3)
+    cmd = [
+        "tritonserver", f"--model-repository={repo}",
+        f"--backend-directory={env['PETS_TRITON_BACKENDS']}", "--disable-auto-complete-config",
+        "--http-address=127.0.0.1", f"--http-port={http}",
+        "--grpc-address=127.0.0.1", f"--grpc-port={grpc}",
+        "--metrics-address=127.0.0.1", f"--metrics-port={metrics}",
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + args.ready_s
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"tritonserver did not become ready; see {log}") from None
+                time.sleep(0.5)
+        url = f"127.0.0.1:{grpc}"
+        try:  # warm-up (CUDA graphs, the allocator); an unstable window is fine here
+            perf(args, env, url, data, c, log.parent)
+        except SystemExit as exc:
+            print(f"warm-up: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return perf(args, env, url, data, c, log.parent)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--gpus", default="all", help="'all' or CUDA ordinals '0,1,...'")
+    where.add_argument("--cpu", type=int, help="compare 1 CPU instance with this many")
+    ap.add_argument("--instances-per-gpu", type=int, default=2)
+    ap.add_argument("--backbone", default="bert-base")
+    ap.add_argument("--tasks", type=int, default=64)
+    ap.add_argument("--length", type=int, default=64, help="tokens per request")
+    ap.add_argument("--concurrency-per-gpu", type=int, default=256)
+    ap.add_argument("--interval-ms", type=int, default=5000)
+    ap.add_argument("--stability", type=int, default=10, help="perf_analyzer stability %%")
+    ap.add_argument("--ready-s", type=float, default=600.0)
+    ap.add_argument("--devices-csv", help="nvidia-smi CSV instead of running it (tests)")
+    add_out_argument(ap)
+    args = ap.parse_args(argv)
+
+    if args.cpu:
+        setups = [("1 CPU instance", Placement(cpu=1), 1),
+                  (f"{args.cpu} CPU instances", Placement(cpu=args.cpu), args.cpu)]  # fmt: skip
+        dtype = "float32"
+    else:
+        gpus = select_gpus(
+            args.gpus,
+            visible_gpus(discover_gpus(args.devices_csv), os.environ.get("CUDA_VISIBLE_DEVICES")),
+        )
+        if len(gpus) < 2:
+            raise SystemExit(f"--gpus {args.gpus} gives {len(gpus)} GPU; scaling needs 2 or more")
+        per = args.instances_per_gpu
+        setups = [
+            (f"1 GPU ({gpus[0].name})", Placement(gpus=(gpus[0],), per_gpu=per), 1),
+            (f"{len(gpus)} GPUs", Placement(gpus=tuple(gpus), per_gpu=per), len(gpus)),
+        ]
+        dtype = "float16"
+    run = start_run("gpu_scaling", args.out, params=vars(args))
+    env = triton_env(ROOT)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="pets-scaling-") as td:
+        tmp = Path(td)
+        # A private backend directory: this checkout's shell beside the installed python one.
+        backends = tmp / "backends"
+        (backends / "pets").mkdir(parents=True)
+        (backends / "python").symlink_to(Path(env["PETS_TRITON_BACKENDS"]) / "python")
+        shutil.copy2(ROOT / "backend" / "model.py", backends / "pets" / "model.py")
+        env = {**env, "PETS_TRITON_BACKENDS": str(backends)}
+        names = make_store(tmp / "store", args.backbone, args.tasks)
+        data = tmp / "data.json"
+        make_data(data, names, args.length, 512)
+        src = tmp / "src"
+        shutil.copytree(ROOT / "model_repository" / "pets", src / "pets")  # pets alone
+        for label, placement, units in setups:
+            repo = tmp / f"repo{units}"
+            render_repository(
+                src, repo, placement,
+                pets_params={"DTYPE": dtype},
+                shared_params={"BACKBONE": args.backbone, "TASK_STORE": str(tmp / "store")},
+            )  # fmt: skip
+            c = args.concurrency_per_gpu * units
+            got = serve_and_measure(args, env, repo, data, c, run.path(f"tritonserver_{units}.log"))
+            row = {"setup": label, "units": units, "instances": placement.instances,
+                   "concurrency": c, **{k: round(v, 3) for k, v in got.items()}}  # fmt: skip
+            print(row, flush=True)
+            rows.append(row)
+    one, many = rows
+    scaling = many["req_per_s"] / (many["units"] * one["req_per_s"])
+    print(
+        f"scaling: {many['setup']} {many['req_per_s']:.0f} req/s = {scaling:.3f} x "
+        f"{many['units']} x {one['req_per_s']:.0f} req/s on {one['setup']} (target >= 0.9)"
+    )
+    for r in rows:
+        r["scaling"] = round(scaling, 4)
+    run.write_csv("gpu_scaling.csv", rows)
+    run.finish()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
