@@ -109,8 +109,9 @@ def sample_inputs_bias_act(device: str, dtype: torch.dtype) -> Iterator[Sample]:
         bias = torch.randn(n_tasks, n, generator=g)
         scale = torch.rand(n_tasks, n, generator=g) + 0.5 if i % 2 == 0 else None
         seg_scale = _i32(slots[::-1]) if scale is not None else None
-        args = (y, bias, _indptr(lengths), _i32(slots), scale, seg_scale, i % 5)
-        yield f"{name}-n{n}-act{i % 5}", _to(args, device, dtype)
+        for act in (i % 5, (i + 4) % 5):  # every activation code over the four layouts
+            args = (y, bias, _indptr(lengths), _i32(slots), scale, seg_scale, act)
+            yield f"{name}-n{n}-act{act}", _to(args, device, dtype)
 
 
 def sample_inputs_bias_residual_layernorm(device: str, dtype: torch.dtype) -> Iterator[Sample]:
