@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from clients.bench.results import DEFAULT_ROOT, start_run
+from clients.bench.results import start_run
 from clients.paper import fig7, fig8, fig9, fig11, fig12, table5
 from clients.paper.common import add_common
 
@@ -48,11 +48,10 @@ PAPER = {
 
 def make_store(model: str, n: int, types: tuple[str, ...], seed: int = 1) -> Path:
     """A task store of ``n`` random tasks, types drawn uniformly from ``types``."""
+    from clients.paper.common import HEAD
     from pets.backbone import load_backbone, resolve_checkpoint
     from pets.taskgen import random_task
     from pets.taskstore import write_task
-
-    from clients.paper.common import HEAD
 
     host = load_backbone(resolve_checkpoint(model))
     store = Path(tempfile.mkdtemp(prefix="pets-paper-store-"))
@@ -91,11 +90,25 @@ def run_fig12(args: argparse.Namespace, extra: list[str]) -> str:
     tasks = "8,4" if args.quick else "128,64,32"
     store = make_store(args.model, max(int(t) for t in tasks.split(",")), fig12.PETS_TYPES)
     argv = [
-        "--executor", "engine", "--device", args.device, "--out", str(args.out),
-        "--param", f"BACKBONE={args.model}", "--param", f"DTYPE={args.dtype}",
-        "--param", f"TASK_STORE={store}", "--param", "REFRESH_MS=0", "--tasks", tasks,
-        "--sim-device", "cuda" if args.device.startswith("cuda") else "cpu",
-    ]  # fmt: skip
+        "--executor",
+        "engine",
+        "--device",
+        args.device,
+        "--out",
+        str(args.out),
+        "--param",
+        f"BACKBONE={args.model}",
+        "--param",
+        f"DTYPE={args.dtype}",
+        "--param",
+        f"TASK_STORE={store}",
+        "--param",
+        "REFRESH_MS=0",
+        "--tasks",
+        tasks,
+        "--sim-device",
+        "cuda" if args.device.startswith("cuda") else "cpu",
+    ]
     if args.quick:
         argv += ["--queries", "64", "--stds", "4", "--repeats", "1"]
     elif args.all:
@@ -106,11 +119,29 @@ def run_fig12(args: argparse.Namespace, extra: list[str]) -> str:
 
 
 def run_table5(args: argparse.Namespace, extra: list[str]) -> str:
-    argv = ["--backbone", args.model, "--device", args.device, "--dtype", args.dtype,
-            "--out", str(args.out)]  # fmt: skip
+    argv = [
+        "--backbone",
+        args.model,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--out",
+        str(args.out),
+    ]
     if args.quick:
-        argv += ["--max-tasks", "64", "--checkpoints", "8,64", "--batch", "8", "--seq-len", "16",
-                 "--time-budget", "60"]  # fmt: skip
+        argv += [
+            "--max-tasks",
+            "64",
+            "--checkpoints",
+            "8,64",
+            "--batch",
+            "8",
+            "--seq-len",
+            "16",
+            "--time-budget",
+            "60",
+        ]
     else:
         argv += ["--checkpoints", "64,1000,10000,20000"]
         if args.all:
@@ -160,8 +191,11 @@ RUNNERS: dict[str, Callable[[argparse.Namespace, list[str]], str]] = {
 
 
 def _parse(name: str, argv: list[str], all_mode: bool) -> tuple[argparse.Namespace, list[str]]:
-    ap = argparse.ArgumentParser(prog=f"python -m clients.paper {name}", description=__doc__,
-                                 formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
+    ap = argparse.ArgumentParser(
+        prog=f"python -m clients.paper {name}",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     ADDERS[name](ap)
     own, extra = argv, []
     if "--" in argv:
@@ -185,17 +219,29 @@ def run_all(argv: list[str]) -> int:
         except Exception as exc:  # one failed experiment does not stop the others
             claim, status = f"failed: {type(exc).__name__}: {exc}", "failed"
             print(f"{name} failed: {exc!r}", file=sys.stderr, flush=True)
-        results.append({"experiment": name, "status": status, "paper": PAPER[name],
-                        "ours": claim, "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+        results.append(
+            {
+                "experiment": name,
+                "status": status,
+                "paper": PAPER[name],
+                "ours": claim,
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
     args, _ = _parse("fig7", argv, all_mode=True)
     with start_run("paper_all", args.out, params=vars(args)) as out:
         out.write_csv("summary.csv", results)
         total = time.perf_counter() - t_all
-        lines = [f"# PetS evaluation: {args.model}, {args.dtype}, {args.device}"
-                 f"{' (quick grid)' if args.quick else ''}; {total / 60:.1f} min", "",
-                 "| experiment | paper | ours | s |", "|---|---|---|---|"]  # fmt: skip
-        lines += [f"| {r['experiment']} | {r['paper']} | {r['ours']} | {r['seconds']} |"
-                  for r in results]  # fmt: skip
+        lines = [
+            f"# PetS evaluation: {args.model}, {args.dtype}, {args.device}"
+            f"{' (quick grid)' if args.quick else ''}; {total / 60:.1f} min",
+            "",
+            "| experiment | paper | ours | s |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['experiment']} | {r['paper']} | {r['ours']} | {r['seconds']} |" for r in results
+        ]
         out.write_text("summary.md", "\n".join(lines) + "\n")
         out.update(total_s=round(total, 1))
         print("\n".join(lines), flush=True)

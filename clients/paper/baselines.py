@@ -24,6 +24,7 @@ import copy
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -134,7 +135,8 @@ def merge_maskbert(state: State, m: TaskManifest, t: Tensors, w: BackboneWeights
 
 
 def merge_adapter(state: State, m: TaskManifest, t: Tensors, w: BackboneWeights) -> State:
-    """Only the biases and LayerNorms merge; the bottleneck runs as hooks (:func:`_hook_adapters`)."""
+    """Only the biases and LayerNorms merge; the bottleneck runs as hooks
+    (:func:`_hook_adapters`)."""
     return _bias_ln(state, t)
 
 
@@ -154,7 +156,8 @@ def _hook_adapters(bert: BertModel, manifest: TaskManifest, tensors: Tensors) ->
     modules (so ``.to(device, dtype)`` moves them). Returns how many sites were hooked."""
     act = _ACTS[AdapterConfig.from_hparams(manifest.hparams).activation]
     hooked = 0
-    for i, layer in enumerate(bert.encoder.layer):
+    layers: Any = bert.encoder.layer
+    for i, layer in enumerate(layers):
         for module, dense in (
             ("attention.output", layer.attention.output.dense),
             ("output", layer.output.dense),
@@ -174,7 +177,7 @@ def _hook_adapters(bert: BertModel, manifest: TaskManifest, tensors: Tensors) ->
             dense.add_module("adapter_down", down)
             dense.add_module("adapter_up", up)
 
-            def hook(mod: nn.Module, _inp: object, out: torch.Tensor) -> torch.Tensor:
+            def hook(mod: Any, _inp: object, out: torch.Tensor) -> torch.Tensor:
                 return out + mod.adapter_up(act(mod.adapter_down(out)))
 
             dense.register_forward_hook(hook)
@@ -348,7 +351,7 @@ class PeftMixedBatch:
             )
             cfg = PeftLoraConfig(
                 r=int(manifest.hparams["r"]),
-                lora_alpha=cfg_ours.lora_alpha,
+                lora_alpha=cfg_ours.lora_alpha,  # type: ignore[arg-type]  # PEFT takes floats
                 use_rslora=cfg_ours.use_rslora,
                 target_modules=mods,
                 lora_dropout=0.0,

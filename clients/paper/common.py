@@ -135,9 +135,7 @@ class Loaded:
         self.engine.close()
 
 
-def load_engine(
-    model: str, device: str, dtype: str, **params: str
-) -> Loaded:
+def load_engine(model: str, device: str, dtype: str, **params: str) -> Loaded:
     """An engine for ``model`` with an empty temporary task store (tasks: :meth:`Loaded.add`)."""
     engine = Engine.from_parameters(
         {

@@ -92,9 +92,8 @@ def run(args: argparse.Namespace, out: Run) -> dict[str, Any]:
                 batch = pets_batch(loaded, ids, owner)
                 secs: dict[int, float] = {}
                 for s in [*streams, 0]:
-                    enc.streams = (
-                        None if s == 0 else ShadowStreams(s, device) if cuda else SerialStreams()
-                    )  # type: ignore[assignment]
+                    mode_s: Any = None if s == 0 else ShadowStreams(s, device) if cuda else None
+                    enc.streams = mode_s if cuda or s == 0 else SerialStreams()  # type: ignore[assignment]
                     secs[s] = time_forward(loaded, batch, args.warmup, args.iters)
                 for s, sec in secs.items():
                     rows.append(
@@ -147,8 +146,14 @@ def _plot(
     width = 0.8 / len(streams)
     for ax, n in zip(axes[0], tasks_grid, strict=True):
         for j, s in enumerate(streams):
-            ys = [next(r["qps_norm_1stream"] for r in rows
-                       if (r["tasks"], r["seq_len"], r["streams"]) == (n, seq, s)) for seq in seqs]  # fmt: skip
+            ys = [
+                next(
+                    r["qps_norm_1stream"]
+                    for r in rows
+                    if (r["tasks"], r["seq_len"], r["streams"]) == (n, seq, s)
+                )
+                for seq in seqs
+            ]
             label = "grouped ops" if s == 0 else f"{s} stream{'s' if s > 1 else ''}"
             color = "k" if s == 0 else None
             xs = np.arange(len(seqs)) + (j - (len(streams) - 1) / 2) * width

@@ -211,11 +211,11 @@ def main() -> int:
     finally:
         stop(proc)
     if "fixed" in policies and rows:
-        shown = [
+        plotted = [
             {**r, "qps_norm": np.nan if r["qps_norm"] is None else r["qps_norm"]} for r in rows
         ]
         plot(
-            shown,
+            plotted,
             policies,
             run.path("fig12_online.png"),
             f"online through Triton: {args.backbone}, perf_analyzer concurrency "

@@ -40,7 +40,9 @@ PAPER_V100 = {
     (2, 64): {16: 1.68, 32: 1.57, 64: 1.72},
     (4, 32): {16: 1.52, 64: 1.69},
 }
-PAPER = "Fig. 7: 16-64 tasks give ~1.5-1.8x the single-task QPS (V100 1.52-1.84x, 1080Ti up to 1.96x)"
+PAPER = (
+    "Fig. 7: 16-64 tasks give ~1.5-1.8x the single-task QPS (V100 1.52-1.84x, 1080Ti up to 1.96x)"
+)
 TARGET = "issue 19 target: >= 1.5x at 16-64 tasks"
 
 
@@ -86,7 +88,9 @@ def run(args: argparse.Namespace, out: Run) -> dict[str, Any]:
                     "paper_v100_norm": PAPER_V100.get((bs, seq), {}).get(n),
                 }
             )
-            print(f"fig7 bs={bs} seq={seq} tasks={n}: {qps:.1f} q/s ({qps / base:.2f}x)", flush=True)
+            print(
+                f"fig7 bs={bs} seq={seq} tasks={n}: {qps:.1f} q/s ({qps / base:.2f}x)", flush=True
+            )
     out.write_csv("fig7.csv", rows)
     multi = [r["qps_norm"] for r in rows if r["tasks"] >= 16] or [
         r["qps_norm"] for r in rows if r["tasks"] == max(tasks_grid)
@@ -113,11 +117,15 @@ def _plot(
     width = 0.8 / len(tasks_grid)
     for j, n in enumerate(tasks_grid):
         xs = np.arange(len(pairs)) + (j - (len(tasks_grid) - 1) / 2) * width
-        ys = [next(r["qps_norm"] for r in rows if (r["bs"], r["seq_len"], r["tasks"]) == (*p, n))
-              for p in pairs]  # fmt: skip
+        ys = [
+            next(r["qps_norm"] for r in rows if (r["bs"], r["seq_len"], r["tasks"]) == (*p, n))
+            for p in pairs
+        ]
         ax.bar(xs, ys, width, label=f"{n} task{'s' if n > 1 else ''}")
         ref = [PAPER_V100.get(p, {}).get(n, np.nan) for p in pairs]
-        ax.plot(xs, ref, "k_", ms=12, mew=2, label="paper V100" if j == len(tasks_grid) - 1 else None)
+        ax.plot(
+            xs, ref, "k_", ms=12, mew=2, label="paper V100" if j == len(tasks_grid) - 1 else None
+        )
     ax.axhline(1.0, color="k", lw=0.6)
     ax.set_xticks(np.arange(len(pairs)), [f"{{{bs},{seq}}}" for bs, seq in pairs])
     ax.set_xlabel("{batch size per task, sequence length}")

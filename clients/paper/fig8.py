@@ -88,8 +88,10 @@ def run(args: argparse.Namespace, out: Run) -> dict[str, Any]:
     for k in range(n_max):  # cycle the types so every N holds a spread of them
         loaded.add(types[k % len(types)], seed=args.seed + k)
     base = backbone_model(loaded.host)
-    models = [task_model(loaded.host, m, t, base=base, device=device, dtype=dtype)
-              for m, t in loaded.tasks]  # fmt: skip
+    models = [
+        task_model(loaded.host, m, t, base=base, device=device, dtype=dtype)
+        for m, t in loaded.tasks
+    ]
     del base
     rng = np.random.default_rng(args.seed)
     vocab = loaded.engine.spec.vocab

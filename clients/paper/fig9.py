@@ -159,7 +159,8 @@ def run(args: argparse.Namespace, out: Run) -> dict[str, Any]:
     n_max = max(c[0] for c in configs)
     by_type = {t: [loaded.add(t, seed=args.seed + k) for k in range(n_max)] for t in types}
     rng = np.random.default_rng(args.seed)
-    rows, sites = [], []
+    rows: list[dict[str, Any]] = []
+    sites: list[dict[str, Any]] = []
     for n, bs, seq in configs:
         label = f"{n} tasks, bs{bs}x{seq}"
         for t in types:
@@ -173,8 +174,14 @@ def run(args: argparse.Namespace, out: Run) -> dict[str, Any]:
                 parts = rng_name.split("/")
                 cat[parts[1] if len(parts) > 1 else "other"] += v
                 if len(parts) == 3 and parts[1] == "pet":
-                    sites.append({"config": label, "pet_type": t, "site": parts[2],
-                                  "us_per_forward": round(v, 2)})  # fmt: skip
+                    sites.append(
+                        {
+                            "config": label,
+                            "pet_type": t,
+                            "site": parts[2],
+                            "us_per_forward": round(v, 2),
+                        }
+                    )
             total = us["total"] or 1.0
             rows.append(
                 {
@@ -188,8 +195,10 @@ def run(args: argparse.Namespace, out: Run) -> dict[str, Any]:
                     **{f"{c}_share": round(cat[c] / total, 4) for c in CATEGORIES},
                 }
             )
-            print(f"fig9 {label} {t}: pet {100 * cat['pet'] / total:.1f}% of "
-                  f"{us['total']:.0f} us", flush=True)  # fmt: skip
+            print(
+                f"fig9 {label} {t}: pet {100 * cat['pet'] / total:.1f}% of {us['total']:.0f} us",
+                flush=True,
+            )
     out.write_csv("fig9.csv", rows)
     out.write_csv("fig9_sites.csv", sites, ["config", "pet_type", "site", "us_per_forward"])
     first = [r for r in rows if r["config"] == rows[0]["config"]]
@@ -201,20 +210,35 @@ def run(args: argparse.Namespace, out: Run) -> dict[str, Any]:
     return {"rows": rows, "claim": ours}
 
 
-def _plot(rows: list[dict[str, Any]], types: tuple[str, ...], out: Run, title: str, ours: str) -> None:
+def _plot(
+    rows: list[dict[str, Any]], types: tuple[str, ...], out: Run, title: str, ours: str
+) -> None:
     plt = pyplot()
     configs = list(dict.fromkeys(r["config"] for r in rows))
     fig, axes = plt.subplots(
-        1, len(configs), figsize=(0.8 * len(types) * len(configs) + 2, 4.0), sharey=True,
+        1,
+        len(configs),
+        figsize=(0.8 * len(types) * len(configs) + 2, 4.0),
+        sharey=True,
         squeeze=False,
-    )  # fmt: skip
+    )
     for ax, c in zip(axes[0], configs, strict=True):
         bottom = np.zeros(len(types))
         for cat in CATEGORIES:
-            ys = np.array([next(r[f"{cat}_share"] for r in rows
-                                if r["config"] == c and r["pet_type"] == t) for t in types])  # fmt: skip
-            ax.bar(range(len(types)), 100 * ys, 0.7, bottom=100 * bottom, label=cat,
-                   color="C3" if cat == "pet" else None)  # fmt: skip
+            ys = np.array(
+                [
+                    next(r[f"{cat}_share"] for r in rows if r["config"] == c and r["pet_type"] == t)
+                    for t in types
+                ]
+            )
+            ax.bar(
+                range(len(types)),
+                100 * ys,
+                0.7,
+                bottom=100 * bottom,
+                label=cat,
+                color="C3" if cat == "pet" else None,
+            )
             bottom += ys
         ax.set_xticks(range(len(types)), types, rotation=30, fontsize=7)
         ax.set_title(c, fontsize=9)

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             break
     if not rows or rows[-1]["tasks"] != n:
         checkpoint()
-    summary = {"resident_tasks": n, "stopped_by": stop, "rows": rows}
+    summary: dict[str, Any] = {"resident_tasks": n, "stopped_by": stop, "rows": rows}
     if cuda:
         free, total = torch.cuda.mem_get_info(engine.device)
         summary |= {"device_free_bytes": free, "device_total_bytes": total}
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{100 * change:+.1f}% QPS"
     )
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}))
-    _plot(rows, out.path("table5.png"), summary["claim"], args)
+    _plot(rows, out.path("table5.png"), str(summary["claim"]), args)
     out.update(claim=summary["claim"])
     out.write_json("capacity.json", summary)
     out.write_csv("capacity.csv", rows)
