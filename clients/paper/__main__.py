@@ -1,7 +1,7 @@
 """The PetS paper's evaluation, one command per experiment (docs/paper.md).
 
-    python -m clients.paper fig7|fig8|peft|fig9|fig11|fig12|table5 [flags]
-    python -m clients.paper all [--model bert-base] [--quick]
+    python -m clients.paper fig7|fig8|peft|fig8_online|fig9|fig11|fig12|table5 [flags]
+    python -m clients.paper all [--model bert-base] [--quick] [--no-online]
 
 Every experiment takes ``--model`` (bert-base, bert-large, bert-base-6l, bert-tiny or a
 checkpoint folder), ``--device``, ``--dtype``, ``--quick`` (a small grid) and ``--out``, and
@@ -10,9 +10,10 @@ writes a dated run folder (manifest, CSV, plot with the paper's claim beside our
 :mod:`clients.paper.table5`) with the real engine on a generated task store; their own flags
 follow ``--`` (e.g. ``fig12 -- --stds 4``). ``all`` runs every experiment in turn with the
 grids below, then writes ``summary.csv`` / ``summary.md`` (paper's claim vs ours, wall time
-of each) in a run folder of its own. Its default grids are the artifact's, except
-Fig. 12 with one repetition per point and Table 5 with a 240 s registration budget, so that
-it finishes within 30 minutes on one H100/H200 (bert-base, fp16).
+of each) in a run folder of its own; it includes ``fig8_online`` (tritonserver) when the
+Triton runtime is installed (``make triton``) unless ``--no-online``. Its default grids
+are the artifact's, except Fig. 12 with one repetition per point and Table 5 with a 240 s
+registration budget, so that it finishes within 30 minutes on one H100/H200 (bert-base, fp16).
 """
 
 from __future__ import annotations
@@ -29,15 +30,16 @@ from typing import Any
 
 import numpy as np
 
-from clients.bench.results import start_run
-from clients.paper import fig7, fig8, fig9, fig11, fig12, table5
+from clients.bench.results import REPO_ROOT, start_run
+from clients.paper import fig7, fig8, fig8_online, fig9, fig11, fig12, table5
 from clients.paper.common import add_common
 
-EXPERIMENTS = ("fig7", "fig8", "peft", "fig9", "fig11", "fig12", "table5")
+EXPERIMENTS = ("fig7", "fig8", "peft", "fig8_online", "fig9", "fig11", "fig12", "table5")
 PAPER = {
     "fig7": fig7.PAPER,
     "fig8": fig8.PAPER,
     "peft": fig8.PAPER_PEFT,
+    "fig8_online": fig8.PAPER,
     "fig9": fig9.PAPER,
     "fig11": fig11.PAPER,
     "fig12": "Fig. 12: CB best for std 1-4 (V100 1.58-1.73x of fixed), alpha-only best at "
@@ -174,6 +176,7 @@ ADDERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "fig7": fig7.add_args,
     "fig8": fig8.add_args,
     "peft": fig8.add_peft_args,
+    "fig8_online": fig8_online.add_args,
     "fig9": fig9.add_args,
     "fig11": fig11.add_args,
     "fig12": add_common,
@@ -183,6 +186,7 @@ RUNNERS: dict[str, Callable[[argparse.Namespace, list[str]], str]] = {
     "fig7": _own("fig7", fig7.run),
     "fig8": _own("fig8", fig8.run),
     "peft": _own("peft_mixed", fig8.run_peft),
+    "fig8_online": _own("fig8_online", fig8_online.run),
     "fig9": _own("fig9", fig9.run),
     "fig11": _own("fig11", fig11.run),
     "fig12": run_fig12,
@@ -210,7 +214,13 @@ def _parse(name: str, argv: list[str], all_mode: bool) -> tuple[argparse.Namespa
 def run_all(argv: list[str]) -> int:
     t_all = time.perf_counter()
     results = []
+    online = (REPO_ROOT / "build" / "triton" / "env.sh").is_file()
+    if "--no-online" in argv:
+        argv, online = [a for a in argv if a != "--no-online"], False
     for name in EXPERIMENTS:
+        if name == "fig8_online" and not online:
+            print("== fig8_online skipped (--no-online, or no Triton runtime: make triton) ==")
+            continue
         args, extra = _parse(name, argv, all_mode=True)
         print(f"== {name} ==", flush=True)
         t0 = time.perf_counter()
