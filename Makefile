@@ -5,10 +5,11 @@ PY := .venv/bin/python
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 DEMO_STORE ?= var/demo_store
 BENCH_ARGS ?=
+PAPER_ARGS ?=
 CLANG_FORMAT ?= .venv/bin/clang-format
 CXX_SOURCES = find cuda_ops/csrc \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) -print0
 
-.PHONY: serve test test-fast setup triton ops demo lint typecheck format bench clean distclean
+.PHONY: serve test test-fast setup triton ops demo lint typecheck format bench paper clean distclean
 
 serve:
 	bash build/serve.sh
@@ -53,6 +54,10 @@ format: setup
 # Against a running server (make serve): perf_analyzer concurrency sweep over the demo tasks.
 bench: triton
 	$(PY) -m clients.bench.perf_sweep $(BENCH_ARGS)
+
+# The PetS paper's evaluation, every experiment (docs/paper.md); PAPER_ARGS="--quick" shrinks it.
+paper: triton ops
+	$(PY) -m clients.paper all $(PAPER_ARGS)
 
 clean:
 	rm -rf build/triton build/out build/cmake var .pytest_cache .mypy_cache .ruff_cache
