@@ -4,7 +4,9 @@
 (PET types cycled from ``--pet-types``, default every type) each get ``bs`` sequences of
 ``seq`` random tokens, and three systems serve one round of them:
 
-* ``pets``: one engine forward of all ``N * bs`` sequences (the shared batch);
+* ``pets``: one eager engine forward of all ``N * bs`` sequences (the shared batch);
+* ``pets_run``: the same sequences through ``Engine.run``, the path a Triton execute takes
+  (scheduler, reused batch plans, CUDA-graph replay on a CUDA device, results to the host);
 * ``seqs``: N full models, one per task (:func:`clients.paper.baselines.task_model`: the
   task merged into a backbone copy, adapters hooked), run one after another (the artifact's
   ``sequential_model_serving.py``);
@@ -61,7 +63,8 @@ PAPER_PEFT = (
     "no PEFT baseline in PetS; S-LoRA reports up to 30x over HF PEFT (Llama-7B); "
     "issue 19 target: >= 50x at 64 LoRA tasks"
 )
-SYSTEMS = ("seqs", "pars", "pets")
+SYSTEMS = ("seqs", "pars", "pets", "pets_run")
+LABELS = {"seqs": "SeqS", "pars": "ParS", "pets": "pets (forward)", "pets_run": "pets (Engine.run)"}
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
@@ -104,7 +107,7 @@ def run(args: argparse.Namespace, out: Run) -> dict[str, Any]:
             inputs.append((x, torch.ones_like(x)))
         for n in tasks_grid:
             rows.extend(_point(args, loaded, models[:n], per_task[:n], inputs[:n], bs, seq))
-            shown = {r["system"]: r["seq_per_s"] for r in rows[-3:]}
+            shown = {r["system"]: r["seq_per_s"] for r in rows[-len(SYSTEMS) :]}
             print(f"fig8 bs={bs} seq={seq} tasks={n}: {shown}", flush=True)
     out.write_csv("fig8.csv", rows)
     _plot(rows, pairs, tasks_grid, out, describe(args, device, dtype))
@@ -125,6 +128,7 @@ def _point(
     ids = [s for task in per_task for s in task]
     owner = [k for k in range(n) for _ in range(bs)]
     batch = pets_batch(loaded, ids, owner)
+    names = [loaded.tasks[k][0].name for k in owner]
     seqs, pars = SeqS(models, device), ParS(models, device)
     try:
         got, _ = loaded.engine.encoder.forward(batch)
@@ -136,6 +140,9 @@ def _point(
             "seqs": time_call(lambda: seqs(inputs), device, args.warmup, args.iters),
             "pars": time_call(lambda: pars(inputs), device, args.warmup, args.iters),
             "pets": time_forward(loaded, batch, args.warmup, args.iters),
+            "pets_run": time_call(
+                lambda: loaded.engine.run(ids, names), device, args.warmup, args.iters
+            ),
         }
     finally:
         pars.close()
@@ -146,7 +153,12 @@ def _point(
             "seq_len": seq,
             "tasks": n,
             "system": s,
-            "mode": pars.mode if s == "pars" else ("shared batch" if s == "pets" else "serial"),
+            "mode": {
+                "seqs": "serial",
+                "pars": pars.mode,
+                "pets": "one eager forward",
+                "pets_run": "Engine.run",
+            }[s],
             "pet_types": " ".join(types),
             "ms_per_round": round(secs[s] * 1e3, 3),
             "seq_per_s": round(n * bs / secs[s], 1),
@@ -158,21 +170,25 @@ def _point(
 
 
 def _ours(rows: list[dict[str, Any]]) -> str:
-    """The headline point: the most tasks at the artifact's (1, 128), else the last pair."""
+    """The headline point: the most tasks at the artifact's (1, 128), else the largest pair."""
     pets = [r for r in rows if r["system"] == "pets"]
     key = (1, 128) if any((r["bs"], r["seq_len"]) == (1, 128) for r in pets) else None
     pick = [r for r in pets if key is None or (r["bs"], r["seq_len"]) == key]
     top = max(pick, key=lambda r: (r["tasks"], r["bs"] * r["seq_len"]))
-    pars = next(
-        r
+    at = {
+        r["system"]: r
         for r in rows
-        if r["system"] == "pars"
-        and (r["bs"], r["seq_len"], r["tasks"]) == (top["bs"], top["seq_len"], top["tasks"])
-    )
+        if (r["bs"], r["seq_len"], r["tasks"]) == (top["bs"], top["seq_len"], top["tasks"])
+    }
+    pars = at["pars"]["seq_per_s"]
     return (
-        f"{top['tasks']} tasks, bs {top['bs']} x {top['seq_len']}: pets {top['seq_per_s']:.0f} "
-        f"seq/s = {top['vs_seqs']:.1f}x SeqS, "
-        f"{top['seq_per_s'] / pars['seq_per_s']:.1f}x ParS ({pars['mode']})"
+        f"{top['tasks']} tasks, bs {top['bs']} x {top['seq_len']}: "
+        + "; ".join(
+            f"{LABELS[s]} {at[s]['seq_per_s']:.0f} seq/s = {at[s]['vs_seqs']:.1f}x SeqS, "
+            f"{at[s]['seq_per_s'] / pars:.1f}x ParS"
+            for s in ("pets", "pets_run")
+        )
+        + f" (ParS: {at['pars']['mode']})"
     )
 
 
@@ -197,7 +213,7 @@ def _plot(
                 for n in tasks_grid
             ]
             xs = np.arange(len(tasks_grid)) + (j - (len(SYSTEMS) - 1) / 2) * width
-            ax.bar(xs, ys, width, label={"seqs": "SeqS", "pars": "ParS", "pets": "pets"}[s])
+            ax.bar(xs, ys, width, label=LABELS[s])
         ax.set_xticks(np.arange(len(tasks_grid)), [str(n) for n in tasks_grid])
         ax.set_xlabel("concurrent tasks")
         ax.set_title(f"bs={bs}, seq={seq}", fontsize=9)
