@@ -1,19 +1,23 @@
 """The PetS paper's evaluation, one command per experiment (docs/paper.md).
 
-    python -m clients.paper fig7|fig8|peft|fig8_online|fig9|fig11|fig12|table5 [flags]
+    python -m clients.paper fig7|fig8|peft|fig8_online|fig9|fig11|fig12|fig12_online|table5 ...
     python -m clients.paper all [--model bert-base] [--quick] [--no-online]
 
 Every experiment takes ``--model`` (bert-base, bert-large, bert-base-6l, bert-tiny or a
 checkpoint folder), ``--device``, ``--dtype``, ``--quick`` (a small grid) and ``--out``, and
 writes a dated run folder (manifest, CSV, plot with the paper's claim beside ours).
 ``fig12`` and ``table5`` run the existing scripts (:mod:`clients.paper.fig12`,
-:mod:`clients.paper.table5`) with the real engine on a generated task store; their own flags
-follow ``--`` (e.g. ``fig12 -- --stds 4``). ``all`` runs every experiment in turn with the
-grids below, then writes ``summary.csv`` / ``summary.md`` (paper's claim vs ours, wall time
-of each) in a run folder of its own; it includes ``fig8_online`` (tritonserver) when the
-Triton runtime is installed (``make triton``) unless ``--no-online``. Its default grids
-are the artifact's, except Fig. 12 with one repetition per point and Table 5 with a 240 s
-registration budget, so that it finishes within 30 minutes on one H100/H200 (bert-base, fp16).
+:mod:`clients.paper.table5`) with the real engine on a generated task store; their own
+flags follow ``--`` (e.g. ``fig12 -- --stds 4``). ``fig12_online`` serves the policies
+through tritonserver with perf_analyzer (:mod:`clients.paper.fig12_online`) over a
+generated store; it is not part of ``all`` (about 5 more minutes).
+
+``all`` runs every other experiment in turn, then writes ``summary.csv`` / ``summary.md``
+(the paper's claim vs ours, the wall time of each) in a run folder of its own; it includes
+``fig8_online`` (tritonserver) when the Triton runtime is installed (``make triton``),
+unless ``--no-online``. Its grids are the artifact's defaults, except Fig. 12 with one
+repetition per point and Table 5 with a 240 s registration budget, so that it finishes
+within 30 minutes on one H100/H200 (bert-base, fp16).
 """
 
 from __future__ import annotations
@@ -156,6 +160,38 @@ def run_table5(args: argparse.Namespace, extra: list[str]) -> str:
     return str(json.loads((folder / "manifest.json").read_text())["params"].get("claim", ""))
 
 
+def run_fig12_online(args: argparse.Namespace, extra: list[str]) -> str:
+    """Fig. 12 through tritonserver + perf_analyzer, over a generated store."""
+    from clients.paper import fig12_online
+
+    n = 8 if args.quick else 128
+    store = make_store(args.model, n, fig12.PETS_TYPES)
+    argv = [
+        "--store",
+        str(store),
+        "--backbone",
+        args.model,
+        "--out",
+        str(args.out),
+        "--tasks",
+        "8" if args.quick else "64",
+    ]
+    if args.device.startswith("cuda"):
+        argv.append("--serve-args=--gpu")
+    if args.quick:
+        argv += ["--interval-ms", "1000", "--concurrency", "8"]
+    t0 = time.time()
+    fig12_online.main(argv + extra)
+    folder = _newest(Path(args.out), "fig12_online", t0)
+    if folder is None or not (folder / "fig12_online.csv").is_file():
+        return "no result"
+    with (folder / "fig12_online.csv").open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r["qps_norm"]]
+    return "served, req/s vs fixed: " + ", ".join(
+        f"{r['policy']} {float(r['qps_norm']):.2f}x" for r in rows
+    )
+
+
 def _own(
     name: str, run: Callable[[argparse.Namespace, Any], dict[str, Any]]
 ) -> Callable[[argparse.Namespace, list[str]], str]:
@@ -180,6 +216,7 @@ ADDERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "fig9": fig9.add_args,
     "fig11": fig11.add_args,
     "fig12": add_common,
+    "fig12_online": add_common,
     "table5": add_common,
 }
 RUNNERS: dict[str, Callable[[argparse.Namespace, list[str]], str]] = {
@@ -190,6 +227,7 @@ RUNNERS: dict[str, Callable[[argparse.Namespace, list[str]], str]] = {
     "fig9": _own("fig9", fig9.run),
     "fig11": _own("fig11", fig11.run),
     "fig12": run_fig12,
+    "fig12_online": run_fig12_online,
     "table5": run_table5,
 }
 
@@ -267,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     if name == "all":
         return run_all(rest)
     if name not in RUNNERS:
-        raise SystemExit(f"unknown experiment {name!r}; one of {', '.join(EXPERIMENTS)}, all")
+        raise SystemExit(f"unknown experiment {name!r}; one of {', '.join(RUNNERS)}, all")
     args, extra = _parse(name, rest, all_mode=False)
     print(RUNNERS[name](args, extra), flush=True)
     return 0
