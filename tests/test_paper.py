@@ -196,7 +196,7 @@ def test_quick_harness_writes_every_experiment(tmp_path):
     assert [r["status"] for r in summary] == ["ok"] * (len(harness.EXPERIMENTS) - 1), summary
     assert rc == 0
     fig8 = _rows(folders["fig8"] / "fig8.csv")
-    assert {r["system"] for r in fig8} == {"seqs", "pars", "pets"}
+    assert {r["system"] for r in fig8} == {"seqs", "pars", "pets", "pets_run"}
     assert max(float(r["max_abs_diff_pets_vs_seqs"]) for r in fig8) < TOL
     fig7 = _rows(folders["fig7"] / "fig7.csv")
     assert all(float(r["qps_norm"]) == 1.0 for r in fig7 if r["tasks"] == "1")
