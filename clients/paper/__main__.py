@@ -53,19 +53,19 @@ PAPER = {
 
 
 def make_store(model: str, n: int, types: tuple[str, ...], seed: int = 1) -> Path:
-    """A task store of ``n`` random tasks, types drawn uniformly from ``types``."""
-    from clients.paper.common import HEAD
+    """A task store of ``n`` random tasks, types drawn uniformly from ``types`` (weight sets
+    reused as :data:`clients.paper.common.VARIANTS` says)."""
+    from clients.paper.common import task_weights
     from pets.backbone import load_backbone, resolve_checkpoint
-    from pets.taskgen import random_task
     from pets.taskstore import write_task
 
     host = load_backbone(resolve_checkpoint(model))
     store = Path(tempfile.mkdtemp(prefix="pets-paper-store-"))
     rng = np.random.default_rng(seed)
+    cache: dict[Any, Any] = {}
     for k in range(n):
         pet = types[int(rng.integers(len(types)))]
-        manifest, tensors = random_task(host, f"task{k:04d}", pet, HEAD, seed=k)
-        write_task(store, manifest, tensors)
+        write_task(store, *task_weights(host, f"task{k:04d}", pet, k, cache))
     return store
 
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from clients.bench.results import REPO_ROOT, Run, pyplot, start_run
-from clients.paper.common import HEAD, annotate, parse_ints, parse_types
+from clients.paper.common import annotate, parse_ints, parse_types, task_weights
 from clients.paper.fig8 import PAPER
 from clients.paper.fig12_online import set_param
 from clients.pets_client import build_inputs, client_module, triton_env
@@ -55,16 +55,16 @@ def write_repository(
 ) -> list[str]:
     """``pets_all`` + ``task_k`` models and their stores under ``repo``; the task names."""
     from pets.backbone import load_backbone, resolve_checkpoint
-    from pets.taskgen import random_task
     from pets.taskstore import write_task
 
     host = load_backbone(resolve_checkpoint(model))
     base = (REPO_ROOT / "model_repository/pets/config.pbtxt").read_text()
     kind = "KIND_GPU count: 1 gpus: [ 0 ]" if gpu else "KIND_CPU count: 1"
-    names = []
+    names: list[str] = []
+    cache: dict[Any, Any] = {}
     for k in range(n):
-        manifest, tensors = random_task(
-            host, f"task{k:03d}", types[k % len(types)], HEAD, seed=seed + k
+        manifest, tensors = task_weights(
+            host, f"task{k:03d}", types[k % len(types)], seed + k, cache
         )
         write_task(repo.parent / "stores" / "all", manifest, tensors)
         write_task(repo.parent / "stores" / f"task_{k}", manifest, tensors)
