@@ -7,10 +7,11 @@ DEMO_STORE ?= var/demo_store
 BENCH_ARGS ?=
 GPUS ?=
 SERVE_ARGS ?=
+PAPER_ARGS ?=
 CLANG_FORMAT ?= .venv/bin/clang-format
 CXX_SOURCES = find cuda_ops/csrc \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) -print0
 
-.PHONY: serve test test-fast setup triton ops demo lint typecheck format bench clean distclean
+.PHONY: serve test test-fast setup triton ops demo lint typecheck format bench paper clean distclean
 
 # GPUS=all or GPUS=0,1 serves on those GPUs (build/serve.sh --gpus; docs/deploy.md);
 # SERVE_ARGS passes more serve.sh options, e.g. SERVE_ARGS="--instances-per-gpu 3".
@@ -57,6 +58,10 @@ format: setup
 # Against a running server (make serve): perf_analyzer concurrency sweep over the demo tasks.
 bench: triton
 	$(PY) -m clients.bench.perf_sweep $(BENCH_ARGS)
+
+# The PetS paper's evaluation, every experiment (docs/paper.md); PAPER_ARGS="--quick" shrinks it.
+paper: triton ops
+	$(PY) -m clients.paper all $(PAPER_ARGS)
 
 clean:
 	rm -rf build/triton build/out build/cmake var .pytest_cache .mypy_cache .ruff_cache

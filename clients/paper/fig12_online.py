@@ -144,7 +144,7 @@ def write_repository(repo: Path, policies: list[str], args: argparse.Namespace) 
         (repo / f"pets_{policy}/config.pbtxt").write_text(cfg)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--store", type=Path, required=True)
     p.add_argument("--backbone", default="default")
@@ -159,7 +159,7 @@ def main() -> int:
     p.add_argument("--port-base", type=int, default=18000)
     p.add_argument("--serve-args", default="", help='build/serve.sh flags, e.g. "--gpu"')
     add_out_argument(p)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     run = start_run("fig12_online", args.out, params=vars(args))
     store = args.store.resolve()
     policies = args.policies.split(",")
@@ -211,11 +211,11 @@ def main() -> int:
     finally:
         stop(proc)
     if "fixed" in policies and rows:
-        shown = [
+        plotted = [
             {**r, "qps_norm": np.nan if r["qps_norm"] is None else r["qps_norm"]} for r in rows
         ]
         plot(
-            shown,
+            plotted,
             policies,
             run.path("fig12_online.png"),
             f"online through Triton: {args.backbone}, perf_analyzer concurrency "
