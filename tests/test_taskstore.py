@@ -235,3 +235,20 @@ def test_folder_without_manifest_and_file_entries(small_store):
     eng = Engine.from_parameters({"TASK_STORE": str(small_store), "REFRESH_MS": "0"})
     assert "needs manifest.json and weights.safetensors" in eng.registry.rejected["half_copied"]
     assert "README.txt" not in eng.registry.rejected
+
+
+def test_pets_list_check_shows_what_the_server_refuses(small_store, backbone, capsys):
+    from pets.cli import main as cli_main
+
+    def other_backbone(o: dict) -> None:
+        o["backbone"]["fingerprint"] = "sha256:0"
+
+    _write(small_store, backbone, "wrong_bb", manifest_edit=other_backbone)
+    assert cli_main(["list", str(small_store), "--json"]) == 0
+    plain = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert plain["wrong_bb"]["pet"] == "bitfit"  # structurally fine
+    assert cli_main(["list", str(small_store), "--json", "--check"]) == 0
+    checked = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert checked["wrong_bb"]["pet"] == "INVALID"
+    assert "was made for backbone sha256:0" in checked["wrong_bb"]["error"]
+    assert checked["ok_lora"]["pet"] == "lora"
