@@ -135,8 +135,11 @@ def decode_request(
         if arr.ndim != 2:
             raise RequestError(f"{ids_name} must have shape [k, L], got {list(arr.shape)}")
         _rows(ids_name, arr.shape[0], max_rows)
-        if arr.shape[1] == 0:
-            raise RequestError(f"{ids_name} is empty; send at least one token id")
+        if arr.shape[0] == 0 or arr.shape[1] == 0:
+            raise RequestError(
+                f"{ids_name} is empty (shape {list(arr.shape)}); send at least one row of "
+                "at least one token id"
+            )
         if arr.shape[1] > max_len:
             raise RequestError(
                 f"{ids_name} has {arr.shape[1]} tokens; the limit is {max_len} "

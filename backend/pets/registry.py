@@ -18,7 +18,7 @@ import torch
 from petops import reference
 
 from .backbone import LN_SITES, SITES, BackboneWeights
-from .errors import TaskError
+from .errors import TaskError, short
 from .heads import HeadTable, validate_head
 from .pet import LoadedTask, PetContext, PetMethod, pet_types
 from .pet.base import check_known
@@ -151,13 +151,13 @@ class TaskRegistry:
         """Full validation; raises :class:`TaskError` naming the problem."""
         if manifest.pet_type not in self.methods:
             raise TaskError(
-                f"task {manifest.name!r}: unknown PET type {manifest.pet_type!r}; "
+                f"task {manifest.name!r}: unknown PET type {short(manifest.pet_type)}; "
                 f"known types are {sorted(self.methods)}"
             )
         if manifest.backbone_fingerprint != self.ctx.spec.fingerprint:
             raise TaskError(
                 f"task {manifest.name!r} was made for backbone "
-                f"{manifest.backbone_fingerprint}, but this server runs "
+                f"{short(manifest.backbone_fingerprint)[1:-1]}, but this server runs "
                 f"{self.ctx.spec.fingerprint}; re-create it for this backbone"
             )
         method = self.methods[manifest.pet_type]

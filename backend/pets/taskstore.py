@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -36,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
-from .errors import TaskError
+from .errors import TaskError, short
 from .heads import HeadConfig
 
 FORMAT_VERSION = 1
@@ -51,8 +52,8 @@ def check_name(name: Any) -> str:
     """Return ``name`` if it is a valid task name, else raise :class:`TaskError`."""
     if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
         raise TaskError(
-            f"invalid task name {name!r}: use 1-{MAX_NAME_LEN} letters, digits, '_', '-' or '.', "
-            "starting with a letter or digit, without '..'"
+            f"invalid task name {short(name)}: use 1-{MAX_NAME_LEN} letters, digits, '_', '-' "
+            "or '.', starting with a letter or digit, without '..'"
         )
     return name
 
@@ -84,7 +85,7 @@ class TaskManifest:
             raise TaskError(f"manifest must be a JSON object, got {type(obj).__name__}")
         if obj.get("format_version") != FORMAT_VERSION:
             raise TaskError(
-                f"manifest format_version {obj.get('format_version')!r}; this server "
+                f"manifest format_version {short(obj.get('format_version'))}; this server "
                 f"reads version {FORMAT_VERSION}"
             )
         pet = obj.get("pet")
@@ -94,8 +95,15 @@ class TaskManifest:
         if not isinstance(backbone, dict) or not isinstance(backbone.get("fingerprint"), str):
             raise TaskError("manifest needs 'backbone': {'fingerprint': <backbone fingerprint>}")
         version = obj.get("version", 1)
-        if not isinstance(version, int):
-            raise TaskError(f"manifest version must be an integer, got {version!r}")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise TaskError(f"manifest version must be an integer, got {short(version)}")
+        created = obj.get("created", 0.0)
+        if (
+            not isinstance(created, (int, float))
+            or isinstance(created, bool)
+            or not math.isfinite(created)
+        ):
+            raise TaskError(f"manifest created must be a Unix time (seconds), got {short(created)}")
         hparams = {k: v for k, v in pet.items() if k != "type"}
         return TaskManifest(
             name=check_name(obj.get("name")),
@@ -104,7 +112,7 @@ class TaskManifest:
             head=HeadConfig.parse(obj.get("head")),
             backbone_fingerprint=backbone["fingerprint"],
             version=version,
-            created=float(obj.get("created", 0.0)),
+            created=float(created),
         )
 
 
