@@ -66,6 +66,7 @@ class EngineConfig:
     maskbert_format: str = "auto"  # auto (smaller of the two) | csr | bitmask: pet/maskbert.py
     max_text_bytes: int = 1 << 16  # a TEXT row over this is refused before tokenizing
     max_rows: int = 256  # rows (sequences) per request; more is refused before decoding
+    max_request_text_bytes: int = 1 << 20  # TEXT bytes of one request, all rows together
     cuda_graphs: int = 1  # 1: replay captured forwards on CUDA (pets/graphs.py); 0: eager
     graph_cache: int = 64  # most CUDA graphs held per instance (least recently used go)
 
@@ -93,6 +94,8 @@ class EngineConfig:
             raise ConfigError(f"MAX_TEXT_BYTES={cfg.max_text_bytes}; must be >= 1")
         if cfg.max_rows < 1:
             raise ConfigError(f"MAX_ROWS={cfg.max_rows}; must be >= 1")
+        if cfg.max_request_text_bytes < 1:
+            raise ConfigError(f"MAX_REQUEST_TEXT_BYTES={cfg.max_request_text_bytes}; must be >= 1")
         if cfg.max_batch_tokens < 1:
             raise ConfigError(f"MAX_BATCH_TOKENS={cfg.max_batch_tokens}; must be >= 1")
         return cfg
@@ -263,6 +266,7 @@ class Engine:
                 decoded = decode_request(
                     req, self.tokenizer, self.max_seq_len, self.spec.vocab,
                     self.config.max_text_bytes, self.config.max_rows,
+                    self.config.max_request_text_bytes,
                 )  # fmt: skip
             except RequestError as err:
                 outs[i] = err

@@ -10,7 +10,8 @@ have the same batch size ``k``), so clients send ``TASK [k, 1]`` and ``INPUT_IDS
 
 Every request's cost is bounded before any expensive work (docs/configuration.md, Limits):
 at most ``MAX_ROWS`` rows, task names of at most 128 characters, TEXT rows of at most
-``MAX_TEXT_BYTES`` bytes (refused before decoding or tokenizing) and ids rows of at most
+``MAX_TEXT_BYTES`` bytes and ``MAX_REQUEST_TEXT_BYTES`` together (refused before decoding
+or tokenizing) and ids rows of at most
 ``MAX_SEQ_LEN`` ids (refused before any copy). Errors quote client input only up to
 :data:`QUOTE_LIMIT` characters.
 """
@@ -58,7 +59,14 @@ def _rows(name: str, k: int, max_rows: int) -> None:
         )
 
 
-def _strings(name: str, arr: np.ndarray, max_bytes: int, limit: str, max_rows: int) -> list[str]:
+def _strings(
+    name: str,
+    arr: np.ndarray,
+    max_bytes: int,
+    limit: str,
+    max_rows: int,
+    max_total: int | None = None,
+) -> list[str]:
     """The rows of a BYTES input ``[k, 1]`` as text; more than ``max_rows`` rows, or a row
     over ``max_bytes``, is refused before anything is decoded or tokenized (``limit`` names
     the byte bound in the message)."""
@@ -69,6 +77,14 @@ def _strings(name: str, arr: np.ndarray, max_bytes: int, limit: str, max_rows: i
             f"{name} must have shape [k, 1] (one string per row), got {list(arr.shape)}"
         )
     _rows(name, arr.shape[0], max_rows)
+    if max_total is not None:
+        total = sum(len(v) for v in arr.reshape(-1))
+        if total > max_total:
+            raise RequestError(
+                f"the {name} rows of this request have {total} bytes together; the limit is "
+                f"{max_total} per request (MAX_REQUEST_TEXT_BYTES): split them over several "
+                "requests"
+            )
     out = []
     for v in arr.reshape(-1):
         if len(v) > max_bytes:
@@ -92,12 +108,13 @@ def decode_request(
     vocab: int,
     max_text_bytes: int = 1 << 16,
     max_rows: int = 256,
+    max_request_text_bytes: int = 1 << 20,
 ) -> list[Row]:
     """Validate one request and return its rows; raises :class:`RequestError` (INVALID_ARG).
 
-    Bounded work: more than ``max_rows`` rows, a TEXT row over ``max_text_bytes``, a TASK
-    row over 128 characters and an ids row over ``max_len`` are refused before anything
-    else is done with them.
+    Bounded work: more than ``max_rows`` rows, a TEXT row over ``max_text_bytes``, TEXT
+    rows over ``max_request_text_bytes`` together, a TASK row over 128 characters and an
+    ids row over ``max_len`` are refused before anything else is done with them.
     """
     if "TASK" not in req:
         raise RequestError(
@@ -121,7 +138,9 @@ def decode_request(
             raise RequestError(
                 "this backbone has no tokenizer, so TEXT is not accepted; send INPUT_IDS"
             )
-        texts = _strings("TEXT", req["TEXT"], max_text_bytes, "MAX_TEXT_BYTES", max_rows)
+        texts = _strings(
+            "TEXT", req["TEXT"], max_text_bytes, "MAX_TEXT_BYTES", max_rows, max_request_text_bytes
+        )
         if any(not t for t in texts):
             raise RequestError("TEXT is empty; send at least one character")
         seqs = [np.asarray(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(texts)]
