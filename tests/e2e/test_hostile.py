@@ -178,6 +178,26 @@ def test_malformed_request_fails_alone(
     np.testing.assert_allclose(mate, good_alone, rtol=1e-4, atol=1e-5)
 
 
+def test_pets_status_shows_rejected_tasks_and_backbone(hostile_server: Server) -> None:
+    """Without the admin token: `pets status` (the metrics port) names the rejected store
+    entries with their reasons, and the served backbone's fingerprint."""
+    import time
+
+    from pets.metrics import scrape, status_table
+
+    deadline, out = time.monotonic() + 15, ""
+    while time.monotonic() < deadline:  # pushed every METRICS_INTERVAL_MS (1 s)
+        out = status_table(scrape(hostile_server.metrics_url))
+        if all(f"REJECTED {name} " in out for name in REJECTED):
+            break
+        time.sleep(0.5)
+    print("\n" + out)
+    assert "REJECTED hostile_linked_weights (instances pets_0_0): <store>/" in out, out
+    assert "weights.safetensors is a symbolic link" in out
+    assert "REJECTED hostile_linked_folder (instances pets_0_0): task folder <store>/" in out
+    assert "backbone sha256:" in out
+
+
 def test_print_table(hostile_server: Server) -> None:
     """Prints the table collected above (pytest -s); runs after the cases."""
     if not TABLE:
