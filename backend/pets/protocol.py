@@ -67,9 +67,9 @@ def _strings(
     max_rows: int,
     max_total: int | None = None,
 ) -> list[str]:
-    """The rows of a BYTES input ``[k, 1]`` as text; more than ``max_rows`` rows, or a row
-    over ``max_bytes``, is refused before anything is decoded or tokenized (``limit`` names
-    the byte bound in the message)."""
+    """The rows of a BYTES input ``[k, 1]`` as text; more than ``max_rows`` rows, a row over
+    ``max_bytes`` or rows over ``max_total`` bytes together are refused before anything is
+    decoded or tokenized (``limit`` names the row bound in the message)."""
     if arr.dtype != object and arr.dtype.kind not in ("S", "U"):
         raise RequestError(f"{name} must be a BYTES (string) tensor, got dtype {arr.dtype}")
     if arr.ndim == 0 or arr.size == 0 or (arr.ndim == 2 and arr.shape[1] != 1) or arr.ndim > 2:
@@ -77,21 +77,22 @@ def _strings(
             f"{name} must have shape [k, 1] (one string per row), got {list(arr.shape)}"
         )
     _rows(name, arr.shape[0], max_rows)
-    if max_total is not None:
-        total = sum(len(v) for v in arr.reshape(-1))
-        if total > max_total:
-            raise RequestError(
-                f"the {name} rows of this request have {total} bytes together; the limit is "
-                f"{max_total} per request (MAX_REQUEST_TEXT_BYTES): split them over several "
-                "requests"
-            )
+    rows = arr.reshape(-1)
+    sizes = [len(v) for v in rows]  # lengths only: nothing is decoded yet
+    big = max(sizes)
+    if big > max_bytes:
+        raise RequestError(
+            f"a {name} row has {big} bytes; the limit is {max_bytes} ({limit}): "
+            "shorten it or split it over several rows"
+        )
+    if max_total is not None and sum(sizes) > max_total:
+        raise RequestError(
+            f"the {name} rows of this request have {sum(sizes)} bytes together; the limit is "
+            f"{max_total} per request (MAX_REQUEST_TEXT_BYTES): split them over several "
+            "requests"
+        )
     out = []
-    for v in arr.reshape(-1):
-        if len(v) > max_bytes:
-            raise RequestError(
-                f"a {name} row has {len(v)} bytes; the limit is {max_bytes} ({limit}): "
-                "shorten it or split it over several rows"
-            )
+    for v in rows:
         if isinstance(v, bytes):
             try:
                 v = v.decode("utf-8")

@@ -58,6 +58,9 @@ CASES: dict[str, tuple[dict[str, np.ndarray], tuple[str, str], str]] = {
                          "a TEXT row has 70000 bytes; the limit is 65536 (MAX_TEXT_BYTES)"),
     "TEXT 16 MiB": ({T: b(GOOD_TASK), "TEXT": b("w" * (16 << 20))}, BAD,
                     "a TEXT row has 16777216 bytes; the limit is 65536"),
+    "TEXT 20 x 60000 bytes": ({T: b(*[GOOD_TASK] * 20), "TEXT": b(*["w" * 60_000] * 20)},
+                              BAD, "have 1200000 bytes together; the limit is 1048576 per "
+                              "request (MAX_REQUEST_TEXT_BYTES)"),
     "TEXT empty": ({T: b(GOOD_TASK), "TEXT": b("")}, BAD, "TEXT is empty"),
     "INPUT_IDS 513 wide": ({T: b(GOOD_TASK), "INPUT_IDS": np.ones((1, 513), np.int64)}, BAD,
                            "INPUT_IDS has 513 tokens; the limit is 512 (MAX_SEQ_LEN)"),
