@@ -23,7 +23,7 @@ import triton_python_backend_utils as pb_utils
 
 from pets.engine import Engine
 from pets.errors import RequestError
-from pets.metrics import COUNTERS, GAUGES
+from pets.metrics import COUNTERS, GAUGES, INFO, rejected_series
 
 # Inputs handed to the engine as-is (absent optional inputs are left out of the dict).
 # Triton fixes one dtype per input, so INT32 ids arrive through their own optional input.
@@ -129,17 +129,20 @@ class _MetricsPusher:
     """
 
     def __init__(
-        self, stats: Any, model: str, instance: str, device: str, interval_s: float
+        self, engine: Any, model: str, instance: str, device: str, interval_s: float
     ) -> None:
-        self.stats, self.model, self.instance, self.device = stats, model, instance, device
+        self.stats, self.model, self.instance, self.device = engine.stats, model, instance, device
+        self.engine = engine  # for the backbone fingerprint and the rejected store entries
         mf = pb_utils.MetricFamily
         self._families: dict[str, Any] = {}
         for key, (name, desc) in COUNTERS.items():
             self._families[key] = mf(name=name, description=desc, kind=mf.COUNTER)
-        for key, (name, desc) in GAUGES.items():
+        for key, (name, desc) in (GAUGES | INFO).items():
             self._families[key] = mf(name=name, description=desc, kind=mf.GAUGE)
         self._series: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
         self._gauges: tuple[int, int] | None = None
+        self._rejected: set[tuple[str, str]] = set()
+        self._backbone_sent = False
         self._lock = threading.Lock()  # one flush at a time (the thread and close)
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -175,6 +178,16 @@ class _MetricsPusher:
                     where = {"instance": self.instance, "device": self.device}
                     self._metric("tasks_resident", **where).set(float(gauges[0]))
                     self._metric("memory_bytes", **where).set(float(gauges[1]))
+                if not self._backbone_sent:
+                    fp = self.engine.spec.fingerprint
+                    self._metric("backbone", instance=self.instance, fingerprint=fp).set(1.0)
+                    self._backbone_sent = True
+                rejected = rejected_series(dict(self.engine.registry.rejected))
+                for task, reason in rejected ^ self._rejected:  # only the changes
+                    self._metric("rejected", instance=self.instance, task=task, reason=reason).set(
+                        1.0 if (task, reason) in rejected else 0.0
+                    )
+                self._rejected = rejected
             except Exception as exc:  # metrics must never fail serving
                 pb_utils.Logger.log_warn(f"pets: metrics update failed: {exc}")
 
@@ -211,7 +224,7 @@ class TritonPythonModel:
                     "between pushes of the per-task series); fix config.pbtxt"
                 )
             self.metrics = _MetricsPusher(
-                self.engine.stats, self.model, self.name, device, int(raw) / 1000
+                self.engine, self.model, self.name, device, int(raw) / 1000
             )
         pb_utils.Logger.log_info(
             f"pets: instance {self.name} ready on {device}, parameters {params}"

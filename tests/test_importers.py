@@ -98,7 +98,9 @@ LORA_CASES = {
     "lora_qv": dict(r=4, lora_alpha=8, target_modules=["query", "value"]),
     "lora_all_rs": dict(
         r=8, lora_alpha=16, use_rslora=True, target_modules=["query", "key", "value", "dense"]
-    ),  # 'dense': 3 linears
+    ),  # 'dense': 3 linears (the pooler excluded below)
+    # PEFT's usual "all linear" LoRA: 'dense' also adapts bert.pooler.dense (merged)
+    "lora_all_pooler": dict(r=4, lora_alpha=8, target_modules=["query", "key", "value", "dense"]),
 }
 
 
@@ -123,6 +125,7 @@ def test_peft_lora_round_trip(case, backbone, tmp_path):
     assert res.manifest.pet_type == "lora"
     assert res.manifest.head == HeadConfig("classification", num_labels=NUM_LABELS)
     assert res.manifest.hparams["use_rslora"] == bool(LORA_CASES[case].get("use_rslora"))
+    assert ("pooler.dense.weight" in res.tensors) == (case == "lora_all_pooler")
     eng = _engine(store)
     assert not eng.load_errors, eng.load_errors
     seqs = _seqs(6, backbone.spec.vocab)
@@ -131,22 +134,38 @@ def test_peft_lora_round_trip(case, backbone, tmp_path):
     with pm.disable_adapter():  # the adapter matters (the classifier alone does not explain it)
         plain = [_logits(pm, s) for s in seqs]
     assert max(np.abs(p - w).max() for p, w in zip(plain, want, strict=True)) > 1e-2
+    if case == "lora_all_pooler":  # the pooler's own delta matters too
+        pooler = next(mod for n, mod in pm.named_modules() if n.endswith("pooler.dense"))
+        with torch.no_grad():
+            pooler.lora_B["default"].weight.zero_()
+        without = [_logits(pm, s) for s in seqs]
+        assert max(np.abs(p - w).max() for p, w in zip(without, want, strict=True)) > 1e-3
 
 
-def test_peft_ia3_round_trip(backbone, tmp_path):
+IA3_POOLER = {
+    "no_pooler": ([], []),
+    "pooler_out": (["pooler.dense"], []),  # [H, 1]: scales the pooler's output
+    "pooler_ff": (["pooler.dense"], ["pooler.dense"]),  # [1, H]: scales its input
+}
+
+
+@pytest.mark.parametrize("case", list(IA3_POOLER))
+def test_peft_ia3_round_trip(case, backbone, tmp_path):
     base = _cls_model(backbone, seed=1)
+    extra_t, extra_ff = IA3_POOLER[case]
     cfg = IA3Config(
-        target_modules=["key", "value", "output.dense"],
-        feedforward_modules=["output.dense"],
+        target_modules=["key", "value", "output.dense", *extra_t],
+        feedforward_modules=["output.dense", *extra_ff],
         modules_to_save=["classifier"],
         init_ia3_weights=False,
     )
     pm = get_peft_model(copy.deepcopy(base), cfg).eval()
-    assert _randomise(pm, "ia3_l", 1.0, 0.15) == 4 * backbone.spec.layers
+    assert _randomise(pm, "ia3_l", 1.0, 0.15) == 4 * backbone.spec.layers + len(extra_t)
     pm.save_pretrained(tmp_path / "adapter", safe_serialization=True)
     res = import_peft(tmp_path / "store", "ia3_peft", tmp_path / "adapter", backbone)
     assert res.manifest.pet_type == "ia3"
     assert res.manifest.hparams["feedforward_modules"] == ["attention.output.dense", "output.dense"]
+    assert ("pooler.dense.weight" in res.tensors) == bool(extra_t)
     eng = _engine(tmp_path / "store")
     assert not eng.load_errors, eng.load_errors
     seqs = _seqs(6, backbone.spec.vocab, seed=1)
@@ -289,12 +308,22 @@ def test_refuse_unsupported_target(backbone, tmp_path, seeded_store):
         lambda: import_peft(seeded_store, "e", tmp_path / "emb", backbone),
         "outside the BERT linears",
     )
-    _lora_adapter(backbone, tmp_path / "pool", target_modules=["query", "pooler.dense"])
+    # LoRA on the classifier: its base weights are not in the adapter, so not representable
+    cfg = LoraConfig(r=4, target_modules=["query", "classifier"], init_lora_weights=False)
+    get_peft_model(_cls_model(backbone), cfg).save_pretrained(tmp_path / "cls")
     _refused(
         seeded_store,
-        lambda: import_peft(seeded_store, "q", tmp_path / "pool", backbone),
-        "pooler.dense.lora_A.*outside the BERT linears",
+        lambda: import_peft(seeded_store, "q", tmp_path / "cls", backbone),
+        "classifier.lora_A.*outside the BERT linears",
     )
+
+
+def test_pooler_lora_without_classifier_is_dropped_with_a_warning(backbone, tmp_path):
+    cfg = LoraConfig(r=4, target_modules=["query", "pooler.dense"], init_lora_weights=False)
+    get_peft_model(_cls_model(backbone), cfg).save_pretrained(tmp_path / "a")
+    res = import_peft(None, "emb", tmp_path / "a", backbone)
+    assert res.manifest.head.kind == "embedding" and "pooler.dense.weight" not in res.tensors
+    assert any("bert.pooler.dense" in w and "dropped" in w for w in res.warnings)
 
 
 def test_refuse_wrong_hidden_size(backbone, tmp_path, seeded_store):

@@ -86,6 +86,8 @@ def test_model_pushes_series_off_the_request_path(monkeypatch: pytest.MonkeyPatc
     class Eng:
         def __init__(self) -> None:
             self.stats = EngineStats()
+            self.spec = types.SimpleNamespace(fingerprint="sha256:f00")
+            self.registry = types.SimpleNamespace(rejected={"bad": "x" * 500})
 
         @classmethod
         def from_parameters(cls, *a: Any, **k: Any) -> Eng:
@@ -139,6 +141,14 @@ def test_model_pushes_series_off_the_request_path(monkeypatch: pytest.MonkeyPatc
     assert mem.labels == {"model": "pets", "instance": "pets_0_0", "device": "cpu"}
     assert mem.value == 4096
     assert fam["pets_task_memory_bytes"].calls == 1  # gauges only when they change
+    (bb,) = fam["pets_backbone_info"].series
+    assert bb.labels["fingerprint"] == "sha256:f00" and bb.value == 1
+    (rej,) = fam["pets_task_rejected"].series
+    assert rej.labels["task"] == "bad" and rej.labels["reason"] == "x" * 300 + "..."
+    assert rej.value == 1
+    model.engine.registry.rejected.clear()  # the entry loads (or goes): its series drops to 0
+    model.metrics.flush()
+    assert rej.value == 0 and fam["pets_task_rejected"].calls == 2
     model.execute([request])
     model.finalize()  # the last deltas are pushed when the instance goes away
     assert req.value == 4 and fam["pets_task_memory_bytes"].calls == 1
@@ -155,6 +165,9 @@ nv_inference_request_success{model="pets",version="1"} 6
 nv_inference_queue_duration_us{model="pets",version="1"} 600
 nv_inference_request_duration_us{model="pets",version="1"} 6000
 nv_inference_request_success{model="other",version="1"} 99
+pets_backbone_info{fingerprint="sha256:abc",instance="pets_0_0",model="pets"} 1
+pets_task_rejected{instance="pets_0_0",model="pets",reason="was made for \\"x\\"",task="bad"} 1
+pets_task_rejected{instance="pets_0_0",model="pets",reason="old",task="fixed"} 0
 """
 
 
@@ -170,6 +183,9 @@ def test_status_table() -> None:
     assert rows["(unregistered)"][1:3] == ["0", "2"]
     assert "instance pets_0_0: 3 tasks resident, 2.00 MiB" in out
     assert "6 requests, avg queue 0.100 ms, avg request 1.000 ms" in out
+    assert "backbone sha256:abc (instances pets_0_0)" in out
+    assert 'REJECTED bad (instances pets_0_0): was made for "x"' in out
+    assert "fixed" not in out
 
 
 def test_status_table_tells_instances_apart_by_device() -> None:

@@ -125,3 +125,54 @@ def test_an_unknown_long_name_is_quoted_only_in_part(engine):
     (err,) = engine.execute([{"TASK": task(name), "INPUT_IDS": np.array([[101, 102]])}])
     assert isinstance(err, RequestError) and "(120 characters)" in err.message
     assert name not in err.message and len(err.message) < 300
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (
+            {"TASK": np.array([[b"t"]] * 5, dtype=object), "INPUT_IDS": np.ones((5, 2), np.int64)},
+            "TASK has 5 rows; the limit is 4 per request (MAX_ROWS)",
+        ),
+        (
+            {"TASK": task("t"), "INPUT_IDS": np.ones((5, 2), np.int64)},
+            "INPUT_IDS has 5 rows; the limit is 4 per request (MAX_ROWS)",
+        ),
+        (
+            {"TASK": task("t"), "TEXT": np.array([[b"x" * 90]] * 3, dtype=object)},
+            "the TEXT rows of this request have 270 bytes together; the limit is 200 per "
+            "request (MAX_REQUEST_TEXT_BYTES)",
+        ),
+        (
+            {"TASK": task("t"), "INPUT_IDS": np.ones((1, 9), np.int64)},
+            "INPUT_IDS has 9 tokens; the limit is 8 (MAX_SEQ_LEN)",
+        ),
+    ],
+    ids=["task_rows", "ids_rows", "request_text", "ids_width"],
+)
+def test_request_limits_refuse_before_any_work(engine, request_, message, monkeypatch):
+    """Each limit refuses with its parameter's name, before tokenizing or copying."""
+    from pets.protocol import decode_request
+
+    calls = []
+    tok = engine.tokenizer
+    monkeypatch.setattr(tok, "encode_batch", lambda texts: calls.append(texts))  # never reached
+    with pytest.raises(RequestError) as info:
+        decode_request(request_, tok, 8, 30522, 100, max_rows=4, max_request_text_bytes=200)
+    assert message in info.value.message and calls == []
+
+
+def test_limits_are_config_parameters():
+    from pets.engine import EngineConfig
+    from pets.errors import ConfigError
+
+    cfg = EngineConfig.from_parameters({"MAX_ROWS": "16", "MAX_REQUEST_TEXT_BYTES": "4096"})
+    assert (cfg.max_rows, cfg.max_request_text_bytes) == (16, 4096)
+    defaults = EngineConfig()
+    assert (defaults.max_rows, defaults.max_text_bytes, defaults.max_request_text_bytes) == (
+        256,
+        1 << 16,
+        1 << 20,
+    )
+    with pytest.raises(ConfigError, match="MAX_ROWS=0"):
+        EngineConfig.from_parameters({"MAX_ROWS": "0"})

@@ -28,13 +28,13 @@ from .backbone import load_backbone, resolve_checkpoint
 from .errors import ConfigError, PetsError, TaskError
 from .registry import TaskRegistry
 from .taskstore import (
-    MANIFEST,
     MAX_MANIFEST_BYTES,
     WEIGHTS,
     TaskManifest,
     check_name,
     delete_task,
     list_tasks,
+    read_manifest,
     weights_from_bytes,
     write_task,
 )
@@ -202,7 +202,7 @@ class Admin:
         except TaskError as exc:
             raise AdminError(f"task {name!r} refused, the store is unchanged: {exc}") from None
         with self._locked():
-            exists = (self.store / name / MANIFEST).is_file()
+            exists = os.path.lexists(self.store / name)
             if create and exists:
                 raise AdminError(
                     f"task {name!r} already exists; use ACTION update to replace it",
@@ -259,11 +259,11 @@ class Admin:
                 "max_upload_bytes": self.max_upload_bytes,
             }
         folder = self.store / name
-        if not (folder / MANIFEST).is_file():
+        if not os.path.lexists(folder):
             raise AdminError(f"task {name!r} does not exist", "NOT_FOUND")
         try:
             m = self._read_manifest(name)
-            size = (folder / WEIGHTS).stat().st_size
+            size = os.lstat(folder / WEIGHTS).st_size
         except (TaskError, OSError, ValueError) as exc:
             raise AdminError(
                 f"task {name!r} is unreadable in the store: {exc}", "INTERNAL"
@@ -292,10 +292,7 @@ class Admin:
         return m
 
     def _read_manifest(self, name: str) -> TaskManifest:
-        path = self.store / name / MANIFEST
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise TaskError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes")
-        return TaskManifest.from_json(json.loads(path.read_text()))
+        return read_manifest(self.store / name)  # no links followed (taskstore)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:

@@ -19,6 +19,7 @@ from .importers import ImportResult, finetuned_types, import_finetuned, import_p
 from .pet import pet_types
 from .taskgen import default_options, demo_tasks, demo_types, random_task
 from .taskstore import delete_task, list_tasks, read_task, read_weights, write_task
+from .validate import validate_task
 
 DEMO_TASKS = demo_types()  # the PET types with a demo task (their demo_options)
 
@@ -56,37 +57,41 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    """Every store entry; one that the server would refuse is INVALID with its reason
+    (links, unreadable files; with ``--check`` also the full validation against
+    ``--backbone``: fingerprint, PET tensors, head)."""
     store = Path(args.store)
+    weights = load_backbone(resolve_checkpoint(args.backbone)) if args.check else None
     rows = []
     for name in list_tasks(store):
         try:
             m, t = read_task(store / name)
+            if weights is not None:
+                validate_task(weights, m, t)
             nbytes = sum(v.numel() * v.element_size() for v in t.values())
             rows.append(
-                (
-                    name,
-                    m.pet_type,
-                    json.dumps(m.head.to_json()),
-                    f"{nbytes / 1e6:.2f} MB",
-                    m.backbone_fingerprint,
-                )
+                {
+                    "name": name,
+                    "pet": m.pet_type,
+                    "head": json.dumps(m.head.to_json()),
+                    "size": f"{nbytes / 1e6:.2f} MB",
+                    "backbone": m.backbone_fingerprint,
+                }
             )
         except PetsError as exc:
-            rows.append((name, "INVALID", str(exc), "", ""))
+            reason = str(exc).replace(str(store), "<store>")
+            rows.append({"name": name, "pet": "INVALID", "head": reason, "size": "",
+                         "backbone": "", "error": reason})  # fmt: skip
     if args.json:
-        print(
-            json.dumps(
-                [
-                    dict(zip(("name", "pet", "head", "size", "backbone"), r, strict=True))
-                    for r in rows
-                ],
-                indent=2,
-            )
-        )
+        print(json.dumps(rows, indent=2))
     else:
         for r in rows:
-            print("\t".join(r))
-        print(f"{len(rows)} task(s) in {store}")
+            print("\t".join(r[k] for k in ("name", "pet", "head", "size", "backbone")))
+        bad = sum(r["pet"] == "INVALID" for r in rows)
+        print(
+            f"{len(rows)} task(s) in {store}, {bad} INVALID"
+            + ("" if args.check else " (--check also validates against --backbone)")
+        )
     return 0
 
 
@@ -251,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list a task store")
     ls.add_argument("store")
     ls.add_argument("--json", action="store_true")
+    ls.add_argument(
+        "--check",
+        action="store_true",
+        help="validate every task fully against --backbone, as the server does",
+    )
+    ls.add_argument("--backbone", default="default", help="the serving backbone (with --check)")
     ls.set_defaults(func=cmd_list)
 
     pr = sub.add_parser("profile", help="measure the scheduler's cost model on this device")

@@ -29,7 +29,7 @@ from .heads import HeadTable
 from .metrics import EngineStats
 from .pet import PetContext
 from .pet.maskbert import FORMATS as MASKBERT_FORMATS
-from .protocol import Row, decode_request, quote
+from .protocol import REASON_LIMIT, Row, clip, decode_request, quote
 from .registry import TaskRegistry
 from .scheduling import (
     AnalyticModel,
@@ -65,6 +65,8 @@ class EngineConfig:
     memory_budget_mb: int = 0  # task weights on the device; 0 = unlimited (see `pets capacity`)
     maskbert_format: str = "auto"  # auto (smaller of the two) | csr | bitmask: pet/maskbert.py
     max_text_bytes: int = 1 << 16  # a TEXT row over this is refused before tokenizing
+    max_rows: int = 256  # rows (sequences) per request; more is refused before decoding
+    max_request_text_bytes: int = 1 << 20  # TEXT bytes of one request, all rows together
     cuda_graphs: int = 1  # 1: replay captured forwards on CUDA (pets/graphs.py); 0: eager
     graph_cache: int = 64  # most CUDA graphs held per instance (least recently used go)
 
@@ -90,6 +92,10 @@ class EngineConfig:
             )
         if cfg.max_text_bytes < 1:
             raise ConfigError(f"MAX_TEXT_BYTES={cfg.max_text_bytes}; must be >= 1")
+        if cfg.max_rows < 1:
+            raise ConfigError(f"MAX_ROWS={cfg.max_rows}; must be >= 1")
+        if cfg.max_request_text_bytes < 1:
+            raise ConfigError(f"MAX_REQUEST_TEXT_BYTES={cfg.max_request_text_bytes}; must be >= 1")
         if cfg.max_batch_tokens < 1:
             raise ConfigError(f"MAX_BATCH_TOKENS={cfg.max_batch_tokens}; must be >= 1")
         return cfg
@@ -259,7 +265,8 @@ class Engine:
             try:
                 decoded = decode_request(
                     req, self.tokenizer, self.max_seq_len, self.spec.vocab,
-                    self.config.max_text_bytes,
+                    self.config.max_text_bytes, self.config.max_rows,
+                    self.config.max_request_text_bytes,
                 )  # fmt: skip
             except RequestError as err:
                 outs[i] = err
@@ -370,6 +377,12 @@ class Engine:
         return out  # type: ignore[return-value]
 
     def _unknown(self, name: str) -> RequestError:
+        reason = self.registry.rejected.get(name)
+        if reason is not None:  # visible to the client, not only in the server log
+            return RequestError(
+                f"task {quote(name)} exists in the store but failed validation: "
+                f"{clip(reason, REASON_LIMIT)}"
+            )
         return RequestError(
             f"unknown task {quote(name)}; {len(self.registry.tasks)} tasks are loaded "
             "(list them with `pets list`); register it in the task store first"

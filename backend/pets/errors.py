@@ -5,6 +5,14 @@ from __future__ import annotations
 from typing import Literal
 
 ErrorCode = Literal["INVALID_ARG", "NOT_FOUND", "UNAVAILABLE", "INTERNAL"]
+SHORT_LIMIT = 80  # characters of an offending value's repr in a message
+
+
+def short(value: object, limit: int = SHORT_LIMIT) -> str:
+    """``repr(value)`` cut to ``limit`` characters (the full length said), so a message that
+    names a client's or a file's value stays short whatever the value is."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class PetsError(Exception):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import BackboneSpec
-from .errors import TaskError
+from .errors import TaskError, short
 from .pet.base import check_tensor
 from .pet.meta import SlotMeta
 from .tables import Allocation, FlatPool
@@ -46,21 +46,21 @@ class HeadConfig:
     def parse(obj: Any) -> HeadConfig:
         if not isinstance(obj, dict) or obj.get("type") not in ("classification", "embedding"):
             raise TaskError(
-                f"head must be {{'type': 'classification'|'embedding', ...}}, got {obj!r}"
+                f"head must be {{'type': 'classification'|'embedding', ...}}, got {short(obj)}"
             )
         if obj["type"] == "classification":
             n = obj.get("num_labels")
             if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 4096:
                 raise TaskError(
-                    f"classification head needs integer num_labels in [1, 4096], got {n!r}"
+                    f"classification head needs integer num_labels in [1, 4096], got {short(n)}"
                 )
             return HeadConfig("classification", num_labels=n)
         pooling = obj.get("pooling", "cls")
         if pooling not in ("cls", "mean"):
-            raise TaskError(f"embedding head pooling {pooling!r}; expected 'cls' or 'mean'")
+            raise TaskError(f"embedding head pooling {short(pooling)}; expected 'cls' or 'mean'")
         normalize = obj.get("normalize", False)
         if not isinstance(normalize, bool):
-            raise TaskError(f"embedding head normalize must be true/false, got {normalize!r}")
+            raise TaskError(f"embedding head normalize must be true/false, got {short(normalize)}")
         return HeadConfig("embedding", pooling=pooling, normalize=normalize)
 
     def to_json(self) -> dict[str, Any]:

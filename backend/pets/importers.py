@@ -5,7 +5,10 @@
   modules hold the config checks and hyper-parameters, :func:`peft_types`) (``BertModel`` or
   ``BertForSequenceClassification``). A classifier saved through ``modules_to_save`` becomes
   a classification head (``num_labels`` from its shape); without one the task gets an
-  embedding head (mean pooling unless told otherwise).
+  embedding head (mean pooling unless told otherwise). A LoRA or IA3 on ``bert.pooler.dense``
+  (PEFT's "all linear" ``target_modules=[..., "dense"]`` catches it) is merged into the
+  task's own pooler (:func:`_merge_pooler`); PET on any other module outside the BERT
+  linears is refused by name.
 * :func:`import_finetuned`: a fine-tuned ``BertForSequenceClassification`` (or ``BertModel``)
   folder -> a task of a type with ``imports_finetuned`` (:func:`finetuned_types`): every
   bias, every LayerNorm, the classifier and the fine-tuned pooler, plus what the type makes
@@ -183,6 +186,7 @@ def convert_peft(
     tensors: dict[str, torch.Tensor] = {}
     warnings: list[str] = []
     modules: set[str] = set()
+    pooler_pet: dict[str, torch.Tensor] = {}  # PET tensors on bert.pooler.dense
     for key, t in raw.items():
         k = _strip(key)
         if ".original_module." in k:
@@ -194,6 +198,9 @@ def convert_peft(
             "pooler.dense.bias",
         ):
             tensors[k] = t.float()
+            continue
+        if k.startswith("pooler.dense.") and any(mk in k for mk in markers):
+            pooler_pet[k.removeprefix("pooler.dense.")] = t.float()
             continue
         m = layer_re.match(k)
         if m is None:
@@ -242,15 +249,87 @@ def convert_peft(
             "the engine shares between tasks; only 'classifier' and 'pooler' can be "
             "per-task. Retrain without them, or merge and use `pets import-finetuned`"
         )
+    the_head = _head(tensors, head)
+    if pooler_pet:
+        if the_head.kind != "classification":
+            warnings.append(
+                f"the {peft_type} adapter also adapts bert.pooler.dense, which only a "
+                "classification head uses; the task has an embedding head, so it is dropped"
+            )
+        elif "pooler.dense.weight" in tensors:
+            raise TaskError(
+                "the adapter both trains a copy of the pooler (modules_to_save) and adapts "
+                "bert.pooler.dense; PEFT never produces both. Re-save the adapter"
+            )
+        else:
+            tensors.update(_merge_pooler(weights, peft_type, hparams, pooler_pet))
     manifest = TaskManifest(
         name=check_name(name),
         pet_type=pet,
         hparams=hparams,
-        head=_head(tensors, head),
+        head=the_head,
         backbone_fingerprint=weights.spec.fingerprint,
         created=time.time(),
     )
     return ImportResult(manifest, tensors, warnings)
+
+
+def _merge_pooler(
+    weights: BackboneWeights,
+    peft_type: str,
+    hparams: dict[str, Any],
+    pet_t: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """The task's own ``pooler.dense.{weight,bias}``: the backbone's pooler with the
+    adapter's PET on ``bert.pooler.dense`` merged in (``pet_t`` keyed without the module,
+    e.g. ``lora_A.weight``). The pooler runs once per sequence, so merging costs nothing at
+    serving time and the per-task pooler (heads.py) already exists.
+
+    LoRA: ``W + scale * B @ A`` (``scale`` as the task's other sites). IA3 (PEFT's ``Linear``):
+    an ``[H, 1]`` vector scales the output, ``(W x + b) * l`` -> ``l[:, None] * W``, ``l * b``;
+    a ``[1, H]`` (feedforward) vector scales the input, ``W (x * l) + b`` -> ``W * l``, ``b``.
+    """
+    if weights.pooler_w is None or weights.pooler_b is None:
+        raise TaskError(
+            "the adapter adapts bert.pooler.dense, but the serving backbone has no pooler; "
+            "retrain with exclude_modules=['pooler.dense']"
+        )
+    w, b = weights.pooler_w.float().clone(), weights.pooler_b.float().clone()
+    h = w.shape[0]
+    if peft_type == "LORA":
+        a, bm = pet_t.get("lora_A.weight"), pet_t.get("lora_B.weight")
+        if a is None or bm is None or set(pet_t) != {"lora_A.weight", "lora_B.weight"}:
+            raise TaskError(
+                f"bert.pooler.dense carries LoRA tensors {sorted(pet_t)}; expected exactly "
+                "lora_A.weight and lora_B.weight"
+            )
+        r = int(hparams["r"])
+        if tuple(a.shape) != (r, h) or tuple(bm.shape) != (h, r):
+            raise TaskError(
+                f"bert.pooler.dense LoRA tensors have shapes {tuple(a.shape)} and "
+                f"{tuple(bm.shape)}; expected ({r}, {h}) and ({h}, {r})"
+            )
+        from .pet.lora import LoraConfig
+
+        w = w + LoraConfig.from_hparams(hparams).scale * (bm.double() @ a.double()).float()
+    elif peft_type == "IA3":
+        lvec = pet_t.get("ia3_l")
+        if lvec is None or set(pet_t) != {"ia3_l"}:
+            raise TaskError(
+                f"bert.pooler.dense carries IA3 tensors {sorted(pet_t)}; expected ia3_l"
+            )
+        if tuple(lvec.shape) == (h, 1):
+            w, b = w * lvec, b * lvec.reshape(-1)
+        elif tuple(lvec.shape) == (1, h):
+            w = w * lvec
+        else:
+            raise TaskError(
+                f"bert.pooler.dense ia3_l has shape {tuple(lvec.shape)}; expected ({h}, 1) "
+                f"or (1, {h})"
+            )
+    else:
+        raise TaskError(f"a {peft_type} adapter on bert.pooler.dense cannot be merged")
+    return {"pooler.dense.weight": w, "pooler.dense.bias": b}
 
 
 def import_peft(

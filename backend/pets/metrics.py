@@ -16,6 +16,10 @@ Series (all carry ``model``; gauges also ``instance``):
 * ``pets_task_compute_us_total{task}``      forward time, each batch split by token share
 * ``pets_tasks_resident{instance,device}``, ``pets_task_memory_bytes{instance,device}``
   gauges (``device``: ``cpu`` or ``cuda:<k>``)
+* ``pets_backbone_info{instance,fingerprint}``  1: the backbone fingerprint a task's manifest
+  must carry (readable without the admin token)
+* ``pets_task_rejected{instance,task,reason}``  1 while the instance refuses that store entry
+  (the reason cut to :data:`REASON_LABEL_LIMIT` characters), 0 once it loads or is gone
 """
 
 from __future__ import annotations
@@ -39,6 +43,28 @@ GAUGES = {
     "tasks_resident": ("pets_tasks_resident", "tasks loaded in this model instance"),
     "memory_bytes": ("pets_task_memory_bytes", "device bytes held by this instance's tasks"),
 }
+INFO = {
+    "backbone": (
+        "pets_backbone_info",
+        "1; label fingerprint: the served backbone, which a task's manifest must name",
+    ),
+    "rejected": (
+        "pets_task_rejected",
+        "1 while this instance refuses the store entry 'task' (label reason), else 0",
+    ),
+}
+REASON_LABEL_LIMIT = 300  # characters of a rejection reason kept in a metric label
+
+
+def rejected_series(rejected: dict[str, str]) -> set[tuple[str, str]]:
+    """(task, reason) label pairs of the rejected store entries, reasons cut to
+    :data:`REASON_LABEL_LIMIT` characters (metric labels are bounded like error messages)."""
+    out = set()
+    for task, reason in rejected.items():
+        if len(reason) > REASON_LABEL_LIMIT:
+            reason = reason[:REASON_LABEL_LIMIT] + "..."
+        out.add((task[:128], reason))
+    return out
 
 
 @dataclass
@@ -122,8 +148,14 @@ def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
             value = float(m.group(3))
         except ValueError:
             continue
-        out.append((m.group(1), dict(_LABEL.findall(m.group(2) or "")), value))
+        labels = {k: _unescape(v) for k, v in _LABEL.findall(m.group(2) or "")}
+        out.append((m.group(1), labels, value))
     return out
+
+
+def _unescape(value: str) -> str:
+    """A label value as written, from its exposition-format escapes (``\\\\``, ``\\"``, ``\\n``)."""
+    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
 
 
 def scrape(url: str, timeout: float = 5.0) -> str:
@@ -143,8 +175,15 @@ def status_table(text: str, model: str = "pets") -> str:
     rows: dict[str, defaultdict[str, float]] = {}
     inst: dict[str, dict[str, float]] = {}
     triton: defaultdict[str, float] = defaultdict(float)
+    backbones: dict[str, set[str]] = {}
+    rejected: dict[str, dict[str, set[str]]] = {}
     for name, lab, value in samples:
-        if name in names:
+        if name == INFO["backbone"][0] and value:
+            backbones.setdefault(lab.get("fingerprint", "?"), set()).add(lab.get("instance", "?"))
+        elif name == INFO["rejected"][0] and value:
+            by_reason = rejected.setdefault(lab.get("task", "?"), {})
+            by_reason.setdefault(lab.get("reason", "?"), set()).add(lab.get("instance", "?"))
+        elif name in names:
             rows.setdefault(lab.get("task", ""), defaultdict(float))[names[name]] += value
         elif name in (GAUGES["tasks_resident"][0], GAUGES["memory_bytes"][0]):
             key = lab.get("instance", "?")
@@ -168,6 +207,11 @@ def status_table(text: str, model: str = "pets") -> str:
             f"instance {name}: {int(g.get(GAUGES['tasks_resident'][0], 0))} tasks "
             f"resident, {g.get(GAUGES['memory_bytes'][0], 0) / 2**20:.2f} MiB"
         )
+    for fp in sorted(backbones):
+        lines.append(f"backbone {fp} (instances {', '.join(sorted(backbones[fp]))})")
+    for task in sorted(rejected):
+        for reason, insts in sorted(rejected[task].items()):
+            lines.append(f"REJECTED {task} (instances {', '.join(sorted(insts))}): {reason}")
     done = triton["nv_inference_request_success"] + triton["nv_inference_request_failure"]
     if done:
         lines.append(

@@ -3,7 +3,17 @@
 A request carries ``TASK`` (BYTES ``[k, 1]``: one task name per row) and either ``TEXT``
 (BYTES ``[k, 1]``, tokenized in the server and truncated to ``MAX_SEQ_LEN`` tokens) or
 ``INPUT_IDS`` (INT64 or INT32 ``[k, L]``, never truncated: over-long input is an error).
-``k >= 1`` rows share one request; a single ``TASK`` row applies to all rows.
+``k >= 1`` rows share one request. In-process (:meth:`pets.engine.Engine.execute`) a single
+``TASK`` row applies to all rows and a rank-1 ``INPUT_IDS [L]`` is one row; over Triton both
+are refused by the server core before the model sees them (every input of a request must
+have the same batch size ``k``), so clients send ``TASK [k, 1]`` and ``INPUT_IDS [k, L]``.
+
+Every request's cost is bounded before any expensive work (docs/configuration.md, Limits):
+at most ``MAX_ROWS`` rows, task names of at most 128 characters, TEXT rows of at most
+``MAX_TEXT_BYTES`` bytes and ``MAX_REQUEST_TEXT_BYTES`` together (refused before decoding
+or tokenizing) and ids rows of at most
+``MAX_SEQ_LEN`` ids (refused before any copy). Errors quote client input only up to
+:data:`QUOTE_LIMIT` characters.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from .taskstore import MAX_NAME_LEN
 
 ID_INPUTS = ("INPUT_IDS", "INPUT_IDS_INT32")
 QUOTE_LIMIT = 64  # characters of client input quoted back in an error message
+REASON_LIMIT = 400  # characters of a task's rejection reason told to a client
 
 
 def quote(value: str, limit: int = QUOTE_LIMIT) -> str:
@@ -29,28 +40,59 @@ def quote(value: str, limit: int = QUOTE_LIMIT) -> str:
     return f"{value[:limit]!r}... ({len(value)} characters)"
 
 
+def clip(text: str, limit: int) -> str:
+    """``text`` itself, or its first ``limit`` characters and the full length."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 @dataclass(frozen=True)
 class Row:
     task: str
     ids: np.ndarray  # [L] int64
 
 
-def _strings(name: str, arr: np.ndarray, max_bytes: int, limit: str) -> list[str]:
-    """The rows of a BYTES input as text; a row over ``max_bytes`` is refused before it is
-    decoded or tokenized (``limit`` names the bound in the message)."""
+def _rows(name: str, k: int, max_rows: int) -> None:
+    if k > max_rows:
+        raise RequestError(
+            f"{name} has {k} rows; the limit is {max_rows} per request (MAX_ROWS): "
+            "split the rows over several requests"
+        )
+
+
+def _strings(
+    name: str,
+    arr: np.ndarray,
+    max_bytes: int,
+    limit: str,
+    max_rows: int,
+    max_total: int | None = None,
+) -> list[str]:
+    """The rows of a BYTES input ``[k, 1]`` as text; more than ``max_rows`` rows, a row over
+    ``max_bytes`` or rows over ``max_total`` bytes together are refused before anything is
+    decoded or tokenized (``limit`` names the row bound in the message)."""
     if arr.dtype != object and arr.dtype.kind not in ("S", "U"):
         raise RequestError(f"{name} must be a BYTES (string) tensor, got dtype {arr.dtype}")
     if arr.ndim == 0 or arr.size == 0 or (arr.ndim == 2 and arr.shape[1] != 1) or arr.ndim > 2:
         raise RequestError(
             f"{name} must have shape [k, 1] (one string per row), got {list(arr.shape)}"
         )
+    _rows(name, arr.shape[0], max_rows)
+    rows = arr.reshape(-1)
+    sizes = [len(v) for v in rows]  # lengths only: nothing is decoded yet
+    big = max(sizes)
+    if big > max_bytes:
+        raise RequestError(
+            f"a {name} row has {big} bytes; the limit is {max_bytes} ({limit}): "
+            "shorten it or split it over several rows"
+        )
+    if max_total is not None and sum(sizes) > max_total:
+        raise RequestError(
+            f"the {name} rows of this request have {sum(sizes)} bytes together; the limit is "
+            f"{max_total} per request (MAX_REQUEST_TEXT_BYTES): split them over several "
+            "requests"
+        )
     out = []
-    for v in arr.reshape(-1):
-        if len(v) > max_bytes:
-            raise RequestError(
-                f"a {name} row has {len(v)} bytes; the limit is {max_bytes} ({limit}): "
-                "shorten it or split it over several rows"
-            )
+    for v in rows:
         if isinstance(v, bytes):
             try:
                 v = v.decode("utf-8")
@@ -66,18 +108,25 @@ def decode_request(
     max_len: int,
     vocab: int,
     max_text_bytes: int = 1 << 16,
+    max_rows: int = 256,
+    max_request_text_bytes: int = 1 << 20,
 ) -> list[Row]:
     """Validate one request and return its rows; raises :class:`RequestError` (INVALID_ARG).
 
-    Bounded work: a TEXT row over ``max_text_bytes`` and a TASK row over 128 characters are
-    refused before anything else is done with them.
+    Bounded work: more than ``max_rows`` rows, a TEXT row over ``max_text_bytes``, TEXT
+    rows over ``max_request_text_bytes`` together, a TASK row over 128 characters and an
+    ids row over ``max_len`` are refused before anything else is done with them.
     """
     if "TASK" not in req:
         raise RequestError(
             "request has no TASK input; send the task name as a BYTES tensor of shape [1, 1]"
         )
     tasks = _strings(
-        "TASK", req["TASK"], MAX_NAME_LEN, f"task names have at most {MAX_NAME_LEN} characters"
+        "TASK",
+        req["TASK"],
+        MAX_NAME_LEN,
+        f"task names have at most {MAX_NAME_LEN} characters",
+        max_rows,
     )
     ids_name = next((n for n in ID_INPUTS if n in req), None)
     has_text = "TEXT" in req
@@ -90,7 +139,9 @@ def decode_request(
             raise RequestError(
                 "this backbone has no tokenizer, so TEXT is not accepted; send INPUT_IDS"
             )
-        texts = _strings("TEXT", req["TEXT"], max_text_bytes, "MAX_TEXT_BYTES")
+        texts = _strings(
+            "TEXT", req["TEXT"], max_text_bytes, "MAX_TEXT_BYTES", max_rows, max_request_text_bytes
+        )
         if any(not t for t in texts):
             raise RequestError("TEXT is empty; send at least one character")
         seqs = [np.asarray(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(texts)]
@@ -103,8 +154,12 @@ def decode_request(
             arr = arr[None, :]
         if arr.ndim != 2:
             raise RequestError(f"{ids_name} must have shape [k, L], got {list(arr.shape)}")
-        if arr.shape[1] == 0:
-            raise RequestError(f"{ids_name} is empty; send at least one token id")
+        _rows(ids_name, arr.shape[0], max_rows)
+        if arr.shape[0] == 0 or arr.shape[1] == 0:
+            raise RequestError(
+                f"{ids_name} is empty (shape {list(arr.shape)}); send at least one row of "
+                "at least one token id"
+            )
         if arr.shape[1] > max_len:
             raise RequestError(
                 f"{ids_name} has {arr.shape[1]} tokens; the limit is {max_len} "

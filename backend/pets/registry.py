@@ -18,13 +18,20 @@ import torch
 from petops import reference
 
 from .backbone import LN_SITES, SITES, BackboneWeights
-from .errors import TaskError
+from .errors import TaskError, short
 from .heads import HeadTable, validate_head
 from .pet import LoadedTask, PetContext, PetMethod, pet_types
 from .pet.base import check_known
 from .pet.meta import SlotMeta
 from .tables import FlatPool, SlotGroup
-from .taskstore import TaskManifest, check_name, list_tasks, read_task, store_state
+from .taskstore import (
+    TaskManifest,
+    check_name,
+    entry_mtime,
+    list_tasks,
+    read_task,
+    store_state,
+)
 
 log = logging.getLogger("pets")
 
@@ -127,6 +134,10 @@ class TaskRegistry:
         self.methods: dict[str, PetMethod] = {name: cls(ctx) for name, cls in pet_types().items()}
         self.by_code = {m.code: m for m in self.methods.values()}
         self.tasks: dict[str, TaskEntry] = {}
+        # store entries whose latest version failed to load: name -> reason (store paths as
+        # "<store>"); a rejected update leaves the older version in ``tasks``
+        self.rejected: dict[str, str] = {}
+        self._rejected_mtime: dict[str, int] = {}  # the entry's stamp when it was refused
         self._task_bytes = 0  # sum of the resident tasks' nbytes, kept with `tasks`
         self._free_slots: list[int] = []
         self._next_slot = 0
@@ -140,13 +151,13 @@ class TaskRegistry:
         """Full validation; raises :class:`TaskError` naming the problem."""
         if manifest.pet_type not in self.methods:
             raise TaskError(
-                f"task {manifest.name!r}: unknown PET type {manifest.pet_type!r}; "
+                f"task {manifest.name!r}: unknown PET type {short(manifest.pet_type)}; "
                 f"known types are {sorted(self.methods)}"
             )
         if manifest.backbone_fingerprint != self.ctx.spec.fingerprint:
             raise TaskError(
                 f"task {manifest.name!r} was made for backbone "
-                f"{manifest.backbone_fingerprint}, but this server runs "
+                f"{short(manifest.backbone_fingerprint)[1:-1]}, but this server runs "
                 f"{self.ctx.spec.fingerprint}; re-create it for this backbone"
             )
         method = self.methods[manifest.pet_type]
@@ -259,6 +270,9 @@ class TaskRegistry:
         for name in [n for n in self.tasks if n not in state]:
             self.remove(name)
             report["removed"].append(name)
+        for name in [n for n in self.rejected if n not in state]:
+            self.rejected.pop(name, None)
+            self._rejected_mtime.pop(name, None)
         return report
 
     def load_if_present(self, store: Path, name: str) -> bool:
@@ -267,21 +281,30 @@ class TaskRegistry:
             check_name(name)
         except TaskError:
             return False
-        if not (store / name / "manifest.json").is_file():
+        try:
+            mtime = entry_mtime(store, name)
+        except OSError:
             return False
-        return self._load_one(store, name) is None
+        if self._rejected_mtime.get(name) == mtime:  # refused as it is: not read again
+            return False
+        return self._load_one(store, name, mtime) is None
 
     def _load_one(self, store: Path, name: str, mtime_ns: int | None = None) -> str | None:
         folder = store / name
         try:
             if mtime_ns is None:
-                mtime_ns = (folder / "manifest.json").stat().st_mtime_ns
+                mtime_ns = entry_mtime(store, name)
             manifest, tensors = read_task(folder)
             self.add(manifest, tensors, mtime_ns)
         except (TaskError, OSError) as exc:
             msg = f"skipped task {name!r}: {exc}"
             log.error(msg)
+            self.rejected[name] = str(exc).replace(str(store), "<store>")
+            if mtime_ns is not None:
+                self._rejected_mtime[name] = mtime_ns
             return msg
+        self.rejected.pop(name, None)
+        self._rejected_mtime.pop(name, None)
         return None
 
     # ----------------------------------------------------------------------------- queries

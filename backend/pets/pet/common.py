@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..backbone import SITES, BackboneSpec, BackboneWeights
-from ..errors import TaskError
+from ..errors import TaskError, short
 
 if TYPE_CHECKING:  # annotations only: base.py imports this module
     from .base import LoadedTask, PetContext
@@ -205,21 +205,23 @@ def random_bias_ln(
 def positive_int(hparams: Mapping[str, Any], key: str, pet: str) -> int:
     v = hparams.get(key)
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise TaskError(f"{pet} task needs integer hyper-parameter {key!r} >= 1, got {v!r}")
+        raise TaskError(f"{pet} task needs integer hyper-parameter {key!r} >= 1, got {short(v)}")
     return v
 
 
 def finite_float(hparams: Mapping[str, Any], key: str, pet: str, default: float) -> float:
     v = hparams.get(key, default)
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-        raise TaskError(f"{pet} task hyper-parameter {key!r} must be a finite number, got {v!r}")
+        raise TaskError(
+            f"{pet} task hyper-parameter {key!r} must be a finite number, got {short(v)}"
+        )
     return float(v)
 
 
 def flag(hparams: Mapping[str, Any], key: str, pet: str, default: bool = False) -> bool:
     v = hparams.get(key, default)
     if not isinstance(v, bool):
-        raise TaskError(f"{pet} task hyper-parameter {key!r} must be true or false, got {v!r}")
+        raise TaskError(f"{pet} task hyper-parameter {key!r} must be true or false, got {short(v)}")
     return v
 
 
@@ -229,5 +231,7 @@ def module_list(
     """A list of module names (any strings; the caller checks them), ``default`` if absent."""
     v = hparams.get(key, list(default))
     if isinstance(v, str) or not isinstance(v, list) or not all(isinstance(m, str) for m in v):
-        raise TaskError(f"{pet} hyper-parameter {key!r} must be a list of module names, got {v!r}")
+        raise TaskError(
+            f"{pet} hyper-parameter {key!r} must be a list of module names, got {short(v)}"
+        )
     return v
