@@ -4,6 +4,10 @@ A request carries ``TASK`` (BYTES ``[k, 1]``: one task name per row) and either 
 (BYTES ``[k, 1]``, tokenized in the server and truncated to ``MAX_SEQ_LEN`` tokens) or
 ``INPUT_IDS`` (INT64 or INT32 ``[k, L]``, never truncated: over-long input is an error).
 ``k >= 1`` rows share one request; a single ``TASK`` row applies to all rows.
+
+Sentence pairs: ``TEXT_PAIR`` (BYTES ``[k, 1]``, with ``TEXT``) is tokenized with it as
+``[CLS] a [SEP] b [SEP]``, token type 0 for ``a`` and 1 for ``b``; with ids, the optional
+``TOKEN_TYPE_IDS`` (INT64 or INT32, the shape of the ids) carries the types.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ def quote(value: str, limit: int = QUOTE_LIMIT) -> str:
 class Row:
     task: str
     ids: np.ndarray  # [L] int64
+    types: np.ndarray | None = None  # [L] int64 token type ids; None: all 0
 
 
 def _strings(name: str, arr: np.ndarray, max_bytes: int, limit: str) -> list[str]:
@@ -66,6 +71,7 @@ def decode_request(
     max_len: int,
     vocab: int,
     max_text_bytes: int = 1 << 16,
+    type_vocab: int = 2,
 ) -> list[Row]:
     """Validate one request and return its rows; raises :class:`RequestError` (INVALID_ARG).
 
@@ -80,6 +86,7 @@ def decode_request(
         "TASK", req["TASK"], MAX_NAME_LEN, f"task names have at most {MAX_NAME_LEN} characters"
     )
     ids_name = next((n for n in ID_INPUTS if n in req), None)
+    types: list[np.ndarray] | None = None
     has_text = "TEXT" in req
     if has_text == (ids_name is not None):
         raise RequestError(
@@ -93,8 +100,29 @@ def decode_request(
         texts = _strings("TEXT", req["TEXT"], max_text_bytes, "MAX_TEXT_BYTES")
         if any(not t for t in texts):
             raise RequestError("TEXT is empty; send at least one character")
-        seqs = [np.asarray(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(texts)]
+        if "TOKEN_TYPE_IDS" in req:
+            raise RequestError(
+                "TOKEN_TYPE_IDS goes with INPUT_IDS; with TEXT send the second text as TEXT_PAIR"
+            )
+        if "TEXT_PAIR" in req:
+            pairs = _strings("TEXT_PAIR", req["TEXT_PAIR"], max_text_bytes, "MAX_TEXT_BYTES")
+            if len(pairs) != len(texts):
+                raise RequestError(
+                    f"TEXT_PAIR has {len(pairs)} rows but TEXT has {len(texts)}; send one "
+                    "second text per TEXT row"
+                )
+            if any(not t for t in pairs):
+                raise RequestError("TEXT_PAIR is empty; send at least one character")
+            enc = tokenizer.encode_batch(list(zip(texts, pairs, strict=True)))
+            seqs = [np.asarray(e.ids, dtype=np.int64) for e in enc]
+            types = [np.asarray(e.type_ids, dtype=np.int64) for e in enc]
+        else:
+            seqs = [np.asarray(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(texts)]
     else:
+        if "TEXT_PAIR" in req:
+            raise RequestError(
+                "TEXT_PAIR goes with TEXT; with token ids send TOKEN_TYPE_IDS instead"
+            )
         assert ids_name is not None
         arr = req[ids_name]
         if arr.dtype not in (np.int64, np.int32):
@@ -117,6 +145,8 @@ def decode_request(
                 f"vocabulary [0, {vocab})"
             )
         seqs = list(arr.astype(np.int64, copy=False))
+        if "TOKEN_TYPE_IDS" in req:
+            types = list(_token_types(req["TOKEN_TYPE_IDS"], arr.shape, ids_name, type_vocab))
     if len(tasks) not in (1, len(seqs)):
         raise RequestError(
             f"TASK has {len(tasks)} rows but the input has {len(seqs)}; send one "
@@ -124,4 +154,28 @@ def decode_request(
         )
     if len(tasks) == 1:
         tasks = tasks * len(seqs)
-    return [Row(t, s) for t, s in zip(tasks, seqs, strict=True)]
+    if types is None:
+        return [Row(t, s) for t, s in zip(tasks, seqs, strict=True)]
+    return [Row(t, s, y if y.any() else None) for t, s, y in zip(tasks, seqs, types, strict=True)]
+
+
+def _token_types(
+    arr: np.ndarray, shape: tuple[int, ...], ids_name: str, type_vocab: int
+) -> np.ndarray:
+    """``TOKEN_TYPE_IDS`` checked against the ids' ``shape`` ``[k, L]``; int64 ``[k, L]``."""
+    if arr.dtype not in (np.int64, np.int32):
+        raise RequestError(f"TOKEN_TYPE_IDS has dtype {arr.dtype}; send INT64 (or INT32)")
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if tuple(arr.shape) != tuple(shape):
+        raise RequestError(
+            f"TOKEN_TYPE_IDS has shape {list(arr.shape)} but {ids_name} has {list(shape)}; "
+            "send one type id per token id"
+        )
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= type_vocab:
+        raise RequestError(
+            f"TOKEN_TYPE_IDS holds {lo if lo < 0 else hi}, outside the backbone's token "
+            f"types [0, {type_vocab}) (0: first text, 1: second)"
+        )
+    return arr.astype(np.int64, copy=False)
