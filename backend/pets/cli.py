@@ -140,6 +140,37 @@ def cmd_import_finetuned(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from .onnx_export import export_task  # onnx and onnxruntime load only for this command
+
+    w = load_backbone(resolve_checkpoint(args.backbone))
+    manifest, tensors = read_task(Path(args.store) / args.task)
+    rep = export_task(
+        w,
+        args.backbone,
+        manifest,
+        tensors,
+        Path(args.out),
+        opset=args.opset,
+        dtype=args.dtype,
+        dynamic=args.dynamic,
+        batch=args.batch,
+        seq_len=args.seq_len,
+        pairs=args.pairs,
+        check=args.check,
+        exporter=args.exporter,
+    )
+    checked = (
+        f"ONNX Runtime vs engine max-abs {rep.max_abs:.2e} (<= {rep.tolerance:g})"
+        if args.check
+        else "not checked (--no-check)"
+    )
+    print(f"exported {manifest.name} -> {rep.path} (opset {rep.opset}, {rep.dtype}); {checked}")
+    if rep.config_path is not None:
+        print(f"Triton onnxruntime config: {rep.config_path}")
+    return 0
+
+
 def cmd_capacity(args: argparse.Namespace) -> int:
     w = load_backbone(resolve_checkpoint(args.backbone))
     dtype = (
@@ -296,6 +327,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_import_head(fi)
     fi.set_defaults(func=cmd_import_finetuned)
+
+    ex = sub.add_parser(
+        "export-onnx",
+        help="export one task (backbone + PET + head) as a standalone ONNX model, checked "
+        "against the engine, with a config.pbtxt for Triton's onnxruntime backend",
+    )
+    ex.add_argument("store")
+    ex.add_argument("task")
+    ex.add_argument("out", help="the .onnx file (e.g. model_repository/my_task/1/model.onnx)")
+    ex.add_argument("--backbone", default="default")
+    ex.add_argument("--opset", type=int, default=18)
+    ex.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    ex.add_argument(
+        "--dynamic",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="dynamic batch and sequence axes (default); --no-dynamic fixes [--batch, --seq-len]",
+    )
+    ex.add_argument("--batch", type=int, default=2)
+    ex.add_argument("--seq-len", type=int, default=16)
+    ex.add_argument(
+        "--pairs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="add a token_type_ids input (default: the head's 'pairs' flag)",
+    )
+    ex.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
+    ex.add_argument(
+        "--check",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compare ONNX Runtime with the engine (default on)",
+    )
+    ex.set_defaults(func=cmd_export_onnx)
 
     cp = sub.add_parser("capacity", help="measure per-task memory and how many tasks fit")
     cp.add_argument("--backbone", default="default")
