@@ -27,7 +27,7 @@ from pets.metrics import COUNTERS, GAUGES
 
 # Inputs handed to the engine as-is (absent optional inputs are left out of the dict).
 # Triton fixes one dtype per input, so INT32 ids arrive through their own optional input.
-_INPUTS = ("TASK", "TEXT", "INPUT_IDS", "INPUT_IDS_INT32")
+_INPUTS = ("TASK", "TEXT", "INPUT_IDS", "INPUT_IDS_INT32", "TEXT_PAIR", "TOKEN_TYPE_IDS")
 _INPUT_SET = frozenset(_INPUTS)
 _OUTPUT = "OUTPUT"
 

@@ -233,3 +233,41 @@ def test_staged_reused_batches_restage_token_types(store, eng):
         assert len(staged._templates) == 1  # one layout, reused twice
     finally:
         staged.close()
+
+
+def test_text_pair_tokenizes_like_hf():
+    """TEXT_PAIR: ``[CLS] a [SEP] b [SEP]`` with HF's token type ids; an empty pair row is
+    a single text; misplaced pair inputs are refused with the fix."""
+    from transformers import AutoTokenizer
+
+    from pets.backbone import default_checkpoint
+    from pets.errors import RequestError
+    from pets.protocol import decode_request
+    from pets.tokenizer import load_tokenizer
+
+    ckpt = default_checkpoint()
+    tok, hf = load_tokenizer(ckpt, 512), AutoTokenizer.from_pretrained(str(ckpt))
+
+    def req(**kw: list[str]) -> dict[str, np.ndarray]:
+        out = {"TASK": np.array([[b"t"]], dtype=object)}
+        for k, v in kw.items():
+            out[k] = np.array([[x.encode()] for x in v], dtype=object)
+        return out
+
+    a, b = ["is it raining?", "a query"], ["the streets are wet", ""]
+    rows = decode_request(req(TEXT=a, TEXT_PAIR=b), tok, 512, 30522)
+    want = hf(a[0], b[0])
+    assert rows[0].ids.tolist() == want["input_ids"]
+    assert rows[0].types is not None and rows[0].types.tolist() == want["token_type_ids"]
+    assert rows[1].ids.tolist() == hf(a[1])["input_ids"] and rows[1].types is None
+    for bad, message in (
+        (req(TEXT=a, TEXT_PAIR=b[:1]), "TEXT_PAIR has 1 rows but TEXT has 2"),
+        ({**req(TEXT=a), "TOKEN_TYPE_IDS": np.zeros((2, 3), np.int64)}, "goes with INPUT_IDS"),
+        (
+            {**req(TEXT_PAIR=b), "INPUT_IDS": np.ones((2, 3), np.int64)},
+            "TEXT_PAIR goes with TEXT",
+        ),
+    ):
+        with pytest.raises(RequestError) as err:
+            decode_request(bad, tok, 512, 30522)
+        assert message in str(err.value)

@@ -14,7 +14,7 @@ from .backbone import load_backbone, resolve_checkpoint
 from .capacity import measure
 from .engine import DTYPES
 from .errors import PetsError
-from .heads import HeadConfig
+from .heads import HEAD_KINDS, OUTPUTS, HeadConfig
 from .importers import ImportResult, finetuned_types, import_finetuned, import_peft, peft_types
 from .pet import pet_types
 from .taskgen import default_options, demo_tasks, demo_types, random_task
@@ -24,9 +24,11 @@ DEMO_TASKS = demo_types()  # the PET types with a demo task (their demo_options)
 
 
 def _head(args: argparse.Namespace) -> HeadConfig:
-    if args.head == "classification":
-        return HeadConfig("classification", num_labels=args.num_labels)
-    return HeadConfig("embedding", pooling=args.pooling, normalize=args.normalize)
+    if args.head == "embedding":
+        obj = {"type": "embedding", "pooling": args.pooling, "normalize": args.normalize}
+    else:
+        obj = {"type": args.head, "num_labels": args.num_labels, "output": args.output}
+    return HeadConfig.parse({**obj, "pairs": args.pairs})  # checked as a manifest is
 
 
 def cmd_demo_store(args: argparse.Namespace) -> int:
@@ -99,11 +101,8 @@ def cmd_remove(args: argparse.Namespace) -> int:
 def _opt_head(args: argparse.Namespace) -> HeadConfig | None:
     if args.head is None:
         return None
-    if args.head == "classification":
-        raise PetsError(
-            "--head classification is implied by a classifier in the checkpoint; "
-            "use --head embedding (or leave --head out)"
-        )
+    if args.head != "embedding":  # num_labels 0: the checkpoint's classifier decides
+        return HeadConfig(args.head, num_labels=0, output=args.output)
     return HeadConfig("embedding", pooling=args.pooling, normalize=args.normalize)
 
 
@@ -200,10 +199,12 @@ def _add_import_head(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--backbone", default="default", help="the serving backbone (checked)")
     sp.add_argument(
         "--head",
-        choices=("classification", "embedding"),
+        choices=HEAD_KINDS,
         default=None,
-        help="head when the checkpoint has no classifier (default: embedding)",
+        help="the head (default: from the classifier and task_type/problem_type; embedding "
+        "without a classifier)",
     )
+    sp.add_argument("--output", choices=OUTPUTS, default="logits")
     sp.add_argument("--pooling", choices=("cls", "mean"), default="mean")
     sp.add_argument("--normalize", action="store_true")
 
@@ -271,8 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--backbone", default="default")
     c.add_argument("--hparams", help=f"JSON hyper-parameters; defaults: {default_options()}")
     c.add_argument("--weights", help="safetensors file with the task's tensors")
-    c.add_argument("--head", choices=("classification", "embedding"), default="classification")
+    c.add_argument("--head", choices=HEAD_KINDS, default="classification")
     c.add_argument("--num-labels", type=int, default=2)
+    c.add_argument(
+        "--output", choices=OUTPUTS, default="logits", help="raw logits (HF's) or activated"
+    )
+    c.add_argument("--pairs", action="store_true", help="a sentence-pair task (cross-encoder)")
     c.add_argument("--pooling", choices=("cls", "mean"), default="mean")
     c.add_argument("--normalize", action="store_true")
     c.add_argument("--count", type=int, default=1)

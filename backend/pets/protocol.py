@@ -6,7 +6,8 @@ A request carries ``TASK`` (BYTES ``[k, 1]``: one task name per row) and either 
 ``k >= 1`` rows share one request; a single ``TASK`` row applies to all rows.
 
 Sentence pairs: ``TEXT_PAIR`` (BYTES ``[k, 1]``, with ``TEXT``) is tokenized with it as
-``[CLS] a [SEP] b [SEP]``, token type 0 for ``a`` and 1 for ``b``; with ids, the optional
+``[CLS] a [SEP] b [SEP]``, token type 0 for ``a`` and 1 for ``b`` (an empty ``TEXT_PAIR``
+row leaves its ``TEXT`` a single text); with ids, the optional
 ``TOKEN_TYPE_IDS`` (INT64 or INT32, the shape of the ids) carries the types.
 """
 
@@ -111,9 +112,10 @@ def decode_request(
                     f"TEXT_PAIR has {len(pairs)} rows but TEXT has {len(texts)}; send one "
                     "second text per TEXT row"
                 )
-            if any(not t for t in pairs):
-                raise RequestError("TEXT_PAIR is empty; send at least one character")
-            enc = tokenizer.encode_batch(list(zip(texts, pairs, strict=True)))
+            # An empty TEXT_PAIR row is a single text, so one request can mix both.
+            enc = tokenizer.encode_batch(
+                [(a, b) if b else a for a, b in zip(texts, pairs, strict=True)]
+            )
             seqs = [np.asarray(e.ids, dtype=np.int64) for e in enc]
             types = [np.asarray(e.type_ids, dtype=np.int64) for e in enc]
         else:
