@@ -7,6 +7,8 @@ Layout (``B`` sequences, ``T`` tokens in all, ``S`` segments):
 
 * sequences are ordered by task slot, so each task's tokens form one contiguous **segment**;
 * ``input_ids``/``positions`` are flat ``[T]``; ``cu_seqlens`` ``[B + 1]`` bounds sequences;
+* ``token_types`` ``[T]`` (segment A = 0, B = 1 of sentence pairs) only when some sequence
+  has a nonzero type; None means every token is type 0;
 * ``seg_indptr`` ``[S + 1]`` bounds segments; ``seg_task`` ``[S]`` names each segment's task;
 * ``order[j]`` is the caller's index of the j-th sequence, so results go back in request order.
 
@@ -37,6 +39,8 @@ class Batch:
     cu_seqlens_cpu: torch.Tensor  # [B + 1] int64, host
     order: np.ndarray  # [B] int64: caller index of each batch row
     valid_lens: torch.Tensor | None = None  # [B] int64, device: set on the padded path only
+    valid_lens_cpu: torch.Tensor | None = None  # [B] int64, host: the same
+    token_types: torch.Tensor | None = None  # [T] int64, device: None = all type 0
 
     @property
     def num_tokens(self) -> int:
@@ -57,6 +61,7 @@ def build_batch(
     device: torch.device,
     pad_to: int = 0,
     upload: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    types: Sequence[np.ndarray | None] | None = None,
 ) -> Batch:
     """Pack sequences into a :class:`Batch`, grouped by task.
 
@@ -70,6 +75,9 @@ def build_batch(
         upload: host tensor -> device tensor for the device-side arrays; default
             ``tensor.to(device, non_blocking=True)``. The engine passes its
             :class:`~pets.staging.Stager` so the batch crosses in one copy.
+        types: per sequence, its token type ids (same length as its ids) or None (all 0).
+            Staged right after ``input_ids`` (staged array 1), so a reused layout can
+            replace both.
     """
     if upload is None:
 
@@ -115,8 +123,22 @@ def build_batch(
     )
 
     seg_indptr_cpu = torch.from_numpy(seg_indptr)
+    input_ids = upload(torch.from_numpy(flat))  # staged first: the engine restages it
+    token_types = None
+    if types is not None and any(t is not None and np.any(t) for t in types):
+        tt = [
+            np.zeros(len(ids[i]), np.int64) if types[i] is None else np.asarray(types[i], np.int64)
+            for i in order
+        ]
+        real_t = np.concatenate(tt)
+        if pad_to:
+            flat_t = np.zeros_like(flat)
+            flat_t[dest] = real_t
+        else:
+            flat_t = real_t
+        token_types = upload(torch.from_numpy(flat_t))  # staged second
     return Batch(
-        input_ids=upload(torch.from_numpy(flat)),
+        input_ids=input_ids,
         positions=upload(torch.from_numpy(positions)),
         cu_seqlens=upload(torch.from_numpy(cu.astype(np.int32))),
         max_seqlen=int(lengths.max()) if len(lengths) else 0,
@@ -128,4 +150,6 @@ def build_batch(
         cu_seqlens_cpu=torch.from_numpy(cu),
         order=order,
         valid_lens=upload(torch.from_numpy(valid)) if pad_to else None,
+        valid_lens_cpu=torch.from_numpy(valid) if pad_to else None,
+        token_types=token_types,
     )

@@ -14,7 +14,7 @@ from .backbone import load_backbone, resolve_checkpoint
 from .capacity import measure
 from .engine import DTYPES
 from .errors import PetsError
-from .heads import HeadConfig
+from .heads import HEAD_KINDS, OUTPUTS, HeadConfig
 from .importers import ImportResult, finetuned_types, import_finetuned, import_peft, peft_types
 from .pet import pet_types
 from .taskgen import default_options, demo_tasks, demo_types, random_task
@@ -25,9 +25,11 @@ DEMO_TASKS = demo_types()  # the PET types with a demo task (their demo_options)
 
 
 def _head(args: argparse.Namespace) -> HeadConfig:
-    if args.head == "classification":
-        return HeadConfig("classification", num_labels=args.num_labels)
-    return HeadConfig("embedding", pooling=args.pooling, normalize=args.normalize)
+    if args.head == "embedding":
+        obj = {"type": "embedding", "pooling": args.pooling, "normalize": args.normalize}
+    else:
+        obj = {"type": args.head, "num_labels": args.num_labels, "output": args.output}
+    return HeadConfig.parse({**obj, "pairs": args.pairs})  # checked as a manifest is
 
 
 def cmd_demo_store(args: argparse.Namespace) -> int:
@@ -104,11 +106,8 @@ def cmd_remove(args: argparse.Namespace) -> int:
 def _opt_head(args: argparse.Namespace) -> HeadConfig | None:
     if args.head is None:
         return None
-    if args.head == "classification":
-        raise PetsError(
-            "--head classification is implied by a classifier in the checkpoint; "
-            "use --head embedding (or leave --head out)"
-        )
+    if args.head != "embedding":  # num_labels 0: the checkpoint's classifier decides
+        return HeadConfig(args.head, num_labels=0, output=args.output)
     return HeadConfig("embedding", pooling=args.pooling, normalize=args.normalize)
 
 
@@ -145,6 +144,37 @@ def cmd_import_finetuned(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from .onnx_export import export_task  # onnx and onnxruntime load only for this command
+
+    w = load_backbone(resolve_checkpoint(args.backbone))
+    manifest, tensors = read_task(Path(args.store) / args.task)
+    rep = export_task(
+        w,
+        args.backbone,
+        manifest,
+        tensors,
+        Path(args.out),
+        opset=args.opset,
+        dtype=args.dtype,
+        dynamic=args.dynamic,
+        batch=args.batch,
+        seq_len=args.seq_len,
+        pairs=args.pairs,
+        check=args.check,
+        exporter=args.exporter,
+    )
+    checked = (
+        f"ONNX Runtime vs engine max-abs {rep.max_abs:.2e} (<= {rep.tolerance:g})"
+        if args.check
+        else "not checked (--no-check)"
+    )
+    print(f"exported {manifest.name} -> {rep.path} (opset {rep.opset}, {rep.dtype}); {checked}")
+    if rep.config_path is not None:
+        print(f"Triton onnxruntime config: {rep.config_path}")
+    return 0
+
+
 def cmd_capacity(args: argparse.Namespace) -> int:
     w = load_backbone(resolve_checkpoint(args.backbone))
     dtype = (
@@ -174,10 +204,12 @@ def _add_import_head(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--backbone", default="default", help="the serving backbone (checked)")
     sp.add_argument(
         "--head",
-        choices=("classification", "embedding"),
+        choices=HEAD_KINDS,
         default=None,
-        help="head when the checkpoint has no classifier (default: embedding)",
+        help="the head (default: from the classifier and task_type/problem_type; embedding "
+        "without a classifier)",
     )
+    sp.add_argument("--output", choices=OUTPUTS, default="logits")
     sp.add_argument("--pooling", choices=("cls", "mean"), default="mean")
     sp.add_argument("--normalize", action="store_true")
 
@@ -245,8 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--backbone", default="default")
     c.add_argument("--hparams", help=f"JSON hyper-parameters; defaults: {default_options()}")
     c.add_argument("--weights", help="safetensors file with the task's tensors")
-    c.add_argument("--head", choices=("classification", "embedding"), default="classification")
+    c.add_argument("--head", choices=HEAD_KINDS, default="classification")
     c.add_argument("--num-labels", type=int, default=2)
+    c.add_argument(
+        "--output", choices=OUTPUTS, default="logits", help="raw logits (HF's) or activated"
+    )
+    c.add_argument("--pairs", action="store_true", help="a sentence-pair task (cross-encoder)")
     c.add_argument("--pooling", choices=("cls", "mean"), default="mean")
     c.add_argument("--normalize", action="store_true")
     c.add_argument("--count", type=int, default=1)
@@ -307,6 +343,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_import_head(fi)
     fi.set_defaults(func=cmd_import_finetuned)
+
+    ex = sub.add_parser(
+        "export-onnx",
+        help="export one task (backbone + PET + head) as a standalone ONNX model, checked "
+        "against the engine, with a config.pbtxt for Triton's onnxruntime backend",
+    )
+    ex.add_argument("store")
+    ex.add_argument("task")
+    ex.add_argument("out", help="the .onnx file (e.g. model_repository/my_task/1/model.onnx)")
+    ex.add_argument("--backbone", default="default")
+    ex.add_argument("--opset", type=int, default=18)
+    ex.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    ex.add_argument(
+        "--dynamic",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="dynamic batch and sequence axes (default); --no-dynamic fixes [--batch, --seq-len]",
+    )
+    ex.add_argument("--batch", type=int, default=2)
+    ex.add_argument("--seq-len", type=int, default=16)
+    ex.add_argument(
+        "--pairs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="add a token_type_ids input (default: the head's 'pairs' flag)",
+    )
+    ex.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
+    ex.add_argument(
+        "--check",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compare ONNX Runtime with the engine (default on)",
+    )
+    ex.set_defaults(func=cmd_export_onnx)
 
     cp = sub.add_parser("capacity", help="measure per-task memory and how many tasks fit")
     cp.add_argument("--backbone", default="default")

@@ -163,7 +163,12 @@ class SharedEncoder:
                 scale=to_device(rows.scale) if bool((rows.scale > 0).any()) else None,
             )
             head = self.heads.plan(
-                batch.cu_seqlens, batch.seq_task_cpu, batch.valid_lens, to_device
+                batch.cu_seqlens,
+                batch.seq_task_cpu,
+                batch.valid_lens,
+                to_device,
+                batch.cu_seqlens_cpu,
+                batch.valid_lens_cpu,
             )
         finally:
             self.ctx.upload = None
@@ -180,7 +185,8 @@ class SharedEncoder:
 
     def _embed(self, batch: Batch, sp: SegmentParams) -> torch.Tensor:
         w = self.w
-        x = w.word[batch.input_ids] + w.position[batch.positions] + w.token_type[0]
+        types = w.token_type[0] if batch.token_types is None else w.token_type[batch.token_types]
+        x = w.word[batch.input_ids] + w.position[batch.positions] + types
         ln = self.ctx.ln.tables
         return self.ctx.ops.bias_residual_layernorm(
             x,

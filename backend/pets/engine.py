@@ -266,7 +266,7 @@ class Engine:
                 decoded = decode_request(
                     req, self.tokenizer, self.max_seq_len, self.spec.vocab,
                     self.config.max_text_bytes, self.config.max_rows,
-                    self.config.max_request_text_bytes,
+                    self.config.max_request_text_bytes, self.spec.type_vocab,
                 )  # fmt: skip
             except RequestError as err:
                 outs[i] = err
@@ -281,7 +281,11 @@ class Engine:
                 outs[owner[j]] = self._unknown(r.task)
         keep = [j for j in range(len(rows)) if outs[owner[j]] is None]
         t0 = time.perf_counter()
-        results = self.run([rows[j].ids for j in keep], [rows[j].task for j in keep])
+        results = self.run(
+            [rows[j].ids for j in keep],
+            [rows[j].task for j in keep],
+            [rows[j].types for j in keep],
+        )
         compute_s = time.perf_counter() - t0
         per_req: dict[int, list[np.ndarray]] = {}
         for j, res in zip(keep, results, strict=True):
@@ -292,14 +296,15 @@ class Engine:
         for i, parts in per_req.items():
             if outs[i] is not None:
                 continue
-            widths = {p.shape[0] for p in parts}
+            shapes = {p.shape for p in parts}
             outs[i] = (
                 np.stack(parts)
-                if len(widths) == 1
+                if len(shapes) == 1
                 else RequestError(
-                    "the rows of one request produce outputs of different widths "
-                    f"{sorted(widths)}; "
-                    "send rows of tasks with different heads as separate requests"
+                    "the rows of one request produce outputs of different widths or token "
+                    f"counts (shapes {sorted(shapes)}); send rows of tasks with different "
+                    "heads, and token-classification rows of different lengths, as separate "
+                    "requests"
                 )
             )
         assert all(o is not None for o in outs), "every request gets an answer; this is a bug"
@@ -335,9 +340,15 @@ class Engine:
         self.stats.record(served, tokens, errors, compute_s, resident, nbytes)
 
     def run(
-        self, ids: Sequence[np.ndarray], tasks: Sequence[str]
+        self,
+        ids: Sequence[np.ndarray],
+        tasks: Sequence[str],
+        types: Sequence[np.ndarray | None] | None = None,
     ) -> list[np.ndarray | RequestError]:
-        """Run validated sequences; returns one output row (or error) per sequence.
+        """Run validated sequences; returns one output (or error) per sequence: ``[D]``, or
+        ``[L, C]`` for a token-classification task (``L`` the sequence's own length).
+
+        ``types``: per sequence, its token type ids (sentence pairs) or None (all type 0).
 
         The task names are resolved once, under the registry lock that a writer takes to
         place or remove a task: a task removed while its request waited is refused here.
@@ -363,12 +374,22 @@ class Engine:
             for sb in self.scheduler.schedule(queries):
                 idx = [live[k] for k in sb.indices]
                 try:
+                    sb_types = None if types is None else [types[i] for i in idx]
                     prepared = self._prepare([ids[i] for i in idx],
                                              [entries[i].slot for i in idx],  # type: ignore[union-attr]
-                                             sb.padded_length)  # fmt: skip
+                                             sb.padded_length, sb_types)  # fmt: skip
                     values_np = self._compute(prepared).cpu().numpy()
-                    width = prepared.head.width.numpy()
+                    hp = prepared.head
+                    width = hp.width.numpy()
+                    n = len(idx)
                     for row, caller in enumerate(prepared.batch.order):
+                        if hp.tok_start is not None and hp.tok_len is not None:
+                            start = int(hp.tok_start[row])
+                            if start >= 0:  # token head: its own tokens' rows, [L, C]
+                                first = n + start
+                                stop = first + int(hp.tok_len[row])
+                                out[idx[caller]] = values_np[first:stop, : width[row]].copy()
+                                continue
                         out[idx[caller]] = values_np[row, : width[row]].copy()
                 except Exception as exc:  # one failed batch harms no other batch
                     log.exception("engine batch failed")
@@ -396,29 +417,57 @@ class Engine:
                     self.registry.load_if_present(self.store, name)
         return names - self.registry.tasks.keys()
 
-    def _prepare(self, ids: Sequence[np.ndarray], slots: Sequence[int], pad_to: int) -> Prepared:
+    def _prepare(
+        self,
+        ids: Sequence[np.ndarray],
+        slots: Sequence[int],
+        pad_to: int,
+        types: Sequence[np.ndarray | None] | None = None,
+    ) -> Prepared:
         """Lay out one engine batch and run the host half of its forward; its device arrays
         are staged and copied in one transfer.
 
         A batch of the same task slots and lengths as a recent one (the registry unchanged)
-        reuses that batch's plans: only its token ids are staged anew.
+        reuses that batch's plans: only its token ids (and token types) are staged anew.
         """
         stager = self.stager
-        sig = (self.registry.version, stager.epoch, tuple(slots), tuple(len(x) for x in ids))
+        if types is not None and not any(t is not None for t in types):
+            types = None  # all type 0: the batch stages no token types
+        sig = (
+            self.registry.version,
+            stager.epoch,
+            tuple(slots),
+            tuple(len(x) for x in ids),
+            types is not None,
+        )
         reuse = stager.enabled and not pad_to  # the CPU stages nothing: nothing to reuse
         tpl = self._templates.get(sig) if reuse else None
         if tpl is not None:
             self._templates.move_to_end(sig)
             order = tpl.prepared.batch.order
             flat = np.concatenate([np.asarray(ids[i], dtype=np.int64) for i in order])
-            stager.restore(tpl.stage, {0: torch.from_numpy(flat)})  # input_ids: staged first
+            new = {0: torch.from_numpy(flat)}  # input_ids: staged first (build_batch)
+            if types is not None:  # token types: staged second
+                new[1] = torch.from_numpy(
+                    np.concatenate(
+                        [
+                            np.zeros(len(ids[i]), np.int64)
+                            if (t := types[i]) is None
+                            else np.asarray(t, dtype=np.int64)
+                            for i in order
+                        ]
+                    )
+                )
+            stager.restore(tpl.stage, new)
             stager.flush()
             for view, src in tpl.copies:
                 view.copy_(src)
             return tpl.prepared
         for _ in range(2):
             stager.begin()
-            batch = build_batch(ids, slots, self.device, pad_to=pad_to, upload=stager.put)
+            batch = build_batch(
+                ids, slots, self.device, pad_to=pad_to, upload=stager.put, types=types
+            )
             prepared = self.encoder.prepare(batch, stager.put)
             copies: list[tuple[torch.Tensor, torch.Tensor]] = []
             if self.graphs is not None:  # plans' own device arrays move into the stage too
@@ -453,7 +502,14 @@ class Engine:
                 (
                     self.stager.layout,
                     b.max_seqlen,
-                    (b.input_ids, b.positions, b.cu_seqlens, b.seg_indptr, b.valid_lens),
+                    (
+                        b.input_ids,
+                        b.positions,
+                        b.cu_seqlens,
+                        b.seg_indptr,
+                        b.valid_lens,
+                        b.token_types,
+                    ),
                     prepared.active,
                     prepared.sp,
                     prepared.head,

@@ -2,17 +2,20 @@
 
 * :func:`import_peft`: ``adapter_config.json`` + ``adapter_model.safetensors`` of a PEFT
   adapter on a BERT model, of a ``peft_type`` some PET type imports (LoRA, IA3: their
-  modules hold the config checks and hyper-parameters, :func:`peft_types`) (``BertModel`` or
-  ``BertForSequenceClassification``). A classifier saved through ``modules_to_save`` becomes
-  a classification head (``num_labels`` from its shape); without one the task gets an
-  embedding head (mean pooling unless told otherwise). A LoRA or IA3 on ``bert.pooler.dense``
-  (PEFT's "all linear" ``target_modules=[..., "dense"]`` catches it) is merged into the
-  task's own pooler (:func:`_merge_pooler`); PET on any other module outside the BERT
-  linears is refused by name.
-* :func:`import_finetuned`: a fine-tuned ``BertForSequenceClassification`` (or ``BertModel``)
-  folder -> a task of a type with ``imports_finetuned`` (:func:`finetuned_types`): every
-  bias, every LayerNorm, the classifier and the fine-tuned pooler, plus what the type makes
-  of the weight changes (Diff-Pruning: the top-k ``|W_ft - W|`` per linear at ``density``;
+  modules hold the config checks and hyper-parameters, :func:`peft_types`) (``BertModel``,
+  ``BertForSequenceClassification`` or ``BertForTokenClassification``). A classifier saved
+  through ``modules_to_save`` becomes the head (``num_labels`` from its shape; ``task_type``
+  ``TOKEN_CLS`` a token_classification head, else classification, or what ``--head``
+  says); without one the task gets an embedding head (mean pooling unless told otherwise).
+  A LoRA or IA3 on ``bert.pooler.dense`` (PEFT's "all linear" ``target_modules=[...,
+  "dense"]`` catches it) is merged into the task's own pooler (:func:`_merge_pooler`); PET
+  on any other module outside the BERT linears is refused by name.
+* :func:`import_finetuned`: a fine-tuned ``BertForSequenceClassification`` (its
+  ``problem_type``: classification, multi_label or regression head),
+  ``BertForTokenClassification`` (token_classification) or ``BertModel`` folder -> a task
+  of a type with ``imports_finetuned`` (:func:`finetuned_types`): every bias, every
+  LayerNorm, the classifier and the fine-tuned pooler (pooled heads), plus what the type
+  makes of the weight changes (Diff-Pruning: the top-k ``|W_ft - W|`` per linear at ``density``;
   BitFit: nothing, with a warning).
 
 Everything is validated against the serving backbone (:func:`pets.validate.validate_task`)
@@ -34,7 +37,7 @@ import torch
 
 from .backbone import BackboneWeights, state_from_weights
 from .errors import TaskError
-from .heads import HeadConfig
+from .heads import POOLED_KINDS, HeadConfig
 from .pet import PetMethod, pet_types
 from .pet.common import MODULES, layer_key
 from .taskstore import TaskManifest, check_name, read_weights, write_task
@@ -96,19 +99,70 @@ def _strip(key: str) -> str:
     )
 
 
-def _head(tensors: dict[str, torch.Tensor], head: HeadConfig | None) -> HeadConfig:
+# The head a source declares: PEFT's ``task_type``, an HF config's ``problem_type`` (which
+# refines a sequence classifier) and its ``architectures``.
+TASK_TYPES = {"SEQ_CLS": "classification", "TOKEN_CLS": "token_classification"}
+PROBLEM_TYPES = {
+    "single_label_classification": "classification",
+    "multi_label_classification": "multi_label",
+    "regression": "regression",
+}
+ARCHITECTURES = {
+    "BertForSequenceClassification": "classification",
+    "BertForTokenClassification": "token_classification",
+}
+
+
+def source_head_kind(cfg: dict[str, Any]) -> str | None:
+    """The head type an ``adapter_config.json`` (``task_type``) or HF ``config.json``
+    (``architectures``, ``problem_type``) declares; None when it declares none we map."""
+    kind = TASK_TYPES.get(str(cfg.get("task_type") or "").upper())
+    arch = (cfg.get("architectures") or [None])[0]
+    kind = kind or ARCHITECTURES.get(str(arch))
+    problem = PROBLEM_TYPES.get(str(cfg.get("problem_type")))
+    if problem is not None and kind in (None, "classification"):
+        kind = problem
+    return kind
+
+
+def _head(
+    tensors: dict[str, torch.Tensor], head: HeadConfig | None, source: str | None = None
+) -> HeadConfig:
+    """The task's head: a saved classifier gives ``num_labels``; the kind is ``--head``'s,
+    else the source's (:func:`source_head_kind`), else single-label classification.
+    Without a classifier: ``--head`` (an embedding head) or mean-pooled embeddings."""
     if "classifier.weight" in tensors:
         n = int(tensors["classifier.weight"].shape[0])
-        if head is not None and (head.kind != "classification" or head.num_labels != n):
+        if head is not None and (
+            not head.has_classifier or head.num_labels not in (0, n)
+        ):  # num_labels 0: "as the classifier says" (the CLI's --head)
             raise TaskError(
                 f"the checkpoint carries a {n}-label classifier but --head asks for "
                 f"{head.to_json()}; drop --head or the classifier"
             )
-        return HeadConfig("classification", num_labels=n)
-    if head is not None and head.kind == "classification":
+        if (
+            source is not None
+            and head is not None
+            and (source == "token_classification") != (head.kind == "token_classification")
+        ):
+            raise TaskError(
+                f"the checkpoint is a {source} model but --head asks for {head.kind}; a "
+                "token classifier reads every token, a sequence classifier the pooled [CLS]: "
+                "drop --head"
+            )
+        kind = head.kind if head is not None else (source or "classification")
+        output = head.output if head is not None else "logits"
+        return HeadConfig.parse(HeadConfig(kind, num_labels=n, output=output).to_json())
+    if head is not None and head.has_classifier:
         raise TaskError(
-            "--head classification needs a classifier in the checkpoint "
+            f"--head {head.kind} needs a classifier in the checkpoint "
             "(modules_to_save=['classifier']); none was found"
+        )
+    if source is not None and head is None:
+        raise TaskError(
+            f"the checkpoint is a {source} model (task_type/architectures) but carries no "
+            "classifier; save it with modules_to_save=['classifier'], or pass --head "
+            "embedding to serve its encoder alone"
         )
     return head or HeadConfig("embedding", pooling="mean")
 
@@ -249,12 +303,13 @@ def convert_peft(
             "the engine shares between tasks; only 'classifier' and 'pooler' can be "
             "per-task. Retrain without them, or merge and use `pets import-finetuned`"
         )
-    the_head = _head(tensors, head)
+    the_head = _head(tensors, head, source_head_kind(cfg))
     if pooler_pet:
-        if the_head.kind != "classification":
+        if the_head.kind not in POOLED_KINDS:
             warnings.append(
-                f"the {peft_type} adapter also adapts bert.pooler.dense, which only a "
-                "classification head uses; the task has an embedding head, so it is dropped"
+                f"the {peft_type} adapter also adapts bert.pooler.dense, which only pooled "
+                f"heads ({', '.join(POOLED_KINDS)}) use; the task has a {the_head.kind} head, "
+                "so it is dropped"
             )
         elif "pooler.dense.weight" in tensors:
             raise TaskError(
@@ -420,11 +475,12 @@ def convert_finetuned(
     for k in ("classifier.weight", "classifier.bias"):
         if k in state:
             tensors[k] = state[k].float()
-    the_head = _head(tensors, head)
-    if the_head.kind == "classification" and "pooler.dense.weight" in state:
+    the_head = _head(tensors, head, source_head_kind(cfg))
+    pooled = the_head.kind in POOLED_KINDS
+    if pooled and "pooler.dense.weight" in state:
         tensors["pooler.dense.weight"] = state["pooler.dense.weight"].float()
         tensors["pooler.dense.bias"] = state["pooler.dense.bias"].float()
-    elif the_head.kind == "classification":
+    elif pooled:
         warnings.append("the checkpoint has no pooler; the backbone's pooler is used")
     extra = sorted(
         k for k in state if k not in base and not k.startswith(("classifier.", "pooler."))

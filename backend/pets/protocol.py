@@ -14,6 +14,11 @@ at most ``MAX_ROWS`` rows, task names of at most 128 characters, TEXT rows of at
 or tokenizing) and ids rows of at most
 ``MAX_SEQ_LEN`` ids (refused before any copy). Errors quote client input only up to
 :data:`QUOTE_LIMIT` characters.
+
+Sentence pairs: ``TEXT_PAIR`` (BYTES ``[k, 1]``, with ``TEXT``) is tokenized with it as
+``[CLS] a [SEP] b [SEP]``, token type 0 for ``a`` and 1 for ``b`` (an empty ``TEXT_PAIR``
+row leaves its ``TEXT`` a single text); with ids, the optional
+``TOKEN_TYPE_IDS`` (INT64 or INT32, the shape of the ids) carries the types.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ def clip(text: str, limit: int) -> str:
 class Row:
     task: str
     ids: np.ndarray  # [L] int64
+    types: np.ndarray | None = None  # [L] int64 token type ids; None: all 0
 
 
 def _rows(name: str, k: int, max_rows: int) -> None:
@@ -110,6 +116,7 @@ def decode_request(
     max_text_bytes: int = 1 << 16,
     max_rows: int = 256,
     max_request_text_bytes: int = 1 << 20,
+    type_vocab: int = 2,
 ) -> list[Row]:
     """Validate one request and return its rows; raises :class:`RequestError` (INVALID_ARG).
 
@@ -129,6 +136,7 @@ def decode_request(
         max_rows,
     )
     ids_name = next((n for n in ID_INPUTS if n in req), None)
+    types: list[np.ndarray] | None = None
     has_text = "TEXT" in req
     if has_text == (ids_name is not None):
         raise RequestError(
@@ -144,8 +152,33 @@ def decode_request(
         )
         if any(not t for t in texts):
             raise RequestError("TEXT is empty; send at least one character")
-        seqs = [np.asarray(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(texts)]
+        if "TOKEN_TYPE_IDS" in req:
+            raise RequestError(
+                "TOKEN_TYPE_IDS goes with INPUT_IDS; with TEXT send the second text as TEXT_PAIR"
+            )
+        if "TEXT_PAIR" in req:
+            pairs = _strings(
+                "TEXT_PAIR", req["TEXT_PAIR"], max_text_bytes, "MAX_TEXT_BYTES", max_rows,
+                max_request_text_bytes,
+            )  # fmt: skip
+            if len(pairs) != len(texts):
+                raise RequestError(
+                    f"TEXT_PAIR has {len(pairs)} rows but TEXT has {len(texts)}; send one "
+                    "second text per TEXT row"
+                )
+            # An empty TEXT_PAIR row is a single text, so one request can mix both.
+            enc = tokenizer.encode_batch(
+                [(a, b) if b else a for a, b in zip(texts, pairs, strict=True)]
+            )
+            seqs = [np.asarray(e.ids, dtype=np.int64) for e in enc]
+            types = [np.asarray(e.type_ids, dtype=np.int64) for e in enc]
+        else:
+            seqs = [np.asarray(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(texts)]
     else:
+        if "TEXT_PAIR" in req:
+            raise RequestError(
+                "TEXT_PAIR goes with TEXT; with token ids send TOKEN_TYPE_IDS instead"
+            )
         assert ids_name is not None
         arr = req[ids_name]
         if arr.dtype not in (np.int64, np.int32):
@@ -172,6 +205,8 @@ def decode_request(
                 f"vocabulary [0, {vocab})"
             )
         seqs = list(arr.astype(np.int64, copy=False))
+        if "TOKEN_TYPE_IDS" in req:
+            types = list(_token_types(req["TOKEN_TYPE_IDS"], arr.shape, ids_name, type_vocab))
     if len(tasks) not in (1, len(seqs)):
         raise RequestError(
             f"TASK has {len(tasks)} rows but the input has {len(seqs)}; send one "
@@ -179,4 +214,28 @@ def decode_request(
         )
     if len(tasks) == 1:
         tasks = tasks * len(seqs)
-    return [Row(t, s) for t, s in zip(tasks, seqs, strict=True)]
+    if types is None:
+        return [Row(t, s) for t, s in zip(tasks, seqs, strict=True)]
+    return [Row(t, s, y if y.any() else None) for t, s, y in zip(tasks, seqs, types, strict=True)]
+
+
+def _token_types(
+    arr: np.ndarray, shape: tuple[int, ...], ids_name: str, type_vocab: int
+) -> np.ndarray:
+    """``TOKEN_TYPE_IDS`` checked against the ids' ``shape`` ``[k, L]``; int64 ``[k, L]``."""
+    if arr.dtype not in (np.int64, np.int32):
+        raise RequestError(f"TOKEN_TYPE_IDS has dtype {arr.dtype}; send INT64 (or INT32)")
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if tuple(arr.shape) != tuple(shape):
+        raise RequestError(
+            f"TOKEN_TYPE_IDS has shape {list(arr.shape)} but {ids_name} has {list(shape)}; "
+            "send one type id per token id"
+        )
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= type_vocab:
+        raise RequestError(
+            f"TOKEN_TYPE_IDS holds {lo if lo < 0 else hi}, outside the backbone's token "
+            f"types [0, {type_vocab}) (0: first text, 1: second)"
+        )
+    return arr.astype(np.int64, copy=False)

@@ -33,7 +33,7 @@ def demo_types() -> tuple[str, ...]:
 
 
 def random_head(w: BackboneWeights, head: HeadConfig, seed: int) -> dict[str, torch.Tensor]:
-    if head.kind != "classification":
+    if not head.has_classifier:
         return {}
     g = torch.Generator().manual_seed(seed + 7919)
     h = w.spec.hidden

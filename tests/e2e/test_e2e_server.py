@@ -64,7 +64,14 @@ def batch_counts(server: Server) -> dict[int, int]:
 def test_metadata(triton_server: Server) -> None:
     mod = client_module("http")
     meta = mod.InferenceServerClient(triton_server.http_url).get_model_metadata(MODEL)
-    assert {i["name"] for i in meta["inputs"]} == {"TASK", "TEXT", "INPUT_IDS", "INPUT_IDS_INT32"}
+    assert {i["name"] for i in meta["inputs"]} == {
+        "TASK",
+        "TEXT",
+        "INPUT_IDS",
+        "INPUT_IDS_INT32",
+        "TEXT_PAIR",
+        "TOKEN_TYPE_IDS",
+    }
     assert [o["name"] for o in meta["outputs"]] == ["OUTPUT"]
 
 
