@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.profiler import ProfilerActivity, profile
 
+from clients.bench.op_kernels import kernel_times
 from clients.bench.results import add_out_argument, pyplot, start_run
 from pets.backbone import BackboneSpec, hf_config, load_backbone
 from pets.engine import Engine
@@ -79,24 +79,6 @@ def peak_tflops() -> float | None:
         if family in name:
             return peak
     return None
-
-
-def profile_kernels(fn: Any, iters: int) -> dict[str, tuple[float, float]]:
-    """``{kernel: (launches per call, microseconds per call)}`` of ``fn`` on the GPU."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    count: dict[str, int] = defaultdict(int)
-    total: dict[str, float] = defaultdict(float)
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            count[ev.name] += 1
-            total[ev.name] += ev.device_time
-    return {k: (count[k] / iters, total[k] / iters) for k in total}
 
 
 def hf_forward_ms(spec: BackboneSpec, batch: int, seq_len: int, iters: int) -> float:
@@ -152,7 +134,7 @@ def main() -> None:
         b, length = (int(v) for v in shape.split("x"))
         ids = [rng.integers(1000, 30000, size=length) for _ in range(b)]
         tasks = [names[i % len(names)] for i in range(b)]
-        kernels = profile_kernels(lambda i=ids, t=tasks: engine.run(i, t), args.iters)
+        kernels = kernel_times(lambda i=ids, t=tasks: engine.run(i, t), args.iters)
         by_kind: dict[str, float] = defaultdict(float)
         for name, (launches, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1]):
             kind = kind_of(name)

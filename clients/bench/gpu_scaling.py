@@ -18,7 +18,6 @@ Serves `pets` twice from a fresh store of mixed-type tasks, placed by ``pets.pla
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shutil
 import signal
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.bench.results import add_out_argument, start_run
-from clients.bench.served_overhead import _free_ports, make_data
+from clients.bench.served_overhead import _free_ports, make_data, perf
 from clients.pets_client import triton_env
 from pets.backbone import load_backbone
 from pets.heads import HeadConfig
@@ -54,30 +53,6 @@ def make_store(store: Path, backbone: str, tasks: int) -> list[str]:
         write_task(store, *random_task(weights, name, types[i % len(types)], head, seed=i))
         names.append(name)
     return names
-
-
-def perf(
-    args: argparse.Namespace, env: dict[str, str], url: str, data: Path, c: int, tmp: Path
-) -> dict[str, float]:
-    """One perf_analyzer measurement (gRPC, async) of `pets` at concurrency ``c``."""
-    out = tmp / f"perf_c{c}.csv"
-    cmd = [
-        "perf_analyzer", "-m", "pets", "-i", "grpc", "-u", url, "--async",
-        "--input-data", str(data), "--concurrency-range", str(c),
-        "--measurement-interval", str(args.interval_ms), "--max-trials", "10",
-        "--stability-percentage", str(args.stability), "-f", str(out),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr)[-2000:]
-        raise SystemExit(f"perf_analyzer failed at concurrency {c}:\n{tail}")
-    with out.open() as f:
-        row = next(csv.DictReader(f))
-    return {
-        "req_per_s": float(row["Inferences/Second"]),
-        "p50_ms": float(row["p50 latency"]) / 1e3,
-        "p99_ms": float(row["p99 latency"]) / 1e3,
-    }
 
 
 def serve_and_measure(
@@ -107,10 +82,10 @@ def serve_and_measure(
                 time.sleep(0.5)
         url = f"127.0.0.1:{grpc}"
         try:  # warm-up (CUDA graphs, the allocator); an unstable window is fine here
-            perf(args, env, url, data, c, log.parent)
+            perf(args, env, url, "pets", data, c, log.parent, args.stability)
         except SystemExit as exc:
             print(f"warm-up: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return perf(args, env, url, data, c, log.parent)
+        return perf(args, env, url, "pets", data, c, log.parent, args.stability)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -168,13 +168,15 @@ def make_data(path: Path, names: list[str], length: int, entries: int) -> None:
 
 
 def perf(args: argparse.Namespace, env: dict[str, str], url: str, model: str, data: Path,
-         c: int, tmp: Path) -> dict[str, float]:  # fmt: skip
+         c: int, tmp: Path, stability: int = 30) -> dict[str, float]:  # fmt: skip
+    """One perf_analyzer measurement (gRPC, async) of ``model`` at concurrency ``c``, over
+    ``args.interval_ms`` windows: req/s, p50 and p99 in ms."""
     out = tmp / f"{model}_c{c}.csv"
     cmd = [
         "perf_analyzer", "-m", model, "-i", "grpc", "-u", url, "--async",
         "--input-data", str(data), "--concurrency-range", str(c),
         "--measurement-interval", str(args.interval_ms), "--max-trials", "10",
-        "--stability-percentage", "30",
+        "--stability-percentage", str(stability),
         "-f", str(out),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
