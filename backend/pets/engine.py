@@ -23,13 +23,13 @@ from . import kernels
 from .backbone import load_backbone, resolve_checkpoint
 from .batch import build_batch
 from .encoder import Prepared, SharedEncoder
-from .errors import ConfigError, RequestError
+from .errors import ConfigError, RequestError, clip
 from .graphs import GraphCache, graph_key, restage, state_key
 from .heads import HeadTable
 from .metrics import EngineStats
 from .pet import PetContext
 from .pet.maskbert import FORMATS as MASKBERT_FORMATS
-from .protocol import REASON_LIMIT, Row, clip, decode_request, quote
+from .protocol import REASON_LIMIT, Row, decode_request, quote
 from .registry import TaskRegistry
 from .scheduling import (
     AnalyticModel,

@@ -15,6 +15,15 @@ def short(value: object, limit: int = SHORT_LIMIT) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+def clip(text: str, limit: int) -> str:
+    """``text`` itself, or its first ``limit`` characters and the full length (for messages
+    that pass on a library's own error text, which may quote the offending input)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+LIBRARY_MESSAGE_LIMIT = 300  # characters of a library's error text passed on in ours
+
+
 class PetsError(Exception):
     """Base class of all errors raised by the pets engine."""
 

@@ -92,15 +92,18 @@ class HeadConfig:
         unknown = sorted(set(obj) - allowed)
         if unknown:
             raise TaskError(
-                f"{kind} head takes the keys {sorted(allowed)}, got also {unknown}; drop them"
+                f"{kind} head takes the keys {sorted(allowed)}, got also {short(unknown)}; "
+                "drop them"
             )
         pairs = obj.get("pairs", False)
         if not isinstance(pairs, bool):
-            raise TaskError(f"head pairs must be true/false, got {pairs!r}")
+            raise TaskError(f"head pairs must be true/false, got {short(pairs)}")
         if kind != "embedding":
             n = obj.get("num_labels", 1 if kind == "regression" else None)
             if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 4096:
-                raise TaskError(f"{kind} head needs integer num_labels in [1, 4096], got {n!r}")
+                raise TaskError(
+                    f"{kind} head needs integer num_labels in [1, 4096], got {short(n)}"
+                )
             output = obj.get("output", "logits")
             if output not in OUTPUTS:
                 raise TaskError(

@@ -45,11 +45,6 @@ def quote(value: str, limit: int = QUOTE_LIMIT) -> str:
     return f"{value[:limit]!r}... ({len(value)} characters)"
 
 
-def clip(text: str, limit: int) -> str:
-    """``text`` itself, or its first ``limit`` characters and the full length."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
 @dataclass(frozen=True)
 class Row:
     task: str

@@ -37,7 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
-from .errors import TaskError, short
+from .errors import LIBRARY_MESSAGE_LIMIT, TaskError, clip, short
 from .heads import HeadConfig
 
 FORMAT_VERSION = 1
@@ -225,7 +225,9 @@ def _read_weights_fd(fd: int, where: str) -> dict[str, torch.Tensor]:
         with os.fdopen(fd, "rb", closefd=False) as fh:
             return safetensors_load(fh.read())
     except Exception as exc:  # safetensors raises several types for corrupt data
-        raise TaskError(f"{where} could not be read as safetensors: {exc}") from exc
+        raise TaskError(
+            f"{where} could not be read as safetensors: {clip(str(exc), LIBRARY_MESSAGE_LIMIT)}"
+        ) from exc
 
 
 def weights_from_bytes(data: bytes, where: str = "WEIGHTS") -> dict[str, torch.Tensor]:
@@ -243,7 +245,9 @@ def weights_from_bytes(data: bytes, where: str = "WEIGHTS") -> dict[str, torch.T
     try:
         return safetensors_load(bytes(data))
     except Exception as exc:  # safetensors raises several types for corrupt data
-        raise TaskError(f"{where} could not be read as safetensors: {exc}") from exc
+        raise TaskError(
+            f"{where} could not be read as safetensors: {clip(str(exc), LIBRARY_MESSAGE_LIMIT)}"
+        ) from exc
 
 
 def _check_layout(where: str, size: int, head: bytes, read: Callable[[int], bytes]) -> None:
