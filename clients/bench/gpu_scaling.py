@@ -5,7 +5,10 @@ Serves `pets` twice from a fresh store of mixed-type tasks, placed by ``pets.pla
 ``--gpus``, then on all of them. perf_analyzer (gRPC, async) drives each server at
 ``--concurrency-per-gpu`` x GPUs, so both are loaded alike per GPU. Prints and writes
 (``gpu_scaling.csv`` in a dated run folder, clients/bench/results.py) the rates and
-``scaling = rate(N) / (N x rate(1))``; the issue-21 target is >= 0.9.
+``scaling = rate(N) / (N x rate(1))``; the issue-21 target is >= 0.9. During each measured
+window a task is registered in the shared store and asked for; the row says how many of
+its 32 answers came back and on how many instances (every GPU's) the resident-task gauge
+rose by one.
 
     python -m clients.bench.gpu_scaling --gpus 0,1                       # bert-base, 64 tasks
     python -m clients.bench.gpu_scaling --gpus all --concurrency-per-gpu 512
@@ -24,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -34,10 +38,11 @@ from clients.bench.served_overhead import _free_ports, make_data, perf
 from clients.pets_client import triton_env
 from pets.backbone import load_backbone
 from pets.heads import HeadConfig
+from pets.metrics import GAUGES, parse_prometheus
 from pets.pet import pet_types
 from pets.placement import Placement, discover_gpus, render_repository, select_gpus, visible_gpus
 from pets.taskgen import random_task
-from pets.taskstore import write_task
+from pets.taskstore import delete_task, write_task
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,10 +60,52 @@ def make_store(store: Path, backbone: str, tasks: int) -> list[str]:
     return names
 
 
+NEW_TASK = "registered_mid_run"
+
+
+def _resident(metrics_port: int) -> dict[str, float]:
+    """``pets_tasks_resident`` of every instance: ``{"instance (device)": tasks}``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {
+        f"{lab.get('instance')} ({lab.get('device', '?')})": value
+        for name, lab, value in parse_prometheus(text)
+        if name == GAUGES["tasks_resident"][0]
+    }
+
+
+def _register_and_ask(args: argparse.Namespace, store: Path, http_url: str) -> int:
+    """Register a task in the shared store (what `pets create` does) and ask for it 32
+    times; returns how many answers came back (the load keeps running meanwhile)."""
+    import numpy as np
+    import tritonclient.http as httpclient
+
+    weights = load_backbone(args.backbone)
+    head = HeadConfig("classification", num_labels=2)
+    write_task(store, *random_task(weights, NEW_TASK, "lora", head, seed=999))
+    client = httpclient.InferenceServerClient(http_url)
+    ok = 0
+    for _ in range(32):
+        task = httpclient.InferInput("TASK", [1, 1], "BYTES")
+        task.set_data_from_numpy(np.array([[NEW_TASK]], dtype=object))
+        ids = httpclient.InferInput("INPUT_IDS", [1, args.length], "INT64")
+        ids.set_data_from_numpy(np.full((1, args.length), 1000, dtype=np.int64))
+        out = client.infer("pets", [task, ids]).as_numpy("OUTPUT")
+        ok += int(out is not None and out.shape == (1, 2))
+    return ok
+
+
 def serve_and_measure(
-    args: argparse.Namespace, env: dict[str, str], repo: Path, data: Path, c: int, log: Path
+    args: argparse.Namespace,
+    env: dict[str, str],
+    repo: Path,
+    store: Path,
+    data: Path,
+    c: int,
+    log: Path,
 ) -> dict[str, float]:
-    """Start tritonserver on ``repo``, run perf_analyzer at concurrency ``c``, stop it."""
+    """Start tritonserver on ``repo``, run perf_analyzer at concurrency ``c`` and register a
+    task in ``store`` meanwhile; stop it. The task is removed again afterwards."""
     http, grpc, metrics = _free_ports(3)
     cmd = [
         "tritonserver", f"--model-repository={repo}",
@@ -85,13 +132,31 @@ def serve_and_measure(
             perf(args, env, url, "pets", data, c, log.parent, args.stability)
         except SystemExit as exc:
             print(f"warm-up: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return perf(args, env, url, "pets", data, c, log.parent, args.stability)
+        resident = _resident(metrics)
+        got: dict[str, float] = {}
+        measured = threading.Thread(
+            target=lambda: got.update(
+                perf(args, env, url, "pets", data, c, log.parent, args.stability)
+            )
+        )
+        measured.start()
+        time.sleep(args.interval_ms / 1000)  # register a task while the load runs
+        got["new_task_answers"] = _register_and_ask(args, store, f"127.0.0.1:{http}")
+        measured.join()
+        time.sleep(2.5)  # the instance gauges are pushed once a second
+        after = _resident(metrics)
+        grew = [after.get(k, 0) - v for k, v in resident.items()]
+        got["instances_with_new_task"] = sum(1 for d in grew if d == 1)
+        got["instances_seen"] = len(resident)
+        return got
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        if (store / NEW_TASK).exists():
+            delete_task(store, NEW_TASK)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
                 shared_params={"BACKBONE": args.backbone, "TASK_STORE": str(tmp / "store")},
             )  # fmt: skip
             c = args.concurrency_per_gpu * units
-            got = serve_and_measure(args, env, repo, data, c, run.path(f"tritonserver_{units}.log"))
+            got = serve_and_measure(
+                args, env, repo, tmp / "store", data, c, run.path(f"tritonserver_{units}.log")
+            )
             row = {"setup": label, "units": units, "instances": placement.instances,
                    "concurrency": c, **{k: round(v, 3) for k, v in got.items()}}  # fmt: skip
             print(row, flush=True)
