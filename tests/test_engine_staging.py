@@ -81,3 +81,25 @@ def _tensors_of(eng: Engine, name: str) -> dict[str, torch.Tensor]:
 
     _, tensors = read_task(eng.store / name)
     return tensors
+
+
+def test_reused_layouts_with_token_types_equal_the_plain_engine(staged: Any, engine: Any) -> None:
+    """Token types that are all 0 stage nothing, as if absent, so a reused layout restages
+    only the ids; nonzero types are restaged as the second array. ``Engine.run`` takes any
+    per-row types (the request decoder already drops all-zero rows), and every repeat
+    equals the plain engine (a mismatch would restage zeros over the positions)."""
+    names = sorted(engine.registry.tasks)[:2]
+    rng = np.random.default_rng(7)
+    for fill in (0, 1):
+        for _ in range(3):  # same tasks and lengths: the second and third reuse the plans
+            ids = [rng.integers(1000, 2000, size=6 + k) for k in range(len(names))]
+            types = []
+            for x in ids:
+                t = np.zeros_like(x)
+                t[2:] = fill
+                types.append(t)
+            got = staged.run(ids, names, types)
+            want = engine.run(ids, names, types if fill else None)
+            for g, w in zip(got, want, strict=True):
+                assert isinstance(g, np.ndarray), g
+                np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)

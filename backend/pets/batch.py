@@ -55,6 +55,24 @@ class Batch:
         return int(self.seg_task_cpu.shape[0])
 
 
+def has_token_types(types: Sequence[np.ndarray | None] | None) -> bool:
+    """Whether any sequence has a nonzero token type (else the batch stages none)."""
+    return types is not None and any(t is not None and np.any(t) for t in types)
+
+
+def flat_token_types(
+    ids: Sequence[np.ndarray], types: Sequence[np.ndarray | None], order: np.ndarray
+) -> np.ndarray:
+    """The token types of the sequences in batch ``order``, flat ``[T]`` int64 (a sequence
+    without types is all 0)."""
+    return np.concatenate(
+        [
+            np.zeros(len(ids[i]), np.int64) if (t := types[i]) is None else np.asarray(t, np.int64)
+            for i in order
+        ]
+    )
+
+
 def build_batch(
     ids: Sequence[np.ndarray],
     task_slots: Sequence[int] | np.ndarray,
@@ -125,12 +143,8 @@ def build_batch(
     seg_indptr_cpu = torch.from_numpy(seg_indptr)
     input_ids = upload(torch.from_numpy(flat))  # staged first: the engine restages it
     token_types = None
-    if types is not None and any(t is not None and np.any(t) for t in types):
-        tt = [
-            np.zeros(len(ids[i]), np.int64) if types[i] is None else np.asarray(types[i], np.int64)
-            for i in order
-        ]
-        real_t = np.concatenate(tt)
+    if has_token_types(types):
+        real_t = flat_token_types(ids, types, order)
         if pad_to:
             flat_t = np.zeros_like(flat)
             flat_t[dest] = real_t

@@ -21,7 +21,7 @@ import torch
 
 from . import kernels
 from .backbone import load_backbone, resolve_checkpoint
-from .batch import build_batch
+from .batch import build_batch, flat_token_types, has_token_types
 from .encoder import Prepared, SharedEncoder
 from .errors import ConfigError, RequestError, clip
 from .graphs import GraphCache, graph_key, restage, state_key
@@ -431,8 +431,8 @@ class Engine:
         reuses that batch's plans: only its token ids (and token types) are staged anew.
         """
         stager = self.stager
-        if types is not None and not any(t is not None for t in types):
-            types = None  # all type 0: the batch stages no token types
+        if not has_token_types(types):
+            types = None  # all type 0: the batch stages no token types (as build_batch)
         sig = (
             self.registry.version,
             stager.epoch,
@@ -448,16 +448,7 @@ class Engine:
             flat = np.concatenate([np.asarray(ids[i], dtype=np.int64) for i in order])
             new = {0: torch.from_numpy(flat)}  # input_ids: staged first (build_batch)
             if types is not None:  # token types: staged second
-                new[1] = torch.from_numpy(
-                    np.concatenate(
-                        [
-                            np.zeros(len(ids[i]), np.int64)
-                            if (t := types[i]) is None
-                            else np.asarray(t, dtype=np.int64)
-                            for i in order
-                        ]
-                    )
-                )
+                new[1] = torch.from_numpy(flat_token_types(ids, types, order))
             stager.restore(tpl.stage, new)
             stager.flush()
             for view, src in tpl.copies:
