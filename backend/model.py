@@ -21,26 +21,9 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-
-def _apply_pythonpath() -> None:
-    """Put ``PYTHONPATH``'s folders first on ``sys.path``, as a normal interpreter does.
-
-    The Python backend stub's embedded interpreter ignores ``PYTHONPATH`` (its ``sys.path``
-    is the stdlib and site-packages only), so without this a checkout run with
-    ``PYTHONPATH=<checkout>/backend`` (a worktree's e2e tests) would serve whichever ``pets``
-    site-packages points at.
-    """
-    import sys
-
-    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    sys.path[:0] = [p for p in extra if p not in sys.path]
-
-
-_apply_pythonpath()
-
-from pets.engine import Engine  # noqa: E402 - after _apply_pythonpath
-from pets.errors import RequestError  # noqa: E402
-from pets.metrics import COUNTERS, GAUGES, INFO, rejected_series  # noqa: E402
+from pets.engine import Engine
+from pets.errors import RequestError
+from pets.metrics import COUNTERS, GAUGES, INFO, rejected_series
 
 # Inputs handed to the engine as-is (absent optional inputs are left out of the dict).
 # Triton fixes one dtype per input, so INT32 ids arrive through their own optional input.

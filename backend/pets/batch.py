@@ -143,7 +143,7 @@ def build_batch(
     seg_indptr_cpu = torch.from_numpy(seg_indptr)
     input_ids = upload(torch.from_numpy(flat))  # staged first: the engine restages it
     token_types = None
-    if has_token_types(types):
+    if types is not None and has_token_types(types):
         real_t = flat_token_types(ids, types, order)
         if pad_to:
             flat_t = np.zeros_like(flat)
