@@ -8,6 +8,7 @@ INPUT_IDS (INT64 [k,L]) or INPUT_IDS_INT32 (INT32 [k,L]); it returns OUTPUT (FP3
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -145,3 +146,15 @@ def triton_env(root: Path = REPO_ROOT) -> dict[str, str]:
         env=dict(os.environ),
     ).stdout.decode()
     return dict(item.split("=", 1) for item in dump.split("\0") if "=" in item)
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on the loopback interface (for a tritonserver's HTTP,
+    gRPC and metrics endpoints): all are held open together, then released."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports

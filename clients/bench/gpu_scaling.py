@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from clients.bench.results import add_out_argument, start_run
-from clients.bench.served_overhead import _free_ports, make_data, perf
-from clients.pets_client import triton_env
+from clients.bench.served_overhead import make_data, perf
+from clients.pets_client import free_ports, triton_env
 from pets.backbone import load_backbone
 from pets.heads import HeadConfig
 from pets.metrics import GAUGES, parse_prometheus
@@ -106,7 +106,7 @@ def serve_and_measure(
 ) -> dict[str, float]:
     """Start tritonserver on ``repo``, run perf_analyzer at concurrency ``c`` and register a
     task in ``store`` meanwhile; stop it. The task is removed again afterwards."""
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     cmd = [
         "tritonserver", f"--model-repository={repo}",
         f"--backend-directory={env['PETS_TRITON_BACKENDS']}", "--disable-auto-complete-config",

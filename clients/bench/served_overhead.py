@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ import numpy as np
 
 from clients.bench.results import add_out_argument, start_run
 from clients.bench.server_breakdown import breakdown, scrape
-from clients.pets_client import triton_env
+from clients.pets_client import free_ports, triton_env
 from pets.backbone import load_backbone
 from pets.heads import HeadConfig
 from pets.pet import pet_types
@@ -97,16 +96,6 @@ class TritonPythonModel(_mod.TritonPythonModel):
         super().finalize()
 '''
 """``--profile-stub``: a Python-backend model that runs backend/model.py under cProfile."""
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def make_repo(args: argparse.Namespace, root: Path) -> tuple[Path, list[str]]:
@@ -241,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         points = [tuple(int(v) for v in p.split("x")) for p in args.points.split(",")]
         for length in {n for _, n in points}:
             make_data(tmp / f"data{length}.json", names, length, 256)
-        http, grpc, metrics = _free_ports(3)
+        http, grpc, metrics = free_ports(3)
         cmd = [
             "tritonserver", f"--model-repository={repo}",
             f"--backend-directory={env['PETS_TRITON_BACKENDS']}",

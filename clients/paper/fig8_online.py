@@ -28,7 +28,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from clients.bench.results import REPO_ROOT, Run, pyplot, start_run
 from clients.paper.common import annotate, parse_ints, parse_types, task_weights
 from clients.paper.fig8 import PAPER
 from clients.paper.fig12_online import set_param
-from clients.pets_client import build_inputs, client_module, triton_env
+from clients.pets_client import build_inputs, client_module, free_ports, triton_env
 
 TARGET = "issue 19 target, served: pets >= 15x SeqS and >= 2x ParS at 16 tasks, bs 1, len 128"
 SYSTEMS = ("seqs", "pars", "pets")
@@ -90,20 +89,10 @@ def write_repository(
     return names
 
 
-def _ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def launch(repo: Path, log: Path, timeout_s: float) -> tuple[subprocess.Popen[bytes], str]:
     """Start tritonserver on free loopback ports; returns it and its gRPC address."""
     env = triton_env()
-    http, grpc, metrics = _ports(3)
+    http, grpc, metrics = free_ports(3)
     cmd = [
         "tritonserver",
         f"--model-repository={repo}",

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.pets_client import triton_env
+from clients.pets_client import free_ports, triton_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,18 +49,6 @@ class Server:
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _shm_regions() -> set[str]:
@@ -131,7 +118,7 @@ def launch(
     (backends / "pets_admin").mkdir(exist_ok=True)
     shutil.copy2(ROOT / "backend" / "pets_admin" / "model.py", backends / "pets_admin" / "model.py")
 
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     log = tmp / "tritonserver.log"
     shm_before = _shm_regions()
     cmd = [

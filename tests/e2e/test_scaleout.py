@@ -42,14 +42,14 @@ import pytest
 from lifecycle_tasks import ATOL, RTOL, make_versions, named
 from tritonclient.utils import InferenceServerException
 
-from clients.pets_client import admin_inputs, build_inputs, client_module, triton_env
+from clients.pets_client import admin_inputs, build_inputs, client_module, free_ports, triton_env
 from pets.admin import safetensors_bytes
 from pets.backbone import load_backbone
 from pets.engine import Engine
 from pets.metrics import parse_prometheus
 from pets.taskstore import write_task
 
-from .conftest import ROOT, _free_ports, _shm_regions, _stop
+from .conftest import ROOT, _shm_regions, _stop
 
 pytestmark = pytest.mark.triton
 TOKEN = "scaleout-rehearsal-token-5b2e"
@@ -171,7 +171,7 @@ def _nginx(tmp: Path, replicas: list[Replica]) -> Iterator[tuple[str, str, Path]
     exe = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
     if exe is None:
         pytest.skip("nginx is not installed (Debian: apt-get install nginx-light; .ci/run does)")
-    http, grpc = _free_ports(2)
+    http, grpc = free_ports(2)
     conf = _nginx_conf(tmp, http, grpc, replicas)
     cmd = [exe, "-p", str(tmp), "-e", str(tmp / "nginx-error.log"), "-c", str(conf)]
     check = subprocess.run([*cmd, "-t"], capture_output=True, text=True)
@@ -265,7 +265,7 @@ def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rehearsal]:
     (tmp / "instances.txt").write_text(place.stdout)  # what the container's probe reads
     assert place.stdout.split() == ["pets_0_0", "cpu"], place.stdout  # Triton's name, checked below
 
-    ports = _free_ports(9)
+    ports = free_ports(9)
     replicas = [
         Replica(n, *ports[3 * k : 3 * k + 3], log=tmp / f"replica_{n}.log")
         for k, n in enumerate("ABC")
