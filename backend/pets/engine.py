@@ -29,7 +29,7 @@ from .heads import HeadTable
 from .metrics import EngineStats
 from .pet import PetContext
 from .pet.maskbert import FORMATS as MASKBERT_FORMATS
-from .protocol import REASON_LIMIT, Row, decode_request, quote
+from .protocol import REASON_LIMIT, Row, decode_requests, quote
 from .registry import TaskRegistry
 from .scheduling import (
     AnalyticModel,
@@ -261,18 +261,17 @@ class Engine:
         outs: list[np.ndarray | RequestError | None] = [None] * len(requests)
         rows: list[Row] = []
         owner: list[int] = []
-        for i, req in enumerate(requests):
-            try:
-                decoded = decode_request(
-                    req, self.tokenizer, self.max_seq_len, self.spec.vocab,
-                    self.config.max_text_bytes, self.config.max_rows,
-                    self.config.max_request_text_bytes, self.spec.type_vocab,
-                )  # fmt: skip
-            except RequestError as err:
-                outs[i] = err
+        decoded = decode_requests(
+            requests, self.tokenizer, self.max_seq_len, self.spec.vocab,
+            self.config.max_text_bytes, self.config.max_rows,
+            self.config.max_request_text_bytes, self.spec.type_vocab,
+        )  # fmt: skip
+        for i, got in enumerate(decoded):
+            if isinstance(got, RequestError):
+                outs[i] = got
                 continue
-            rows.extend(decoded)
-            owner.extend([i] * len(decoded))
+            rows.extend(got)
+            owner.extend([i] * len(got))
         unknown = {r.task for r in rows} - self.registry.tasks.keys()
         if unknown:  # an unknown task is re-checked in the store once before it is refused
             unknown = self._load_missing(unknown)
@@ -295,6 +294,9 @@ class Engine:
                 per_req.setdefault(owner[j], []).append(res)
         for i, parts in per_req.items():
             if outs[i] is not None:
+                continue
+            if len(parts) == 1:  # the common request: one row, no copy
+                outs[i] = parts[0][None]
                 continue
             shapes = {p.shape for p in parts}
             outs[i] = (

@@ -23,11 +23,11 @@ row leaves its ``TEXT`` a single text); with ids, the optional
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from .errors import RequestError
 from .taskstore import MAX_NAME_LEN
@@ -119,6 +119,137 @@ def decode_request(
     rows over ``max_request_text_bytes`` together, a TASK row over 128 characters and an
     ids row over ``max_len`` are refused before anything else is done with them.
     """
+    got = _decode(
+        req, tokenizer is not None, max_len, vocab, max_text_bytes, max_rows,
+        max_request_text_bytes, type_vocab,
+    )  # fmt: skip
+    if isinstance(got, _Texts):
+        assert tokenizer is not None  # _decode refuses TEXT without a tokenizer
+        return got.rows(tokenizer.encode_batch(got.texts))
+    return got
+
+
+def decode_requests(
+    reqs: Sequence[Mapping[str, np.ndarray]],
+    tokenizer: Tokenizer | None,
+    max_len: int,
+    vocab: int,
+    max_text_bytes: int = 1 << 16,
+    max_rows: int = 256,
+    max_request_text_bytes: int = 1 << 20,
+    type_vocab: int = 2,
+) -> list[list[Row] | RequestError]:
+    """Every request of one execute: its rows, or the :class:`RequestError` it fails with.
+
+    The same checks and results as :func:`decode_request` per request, with the work done
+    once per execute where it can be: the common request (one ``TASK`` row and one
+    ``INPUT_IDS`` row) is recognised with a few attribute reads and the vocabulary check
+    runs once over all such rows together; the TEXT rows of all requests are tokenized in
+    one batched fast-tokenizer call. A request that fails the bulk check is decoded on its
+    own, so its error names its own input.
+    """
+    out: list[list[Row] | RequestError] = [[] for _ in reqs]
+    fast: list[int] = []
+    fast_ids: list[np.ndarray] = []
+    texts: list[tuple[int, _Texts]] = []
+    for i, req in enumerate(reqs):
+        ids = req.get("INPUT_IDS")
+        task = req.get("TASK")
+        if (
+            len(req) == 2
+            and ids is not None
+            and task is not None
+            and ids.dtype == np.int64
+            and (ids.ndim == 1 or (ids.ndim == 2 and ids.shape[0] == 1))
+            and 0 < ids.shape[-1] <= max_len
+            and task.dtype == object
+            and task.size == 1
+            and task.ndim in (1, 2)
+        ):
+            name = task.flat[0]
+            if isinstance(name, bytes) and len(name) <= MAX_NAME_LEN:
+                try:
+                    out[i] = [Row(name.decode("utf-8"), ids.reshape(-1))]
+                    fast.append(i)
+                    fast_ids.append(ids)
+                    continue
+                except UnicodeDecodeError:
+                    pass  # the full decoder below words the error
+        try:
+            got = _decode(
+                req, tokenizer is not None, max_len, vocab, max_text_bytes, max_rows,
+                max_request_text_bytes, type_vocab,
+            )  # fmt: skip
+        except RequestError as err:
+            out[i] = err
+            continue
+        if isinstance(got, _Texts):
+            texts.append((i, got))
+        else:
+            out[i] = got
+    if fast_ids:
+        flat = np.concatenate([a.reshape(-1) for a in fast_ids])
+        if int(flat.min()) < 0 or int(flat.max()) >= vocab:  # rare: find the culprits
+            for i in fast:
+                try:
+                    decode_request(reqs[i], None, max_len, vocab)
+                except RequestError as err:
+                    out[i] = err
+    if texts:
+        assert tokenizer is not None  # _decode refuses TEXT without a tokenizer
+        enc = tokenizer.encode_batch([t for _, pending in texts for t in pending.texts])
+        start = 0
+        for i, pending in texts:
+            stop = start + len(pending.texts)
+            out[i] = pending.rows(enc[start:stop])
+            start = stop
+    return out
+
+
+@dataclass(frozen=True)
+class _Texts:
+    """A request's checked TEXT rows, waiting for the tokenizer (one call per execute)."""
+
+    tasks: list[str]
+    texts: list[str | tuple[str, str]]  # a tuple: a sentence pair
+    pairs: bool  # TEXT_PAIR was sent: the rows carry token types
+
+    def rows(self, enc: Sequence[Encoding]) -> list[Row]:
+        seqs = [np.asarray(e.ids, dtype=np.int64) for e in enc]
+        if not self.pairs:
+            return _rows_of(self.tasks, seqs, None)
+        return _rows_of(self.tasks, seqs, [np.asarray(e.type_ids, dtype=np.int64) for e in enc])
+
+
+def _rows_of(tasks: list[str], seqs: list[np.ndarray], types: list[np.ndarray] | None) -> list[Row]:
+    """One :class:`Row` per sequence; a single task applies to every row."""
+    _check_task_rows(tasks, len(seqs))
+    if len(tasks) == 1:
+        tasks = tasks * len(seqs)
+    if types is None:
+        return [Row(t, s) for t, s in zip(tasks, seqs, strict=True)]
+    return [Row(t, s, y if y.any() else None) for t, s, y in zip(tasks, seqs, types, strict=True)]
+
+
+def _check_task_rows(tasks: list[str], rows: int) -> None:
+    if len(tasks) not in (1, rows):
+        raise RequestError(
+            f"TASK has {len(tasks)} rows but the input has {rows}; send one "
+            "task per row or a single task for all rows"
+        )
+
+
+def _decode(
+    req: Mapping[str, np.ndarray],
+    has_tokenizer: bool,
+    max_len: int,
+    vocab: int,
+    max_text_bytes: int,
+    max_rows: int,
+    max_request_text_bytes: int,
+    type_vocab: int,
+) -> list[Row] | _Texts:
+    """:func:`decode_request` up to tokenization: TEXT requests come back as :class:`_Texts`."""
     if "TASK" not in req:
         raise RequestError(
             "request has no TASK input; send the task name as a BYTES tensor of shape [1, 1]"
@@ -138,7 +269,7 @@ def decode_request(
             f"send exactly one of TEXT or INPUT_IDS, got {'both' if has_text else 'neither'}"
         )
     if has_text:
-        if tokenizer is None:
+        if not has_tokenizer:
             raise RequestError(
                 "this backbone has no tokenizer, so TEXT is not accepted; send INPUT_IDS"
             )
@@ -151,24 +282,21 @@ def decode_request(
             raise RequestError(
                 "TOKEN_TYPE_IDS goes with INPUT_IDS; with TEXT send the second text as TEXT_PAIR"
             )
-        if "TEXT_PAIR" in req:
-            pairs = _strings(
-                "TEXT_PAIR", req["TEXT_PAIR"], max_text_bytes, "MAX_TEXT_BYTES", max_rows,
-                max_request_text_bytes,
-            )  # fmt: skip
-            if len(pairs) != len(texts):
-                raise RequestError(
-                    f"TEXT_PAIR has {len(pairs)} rows but TEXT has {len(texts)}; send one "
-                    "second text per TEXT row"
-                )
-            # An empty TEXT_PAIR row is a single text, so one request can mix both.
-            enc = tokenizer.encode_batch(
-                [(a, b) if b else a for a, b in zip(texts, pairs, strict=True)]
+        _check_task_rows(tasks, len(texts))
+        if "TEXT_PAIR" not in req:
+            return _Texts(tasks, list(texts), pairs=False)
+        pairs = _strings(
+            "TEXT_PAIR", req["TEXT_PAIR"], max_text_bytes, "MAX_TEXT_BYTES", max_rows,
+            max_request_text_bytes,
+        )  # fmt: skip
+        if len(pairs) != len(texts):
+            raise RequestError(
+                f"TEXT_PAIR has {len(pairs)} rows but TEXT has {len(texts)}; send one "
+                "second text per TEXT row"
             )
-            seqs = [np.asarray(e.ids, dtype=np.int64) for e in enc]
-            types = [np.asarray(e.type_ids, dtype=np.int64) for e in enc]
-        else:
-            seqs = [np.asarray(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(texts)]
+        # An empty TEXT_PAIR row is a single text, so one request can mix both.
+        both = [(a, b) if b else a for a, b in zip(texts, pairs, strict=True)]
+        return _Texts(tasks, both, pairs=True)
     else:
         if "TEXT_PAIR" in req:
             raise RequestError(
@@ -202,16 +330,7 @@ def decode_request(
         seqs = list(arr.astype(np.int64, copy=False))
         if "TOKEN_TYPE_IDS" in req:
             types = list(_token_types(req["TOKEN_TYPE_IDS"], arr.shape, ids_name, type_vocab))
-    if len(tasks) not in (1, len(seqs)):
-        raise RequestError(
-            f"TASK has {len(tasks)} rows but the input has {len(seqs)}; send one "
-            "task per row or a single task for all rows"
-        )
-    if len(tasks) == 1:
-        tasks = tasks * len(seqs)
-    if types is None:
-        return [Row(t, s) for t, s in zip(tasks, seqs, strict=True)]
-    return [Row(t, s, y if y.any() else None) for t, s, y in zip(tasks, seqs, types, strict=True)]
+    return _rows_of(tasks, seqs, types)
 
 
 def _token_types(

@@ -2,7 +2,9 @@
 
 Whatever arrives (any dtype, shape, byte content, unicode, sizes around every limit), the
 decoder either returns rows that satisfy the engine's contract or raises RequestError with
-a short message; nothing else escapes, and nothing unbounded is echoed back.
+a short message; nothing else escapes, and nothing unbounded is echoed back. The batched
+decoder (``decode_requests``, what the engine runs) gives every request of a batch exactly
+what the one-request decoder gives it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from hypothesis.extra import numpy as hnp
 
 from pets.backbone import default_checkpoint
 from pets.errors import RequestError
-from pets.protocol import decode_request
+from pets.protocol import Row, decode_request, decode_requests
 from pets.taskstore import MAX_NAME_LEN
 from pets.tokenizer import load_tokenizer
 
@@ -166,3 +168,54 @@ def test_valid_text_requests_always_decode(tokenizer: Any, name: str, texts: lis
         assert any(len(r) > MAX_TEXT for r in raw), err.message
         return
     assert len(rows) == k and all(r.task == tname and 1 <= len(r.ids) <= MAX_LEN for r in rows)
+
+
+@st.composite
+def common_requests(draw: st.DrawFn) -> dict[str, np.ndarray]:
+    """The form the batched decoder takes in bulk (one TASK row, one INT64 ids row), with
+    ids, lengths and names around its limits (out-of-vocabulary ids, over-long and empty
+    rows, names that are not UTF-8 or too long)."""
+    name = draw(st.one_of(names.map(lambda n: n.encode("utf-8", "surrogatepass")), st.binary()))
+    length = draw(st.integers(0, MAX_LEN + 1))
+    ids = draw(hnp.arrays(np.int64, (length,), elements=st.integers(-1, VOCAB)))
+    return {
+        "TASK": np.array([[name]] if draw(st.booleans()) else [name], dtype=object),
+        "INPUT_IDS": ids if draw(st.booleans()) else ids[None, :],
+    }
+
+
+def one_by_one(req: dict[str, np.ndarray], tokenizer: Any) -> list[Row] | RequestError:
+    try:
+        return decode_request(req, tokenizer, MAX_LEN, VOCAB, MAX_TEXT, MAX_ROWS)
+    except RequestError as err:
+        return err
+
+
+def test_batched_decoder_equals_the_one_request_decoder(tokenizer: Any) -> None:
+    seen: Counter[str] = Counter()
+
+    @settings(max_examples=budget(200))
+    @given(batch=st.lists(st.one_of(common_requests(), requests()), min_size=1, max_size=12))
+    def run(batch: list[dict[str, np.ndarray]]) -> None:
+        got = decode_requests(batch, tokenizer, MAX_LEN, VOCAB, MAX_TEXT, MAX_ROWS)
+        assert len(got) == len(batch)
+        for req, mine in zip(batch, got, strict=True):
+            want = one_by_one(req, tokenizer)
+            if isinstance(want, RequestError):
+                assert isinstance(mine, RequestError), (req, mine)
+                assert (mine.message, mine.code) == (want.message, want.code)
+                seen["refused"] += 1
+                continue
+            assert not isinstance(mine, RequestError), (req, mine.message)
+            assert len(mine) == len(want)
+            for a, b in zip(mine, want, strict=True):
+                assert a.task == b.task and a.ids.dtype == b.ids.dtype
+                np.testing.assert_array_equal(a.ids, b.ids)
+                assert (a.types is None) == (b.types is None)
+                if a.types is not None:
+                    np.testing.assert_array_equal(a.types, b.types)
+            seen["text" if "TEXT" in req else "ids"] += 1
+
+    run()
+    print(f"\n{seen}")
+    assert seen["refused"] >= 50 and seen["text"] >= 5 and seen["ids"] >= 50, seen
