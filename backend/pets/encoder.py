@@ -307,8 +307,12 @@ class SharedEncoder:
             )
             assert isinstance(out, torch.Tensor)  # no aux outputs requested
             return out.reshape(t, nh * hd)
-        # Padded path (CPU; the padded layout): scatter into [B, L, ...], mask pad keys.
         b, lmax = batch.num_seqs, batch.max_seqlen
+        if batch.valid_lens is None and b * lmax == t:  # every sequence as long: no padding
+            qb, kb, vb = (u.view(b, lmax, nh, hd).transpose(1, 2) for u in (q, k, v))
+            o = F.scaled_dot_product_attention(qb, kb, vb)  # [B, nh, L, hd]
+            return o.transpose(1, 2).reshape(t, nh * hd)
+        # Padded path (CPU; the padded layout): scatter into [B, L, ...], mask pad keys.
         lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
         valid = lengths if batch.valid_lens is None else batch.valid_lens
         seq = torch.repeat_interleave(torch.arange(b, device=qkv.device), lengths, output_size=t)
