@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -145,10 +146,11 @@ class SharedEncoder:
         to_device = self.ctx.to_device
         self.ctx.upload = upload  # PetContext.to_device stages through it while planning
         try:
-            for code in torch.unique(pet_codes).tolist():  # one entry per PET *type* present
-                method = reg.by_code.get(int(code))
+            codes = pet_codes.numpy()
+            for code in np.unique(codes).tolist():  # one entry per PET *type* present
+                method = reg.by_code.get(code)
                 if method is not None:
-                    segs = torch.nonzero(pet_codes == code).flatten()
+                    segs = torch.from_numpy(np.flatnonzero(codes == code))  # int64 [S_type]
                     if self.streams is not None:
                         active.extend(self.streams.plans(method, batch, segs))
                     else:

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from ..backbone import SITES, BackboneWeights
@@ -213,6 +214,15 @@ class Lora(PetMethod):
         self.in_off = SlotMeta((len(MOD_LIST),), torch.int32, -1)
         self.rank = SlotMeta((), torch.int32, 0)
         self.scale = SlotMeta((), torch.float32, 0.0)
+        # per site: its modules (indices into MOD_LIST) and each one's output column block
+        self._site_modules: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for site in SITES:
+            mods = [mi for mi, m in enumerate(MOD_LIST) if MODULES[m][0] == site]
+            width = ctx.spec.site_shape(site)[0] // (3 if site == "qkv" else 1)
+            blocks = np.array([MODULES[MOD_LIST[mi]][1] for mi in mods], dtype=np.int64)
+            self._site_modules.append(
+                (np.array(mods, dtype=np.int64), blocks * width, np.full(len(mods), width))
+            )
 
     def _modules(self, tensors: dict[str, torch.Tensor]) -> list[str]:
         return [m for m in MOD_LIST if layer_key(0, m, A) in tensors]
@@ -269,56 +279,42 @@ class Lora(PetMethod):
         super().unload(slot, loaded)
 
     def prepare(self, batch: Any, segs: torch.Tensor) -> LoraPlan:
-        spec = self.ctx.spec
-        tasks = batch.seg_task_cpu[segs]
-        rank, scale = self.rank[tasks], self.scale[tasks]
-        in_off, nmods = self.in_off[tasks], self.nmods[tasks]
+        """Per site: one shrink item per segment of a task that adapts a module there (its
+        modules' A stacked, rank ``r * modules``) and one expand item per (segment, module),
+        module-major. Built in numpy over the batch's LoRA segments at once."""
+        seg = segs.numpy()
+        tasks = batch.seg_task_cpu.numpy()[seg]
+        rank, scale = self.rank.rows(tasks), self.scale.rows(tasks)
+        in_off, nmods = self.in_off.rows(tasks), self.nmods.rows(tasks)
+        a_off, b_off = self.a_off.rows(tasks), self.b_off.rows(tasks)  # [n, L, sites|mods]
+        d = self._upload
         sites: dict[str, _SitePlan] = {}
-        for si, site in enumerate(SITES):
+        for si, site in enumerate(SITES):  # four sites: not a task loop
             has = nmods[:, si] > 0
-            if not bool(has.any()):
+            if not has.any():
                 continue
-            s_rank = (rank[has] * nmods[has, si]).to(torch.int32)
-            e_parts = []
-            for mi, m in enumerate(MOD_LIST):  # at most 3 modules per site: not a task loop
-                msite, block = MODULES[m]
-                if msite != site:
-                    continue
-                pres = in_off[:, mi] >= 0
-                if not bool(pres.any()):
-                    continue
-                width = spec.site_shape(site)[0] // (3 if site == "qkv" else 1)
-                n = int(pres.sum())
-                e_parts.append(
-                    (
-                        segs[pres],
-                        self.b_off[tasks[pres]][:, :, mi].T,
-                        rank[pres],
-                        in_off[pres, mi],
-                        torch.full((n,), block * width),
-                        torch.full((n,), width),
-                        scale[pres],
-                    )
-                )
-            cat = [torch.cat(col, dim=-1) for col in zip(*e_parts, strict=True)]
-
-            def d(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-                return self.ctx.to_device(t.to(dtype))
-
+            s_rank = (rank[has] * nmods[has, si]).astype(np.int32)
+            mods, out_off, out_dim = self._site_modules[si]
+            # (module, task) pairs present, module-major: the order the expand items take
+            j, t = np.nonzero(in_off[:, mods].T >= 0)
+            m = mods[j]
             sites[site] = _SitePlan(
-                s_seg=d(segs[has], torch.int32),
-                s_w_off=d(self.a_off[tasks[has]][:, :, si].T, torch.int64),
-                s_rank=d(s_rank, torch.int32),
+                s_seg=d(seg[has], np.int32),
+                s_w_off=d(a_off[has, :, si].T, np.int64),
+                s_rank=d(s_rank, np.int32),
                 max_rank=int(s_rank.max()),
-                e_seg=d(cat[0], torch.int32),
-                e_w_off=d(cat[1], torch.int64),
-                e_rank=d(cat[2], torch.int32),
-                e_in_off=d(cat[3], torch.int32),
-                e_out_off=d(cat[4], torch.int32),
-                e_out_dim=d(cat[5], torch.int32),
-                e_scale=d(cat[6], torch.float32),
+                e_seg=d(seg[t], np.int32),
+                e_w_off=d(b_off[t, :, m].T, np.int64),
+                e_rank=d(rank[t], np.int32),
+                e_in_off=d(in_off[t, m], np.int32),
+                e_out_off=d(out_off[j], np.int32),
+                e_out_dim=d(out_dim[j], np.int32),
+                e_scale=d(scale[t], np.float32),
             )
         return LoraPlan(seg_indptr=batch.seg_indptr, sites=sites)
+
+    def _upload(self, a: np.ndarray, dtype: type) -> torch.Tensor:
+        return self.ctx.to_device(torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)))
 
     def apply_linear(
         self, plan: LoraPlan, site: str, layer: int, x: torch.Tensor, y: torch.Tensor
