@@ -19,6 +19,7 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
 
 from pets.engine import Engine
@@ -40,6 +41,25 @@ def _parameters(model_config: dict[str, Any]) -> dict[str, str]:
     """config.pbtxt ``parameters`` as plain strings."""
     raw = model_config.get("parameters") or {}
     return {k: str(v.get("string_value", "")) for k, v in raw.items()}
+
+
+def _cpu_threads(raw: str, config: dict[str, Any], cores: int) -> int:
+    """Torch's intra-op threads for one CPU instance (``CPU_THREADS``).
+
+    ``auto``: the cores left after one for the server's own threads (frontends, batcher),
+    shared among the model's CPU instances, at least 1. On a small host the instances would
+    otherwise each spin ``cores`` OpenMP threads against the server and the clients.
+    """
+    if raw in ("", "auto"):
+        groups = config.get("instance_group") or [{"kind": "KIND_CPU", "count": 1}]
+        count = sum(int(g.get("count", 1)) for g in groups if g.get("kind") == "KIND_CPU")
+        return max(1, (cores - 1) // max(1, count))
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(
+            f"CPU_THREADS={raw!r}; expected auto or an integer >= 1 (torch threads per CPU "
+            "instance); fix config.pbtxt"
+        )
+    return int(raw)
 
 
 def _device(kind: str, device_id: str) -> str:
@@ -211,6 +231,9 @@ class TritonPythonModel:
         )
         self.name = args.get("model_instance_name", config.get("name", "pets"))
         _route_engine_logs()
+        if device == "cpu":
+            cores = len(os.sched_getaffinity(0))
+            torch.set_num_threads(_cpu_threads(params.get("CPU_THREADS", "auto"), config, cores))
         self.engine: Engine | None = Engine.from_parameters(
             params, model_dir=os.path.abspath(args["model_repository"]), device=device
         )
@@ -226,8 +249,9 @@ class TritonPythonModel:
             self.metrics = _MetricsPusher(
                 self.engine, self.model, self.name, device, int(raw) / 1000
             )
+        threads = f" with {torch.get_num_threads()} CPU threads" if device == "cpu" else ""
         pb_utils.Logger.log_info(
-            f"pets: instance {self.name} ready on {device}, parameters {params}"
+            f"pets: instance {self.name} ready on {device}{threads}, parameters {params}"
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:

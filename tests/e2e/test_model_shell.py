@@ -98,6 +98,8 @@ def shell(monkeypatch: pytest.MonkeyPatch) -> Any:
     )  # type: ignore[attr-defined]
     eng = types.ModuleType("pets.engine")
     eng.Engine = FakeEngine  # type: ignore[attr-defined]
+    # initialize sets torch's threads for a CPU instance: keep this process's own
+    monkeypatch.setattr("torch.set_num_threads", THREADS.append)
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
     monkeypatch.setitem(sys.modules, "pets.engine", eng)
     spec = importlib.util.spec_from_file_location("pets_model_shell", MODEL_PY)
@@ -111,6 +113,21 @@ def shell(monkeypatch: pytest.MonkeyPatch) -> Any:
     model.initialize(args)
     FakeEngine.behaviour, FakeEngine.seen = "ok", []
     return model
+
+
+THREADS: list[int] = []
+
+
+def test_cpu_instance_sets_its_threads(shell: Any) -> None:
+    assert THREADS and THREADS[-1] >= 1  # initialize set them for its CPU instance
+    threads = shell.initialize.__globals__["_cpu_threads"]
+    cpu = {"instance_group": [{"kind": "KIND_CPU", "count": 2}, {"kind": "KIND_GPU"}]}
+    assert threads("auto", cpu, 9) == 4  # (9 - 1) / 2 CPU instances
+    assert threads("", {}, 2) == 1  # one instance, one core left to the server
+    assert threads("3", {}, 2) == 3
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(ValueError, match="CPU_THREADS"):
+            threads(bad, {}, 2)
 
 
 def req(task: bytes, **ids: np.ndarray) -> Request:
