@@ -284,7 +284,11 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
 
     cases = parse_cases(args.cases)
     libs = parse_libraries(args.library)
-    run = start_run("cpu_ops", args.out, params={**vars(args), "library": [str(x) for x in libs]})
+    hidden = ("worker", "library_path", "calls", "result")
+    params = {k: v for k, v in vars(args).items() if k not in hidden}
+    run = start_run(
+        "cpu_ops", args.out, params={**params, "library": [f"{k}={v}" for k, v in libs]}
+    )
     captured = {}
     meta: dict[str, tuple[int, int, dict[tuple[str, str], int]]] = {}
     for case in cases:
