@@ -161,7 +161,9 @@ inline GroupedArgs prepare_expand(const at::Tensor& y, const at::Tensor& tmp, co
                "item_scale must be a float tensor [I] = [", a.num_items, "] on ", y.device(),
                ", got ", item_scale.scalar_type(), " ", item_scale.sizes(), " on ",
                item_scale.device());
-  a.item_scale = item_scale.to(at::kFloat).contiguous();
+  // No dispatcher round trip when the engine already passes float32 (as index() does).
+  a.item_scale = (item_scale.scalar_type() == at::kFloat ? item_scale : item_scale.to(at::kFloat))
+                     .contiguous();
   prepare_item_bias(a, y, bias, item_b_off);
   return a;
 }
@@ -247,7 +249,8 @@ inline AdapterLnArgs prepare_adapter_ln(const at::Tensor& y, const OptTensor& re
                    seg_w_off.device() == y.device(),
                "seg_w_off must be an int64 (or int32) tensor on ", y.device(), ", got ",
                seg_w_off.scalar_type(), " on ", seg_w_off.device());
-  a.seg_w_off = seg_w_off.to(at::kLong).contiguous();
+  a.seg_w_off =
+      (seg_w_off.scalar_type() == at::kLong ? seg_w_off : seg_w_off.to(at::kLong)).contiguous();
   a.seg_rank = index(seg_rank, at::kInt, y, "seg_rank", s);
   a.seg_act = index(seg_act, at::kInt, y, "seg_act", s);
   return a;

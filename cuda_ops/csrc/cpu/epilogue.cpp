@@ -1,62 +1,76 @@
-// CPU kernels for the segmented epilogues: bias_act and bias_residual_layernorm.
-// Both are row-parallel: every token row looks up its segment's pool rows and is independent.
+// CPU kernels for the segmented epilogues: bias_act, bias_residual_layernorm and
+// adapter_residual_layernorm. Row-parallel when the batch is large; a small batch runs on the
+// calling thread with no ATen temporaries (raw pointers, per-thread scratch).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
-#include <vector>
 
 #include "../prepare.h"
+#include "kernel_utils.h"
 
 namespace petops {
 namespace {
 
-constexpr int64_t kRowGrain = 16;
-
-// Segment of every token, from a validated seg_indptr.
-std::vector<int32_t> token_segments(const at::Tensor& seg_indptr, int64_t num_tokens) {
-  std::vector<int32_t> seg(num_tokens);
-  const int32_t* p = seg_indptr.data_ptr<int32_t>();
-  for (int64_t s = 0; s + 1 < seg_indptr.numel(); ++s) {
-    for (int32_t t = p[s]; t < p[s + 1]; ++t) seg[t] = static_cast<int32_t>(s);
-  }
-  return seg;
-}
-
-// out[t] = act(y[t] + bias[seg_bias[seg[t]]]) * scale[...], the activation fixed at compile
-// time so the inner loop has no branch.
-template <typename scalar_t, int Act>
-void bias_act_rows(const EpilogueArgs& a, const std::vector<int32_t>& seg, at::Tensor& out) {
-  const int64_t n_tok = a.y.size(0), n = a.y.size(1);
-  const scalar_t* yp = a.y.data_ptr<scalar_t>();
-  const scalar_t* bp = a.bias.data_ptr<scalar_t>();
-  const scalar_t* sp = a.scale.defined() ? a.scale.data_ptr<scalar_t>() : nullptr;
-  const int32_t* sb = a.seg_bias.data_ptr<int32_t>();
-  const int32_t* ss = sp ? a.seg_scale.data_ptr<int32_t>() : nullptr;
-  scalar_t* op = out.data_ptr<scalar_t>();
-  at::parallel_for(0, n_tok, kRowGrain, [&](int64_t lo, int64_t hi) {
-    for (int64_t t = lo; t < hi; ++t) {
-      const scalar_t* b = bp + sb[seg[t]] * n;
-      const scalar_t* sc = sp ? sp + ss[seg[t]] * n : nullptr;
-      for (int64_t c = 0; c < n; ++c) {
-        float v = apply_act(static_cast<float>(yp[t * n + c]) + static_cast<float>(b[c]), Act);
-        if (sc) v *= static_cast<float>(sc[c]);
-        op[t * n + c] = static_cast<scalar_t>(v);
-      }
+// f(t0, t1, s) for every run of token rows [t0, t1) of segment s, rows split over threads
+// when n_tok * n is large (each chunk finds its first segment by binary search).
+template <typename F>
+void for_segment_rows(const int32_t* ip, int64_t n_seg, int64_t n_tok, int64_t n, const F& f) {
+  parallel_if(n_tok, n_tok * n, [&](int64_t lo, int64_t hi) {
+    int64_t s = std::upper_bound(ip, ip + n_seg + 1, static_cast<int32_t>(lo)) - ip - 1;
+    for (int64_t t = lo; t < hi && s < n_seg; ++s) {
+      const int64_t end = std::min<int64_t>(hi, ip[s + 1]);
+      if (end > t) f(t, end, s);
+      t = std::max<int64_t>(t, end);
     }
   });
 }
 
+// out[t] = act(y[t] + bias[seg_bias[s]]) * scale[seg_scale[s]], the activation fixed at
+// compile time so the inner loop has no branch.
+template <typename scalar_t, int Act>
+void bias_act_rows(const EpilogueArgs& a, bool with_scale, scalar_t* op) {
+  const int64_t n_tok = a.y.size(0), n = a.y.size(1), n_seg = a.seg_indptr.numel() - 1;
+  const scalar_t* yp = a.y.data_ptr<scalar_t>();
+  const scalar_t* bp = a.bias.data_ptr<scalar_t>();
+  const scalar_t* sp = with_scale ? a.scale.data_ptr<scalar_t>() : nullptr;
+  const int32_t* sb = a.seg_bias.data_ptr<int32_t>();
+  const int32_t* ss = sp ? a.seg_scale.data_ptr<int32_t>() : nullptr;
+  for_segment_rows(
+      a.seg_indptr.data_ptr<int32_t>(), n_seg, n_tok, n, [&](int64_t t0, int64_t t1, int64_t s) {
+        const scalar_t* __restrict__ b = bp + sb[s] * n;
+        if (sp) {
+          const scalar_t* __restrict__ sc = sp + ss[s] * n;
+          for (int64_t t = t0; t < t1; ++t) {
+            const scalar_t* __restrict__ yr = yp + t * n;
+            scalar_t* __restrict__ o = op + t * n;
+            for (int64_t c = 0; c < n; ++c) {
+              const float v = apply_act(static_cast<float>(yr[c]) + static_cast<float>(b[c]), Act);
+              o[c] = static_cast<scalar_t>(v * static_cast<float>(sc[c]));
+            }
+          }
+          return;
+        }
+        for (int64_t t = t0; t < t1; ++t) {
+          const scalar_t* __restrict__ yr = yp + t * n;
+          scalar_t* __restrict__ o = op + t * n;
+          for (int64_t c = 0; c < n; ++c) {
+            o[c] = static_cast<scalar_t>(
+                apply_act(static_cast<float>(yr[c]) + static_cast<float>(b[c]), Act));
+          }
+        }
+      });
+}
+
 // float32 with an activation: the bias rows are added here, then ATen's own activation
 // kernel (vectorised, the same one F.gelu & co run, so the reference matches exactly) works
-// in place, then the scale. A scalar erff per element costs about ten times as much.
-void bias_act_float_aten(const EpilogueArgs& a, const std::vector<int32_t>& seg, at::Tensor& out,
-                         int64_t act) {
-  EpilogueArgs plain = a;  // the bias alone: the scale comes after the activation
-  plain.scale = at::Tensor();
-  plain.seg_scale = at::Tensor();
-  bias_act_rows<float, static_cast<int>(kActNone)>(plain, seg, out);
+// in place on the whole buffer, then the scale. A scalar erff per element costs about ten
+// times as much.
+void bias_act_float_aten(const EpilogueArgs& a, at::Tensor& out, int64_t act) {
+  float* op = out.data_ptr<float>();
+  bias_act_rows<float, static_cast<int>(kActNone)>(a, false, op);
   switch (act) {
     case kActGelu:
       at::gelu_(out);
@@ -74,16 +88,17 @@ void bias_act_float_aten(const EpilogueArgs& a, const std::vector<int32_t>& seg,
       break;
   }
   if (!a.scale.defined()) return;
-  const int64_t n_tok = out.size(0), n = out.size(1);
+  const int64_t n_tok = out.size(0), n = out.size(1), n_seg = a.seg_indptr.numel() - 1;
   const float* sp = a.scale.data_ptr<float>();
   const int32_t* ss = a.seg_scale.data_ptr<int32_t>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, n_tok, kRowGrain, [&](int64_t lo, int64_t hi) {
-    for (int64_t t = lo; t < hi; ++t) {
-      const float* sc = sp + ss[seg[t]] * n;
-      for (int64_t c = 0; c < n; ++c) op[t * n + c] *= sc[c];
-    }
-  });
+  for_segment_rows(a.seg_indptr.data_ptr<int32_t>(), n_seg, n_tok, n,
+                   [&](int64_t t0, int64_t t1, int64_t s) {
+                     const float* __restrict__ sc = sp + ss[s] * n;
+                     for (int64_t t = t0; t < t1; ++t) {
+                       float* __restrict__ o = op + t * n;
+                       for (int64_t c = 0; c < n; ++c) o[c] *= sc[c];
+                     }
+                   });
 }
 
 at::Tensor bias_act_cpu(const at::Tensor& y, const at::Tensor& bias, const at::Tensor& seg_indptr,
@@ -97,32 +112,59 @@ at::Tensor bias_act_cpu(const at::Tensor& y, const at::Tensor& bias, const at::T
   if (a.scale.defined()) {
     check_range_host<int32_t>(a.seg_scale, 0, a.scale.size(0), "seg_scale", "a row of scale");
   }
-  const std::vector<int32_t> seg = token_segments(a.seg_indptr, n_tok);
   at::Tensor out = at::empty_like(a.y);
   if (a.y.scalar_type() == at::kFloat && act != kActNone) {
-    bias_act_float_aten(a, seg, out, act);
+    bias_act_float_aten(a, out, act);
     return out;
   }
+  const bool sc = a.scale.defined();
   PETOPS_DISPATCH_FLOATS(a.y.scalar_type(), "bias_act_cpu", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
     switch (act) {
       case kActGelu:
-        bias_act_rows<scalar_t, static_cast<int>(kActGelu)>(a, seg, out);
+        bias_act_rows<scalar_t, static_cast<int>(kActGelu)>(a, sc, op);
         break;
       case kActRelu:
-        bias_act_rows<scalar_t, static_cast<int>(kActRelu)>(a, seg, out);
+        bias_act_rows<scalar_t, static_cast<int>(kActRelu)>(a, sc, op);
         break;
       case kActSilu:
-        bias_act_rows<scalar_t, static_cast<int>(kActSilu)>(a, seg, out);
+        bias_act_rows<scalar_t, static_cast<int>(kActSilu)>(a, sc, op);
         break;
       case kActGeluTanh:
-        bias_act_rows<scalar_t, static_cast<int>(kActGeluTanh)>(a, seg, out);
+        bias_act_rows<scalar_t, static_cast<int>(kActGeluTanh)>(a, sc, op);
         break;
       default:
-        bias_act_rows<scalar_t, static_cast<int>(kActNone)>(a, seg, out);
+        bias_act_rows<scalar_t, static_cast<int>(kActNone)>(a, sc, op);
         break;
     }
   });
   return out;
+}
+
+// LayerNorm of one row h[0, n) (float) with gamma g and beta e into o. Sums in double over
+// eight independent lanes (two-pass variance): as exact as F.layer_norm in fp32, and the
+// lanes keep the additions from forming one long dependency chain.
+template <typename scalar_t>
+inline void layernorm_row(const float* __restrict__ h, int64_t n, const scalar_t* __restrict__ g,
+                          const scalar_t* __restrict__ e, double eps, scalar_t* __restrict__ o) {
+  double l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8)
+    for (int k = 0; k < 8; ++k) l[k] += h[c + k];
+  double sum = ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+  for (; c < n; ++c) sum += h[c];
+  const double mean = n ? sum / n : 0.0;
+  const float m = static_cast<float>(mean);
+  for (int k = 0; k < 8; ++k) l[k] = 0;
+  for (c = 0; c + 8 <= n; c += 8)
+    for (int k = 0; k < 8; ++k) l[k] += (h[c + k] - mean) * (h[c + k] - mean);
+  double var = ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+  for (; c < n; ++c) var += (h[c] - mean) * (h[c] - mean);
+  const float rstd = static_cast<float>(1.0 / std::sqrt((n ? var / n : 0.0) + eps));
+  for (c = 0; c < n; ++c) {
+    const float v = (h[c] - m) * rstd * static_cast<float>(g[c]) + static_cast<float>(e[c]);
+    o[c] = static_cast<scalar_t>(v);
+  }
 }
 
 at::Tensor bias_residual_layernorm_cpu(const at::Tensor& y, const OptTensor& residual,
@@ -132,13 +174,12 @@ at::Tensor bias_residual_layernorm_cpu(const at::Tensor& y, const OptTensor& res
                                        double eps) {
   EpilogueArgs a = prepare_layernorm(y, residual, bias, gamma, beta, seg_indptr, seg_bias, seg_ln);
   TORCH_INTERNAL_ASSERT(a.y.device().is_cpu());
-  const int64_t n_tok = a.y.size(0), n = a.y.size(1);
+  const int64_t n_tok = a.y.size(0), n = a.y.size(1), n_seg = a.seg_indptr.numel() - 1;
   check_indptr_host(a.seg_indptr, n_tok);
   check_range_host<int32_t>(a.seg_ln, 0, a.gamma.size(0), "seg_ln", "a row of gamma/beta");
   if (a.bias.defined()) {
     check_range_host<int32_t>(a.seg_bias, 0, a.bias.size(0), "seg_bias", "a row of bias");
   }
-  const std::vector<int32_t> seg = token_segments(a.seg_indptr, n_tok);
   at::Tensor out = at::empty_like(a.y);
   PETOPS_DISPATCH_FLOATS(a.y.scalar_type(), "brln_cpu", [&] {
     const scalar_t* yp = a.y.data_ptr<scalar_t>();
@@ -149,37 +190,54 @@ at::Tensor bias_residual_layernorm_cpu(const at::Tensor& y, const OptTensor& res
     const scalar_t* ep = a.beta.data_ptr<scalar_t>();
     const int32_t* sl = a.seg_ln.data_ptr<int32_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, n_tok, kRowGrain, [&](int64_t lo, int64_t hi) {
-      std::vector<float> h(n);
-      for (int64_t t = lo; t < hi; ++t) {
-        const scalar_t* b = bp ? bp + sb[seg[t]] * n : nullptr;
-        double sum = 0.0;
-        for (int64_t c = 0; c < n; ++c) {
-          float v = static_cast<float>(yp[t * n + c]);
-          if (b) v += static_cast<float>(b[c]);
-          if (rp) v += static_cast<float>(rp[t * n + c]);
-          h[c] = v;
-          sum += v;
-        }
-        const double mean = n ? sum / n : 0.0;
-        double var = 0.0;  // two-pass: exact enough to match F.layer_norm in fp32
-        for (int64_t c = 0; c < n; ++c) var += (h[c] - mean) * (h[c] - mean);
-        const float rstd = static_cast<float>(1.0 / std::sqrt((n ? var / n : 0.0) + eps));
-        const float m = static_cast<float>(mean);
-        const scalar_t* g = gp + sl[seg[t]] * n;
-        const scalar_t* e = ep + sl[seg[t]] * n;
-        for (int64_t c = 0; c < n; ++c) {
-          const float v = (h[c] - m) * rstd * static_cast<float>(g[c]) + static_cast<float>(e[c]);
-          op[t * n + c] = static_cast<scalar_t>(v);
-        }
-      }
-    });
+    for_segment_rows(a.seg_indptr.data_ptr<int32_t>(), n_seg, n_tok, n,
+                     [&](int64_t t0, int64_t t1, int64_t s) {
+                       float* __restrict__ h = scratch(0, n);
+                       const scalar_t* b = bp ? bp + sb[s] * n : nullptr;
+                       for (int64_t t = t0; t < t1; ++t) {
+                         const scalar_t* __restrict__ yr = yp + t * n;
+                         for (int64_t c = 0; c < n; ++c) h[c] = static_cast<float>(yr[c]);
+                         if (b) {
+                           for (int64_t c = 0; c < n; ++c) h[c] += static_cast<float>(b[c]);
+                         }
+                         if (rp) {
+                           const scalar_t* __restrict__ rr = rp + t * n;
+                           for (int64_t c = 0; c < n; ++c) h[c] += static_cast<float>(rr[c]);
+                         }
+                         layernorm_row(h, n, gp + sl[s] * n, ep + sl[s] * n, eps, op + t * n);
+                       }
+                     });
   });
   return out;
 }
 
-// Per segment with an adapter: two at::mm on its contiguous rows in fp32, rounded where the
-// unfused ops write a buffer; segments run in parallel. Then the LayerNorm epilogue above.
+// One segment's adapter on its rows: h[len, n] (float, rounded to scalar_t like the unfused
+// ops' buffers) += up(round(act(down(h) + down.b))) + up.b, then rounded again. Both
+// projections are fp32 GEMMs on the rows in place; the weights come from the flat pool.
+template <typename scalar_t>
+void adapter_rows(float* h, int64_t len, int64_t n, int64_t r, int act, const scalar_t* wp,
+                  const int64_t* o) {
+  int64_t ld_d = 0, ld_u = 0, ld_b = 0;
+  const float* wd = as_float(wp + o[0], r, n, n, 1, &ld_d);  // down.w [r, n]
+  const float* wu = as_float(wp + o[2], n, r, r, 2, &ld_u);  // up.w [n, r]
+  float* d = scratch(3, len * r);
+  gemm_nt(len, r, n, 1.f, h, n, wd, ld_d, 0.f, d, r);
+  const float* bd = as_float(wp + o[1], 1, r, r, 1, &ld_b);  // wd is no longer read
+  for (int64_t t = 0; t < len; ++t) {
+    float* dr = d + t * r;
+    for (int64_t j = 0; j < r; ++j) dr[j] = round_to<scalar_t>(apply_act(dr[j] + bd[j], act));
+  }
+  gemm_nt(len, n, r, 1.f, d, r, wu, ld_u, 1.f, h, n);
+  const scalar_t* bu = wp + o[3];
+  for (int64_t t = 0; t < len; ++t) {
+    float* hr = h + t * n;
+    for (int64_t c = 0; c < n; ++c) hr[c] = round_to<scalar_t>(hr[c] + static_cast<float>(bu[c]));
+  }
+}
+
+// Per segment: h = round(y + bias); with an adapter, the two fp32 GEMMs above; then the
+// LayerNorm epilogue (residual, per-task gamma/beta) straight into the output. Segments run
+// in parallel when the batch is large.
 at::Tensor adapter_residual_layernorm_cpu(const at::Tensor& y, const OptTensor& residual,
                                           const at::Tensor& bias, const at::Tensor& seg_bias,
                                           const at::Tensor& w, const at::Tensor& seg_w_off,
@@ -193,6 +251,8 @@ at::Tensor adapter_residual_layernorm_cpu(const at::Tensor& y, const OptTensor& 
   const int64_t n_tok = a.ln.y.size(0), n = a.ln.y.size(1), n_seg = a.seg_rank.numel();
   check_indptr_host(a.ln.seg_indptr, n_tok);
   check_range_host<int32_t>(a.seg_rank, 0, max_rank + 1, "seg_rank", "a rank <= max_rank");
+  check_range_host<int32_t>(a.ln.seg_bias, 0, a.ln.bias.size(0), "seg_bias", "a row of bias");
+  check_range_host<int32_t>(a.ln.seg_ln, 0, a.ln.gamma.size(0), "seg_ln", "a row of gamma/beta");
   const int32_t* rk = a.seg_rank.data_ptr<int32_t>();
   const int32_t* ac = a.seg_act.data_ptr<int32_t>();
   const int64_t* wo = a.seg_w_off.data_ptr<int64_t>();
@@ -209,31 +269,43 @@ at::Tensor adapter_residual_layernorm_cpu(const at::Tensor& y, const OptTensor& 
           " overruns the adapter pool of ", a.w.numel(), " elements; check the pool offsets");
     }
   }
-  // h = round(y + bias): the adapter's input, as bias_act writes it.
-  at::Tensor h = bias_act_cpu(a.ln.y, a.ln.bias, a.ln.seg_indptr, a.ln.seg_bias, std::nullopt,
-                              std::nullopt, kActNone);
+  at::Tensor out = at::empty_like(a.ln.y);
   const int32_t* ip = a.ln.seg_indptr.data_ptr<int32_t>();
-  const auto dt = h.scalar_type();
-  at::parallel_for(0, n_seg, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t s = lo; s < hi; ++s) {
-      const int64_t r = rk[s], r0 = ip[s], rows = ip[s + 1] - r0;
-      if (r == 0 || rows == 0) continue;
-      const int64_t* o = wo + s * kAdapterParts;
-      auto part = [&](int64_t p, at::IntArrayRef shape) {
-        return a.w.narrow(0, o[p], c10::multiply_integers(shape)).view(shape).to(at::kFloat);
-      };
-      at::Tensor hs = h.narrow(0, r0, rows);
-      at::Tensor hf = hs.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);  // not hs (fp32)
-      at::Tensor d = at::mm(hf, part(0, {r, n}).t()).add_(part(1, {r}));
-      float* dp = d.data_ptr<float>();
-      for (int64_t e = 0; e < d.numel(); ++e) dp[e] = apply_act(dp[e], ac[s]);
-      d = d.to(dt).to(at::kFloat);
-      hs.copy_(hf.add_(at::mm(d, part(2, {n, r}).t())).add_(part(3, {n})));
-    }
+  PETOPS_DISPATCH_FLOATS(a.ln.y.scalar_type(), "adapter_ln_cpu", [&] {
+    const scalar_t* yp = a.ln.y.data_ptr<scalar_t>();
+    const scalar_t* rp = a.ln.residual.defined() ? a.ln.residual.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bp = a.ln.bias.data_ptr<scalar_t>();
+    const scalar_t* gp = a.ln.gamma.data_ptr<scalar_t>();
+    const scalar_t* ep = a.ln.beta.data_ptr<scalar_t>();
+    const scalar_t* wp = a.w.data_ptr<scalar_t>();
+    const int32_t* sb = a.ln.seg_bias.data_ptr<int32_t>();
+    const int32_t* sl = a.ln.seg_ln.data_ptr<int32_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    parallel_if(n_seg, n_tok * n * (1 + 2 * max_rank), [&](int64_t lo, int64_t hi) {
+      for (int64_t s = lo; s < hi; ++s) {
+        const int64_t r0 = ip[s], len = ip[s + 1] - r0;
+        if (len == 0) continue;
+        float* h = scratch(0, len * n);
+        const scalar_t* __restrict__ b = bp + sb[s] * n;
+        for (int64_t t = 0; t < len; ++t) {  // h = round(y + bias), as bias_act writes it
+          const scalar_t* __restrict__ yr = yp + (r0 + t) * n;
+          float* __restrict__ hr = h + t * n;
+          for (int64_t c = 0; c < n; ++c)
+            hr[c] = round_to<scalar_t>(static_cast<float>(yr[c]) + static_cast<float>(b[c]));
+        }
+        if (rk[s] > 0) adapter_rows<scalar_t>(h, len, n, rk[s], ac[s], wp, wo + s * kAdapterParts);
+        for (int64_t t = 0; t < len; ++t) {
+          float* __restrict__ hr = h + t * n;
+          if (rp) {
+            const scalar_t* __restrict__ rr = rp + (r0 + t) * n;
+            for (int64_t c = 0; c < n; ++c) hr[c] += static_cast<float>(rr[c]);
+          }
+          layernorm_row(hr, n, gp + sl[s] * n, ep + sl[s] * n, eps, op + (r0 + t) * n);
+        }
+      }
+    });
   });
-  return bias_residual_layernorm_cpu(
-      h, a.ln.residual.defined() ? OptTensor(a.ln.residual) : std::nullopt, std::nullopt,
-      a.ln.gamma, a.ln.beta, a.ln.seg_indptr, std::nullopt, a.ln.seg_ln, eps);
+  return out;
 }
 
 }  // namespace

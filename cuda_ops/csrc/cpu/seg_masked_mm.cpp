@@ -1,6 +1,8 @@
 // CPU kernel for seg_masked_mm: per item, y[rows] += alpha * x[rows] @ (W * M_i).T with M_i
-// the item's [N, K] bit mask. The masked weight is expanded once per item into a float32
-// buffer and the product is one addmm; segment groups run in parallel.
+// the item's [N, K] bit mask. The masked weight is expanded once per item into per-thread
+// float32 scratch and the product is one fp32 GEMM on the rows' pointers (accumulated into y
+// itself for fp32); segment groups run in parallel when the batch is large.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -8,6 +10,7 @@
 
 #include "../prepare.h"
 #include "items.h"
+#include "kernel_utils.h"
 
 namespace petops {
 namespace {
@@ -32,36 +35,44 @@ void seg_masked_mm_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tenso
 
   const SegmentGroups g = group_by_segment(a.item_seg, n_seg);
   const int32_t* ip = a.seg_indptr.data_ptr<int32_t>();
-  const at::Tensor w = a.dense_w.to(at::kFloat);
+  const at::Tensor w = a.dense_w.scalar_type() == at::kFloat ? a.dense_w : a.dense_w.to(at::kFloat);
   const float* wp = w.data_ptr<float>();
   const uint32_t* words = reinterpret_cast<const uint32_t*>(a.mask.data_ptr<int32_t>());
-  at::parallel_for(0, static_cast<int64_t>(g.seg.size()), 1, [&](int64_t lo, int64_t hi) {
-    at::Tensor wm = at::empty({n_out, k_dim}, w.options());  // the item's W * M_i
-    float* mp = wm.data_ptr<float>();
-    for (int64_t gi = lo; gi < hi; ++gi) {
-      const int64_t r0 = ip[g.seg[gi]], len = ip[g.seg[gi] + 1] - r0;
-      if (len == 0) continue;
-      at::Tensor rows = a.y.narrow(0, r0, len);
-      const at::Tensor xr = a.x.narrow(0, r0, len).to(at::kFloat);
-      at::Tensor acc = rows.to(at::kFloat);
-      for (int64_t e = g.begin[gi]; e < g.begin[gi + 1]; ++e) {
-        const int64_t off = mo[g.order[e]];
-        if (off < 0) continue;
-        for (int64_t o = 0; o < n_out; ++o) {  // W * M_i, as the reference multiplies
-          const uint32_t* row = words + off + o * kw;
-          const float* wr = wp + o * k_dim;
-          float* mr = mp + o * k_dim;
-          for (int64_t j = 0; j < kw; ++j) {
-            const int64_t k0 = j * 32, nb = std::min<int64_t>(32, k_dim - k0);
-            const uint32_t word = row[j];
-            for (int64_t b = 0; b < nb; ++b)
-              mr[k0 + b] = wr[k0 + b] * static_cast<float>((word >> b) & 1u);
+  const float al = static_cast<float>(alpha);
+  const int64_t n_groups = static_cast<int64_t>(g.seg.size());
+  PETOPS_DISPATCH_FLOATS(a.y.scalar_type(), "seg_masked_mm_cpu", [&] {
+    scalar_t* yp = a.y.data_ptr<scalar_t>();
+    const scalar_t* xp = a.x.data_ptr<scalar_t>();
+    parallel_if(n_groups, n_tok * n_out * k_dim, [&](int64_t lo, int64_t hi) {
+      float* mp = scratch(2, n_out * k_dim);  // the item's W * M_i
+      for (int64_t gi = lo; gi < hi; ++gi) {
+        const int64_t r0 = ip[g.seg[gi]], len = ip[g.seg[gi] + 1] - r0;
+        if (len == 0) continue;
+        int64_t ldx = 0, ld_acc = 0;
+        const float* xr = as_float(xp + r0 * k_dim, len, k_dim, k_dim, 0, &ldx);
+        float* acc = const_cast<float*>(as_float(yp + r0 * n_out, len, n_out, n_out, 1, &ld_acc));
+        for (int64_t e = g.begin[gi]; e < g.begin[gi + 1]; ++e) {
+          const int64_t off = mo[g.order[e]];
+          if (off < 0) continue;
+          for (int64_t o = 0; o < n_out; ++o) {  // W * M_i, as the reference multiplies
+            const uint32_t* row = words + off + o * kw;
+            const float* wr = wp + o * k_dim;
+            float* mr = mp + o * k_dim;
+            for (int64_t j = 0; j < kw; ++j) {
+              const int64_t k0 = j * 32, nb = std::min<int64_t>(32, k_dim - k0);
+              const uint32_t word = row[j];
+              for (int64_t b = 0; b < nb; ++b)
+                mr[k0 + b] = wr[k0 + b] * static_cast<float>((word >> b) & 1u);
+            }
           }
+          gemm_nt(len, n_out, k_dim, al, xr, ldx, mp, k_dim, 1.f, acc, ld_acc);
         }
-        acc.addmm_(xr, wm.t(), 1.0, alpha);
+        if constexpr (!std::is_same_v<scalar_t, float>) {
+          scalar_t* rows = yp + r0 * n_out;
+          for (int64_t e = 0; e < len * n_out; ++e) rows[e] = static_cast<scalar_t>(acc[e]);
+        }
       }
-      rows.copy_(acc);
-    }
+    });
   });
 }
 

@@ -1,14 +1,16 @@
 // CPU kernel for seg_spmm: per segment, y[rows] += x[rows] @ S_i.T with S_i in CSR.
-// Rows are processed transposed ([K, len] and [N, len]) so every non-zero is one contiguous
-// axpy over the segment's tokens; segment groups run in parallel.
+// Rows are processed transposed ([K, len] and [N, len], fp32, in per-thread scratch) so every
+// non-zero is one contiguous axpy over the segment's tokens; segment groups run in parallel
+// when the batch is large.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <vector>
+#include <algorithm>
 
 #include "../prepare.h"
 #include "items.h"
+#include "kernel_utils.h"
 
 namespace petops {
 namespace {
@@ -51,32 +53,42 @@ void seg_spmm_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tensor& se
   const int64_t* ro = a.item_w_off.data_ptr<int64_t>();
   const int32_t* ix = a.indices.data_ptr<int32_t>();
   const float al = static_cast<float>(alpha);
+  const int64_t* rpool = a.rowptr.data_ptr<int64_t>();
+  const int64_t n_groups = static_cast<int64_t>(g.seg.size());
   PETOPS_DISPATCH_FLOATS(a.y.scalar_type(), "seg_spmm_cpu", [&] {
+    scalar_t* yp = a.y.data_ptr<scalar_t>();
+    const scalar_t* xp = a.x.data_ptr<scalar_t>();
     const scalar_t* vp = a.values.defined() ? a.values.data_ptr<scalar_t>() : nullptr;
     const scalar_t* dw = a.dense_w.defined() ? a.dense_w.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, static_cast<int64_t>(g.seg.size()), 1, [&](int64_t lo, int64_t hi) {
+    parallel_if(n_groups, n_tok * (n_out + k_dim), [&](int64_t lo, int64_t hi) {
       for (int64_t gi = lo; gi < hi; ++gi) {
         const int64_t r0 = ip[g.seg[gi]], len = ip[g.seg[gi] + 1] - r0;
         if (len == 0) continue;
-        at::Tensor rows = a.y.narrow(0, r0, len);
-        at::Tensor x_t = a.x.narrow(0, r0, len).to(at::kFloat).t().contiguous();  // [K, len]
-        at::Tensor acc_t = rows.to(at::kFloat).t().contiguous();                  // [N, len]
-        const float* xp = x_t.data_ptr<float>();
-        float* ap = acc_t.data_ptr<float>();
+        float* x_t = scratch(0, k_dim * len);    // [K, len]
+        float* acc_t = scratch(1, n_out * len);  // [N, len]
+        for (int64_t t = 0; t < len; ++t) {
+          const scalar_t* xr = xp + (r0 + t) * k_dim;
+          for (int64_t kk = 0; kk < k_dim; ++kk) x_t[kk * len + t] = static_cast<float>(xr[kk]);
+          const scalar_t* yr = yp + (r0 + t) * n_out;
+          for (int64_t o = 0; o < n_out; ++o) acc_t[o * len + t] = static_cast<float>(yr[o]);
+        }
         for (int64_t e = g.begin[gi]; e < g.begin[gi + 1]; ++e) {
-          const int64_t* rp = a.rowptr.data_ptr<int64_t>() + ro[g.order[e]];
+          const int64_t* rp = rpool + ro[g.order[e]];
           for (int64_t o = 0; o < n_out; ++o) {
-            float* arow = ap + o * len;
+            float* __restrict__ arow = acc_t + o * len;
             for (int64_t p = rp[o]; p < rp[o + 1]; ++p) {
               const int64_t kk = ix[p];
               const float v =
                   vp ? static_cast<float>(vp[p]) : al * static_cast<float>(dw[o * k_dim + kk]);
-              const float* xr = xp + kk * len;
+              const float* __restrict__ xr = x_t + kk * len;
               for (int64_t t = 0; t < len; ++t) arow[t] += v * xr[t];
             }
           }
         }
-        rows.copy_(acc_t.t());
+        for (int64_t t = 0; t < len; ++t) {
+          scalar_t* yr = yp + (r0 + t) * n_out;
+          for (int64_t o = 0; o < n_out; ++o) yr[o] = static_cast<scalar_t>(acc_t[o * len + t]);
+        }
       }
     });
   });

@@ -1,6 +1,8 @@
 // CPU kernels for grouped low-rank projections: sgmv_shrink and sgmv_expand.
-// Each item is one small GEMM on contiguous token rows (at::mm on slices); items (shrink) or
-// segment groups (expand) run in parallel, so the per-task loop stays in C++.
+// Each item is one small fp32 GEMM on its segment's contiguous token rows, run on the
+// buffers' pointers (gemm_nt) with no ATen temporaries; items (shrink) or segment groups
+// (expand) run in parallel when the batch is large, so the per-task loop stays in C++.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -8,15 +10,10 @@
 
 #include "../prepare.h"
 #include "items.h"
+#include "kernel_utils.h"
 
 namespace petops {
 namespace {
-
-void apply_act_inplace(at::Tensor& h, int act) {
-  if (act == kActNone) return;
-  float* p = h.data_ptr<float>();
-  for (int64_t e = 0; e < h.numel(); ++e) p[e] = apply_act(p[e], act);
-}
 
 at::Tensor sgmv_shrink_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& seg_indptr,
                            const at::Tensor& item_seg, const at::Tensor& item_w_off,
@@ -46,21 +43,35 @@ at::Tensor sgmv_shrink_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
   if (a.bias.defined()) check_spans_host(a.item_b_off, b_len.data(), a.bias.numel(), "item_b_off");
 
   at::Tensor out = at::zeros({n_tok, max_rank}, a.x.options().dtype(at::kFloat));
+  float* op = out.data_ptr<float>();
   const int64_t* wo = a.item_w_off.data_ptr<int64_t>();
   const int64_t* bo = a.bias.defined() ? a.item_b_off.data_ptr<int64_t>() : nullptr;
-  at::parallel_for(0, n_items, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t r0 = ip[is[i]], len = ip[is[i] + 1] - r0, r = rk[i];
-      if (len == 0) continue;
-      at::Tensor xs = a.x.narrow(0, r0, len).to(at::kFloat);
-      at::Tensor wa = a.w.narrow(0, wo[i], r * k).view({r, k}).to(at::kFloat);
-      at::Tensor h = at::mm(xs, wa.t());  // [len, r]
-      if (bo) h.add_(a.bias.narrow(0, bo[i], r).to(at::kFloat));
-      apply_act_inplace(h, static_cast<int>(act));
-      out.narrow(0, r0, len).narrow(1, 0, r).copy_(h);
-    }
+  PETOPS_DISPATCH_FLOATS(a.x.scalar_type(), "sgmv_shrink_cpu", [&] {
+    const scalar_t* xp = a.x.data_ptr<scalar_t>();
+    const scalar_t* wp = a.w.data_ptr<scalar_t>();
+    const scalar_t* bp = bo ? a.bias.data_ptr<scalar_t>() : nullptr;
+    parallel_if(n_items, n_tok * k * max_rank, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t r0 = ip[is[i]], len = ip[is[i] + 1] - r0, r = rk[i];
+        if (len == 0) continue;
+        int64_t ldx = 0, ldw = 0;
+        const float* xs = as_float(xp + r0 * k, len, k, k, 0, &ldx);
+        const float* wa = as_float(wp + wo[i], r, k, k, 1, &ldw);
+        float* h = op + r0 * max_rank;  // [len, r] with row stride max_rank
+        gemm_nt(len, r, k, 1.f, xs, ldx, wa, ldw, 0.f, h, max_rank);
+        for (int64_t t = 0; t < len; ++t) {
+          float* hr = h + t * max_rank;
+          if (bp) {
+            for (int64_t j = 0; j < r; ++j) hr[j] += static_cast<float>(bp[bo[i] + j]);
+          }
+          if (act != kActNone) {
+            for (int64_t j = 0; j < r; ++j) hr[j] = apply_act(hr[j], static_cast<int>(act));
+          }
+        }
+      }
+    });
   });
-  return out.to(a.x.scalar_type());
+  return a.x.scalar_type() == at::kFloat ? out : out.to(a.x.scalar_type());
 }
 
 void sgmv_expand_cpu(const at::Tensor& y, const at::Tensor& tmp, const at::Tensor& w,
@@ -100,23 +111,39 @@ void sgmv_expand_cpu(const at::Tensor& y, const at::Tensor& tmp, const at::Tenso
   const int64_t* wo = a.item_w_off.data_ptr<int64_t>();
   const int64_t* bo = a.bias.defined() ? a.item_b_off.data_ptr<int64_t>() : nullptr;
   const float* sc = a.item_scale.data_ptr<float>();
-  const bool f32 = a.y.scalar_type() == at::kFloat;
-  at::parallel_for(0, static_cast<int64_t>(g.seg.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t gi = lo; gi < hi; ++gi) {
-      const int64_t r0 = ip[g.seg[gi]], len = ip[g.seg[gi] + 1] - r0;
-      if (len == 0) continue;
-      at::Tensor rows = a.y.narrow(0, r0, len);
-      at::Tensor acc = f32 ? rows : rows.to(at::kFloat);  // fp32 accumulates in place
-      for (int64_t e = g.begin[gi]; e < g.begin[gi + 1]; ++e) {
-        const int64_t i = g.order[e], r = rk[i], n = nd[i];
-        at::Tensor t_in = a.x.narrow(0, r0, len).narrow(1, j0[i], r).to(at::kFloat);
-        at::Tensor wb = a.w.narrow(0, wo[i], n * r).view({n, r}).to(at::kFloat);
-        at::Tensor d = at::mm(t_in, wb.t()).mul_(sc[i]);  // [len, n]
-        if (bo) d.add_(a.bias.narrow(0, bo[i], n).to(at::kFloat));
-        acc.narrow(1, c0[i], n).add_(d);
+  const int64_t n_groups = static_cast<int64_t>(g.seg.size());
+  PETOPS_DISPATCH_FLOATS(a.y.scalar_type(), "sgmv_expand_cpu", [&] {
+    scalar_t* yp = a.y.data_ptr<scalar_t>();
+    const scalar_t* xp = a.x.data_ptr<scalar_t>();
+    const scalar_t* wp = a.w.data_ptr<scalar_t>();
+    const scalar_t* bp = bo ? a.bias.data_ptr<scalar_t>() : nullptr;
+    parallel_if(n_groups, n_tok * n_out * r_tmp, [&](int64_t lo, int64_t hi) {
+      for (int64_t gi = lo; gi < hi; ++gi) {
+        const int64_t r0 = ip[g.seg[gi]], len = ip[g.seg[gi] + 1] - r0;
+        if (len == 0) continue;
+        // fp32 accumulates in y itself; other dtypes in a float copy of the rows.
+        int64_t ld_acc = 0;
+        float* acc = const_cast<float*>(as_float(yp + r0 * n_out, len, n_out, n_out, 0, &ld_acc));
+        for (int64_t e = g.begin[gi]; e < g.begin[gi + 1]; ++e) {
+          const int64_t i = g.order[e], r = rk[i], n = nd[i];
+          int64_t ldt = 0, ldw = 0;
+          const float* t_in = as_float(xp + r0 * r_tmp + j0[i], len, r, r_tmp, 1, &ldt);
+          const float* wb = as_float(wp + wo[i], n, r, r, 2, &ldw);
+          gemm_nt(len, n, r, sc[i], t_in, ldt, wb, ldw, 1.f, acc + c0[i], ld_acc);
+          if (bp) {
+            const scalar_t* b = bp + bo[i];
+            for (int64_t t = 0; t < len; ++t) {
+              float* ar = acc + t * ld_acc + c0[i];
+              for (int64_t c = 0; c < n; ++c) ar[c] += static_cast<float>(b[c]);
+            }
+          }
+        }
+        if constexpr (!std::is_same_v<scalar_t, float>) {
+          scalar_t* rows = yp + r0 * n_out;
+          for (int64_t e = 0; e < len * n_out; ++e) rows[e] = static_cast<scalar_t>(acc[e]);
+        }
       }
-      if (!f32) rows.copy_(acc);
-    }
+    });
   });
 }
 
