@@ -242,7 +242,7 @@ def test_text_pair_tokenizes_like_hf():
 
     from pets.backbone import default_checkpoint
     from pets.errors import RequestError
-    from pets.protocol import decode_request
+    from pets.protocol import Limits, decode_request
     from pets.tokenizer import load_tokenizer
 
     ckpt = default_checkpoint()
@@ -255,7 +255,7 @@ def test_text_pair_tokenizes_like_hf():
         return out
 
     a, b = ["is it raining?", "a query"], ["the streets are wet", ""]
-    rows = decode_request(req(TEXT=a, TEXT_PAIR=b), tok, 512, 30522)
+    rows = decode_request(req(TEXT=a, TEXT_PAIR=b), tok, Limits(512, 30522))
     want = hf(a[0], b[0])
     assert rows[0].ids.tolist() == want["input_ids"]
     assert rows[0].types is not None and rows[0].types.tolist() == want["token_type_ids"]
@@ -269,7 +269,7 @@ def test_text_pair_tokenizes_like_hf():
         ),
     ):
         with pytest.raises(RequestError) as err:
-            decode_request(bad, tok, 512, 30522)
+            decode_request(bad, tok, Limits(512, 30522))
         assert message in str(err.value)
 
 

@@ -152,13 +152,13 @@ def test_an_unknown_long_name_is_quoted_only_in_part(engine):
 )
 def test_request_limits_refuse_before_any_work(engine, request_, message, monkeypatch):
     """Each limit refuses with its parameter's name, before tokenizing or copying."""
-    from pets.protocol import decode_request
+    from pets.protocol import Limits, decode_request
 
     calls = []
     tok = engine.tokenizer
     monkeypatch.setattr(tok, "encode_batch", lambda texts: calls.append(texts))  # never reached
     with pytest.raises(RequestError) as info:
-        decode_request(request_, tok, 8, 30522, 100, max_rows=4, max_request_text_bytes=200)
+        decode_request(request_, tok, Limits(8, 30522, 100, max_rows=4, max_request_text_bytes=200))
     assert message in info.value.message and calls == []
 
 

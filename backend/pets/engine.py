@@ -29,7 +29,7 @@ from .heads import HeadTable
 from .metrics import EngineStats
 from .pet import PetContext
 from .pet.maskbert import FORMATS as MASKBERT_FORMATS
-from .protocol import REASON_LIMIT, Row, decode_requests, quote
+from .protocol import REASON_LIMIT, Limits, Row, decode_requests, quote
 from .registry import TaskRegistry
 from .scheduling import (
     AnalyticModel,
@@ -199,6 +199,10 @@ class Engine:
         self._state_version: tuple[int, int] | None = None
         self._state: Hashable = ()
         self.tokenizer = load_tokenizer(checkpoint, self.max_seq_len)
+        self.limits = Limits(
+            self.max_seq_len, self.spec.vocab, config.max_text_bytes, config.max_rows,
+            config.max_request_text_bytes, self.spec.type_vocab,
+        )  # fmt: skip
         self.scheduler, self.cost_source = self._make_scheduler(config, model_dir)
         return checkpoint
 
@@ -261,11 +265,7 @@ class Engine:
         outs: list[np.ndarray | RequestError | None] = [None] * len(requests)
         rows: list[Row] = []
         owner: list[int] = []
-        decoded = decode_requests(
-            requests, self.tokenizer, self.max_seq_len, self.spec.vocab,
-            self.config.max_text_bytes, self.config.max_rows,
-            self.config.max_request_text_bytes, self.spec.type_vocab,
-        )  # fmt: skip
+        decoded = decode_requests(requests, self.tokenizer, self.limits)
         for i, got in enumerate(decoded):
             if isinstance(got, RequestError):
                 outs[i] = got

@@ -52,6 +52,18 @@ class Row:
     types: np.ndarray | None = None  # [L] int64 token type ids; None: all 0
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold (docs/configuration.md, Limits); checked before any work."""
+
+    max_len: int  # ids per row (MAX_SEQ_LEN); TEXT rows are truncated to it
+    vocab: int  # token ids must lie in [0, vocab)
+    max_text_bytes: int = 1 << 16  # bytes per TEXT / TEXT_PAIR row (MAX_TEXT_BYTES)
+    max_rows: int = 256  # rows per request (MAX_ROWS)
+    max_request_text_bytes: int = 1 << 20  # TEXT bytes per request (MAX_REQUEST_TEXT_BYTES)
+    type_vocab: int = 2  # token type ids must lie in [0, type_vocab)
+
+
 def _rows(name: str, k: int, max_rows: int) -> None:
     if k > max_rows:
         raise RequestError(
@@ -104,14 +116,7 @@ def _strings(
 
 
 def decode_request(
-    req: Mapping[str, np.ndarray],
-    tokenizer: Tokenizer | None,
-    max_len: int,
-    vocab: int,
-    max_text_bytes: int = 1 << 16,
-    max_rows: int = 256,
-    max_request_text_bytes: int = 1 << 20,
-    type_vocab: int = 2,
+    req: Mapping[str, np.ndarray], tokenizer: Tokenizer | None, limits: Limits
 ) -> list[Row]:
     """Validate one request and return its rows; raises :class:`RequestError` (INVALID_ARG).
 
@@ -119,10 +124,7 @@ def decode_request(
     rows over ``max_request_text_bytes`` together, a TASK row over 128 characters and an
     ids row over ``max_len`` are refused before anything else is done with them.
     """
-    got = _decode(
-        req, tokenizer is not None, max_len, vocab, max_text_bytes, max_rows,
-        max_request_text_bytes, type_vocab,
-    )  # fmt: skip
+    got = _decode(req, tokenizer is not None, limits)
     if isinstance(got, _Texts):
         assert tokenizer is not None  # _decode refuses TEXT without a tokenizer
         return got.rows(tokenizer.encode_batch(got.texts))
@@ -130,14 +132,7 @@ def decode_request(
 
 
 def decode_requests(
-    reqs: Sequence[Mapping[str, np.ndarray]],
-    tokenizer: Tokenizer | None,
-    max_len: int,
-    vocab: int,
-    max_text_bytes: int = 1 << 16,
-    max_rows: int = 256,
-    max_request_text_bytes: int = 1 << 20,
-    type_vocab: int = 2,
+    reqs: Sequence[Mapping[str, np.ndarray]], tokenizer: Tokenizer | None, limits: Limits
 ) -> list[list[Row] | RequestError]:
     """Every request of one execute: its rows, or the :class:`RequestError` it fails with.
 
@@ -152,6 +147,7 @@ def decode_requests(
     fast: list[int] = []
     fast_ids: list[np.ndarray] = []
     texts: list[tuple[int, _Texts]] = []
+    max_len = limits.max_len
     for i, req in enumerate(reqs):
         ids = req.get("INPUT_IDS")
         task = req.get("TASK")
@@ -176,10 +172,7 @@ def decode_requests(
                 except UnicodeDecodeError:
                     pass  # the full decoder below words the error
         try:
-            got = _decode(
-                req, tokenizer is not None, max_len, vocab, max_text_bytes, max_rows,
-                max_request_text_bytes, type_vocab,
-            )  # fmt: skip
+            got = _decode(req, tokenizer is not None, limits)
         except RequestError as err:
             out[i] = err
             continue
@@ -189,10 +182,10 @@ def decode_requests(
             out[i] = got
     if fast_ids:
         flat = np.concatenate([a.reshape(-1) for a in fast_ids])
-        if int(flat.min()) < 0 or int(flat.max()) >= vocab:  # rare: find the culprits
+        if int(flat.min()) < 0 or int(flat.max()) >= limits.vocab:  # rare: find them
             for i in fast:
                 try:
-                    decode_request(reqs[i], None, max_len, vocab)
+                    decode_request(reqs[i], None, limits)
                 except RequestError as err:
                     out[i] = err
     if texts:
@@ -239,16 +232,7 @@ def _check_task_rows(tasks: list[str], rows: int) -> None:
         )
 
 
-def _decode(
-    req: Mapping[str, np.ndarray],
-    has_tokenizer: bool,
-    max_len: int,
-    vocab: int,
-    max_text_bytes: int,
-    max_rows: int,
-    max_request_text_bytes: int,
-    type_vocab: int,
-) -> list[Row] | _Texts:
+def _decode(req: Mapping[str, np.ndarray], has_tokenizer: bool, lim: Limits) -> list[Row] | _Texts:
     """:func:`decode_request` up to tokenization: TEXT requests come back as :class:`_Texts`."""
     if "TASK" not in req:
         raise RequestError(
@@ -259,7 +243,7 @@ def _decode(
         req["TASK"],
         MAX_NAME_LEN,
         f"task names have at most {MAX_NAME_LEN} characters",
-        max_rows,
+        lim.max_rows,
     )
     ids_name = next((n for n in ID_INPUTS if n in req), None)
     types: list[np.ndarray] | None = None
@@ -274,7 +258,12 @@ def _decode(
                 "this backbone has no tokenizer, so TEXT is not accepted; send INPUT_IDS"
             )
         texts = _strings(
-            "TEXT", req["TEXT"], max_text_bytes, "MAX_TEXT_BYTES", max_rows, max_request_text_bytes
+            "TEXT",
+            req["TEXT"],
+            lim.max_text_bytes,
+            "MAX_TEXT_BYTES",
+            lim.max_rows,
+            lim.max_request_text_bytes,
         )
         if any(not t for t in texts):
             raise RequestError("TEXT is empty; send at least one character")
@@ -286,8 +275,8 @@ def _decode(
         if "TEXT_PAIR" not in req:
             return _Texts(tasks, list(texts), pairs=False)
         pairs = _strings(
-            "TEXT_PAIR", req["TEXT_PAIR"], max_text_bytes, "MAX_TEXT_BYTES", max_rows,
-            max_request_text_bytes,
+            "TEXT_PAIR", req["TEXT_PAIR"], lim.max_text_bytes, "MAX_TEXT_BYTES", lim.max_rows,
+            lim.max_request_text_bytes,
         )  # fmt: skip
         if len(pairs) != len(texts):
             raise RequestError(
@@ -310,26 +299,26 @@ def _decode(
             arr = arr[None, :]
         if arr.ndim != 2:
             raise RequestError(f"{ids_name} must have shape [k, L], got {list(arr.shape)}")
-        _rows(ids_name, arr.shape[0], max_rows)
+        _rows(ids_name, arr.shape[0], lim.max_rows)
         if arr.shape[0] == 0 or arr.shape[1] == 0:
             raise RequestError(
                 f"{ids_name} is empty (shape {list(arr.shape)}); send at least one row of "
                 "at least one token id"
             )
-        if arr.shape[1] > max_len:
+        if arr.shape[1] > lim.max_len:
             raise RequestError(
-                f"{ids_name} has {arr.shape[1]} tokens; the limit is {max_len} "
+                f"{ids_name} has {arr.shape[1]} tokens; the limit is {lim.max_len} "
                 "(MAX_SEQ_LEN): truncate or split the input"
             )
         lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi >= vocab:
+        if lo < 0 or hi >= lim.vocab:
             raise RequestError(
                 f"{ids_name} holds token id {lo if lo < 0 else hi}, outside the "
-                f"vocabulary [0, {vocab})"
+                f"vocabulary [0, {lim.vocab})"
             )
         seqs = list(arr.astype(np.int64, copy=False))
         if "TOKEN_TYPE_IDS" in req:
-            types = list(_token_types(req["TOKEN_TYPE_IDS"], arr.shape, ids_name, type_vocab))
+            types = list(_token_types(req["TOKEN_TYPE_IDS"], arr.shape, ids_name, lim.type_vocab))
     return _rows_of(tasks, seqs, types)
 
 

@@ -20,13 +20,14 @@ from hypothesis.extra import numpy as hnp
 
 from pets.backbone import default_checkpoint
 from pets.errors import RequestError
-from pets.protocol import Row, decode_request, decode_requests
+from pets.protocol import Limits, Row, decode_request, decode_requests
 from pets.taskstore import MAX_NAME_LEN
 from pets.tokenizer import load_tokenizer
 
 from .conftest import budget
 
 MAX_LEN, VOCAB, MAX_TEXT, MAX_ROWS = 16, 30522, 256, 8  # VOCAB: the default backbone's
+LIMITS = Limits(MAX_LEN, VOCAB, MAX_TEXT, MAX_ROWS)
 MESSAGE_LIMIT = 400  # no error message may be longer (gRPC caps error metadata at 8 KiB)
 
 
@@ -132,7 +133,7 @@ def test_decoder_returns_valid_rows_or_a_short_request_error(tokenizer: Any) -> 
     @given(req=requests())
     def run(req: dict) -> None:
         try:
-            rows = decode_request(req, tokenizer, MAX_LEN, VOCAB, MAX_TEXT, MAX_ROWS)
+            rows = decode_request(req, tokenizer, LIMITS)
         except RequestError as err:
             assert err.code == "INVALID_ARG"
             assert 0 < len(err.message) <= MESSAGE_LIMIT, err.message
@@ -163,7 +164,7 @@ def test_valid_text_requests_always_decode(tokenizer: Any, name: str, texts: lis
         "TEXT": np.array([[r] for r in raw], dtype=object),
     }
     try:
-        rows = decode_request(req, tokenizer, MAX_LEN, VOCAB, MAX_TEXT, MAX_ROWS)
+        rows = decode_request(req, tokenizer, LIMITS)
     except RequestError as err:  # only an over-long encoded text may be refused
         assert any(len(r) > MAX_TEXT for r in raw), err.message
         return
@@ -186,7 +187,7 @@ def common_requests(draw: st.DrawFn) -> dict[str, np.ndarray]:
 
 def one_by_one(req: dict[str, np.ndarray], tokenizer: Any) -> list[Row] | RequestError:
     try:
-        return decode_request(req, tokenizer, MAX_LEN, VOCAB, MAX_TEXT, MAX_ROWS)
+        return decode_request(req, tokenizer, LIMITS)
     except RequestError as err:
         return err
 
@@ -197,7 +198,7 @@ def test_batched_decoder_equals_the_one_request_decoder(tokenizer: Any) -> None:
     @settings(max_examples=budget(200))
     @given(batch=st.lists(st.one_of(common_requests(), requests()), min_size=1, max_size=12))
     def run(batch: list[dict[str, np.ndarray]]) -> None:
-        got = decode_requests(batch, tokenizer, MAX_LEN, VOCAB, MAX_TEXT, MAX_ROWS)
+        got = decode_requests(batch, tokenizer, LIMITS)
         assert len(got) == len(batch)
         for req, mine in zip(batch, got, strict=True):
             want = one_by_one(req, tokenizer)
