@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from petops.reference import ACTIVATIONS
@@ -229,24 +230,27 @@ class Adapter(PetMethod):
         ``[Sm]``): vectorised over segments on the host, staged for the forward's one copy."""
         spec = self.ctx.spec
         n_sites, n_seg = len(ADAPTER_SITES), batch.num_segments
-        tasks = batch.seg_task_cpu[segs]  # [Sm]
-        present = self.present[tasks].T  # [A, Sm]
-        rank = torch.where(present, self.rank[tasks], 0)  # [A, Sm] int32
-        act = self.act[tasks]  # [Sm] int32
-        offs = self.offs[tasks].permute(1, 3, 0, 2)  # [A, L, Sm, 4]
-        seg_rank = torch.zeros(n_sites, n_seg, dtype=torch.int32)
-        seg_rank[:, segs] = rank
-        seg_act = torch.zeros(n_seg, dtype=torch.int32)
-        seg_act[segs] = act
-        seg_w_off = torch.zeros(n_sites, spec.layers, n_seg, 4, dtype=torch.int64)
-        seg_w_off[:, :, segs] = torch.where(present[:, None, :, None], offs, 0)
+        seg = segs.numpy()
+        tasks = batch.seg_task_cpu.numpy()[seg]  # [Sm]; numpy: small-array ops cost less
+        present_np = self.present.rows(tasks).T  # [A, Sm]
+        rank_np = np.where(present_np, self.rank.rows(tasks), 0).astype(np.int32)  # [A, Sm]
+        act_np = self.act.rows(tasks)  # [Sm] int32
+        offs_np = self.offs.rows(tasks).transpose(1, 3, 0, 2)  # [A, L, Sm, 4]
+        seg_rank = np.zeros((n_sites, n_seg), dtype=np.int32)
+        seg_rank[:, seg] = rank_np
+        seg_act = np.zeros(n_seg, dtype=np.int32)
+        seg_act[seg] = act_np
+        seg_w_off = np.zeros((n_sites, spec.layers, n_seg, 4), dtype=np.int64)
+        seg_w_off[:, :, seg] = np.where(present_np[:, None, :, None], offs_np, 0)
+        present, rank = torch.from_numpy(present_np), torch.from_numpy(rank_np)
+        act, offs = torch.from_numpy(act_np), torch.from_numpy(offs_np)
         up = self.ctx.to_device
         return AdapterPlan(
             seg_indptr=batch.seg_indptr,
-            seg_rank=up(seg_rank),
-            seg_act=up(seg_act),
-            seg_w_off=up(seg_w_off),
-            max_rank=rank.amax(1).tolist(),
+            seg_rank=up(torch.from_numpy(seg_rank)),
+            seg_act=up(torch.from_numpy(seg_act)),
+            seg_w_off=up(torch.from_numpy(seg_w_off)),
+            max_rank=rank_np.max(1).tolist(),
             host=_HostTables(segs=segs, present=present, rank=rank, act=act, offs=offs),
         )
 
