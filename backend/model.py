@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 import traceback
 from collections import Counter
@@ -251,7 +252,9 @@ class TritonPythonModel:
             )
         threads = f" with {torch.get_num_threads()} CPU threads" if device == "cpu" else ""
         pb_utils.Logger.log_info(
-            f"pets: instance {self.name} ready on {device}{threads}, parameters {params}"
+            f"pets: instance {self.name} ready on {device}{threads}, engine from "
+            f"{os.path.dirname(os.path.abspath(sys.modules[Engine.__module__].__file__ or ''))}, "
+            f"parameters {params}"
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:

@@ -198,6 +198,20 @@ def _write_profile(folder: Path, out: Path) -> None:
     out.write_text(buf.getvalue())
 
 
+def check_engine_source(log: Path) -> None:
+    """Refuse to measure an engine other than this tree's: the stub imports ``pets`` through
+    the virtualenv (it ignores PYTHONPATH), so a benchmark run from another checkout would
+    serve the installed tree's engine (docs/contributing.md)."""
+    want = str((ROOT / "backend" / "pets").resolve())
+    seen = set(re.findall(r"engine from (\S+?),", log.read_text(errors="replace")))
+    if seen and seen != {want}:
+        raise SystemExit(
+            f"the server's pets engine comes from {sorted(seen)}, not this tree's {want}; "
+            "point the virtualenv's pets install at this tree (or give it its own "
+            "virtualenv) before comparing builds"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backbone", default="bert-tiny")
@@ -252,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                     if proc.poll() is not None or time.monotonic() > deadline:
                         raise SystemExit("tritonserver did not become ready; see its log") from None
                     time.sleep(0.5)
+            check_engine_source(run.path("tritonserver.log"))
             metrics_url = f"127.0.0.1:{metrics}/metrics"
             for c, length in points:
                 data = tmp / f"data{length}.json"
