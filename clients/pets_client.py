@@ -7,10 +7,15 @@ INPUT_IDS (INT64 [k,L]) or INPUT_IDS_INT32 (INT32 [k,L]); it returns OUTPUT (FP3
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
+import time
+import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -158,3 +163,80 @@ def free_ports(n: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
+
+
+@dataclass
+class TritonServer:
+    """A tritonserver on loopback ports, started by :func:`start_tritonserver`."""
+
+    proc: subprocess.Popen[bytes]
+    http: int
+    grpc: int
+    metrics: int
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"127.0.0.1:{self.metrics}/metrics"
+
+    def stop(self) -> None:
+        """SIGTERM the server's process group (its stubs too), then SIGKILL what is left."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=60)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        except ProcessLookupError:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+def start_tritonserver(
+    repo: Path,
+    log: Path,
+    env: dict[str, str] | None = None,
+    extra: Sequence[str] = (),
+    ready_s: float = 180.0,
+) -> TritonServer:
+    """Start tritonserver on ``repo`` with free loopback ports, its output in ``log``, and
+    wait until it is ready. ``env``: :func:`triton_env` by default; ``extra``: more flags.
+    Raises SystemExit (with the log's tail) when it exits or is not ready in ``ready_s``."""
+    env = triton_env() if env is None else env
+    http, grpc, metrics = free_ports(3)
+    cmd = [
+        "tritonserver", f"--model-repository={repo}",
+        f"--backend-directory={env['PETS_TRITON_BACKENDS']}",
+        "--http-address=127.0.0.1", f"--http-port={http}",
+        "--grpc-address=127.0.0.1", f"--grpc-port={grpc}",
+        "--metrics-address=127.0.0.1", f"--metrics-port={metrics}",
+        *extra,
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    server = TritonServer(proc, http, grpc, metrics)
+    deadline = time.monotonic() + ready_s
+    while True:
+        try:
+            urllib.request.urlopen(f"http://{server.http_url}/v2/health/ready", timeout=2)
+            return server
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                server.stop()
+                tail = log.read_text(errors="replace")[-3000:]
+                raise SystemExit(
+                    f"tritonserver did not become ready in {ready_s:.0f} s "
+                    f"(exit code {proc.returncode}); the end of {log}:\n{tail}"
+                ) from None
+            time.sleep(0.5)

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,7 +33,7 @@ from typing import Any
 
 from clients.bench.results import add_out_argument, start_run
 from clients.bench.served_overhead import make_data, perf
-from clients.pets_client import free_ports, triton_env
+from clients.pets_client import start_tritonserver, triton_env
 from pets.backbone import load_backbone
 from pets.heads import HeadConfig
 from pets.metrics import GAUGES, parse_prometheus
@@ -63,9 +61,9 @@ def make_store(store: Path, backbone: str, tasks: int) -> list[str]:
 NEW_TASK = "registered_mid_run"
 
 
-def _resident(metrics_port: int) -> dict[str, float]:
+def _resident(metrics_url: str) -> dict[str, float]:
     """``pets_tasks_resident`` of every instance: ``{"instance (device)": tasks}``."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+    with urllib.request.urlopen(f"http://{metrics_url}", timeout=5) as r:
         text = r.read().decode()
     return {
         f"{lab.get('instance')} ({lab.get('device', '?')})": value
@@ -106,33 +104,16 @@ def serve_and_measure(
 ) -> dict[str, float]:
     """Start tritonserver on ``repo``, run perf_analyzer at concurrency ``c`` and register a
     task in ``store`` meanwhile; stop it. The task is removed again afterwards."""
-    http, grpc, metrics = free_ports(3)
-    cmd = [
-        "tritonserver", f"--model-repository={repo}",
-        f"--backend-directory={env['PETS_TRITON_BACKENDS']}", "--disable-auto-complete-config",
-        "--http-address=127.0.0.1", f"--http-port={http}",
-        "--grpc-address=127.0.0.1", f"--grpc-port={grpc}",
-        "--metrics-address=127.0.0.1", f"--metrics-port={metrics}",
-    ]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+    server = start_tritonserver(
+        repo, log, env, extra=["--disable-auto-complete-config"], ready_s=args.ready_s
+    )
     try:
-        deadline = time.monotonic() + args.ready_s
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"tritonserver did not become ready; see {log}") from None
-                time.sleep(0.5)
-        url = f"127.0.0.1:{grpc}"
+        url = server.grpc_url
         try:  # warm-up (CUDA graphs, the allocator); an unstable window is fine here
             perf(args, env, url, "pets", data, c, log.parent, args.stability)
         except SystemExit as exc:
             print(f"warm-up: {str(exc).splitlines()[0]}", file=sys.stderr)
-        resident = _resident(metrics)
+        resident = _resident(server.metrics_url)
         got: dict[str, float] = {}
         measured = threading.Thread(
             target=lambda: got.update(
@@ -141,20 +122,16 @@ def serve_and_measure(
         )
         measured.start()
         time.sleep(args.interval_ms / 1000)  # register a task while the load runs
-        got["new_task_answers"] = _register_and_ask(args, store, f"127.0.0.1:{http}")
+        got["new_task_answers"] = _register_and_ask(args, store, server.http_url)
         measured.join()
         time.sleep(2.5)  # the instance gauges are pushed once a second
-        after = _resident(metrics)
+        after = _resident(server.metrics_url)
         grew = [after.get(k, 0) - v for k, v in resident.items()]
         got["instances_with_new_task"] = sum(1 for d in grew if d == 1)
         got["instances_seen"] = len(resident)
         return got
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        server.stop()
         if (store / NEW_TASK).exists():
             delete_task(store, NEW_TASK)
 

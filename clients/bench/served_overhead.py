@@ -22,15 +22,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +35,7 @@ import numpy as np
 
 from clients.bench.results import add_out_argument, start_run
 from clients.bench.server_breakdown import breakdown, scrape
-from clients.pets_client import free_ports, triton_env
+from clients.pets_client import start_tritonserver, triton_env
 from pets.backbone import load_backbone
 from pets.heads import HeadConfig
 from pets.pet import pet_types
@@ -244,33 +241,13 @@ def main(argv: list[str] | None = None) -> int:
         points = [tuple(int(v) for v in p.split("x")) for p in args.points.split(",")]
         for length in {n for _, n in points}:
             make_data(tmp / f"data{length}.json", names, length, 256)
-        http, grpc, metrics = free_ports(3)
-        cmd = [
-            "tritonserver", f"--model-repository={repo}",
-            f"--backend-directory={env['PETS_TRITON_BACKENDS']}",
-            "--http-address=127.0.0.1", f"--http-port={http}",
-            "--grpc-address=127.0.0.1", f"--grpc-port={grpc}",
-            "--metrics-address=127.0.0.1", f"--metrics-port={metrics}",
-        ]  # fmt: skip
         shutil.copy2(ROOT / "backend" / "model.py", Path(env["PETS_TRITON_BACKENDS"]) / "pets")
-        log = run.path("tritonserver.log").open("wb")
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        server = start_tritonserver(repo, run.path("tritonserver.log"), env)
         try:
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2)
-                    break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise SystemExit("tritonserver did not become ready; see its log") from None
-                    time.sleep(0.5)
             check_engine_source(run.path("tritonserver.log"))
-            metrics_url = f"127.0.0.1:{metrics}/metrics"
+            metrics_url, url = server.metrics_url, server.grpc_url
             for c, length in points:
                 data = tmp / f"data{length}.json"
-                url = f"127.0.0.1:{grpc}"
                 got = {"noop": perf(args, env, url, "noop", data, c, tmp)}
                 before = scrape(metrics_url, "pets")
                 got["pets"] = perf(args, env, url, "pets", data, c, tmp)
@@ -294,11 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            server.stop()
             if args.profile_stub:
                 _write_profile(tmp, run.path("stub_profile.txt"))
     run.write_csv("served_overhead.csv", rows)

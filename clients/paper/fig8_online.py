@@ -24,15 +24,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +38,7 @@ from clients.bench.results import REPO_ROOT, Run, pyplot, start_run
 from clients.paper.common import annotate, parse_ints, parse_types, task_weights
 from clients.paper.fig8 import PAPER
 from clients.paper.fig12_online import set_param
-from clients.pets_client import build_inputs, client_module, free_ports, triton_env
+from clients.pets_client import build_inputs, client_module, start_tritonserver
 
 TARGET = "issue 19 target, served: pets >= 15x SeqS and >= 2x ParS at 16 tasks, bs 1, len 128"
 SYSTEMS = ("seqs", "pars", "pets")
@@ -87,56 +82,6 @@ def write_repository(
         (repo / name / "1").mkdir(parents=True)
         (repo / name / "config.pbtxt").write_text(cfg)
     return names
-
-
-def launch(repo: Path, log: Path, timeout_s: float) -> tuple[subprocess.Popen[bytes], str]:
-    """Start tritonserver on free loopback ports; returns it and its gRPC address."""
-    env = triton_env()
-    http, grpc, metrics = free_ports(3)
-    cmd = [
-        "tritonserver",
-        f"--model-repository={repo}",
-        f"--backend-directory={env['PETS_TRITON_BACKENDS']}",
-        "--disable-auto-complete-config",
-        "--http-address=127.0.0.1",
-        f"--http-port={http}",
-        "--grpc-address=127.0.0.1",
-        f"--grpc-port={grpc}",
-        "--metrics-address=127.0.0.1",
-        f"--metrics-port={metrics}",
-        "--backend-config=python,shm-default-byte-size=16777216",
-        "--exit-timeout-secs=15",
-    ]
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(
-            cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-3000:]
-            raise SystemExit(f"tritonserver exited ({proc.returncode}) before ready:\n{tail}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2)
-            return proc, f"127.0.0.1:{grpc}"
-        except OSError:
-            time.sleep(0.5)
-    stop(proc)
-    raise SystemExit(f"tritonserver not ready after {timeout_s:.0f} s; see {log}")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's process group (its stubs), then SIGKILL what is left."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        pass
-    except ProcessLookupError:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 async def _measure(
@@ -204,7 +149,17 @@ def run(args: argparse.Namespace, out: Run) -> dict[str, Any]:
     names = write_repository(
         tmp / "repo", args.model, max(tasks_grid), parse_types(args.pet_types), gpu, args.seed
     )
-    proc, url = launch(tmp / "repo", out.path("tritonserver.log"), args.ready_timeout)
+    server = start_tritonserver(
+        tmp / "repo",
+        out.path("tritonserver.log"),
+        extra=[
+            "--disable-auto-complete-config",
+            "--backend-config=python,shm-default-byte-size=16777216",
+            "--exit-timeout-secs=15",
+        ],
+        ready_s=args.ready_timeout,
+    )
+    url = server.grpc_url
     rows: list[dict[str, Any]] = []
     try:
         for n in tasks_grid:
@@ -230,7 +185,7 @@ def run(args: argparse.Namespace, out: Run) -> dict[str, Any]:
                 flush=True,
             )
     finally:
-        stop(proc)
+        server.stop()
     out.write_csv("fig8_online.csv", rows)
     top = max(tasks_grid)
     by = {r["system"]: r for r in rows if r["tasks"] == top}
