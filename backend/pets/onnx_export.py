@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from petops.reference import ACTIVATIONS, activation
+
 from .backbone import BackboneWeights, state_from_weights
 from .errors import PetsError, TaskError
 from .heads import POOLED_KINDS, HeadConfig
@@ -186,16 +188,6 @@ def merge_task(
     return m
 
 
-_ACT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu": F.gelu,
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
-
-
 class TaskGraph(nn.Module):
     """BERT + the task's head over padded batches, in plain torch ops (exportable).
 
@@ -206,10 +198,10 @@ class TaskGraph(nn.Module):
     def __init__(self, m: MergedTask, w: BackboneWeights, pairs: bool) -> None:
         super().__init__()
         spec = w.spec
-        if spec.act not in _ACT or m.adapter_act not in _ACT:
+        if spec.act not in ACTIVATIONS or m.adapter_act not in ACTIVATIONS:
             raise ExportError(f"activation {spec.act!r}/{m.adapter_act!r} cannot be exported")
         self.spec, self.head, self.pairs = spec, m.head, pairs
-        self.act, self.adapter_act = _ACT[spec.act], _ACT[m.adapter_act]
+        self.act, self.adapter_act = activation(spec.act), activation(m.adapter_act)
         self.adapter_keys = sorted(m.adapters)
         s = m.state
         params = dict(s)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertModel
 
+from petops.reference import activation
 from pets.backbone import BackboneWeights, hf_config, state_from_weights
 from pets.heads import HeadConfig
 from pets.pet.adapter import AdapterConfig
@@ -44,14 +45,6 @@ Tensors = Mapping[str, torch.Tensor]
 State = dict[str, torch.Tensor]
 # (backbone state dict, fp32 and HF-named; the task's manifest and tensors) -> changed entries
 Merger = Callable[[State, TaskManifest, Tensors, BackboneWeights], State]
-
-_ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "silu": F.silu,
-    "swish": F.silu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-}
 
 
 def _w(layer: int, module: str) -> str:
@@ -154,7 +147,7 @@ MERGERS: dict[str, Merger] = {
 def _hook_adapters(bert: BertModel, manifest: TaskManifest, tensors: Tensors) -> int:
     """Houlsby adapters, ``h + up(act(down(h)))`` after each adapted output dense, as
     modules (so ``.to(device, dtype)`` moves them). Returns how many sites were hooked."""
-    act = _ACTS[AdapterConfig.from_hparams(manifest.hparams).activation]
+    act = activation(AdapterConfig.from_hparams(manifest.hparams).activation)
     hooked = 0
     layers: Any = bert.encoder.layer
     for i, layer in enumerate(layers):

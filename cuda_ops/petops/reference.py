@@ -25,6 +25,8 @@ the fallback path keeps the "no per-task Python loop" rule too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -63,6 +65,12 @@ def apply_act(x: torch.Tensor, act: int) -> torch.Tensor:
     raise ValueError(
         f"unknown activation code {act}; expected one of {sorted(ACTIVATIONS.values())}"
     )
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The elementwise function of an HF activation name (a key of :data:`ACTIVATIONS`)."""
+    code = ACTIVATIONS[name]
+    return lambda x: apply_act(x, code)
 
 
 def token_segment(seg_indptr: torch.Tensor, num_tokens: int) -> torch.Tensor:
