@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -58,6 +59,17 @@ def _short(exc: BaseException) -> None:
     assert 0 < len(str(exc)) <= MESSAGE_LIMIT, f"{len(str(exc))} characters: {str(exc)[:300]}"
 
 
+def _judge(seen: Counter[str], check: Callable[[], object]) -> None:
+    """Run ``check``: a TaskError counts as refused (and must be short), else accepted."""
+    try:
+        check()
+    except TaskError as exc:
+        _short(exc)
+        seen["refused"] += 1
+        return
+    seen["accepted"] += 1
+
+
 def _mutate(obj: Any, path: list[str], value: Any) -> Any:
     """``obj`` with the field at ``path`` replaced by ``value`` (or deleted for ...)."""
     obj = json.loads(json.dumps(obj))
@@ -89,14 +101,8 @@ def test_manifests(valid: Any, registry: Any) -> None:
         )
     )
     def run(obj: Any) -> None:
-        try:
-            m = TaskManifest.from_json(obj)
-            registry.validate(m, tensors)  # the PET and head checks on the parsed manifest
-        except TaskError as exc:
-            _short(exc)
-            seen["refused"] += 1
-            return
-        seen["accepted"] += 1
+        # the PET and head checks on the parsed manifest
+        _judge(seen, lambda: registry.validate(TaskManifest.from_json(obj), tensors))
 
     run()
     print(f"\n{seen}")
@@ -135,14 +141,11 @@ def test_safetensors_bytes(valid: Any) -> None:
         )
     )
     def run(data: bytes) -> None:
-        try:
+        def read() -> None:
             tensors = weights_from_bytes(data)
-        except TaskError as exc:
-            _short(exc)
-            seen["refused"] += 1
-            return
-        assert all(isinstance(t, torch.Tensor) for t in tensors.values())
-        seen["accepted"] += 1
+            assert all(isinstance(t, torch.Tensor) for t in tensors.values())
+
+        _judge(seen, read)
 
     run()
     print(f"\n{seen}")
@@ -181,14 +184,7 @@ def test_task_folders(valid: Any, registry: Any, tmp_path_factory: pytest.TempPa
         folder.mkdir()
         (folder / MANIFEST).write_bytes(manifest)
         (folder / WEIGHTS).write_bytes(weights)
-        try:
-            m, t = read_task(folder)
-            registry.validate(m, t)
-        except TaskError as exc:
-            _short(exc)
-            seen["refused"] += 1
-            return
-        seen["accepted"] += 1
+        _judge(seen, lambda: registry.validate(*read_task(folder)))
 
     run()
     print(f"\n{seen}")
