@@ -10,10 +10,10 @@ raises: an engine crash becomes an INTERNAL error for each request of that batch
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
-import sys
 import threading
 import traceback
 from collections import Counter
@@ -253,7 +253,7 @@ class TritonPythonModel:
         threads = f" with {torch.get_num_threads()} CPU threads" if device == "cpu" else ""
         pb_utils.Logger.log_info(
             f"pets: instance {self.name} ready on {device}{threads}, engine from "
-            f"{os.path.dirname(os.path.abspath(sys.modules[Engine.__module__].__file__ or ''))}, "
+            f"{os.path.dirname(os.path.abspath(inspect.getfile(Engine)))}, "
             f"parameters {params}"
         )
 
