@@ -1,4 +1,5 @@
-"""served_overhead refuses to measure an engine from another tree than its own."""
+"""served_overhead refuses to measure an engine from another tree than its own, and counts
+the CUDA-graph captures the server logs."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.bench.served_overhead import ROOT, check_engine_source
+from clients.bench.served_overhead import ROOT, captures_since, check_engine_source
 
 LINE = 'I1207 model.py:253] "pets: instance pets_0_0 ready on cpu, engine from {}, parameters {{}}"'
 
@@ -28,3 +29,15 @@ def test_a_log_without_the_line_is_not_judged(tmp_path: Path) -> None:
     log = tmp_path / "tritonserver.log"
     log.write_text("I1207 server is ready\n")
     check_engine_source(log)
+
+
+def test_captures_are_counted_from_an_offset(tmp_path: Path) -> None:
+    log = tmp_path / "tritonserver.log"
+    log.write_text("I pets: CUDA graphs: captured a forward in 12.5 ms (1 held)\n")
+    start = log.stat().st_size
+    with log.open("a") as f:
+        f.write("I pets: CUDA graphs: captured a forward in 14.0 ms (2 held)\n")
+        f.write("I pets: something else\nI pets: CUDA graphs: captured a forward in 1.5 ms\n")
+    n, ms, end = captures_since(log, start)
+    assert (n, ms, end) == (2, 15.5, log.stat().st_size)
+    assert captures_since(log, end)[:2] == (0, 0.0)

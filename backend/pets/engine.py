@@ -157,7 +157,8 @@ class Engine:
             len(self.load_errors),
             config.scheduler,
             self.cost_source,
-            f"on (up to {config.graph_cache}, captured on a shape's second batch)"
+            f"on (up to {config.graph_cache}, captured on a shape's second batch, "
+            "capturing at most 5% of wall time)"
             if self.graphs is not None
             else "off",
         )

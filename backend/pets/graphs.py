@@ -140,21 +140,75 @@ class _Entry:
     capture_ms: float
 
 
+class CaptureBudget:
+    """How much wall time capturing may take: a share of the time that passes, plus a burst.
+
+    A capture holds the execute path for a warm-up forward, the recording and the graph's
+    instantiation (12-16 ms for bert-base on an H200). Under a load whose batches rarely
+    repeat a shape, capturing on every second sighting spent that on graphs that were seldom
+    replayed. The balance starts at ``burst_ms``, grows by ``share`` of the wall time that
+    passes (up to ``burst_ms``), and each capture spends its measured time; a capture waits
+    while the balance is not positive. So at most ``share`` of a long run goes to capturing,
+    and a fresh instance still captures its first shapes at once.
+
+    Args:
+        share: fraction of wall time capturing may take in the long run, in ``(0, 1]``.
+        burst_ms: the balance at start and its cap.
+        clock: seconds, monotonic (tests pass a fake one).
+    """
+
+    def __init__(
+        self,
+        share: float = 0.05,
+        burst_ms: float = 250.0,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if not 0 < share <= 1 or burst_ms <= 0:
+            raise ValueError(
+                f"CaptureBudget(share={share}, burst_ms={burst_ms}): expected 0 < share <= 1 "
+                "and burst_ms > 0"
+            )
+        self.share, self.burst_ms, self.clock = share, burst_ms, clock
+        self.balance_ms = burst_ms
+        self._last = clock()
+
+    def allows(self) -> bool:
+        """Whether a capture may start now (accrues the time passed since the last call)."""
+        now = self.clock()
+        accrued = (now - self._last) * 1e3 * self.share
+        self.balance_ms = min(self.burst_ms, self.balance_ms + accrued)
+        self._last = now
+        return self.balance_ms > 0
+
+    def spend(self, ms: float) -> None:
+        """Charge a capture that took ``ms``."""
+        self.balance_ms -= ms
+
+
 class GraphCache:
-    """Captures a forward on the second sighting of its key and replays it afterwards.
+    """Captures a forward on a repeated sighting of its key and replays it afterwards.
 
     Args:
         device: the CUDA device.
         max_graphs: most graphs kept (least recently used dropped first).
-        min_sightings: a key is captured when seen this many times (1 = at once); one-off
-            shapes stay eager and cost no capture.
+        min_sightings: a key is captured when seen this many times (1 = at once) among the
+            last ``16 * max_graphs`` keys; one-off shapes stay eager and cost no capture.
+        budget: how much wall time captures may take (:class:`CaptureBudget`); a key due for
+            capture while it is spent runs eagerly and is captured on a later sighting.
     """
 
-    def __init__(self, device: torch.device, max_graphs: int = 64, min_sightings: int = 2) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        max_graphs: int = 64,
+        min_sightings: int = 2,
+        budget: CaptureBudget | None = None,
+    ) -> None:
         self.device = device
         self.max_graphs = max_graphs
         self.min_sightings = min_sightings
-        self.pool = torch.cuda.graph_pool_handle()
+        self.budget = budget if budget is not None else CaptureBudget()
+        self._pool: Any = None  # the graphs' shared memory pool, made at the first capture
         self.graphs: OrderedDict[Hashable, _Entry] = OrderedDict()
         self.seen: OrderedDict[Hashable, int] = OrderedDict()
         self.failed: set[Hashable] = set()
@@ -162,6 +216,8 @@ class GraphCache:
         self.replays = 0
         self.eager = 0
         self.captures = 0
+        self.deferred = 0  # sightings due for capture that the budget held back
+        self.capture_ms = 0.0  # wall time spent capturing, in all
 
     def clear(self) -> None:
         """Drop every graph (their memory goes back to the pool's allocator)."""
@@ -204,7 +260,36 @@ class GraphCache:
         if seen < self.min_sightings:
             self.eager += 1
             return fn()
+        if not self.budget.allows():
+            self.deferred += 1
+            self.eager += 1
+            return fn()
         return self._capture(key, fn, rekey)
+
+    def _record(
+        self, fn: Callable[[], torch.Tensor], still_keyed: Callable[[], bool]
+    ) -> tuple[torch.Tensor, torch.cuda.CUDAGraph | None, torch.Tensor | None]:
+        """Run ``fn`` once on a side stream (lazy library set-up must not happen inside a
+        capture), then capture it unless ``still_keyed()`` says the warm-up moved the key.
+
+        Returns the warm-up's output, the graph and the graph's output buffer (the last two
+        None when not captured).
+        """
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            warm = fn()
+        current.wait_stream(side)
+        warm.record_stream(current)  # made on the side stream, read on this one
+        if not still_keyed():
+            return warm, None, None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = fn()
+        return warm, graph, out
 
     def _capture(
         self,
@@ -212,39 +297,40 @@ class GraphCache:
         fn: Callable[[], torch.Tensor],
         rekey: Callable[[], Hashable | None],
     ) -> torch.Tensor:
-        t0 = time.perf_counter()
+        clock = self.budget.clock
+        t0 = clock()
         try:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                warm = fn()  # warm-up: lazy library init must not happen inside the capture
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            if rekey() != key:  # the plan built device arrays while running: stay eager
-                self.failed.add(key)
-                log.info("CUDA graphs: a plan builds arrays while running; this shape is eager")
-                self.eager += 1
-                return warm
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = fn()
+            warm, graph, out = self._record(fn, lambda: rekey() == key)
         except Exception as exc:  # an op that cannot be captured: this key stays eager
             self.failed.add(key)
             log.warning("CUDA graphs: capture failed, this batch shape runs eagerly: %s", exc)
             self.eager += 1
             return fn()
-        graph.replay()
-        ms = (time.perf_counter() - t0) * 1e3
+        ms = (clock() - t0) * 1e3
+        self.budget.spend(ms)
+        self.capture_ms += ms
+        if graph is None or out is None:  # the plan built device arrays while running
+            self.failed.add(key)
+            log.info("CUDA graphs: a plan builds arrays while running; this shape is eager")
+            self.eager += 1
+            return warm
         self.graphs[key] = _Entry(graph, out, ms)
         self.captures += 1
         while len(self.graphs) > self.max_graphs:
             self.graphs.popitem(last=False)
         log.info(
-            "CUDA graphs: captured a forward in %.1f ms (%d held, pool %.1f MiB reserved)",
+            "CUDA graphs: captured a forward in %.1f ms (%d held, %d captured, %d deferred, "
+            "pool %.1f MiB reserved)",
             ms,
             len(self.graphs),
-            torch.cuda.memory_reserved(self.device) / 2**20,
+            self.captures,
+            self.deferred,
+            self._reserved_mib(),
         )
-        return out
+        return warm  # the warm-up computed this batch already: no replay needed
+
+    def _reserved_mib(self) -> float:
+        return torch.cuda.memory_reserved(self.device) / 2**20
 
     def summary(self) -> dict[str, float]:
         """Counts for logs and benchmarks."""
@@ -253,4 +339,6 @@ class GraphCache:
             "captures": self.captures,
             "replays": self.replays,
             "eager": self.eager,
+            "deferred": self.deferred,
+            "capture_ms": round(self.capture_ms, 1),
         }

@@ -209,6 +209,19 @@ def check_engine_source(log: Path) -> None:
         )
 
 
+CAPTURE = re.compile(r"CUDA graphs: captured a forward in ([0-9.]+) ms")
+
+
+def captures_since(log: Path, offset: int) -> tuple[int, float, int]:
+    """CUDA-graph captures the server logged after byte ``offset`` of ``log``: their count,
+    their total ms, and the log's new end."""
+    with log.open("rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    ms = [float(v) for v in CAPTURE.findall(text)]
+    return len(ms), round(sum(ms), 1), offset + len(text.encode())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backbone", default="bert-tiny")
@@ -250,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
                 data = tmp / f"data{length}.json"
                 got = {"noop": perf(args, env, url, "noop", data, c, tmp)}
                 before = scrape(metrics_url, "pets")
+                log_at = run.path("tritonserver.log").stat().st_size
                 got["pets"] = perf(args, env, url, "pets", data, c, tmp)
+                n_cap, cap_ms, _ = captures_since(run.path("tritonserver.log"), log_at)
                 time.sleep(1.5)  # the per-task series are pushed once a second
                 try:
                     split = breakdown(before, scrape(metrics_url, "pets"))
@@ -265,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["exec_stub_us_per_request"] = round(
                     1e3 * split["stub_ms"] / split["requests_per_execute"], 1
                 )
+                row["graph_captures"], row["graph_capture_ms"] = n_cap, cap_ms
                 row["pets_over_noop"] = round(
                     got["pets"]["req_per_s"] / got["noop"]["req_per_s"], 3
                 )

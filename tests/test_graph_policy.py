@@ -1,0 +1,148 @@
+"""The CUDA-graph cache's policy on the CPU: when a key is captured, replayed, deferred by the
+capture budget or kept eager. Graphs are faked (``_record``); tests/test_graphs.py checks real
+captures on a GPU."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from pets.graphs import CaptureBudget, GraphCache
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeGraph:
+    """Replays ``fn`` into a fixed output buffer, as a CUDA graph would."""
+
+    def __init__(self, fn: Callable[[], torch.Tensor], out: torch.Tensor) -> None:
+        self.fn, self.out, self.replays = fn, out, 0
+
+    def replay(self) -> None:
+        self.out.copy_(self.fn())
+        self.replays += 1
+
+
+class FakeCache(GraphCache):
+    """A GraphCache whose captures take ``capture_s`` seconds of the fake clock."""
+
+    def __init__(self, clock: FakeClock, capture_s: float = 0.015, **kw: Any) -> None:
+        super().__init__(torch.device("cpu"), **kw)
+        self.clock, self.capture_s, self.recorded = clock, capture_s, 0
+
+    def _record(self, fn: Callable[[], torch.Tensor], still_keyed: Callable[[], bool]) -> Any:
+        warm = fn()
+        self.clock.now += self.capture_s
+        self.recorded += 1
+        if not still_keyed():
+            return warm, None, None
+        graph = FakeGraph(fn, torch.empty_like(warm))
+        return warm, graph, graph.out
+
+    def _reserved_mib(self) -> float:
+        return 0.0
+
+
+def _cache(clock: FakeClock, share: float = 0.05, burst_ms: float = 40.0, **kw: Any) -> FakeCache:
+    return FakeCache(clock, budget=CaptureBudget(share, burst_ms, clock=clock), **kw)
+
+
+STAGED = torch.zeros(2, 3)  # the batch's inputs: a graph reads them from a fixed address
+
+
+def _forward(value: float) -> Callable[[], torch.Tensor]:
+    """Stage ``value`` as the batch's input; the forward reads the staged buffer."""
+    STAGED.fill_(value)
+    return lambda: STAGED * 1.0
+
+
+def test_second_sighting_captures_and_later_ones_replay() -> None:
+    clock = FakeClock()
+    cache = _cache(clock)
+    first = cache.run("k", (), _forward(1.0), lambda: "k")
+    assert cache.summary()["eager"] == 1 and cache.recorded == 0
+    second = cache.run("k", (), _forward(2.0), lambda: "k")
+    assert cache.captures == 1 and torch.equal(second, torch.full((2, 3), 2.0))
+    # the capture's own warm-up answered: the graph was not replayed for that batch
+    assert cache.graphs["k"].graph.replays == 0  # type: ignore[attr-defined]
+    third = cache.run("k", (), _forward(3.0), lambda: "k")
+    assert cache.replays == 1 and torch.equal(third, torch.full((2, 3), 3.0))
+    assert torch.equal(first, torch.full((2, 3), 1.0))
+
+
+def test_budget_defers_captures_until_time_passes() -> None:
+    clock = FakeClock()
+    cache = _cache(clock, share=0.05, burst_ms=40.0, capture_s=0.015)
+    keys = [f"k{i}" for i in range(6)]
+    for k in keys:  # first sightings: eager, nothing captured
+        cache.run(k, (), _forward(0.0), lambda k=k: k)
+    for k in keys:  # second sightings: the 40 ms burst pays for three 15 ms captures
+        cache.run(k, (), _forward(0.0), lambda k=k: k)
+    assert cache.captures == 3 and cache.deferred == 3
+    # 40 ms - 3 x 15 ms spent + 5 % of the 45 ms they took
+    assert cache.budget.balance_ms == pytest.approx(40.0 - 45.0 + 2.25)
+    clock.now += 0.5  # +25 ms: 22.25 pays k3 (7.25 left); +0.75 starts k4 (-7.0); k5 waits
+    for k in keys[3:]:
+        cache.run(k, (), _forward(0.0), lambda k=k: k)
+    assert cache.captures == 5 and cache.deferred == 4
+    assert set(cache.graphs) == {"k0", "k1", "k2", "k3", "k4"}
+    s = cache.summary()
+    assert s["capture_ms"] == pytest.approx(5 * 15.0) and s["graphs"] == 5
+
+
+def test_budget_share_bounds_a_long_run() -> None:
+    """Every batch a new-ish shape seen twice: capturing takes at most ~share of the run."""
+    clock = FakeClock()
+    cache = _cache(clock, share=0.05, burst_ms=40.0, capture_s=0.015, max_graphs=1000)
+    for i in range(4000):
+        clock.now += 0.004  # a 4 ms eager forward
+        k = i // 2  # each key seen twice in a row
+        cache.run(k, (), _forward(0.0), lambda k=k: k)
+    spent = cache.summary()["capture_ms"] / 1e3
+    assert spent <= 0.05 * clock.now + 0.04 + 0.015
+    assert cache.captures > 0 and cache.deferred > 0
+
+
+def test_budget_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="share"):
+        CaptureBudget(share=0.0)
+    with pytest.raises(ValueError, match="burst_ms"):
+        CaptureBudget(burst_ms=-1)
+
+
+def test_lru_drops_the_oldest_graph() -> None:
+    clock = FakeClock()
+    cache = _cache(clock, burst_ms=1000.0, max_graphs=2, min_sightings=1)
+    for k in ("a", "b", "a", "c"):
+        cache.run(k, (), _forward(0.0), lambda k=k: k)
+    assert list(cache.graphs) == ["a", "c"]  # "a" replayed, so "b" was the oldest
+
+
+def test_moved_key_and_no_key_stay_eager() -> None:
+    clock = FakeClock()
+    cache = _cache(clock, min_sightings=1)
+    out = cache.run("k", (), _forward(5.0), lambda: "other")  # the warm-up changed the key
+    assert torch.equal(out, torch.full((2, 3), 5.0))
+    assert "k" in cache.failed and not cache.graphs
+    cache.run("k", (), _forward(0.0), lambda: "k")
+    assert cache.recorded == 1 and cache.eager == 2  # never recorded again
+    cache.run(None, (), _forward(0.0), lambda: None)
+    assert cache.recorded == 1 and cache.eager == 3
+
+
+def test_state_change_drops_graphs() -> None:
+    clock = FakeClock()
+    cache = _cache(clock, min_sightings=1)
+    cache.run("k", ("pools", 1), _forward(0.0), lambda: "k")
+    assert cache.graphs
+    cache.run("k", ("pools", 2), _forward(0.0), lambda: "k")  # captured again under the new state
+    assert cache.captures == 2 and cache.replays == 0
