@@ -21,7 +21,7 @@ from oracle import oracle_output, task_model
 
 from petops import compiled_available
 from pets import kernels
-from pets.batch import Batch, build_batch
+from pets.batch import Batch
 from pets.engine import Engine
 from pets.heads import HeadConfig
 from pets.pet.adapter import ADAPTER_SITES, PARTS, Adapter, AdapterPlan
@@ -121,7 +121,7 @@ def _forward(eng: Engine, batch: Batch, fused: bool) -> tuple[torch.Tensor, Coun
 
 
 def _batch(eng: Engine, seqs: list[np.ndarray], names: list[str]) -> Batch:
-    return build_batch(seqs, [eng.registry.slot_of(n) for n in names], eng.device)
+    return eng.encoder.batch(seqs, [eng.registry.slot_of(n) for n in names])
 
 
 def test_adapters_match_the_oracle(eng: Engine, store: Path, backbone: Any, ops_mode: str) -> None:

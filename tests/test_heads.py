@@ -13,7 +13,6 @@ from heads_oracle import head_model, head_output
 from oracle import ATOL
 
 from pets.backbone import load_backbone
-from pets.batch import build_batch
 from pets.engine import Engine
 from pets.errors import TaskError
 from pets.heads import HeadConfig, validate_head
@@ -137,7 +136,7 @@ def test_padded_layout_matches_packed(eng):
     ids = [s for s, _ in seqs]
     types = [t for _, t in seqs]
     packed = eng.run(ids, names, types)
-    batch = build_batch(ids, slots, eng.device, pad_to=24, types=types)
+    batch = eng.encoder.batch(ids, slots, pad_to=24, types=types)
     out, width = eng.encoder.forward(batch)
     plan = eng.encoder.prepare(batch).head
     n = len(ids)

@@ -29,7 +29,6 @@ from clients.paper.baselines import (
     task_model,
 )
 from pets.backbone import load_backbone, resolve_checkpoint
-from pets.batch import build_batch
 from pets.engine import Engine
 from pets.heads import HeadConfig
 from pets.pet import pet_types
@@ -89,7 +88,7 @@ def tiny():
 
 
 def _engine_out(engine: Engine, slot: int, ids: list[np.ndarray]) -> np.ndarray:
-    batch = build_batch(ids, [slot] * len(ids), engine.device)
+    batch = engine.encoder.batch(ids, [slot] * len(ids))
     out, width = engine.encoder.forward(batch)
     rows = np.empty((len(ids), out.shape[1]), dtype=np.float32)
     rows[batch.order] = out.numpy()

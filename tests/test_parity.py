@@ -97,14 +97,13 @@ def test_text_and_ids_paths_agree(engine):
 
 def test_padded_layout_equals_packed(engine, task_store, backbone):
     """PetS-style padded batches cost more compute but give the same outputs."""
-    from pets.batch import build_batch
 
     rng = np.random.default_rng(3)
     names = list_tasks(task_store)
     seqs = _seqs(rng, 12, backbone.spec.vocab)
     slots = [engine.registry.tasks[names[i % len(names)]].slot for i in range(len(seqs))]
-    packed = build_batch(seqs, slots, engine.device)
-    padded = build_batch(seqs, slots, engine.device, pad_to=max(map(len, seqs)) + 5)
+    packed = engine.encoder.batch(seqs, slots)
+    padded = engine.encoder.batch(seqs, slots, pad_to=max(map(len, seqs)) + 5)
     assert padded.num_tokens > packed.num_tokens
     out_a, w_a = engine.encoder.forward(packed)
     out_b, w_b = engine.encoder.forward(padded)
@@ -150,6 +149,67 @@ def test_maskbert_storage_forms_match_the_oracle(tmp_path, backbone):
                 np.testing.assert_allclose(
                     got, exp, atol=ATOL, rtol=0, err_msg=f"{task} {fmt} {mode}"
                 )
+
+
+@pytest.fixture(scope="module")
+def bitmask_engine(task_store) -> Engine:
+    """The demo tasks with MaskBERT held as a bit mask: its tokens skip the shared GEMMs."""
+    eng = Engine.from_parameters(
+        {"TASK_STORE": str(task_store), "REFRESH_MS": "0", "MASKBERT_FORMAT": "bitmask"}
+    )
+    assert not eng.load_errors, eng.load_errors
+    return eng
+
+
+def test_one_product_maskbert_goes_last_and_equals_alone(bitmask_engine, task_store, backbone):
+    """Bit-mask MaskBERT tasks compute ``X (W*M).T`` in one product: the batch puts their
+    sequences last, the shared GEMMs stop before them, each row still equals its task run
+    alone, and the MaskBERT rows equal the oracle."""
+    eng = bitmask_engine
+    rng = np.random.default_rng(5)
+    names = sorted(eng.registry.tasks)
+    mask_slot = eng.registry.slot_of("demo_maskbert")
+    assert eng.registry.tasks["demo_maskbert"].loaded.owns_linear
+    # the MaskBERT task first in caller order, and between the others
+    tasks = ["demo_maskbert", *names, "demo_maskbert", *names[:3]]
+    seqs = _seqs(rng, len(tasks), backbone.spec.vocab)
+    batch = eng.encoder.batch(seqs, [eng.registry.slot_of(t) for t in tasks])
+    n_mask = sum(t == "demo_maskbert" for t in tasks)
+    tail = batch.order[-n_mask:]
+    assert all(tasks[i] == "demo_maskbert" for i in tail)
+    assert int(batch.seg_task_cpu[-1]) == mask_slot
+    assert batch.shared_rows == batch.num_tokens - sum(len(seqs[i]) for i in tail)
+    manifest, tensors = read_task(task_store / "demo_maskbert")
+    model = task_model(backbone, manifest, tensors)
+    modes = ["reference", "compiled"] if compiled_available() else ["reference"]
+    saved = eng.ctx.ops
+    try:
+        for mode in modes:
+            eng.ctx.ops = kernels.select(mode)[0]
+            mixed = eng.run(seqs, tasks)
+            for i, (ids, task) in enumerate(zip(seqs, tasks, strict=True)):
+                alone = eng.run([ids], [task])[0]
+                np.testing.assert_allclose(
+                    mixed[i], alone, atol=1e-5, rtol=0, err_msg=f"row {i} {task} {mode}"
+                )
+                if task == "demo_maskbert":
+                    want = oracle_output(model, manifest, tensors, ids)
+                    np.testing.assert_allclose(mixed[i], want, atol=ATOL, rtol=0, err_msg=mode)
+    finally:
+        eng.ctx.ops = saved
+
+
+def test_batch_without_the_row_order_is_refused(bitmask_engine, backbone):
+    """A batch built without ``owns_linear`` would run the one-product rows through the
+    shared GEMM too (doubling them): the encoder refuses it, naming the fix."""
+    from pets.batch import build_batch
+
+    eng = bitmask_engine
+    seqs = _seqs(np.random.default_rng(6), 2, backbone.spec.vocab)
+    slots = [eng.registry.slot_of("demo_maskbert"), eng.registry.slot_of("demo_lora")]
+    batch = build_batch(seqs, slots, eng.device)
+    with pytest.raises(ValueError, match=r"owns_linear=registry\.slots\.owns_linear"):
+        eng.encoder.forward(batch)
 
 
 def test_maskbert_format_is_checked():

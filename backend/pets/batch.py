@@ -6,6 +6,9 @@ op consumes this one layout and nothing else invents its own.
 Layout (``B`` sequences, ``T`` tokens in all, ``S`` segments):
 
 * sequences are ordered by task slot, so each task's tokens form one contiguous **segment**;
+  tasks whose PET type computes the linear layers in full (a MaskBERT bit mask: ``X (W*M).T``
+  in one product) come last, after every other task, and the shared GEMMs run over the first
+  ``shared_rows`` tokens only;
 * ``input_ids``/``positions`` are flat ``[T]``; ``cu_seqlens`` ``[B + 1]`` bounds sequences;
 * ``token_types`` ``[T]`` (segment A = 0, B = 1 of sentence pairs) only when some sequence
   has a nonzero type; None means every token is type 0;
@@ -41,6 +44,11 @@ class Batch:
     valid_lens: torch.Tensor | None = None  # [B] int64, device: set on the padded path only
     valid_lens_cpu: torch.Tensor | None = None  # [B] int64, host: the same
     token_types: torch.Tensor | None = None  # [T] int64, device: None = all type 0
+    shared_rows: int = -1  # tokens that take the shared GEMMs (the first ones); -1: all
+
+    def __post_init__(self) -> None:
+        if self.shared_rows < 0:
+            self.shared_rows = self.num_tokens
 
     @property
     def num_tokens(self) -> int:
@@ -80,6 +88,7 @@ def build_batch(
     pad_to: int = 0,
     upload: Callable[[torch.Tensor], torch.Tensor] | None = None,
     types: Sequence[np.ndarray | None] | None = None,
+    owns_linear: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Batch:
     """Pack sequences into a :class:`Batch`, grouped by task.
 
@@ -96,6 +105,10 @@ def build_batch(
         types: per sequence, its token type ids (same length as its ids) or None (all 0).
             Staged right after ``input_ids`` (staged array 1), so a reused layout can
             replace both.
+        owns_linear: task slots ``[n]`` -> bool ``[n]``: which tasks compute the linear
+            layers in full (``SlotTable.owns_linear``). Their sequences go last and the
+            batch's ``shared_rows`` stops before them. Give it whenever such tasks may be in
+            the batch: the encoder refuses a batch that holds them elsewhere.
     """
     if upload is None:
 
@@ -103,7 +116,12 @@ def build_batch(
             return t.to(device, non_blocking=True)
 
     slots = np.asarray(task_slots, dtype=np.int64)
-    order = np.argsort(slots, kind="stable")
+    own = owns_linear(slots) if owns_linear is not None and len(slots) else None
+    if own is not None and own.any():  # by (owns the linears, slot): theirs last
+        order = np.lexsort((slots, own))
+    else:
+        own = None
+        order = np.argsort(slots, kind="stable")
     valid = np.fromiter((len(ids[i]) for i in order), dtype=np.int64, count=len(order))
     if pad_to and len(valid) and valid.max() > pad_to:
         raise ValueError(f"pad_to={pad_to} is shorter than a sequence of {valid.max()} tokens")
@@ -166,4 +184,5 @@ def build_batch(
         valid_lens=upload(torch.from_numpy(valid)) if pad_to else None,
         valid_lens_cpu=torch.from_numpy(valid) if pad_to else None,
         token_types=token_types,
+        shared_rows=int(cu[-1]) if own is None else int(cu[int(np.count_nonzero(~own))]),
     )

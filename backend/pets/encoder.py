@@ -18,7 +18,7 @@ alternative kept for comparison (:class:`ShadowStreams`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from petops.reference import ACTIVATIONS
 
-from .batch import Batch
+from .batch import Batch, build_batch
 from .heads import HeadPlan
 from .pet import PetMethod
 from .pet.base import OutputEpilogue
@@ -89,6 +89,21 @@ class ShadowStreams:
             main.wait_stream(stream)
 
 
+def _check_row_order(batch: Batch, own: np.ndarray) -> None:
+    """Refuse a batch whose tasks that compute their linear layers in full (``own``, per
+    segment) are not its last segments, from ``batch.shared_rows`` on."""
+    first = int(np.argmax(own)) if own.any() else len(own)
+    start = int(batch.seg_indptr_cpu[first])
+    if own[first:].all() and batch.shared_rows == start:
+        return
+    raise ValueError(
+        f"the batch's shared GEMM rows ({batch.shared_rows} of {batch.num_tokens} tokens) do "
+        f"not stop where its tasks that compute their linear layers in full begin "
+        f"({int(own.sum())} of {len(own)} segments, from token {start}); build it with "
+        "build_batch(..., owns_linear=registry.slots.owns_linear)"
+    )
+
+
 class SharedEncoder:
     def __init__(self, registry: TaskRegistry, shadow_streams: int = 0) -> None:
         """The forward over ``registry``'s backbone (``ctx.backbone``), tasks and heads.
@@ -121,6 +136,26 @@ class SharedEncoder:
         )
 
     # ------------------------------------------------------------------------------- forward
+    def batch(
+        self,
+        ids: Sequence[np.ndarray],
+        task_slots: Sequence[int] | np.ndarray,
+        pad_to: int = 0,
+        types: Sequence[np.ndarray | None] | None = None,
+        upload: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> Batch:
+        """:func:`~pets.batch.build_batch` on this encoder's device, in the row order its
+        registry's tasks need (tasks that compute their linear layers in full go last)."""
+        return build_batch(
+            ids,
+            task_slots,
+            self.ctx.device,
+            pad_to=pad_to,
+            upload=upload,
+            types=types,
+            owns_linear=self.registry.slots.owns_linear,
+        )
+
     @torch.inference_mode()
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Run ``batch`` eagerly. Returns head outputs ``[B, D]`` float32 and widths ``[B]``
@@ -145,6 +180,7 @@ class SharedEncoder:
         active: list[tuple[PetMethod, Any]] = []
         to_device = self.ctx.to_device
         self.ctx.upload = upload  # PetContext.to_device stages through it while planning
+        _check_row_order(batch, rows.own.numpy())
         try:
             codes = pet_codes.numpy()
             for code in np.unique(codes).tolist():  # one entry per PET *type* present
@@ -205,9 +241,26 @@ class SharedEncoder:
         )
 
     def _linear(
-        self, site: str, layer: int, x: torch.Tensor, active: list[tuple[PetMethod, Any]]
+        self,
+        site: str,
+        layer: int,
+        x: torch.Tensor,
+        batch: Batch,
+        active: list[tuple[PetMethod, Any]],
     ) -> torch.Tensor:
-        y = torch.mm(x, self.w.linear[site][layer].t())  # shared GEMM, no bias
+        """``x @ W.T`` (no bias) with every type's deltas. ``x`` ``[T, K]`` -> ``[T, N]``.
+
+        The shared GEMM covers the first ``batch.shared_rows`` tokens; the rest belong to
+        tasks that compute the whole product themselves and start from zeros."""
+        w = self.w.linear[site][layer]
+        r = batch.shared_rows
+        if r == x.shape[0]:
+            y = torch.mm(x, w.t())  # shared GEMM
+        else:
+            y = x.new_empty(x.shape[0], w.shape[0])
+            if r:
+                torch.mm(x[:r], w.t(), out=y[:r])
+            y[r:].zero_()
         self._shadow(active, lambda m, p: m.apply_linear(p, site, layer, x, y))
         return y
 
@@ -274,7 +327,7 @@ class SharedEncoder:
     ) -> torch.Tensor:
         K = self.ctx.ops
         bias, scale = self.ctx.bias.tables, self.ctx.scale.tables
-        qkv = self._linear("qkv", layer, x, active)
+        qkv = self._linear("qkv", layer, x, batch, active)
         qkv = K.bias_act(
             qkv,
             bias["qkv"][layer],
@@ -285,9 +338,9 @@ class SharedEncoder:
             0,
         )
         a = self._attention(qkv, batch)
-        y = self._linear("attn_out", layer, a, active)
+        y = self._linear("attn_out", layer, a, batch, active)
         h = self._output("attn_out", "attn_ln", layer, y, x, batch, sp, active)
-        i = self._linear("ffn_in", layer, h, active)
+        i = self._linear("ffn_in", layer, h, batch, active)
         i = K.bias_act(
             i,
             bias["ffn_in"][layer],
@@ -297,7 +350,7 @@ class SharedEncoder:
             sp.scale,
             self.act,
         )
-        o = self._linear("ffn_out", layer, i, active)
+        o = self._linear("ffn_out", layer, i, batch, active)
         return self._output("ffn_out", "ffn_ln", layer, o, h, batch, sp, active)
 
     def _attention(self, qkv: torch.Tensor, batch: Batch) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 
 from . import kernels
 from .backbone import load_backbone, resolve_checkpoint
-from .batch import build_batch, flat_token_types, has_token_types
+from .batch import flat_token_types, has_token_types
 from .encoder import Prepared, SharedEncoder
 from .errors import ConfigError, RequestError, clip
 from .graphs import GraphCache, graph_key, restage, state_key
@@ -459,9 +459,7 @@ class Engine:
             return tpl.prepared
         for _ in range(2):
             stager.begin()
-            batch = build_batch(
-                ids, slots, self.device, pad_to=pad_to, upload=stager.put, types=types
-            )
+            batch = self.encoder.batch(ids, slots, pad_to=pad_to, types=types, upload=stager.put)
             prepared = self.encoder.prepare(batch, stager.put)
             copies: list[tuple[torch.Tensor, torch.Tensor]] = []
             if self.graphs is not None:  # plans' own device arrays move into the stage too
@@ -496,6 +494,7 @@ class Engine:
                 (
                     self.stager.layout,
                     b.max_seqlen,
+                    b.shared_rows,
                     (
                         b.input_ids,
                         b.positions,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .backbone import BackboneWeights, load_backbone, resolve_checkpoint
-from .batch import Batch, build_batch
+from .batch import Batch
 from .engine import Engine
 from .heads import HeadConfig
 from .pet import bare_type, pet_types
@@ -81,7 +81,7 @@ class EngineProbe:
             self.rng.integers(1000, self.engine.spec.vocab, size=seq_len) for _ in range(batch_size)
         ]
         task_slots = [slots[i % len(slots)] for i in range(batch_size)]
-        return build_batch(ids, task_slots, self.engine.device, pad_to=pad_to)
+        return self.engine.encoder.batch(ids, task_slots, pad_to=pad_to)
 
     def time_batch(self, batch: Batch) -> float:
         return time_fn(lambda: self.engine.encoder.forward(batch), self.engine.device)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import torch
 
 from petops import reference
@@ -57,34 +58,47 @@ class SegmentRows:
     bias: torch.Tensor  # int32 row of the bias slot group
     ln: torch.Tensor  # int32 row of the LayerNorm slot group
     scale: torch.Tensor  # int32 row of the IA3 scale slot group (0: the backbone's ones)
+    own: torch.Tensor  # bool: the task computes its linear layers in full (skips shared GEMMs)
 
 
 class SlotTable:
     """What every forward reads per task slot: the task's PET type and its rows in the
     engine's bias, LayerNorm and IA3-scale slot groups. The registry fills it; the encoder
-    reads it per batch through :meth:`segments`. Host tensors; unset slots read 0."""
+    reads it per batch through :meth:`segments`, and the batch builder through
+    :meth:`owns_linear`. Host tensors; unset slots read 0."""
 
     def __init__(self) -> None:
         self._pet = SlotMeta((), torch.int8, 0)
         self._bias = SlotMeta((), torch.int32, 0)
         self._ln = SlotMeta((), torch.int32, 0)
         self._scale = SlotMeta((), torch.int32, 0)
+        self._own = SlotMeta((), torch.bool, False)
 
     def set(self, slot: int, pet_code: int, loaded: LoadedTask) -> None:
         self._pet[slot] = pet_code
         self._bias[slot] = loaded.bias_slot
         self._ln[slot] = loaded.ln_slot
         self._scale[slot] = loaded.scale_slot
+        self._own[slot] = loaded.owns_linear
 
     def reset(self, slot: int) -> None:
-        for meta in (self._pet, self._bias, self._ln, self._scale):
+        for meta in (self._pet, self._bias, self._ln, self._scale, self._own):
             meta.reset(slot)
 
     def segments(self, seg_task: torch.Tensor) -> SegmentRows:
         """The rows of the tasks ``seg_task`` (host int64 ``[S]``)."""
         return SegmentRows(
-            self._pet[seg_task], self._bias[seg_task], self._ln[seg_task], self._scale[seg_task]
+            self._pet[seg_task],
+            self._bias[seg_task],
+            self._ln[seg_task],
+            self._scale[seg_task],
+            self._own[seg_task],
         )
+
+    def owns_linear(self, slots: np.ndarray) -> np.ndarray:
+        """bool ``[n]``: which of the task ``slots`` compute their linear layers in full
+        (``build_batch(owns_linear=...)`` puts their sequences last)."""
+        return self._own.rows(slots)
 
 
 class TaskRegistry:

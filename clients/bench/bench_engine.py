@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from clients.bench.results import add_out_argument, start_run
-from pets.batch import build_batch
 from pets.engine import Engine
 from pets.pet import pet_types
 from pets.profiling import EngineProbe, time_fn
@@ -65,7 +64,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
             pool = [pool[i] for i in rng.permutation(len(pool))]
             slots = [pool[i % len(pool)] for i in range(args.batch)]
             distinct = len(set(slots))
-            batch = build_batch(ids, slots, engine.device)
+            batch = engine.encoder.batch(ids, slots)
             sec = time_fn(
                 lambda b=batch, e=engine: e.encoder.forward(b),
                 engine.device,

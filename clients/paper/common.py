@@ -21,7 +21,7 @@ import torch
 
 from clients.bench.results import add_out_argument
 from pets.backbone import BackboneWeights, load_backbone, resolve_checkpoint
-from pets.batch import Batch, build_batch
+from pets.batch import Batch
 from pets.engine import DTYPES, Engine
 from pets.heads import HeadConfig
 from pets.pet import pet_types
@@ -180,7 +180,7 @@ def random_ids(rng: np.random.Generator, n: int, length: int, vocab: int) -> lis
 
 def pets_batch(loaded: Loaded, ids: Sequence[np.ndarray], task_index: Sequence[int]) -> Batch:
     """One packed engine batch: sequence ``b`` of task ``task_index[b]``."""
-    return build_batch(ids, [loaded.slots[k] for k in task_index], loaded.device)
+    return loaded.engine.encoder.batch(ids, [loaded.slots[k] for k in task_index])
 
 
 def time_forward(loaded: Loaded, batch: Batch, warmup: int, iters: int) -> float:

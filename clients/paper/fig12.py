@@ -137,10 +137,8 @@ class EngineExecutor:
     """
 
     def __init__(self, params: dict[str, str], model_dir: str | None, device: str) -> None:
-        from pets.batch import build_batch
         from pets.engine import Engine
 
-        self._build_batch = build_batch
         self.engine = Engine.from_parameters(params, model_dir=model_dir or ".", device=device)
         reg = self.engine.registry
         self.names = sorted(reg.tasks)
@@ -157,10 +155,9 @@ class EngineExecutor:
         self.tokens = {q.index: rng.integers(1000, max(1001, vocab - 1), q.length) for q in queries}
 
     def run(self, batch_queries: Sequence[Query]) -> None:
-        batch = self._build_batch(
+        batch = self.engine.encoder.batch(
             [self.tokens[q.index] for q in batch_queries],
             [self.slots[q.task_slot] for q in batch_queries],
-            self.engine.device,
         )
         with self.engine.registry.lock:
             self.engine.encoder.forward(batch)

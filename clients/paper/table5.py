@@ -28,7 +28,6 @@ import torch
 
 from clients.bench.results import add_out_argument, start_run
 from pets.backbone import load_backbone, resolve_checkpoint
-from pets.batch import build_batch
 from pets.engine import Engine
 from pets.heads import HeadConfig
 from pets.pet import pet_types
@@ -81,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     def checkpoint() -> None:
         slots = [e.slot for e in engine.registry.tasks.values()]
         pick = rng.choice(len(slots), size=args.batch, replace=len(slots) < args.batch)
-        batch = build_batch(ids, [slots[i] for i in pick], engine.device)
+        batch = engine.encoder.batch(ids, [slots[i] for i in pick])
         sec = time_fn(lambda: engine.encoder.forward(batch), engine.device, warmup=3, repeat=10)
         rows.append(
             {

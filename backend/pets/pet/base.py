@@ -176,6 +176,9 @@ class LoadedTask:
     # counted in nbytes, freed with the allocation they mirror, never released themselves.
     mirrored: list[tuple[FlatPool, Allocation]] = field(default_factory=list)
     state: Any = None  # method-private
+    # The type computes this task's linear layers in full (MaskBERT as a bit mask): its
+    # tokens skip the shared GEMMs, so its batches must put it last (``batch.build_batch``).
+    owns_linear: bool = False
 
     def nbytes(self, ctx: PetContext) -> int:
         n = sum(a.size * p.data.element_size() for p, a in (*self.allocations, *self.mirrored))

@@ -1,13 +1,15 @@
 """MaskBERT: a learned binary mask over the shared weights, ``W_task = W * M``.
 
-``X @ (W * M).T = X @ W.T + X @ (W * (M - 1)).T``: the shared GEMM minus a product over the
-*masked-out* weights, whose values are read from ``W`` itself. In memory a task keeps the
-masked-out set in one of two forms (``MASKBERT_FORMAT``: ``csr`` or ``bitmask`` forces one):
+In memory a task takes one of two forms (``MASKBERT_FORMAT``: ``csr`` or ``bitmask`` forces
+one):
 
-* ``csr``: the index set, 4 bytes per masked-out weight (``seg_spmm``, whose cost grows with
-  the density); smaller below about 1/32 density;
-* ``bitmask``: one bit per weight of every site the task masks (``seg_masked_mm``, a dense
-  tensor-core product of fixed cost on CUDA).
+* ``csr``: the *masked-out* index set, 4 bytes per masked-out weight. Its tokens take the
+  shared GEMM, and ``X @ (W * (M - 1)).T`` (values read from ``W`` itself) is subtracted by
+  ``seg_spmm``, whose cost grows with the density; smaller below about 1/32 density.
+* ``bitmask``: the *kept* weights, one bit per weight of every site. Its tokens skip the
+  shared GEMMs (:attr:`LoadedTask.owns_linear`: the batch puts them last) and
+  ``X @ (W * M).T`` is computed once by ``seg_masked_mm`` (on CUDA a tensor-core product that
+  masks the shared weight on the fly, whose cost does not depend on the density).
 
 ``auto`` (the default) takes the smaller form on CUDA. On CPU it takes ``csr``: the CPU bit-mask
 kernel expands each task's masked weight on every call, and was 1.7x slower than the CSR
@@ -127,8 +129,19 @@ class MaskBert(PetMethod):
                     dropped[(i, module)] = (bits.reshape(-1)[: out * inp] == 0).view(out, inp)
         as_bitmap = self._use_bitmap(dropped)
         self.is_bitmap[slot] = as_bitmap
-        if as_bitmap:
-            self.bitmaps.add(slot, loaded, dropped)
+        if as_bitmap:  # the kept weights of every module (an unmasked one keeps all)
+            kept = {}
+            for i in range(spec.layers):
+                for module in MODULES:
+                    d = dropped.get((i, module))
+                    kept[(i, module)] = (
+                        ~d
+                        if d is not None
+                        else torch.ones(module_shape(spec, module), dtype=torch.bool,
+                                        device=self.ctx.device)
+                    )  # fmt: skip
+            self.bitmaps.add(slot, loaded, kept)
+            loaded.owns_linear = True
         else:
             flat = {k: (torch.nonzero(d.reshape(-1)).flatten(), None) for k, d in dropped.items()}
             self.store.add(slot, loaded, flat)  # positions come out sorted
@@ -143,8 +156,9 @@ class MaskBert(PetMethod):
         spec = self.ctx.spec
         csr = 4 * sum(int(d.sum()) for d in dropped.values())  # column indices
         csr += 8 * spec.layers * sum(spec.site_shape(s)[0] + 1 for s in SITES)  # row pointers
-        sites = {(i, MODULES[m][0]) for i, m in dropped}
-        bitmap = sum(4 * n * ((k + 31) // 32) for n, k in (spec.site_shape(s) for _, s in sites))
+        bitmap = spec.layers * sum(  # every site: the bit mask replaces the shared GEMM
+            4 * n * ((k + 31) // 32) for n, k in (spec.site_shape(s) for s in SITES)
+        )
         return bitmap < csr
 
     def unload(self, slot: int, loaded: LoadedTask) -> None:
@@ -169,10 +183,9 @@ class MaskBert(PetMethod):
         x: torch.Tensor,
         y: torch.Tensor,
     ) -> None:
-        # the masked-out weights come from the shared W with the sign flipped
-        w, alpha = self.ctx.backbone.linear[site][layer], -1.0
+        w = self.ctx.backbone.linear[site][layer]
         csr, bitmap = plan
-        if csr is not None:
-            self.store.apply(csr, site, layer, x, y, w, alpha)
-        if bitmap is not None:
-            self.bitmaps.apply(bitmap, site, layer, x, y, w, alpha)
+        if csr is not None:  # minus the masked-out weights, read from the shared W
+            self.store.apply(csr, site, layer, x, y, w, -1.0)
+        if bitmap is not None:  # the whole product over the kept weights (rows start at 0)
+            self.bitmaps.apply(bitmap, site, layer, x, y, w, 1.0)
