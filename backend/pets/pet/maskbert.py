@@ -11,9 +11,11 @@ one):
   ``X @ (W * M).T`` is computed once by ``seg_masked_mm`` (on CUDA a tensor-core product that
   masks the shared weight on the fly, whose cost does not depend on the density).
 
-``auto`` (the default) takes the smaller form on CUDA. On CPU it takes ``csr``: the CPU bit-mask
-kernel expands each task's masked weight on every call, and was 1.7x slower than the CSR
-kernel at 5% density (2-core VM, H=256, 32 tasks; ``clients/bench/bench_ops.py``).
+``auto`` (the default) takes the smaller form, on CUDA and CPU alike (the bit mask above about
+1/32 density). On the CPU the bit mask was slower while it was a second product beside the
+shared GEMM (the CPU kernel expands each task's masked weight on every call); as the one
+product it was the faster form at 5% density
+(``docs/results/2026-12-07_cpu_maskbert_one_product``).
 
 On disk a task is always a bit mask.
 
@@ -148,11 +150,9 @@ class MaskBert(PetMethod):
         return loaded
 
     def _use_bitmap(self, dropped: dict[tuple[int, str], torch.Tensor]) -> bool:
-        """Whether the bit-mask form is chosen: forced, or on CUDA smaller than the CSR form."""
+        """Whether the bit-mask form is chosen: forced, or smaller than the CSR form."""
         if self.ctx.maskbert_format != "auto":
             return self.ctx.maskbert_format == "bitmask"
-        if self.ctx.device.type != "cuda":
-            return False
         spec = self.ctx.spec
         csr = 4 * sum(int(d.sum()) for d in dropped.values())  # column indices
         csr += 8 * spec.layers * sum(spec.site_shape(s)[0] + 1 for s in SITES)  # row pointers
