@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.bench.served_overhead import ROOT, captures_since, check_engine_source
+from clients.bench.served_overhead import HF_MODEL, ROOT, captures_since, check_engine_source
 
 LINE = 'I1207 model.py:253] "pets: instance pets_0_0 ready on cpu, engine from {}, parameters {{}}"'
 
@@ -41,3 +41,11 @@ def test_captures_are_counted_from_an_offset(tmp_path: Path) -> None:
     n, ms, end = captures_since(log, start)
     assert (n, ms, end) == (2, 15.5, log.stat().st_size)
     assert captures_since(log, end)[:2] == (0, 0.0)
+
+
+def test_hf_model_source_is_python() -> None:
+    """The ``--hf`` model's source is formatted from a template: it must stay valid Python
+    and name the backbone it was given."""
+    source = HF_MODEL.format(backbone="bert-tiny")
+    compile(source, "model.py", "exec")
+    assert "load_backbone('bert-tiny')" in source

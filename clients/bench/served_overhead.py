@@ -5,7 +5,11 @@ Starts one tritonserver holding two models with the same inputs, outputs and bat
 * ``pets``: the real backend over a store of mixed-type tasks (by default on ``bert-tiny``,
   2 layers of width 32, so compute is negligible and what is measured is the host path:
   decoding, scheduling, staging, responses, metrics);
-* ``noop``: a Python-backend model that reads the same inputs and returns zeros.
+* ``noop``: a Python-backend model that reads the same inputs and returns zeros;
+* ``hf`` (``--hf``): HF ``BertForSequenceClassification`` of the backbone's config (random
+  weights, float16 + SDPA on a GPU) in a Python-backend model, padding each execute's
+  requests into one batch: the plain deployment backbone-only tasks are compared with
+  (``--pet-types none``).
 
 perf_analyzer (gRPC, async) drives both with the same data at each concurrency; the ratio
 ``pets / noop`` is the share of a bare Python model's rate the serving path keeps. Writes
@@ -15,6 +19,8 @@ perf_analyzer (gRPC, async) drives both with the same data at each concurrency; 
     python -m clients.bench.served_overhead --metrics 0 --points 1x16,32x16   # metrics off
     python -m clients.bench.served_overhead --kind GPU --backbone bert-base --tasks 64 \
         --instances 2 --points 1x128,256x64
+    python -m clients.bench.served_overhead --kind GPU --backbone bert-base --tasks 64 \
+        --pet-types none --hf --instances 2 --points 256x64
 """
 
 from __future__ import annotations
@@ -62,6 +68,54 @@ class TritonPythonModel:
             out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT", zeros)]))
         return out
 '''
+
+
+HF_MODEL = '''\
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+from transformers import BertConfig, BertForSequenceClassification
+
+from pets.backbone import hf_config, load_backbone
+
+
+class TritonPythonModel:
+    """HF BertForSequenceClassification over the pets backbone's config (random weights;
+    float16 and SDPA on a GPU): each execute pads its requests into one [B, L] batch."""
+
+    def initialize(self, args):
+        gpu = args["model_instance_kind"] == "GPU"
+        self.device = torch.device(f"cuda:{{args['model_instance_device_id']}}" if gpu else "cpu")
+        if not gpu:
+            torch.set_num_threads(1)
+        cfg = BertConfig(**hf_config(load_backbone({backbone!r}).spec), num_labels=2)
+        cfg._attn_implementation = "sdpa"
+        dtype = torch.float16 if gpu else torch.float32
+        self.model = BertForSequenceClassification(cfg).to(self.device, dtype).eval()
+
+    def execute(self, requests):
+        ids = [pb_utils.get_input_tensor_by_name(r, "INPUT_IDS").as_numpy() for r in requests]
+        rows = [a.shape[0] for a in ids]
+        width = max(a.shape[1] for a in ids)
+        batch = np.zeros((sum(rows), width), np.int64)
+        mask = np.zeros((sum(rows), width), np.int64)
+        r = 0
+        for a in ids:
+            batch[r : r + a.shape[0], : a.shape[1]] = a
+            mask[r : r + a.shape[0], : a.shape[1]] = 1
+            r += a.shape[0]
+        with torch.inference_mode():
+            logits = self.model(
+                input_ids=torch.from_numpy(batch).to(self.device),
+                attention_mask=torch.from_numpy(mask).to(self.device),
+            ).logits.float().cpu().numpy()
+        out, r = [], 0
+        for n in rows:
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT", logits[r : r + n])]))
+            r += n
+        return out
+'''
+"""``--hf``: the bare HF model the issue compares backbone-only serving with."""
 
 
 PROFILED_MODEL = '''\
@@ -131,13 +185,16 @@ def make_repo(args: argparse.Namespace, root: Path) -> tuple[Path, list[str]]:
         )
         text = re.sub(r'^backend: "pets"', 'backend: "python"', text, flags=re.M)
     cfg.write_text(text)
-    noop = repo / "noop"
-    (noop / "1").mkdir(parents=True)
-    (noop / "1" / "model.py").write_text(NOOP_MODEL)
     head, _, _ = text.partition("# Engine parameters")
-    noop_cfg = re.sub(r'^name: "pets"', 'name: "noop"', head, flags=re.M)
-    noop_cfg = re.sub(r'^backend: "pets"', 'backend: "python"', noop_cfg, flags=re.M)
-    (noop / "config.pbtxt").write_text(noop_cfg)
+    plain = {"noop": NOOP_MODEL}
+    if args.hf:
+        plain["hf"] = HF_MODEL.format(backbone=args.backbone)
+    for model, source in plain.items():
+        (repo / model / "1").mkdir(parents=True)
+        (repo / model / "1" / "model.py").write_text(source)
+        model_cfg = re.sub(r'^name: "pets"', f'name: "{model}"', head, flags=re.M)
+        model_cfg = re.sub(r'^backend: "pets"', 'backend: "python"', model_cfg, flags=re.M)
+        (repo / model / "config.pbtxt").write_text(model_cfg)
     return repo, names
 
 
@@ -235,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated CONCURRENCYxLENGTH points (tokens per request), e.g. 1x128,256x64",
     )
     ap.add_argument("--metrics", type=int, default=1, help="the pets model's METRICS")
+    ap.add_argument(
+        "--hf",
+        action="store_true",
+        help="also serve HF BertForSequenceClassification of the backbone's config (hf_*)",
+    )
     ap.add_argument("--kind", default="CPU", choices=("CPU", "GPU"))
     ap.add_argument("--instances", type=int, default=1)
     ap.add_argument("--interval-ms", type=int, default=4000)
@@ -262,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
             for c, length in points:
                 data = tmp / f"data{length}.json"
                 got = {"noop": perf(args, env, url, "noop", data, c, tmp)}
+                if args.hf:
+                    got["hf"] = perf(args, env, url, "hf", data, c, tmp)
                 before = scrape(metrics_url, "pets")
                 log_at = run.path("tritonserver.log").stat().st_size
                 got["pets"] = perf(args, env, url, "pets", data, c, tmp)
@@ -284,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
                 row["pets_over_noop"] = round(
                     got["pets"]["req_per_s"] / got["noop"]["req_per_s"], 3
                 )
+                if args.hf:
+                    row["pets_over_hf"] = round(
+                        got["pets"]["req_per_s"] / got["hf"]["req_per_s"], 3
+                    )
                 print(json.dumps(row), flush=True)
                 rows.append(row)
         finally:
