@@ -189,6 +189,14 @@ class Soak:
     def now(self) -> float:
         return time.monotonic() - self.t0
 
+    def outside_fault(self, started: float) -> bool:
+        """Whether a request sent at ``started`` (seconds) that failed is outside the fault:
+        no stub was killed yet, or it was sent after the server was healthy again. One in
+        flight across the recovery (sent to the dead or reloading stub) is the fault's."""
+        if not self.outage:
+            return True
+        return len(self.outage) == 2 and started > self.outage[1]
+
     # one step of each traffic kind -----------------------------------------------------
     def valid(self, client: Any, rng: random.Random) -> None:
         task, kind, rows = rng.choice(list(self.probes))
@@ -197,11 +205,12 @@ class Soak:
             if kind == "ids"
             else build_inputs(self.mod, task, texts=TEXTS[:rows])
         )
+        started = self.now()
         try:
             out = client.infer(MODEL, inputs).as_numpy("OUTPUT")
         except Exception as exc:  # an outage (fault test) or a real failure
             self.tally.add("valid_failed", failed_at=self.now())
-            if not self.outage or len(self.outage) == 2:
+            if self.outside_fault(started):
                 self.tally.add("valid_failed_outside_fault", wrong=f"{task}: {exc}")
             return
         want = self.probes[(task, kind, rows)]
@@ -252,6 +261,7 @@ class Soak:
         # a cycle cut short (e.g. by the fault's outage) may have left the task behind
         with contextlib.suppress(Exception):
             client.infer("pets_admin", admin_inputs(mod, args.token, "unregister", LIFE_TASK))
+        started = self.now()
         try:
             for action, seed in steps:
                 m, t = random_task(
@@ -264,7 +274,7 @@ class Soak:
             client.infer("pets_admin", admin_inputs(mod, args.token, "unregister", LIFE_TASK))
         except Exception as exc:
             self.tally.add("lifecycle_failed", failed_at=self.now())
-            if not self.outage or len(self.outage) == 2:
+            if self.outside_fault(started):
                 self.tally.add("lifecycle_failed_outside_fault", wrong=f"lifecycle: {exc}")
             return
         try:
