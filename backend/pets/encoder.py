@@ -178,9 +178,9 @@ class SharedEncoder:
         rows = reg.slots.segments(batch.seg_task_cpu)
         pet_codes = rows.pet
         active: list[tuple[PetMethod, Any]] = []
+        _check_row_order(batch, rows.own.numpy())
         to_device = self.ctx.to_device
         self.ctx.upload = upload  # PetContext.to_device stages through it while planning
-        _check_row_order(batch, rows.own.numpy())
         try:
             codes = pet_codes.numpy()
             for code in np.unique(codes).tolist():  # one entry per PET *type* present
