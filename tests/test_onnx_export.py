@@ -98,6 +98,9 @@ def test_every_head_and_pet_type_exports_and_matches(pet, head, eng, store, weig
     # export is held to the engine, and to HF directly for one PET type per head.
     hf = pet == "lora"
     vs_engine, vs_hf = compare(out, eng, store, weights, task, pairs, hf)
+    print(
+        f"\nparity {task}: ONNX vs engine {vs_engine:.2e}" + (f", vs HF {vs_hf:.2e}" if hf else "")
+    )
     assert vs_engine <= onnx_export.FP32_TOL, f"{task}: ONNX vs engine {vs_engine:.3g}"
     assert not hf or vs_hf <= 2e-4, f"{task}: ONNX vs HF {vs_hf:.3g}"
     assert rep.config_path == tmp_path / task / "config.pbtxt"
