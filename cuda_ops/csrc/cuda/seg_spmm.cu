@@ -3,14 +3,14 @@
 // Unit = (item, TM-token tile, block of output rows). A batch of few tokens has few tiles:
 // each tile's output rows are then cut into up to ceil(N / 256) blocks, as many as the grid
 // needs to have a unit per block (a tile per unit once the tiles alone fill the grid). Each
-// unit stages its tile's x rows transposed ([K][TM]) in shared memory in x's own dtype: 16-bit inputs stay 16-bit, half the shared-memory bytes per
-// non-zero (the walk waits on L1/TEX, which serves shared memory too; H100, bert-base MaskBERT
-// site, 64 segments: 104 us against 195 us staged as float). Each thread owns output rows
-// o and walks their CSR non-zeros kUnroll at a time: the index loads, then the value (or
-// shared-weight) gathers, are issued together so the walk is not one dependent load chain per
-// non-zero. Every non-zero updates TM tokens from one contiguous shared-memory row. Each
-// (token, o) has one owner, so there are no atomics. Items sharing a segment must not be
-// given (see ops.py).
+// unit stages its tile's x rows transposed ([K][TM]) in shared memory in x's own dtype: 16-bit
+// inputs stay 16-bit, half the shared-memory bytes per non-zero (the walk waits on L1/TEX, which
+// serves shared memory too; H100, bert-base MaskBERT site, 64 segments: 104 us against 195 us
+// staged as float). Each thread owns output rows o and walks their CSR non-zeros kUnroll at a time:
+// the index loads, then the value (or shared-weight) gathers, are issued together so the walk is
+// not one dependent load chain per non-zero. Every non-zero updates TM tokens from one contiguous
+// shared-memory row. Each (token, o) has one owner, so there are no atomics. Items sharing a
+// segment must not be given (see ops.py).
 #include <torch/library.h>
 
 #include "common.cuh"
@@ -121,8 +121,8 @@ void launch_seg_spmm(const GroupedArgs& a, double alpha, cudaStream_t stream) {
   const int n_items = static_cast<int>(a.num_items);
   const size_t smem = k_dim * TM * sizeof(T) + (n_items + 1) * sizeof(int);
   auto kernel = seg_spmm_kernel<T, TM>;
-  const int grid =
-      grouped_grid(kernel, kThreads, smem, (ceil_div(n_tok, TM) + n_items) * ceil_div(n_out, kThreads));
+  const int grid = grouped_grid(kernel, kThreads, smem,
+                                (ceil_div(n_tok, TM) + n_items) * ceil_div(n_out, kThreads));
   kernel<<<grid, kThreads, smem, stream>>>(
       a.y.data_ptr<T>(), a.x.data_ptr<T>(), a.seg_indptr.data_ptr<int>(),
       a.item_seg.data_ptr<int>(), a.item_w_off.data_ptr<int64_t>(), a.rowptr.data_ptr<int64_t>(),
