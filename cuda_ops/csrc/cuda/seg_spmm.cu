@@ -1,16 +1,14 @@
 // CUDA kernel for seg_spmm: y[rows] += x[rows] @ S_i.T with S_i in CSR over output rows.
 //
-// Unit = (item, TM-token tile, block of output rows). A batch of few tokens has few tiles:
-// each tile's output rows are then cut into up to ceil(N / 256) blocks, as many as the grid
-// needs to have a unit per block (a tile per unit once the tiles alone fill the grid). Each
-// unit stages its tile's x rows transposed ([K][TM]) in shared memory in x's own dtype: 16-bit
-// inputs stay 16-bit, half the shared-memory bytes per non-zero (the walk waits on L1/TEX, which
-// serves shared memory too; H100, bert-base MaskBERT site, 64 segments: 104 us against 195 us
-// staged as float). Each thread owns output rows o and walks their CSR non-zeros kUnroll at a time:
-// the index loads, then the value (or shared-weight) gathers, are issued together so the walk is
-// not one dependent load chain per non-zero. Every non-zero updates TM tokens from one contiguous
-// shared-memory row. Each (token, o) has one owner, so there are no atomics. Items sharing a
-// segment must not be given (see ops.py).
+// Unit = (item, TM-token tile). The tile's x rows are staged transposed ([K][TM]) in shared
+// memory in x's own dtype: 16-bit inputs stay 16-bit, half the shared-memory bytes per
+// non-zero (the walk waits on L1/TEX, which serves shared memory too; H100, bert-base MaskBERT
+// site, 64 segments: 104 us against 195 us staged as float). Each thread owns output rows
+// o and walks their CSR non-zeros kUnroll at a time: the index loads, then the value (or
+// shared-weight) gathers, are issued together so the walk is not one dependent load chain per
+// non-zero. Every non-zero updates TM tokens from one contiguous shared-memory row. Each
+// (token, o) has one owner, so there are no atomics. Items sharing a segment must not be
+// given (see ops.py).
 #include <torch/library.h>
 
 #include "common.cuh"
@@ -53,26 +51,17 @@ __global__ void __launch_bounds__(kThreads)
   T* xs = reinterpret_cast<T*>(smem);  // [k_dim][TM]
   int* prefix = reinterpret_cast<int*>(smem + static_cast<int64_t>(k_dim) * TM * sizeof(T));
   __shared__ int scratch[32];
-  const int tiles = build_unit_prefix(
+  const int total = build_unit_prefix(
       prefix, n_items,
       [&](int i) {
         const int s = item_seg[i];
         return (seg_indptr[s + 1] - seg_indptr[s] + TM - 1) / TM;
       },
       scratch);
-  // Output-row blocks per tile: enough for every block of the grid to get a unit, each a
-  // multiple of kThreads rows (one row per thread and pass).
-  const int want = tiles > 0 ? (static_cast<int>(gridDim.x) + tiles - 1) / tiles : 1;
-  const int split = min((n_out + kThreads - 1) / kThreads, max(1, want));
-  const int per_part = ((n_out + split - 1) / split + kThreads - 1) / kThreads * kThreads;
-  const int parts = (n_out + per_part - 1) / per_part;  // <= split
-  const int total = tiles * parts;
   for (int u = blockIdx.x; u < total; u += gridDim.x) {
-    const int tile = u / parts, part = u % parts;
-    const int i = upper_slot(prefix, n_items, tile);
+    const int i = upper_slot(prefix, n_items, u);
     const int s = item_seg[i];
-    const int64_t row0 = seg_indptr[s] + static_cast<int64_t>(tile - prefix[i]) * TM;
-    const int o_end = min(n_out, (part + 1) * per_part);
+    const int64_t row0 = seg_indptr[s] + static_cast<int64_t>(u - prefix[i]) * TM;
     const int len = min(TM, static_cast<int>(seg_indptr[s + 1] - row0));
     __syncthreads();  // previous unit's tile fully consumed
     for (int e = threadIdx.x; e < TM * k_dim; e += kThreads) {
@@ -81,7 +70,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
     const int64_t* rp = rowptr + rowptr_off[i];
-    for (int o = part * per_part + static_cast<int>(threadIdx.x); o < o_end; o += kThreads) {
+    for (int o = threadIdx.x; o < n_out; o += kThreads) {
       float acc[TM];
 #pragma unroll
       for (int m = 0; m < TM; ++m) acc[m] = 0.f;
@@ -121,8 +110,7 @@ void launch_seg_spmm(const GroupedArgs& a, double alpha, cudaStream_t stream) {
   const int n_items = static_cast<int>(a.num_items);
   const size_t smem = k_dim * TM * sizeof(T) + (n_items + 1) * sizeof(int);
   auto kernel = seg_spmm_kernel<T, TM>;
-  const int grid = grouped_grid(kernel, kThreads, smem,
-                                (ceil_div(n_tok, TM) + n_items) * ceil_div(n_out, kThreads));
+  const int grid = grouped_grid(kernel, kThreads, smem, ceil_div(n_tok, TM) + n_items);
   kernel<<<grid, kThreads, smem, stream>>>(
       a.y.data_ptr<T>(), a.x.data_ptr<T>(), a.seg_indptr.data_ptr<int>(),
       a.item_seg.data_ptr<int>(), a.item_w_off.data_ptr<int64_t>(), a.rowptr.data_ptr<int64_t>(),
