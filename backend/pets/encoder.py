@@ -100,7 +100,7 @@ def _check_row_order(batch: Batch, own: np.ndarray) -> None:
         f"the batch's shared GEMM rows ({batch.shared_rows} of {batch.num_tokens} tokens) do "
         f"not stop where its tasks that compute their linear layers in full begin "
         f"({int(own.sum())} of {len(own)} segments, from token {start}); build it with "
-        "build_batch(..., owns_linear=registry.slots.owns_linear)"
+        "SharedEncoder.batch, or build_batch(..., owns_linear=registry.slots.owns_linear)"
     )
 
 
@@ -178,7 +178,7 @@ class SharedEncoder:
         rows = reg.slots.segments(batch.seg_task_cpu)
         pet_codes = rows.pet
         active: list[tuple[PetMethod, Any]] = []
-        _check_row_order(batch, rows.own.numpy())
+        _check_row_order(batch, reg.slots.owns_linear(batch.seg_task_cpu.numpy()))
         to_device = self.ctx.to_device
         self.ctx.upload = upload  # PetContext.to_device stages through it while planning
         try:

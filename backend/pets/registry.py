@@ -58,7 +58,6 @@ class SegmentRows:
     bias: torch.Tensor  # int32 row of the bias slot group
     ln: torch.Tensor  # int32 row of the LayerNorm slot group
     scale: torch.Tensor  # int32 row of the IA3 scale slot group (0: the backbone's ones)
-    own: torch.Tensor  # bool: the task computes its linear layers in full (skips shared GEMMs)
 
 
 class SlotTable:
@@ -88,11 +87,7 @@ class SlotTable:
     def segments(self, seg_task: torch.Tensor) -> SegmentRows:
         """The rows of the tasks ``seg_task`` (host int64 ``[S]``)."""
         return SegmentRows(
-            self._pet[seg_task],
-            self._bias[seg_task],
-            self._ln[seg_task],
-            self._scale[seg_task],
-            self._own[seg_task],
+            self._pet[seg_task], self._bias[seg_task], self._ln[seg_task], self._scale[seg_task]
         )
 
     def owns_linear(self, slots: np.ndarray) -> np.ndarray:
