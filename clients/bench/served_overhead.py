@@ -269,14 +269,14 @@ def check_engine_source(log: Path) -> None:
 CAPTURE = re.compile(r"CUDA graphs: captured a forward in ([0-9.]+) ms")
 
 
-def captures_since(log: Path, offset: int) -> tuple[int, float, int]:
-    """CUDA-graph captures the server logged after byte ``offset`` of ``log``: their count,
-    their total ms, and the log's new end."""
+def captures_since(log: Path, offset: int) -> tuple[int, float]:
+    """CUDA-graph captures the server logged after byte ``offset`` of ``log``: their count
+    and their total ms."""
     with log.open("rb") as f:
         f.seek(offset)
         text = f.read().decode(errors="replace")
     ms = [float(v) for v in CAPTURE.findall(text)]
-    return len(ms), round(sum(ms), 1), offset + len(text.encode())
+    return len(ms), round(sum(ms), 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                 before = scrape(metrics_url, "pets")
                 log_at = run.path("tritonserver.log").stat().st_size
                 got["pets"] = perf(args, env, url, "pets", data, c, tmp)
-                n_cap, cap_ms, _ = captures_since(run.path("tritonserver.log"), log_at)
+                n_cap, cap_ms = captures_since(run.path("tritonserver.log"), log_at)
                 time.sleep(1.5)  # the per-task series are pushed once a second
                 try:
                     split = breakdown(before, scrape(metrics_url, "pets"))
