@@ -158,7 +158,7 @@ class Engine:
             config.scheduler,
             self.cost_source,
             f"on (up to {config.graph_cache}, captured on a shape's second batch, "
-            "capturing at most 5% of wall time)"
+            f"capturing at most {self.graphs.budget.share:.0%} of wall time)"
             if self.graphs is not None
             else "off",
         )
@@ -201,9 +201,13 @@ class Engine:
         self._state: Hashable = ()
         self.tokenizer = load_tokenizer(checkpoint, self.max_seq_len)
         self.limits = Limits(
-            self.max_seq_len, self.spec.vocab, config.max_text_bytes, config.max_rows,
-            config.max_request_text_bytes, self.spec.type_vocab,
-        )  # fmt: skip
+            max_len=self.max_seq_len,
+            vocab=self.spec.vocab,
+            max_text_bytes=config.max_text_bytes,
+            max_rows=config.max_rows,
+            max_request_text_bytes=config.max_request_text_bytes,
+            type_vocab=self.spec.type_vocab,
+        )
         self.scheduler, self.cost_source = self._make_scheduler(config, model_dir)
         return checkpoint
 
