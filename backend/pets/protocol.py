@@ -215,8 +215,8 @@ class _Texts:
 
 
 def _rows_of(tasks: list[str], seqs: list[np.ndarray], types: list[np.ndarray] | None) -> list[Row]:
-    """One :class:`Row` per sequence; a single task applies to every row."""
-    _check_task_rows(tasks, len(seqs))
+    """One :class:`Row` per sequence; a single task applies to every row (the counts were
+    checked by :func:`_check_task_rows`)."""
     if len(tasks) == 1:
         tasks = tasks * len(seqs)
     if types is None:
@@ -319,6 +319,7 @@ def _decode(req: Mapping[str, np.ndarray], has_tokenizer: bool, lim: Limits) -> 
         seqs = list(arr.astype(np.int64, copy=False))
         if "TOKEN_TYPE_IDS" in req:
             types = list(_token_types(req["TOKEN_TYPE_IDS"], arr.shape, ids_name, lim.type_vocab))
+        _check_task_rows(tasks, len(seqs))
     return _rows_of(tasks, seqs, types)
 
 
