@@ -88,8 +88,8 @@ class TritonPythonModel:
         self.device = torch.device(f"cuda:{{args['model_instance_device_id']}}" if gpu else "cpu")
         if not gpu:
             torch.set_num_threads(1)
-        cfg = BertConfig(**hf_config(load_backbone({backbone!r}).spec), num_labels=2)
-        cfg._attn_implementation = "sdpa"
+        spec = load_backbone({backbone!r}).spec
+        cfg = BertConfig(**hf_config(spec), num_labels=2, attn_implementation="sdpa")
         dtype = torch.float16 if gpu else torch.float32
         self.model = BertForSequenceClassification(cfg).to(self.device, dtype).eval()
 
