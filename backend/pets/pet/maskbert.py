@@ -132,16 +132,14 @@ class MaskBert(PetMethod):
         as_bitmap = self._use_bitmap(dropped)
         self.is_bitmap[slot] = as_bitmap
         if as_bitmap:  # the kept weights of every module (an unmasked one keeps all)
-            kept = {}
-            for i in range(spec.layers):
-                for module in MODULES:
-                    d = dropped.get((i, module))
-                    kept[(i, module)] = (
-                        ~d
-                        if d is not None
-                        else torch.ones(module_shape(spec, module), dtype=torch.bool,
-                                        device=self.ctx.device)
-                    )  # fmt: skip
+            dev = self.ctx.device
+            kept = {
+                (i, m): ~dropped[(i, m)]
+                if (i, m) in dropped
+                else torch.ones(module_shape(spec, m), dtype=torch.bool, device=dev)
+                for i in range(spec.layers)
+                for m in MODULES
+            }
             self.bitmaps.add(slot, loaded, kept)
             loaded.owns_linear = True
         else:
