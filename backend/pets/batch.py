@@ -41,14 +41,10 @@ class Batch:
     seq_segment_cpu: torch.Tensor  # [B] int64, host: segment of each sequence
     cu_seqlens_cpu: torch.Tensor  # [B + 1] int64, host
     order: np.ndarray  # [B] int64: caller index of each batch row
+    shared_rows: int  # the first tokens, which take the shared GEMMs (all but the tail's)
     valid_lens: torch.Tensor | None = None  # [B] int64, device: set on the padded path only
     valid_lens_cpu: torch.Tensor | None = None  # [B] int64, host: the same
     token_types: torch.Tensor | None = None  # [T] int64, device: None = all type 0
-    shared_rows: int = -1  # tokens that take the shared GEMMs (the first ones); -1: all
-
-    def __post_init__(self) -> None:
-        if self.shared_rows < 0:
-            self.shared_rows = self.num_tokens
 
     @property
     def num_tokens(self) -> int:
@@ -181,8 +177,8 @@ def build_batch(
         seq_segment_cpu=torch.from_numpy(seq_segment.astype(np.int64)),
         cu_seqlens_cpu=torch.from_numpy(cu),
         order=order,
+        shared_rows=int(cu[-1]) if own is None else int(cu[int(np.count_nonzero(~own))]),
         valid_lens=upload(torch.from_numpy(valid)) if pad_to else None,
         valid_lens_cpu=torch.from_numpy(valid) if pad_to else None,
         token_types=token_types,
-        shared_rows=int(cu[-1]) if own is None else int(cu[int(np.count_nonzero(~own))]),
     )
