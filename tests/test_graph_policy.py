@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from pets.graphs import CaptureBudget, GraphCache
+from pets.graphs import CaptureBudget, GraphCache, length_bucket
 
 
 class FakeClock:
@@ -146,3 +146,23 @@ def test_state_change_drops_graphs() -> None:
     assert cache.graphs
     cache.run("k", ("pools", 2), _forward(0.0), lambda: "k")  # captured again under the new state
     assert cache.captures == 2 and cache.replays == 0
+
+
+def test_length_buckets_give_nearby_lengths_one_shape() -> None:
+    # powers of two and 1.5x them from 16: under a third of a bucket is padding above 16
+    assert [length_bucket([n], 512) for n in (1, 5, 17, 20, 25, 33, 100, 129, 300)] == [
+        16, 16, 24, 24, 32, 48, 128, 192, 384,
+    ]  # fmt: skip
+    for n in range(17, 513):
+        b = length_bucket([n], 512)
+        assert b == 0 or (n < b <= 512 and (b - n) * 3 < b), (n, b)
+    assert length_bucket([17, 3, 24], 512) == 24  # the longest decides the bucket
+    assert length_bucket([24, 24], 512) == 0  # a batch already in shape is not padded
+
+
+def test_length_buckets_stop_at_the_longest_accepted_and_at_large_batches() -> None:
+    assert length_bucket([300], 320) == 320  # 384 would exceed MAX_SEQ_LEN
+    assert length_bucket([100] * 8, 512) == 128  # 1024 tokens: still small
+    assert length_bucket([100] * 9, 512) == 0  # 1152 > 1024: the packed layout wins
+    assert length_bucket([100] * 9, 512, max_tokens=2048) == 128
+    assert length_bucket([], 512) == 0

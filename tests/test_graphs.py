@@ -151,3 +151,32 @@ def test_pools_moving_drops_graphs(store: Path, tmp_path: Path, weights: Any) ->
     finally:
         graphed.close()
         eager.close()
+
+
+def test_nearby_lengths_replay_one_graph(store: Path, engines: Any) -> None:
+    """Single requests of 17-23 tokens all pad to the 24-token bucket: one capture, replays
+    from then on, each equal to eager on the same padded layout and close to the packed one."""
+    _, eager = engines
+    graphed = _engine(store, 1)  # a fresh capture budget: earlier tests may have spent it
+    rng = np.random.default_rng(5)
+    try:
+        for name in ("t_lora", "emb_lora", "t_maskbert"):
+            before = graphed.graphs.summary()
+            for n in (17, 20, 23, 18, 21, 19):
+                ids = rng.integers(1000, 2000, size=(1, n), dtype=np.int64)
+                req = [{"TASK": np.array([[name.encode()]], dtype=object), "INPUT_IDS": ids}]
+                (got,) = graphed.execute(req)
+                eager.length_buckets = True  # the same padded layout, run eagerly
+                try:
+                    (same,) = eager.execute(req)
+                finally:
+                    eager.length_buckets = False
+                (packed,) = eager.execute(req)
+                _same([got], [same])
+                _close(got, packed)
+            after = graphed.graphs.summary()
+            print(name, after)
+            assert after["captures"] - before["captures"] == 1, (name, before, after)
+            assert after["replays"] - before["replays"] == 4, (name, before, after)
+    finally:
+        graphed.close()

@@ -3,11 +3,19 @@ the CUDA-graph captures the server logs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from clients.bench.served_overhead import HF_MODEL, ROOT, captures_since, check_engine_source
+from clients.bench.served_overhead import (
+    HF_MODEL,
+    ROOT,
+    captures_since,
+    check_engine_source,
+    make_data,
+    parse_point,
+)
 
 LINE = 'I1207 model.py:253] "pets: instance pets_0_0 ready on cpu, engine from {}, parameters {{}}"'
 
@@ -48,3 +56,17 @@ def test_hf_model_source_is_python() -> None:
     source = HF_MODEL.format(backbone="bert-tiny")
     compile(source, "model.py", "exec")
     assert "load_backbone('bert-tiny')" in source
+
+
+def test_points_take_a_fixed_length_or_a_range(tmp_path: Path) -> None:
+    assert parse_point("1x128") == (1, "128")
+    assert parse_point("8x16-128") == (8, "16-128")
+    for bad in ("1x", "x64", "1x64-", "1x9-3", "0x64", "1x0", "1y64"):
+        with pytest.raises(SystemExit, match="--points entry"):
+            parse_point(bad)
+    make_data(tmp_path / "d.json", ["a", "b"], "16-24", 64)
+    data = json.loads((tmp_path / "d.json").read_text())["data"]
+    sizes = [d["INPUT_IDS"]["shape"][0] for d in data]
+    assert min(sizes) >= 16 and max(sizes) <= 24 and len(set(sizes)) > 4
+    assert all(len(d["INPUT_IDS"]["content"]) == d["INPUT_IDS"]["shape"][0] for d in data)
+    assert [d["TASK"][0] for d in data[:3]] == ["a", "b", "a"]

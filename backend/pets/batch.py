@@ -77,6 +77,24 @@ def flat_token_types(
     )
 
 
+def pad_rows(real: np.ndarray, valid: np.ndarray, pad_to: int) -> np.ndarray:
+    """Sequences stored back to back, each padded with 0 to ``pad_to``.
+
+    Args:
+        real: ``[sum(valid)]`` the sequences' values, one after another.
+        valid: ``[B]`` int64 their lengths (each <= ``pad_to``).
+        pad_to: the padded length.
+
+    Returns:
+        ``[B * pad_to]`` of ``real``'s dtype: sequence ``b`` at ``b * pad_to``.
+    """
+    starts = np.cumsum(valid) - valid  # of each sequence in `real`
+    dest = np.repeat(np.arange(len(valid)) * pad_to - starts, valid) + np.arange(real.shape[0])
+    flat = np.zeros(len(valid) * pad_to, dtype=real.dtype)
+    flat[dest] = real
+    return flat
+
+
 def build_batch(
     ids: Sequence[np.ndarray],
     task_slots: Sequence[int] | np.ndarray,
@@ -127,13 +145,7 @@ def build_batch(
         else np.zeros(0, dtype=np.int64)
     )
     if pad_to:
-        lengths = np.full_like(valid, pad_to)
-        starts = np.cumsum(valid) - valid  # of each sequence in `real`
-        dest = np.repeat(np.arange(len(order)) * pad_to - starts, valid) + np.arange(
-            real.shape[0]
-        )  # row * pad_to + position in the sequence
-        flat = np.zeros(len(order) * pad_to, dtype=np.int64)
-        flat[dest] = real
+        lengths, flat = np.full_like(valid, pad_to), pad_rows(real, valid, pad_to)
     else:
         lengths, flat = valid, real
     cu = np.zeros(len(order) + 1, dtype=np.int64)
@@ -159,11 +171,7 @@ def build_batch(
     token_types = None
     if types is not None and has_token_types(types):
         real_t = flat_token_types(ids, types, order)
-        if pad_to:
-            flat_t = np.zeros_like(flat)
-            flat_t[dest] = real_t
-        else:
-            flat_t = real_t
+        flat_t = pad_rows(real_t, valid, pad_to) if pad_to else real_t
         token_types = upload(torch.from_numpy(flat_t))  # staged second
     return Batch(
         input_ids=input_ids,

@@ -21,10 +21,10 @@ import torch
 
 from . import kernels
 from .backbone import load_backbone, resolve_checkpoint
-from .batch import flat_token_types, has_token_types
+from .batch import flat_token_types, has_token_types, pad_rows
 from .encoder import Prepared, SharedEncoder
 from .errors import ConfigError, RequestError, clip
-from .graphs import GraphCache, graph_key, restage, state_key
+from .graphs import GraphCache, graph_key, length_bucket, restage, state_key
 from .heads import HeadTable
 from .metrics import EngineStats
 from .pet import PetContext
@@ -196,6 +196,8 @@ class Engine:
             if device.type == "cuda" and config.cuda_graphs and not config.shadow_streams
             else None
         )
+        # small batches padded to a length bucket, so one graph serves nearby lengths
+        self.length_buckets = self.graphs is not None
         self._templates: OrderedDict[tuple[Any, ...], _Template] = OrderedDict()
         self._state_version: tuple[int, int] | None = None
         self._state: Hashable = ()
@@ -382,9 +384,11 @@ class Engine:
                 idx = [live[k] for k in sb.indices]
                 try:
                     sb_types = None if types is None else [types[i] for i in idx]
-                    prepared = self._prepare([ids[i] for i in idx],
+                    sb_ids = [ids[i] for i in idx]
+                    pad = sb.padded_length or self._bucket(sb_ids)
+                    prepared = self._prepare(sb_ids,
                                              [entries[i].slot for i in idx],  # type: ignore[union-attr]
-                                             sb.padded_length, sb_types)  # fmt: skip
+                                             pad, sb_types)  # fmt: skip
                     values_np = self._compute(prepared).cpu().numpy()
                     hp = prepared.head
                     width = hp.width.numpy()
@@ -403,6 +407,13 @@ class Engine:
                     for i in idx:
                         out[i] = RequestError(f"internal error in the engine: {exc}", "INTERNAL")
         return out  # type: ignore[return-value]
+
+    def _bucket(self, ids: Sequence[np.ndarray]) -> int:
+        """The length a packed batch is padded to so that it replays a CUDA graph
+        (:func:`pets.graphs.length_bucket`), or 0: small batches with graphs on only."""
+        if not self.length_buckets:
+            return 0
+        return length_bucket([len(x) for x in ids], self.max_seq_len)
 
     def _unknown(self, name: str) -> RequestError:
         reason = self.registry.rejected.get(name)
@@ -446,16 +457,22 @@ class Engine:
             tuple(slots),
             tuple(len(x) for x in ids),
             types is not None,
+            pad_to,
         )
-        reuse = stager.enabled and not pad_to  # the CPU stages nothing: nothing to reuse
+        reuse = stager.enabled  # the CPU stages nothing: nothing to reuse
         tpl = self._templates.get(sig) if reuse else None
         if tpl is not None:
             self._templates.move_to_end(sig)
             order = tpl.prepared.batch.order
             flat = np.concatenate([np.asarray(ids[i], dtype=np.int64) for i in order])
+            types_flat = None if types is None else flat_token_types(ids, types, order)
+            if pad_to:  # the same lengths as the template's, so the same pads
+                valid = np.fromiter((len(ids[i]) for i in order), np.int64, len(order))
+                flat = pad_rows(flat, valid, pad_to)
+                types_flat = None if types_flat is None else pad_rows(types_flat, valid, pad_to)
             new = {0: torch.from_numpy(flat)}  # input_ids: staged first (build_batch)
-            if types is not None:  # token types: staged second
-                new[1] = torch.from_numpy(flat_token_types(ids, types, order))
+            if types_flat is not None:  # token types: staged second
+                new[1] = torch.from_numpy(types_flat)
             stager.restore(tpl.stage, new)
             stager.flush()
             for view, src in tpl.copies:

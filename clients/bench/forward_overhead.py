@@ -82,6 +82,48 @@ def _replay_ms(engine: Engine, iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
+def _ranged(
+    row: dict[str, Any],
+    engines: list[Engine],
+    names: list[str],
+    rng: np.random.Generator,
+) -> None:
+    """A ``B x LO-HI`` point: every batch draws new lengths (as live traffic does), so no two
+    batches are alike; 400 batches, the first 100 a warm-up. Wall time per batch for eager,
+    for graphs with small batches padded to length buckets (the engine's default), and for
+    graphs without the buckets (exact shapes only), plus each one's graph counts."""
+    b, (lo, hi) = row["batch"], (int(v) for v in row["seq_len"].split("-"))
+    batches = [
+        (
+            [rng.integers(1000, 30000, size=int(n)) for n in rng.integers(lo, hi + 1, b)],
+            [names[int(i)] for i in rng.integers(len(names), size=b)],
+        )
+        for _ in range(400)
+    ]
+    runs = [("eager", engines[0], False)]
+    if len(engines) > 1:
+        runs += [("graphs", engines[1], True), ("graphs_exact", engines[1], False)]
+    for label, eng, buckets in runs:
+        eng.length_buckets = buckets
+        if eng.graphs is not None:
+            eng.graphs.clear()
+            eng.graphs.captures = eng.graphs.replays = eng.graphs.eager = 0
+        for ids, tasks in batches[:100]:
+            eng.run(ids, tasks)
+        t0 = time.perf_counter()
+        for ids, tasks in batches[100:]:
+            eng.run(ids, tasks)
+        row[f"wall_ms_{label}"] = round((time.perf_counter() - t0) * 1e3 / 300, 3)
+        if eng.graphs is not None:
+            got = eng.graphs.summary()
+            row[f"{label}_captures"], row[f"{label}_replays"] = got["captures"], got["replays"]
+    if len(engines) > 1:
+        engines[1].length_buckets = True
+        ids, tasks = batches[-1]
+        pairs = zip(engines[1].run(ids, tasks), engines[0].run(ids, tasks), strict=True)
+        row["max_abs_diff"] = float(max(np.abs(g - e).max() for g, e in pairs))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backbone", default="bert-base")
@@ -89,7 +131,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--tasks", type=int, default=64)
     ap.add_argument("--mixes", default=",".join(MIXES))
-    ap.add_argument("--shapes", default="1x128,8x64,64x64,256x64")
+    ap.add_argument(
+        "--shapes",
+        default="1x128,8x64,64x64,256x64",
+        help="BxL points; BxLO-HI draws every batch's lengths anew (e.g. 1x16-128)",
+    )
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--commit", default="", help="recorded when git is not available")
     ap.add_argument(
@@ -110,10 +156,17 @@ def main() -> None:
         engines = [eager] if graphed is None else [eager, graphed]
         names = _register(engines, weights, mix, args.tasks)
         for shape in args.shapes.split(","):
-            b, length = (int(v) for v in shape.split("x"))
-            ids = [rng.integers(1000, 30000, size=length) for _ in range(b)]
+            b_text, _, length = shape.partition("x")
+            b = int(b_text)
+            if "-" in length:  # lengths drawn anew for every batch
+                ranged: dict[str, Any] = {"mix": mix, "batch": b, "seq_len": length}
+                _ranged(ranged, engines, names, rng)
+                print(json.dumps(ranged), flush=True)
+                rows.append(ranged)
+                continue
+            ids = [rng.integers(1000, 30000, size=int(length)) for _ in range(b)]
             tasks = [names[i % len(names)] for i in range(b)]
-            row: dict[str, Any] = {"mix": mix, "batch": b, "seq_len": length}
+            row: dict[str, Any] = {"mix": mix, "batch": b, "seq_len": int(length)}
             for label, eng in zip(("eager", "graphs"), engines, strict=False):
 
                 def call(e: Engine = eng, i: list[Any] = ids, t: list[str] = tasks) -> Any:

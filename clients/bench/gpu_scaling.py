@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         env = {**env, "PETS_TRITON_BACKENDS": str(backends)}
         names = make_store(tmp / "store", args.backbone, args.tasks)
         data = tmp / "data.json"
-        make_data(data, names, args.length, 512)
+        make_data(data, names, str(args.length), 512)
         src = tmp / "src"
         shutil.copytree(ROOT / "model_repository" / "pets", src / "pets")  # pets alone
         for label, placement, units in setups:

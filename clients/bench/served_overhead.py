@@ -198,14 +198,32 @@ def make_repo(args: argparse.Namespace, root: Path) -> tuple[Path, list[str]]:
     return repo, names
 
 
-def make_data(path: Path, names: list[str], length: int, entries: int) -> None:
+def parse_point(text: str) -> tuple[int, str]:
+    """``CxL`` (every request ``L`` tokens) or ``CxLO-HI`` (lengths uniform in [LO, HI]) ->
+    (concurrency, length spec)."""
+    c, sep, length = text.partition("x")
+    lo, dash, hi = length.partition("-")
+    if not (sep and c.isdigit() and lo.isdigit() and (hi.isdigit() if dash else not hi)):
+        raise SystemExit(
+            f"--points entry {text!r}: expected CxL or CxLO-HI, e.g. 1x128 or 1x16-128"
+        )
+    if int(c) < 1 or int(lo) < 1 or (hi and int(hi) < int(lo)):
+        raise SystemExit(f"--points entry {text!r}: need C >= 1 and 1 <= LO <= HI")
+    return int(c), length
+
+
+def make_data(path: Path, names: list[str], length: str, entries: int) -> None:
+    """perf_analyzer input data: ``entries`` requests cycling over ``names``, each of
+    ``length`` tokens (``"64"``) or of a length drawn uniformly from ``"LO-HI"``."""
     rng = np.random.default_rng(0)
+    lo, _, hi = length.partition("-")
+    sizes = rng.integers(int(lo), int(hi or lo) + 1, entries)
     data = [
         {
             "TASK": [names[i % len(names)]],
-            "INPUT_IDS": {"content": rng.integers(1000, 2000, length).tolist(), "shape": [length]},
+            "INPUT_IDS": {"content": rng.integers(1000, 2000, n).tolist(), "shape": [int(n)]},
         }
-        for i in range(entries)
+        for i, n in enumerate(sizes)
     ]
     path.write_text(json.dumps({"data": data}))
 
@@ -289,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--points",
         default="32x16",
-        help="comma-separated CONCURRENCYxLENGTH points (tokens per request), e.g. 1x128,256x64",
+        help="comma-separated CONCURRENCYxLENGTH points (tokens per request), e.g. 1x128,256x64; "
+        "a length LO-HI draws each request's length uniformly (1x16-128)",
     )
     ap.add_argument("--metrics", type=int, default=1, help="the pets model's METRICS")
     ap.add_argument(
@@ -313,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pets-served-") as td:
         tmp = Path(td)
         repo, names = make_repo(args, tmp)
-        points = [tuple(int(v) for v in p.split("x")) for p in args.points.split(",")]
+        points = [parse_point(p) for p in args.points.split(",")]
         for length in {n for _, n in points}:
             make_data(tmp / f"data{length}.json", names, length, 256)
         shutil.copy2(ROOT / "backend" / "model.py", Path(env["PETS_TRITON_BACKENDS"]) / "pets")
@@ -336,7 +355,11 @@ def main(argv: list[str] | None = None) -> int:
                 except SystemExit as exc:  # no executes counted: report the rates alone
                     print(f"no breakdown at concurrency {c}: {exc}", file=sys.stderr)
                     split = {"requests_per_execute": float("nan"), "stub_ms": float("nan")}
-                row: dict[str, Any] = {"concurrency": c, "length": length, "metrics": args.metrics}
+                row: dict[str, Any] = {
+                    "concurrency": c,
+                    "length": int(length) if length.isdigit() else length,
+                    "metrics": args.metrics,
+                }
                 for m, vals in got.items():
                     row.update({f"{m}_{k}": round(v, 3) for k, v in vals.items()})
                 # Where a pets execute's time goes (Triton's execute vs the engine's forward).
