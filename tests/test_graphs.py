@@ -33,6 +33,7 @@ def _engine(store: Path, graphs: int) -> Engine:
         device="cuda",
     )  # fmt: skip
     assert not eng.load_errors, eng.load_errors
+    eng.length_buckets = True  # eager engines too: graph and eager runs share one layout
     return eng
 
 
@@ -145,9 +146,14 @@ def test_pools_moving_drops_graphs(store: Path, tmp_path: Path, weights: Any) ->
         graphed.maybe_refresh(force=True)
         eager.maybe_refresh(force=True)
         assert graphed._state_key() != state, "the pools did not move; grow more tasks"
+        before = graphed.graphs.summary()
         for seed in range(3):
             reqs = _requests([*names, "grow7", "grow31"], seed)
             _same(graphed.execute(reqs), eager.execute(reqs))
+        after = graphed.graphs.summary()  # graphs are captured again after the move
+        assert after["captures"] == before["captures"] + 1, (before, after)
+        assert after["replays"] == before["replays"] + 1, (before, after)
+        assert not graphed.graphs.failed
     finally:
         graphed.close()
         eager.close()
@@ -166,12 +172,12 @@ def test_nearby_lengths_replay_one_graph(store: Path, engines: Any) -> None:
                 ids = rng.integers(1000, 2000, size=(1, n), dtype=np.int64)
                 req = [{"TASK": np.array([[name.encode()]], dtype=object), "INPUT_IDS": ids}]
                 (got,) = graphed.execute(req)
-                eager.length_buckets = True  # the same padded layout, run eagerly
+                (same,) = eager.execute(req)  # the same padded layout, run eagerly
+                eager.length_buckets = False
                 try:
-                    (same,) = eager.execute(req)
+                    (packed,) = eager.execute(req)
                 finally:
-                    eager.length_buckets = False
-                (packed,) = eager.execute(req)
+                    eager.length_buckets = True
                 _same([got], [same])
                 _close(got, packed)
             after = graphed.graphs.summary()

@@ -264,9 +264,16 @@ class GraphCache:
         self.capture_ms = 0.0  # wall time spent capturing, in all
 
     def clear(self) -> None:
-        """Drop every graph (their memory goes back to the pool's allocator)."""
+        """Drop every graph; the next capture starts a new memory pool.
+
+        A pool whose graphs are all gone cannot take another capture (PyTorch's caching
+        allocator asserts ``use_count > 0`` when a capture joins a pool no live graph holds),
+        so reusing the old handle made every capture after a pool move fail and its shape
+        run eagerly for good. The old pool's memory is freed once its last block is.
+        """
         self.graphs.clear()
         self.seen.clear()
+        self._pool = None
 
     def run(
         self,
