@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from fake_graphs import FakeCache, FakeClock  # tests/ is on pythonpath
 
 from pets.engine import Engine
 from pets.staging import Stager
@@ -156,3 +157,52 @@ def test_length_bucketed_reuse_restages_padded_token_types(bucketed: Any, engine
         for g, w in zip(got, want, strict=True):
             assert isinstance(g, np.ndarray), g
             np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+
+
+def test_warm_up_captures_one_request_shapes_that_requests_then_replay(
+    task_store: Path, engine: Any
+) -> None:
+    """The start-up warm-up on a CPU stand-in of the graph path (staged buffer, faked
+    graphs that re-run the captured forward): one capture per task kind and length bucket;
+    a later request of a warmed length is replayed, never captured, and its answer is the
+    plain engine's (so the replay reads only what the new request staged)."""
+    eng = Engine.from_parameters({"TASK_STORE": str(task_store), "REFRESH_MS": "0"})
+    try:
+        eng.stager = Stager(torch.device("cpu"), capacity=1 << 12, enabled=True)
+        eng.graphs = FakeCache(FakeClock())
+        eng.length_buckets = True
+        kinds = {(e.manifest.pet_type, e.manifest.head.kind) for e in eng.registry.tasks.values()}
+        got = eng.warm_graphs(48)  # buckets 16, 24, 32, 48
+        assert got["captures"] == len(kinds) * 4 and got["replays"] == 0, got
+        reps: dict[tuple[str, str], str] = {}  # the warmed task of each kind
+        for name in sorted(eng.registry.tasks):
+            m = eng.registry.tasks[name].manifest
+            reps.setdefault((m.pet_type, m.head.kind), name)
+        rng = np.random.default_rng(3)
+        for n in (20, 9, 40):  # buckets 24, 16, 48
+            for name in sorted(eng.registry.tasks):
+                req = {
+                    "TASK": np.array([[name.encode()]], dtype=object),
+                    "INPUT_IDS": rng.integers(1000, 2000, size=(1, n), dtype=np.int64),
+                }
+                replays = eng.graphs.replays
+                (got_out,), (want,) = eng.execute([req]), engine.execute([req])
+                assert isinstance(got_out, np.ndarray), got_out
+                np.testing.assert_allclose(got_out, want, atol=1e-5, rtol=0)
+                if name in reps.values():
+                    assert eng.graphs.replays == replays + 1, (name, n)
+        # other tasks of a kind replay its graphs when their plans agree (a LoRA task of
+        # another rank does not); a one-off shape is never captured
+        after = eng.graphs.summary()
+        assert after["captures"] == got["captures"], (got, after)
+        assert after["replays"] >= 3 * len(reps), after
+    finally:
+        eng.close()
+
+
+def test_warm_up_is_off_without_graphs_and_refuses_a_negative_length() -> None:
+    from pets.engine import EngineConfig
+    from pets.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^GRAPH_WARMUP=-1; expected 0 \(off\)"):
+        EngineConfig.from_parameters({"GRAPH_WARMUP": "-1"})

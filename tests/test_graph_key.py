@@ -38,3 +38,15 @@ def test_containers_and_dtypes_walk_unknown_objects_refuse() -> None:
     key = graph_key((layout, {"qkv": [1, 2.5, None]}), STAGED)
     assert key is not None and "torch.float16" in key
     assert graph_key((object(),), STAGED) is None  # cannot say what it bakes in: no graph
+
+
+def test_staged_views_give_their_place_not_their_values() -> None:
+    """The staged buffer is rewritten before every replay: a view of it is keyed by where
+    it sits (offset, shape, stride), so new contents in the same place share the key."""
+    view = STAGED[2:5]
+    a = graph_key(Plan(16, view, torch.zeros(1)), STAGED)
+    STAGED[2:5] = torch.tensor([7.0, 8.0, 9.0])
+    assert a is not None and a == graph_key(Plan(16, view, torch.zeros(1)), STAGED)
+    assert a != graph_key(Plan(16, STAGED[3:6], torch.zeros(1)), STAGED)
+    assert a != graph_key(Plan(16, view.clone(), torch.zeros(1)), STAGED)  # host: values
+    STAGED.zero_()

@@ -26,10 +26,11 @@ pytestmark = [
 BACKBONE = "bert-base-6l"  # random weights: the GPU host has no checkpoint to read
 
 
-def _engine(store: Path, graphs: int) -> Engine:
+def _engine(store: Path, graphs: int, warmup: int = 0) -> Engine:
+    """Warm-up off unless asked: these tests count the captures their own batches cause."""
     eng = Engine.from_parameters(
         {"BACKBONE": BACKBONE, "TASK_STORE": str(store), "REFRESH_MS": "0",
-         "CUDA_GRAPHS": str(graphs)},
+         "CUDA_GRAPHS": str(graphs), "GRAPH_WARMUP": str(warmup)},
         device="cuda",
     )  # fmt: skip
     assert not eng.load_errors, eng.load_errors
@@ -184,5 +185,25 @@ def test_nearby_lengths_replay_one_graph(store: Path, engines: Any) -> None:
             print(name, after)
             assert after["captures"] - before["captures"] == 1, (name, before, after)
             assert after["replays"] - before["replays"] == 4, (name, before, after)
+    finally:
+        graphed.close()
+
+
+def test_warm_up_captures_at_start_and_requests_replay(store: Path, engines: Any) -> None:
+    _, eager = engines
+    graphed = _engine(store, 1, warmup=48)  # buckets 16, 24, 32, 48
+    try:
+        kinds = {(e.manifest.pet_type, e.manifest.head.kind)
+                 for e in graphed.registry.tasks.values()}  # fmt: skip
+        warm = graphed.graphs.summary()
+        print(warm)
+        assert warm["captures"] == 4 * len(kinds) and warm["replays"] == 0, warm
+        rng = np.random.default_rng(9)
+        for n in (20, 40):
+            ids = rng.integers(1000, 2000, size=(1, n), dtype=np.int64)
+            req = [{"TASK": np.array([[b"t_lora"]], dtype=object), "INPUT_IDS": ids}]
+            _same(graphed.execute(req), eager.execute(req))
+        after = graphed.graphs.summary()
+        assert after["replays"] == 2 and after["captures"] == warm["captures"], after
     finally:
         graphed.close()

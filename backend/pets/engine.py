@@ -24,7 +24,14 @@ from .backbone import load_backbone, resolve_checkpoint
 from .batch import flat_token_types, has_token_types, pad_rows
 from .encoder import Prepared, SharedEncoder
 from .errors import ConfigError, RequestError, clip
-from .graphs import GraphCache, graph_key, length_bucket, restage, state_key
+from .graphs import (
+    GraphCache,
+    bucket_lengths,
+    graph_key,
+    length_bucket,
+    restage,
+    state_key,
+)
 from .heads import HeadTable
 from .metrics import EngineStats
 from .pet import PetContext
@@ -69,6 +76,7 @@ class EngineConfig:
     max_request_text_bytes: int = 1 << 20  # TEXT bytes of one request, all rows together
     cuda_graphs: int = 1  # 1: replay captured forwards on CUDA (pets/graphs.py); 0: eager
     graph_cache: int = 64  # most CUDA graphs held per instance (least recently used go)
+    graph_warmup: int = 128  # capture one-request forwards up to this length at start (0: off)
 
     @staticmethod
     def from_parameters(params: Mapping[str, str]) -> EngineConfig:
@@ -98,6 +106,11 @@ class EngineConfig:
             raise ConfigError(f"MAX_REQUEST_TEXT_BYTES={cfg.max_request_text_bytes}; must be >= 1")
         if cfg.max_batch_tokens < 1:
             raise ConfigError(f"MAX_BATCH_TOKENS={cfg.max_batch_tokens}; must be >= 1")
+        if cfg.graph_warmup < 0:
+            raise ConfigError(
+                f"GRAPH_WARMUP={cfg.graph_warmup}; expected 0 (off) or the longest request "
+                "length, in tokens, whose graphs are captured at start-up"
+            )
         return cfg
 
 
@@ -133,6 +146,7 @@ class Engine:
         self.load_errors = self.registry.load_store(self.store)
         self._generation = self._store_generation()
         self.stats = EngineStats()  # bulk per-execute counts; backend/model.py exports them
+        self.warm_graphs(config.graph_warmup)
         self._refresh_lock = threading.Lock()  # one refresh / re-check at a time
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
@@ -407,6 +421,53 @@ class Engine:
                     for i in idx:
                         out[i] = RequestError(f"internal error in the engine: {exc}", "INTERNAL")
         return out  # type: ignore[return-value]
+
+    def warm_graphs(self, max_len: int) -> dict[str, float]:
+        """Capture at start-up the forwards of single requests, so that no user waits on it.
+
+        For one task of each (PET type, head kind) loaded, runs one request of each length
+        bucket up to ``max_len`` tokens, padded as a shorter request would be
+        (:func:`pets.graphs.length_bucket`), often enough to capture it, outside the
+        capture budget. Tasks of the same type and head kind share these graphs when their
+        plans' host scalars agree (e.g. the same LoRA rank and modules); other shapes are
+        captured on their second batch as before. A failure is logged and leaves the
+        instance serving eagerly for that shape. Returns the graph counts (empty when
+        graphs are off).
+        """
+        graphs = self.graphs
+        if graphs is None or max_len <= 0 or not self.length_buckets:
+            return {}
+        reps: dict[tuple[str, str], str] = {}
+        for name in sorted(self.registry.tasks):
+            m = self.registry.tasks[name].manifest
+            reps.setdefault((m.pet_type, m.head.kind), name)
+        lengths = bucket_lengths(min(max_len, self.max_seq_len))
+        # a request one token short of its bucket takes the padded layout (an exact fit does not)
+        shapes = [n - 1 for n in lengths if n > 1 and length_bucket([n - 1], self.max_seq_len) == n]
+        limit = max(0, graphs.max_graphs - graphs.max_graphs // 4)  # room for mixed batches
+        work = [(name, n) for name in reps.values() for n in shapes][:limit]
+        t0 = time.perf_counter()
+        before = graphs.captures
+        token = min(1000, self.spec.vocab - 1)
+        try:
+            with graphs.unbudgeted():
+                for name, n in work:
+                    ids = [np.full(n, token, dtype=np.int64)]
+                    for _ in range(graphs.min_sightings):
+                        self.run(ids, [name])
+        except Exception:  # a warm-up must never keep the instance from serving
+            log.exception("CUDA graph warm-up failed; shapes are captured as batches arrive")
+        got = graphs.summary()
+        log.info(
+            "CUDA graphs: warmed %d one-request shapes (%d task kinds x lengths up to %d) in "
+            "%.1f s, %d captured",
+            len(work),
+            len(reps),
+            lengths[-1] if lengths else 0,
+            time.perf_counter() - t0,
+            graphs.captures - before,
+        )
+        return got
 
     def _bucket(self, ids: Sequence[np.ndarray]) -> int:
         """The length a packed batch is padded to so that it replays a CUDA graph

@@ -27,7 +27,8 @@ import dataclasses
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -60,10 +61,10 @@ def graph_key(obj: Any, staged: torch.Tensor) -> Hashable | None:
         elif isinstance(o, torch.dtype):
             out.append(str(o))
         elif isinstance(o, torch.Tensor):
-            if o.device.type == "cpu":
-                out.append((str(o.dtype), tuple(o.shape), o.numpy().tobytes()))
-            elif o.untyped_storage().data_ptr() == base:
+            if o.untyped_storage().data_ptr() == base:  # staged (first: a CPU stand-in too)
                 out.append((str(o.dtype), tuple(o.shape), o.storage_offset(), o.stride()))
+            elif o.device.type == "cpu":
+                out.append((str(o.dtype), tuple(o.shape), o.numpy().tobytes()))
             else:
                 return False
         elif dataclasses.is_dataclass(o) and not isinstance(o, type):
@@ -172,6 +173,14 @@ def length_bucket(
     return bucket
 
 
+def bucket_lengths(max_len: int) -> list[int]:
+    """Every length bucket of :func:`length_bucket` up to ``max_len`` (the last one capped)."""
+    out: list[int] = []
+    while not out or out[-1] < max_len:
+        out.append(min(_ladder(out[-1] + 1 if out else 1), max_len))
+    return out
+
+
 def state_key(tensors: list[torch.Tensor]) -> tuple[int, ...]:
     """Addresses of the persistent tensors a forward reads (pools, tables, weights)."""
     return tuple(t.data_ptr() for t in tensors)
@@ -274,6 +283,16 @@ class GraphCache:
         self.graphs.clear()
         self.seen.clear()
         self._pool = None
+
+    @contextmanager
+    def unbudgeted(self) -> Iterator[None]:
+        """Capture without the :class:`CaptureBudget` (start-up warm-up: no request waits)."""
+        budget = self.budget
+        self.budget = CaptureBudget(share=1.0, burst_ms=float("inf"), clock=budget.clock)
+        try:
+            yield
+        finally:
+            self.budget = budget
 
     def run(
         self,
