@@ -11,7 +11,7 @@ import pytest
 import torch
 from fake_graphs import FakeCache, FakeClock  # tests/ is on pythonpath
 
-from pets.graphs import CaptureBudget, length_bucket
+from pets.graphs import CaptureBudget, bucket_lengths, length_bucket
 
 
 def _cache(clock: FakeClock, share: float = 0.05, burst_ms: float = 40.0, **kw: Any) -> FakeCache:
@@ -112,19 +112,19 @@ def test_state_change_drops_graphs() -> None:
 
 def test_length_buckets_give_nearby_lengths_one_shape() -> None:
     # powers of two and 1.5x them from 16: under a third of a bucket is padding above 16
-    assert [length_bucket([n], 512) for n in (1, 5, 17, 20, 25, 33, 100, 129, 300)] == [
+    assert [length_bucket(n, 512) for n in (1, 5, 17, 20, 25, 33, 100, 129, 300)] == [
         16, 16, 24, 24, 32, 48, 128, 192, 384,
     ]  # fmt: skip
     for n in range(17, 513):
-        b = length_bucket([n], 512)
+        b = length_bucket(n, 512)
         assert b == 0 or (n < b <= 512 and (b - n) * 3 < b), (n, b)
-    assert length_bucket([17, 3, 24], 512) == 24  # the longest decides the bucket
-    assert length_bucket([24, 24], 512) == 0  # a batch already in shape is not padded
+    assert length_bucket(24, 512) == 0  # a sequence already in shape is not padded
+    assert length_bucket(300, 320) == 320  # 384 would exceed MAX_SEQ_LEN
 
 
-def test_length_buckets_stop_at_the_longest_accepted_and_at_large_batches() -> None:
-    assert length_bucket([300], 320) == 320  # 384 would exceed MAX_SEQ_LEN
-    assert length_bucket([100] * 8, 512) == 128  # 1024 tokens: still small
-    assert length_bucket([100] * 9, 512) == 0  # 1152 > 1024: the packed layout wins
-    assert length_bucket([100] * 9, 512, max_tokens=2048) == 128
-    assert length_bucket([], 512) == 0
+def test_bucket_lengths_list_every_padded_shape() -> None:
+    assert bucket_lengths(128) == [16, 24, 32, 48, 64, 96, 128]
+    assert bucket_lengths(100) == [16, 24, 32, 48, 64, 96, 100]
+    assert bucket_lengths(10) == [10]
+    for m in (10, 100, 128, 300, 512):  # every length lands in a listed bucket
+        assert sorted({length_bucket(n, m) or n for n in range(1, m + 1)}) == bucket_lengths(m)

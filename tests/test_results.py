@@ -83,6 +83,18 @@ def test_files_and_finish(tmp_path: Path) -> None:
     ]
 
 
+def test_csv_columns_are_every_rows_keys(tmp_path: Path) -> None:
+    """A later row may bring columns the first lacks (forward_overhead's ranged points):
+    they are kept, not refused."""
+    run = results.start_run("fwd", tmp_path, argv=["fwd"], when=WHEN)
+    run.write_csv("f.csv", [{"mix": "a", "gpu_ms": 1.0}, {"mix": "b", "wall_ms_exact": 2.0}])
+    assert (run.dir / "f.csv").read_text().splitlines() == [
+        "mix,gpu_ms,wall_ms_exact",
+        "a,1.0,",
+        "b,,2.0",
+    ]
+
+
 def test_context_manager_records_failure(tmp_path: Path) -> None:
     with pytest.raises(KeyError), results.start_run("x", tmp_path, argv=["x"], when=WHEN) as run:
         raise KeyError("boom")

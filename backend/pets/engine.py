@@ -210,7 +210,7 @@ class Engine:
             if device.type == "cuda" and config.cuda_graphs and not config.shadow_streams
             else None
         )
-        # small batches padded to a length bucket, so one graph serves nearby lengths
+        # one-sequence batches padded to a length bucket: one graph serves nearby lengths
         self.length_buckets = self.graphs is not None
         self._templates: OrderedDict[tuple[Any, ...], _Template] = OrderedDict()
         self._state_version: tuple[int, int] | None = None
@@ -443,7 +443,7 @@ class Engine:
             reps.setdefault((m.pet_type, m.head.kind), name)
         lengths = bucket_lengths(min(max_len, self.max_seq_len))
         # a request one token short of its bucket takes the padded layout (an exact fit does not)
-        shapes = [n - 1 for n in lengths if n > 1 and length_bucket([n - 1], self.max_seq_len) == n]
+        shapes = [n - 1 for n in lengths if n > 1 and length_bucket(n - 1, self.max_seq_len) == n]
         limit = max(0, graphs.max_graphs - graphs.max_graphs // 4)  # room for mixed batches
         work = [(name, n) for name in reps.values() for n in shapes][:limit]
         t0 = time.perf_counter()
@@ -470,11 +470,11 @@ class Engine:
         return got
 
     def _bucket(self, ids: Sequence[np.ndarray]) -> int:
-        """The length a packed batch is padded to so that it replays a CUDA graph
-        (:func:`pets.graphs.length_bucket`), or 0: small batches with graphs on only."""
-        if not self.length_buckets:
+        """The length a one-sequence batch is padded to so that it replays a CUDA graph
+        (:func:`pets.graphs.length_bucket`), or 0 (graphs off, or several sequences)."""
+        if not self.length_buckets or len(ids) != 1:
             return 0
-        return length_bucket([len(x) for x in ids], self.max_seq_len)
+        return length_bucket(len(ids[0]), self.max_seq_len)
 
     def _unknown(self, name: str) -> RequestError:
         reason = self.registry.rejected.get(name)

@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -129,13 +129,6 @@ def restage(obj: Any, stager: Stager, copies: list[tuple[torch.Tensor, torch.Ten
     return obj
 
 
-SMALL_BATCH_TOKENS = 1024
-"""Most tokens a batch may have after :func:`length_bucket` pads it. Below this a bert-base
-forward on an H200 is bound by launching its kernels (0.9 ms of GPU time at 8 x 64 tokens
-against 2.3 ms eager), so the pads cost less than the launches a replay saves; above it the
-GPU time grows with the tokens and the packed layout wins."""
-
-
 def _ladder(n: int) -> int:
     """The smallest of 16, 24, 32, 48, 64, 96, ... (powers of two and 1.5x them) >= ``n``:
     above 16 tokens, less than a third of a bucket is padding."""
@@ -145,32 +138,27 @@ def _ladder(n: int) -> int:
     return b
 
 
-def length_bucket(
-    lengths: Sequence[int], max_len: int, max_tokens: int = SMALL_BATCH_TOKENS
-) -> int:
-    """The length to pad a small batch's sequences to so that it replays a graph, or 0.
+def length_bucket(length: int, max_len: int) -> int:
+    """The length to pad a one-sequence batch to so that it replays a graph, or 0.
 
-    A captured forward is keyed by its shapes, so a batch of a 17-token request and one of a
-    20-token request would each need their own graph and a one-off length would always run
-    eagerly. Padding every sequence to a bucket of the longest (16, 24, 32, 48, 64, ...,
-    capped at ``max_len``) gives such batches one shape. The padded layout masks the pads
-    out of attention and pooling (:func:`pets.batch.build_batch`), so outputs do not change.
+    A captured forward is keyed by its shapes, so a request of 17 tokens and one of 20
+    would each need their own graph, and a one-off length would always run eagerly. Padding
+    the sequence to a bucket (16, 24, 32, 48, 64, ..., capped at ``max_len``) gives such
+    requests one shape; the padded layout masks the pads out of attention and pooling
+    (:func:`pets.batch.build_batch`), so outputs do not change. Batches of several sequences
+    are left packed: their keys also depend on which tasks meet in them, so they seldom
+    repeat, and padding them lost on an H100 (docs/decisions.md).
 
     Args:
-        lengths: ``[B]`` token counts of the batch's sequences (each <= ``max_len``).
+        length: the sequence's tokens (<= ``max_len``).
         max_len: the longest sequence the engine accepts.
-        max_tokens: pad only if ``B * bucket`` stays within this.
 
     Returns:
-        the bucket length; 0 when every sequence has it already (the packed layout is that
-        shape) or when the padded batch would exceed ``max_tokens``.
+        the bucket length, or 0 when the sequence already has it (the packed layout is
+        that shape).
     """
-    if not len(lengths):
-        return 0
-    bucket = min(_ladder(max(lengths)), max_len)
-    if all(n == bucket for n in lengths) or len(lengths) * bucket > max_tokens:
-        return 0
-    return bucket
+    bucket = min(_ladder(length), max_len)
+    return 0 if length == bucket else bucket
 
 
 def bucket_lengths(max_len: int) -> list[int]:
