@@ -190,12 +190,14 @@ class Run:
     def write_csv(
         self, filename: str, rows: Sequence[Mapping[str, Any]], fields: Sequence[str] | None = None
     ) -> Path:
-        """Rows as CSV; columns ``fields`` or the first row's keys."""
+        """Rows as CSV; columns ``fields`` or every key of the rows, in order of first
+        appearance (a row without a column leaves it empty)."""
         if fields is None and not rows:
             raise ValueError(f"no rows for {filename} and no fields: give fields= for the header")
         p = self.path(filename)
+        columns = list(fields) if fields else list(dict.fromkeys(k for r in rows for k in r))
         with p.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(fields or rows[0]))
+            w = csv.DictWriter(fh, fieldnames=columns)
             w.writeheader()
             w.writerows(rows)
         return p
