@@ -4,6 +4,8 @@ path (the CPU normally stages nothing); here a CPU buffer plays the device buffe
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,23 @@ def _requests(tasks: list[str], seed: int) -> list[dict[str, np.ndarray]]:
     ]
 
 
+@contextmanager
+def _counting_prepare(eng: Engine) -> Iterator[dict[str, int]]:
+    """Counts the engine's planning calls (``encoder.prepare``) while the block runs."""
+    calls = {"prepare": 0}
+    prepare = eng.encoder.prepare
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls["prepare"] += 1
+        return prepare(*args, **kwargs)
+
+    eng.encoder.prepare = counting  # type: ignore[method-assign]
+    try:
+        yield calls
+    finally:
+        eng.encoder.prepare = prepare  # type: ignore[method-assign]
+
+
 @pytest.fixture(scope="module")
 def staged(task_store: Path) -> Any:
     eng = Engine.from_parameters({"TASK_STORE": str(task_store), "REFRESH_MS": "0"})
@@ -37,16 +56,8 @@ def staged(task_store: Path) -> Any:
 
 def test_staged_and_reused_batches_equal_the_plain_engine(staged: Any, engine: Any) -> None:
     names = sorted(engine.registry.tasks)
-    calls = {"prepare": 0}
-    prepare = staged.encoder.prepare
-
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        calls["prepare"] += 1
-        return prepare(*args, **kwargs)
-
-    staged.encoder.prepare = counting
     layouts = [names] + [[n, n] for n in names[:3]]  # a mixed batch, single-task batches
-    try:
+    with _counting_prepare(staged) as calls:
         for layout in layouts:
             for seed in range(3):  # the same tasks and lengths, new token ids each time
                 before = calls["prepare"]
@@ -59,8 +70,6 @@ def test_staged_and_reused_batches_equal_the_plain_engine(staged: Any, engine: A
                     assert calls["prepare"] == before, (layout, seed)
                 else:
                     assert calls["prepare"] > before
-    finally:
-        staged.encoder.prepare = prepare
     assert staged.stager.epoch > 1  # the tiny stage grew, and the batches still agreed
 
 
@@ -121,15 +130,7 @@ def test_length_bucketed_requests_equal_the_plain_engine(bucketed: Any, engine: 
     """A request of 5-8 tokens pads to 16 (one shape, so one graph on a GPU); the pads change
     no output, and a repeat of the same task and length reuses the padded plans. Batches of
     several sequences stay packed."""
-    calls = {"prepare": 0}
-    prepare = bucketed.encoder.prepare
-
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        calls["prepare"] += 1
-        return prepare(*args, **kwargs)
-
-    bucketed.encoder.prepare = counting
-    try:
+    with _counting_prepare(bucketed) as calls:
         for name in sorted(engine.registry.tasks):
             for seed in range(3):
                 before = calls["prepare"]
@@ -138,8 +139,6 @@ def test_length_bucketed_requests_equal_the_plain_engine(bucketed: Any, engine: 
                 assert isinstance(got[0], np.ndarray), got
                 np.testing.assert_allclose(got[0], want[0], atol=1e-5, rtol=0)
                 assert (calls["prepare"] == before) == (seed > 0), (name, seed)
-    finally:
-        bucketed.encoder.prepare = prepare
     slot = bucketed.registry.tasks[sorted(engine.registry.tasks)[0]].slot
     one = [np.arange(1000, 1007)]
     batch = bucketed._prepare(one, [slot], bucketed._bucket(one)).batch
