@@ -1,10 +1,11 @@
 """Host overhead of the engine's forward: wall time vs GPU time, CUDA graphs on and off.
 
 For each task mix (backbone-only ``none`` tasks, 64 LoRA tasks, 64 tasks of every PET type)
-and each batch shape ``B x L``, times :meth:`pets.engine.Engine.run` (staging, forward,
-outputs back on the host) in two engines over the same tasks in one process: CUDA graphs off
-(eager launches) and on (replayed). GPU time is the replay of the captured forward alone,
-timed with CUDA events, so ``wall / gpu`` is what the host adds. Writes
+and each batch shape ``B x L`` (or ``B x LO-HI``: lengths drawn anew for every batch), times
+:meth:`pets.engine.Engine.run` (staging, forward, outputs back on the host) in two engines
+over the same tasks in one process: CUDA graphs off (eager launches) and on (replayed). GPU
+time is the replay of the captured forward alone, timed with CUDA events, so ``wall / gpu``
+is what the host adds. Writes
 ``forward_overhead.csv`` into a dated run folder (clients/bench/results.py).
 
     python -m clients.bench.forward_overhead --backbone bert-base
@@ -90,8 +91,8 @@ def _ranged(
 ) -> None:
     """A ``B x LO-HI`` point: every batch draws new lengths (as live traffic does), so no two
     batches are alike; 400 batches, the first 100 a warm-up. Wall time per batch for eager,
-    for graphs with small batches padded to length buckets (the engine's default), and for
-    graphs without the buckets (exact shapes only), plus each one's graph counts."""
+    for graphs with one-sequence batches padded to length buckets (the engine's default),
+    and for graphs without the buckets (exact shapes only), plus each one's graph counts."""
     b, (lo, hi) = row["batch"], (int(v) for v in row["seq_len"].split("-"))
     batches = [
         (
