@@ -199,6 +199,30 @@ def test_warm_up_captures_one_request_shapes_that_requests_then_replay(
         eng.close()
 
 
+def test_warm_up_leaves_a_quarter_of_the_cache_and_warms_short_requests_first(
+    task_store: Path,
+) -> None:
+    eng = Engine.from_parameters({"TASK_STORE": str(task_store), "REFRESH_MS": "0"})
+    try:
+        eng.stager = Stager(torch.device("cpu"), capacity=1 << 12, enabled=True)
+        eng.graphs = FakeCache(FakeClock(), max_graphs=8)
+        eng.length_buckets = True
+        kinds = {(e.manifest.pet_type, e.manifest.head.kind) for e in eng.registry.tasks.values()}
+        assert len(kinds) > 3  # so 6 graphs cannot cover two buckets of every kind
+        ran: list[int] = []
+        run = eng.run
+
+        def recording(ids: Any, tasks: Any, types: Any = None) -> Any:
+            ran.append(len(ids[0]))
+            return run(ids, tasks, types)
+
+        eng.run = recording  # type: ignore[method-assign]
+        assert eng.warm_graphs(128)["captures"] == 6
+        assert set(ran) == {15}, ran  # the 16-token bucket first, for as many kinds as fit
+    finally:
+        eng.close()
+
+
 def test_warm_up_is_off_without_graphs_and_refuses_a_negative_length() -> None:
     from pets.engine import EngineConfig
     from pets.errors import ConfigError

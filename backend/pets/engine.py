@@ -445,7 +445,7 @@ class Engine:
         # a request one token short of its bucket takes the padded layout (an exact fit does not)
         shapes = [n - 1 for n in lengths if n > 1 and length_bucket(n - 1, self.max_seq_len) == n]
         limit = max(0, graphs.max_graphs - graphs.max_graphs // 4)  # room for mixed batches
-        work = [(name, n) for name in reps.values() for n in shapes][:limit]
+        work = [(name, n) for n in shapes for name in reps.values()][:limit]  # short ones first
         t0 = time.perf_counter()
         before = graphs.captures
         token = min(1000, self.spec.vocab - 1)
