@@ -572,9 +572,8 @@ class Engine:
         b = prepared.batch
 
         def key() -> Hashable | None:
-            return graph_key(
+            rest = graph_key(
                 (
-                    self.stager.layout,
                     b.max_seqlen,
                     b.shared_rows,
                     (
@@ -591,6 +590,9 @@ class Engine:
                 ),
                 self.stager.device_buffer,
             )
+            # the staged (dtype, shape) sequence is hashable as it is: walking it cost more
+            # than the rest of the key
+            return None if rest is None else (tuple(self.stager.layout), rest)
 
         if prepared.graph_key is None:  # computed once per prepared batch (reused batches too)
             prepared.graph_key = (key(),)

@@ -24,6 +24,7 @@ the memory held is about the largest forward's activations plus the outputs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -44,6 +45,15 @@ device half never reads (host tables a type keeps for building more arrays while
 so it is left out of the graph key. A field read by kernels must never carry it."""
 
 
+_SCALARS = frozenset({bool, int, float, str, type(None)})
+
+
+@functools.cache
+def _keyed_fields(cls: type) -> tuple[str, ...]:
+    """The fields of dataclass ``cls`` that a graph key covers (all but :data:`HOST_ONLY`)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if not f.metadata.get(HOST_ONLY))
+
+
 def graph_key(obj: Any, staged: torch.Tensor) -> Hashable | None:
     """A hashable key of everything in ``obj`` that a captured forward bakes in.
 
@@ -52,33 +62,44 @@ def graph_key(obj: Any, staged: torch.Tensor) -> Hashable | None:
     (the stager's buffer) and contribute their offset, dtype and shape. Returns None when
     some device tensor is not staged: such a forward cannot be replayed safely.
     """
-    base = staged.untyped_storage().data_ptr()
+    storage = staged.untyped_storage()
+    lo = storage.data_ptr()
+    hi = lo + storage.nbytes()
     out: list[Hashable] = []
+    add = out.append
 
     def walk(o: Any) -> bool:
-        if o is None or isinstance(o, (bool, int, float, str)):
-            out.append(o)
-        elif isinstance(o, torch.dtype):
-            out.append(str(o))
+        cls = type(o)
+        if cls in _SCALARS:
+            add(o)
         elif isinstance(o, torch.Tensor):
-            if o.untyped_storage().data_ptr() == base:  # staged (first: a CPU stand-in too)
-                out.append((str(o.dtype), tuple(o.shape), o.storage_offset(), o.stride()))
+            if lo <= o.data_ptr() < hi:  # a view of the staged buffer (a CPU stand-in too)
+                add((str(o.dtype), tuple(o.shape), o.storage_offset(), o.stride()))
             elif o.device.type == "cpu":
-                out.append((str(o.dtype), tuple(o.shape), o.numpy().tobytes()))
+                add((str(o.dtype), tuple(o.shape), o.numpy().tobytes()))
             else:
                 return False
-        elif dataclasses.is_dataclass(o) and not isinstance(o, type):
-            out.append(type(o).__name__)
-            fields = [f for f in dataclasses.fields(o) if not f.metadata.get(HOST_ONLY)]
-            return all(walk(getattr(o, f.name)) for f in fields)
-        elif isinstance(o, dict):
-            out.append(("dict", len(o)))
-            return all(walk(k) and walk(v) for k, v in o.items())
-        elif isinstance(o, (list, tuple)):
-            out.append(("seq", len(o)))
+        elif dataclasses.is_dataclass(cls):
+            add(cls.__name__)
+            return all(walk(getattr(o, name)) for name in _keyed_fields(cls))
+        elif cls is list or cls is tuple:
+            add(("seq", len(o)))
             return all(walk(v) for v in o)
+        elif cls is dict:
+            add(("dict", len(o)))
+            return all(walk(k) and walk(v) for k, v in o.items())
+        elif isinstance(o, (bool, int, float, str)):  # subclasses (an IntEnum)
+            add(o)
+        elif isinstance(o, torch.dtype):
+            add(str(o))
+        elif isinstance(o, (list, tuple)):
+            add(("seq", len(o)))
+            return all(walk(v) for v in o)
+        elif isinstance(o, dict):
+            add(("dict", len(o)))
+            return all(walk(k) and walk(v) for k, v in o.items())
         elif hasattr(o, "name") and hasattr(o, "code"):  # a PetMethod: its type is the key
-            out.append(("pet", o.name))
+            add(("pet", o.name))
         else:
             return False
         return True
