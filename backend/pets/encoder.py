@@ -365,18 +365,21 @@ class SharedEncoder:
             assert isinstance(out, torch.Tensor)  # no aux outputs requested
             return out.reshape(t, nh * hd)
         b, lmax = batch.num_seqs, batch.max_seqlen
-        if batch.valid_lens is None and b * lmax == t:  # every sequence as long: no padding
+        if b * lmax == t:  # every sequence as long (equal lengths, or the padded layout)
             qb, kb, vb = (u.view(b, lmax, nh, hd).transpose(1, 2) for u in (q, k, v))
-            o = F.scaled_dot_product_attention(qb, kb, vb)  # [B, nh, L, hd]
+            mask = None
+            if batch.valid_lens is not None:  # the pads are keys no query may attend to
+                cols = torch.arange(lmax, device=qkv.device)
+                mask = (cols[None, :] < batch.valid_lens[:, None])[:, None, None, :]
+            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)  # [B, nh, L, hd]
             return o.transpose(1, 2).reshape(t, nh * hd)
-        # Padded path (CPU; the padded layout): scatter into [B, L, ...], mask pad keys.
+        # Ragged packed batch without varlen attention (CPU): scatter into [B, L, ...].
         lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
-        valid = lengths if batch.valid_lens is None else batch.valid_lens
         seq = torch.repeat_interleave(torch.arange(b, device=qkv.device), lengths, output_size=t)
         pos = batch.positions
         padded = qkv.new_zeros(b, lmax, 3, nh, hd)
         padded[seq, pos] = qkv.view(t, 3, nh, hd)
         qp, kp, vp = (padded[:, :, i].transpose(1, 2) for i in range(3))  # [B, nh, L, hd]
-        keep = torch.arange(lmax, device=qkv.device)[None, :] < valid[:, None]  # [B, L]
+        keep = torch.arange(lmax, device=qkv.device)[None, :] < lengths[:, None]  # [B, L]
         o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=keep[:, None, None, :])
         return o.transpose(1, 2)[seq, pos].reshape(t, nh * hd)
