@@ -147,6 +147,53 @@ def test_length_bucketed_requests_equal_the_plain_engine(bucketed: Any, engine: 
     assert bucketed._bucket(two) == 0 and bucketed._bucket([np.arange(16)]) == 0
 
 
+def test_one_request_reuses_its_buckets_plans_at_any_length(
+    task_store: Path, backbone: Any
+) -> None:
+    """Requests of 17-23 tokens all pad to 24: after the first, their plans are reused and
+    only the ids and the valid length are staged anew; every answer equals the plain
+    engine's (mean pooling reads the valid length). A token-classification task, whose
+    output rows depend on the length, plans each new length."""
+    from pets.heads import HeadConfig
+    from pets.taskgen import random_task
+
+    plain = Engine.from_parameters({"TASK_STORE": str(task_store), "REFRESH_MS": "0"})
+    eng = Engine.from_parameters({"TASK_STORE": str(task_store), "REFRESH_MS": "0"})
+    try:
+        eng.stager = Stager(torch.device("cpu"), capacity=1 << 12, enabled=True)
+        eng.length_buckets = True
+        heads = {
+            "mean_lora": ("lora", HeadConfig("embedding", pooling="mean")),
+            "tok_bitfit": ("bitfit", HeadConfig("token_classification", num_labels=3)),
+        }
+        for seed, (name, (pet, head)) in enumerate(heads.items()):
+            m, t = random_task(backbone, name, pet, head, seed=40 + seed)
+            for e in (eng, plain):
+                e.registry.add(m, t)
+        rng = np.random.default_rng(21)
+        for name in [*sorted(task_store_names(task_store)), *heads]:
+            with _counting_prepare(eng) as calls:
+                for k, n in enumerate((17, 23, 20, 18)):
+                    req = {
+                        "TASK": np.array([[name.encode()]], dtype=object),
+                        "INPUT_IDS": rng.integers(1000, 2000, size=(1, n), dtype=np.int64),
+                    }
+                    (got,), (want,) = eng.execute([req]), plain.execute([req])
+                    assert isinstance(got, np.ndarray) and got.shape == want.shape, got
+                    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+                    if name == "tok_bitfit":
+                        assert calls["prepare"] == k + 1, (name, n)
+                    else:
+                        assert calls["prepare"] == 1, (name, n)
+    finally:
+        eng.close()
+        plain.close()
+
+
+def task_store_names(store: Path) -> list[str]:
+    return [p.name for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")]
+
+
 def test_length_bucketed_reuse_restages_padded_token_types(bucketed: Any, engine: Any) -> None:
     name = sorted(engine.registry.tasks)[0]
     rng = np.random.default_rng(11)

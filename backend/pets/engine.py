@@ -124,6 +124,15 @@ class _Template:
     prepared: Prepared
     stage: StageSnapshot
     copies: list[tuple[torch.Tensor, torch.Tensor]]  # (staged view, plan's device array)
+    valid_index: int | None = None  # the staged index of the padded layout's valid lengths
+
+
+def _staged_index(snap: StageSnapshot, host: torch.Tensor | None) -> int | None:
+    """Which array of ``snap`` was staged from ``host`` (the same memory), or None."""
+    if host is None:
+        return None
+    ptr = host.data_ptr()
+    return next((i for i, (_, t) in enumerate(snap.pending) if t.data_ptr() == ptr), None)
 
 
 class Engine:
@@ -507,31 +516,40 @@ class Engine:
         are staged and copied in one transfer.
 
         A batch of the same task slots and lengths as a recent one (the registry unchanged)
-        reuses that batch's plans: only its token ids (and token types) are staged anew.
+        reuses that batch's plans: only its token ids (and token types) are staged anew. A
+        padded one-sequence batch reuses the plans of any length in its bucket (its valid
+        length is staged anew too), unless its task has a token head, whose rows depend on
+        the length.
         """
         stager = self.stager
         if not has_token_types(types):
             types = None  # all type 0: the batch stages no token types (as build_batch)
-        sig = (
-            self.registry.version,
-            stager.epoch,
-            tuple(slots),
-            tuple(len(x) for x in ids),
-            types is not None,
-            pad_to,
-        )
+        head = (tuple(slots), types is not None, pad_to)
+        sig: tuple[Any, ...] = (
+            self.registry.version, stager.epoch, *head, tuple(len(x) for x in ids)
+        )  # fmt: skip
+        bucket_sig = (*sig[:-1], "any length") if pad_to and len(ids) == 1 else None
         reuse = stager.enabled  # the CPU stages nothing: nothing to reuse
-        tpl = self._templates.get(sig) if reuse else None
+        tpl, found = None, sig
+        for candidate in (bucket_sig, sig) if reuse else ():
+            if candidate is not None and (tpl := self._templates.get(candidate)) is not None:
+                found = candidate
+                break
         if tpl is not None:
-            self._templates.move_to_end(sig)
+            self._templates.move_to_end(found)
             order = tpl.prepared.batch.order
             flat = np.concatenate([np.asarray(ids[i], dtype=np.int64) for i in order])
             types_flat = None if types is None else flat_token_types(ids, types, order)
-            if pad_to:  # the same lengths as the template's, so the same pads
+            new = {}
+            if pad_to:
                 valid = np.fromiter((len(ids[i]) for i in order), np.int64, len(order))
                 flat = pad_rows(flat, valid, pad_to)
                 types_flat = None if types_flat is None else pad_rows(types_flat, valid, pad_to)
-            new = {0: torch.from_numpy(flat)}  # input_ids: staged first (build_batch)
+                lens = tpl.prepared.batch.valid_lens_cpu
+                if tpl.valid_index is not None and lens is not None:
+                    lens.copy_(torch.from_numpy(valid))  # the batch's host copy stays true
+                    new[tpl.valid_index] = lens
+            new[0] = torch.from_numpy(flat)  # input_ids: staged first (build_batch)
             if types_flat is not None:  # token types: staged second
                 new[1] = torch.from_numpy(types_flat)
             stager.restore(tpl.stage, new)
@@ -555,10 +573,14 @@ class Engine:
             for view, src in copies:
                 view.copy_(src)
             if reuse:
-                sig = (self.registry.version, stager.epoch, *sig[2:])  # the stage may have grown
-                if self._templates and next(iter(self._templates))[:2] != sig[:2]:
+                state = (self.registry.version, stager.epoch)  # the stage may have grown
+                if self._templates and next(iter(self._templates))[:2] != state:
                     self._templates.clear()  # tasks or the stage moved: every plan is stale
-                self._templates[sig] = _Template(prepared, snap, copies)
+                any_length = bucket_sig is not None and prepared.head.tok_seq is None
+                at = (*state, *head, "any length" if any_length else sig[-1])
+                self._templates[at] = _Template(
+                    prepared, snap, copies, _staged_index(snap, batch.valid_lens_cpu)
+                )
                 while len(self._templates) > _MAX_TEMPLATES:
                     self._templates.popitem(last=False)
             return prepared
