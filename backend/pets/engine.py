@@ -7,6 +7,7 @@ over :meth:`Engine.execute`.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import weakref
@@ -152,6 +153,7 @@ class Engine:
         checkpoint = self._assemble(config, model_dir, torch.device(device))
         store = Path(config.task_store)
         self.store = store if store.is_absolute() else model_dir / store
+        self._generation_file = str(self.store / ".generation")  # stat'ed on every execute
         self.load_errors = self.registry.load_store(self.store)
         self._generation = self._store_generation()
         self.stats = EngineStats()  # bulk per-execute counts; backend/model.py exports them
@@ -579,7 +581,10 @@ class Engine:
                 any_length = bucket_sig is not None and prepared.head.tok_seq is None
                 at = (*state, *head, "any length" if any_length else sig[-1])
                 self._templates[at] = _Template(
-                    prepared, snap, copies, _staged_index(snap, batch.valid_lens_cpu)
+                    prepared,
+                    stager.with_image(snap),
+                    copies,
+                    _staged_index(snap, batch.valid_lens_cpu),
                 )
                 while len(self._templates) > _MAX_TEMPLATES:
                     self._templates.popitem(last=False)
@@ -636,7 +641,7 @@ class Engine:
     # ------------------------------------------------------------------------------ tasks
     def _store_generation(self) -> int:
         try:
-            return (self.store / ".generation").stat().st_mtime_ns
+            return os.stat(self._generation_file).st_mtime_ns
         except FileNotFoundError:
             return 0
 
