@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pets.staging import Stager, StagingOverflow
+from pets.staging import IMAGE_MAX_BYTES, Stager, StagingOverflow
 
 
 def _stager(capacity: int = 256) -> Stager:
@@ -52,6 +52,33 @@ def test_restore_restages_new_values_at_the_old_views() -> None:
     assert ids.tolist() == [4, 5, 6] and rows.tolist() == [7, 8]
     with pytest.raises(ValueError, match="only takes new values"):
         st.restore(snap, {0: torch.tensor([1, 2])})
+
+
+def test_a_snapshot_with_its_image_restores_in_one_copy() -> None:
+    """The image holds the bytes the first flush wrote; restoring writes them back, then the
+    replaced arrays on top (an unreplaced array keeps its first values, even though another
+    batch overwrote the buffer in between)."""
+    st = _stager()
+    st.begin()
+    ids = st.put(torch.tensor([1, 2, 3]))
+    rows = st.put(torch.tensor([7, 8], dtype=torch.int32))
+    lens = st.put(torch.tensor([3]))
+    snap = st.snapshot()
+    st.flush()
+    snap = st.with_image(snap)
+    assert snap.image is not None and snap.image.shape[0] == snap.used
+    st.begin()
+    st.put(torch.full((40,), 9.0))  # another batch overwrites the buffer
+    st.flush()
+    st.restore(snap, {0: torch.tensor([4, 5, 6]), 2: torch.tensor([2])})
+    st.flush()
+    assert ids.tolist() == [4, 5, 6] and rows.tolist() == [7, 8] and lens.tolist() == [2]
+    big = _stager(capacity=1 << 20)
+    big.begin()
+    big.put(torch.zeros(IMAGE_MAX_BYTES // 4 + 1))
+    many = big.snapshot()
+    big.flush()
+    assert big.with_image(many).image is None  # a big stage keeps no image
 
 
 def test_overflow_is_reported_then_grown() -> None:

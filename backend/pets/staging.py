@@ -17,6 +17,7 @@ On the CPU, :meth:`Stager.put` returns the host tensor itself (no copy at all).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,7 @@ class Stager:
         self.layout: list[tuple[torch.dtype, tuple[int, ...]]] = []
         self._used = 0
         self._pending: list[tuple[int, torch.Tensor]] = []
+        self._image: np.ndarray | None = None  # a restored snapshot's bytes (flush writes)
         self._host = torch.empty(0, dtype=torch.uint8)
         self._host_np = self._host.numpy()
         self._dev = torch.empty(0, dtype=torch.uint8)
@@ -74,25 +76,38 @@ class Stager:
         self.layout = []
         self._used = 0
         self._pending = []
+        self._image = None
 
     def snapshot(self) -> StageSnapshot:
         """What was staged since :meth:`begin` (before :meth:`flush`), to stage it again."""
         return StageSnapshot(list(self.layout), self._used, list(self._pending))
+
+    def with_image(self, snap: StageSnapshot) -> StageSnapshot:
+        """``snap`` with a copy of the bytes its :meth:`flush` just wrote, when they are few
+        (:data:`IMAGE_MAX_BYTES`): restoring it then writes them back in one copy instead of
+        one per array. Call right after that flush."""
+        if not self.enabled or snap.used > IMAGE_MAX_BYTES:
+            return snap
+        return dataclasses.replace(snap, image=self._host_np[: snap.used].copy())
 
     def restore(self, snap: StageSnapshot, replace: dict[int, torch.Tensor]) -> None:
         """Stage ``snap`` again, its ``i``-th array's values replaced by ``replace[i]`` (same
         dtype and shape): the views handed out for ``snap`` stay valid."""
         self.layout = list(snap.layout)
         self._used = snap.used
-        self._pending = list(snap.pending)
+        self._image = snap.image
+        self._pending = [] if snap.image is not None else list(snap.pending)
         for i, t in replace.items():
-            start, old = self._pending[i]
+            start, old = snap.pending[i]
             if t.dtype != old.dtype or t.shape != old.shape:
                 raise ValueError(
                     f"restaged array {i} is {t.dtype} {tuple(t.shape)}, the snapshot's "
                     f"{old.dtype} {tuple(old.shape)}; a snapshot only takes new values"
                 )
-            self._pending[i] = (start, t.contiguous())
+            if snap.image is None:
+                self._pending[i] = (start, t.contiguous())
+            else:
+                self._pending.append((start, t.contiguous()))
 
     def put(self, t: torch.Tensor) -> torch.Tensor:
         """A device view holding ``t``'s values (valid after :meth:`flush`).
@@ -135,9 +150,12 @@ class Stager:
             return
         if self._used > self._dev.numel():
             raise StagingOverflow(self._used)
-        if not self._pending:
+        image, self._image = self._image, None
+        if not self._pending and image is None:
             return
         host = self._host_np
+        if image is not None:  # a restored snapshot's bytes, before its replaced arrays
+            host[: image.shape[0]] = image
         for start, t in self._pending:
             n = t.numel() * t.element_size()
             if t.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret as int16
@@ -161,6 +179,12 @@ class StageSnapshot:
     layout: list[tuple[torch.dtype, tuple[int, ...]]]
     used: int
     pending: list[tuple[int, torch.Tensor]]  # (offset, host tensor)
+    image: np.ndarray | None = None  # [used] uint8: the bytes flushed (Stager.with_image)
+
+
+IMAGE_MAX_BYTES = 64 << 10
+"""Largest stage whose bytes a snapshot keeps: below it the per-array copies cost more than
+the one copy of the whole image (a one-request batch stages about a dozen small arrays)."""
 
 
 class StagingOverflow(RuntimeError):
