@@ -276,3 +276,21 @@ def test_warm_up_is_off_without_graphs_and_refuses_a_negative_length() -> None:
 
     with pytest.raises(ConfigError, match=r"^GRAPH_WARMUP=-1; expected 0 \(off\)"):
         EngineConfig.from_parameters({"GRAPH_WARMUP": "-1"})
+
+
+def test_kept_plans_stay_within_their_byte_budget(
+    staged: Any, engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pets.engine as engine_module
+
+    names = sorted(engine.registry.tasks)
+    staged.execute(_requests(names[:1], 0))
+    one = next(reversed(staged._templates.values())).nbytes
+    monkeypatch.setattr(engine_module, "_MAX_TEMPLATE_BYTES", 3 * one)
+    for k, name in enumerate(names):  # one-task batches of similar size, each a new plan
+        got, want = staged.execute(_requests([name], k)), engine.execute(_requests([name], k))
+        np.testing.assert_allclose(got[0], want[0], atol=1e-5, rtol=0)
+    kept = list(staged._templates.values())
+    assert 1 <= len(kept) <= 4, len(kept)
+    assert staged._template_bytes == sum(t.nbytes for t in kept)
+    assert staged._template_bytes <= 3 * one * 1.5  # the newest may be a little bigger

@@ -115,7 +115,8 @@ class EngineConfig:
         return cfg
 
 
-_MAX_TEMPLATES = 256  # batch layouts whose plans are kept for reuse
+_MAX_TEMPLATES = 4096  # batch layouts whose plans are kept for reuse...
+_MAX_TEMPLATE_BYTES = 64 << 20  # ...and the staged bytes they may hold in all
 
 
 @dataclass
@@ -126,6 +127,12 @@ class _Template:
     stage: StageSnapshot
     copies: list[tuple[torch.Tensor, torch.Tensor]]  # (staged view, plan's device array)
     valid_index: int | None = None  # the staged index of the padded layout's valid lengths
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes it keeps: the staged arrays, and their image when it has one."""
+        image = self.stage.image
+        return self.stage.used + (0 if image is None else int(image.nbytes))
 
 
 def _staged_index(snap: StageSnapshot, host: torch.Tensor | None) -> int | None:
@@ -224,6 +231,7 @@ class Engine:
         # one-sequence batches padded to a length bucket: one graph serves nearby lengths
         self.length_buckets = self.graphs is not None
         self._templates: OrderedDict[tuple[Any, ...], _Template] = OrderedDict()
+        self._template_bytes = 0  # the kept templates' nbytes, in all
         self._state_version: tuple[int, int] | None = None
         self._state: Hashable = ()
         self.tokenizer = load_tokenizer(checkpoint, self.max_seq_len)
@@ -578,16 +586,24 @@ class Engine:
                 state = (self.registry.version, stager.epoch)  # the stage may have grown
                 if self._templates and next(iter(self._templates))[:2] != state:
                     self._templates.clear()  # tasks or the stage moved: every plan is stale
+                    self._template_bytes = 0
                 any_length = bucket_sig is not None and prepared.head.tok_seq is None
                 at = (*state, *head, "any length" if any_length else sig[-1])
-                self._templates[at] = _Template(
+                tpl = _Template(
                     prepared,
                     stager.with_image(snap),
                     copies,
                     _staged_index(snap, batch.valid_lens_cpu),
                 )
-                while len(self._templates) > _MAX_TEMPLATES:
-                    self._templates.popitem(last=False)
+                old = self._templates.pop(at, None)  # a plan replaced in place
+                self._templates[at] = tpl
+                self._template_bytes += tpl.nbytes - (old.nbytes if old is not None else 0)
+                while len(self._templates) > 1 and (
+                    len(self._templates) > _MAX_TEMPLATES
+                    or self._template_bytes > _MAX_TEMPLATE_BYTES
+                ):
+                    _, dropped = self._templates.popitem(last=False)
+                    self._template_bytes -= dropped.nbytes
             return prepared
         raise AssertionError("staging still overflows after growing; this is a bug")
 
