@@ -197,9 +197,9 @@ def task_store_names(store: Path) -> list[str]:
 def test_length_bucketed_reuse_restages_padded_token_types(bucketed: Any, engine: Any) -> None:
     name = sorted(engine.registry.tasks)[0]
     rng = np.random.default_rng(11)
-    for _ in range(3):  # the second and third reuse the plans and restage ids and types
-        ids = [rng.integers(1000, 2000, size=9)]
-        types = [np.r_[np.zeros(3, np.int64), np.ones(6, np.int64)]]
+    for n in (9, 12, 14):  # one bucket: the second and third reuse the plans and restage
+        ids = [rng.integers(1000, 2000, size=n)]  # ids, types and the valid length
+        types = [np.r_[np.zeros(3, np.int64), np.ones(n - 3, np.int64)]]
         (got,), (want,) = bucketed.run(ids, [name], types), engine.run(ids, [name], types)
         assert isinstance(got, np.ndarray), got
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

@@ -173,6 +173,9 @@ def build_batch(
         real_t = flat_token_types(ids, types, order)
         flat_t = pad_rows(real_t, valid, pad_to) if pad_to else real_t
         token_types = upload(torch.from_numpy(flat_t))  # staged second
+    # the padded layout's valid lengths next (the engine restages them for another length)
+    valid_cpu = torch.from_numpy(valid) if pad_to else None
+    valid_lens = upload(valid_cpu) if valid_cpu is not None else None
     return Batch(
         input_ids=input_ids,
         positions=upload(torch.from_numpy(positions)),
@@ -186,7 +189,7 @@ def build_batch(
         cu_seqlens_cpu=torch.from_numpy(cu),
         order=order,
         shared_rows=int(cu[-1]) if own is None else int(cu[int(np.count_nonzero(~own))]),
-        valid_lens=upload(torch.from_numpy(valid)) if pad_to else None,
-        valid_lens_cpu=torch.from_numpy(valid) if pad_to else None,
+        valid_lens=valid_lens,
+        valid_lens_cpu=valid_cpu,
         token_types=token_types,
     )

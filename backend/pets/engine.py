@@ -126,21 +126,12 @@ class _Template:
     prepared: Prepared
     stage: StageSnapshot
     copies: list[tuple[torch.Tensor, torch.Tensor]]  # (staged view, plan's device array)
-    valid_index: int | None = None  # the staged index of the padded layout's valid lengths
 
     @property
     def nbytes(self) -> int:
         """Host bytes it keeps: the staged arrays, and their image when it has one."""
         image = self.stage.image
         return self.stage.used + (0 if image is None else int(image.nbytes))
-
-
-def _staged_index(snap: StageSnapshot, host: torch.Tensor | None) -> int | None:
-    """Which array of ``snap`` was staged from ``host`` (the same memory), or None."""
-    if host is None:
-        return None
-    ptr = host.data_ptr()
-    return next((i for i, (_, t) in enumerate(snap.pending) if t.data_ptr() == ptr), None)
 
 
 class Engine:
@@ -534,31 +525,28 @@ class Engine:
         stager = self.stager
         if not has_token_types(types):
             types = None  # all type 0: the batch stages no token types (as build_batch)
-        head = (tuple(slots), types is not None, pad_to)
-        sig: tuple[Any, ...] = (
-            self.registry.version, stager.epoch, *head, tuple(len(x) for x in ids)
-        )  # fmt: skip
-        bucket_sig = (*sig[:-1], "any length") if pad_to and len(ids) == 1 else None
+        # A padded single request's plans do not depend on its length, unless its task has
+        # a token head (whose output rows follow the length).
+        any_length = pad_to and len(ids) == 1 and not self.registry.heads.token_head(slots[0])
+        lengths = "any length" if any_length else tuple(len(x) for x in ids)
+        sig = (tuple(slots), types is not None, pad_to, lengths)
         reuse = stager.enabled  # the CPU stages nothing: nothing to reuse
-        tpl, found = None, sig
-        for candidate in (bucket_sig, sig) if reuse else ():
-            if candidate is not None and (tpl := self._templates.get(candidate)) is not None:
-                found = candidate
-                break
+        at = (self.registry.version, stager.epoch, *sig)
+        tpl = self._templates.get(at) if reuse else None
         if tpl is not None:
-            self._templates.move_to_end(found)
+            self._templates.move_to_end(at)
             order = tpl.prepared.batch.order
             flat = np.concatenate([np.asarray(ids[i], dtype=np.int64) for i in order])
             types_flat = None if types is None else flat_token_types(ids, types, order)
             new = {}
-            if pad_to:
+            if pad_to:  # build_batch stages ids, token types if any, then the valid lengths
                 valid = np.fromiter((len(ids[i]) for i in order), np.int64, len(order))
                 flat = pad_rows(flat, valid, pad_to)
                 types_flat = None if types_flat is None else pad_rows(types_flat, valid, pad_to)
                 lens = tpl.prepared.batch.valid_lens_cpu
-                if tpl.valid_index is not None and lens is not None:
-                    lens.copy_(torch.from_numpy(valid))  # the batch's host copy stays true
-                    new[tpl.valid_index] = lens
+                assert lens is not None  # a padded batch has them
+                lens.copy_(torch.from_numpy(valid))  # the batch's host copy stays true
+                new[1 + (types_flat is not None)] = lens
             new[0] = torch.from_numpy(flat)  # input_ids: staged first (build_batch)
             if types_flat is not None:  # token types: staged second
                 new[1] = torch.from_numpy(types_flat)
@@ -587,17 +575,10 @@ class Engine:
                 if self._templates and next(iter(self._templates))[:2] != state:
                     self._templates.clear()  # tasks or the stage moved: every plan is stale
                     self._template_bytes = 0
-                any_length = bucket_sig is not None and prepared.head.tok_seq is None
-                at = (*state, *head, "any length" if any_length else sig[-1])
-                tpl = _Template(
-                    prepared,
-                    stager.with_image(snap),
-                    copies,
-                    _staged_index(snap, batch.valid_lens_cpu),
-                )
-                old = self._templates.pop(at, None)  # a plan replaced in place
-                self._templates[at] = tpl
-                self._template_bytes += tpl.nbytes - (old.nbytes if old is not None else 0)
+                at = (*state, *sig)
+                tpl = _Template(prepared, stager.with_image(snap), copies)
+                self._templates[at] = tpl  # new: the lookup above missed it
+                self._template_bytes += tpl.nbytes
                 while len(self._templates) > 1 and (
                     len(self._templates) > _MAX_TEMPLATES
                     or self._template_bytes > _MAX_TEMPLATE_BYTES

@@ -270,6 +270,11 @@ class HeadTable:
         w[:cap, :cmax], b[:cap, :cmax] = self.cls_w, self.cls_b
         self.cls_w, self.cls_b = w, b
 
+    def token_head(self, slot: int) -> bool:
+        """Whether task ``slot``'s head classifies tokens (its output rows follow the
+        sequence's length)."""
+        return int(self.kind[torch.tensor([slot])][0]) == TOKENS
+
     def out_width(self) -> int:
         """``D`` of :meth:`compute`'s output: the widest head row (hidden or labels)."""
         return max(self.spec.hidden, self.cls_w.shape[1])
