@@ -45,9 +45,6 @@ device half never reads (host tables a type keeps for building more arrays while
 so it is left out of the graph key. A field read by kernels must never carry it."""
 
 
-_SCALARS = frozenset({bool, int, float, str, type(None)})
-
-
 @functools.cache
 def _keyed_fields(cls: type) -> tuple[str, ...]:
     """The fields of dataclass ``cls`` that a graph key covers (all but :data:`HOST_ONLY`)."""
@@ -69,8 +66,7 @@ def graph_key(obj: Any, staged: torch.Tensor) -> Hashable | None:
     add = out.append
 
     def walk(o: Any) -> bool:
-        cls = type(o)
-        if cls in _SCALARS:
+        if o is None or isinstance(o, (bool, int, float, str)):
             add(o)
         elif isinstance(o, torch.Tensor):
             if lo <= o.data_ptr() < hi:  # a view of the staged buffer (a CPU stand-in too)
@@ -79,25 +75,18 @@ def graph_key(obj: Any, staged: torch.Tensor) -> Hashable | None:
                 add((str(o.dtype), tuple(o.shape), o.numpy().tobytes()))
             else:
                 return False
-        elif dataclasses.is_dataclass(cls):
+        elif dataclasses.is_dataclass(o) and not isinstance(o, type):
+            cls = type(o)
             add(cls.__name__)
             return all(walk(getattr(o, name)) for name in _keyed_fields(cls))
-        elif cls is list or cls is tuple:
-            add(("seq", len(o)))
-            return all(walk(v) for v in o)
-        elif cls is dict:
-            add(("dict", len(o)))
-            return all(walk(k) and walk(v) for k, v in o.items())
-        elif isinstance(o, (bool, int, float, str)):  # subclasses (an IntEnum)
-            add(o)
-        elif isinstance(o, torch.dtype):
-            add(str(o))
         elif isinstance(o, (list, tuple)):
             add(("seq", len(o)))
             return all(walk(v) for v in o)
         elif isinstance(o, dict):
             add(("dict", len(o)))
             return all(walk(k) and walk(v) for k, v in o.items())
+        elif isinstance(o, torch.dtype):
+            add(str(o))
         elif hasattr(o, "name") and hasattr(o, "code"):  # a PetMethod: its type is the key
             add(("pet", o.name))
         else:
