@@ -1,7 +1,7 @@
 """Host overhead of the engine's forward: wall time vs GPU time, CUDA graphs on and off.
 
 For each task mix (backbone-only ``none`` tasks, 64 LoRA tasks, 64 tasks of every PET type)
-and each batch shape ``B x L`` (or ``B x LO-HI``: lengths drawn anew for every batch), times
+and each batch shape ``B x L`` (or ``B x LO:HI``: lengths drawn anew for every batch), times
 :meth:`pets.engine.Engine.run` (staging, forward, outputs back on the host) in two engines
 over the same tasks in one process: CUDA graphs off (eager launches) and on (replayed). GPU
 time is the replay of the captured forward alone, timed with CUDA events, so ``wall / gpu``
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from clients.bench.results import add_out_argument, start_run
+from clients.pets_client import parse_lengths
 from pets.backbone import load_backbone
 from pets.engine import Engine
 from pets.heads import HeadConfig
@@ -89,11 +90,11 @@ def _ranged(
     names: list[str],
     rng: np.random.Generator,
 ) -> None:
-    """A ``B x LO-HI`` point: every batch draws new lengths (as live traffic does), so no two
+    """A ``B x LO:HI`` point: every batch draws new lengths (as live traffic does), so no two
     batches are alike; 400 batches, the first 100 a warm-up. Wall time per batch for eager,
     for graphs with one-sequence batches padded to length buckets (the engine's default),
     and for graphs without the buckets (exact shapes only), plus each one's graph counts."""
-    b, (lo, hi) = row["batch"], (int(v) for v in row["seq_len"].split("-"))
+    b, (lo, hi) = row["batch"], parse_lengths(row["seq_len"])[1]
     batches = [
         (
             [rng.integers(1000, 30000, size=int(n)) for n in rng.integers(lo, hi + 1, b)],
@@ -135,7 +136,7 @@ def main() -> None:
     ap.add_argument(
         "--shapes",
         default="1x128,8x64,64x64,256x64",
-        help="BxL points; BxLO-HI draws every batch's lengths anew (e.g. 1x16-128)",
+        help="BxL points; BxLO:HI draws every batch's lengths anew (e.g. 1x16:128)",
     )
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--commit", default="", help="recorded when git is not available")
@@ -159,7 +160,7 @@ def main() -> None:
         for shape in args.shapes.split(","):
             b_text, _, length = shape.partition("x")
             b = int(b_text)
-            if "-" in length:  # lengths drawn anew for every batch
+            if ":" in length:  # lengths drawn anew for every batch
                 ranged: dict[str, Any] = {"mix": mix, "batch": b, "seq_len": length}
                 _ranged(ranged, engines, names, rng)
                 print(json.dumps(ranged), flush=True)

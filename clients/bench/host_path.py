@@ -10,12 +10,12 @@ replayed) costs nothing here either, although on a GPU its launches cost the hos
 milliseconds: ``eager`` counts them. The numbers are the host cost of the serving path, not
 a forward's, and the answers are zeros.
 
-Points are ``BxL`` (``B`` one-row requests of ``L`` tokens per execute) or ``BxLO-HI``
+Points are ``BxL`` (``B`` one-row requests of ``L`` tokens per execute) or ``BxLO:HI``
 (lengths drawn anew per request), over ``--tasks`` tasks of every PET type, each request's
 task drawn at random. Prints one JSON line per point and writes ``host_path.csv`` to a
 dated run folder (clients/bench/results.py).
 
-    python -m clients.bench.host_path --points 1x16-128,1x128,64x64
+    python -m clients.bench.host_path --points 1x16:128,1x128,64x64
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from clients.bench.results import add_out_argument, start_run
+from clients.pets_client import parse_lengths
 from pets.backbone import load_backbone
 from pets.engine import Engine
 from pets.graphs import GraphCache
@@ -97,8 +98,10 @@ def _requests(
     names: list[str], point: str, count: int, rng: np.random.Generator
 ) -> list[list[dict[str, np.ndarray]]]:
     b_text, _, length = point.partition("x")
-    lo, _, hi = length.partition("-")
-    b, lo_n, hi_n = int(b_text), int(lo), int(hi or lo)
+    kind, vals = parse_lengths(length)
+    b, lo_n, hi_n = int(b_text), vals[0], vals[-1]
+    if kind != "uniform" and len(vals) > 1:
+        raise SystemExit(f"point {point!r}: give one length or LO:HI")
     return [
         [
             {
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backbone", default="bert-tiny")
     ap.add_argument("--tasks", type=int, default=64, help="tasks, PET types in turn")
-    ap.add_argument("--points", default="1x16-128,1x128,8x64,64x64")
+    ap.add_argument("--points", default="1x16:128,1x128,8x64,64x64")
     ap.add_argument("--executes", type=int, default=600, help="timed executes per point")
     ap.add_argument("--graph-cache", type=int, default=256)
     ap.add_argument("--profile", action="store_true", help="write profile.txt (cProfile)")

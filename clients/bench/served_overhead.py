@@ -37,11 +37,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from clients.bench.make_perf_data import make
 from clients.bench.results import add_out_argument, start_run
 from clients.bench.server_breakdown import breakdown, scrape
-from clients.pets_client import start_tritonserver, triton_env
+from clients.pets_client import parse_lengths, start_tritonserver, triton_env
 from pets.backbone import load_backbone
 from pets.heads import HeadConfig
 from pets.pet import pet_types
@@ -199,33 +198,22 @@ def make_repo(args: argparse.Namespace, root: Path) -> tuple[Path, list[str]]:
 
 
 def parse_point(text: str) -> tuple[int, str]:
-    """``CxL`` (every request ``L`` tokens) or ``CxLO-HI`` (lengths uniform in [LO, HI]) ->
-    (concurrency, length spec)."""
+    """``CxL`` (every request ``L`` tokens) or ``CxLO:HI`` (lengths drawn uniformly, a
+    :func:`clients.pets_client.parse_lengths` spec) -> (concurrency, length spec)."""
     c, sep, length = text.partition("x")
-    lo, dash, hi = length.partition("-")
-    if not (sep and c.isdigit() and lo.isdigit() and (hi.isdigit() if dash else not hi)):
-        raise SystemExit(
-            f"--points entry {text!r}: expected CxL or CxLO-HI, e.g. 1x128 or 1x16-128"
-        )
-    if int(c) < 1 or int(lo) < 1 or (hi and int(hi) < int(lo)):
-        raise SystemExit(f"--points entry {text!r}: need C >= 1 and 1 <= LO <= HI")
+    if not (sep and c.isdigit() and int(c) >= 1):
+        raise SystemExit(f"--points entry {text!r}: expected CxL or CxLO:HI (1x128, 1x16:128)")
+    try:
+        parse_lengths(length)
+    except SystemExit as exc:
+        raise SystemExit(f"--points entry {text!r}: {exc}") from None
     return int(c), length
 
 
 def make_data(path: Path, names: list[str], length: str, entries: int) -> None:
-    """perf_analyzer input data: ``entries`` requests cycling over ``names``, each of
-    ``length`` tokens (``"64"``) or of a length drawn uniformly from ``"LO-HI"``."""
-    rng = np.random.default_rng(0)
-    lo, _, hi = length.partition("-")
-    sizes = rng.integers(int(lo), int(hi or lo) + 1, entries)
-    data = [
-        {
-            "TASK": [names[i % len(names)]],
-            "INPUT_IDS": {"content": rng.integers(1000, 2000, n).tolist(), "shape": [int(n)]},
-        }
-        for i, n in enumerate(sizes)
-    ]
-    path.write_text(json.dumps({"data": data}))
+    """perf_analyzer input data (:func:`clients.bench.make_perf_data.make`): ``entries``
+    requests cycling over ``names``, of ``length`` tokens or lengths drawn from ``LO:HI``."""
+    path.write_text(json.dumps(make(names, length, entries, seed=0, int32=False)))
 
 
 def perf(args: argparse.Namespace, env: dict[str, str], url: str, model: str, data: Path,
@@ -308,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         "--points",
         default="32x16",
         help="comma-separated CONCURRENCYxLENGTH points (tokens per request), e.g. 1x128,256x64; "
-        "a length LO-HI draws each request's length uniformly (1x16-128)",
+        "a length LO:HI draws each request's length uniformly (1x16:128)",
     )
     ap.add_argument("--metrics", type=int, default=1, help="the pets model's METRICS")
     ap.add_argument(

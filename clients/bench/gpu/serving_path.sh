@@ -24,11 +24,11 @@ if has tests; then  # replay equals eager; buckets, warm-up and pool moves (CUDA
 fi
 if has forward; then
   timeout 240 $py -m clients.bench.forward_overhead --backbone bert-base --mixes backbone,mixed \
-    --shapes 1x128,8x64,64x64,256x64,1x16-128 --iters 10 --out "$out" 2>&1 | grep '^{'
+    --shapes 1x128,8x64,64x64,256x64,1x16:128 --iters 10 --out "$out" 2>&1 | grep '^{'
 fi
 if has served; then  # two instances per GPU, the documented default
   timeout 300 $py -m clients.bench.served_overhead "${served[@]}" --instances 2 \
-    --points 1x128,1x16-128,256x64 --out "$out" 2>&1 | grep '^{'
+    --points 1x128,1x16:128,256x64 --out "$out" 2>&1 | grep '^{'
 fi
 if has hf; then  # backbone-only tasks against HF BertForSequenceClassification, same server
   timeout 200 $py -m clients.bench.served_overhead "${served[@]}" --instances 2 \
