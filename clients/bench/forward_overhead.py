@@ -108,8 +108,8 @@ def _ranged(
     for label, eng, buckets in runs:
         eng.length_buckets = buckets
         if eng.graphs is not None:
-            eng.graphs.clear()
-            eng.graphs.captures = eng.graphs.replays = eng.graphs.eager = 0
+            eng.graphs.clear()  # each run captures its own shapes
+        before = eng.graphs.summary() if eng.graphs is not None else {}
         for ids, tasks in batches[:100]:
             eng.run(ids, tasks)
         t0 = time.perf_counter()
@@ -118,7 +118,8 @@ def _ranged(
         row[f"wall_ms_{label}"] = round((time.perf_counter() - t0) * 1e3 / 300, 3)
         if eng.graphs is not None:
             got = eng.graphs.summary()
-            row[f"{label}_captures"], row[f"{label}_replays"] = got["captures"], got["replays"]
+            for what in ("captures", "replays"):
+                row[f"{label}_{what}"] = got[what] - before[what]
     if len(engines) > 1:
         engines[1].length_buckets = True
         ids, tasks = batches[-1]
