@@ -101,6 +101,23 @@ def test_moved_key_and_no_key_stay_eager() -> None:
     assert cache.recorded == 1 and cache.eager == 3
 
 
+def test_warming_captures_first_sightings_outside_the_budget() -> None:
+    clock = FakeClock()
+    cache = _cache(clock, burst_ms=1.0)  # a budget of one 15 ms capture, then none for 300 ms
+    with cache.warming():
+        for k in ("a", "b", "c"):
+            cache.run(k, (), _forward(0.0), lambda k=k: k)
+    assert cache.captures == 3 and cache.eager == 0 and cache.deferred == 0
+    assert cache.min_sightings == 2  # afterwards: captured on the second sighting again...
+    cache.run("d", (), _forward(0.0), lambda: "d")
+    assert cache.captures == 3 and cache.eager == 1
+    cache.run("d", (), _forward(0.0), lambda: "d")  # ...and charged to the serving budget,
+    assert cache.captures == 4 and cache.budget.balance_ms < 0  # which warming left alone
+    cache.run("e", (), _forward(0.0), lambda: "e")
+    cache.run("e", (), _forward(0.0), lambda: "e")
+    assert cache.captures == 4 and cache.deferred == 1
+
+
 def test_state_change_drops_graphs() -> None:
     clock = FakeClock()
     cache = _cache(clock, min_sightings=1)

@@ -437,12 +437,12 @@ class Engine:
 
         For one task of each (PET type, head kind) loaded, runs one request of each length
         bucket up to ``max_len`` tokens, padded as a shorter request would be
-        (:func:`pets.graphs.length_bucket`), often enough to capture it, outside the
-        capture budget. Tasks of the same type and head kind share these graphs when their
-        plans' host scalars agree (e.g. the same LoRA rank and modules); other shapes are
-        captured on their second batch as before. A failure is logged and leaves the
-        instance serving eagerly for that shape. Returns the graph counts (empty when
-        graphs are off).
+        (:func:`pets.graphs.length_bucket`), captured at once and outside the capture
+        budget (:meth:`GraphCache.warming`). Tasks of the same type and head kind share these
+        graphs when their plans' host scalars agree (e.g. the same LoRA rank and modules);
+        other shapes are captured on their second batch as before. A failure is logged and
+        leaves the instance serving eagerly for that shape. Returns the graph counts (empty
+        when graphs are off).
         """
         graphs = self.graphs
         if graphs is None or max_len <= 0 or not self.length_buckets:
@@ -460,11 +460,9 @@ class Engine:
         before = graphs.captures
         token = min(1000, self.spec.vocab - 1)
         try:
-            with graphs.unbudgeted():
+            with graphs.warming():  # one forward per shape: its capture
                 for name, n in work:
-                    ids = [np.full(n, token, dtype=np.int64)]
-                    for _ in range(graphs.min_sightings):
-                        self.run(ids, [name])
+                    self.run([np.full(n, token, dtype=np.int64)], [name])
         except Exception:  # a warm-up must never keep the instance from serving
             log.exception("CUDA graph warm-up failed; shapes are captured as batches arrive")
         got = graphs.summary()

@@ -283,14 +283,16 @@ class GraphCache:
         self._pool = None
 
     @contextmanager
-    def unbudgeted(self) -> Iterator[None]:
-        """Capture without the :class:`CaptureBudget` (start-up warm-up: no request waits)."""
-        budget = self.budget
+    def warming(self) -> Iterator[None]:
+        """Capture every new shape on its first sighting and outside the
+        :class:`CaptureBudget` (the start-up warm-up: no request waits on it)."""
+        budget, sightings = self.budget, self.min_sightings
         self.budget = CaptureBudget(share=1.0, burst_ms=float("inf"), clock=budget.clock)
+        self.min_sightings = 1
         try:
             yield
         finally:
-            self.budget = budget
+            self.budget, self.min_sightings = budget, sightings
 
     def run(
         self,
