@@ -208,6 +208,24 @@ def test_quick_harness_writes_every_experiment(tmp_path):
     assert float(lora["pet_us"]) > float(bitfit["pet_us"])  # LoRA has shadow GEMMs, BitFit none
 
 
+def test_fig9_device_total_counts_kernels_once():
+    """The ``pets/`` ranges' own device-timeline spans are not kernels: counting them charged
+    the same kernels again to ``other`` (the first H100 run's 85% ``other``)."""
+    from types import SimpleNamespace
+
+    from clients.paper.fig9 import device_total
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [
+        SimpleNamespace(name="pets/epilogue", device_type=cuda, device_time=50.0),  # a span
+        SimpleNamespace(name="pets/gemm/qkv", device_type=cuda, device_time=30.0),  # a span
+        SimpleNamespace(name="sm90_xmma_gemm", device_type=cuda, device_time=20.0),
+        SimpleNamespace(name="Memcpy HtoD", device_type=cuda, device_time=2.0),
+        SimpleNamespace(name="pets/gemm/qkv", device_type=cpu, device_time=0.0),
+    ]
+    assert device_total(events) == 22.0
+
+
 @pytest.mark.slow
 @pytest.mark.triton
 def test_served_fig8_quick(tmp_path):
