@@ -208,6 +208,17 @@ def test_quick_harness_writes_every_experiment(tmp_path):
     assert float(lora["pet_us"]) > float(bitfit["pet_us"])  # LoRA has shadow GEMMs, BitFit none
 
 
+def test_harness_imports_without_transformers():
+    """Only the HF baselines need transformers: on a host whose transformers cannot import
+    beside `.venv`'s numpy 1.x, fig7 / fig9 / fig11 / fig8_online / table5 still run."""
+    import subprocess
+    import sys
+
+    code = "import sys, clients.paper.__main__; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
 def test_fig9_device_total_counts_kernels_once():
     """The ``pets/`` ranges' own device-timeline spans are not kernels: counting them charged
     the same kernels again to ``other`` (the first H100 run's 85% ``other``)."""

@@ -24,12 +24,11 @@ import copy
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BertConfig, BertModel
 
 from petops.reference import activation
 from pets.backbone import BackboneWeights, hf_config, state_from_weights
@@ -40,6 +39,10 @@ from pets.pet.ia3 import Ia3Config
 from pets.pet.lora import LoraConfig
 from pets.pet.maskbert import unpack_mask
 from pets.taskstore import TaskManifest
+
+if TYPE_CHECKING:  # imported where a model is built: the harness's other experiments run
+    # without transformers (e.g. where its numpy needs differ from Triton's stub, docs/paper.md)
+    from transformers import BertModel
 
 Tensors = Mapping[str, torch.Tensor]
 State = dict[str, torch.Tensor]
@@ -210,6 +213,8 @@ class TaskModel(nn.Module):
 
 def backbone_model(w: BackboneWeights) -> BertModel:
     """The bare backbone as an HF ``BertModel`` (fp32, CPU, eval)."""
+    from transformers import BertConfig, BertModel
+
     model = BertModel(BertConfig(**hf_config(w.spec)), add_pooling_layer=True)
     state = state_from_weights(w)
     if w.pooler_w is None:  # a checkpoint without a pooler: classification needs one
