@@ -523,8 +523,6 @@ class Engine:
         stager = self.stager
         if not has_token_types(types):
             types = None  # all type 0: the batch stages no token types (as build_batch)
-        # A padded single request's plans do not depend on its length, unless its task has
-        # a token head (whose output rows follow the length).
         any_length = pad_to and len(ids) == 1 and not self.registry.heads.token_head(slots[0])
         lengths = "any length" if any_length else tuple(len(x) for x in ids)
         sig = (tuple(slots), types is not None, pad_to, lengths)

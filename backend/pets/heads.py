@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -273,7 +274,7 @@ class HeadTable:
     def token_head(self, slot: int) -> bool:
         """Whether task ``slot``'s head classifies tokens (its output rows follow the
         sequence's length)."""
-        return int(self.kind[torch.tensor([slot])][0]) == TOKENS
+        return int(self.kind.rows(np.array([slot]))[0]) == TOKENS
 
     def out_width(self) -> int:
         """``D`` of :meth:`compute`'s output: the widest head row (hidden or labels)."""
