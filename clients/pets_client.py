@@ -138,6 +138,20 @@ def parse_lengths(spec: str) -> tuple[str, list[int]]:
         ) from None
 
 
+def parse_point(text: str, flag: str = "--points") -> tuple[int, str]:
+    """A benchmark point ``NxL`` (``N`` requests or sequences of ``L`` tokens) or ``NxLO:HI``
+    (lengths drawn uniformly, a :func:`parse_lengths` spec) -> ``(N, length spec)``; ``flag``
+    names the option in the error."""
+    n, sep, length = text.partition("x")
+    if not (sep and n.isdigit() and int(n) >= 1):
+        raise SystemExit(f"{flag} entry {text!r}: expected NxL or NxLO:HI (1x128, 1x16:128)")
+    try:
+        parse_lengths(length)
+    except SystemExit as exc:
+        raise SystemExit(f"{flag} entry {text!r}: {exc}") from None
+    return int(n), length
+
+
 def triton_env(root: Path = REPO_ROOT) -> dict[str, str]:
     """os.environ plus build/triton/env.sh (LD_LIBRARY_PATH/PATH for tritonserver and
     perf_analyzer). Run build/install_triton.sh first."""

@@ -14,8 +14,8 @@ from clients.bench.served_overhead import (
     captures_since,
     check_engine_source,
     make_data,
-    parse_point,
 )
+from clients.pets_client import parse_point
 
 LINE = 'I1207 model.py:253] "pets: instance pets_0_0 ready on cpu, engine from {}, parameters {{}}"'
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from clients.bench.results import add_out_argument, start_run
-from clients.pets_client import parse_lengths
+from clients.pets_client import parse_lengths, parse_point
 from pets.backbone import load_backbone
 from pets.engine import Engine
 from pets.heads import HeadConfig
@@ -159,8 +159,7 @@ def main() -> None:
         engines = [eager] if graphed is None else [eager, graphed]
         names = _register(engines, weights, mix, args.tasks)
         for shape in args.shapes.split(","):
-            b_text, _, length = shape.partition("x")
-            b = int(b_text)
+            b, length = parse_point(shape, "--shapes")
             if ":" in length:  # lengths drawn anew for every batch
                 ranged: dict[str, Any] = {"mix": mix, "batch": b, "seq_len": length}
                 _ranged(ranged, engines, names, rng)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from clients.bench.results import add_out_argument, start_run
-from clients.pets_client import parse_lengths
+from clients.pets_client import parse_lengths, parse_point
 from pets.backbone import load_backbone
 from pets.engine import Engine
 from pets.graphs import GraphCache
@@ -97,11 +97,9 @@ def _engine(args: argparse.Namespace, store: Path) -> Engine:
 def _requests(
     names: list[str], point: str, count: int, rng: np.random.Generator
 ) -> list[list[dict[str, np.ndarray]]]:
-    b_text, _, length = point.partition("x")
-    kind, vals = parse_lengths(length)
-    b, lo_n, hi_n = int(b_text), vals[0], vals[-1]
-    if kind != "uniform" and len(vals) > 1:
-        raise SystemExit(f"point {point!r}: give one length or LO:HI")
+    b, length = parse_point(point)
+    vals = parse_lengths(length)[1]  # [L] or [LO, HI]
+    lo_n, hi_n = vals[0], vals[-1]
     return [
         [
             {

@@ -40,7 +40,7 @@ from typing import Any
 from clients.bench.make_perf_data import make
 from clients.bench.results import add_out_argument, start_run
 from clients.bench.server_breakdown import breakdown, scrape
-from clients.pets_client import parse_lengths, start_tritonserver, triton_env
+from clients.pets_client import parse_point, start_tritonserver, triton_env
 from pets.backbone import load_backbone
 from pets.heads import HeadConfig
 from pets.pet import pet_types
@@ -195,19 +195,6 @@ def make_repo(args: argparse.Namespace, root: Path) -> tuple[Path, list[str]]:
         model_cfg = re.sub(r'^backend: "pets"', 'backend: "python"', model_cfg, flags=re.M)
         (repo / model / "config.pbtxt").write_text(model_cfg)
     return repo, names
-
-
-def parse_point(text: str) -> tuple[int, str]:
-    """``CxL`` (every request ``L`` tokens) or ``CxLO:HI`` (lengths drawn uniformly, a
-    :func:`clients.pets_client.parse_lengths` spec) -> (concurrency, length spec)."""
-    c, sep, length = text.partition("x")
-    if not (sep and c.isdigit() and int(c) >= 1):
-        raise SystemExit(f"--points entry {text!r}: expected CxL or CxLO:HI (1x128, 1x16:128)")
-    try:
-        parse_lengths(length)
-    except SystemExit as exc:
-        raise SystemExit(f"--points entry {text!r}: {exc}") from None
-    return int(c), length
 
 
 def make_data(path: Path, names: list[str], length: str, entries: int) -> None:
