@@ -3,7 +3,8 @@
 A MaskBERT token skips the shared GEMM and takes ``seg_masked_mm`` (``X_i (W * M_i).T`` with
 ``W`` masked on the fly), so the closer that op runs to cuBLAS on the same rows, the closer
 MaskBERT comes to the backbone's cost. For each bert-base linear site shape (``N x K``) and each
-grouping (items x tokens per item) this times, by CUDA events over ``--iters`` calls:
+grouping (items x tokens per item) this times, per call of ``--iters`` replayed back to back
+from a CUDA graph:
 
 * ``cublas_us``: ``torch.mm`` of all rows with the shared ``W`` (what backbone-only tokens pay);
 * ``masked_us``: ``seg_masked_mm`` of the same rows, one mask per item (``--keep`` of the
@@ -24,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 import petops
+from clients.bench.bench_ops import graph_time
 from clients.bench.results import add_out_argument, start_run
 from petops import ops
 from petops.reference import pack_mask_words
@@ -31,17 +33,13 @@ from petops.reference import pack_mask_words
 SITES = {"qkv": (2304, 768), "attn_out": (768, 768), "ffn_in": (3072, 768), "ffn_out": (768, 3072)}
 
 
-def gpu_us(fn: Callable[[], None], iters: int) -> float:
-    """Mean device microseconds of ``fn`` over ``iters`` back-to-back calls (after warm-up)."""
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000.0 / iters
+def gpu_us(fn: Callable[[], object], iters: int) -> float:
+    """Device microseconds per call of ``fn``, replayed back to back from a CUDA graph
+    (:func:`clients.bench.bench_ops.graph_time`, median of 5)."""
+    ms = graph_time(fn, iters, repeats=5)
+    if ms is None:
+        raise SystemExit("masked_gemm: a timed call could not be captured in a CUDA graph")
+    return ms * 1000.0
 
 
 def parse_groups(text: str) -> list[tuple[int, int]]:
