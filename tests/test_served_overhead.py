@@ -3,7 +3,9 @@ the CUDA-graph captures the server logs."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from clients.bench.served_overhead import (
     captures_since,
     check_engine_source,
     make_data,
+    make_repo,
 )
 from clients.pets_client import parse_point
 
@@ -70,3 +73,22 @@ def test_points_take_a_fixed_length_or_a_range(tmp_path: Path) -> None:
     assert min(sizes) >= 16 and max(sizes) <= 24 and len(set(sizes)) > 4
     assert all(len(d["INPUT_IDS"]["content"]) == d["INPUT_IDS"]["shape"][0] for d in data)
     assert [d["TASK"][0] for d in data[:3]] == ["a", "b", "a"]
+
+
+def test_queue_delay_is_rewritten_for_every_model(tmp_path: Path) -> None:
+    """``--queue-delay-us`` sets the batcher delay of pets and of the no-op model alike (a
+    lone request waits that long before its batch is sent); without it both keep the
+    shipped config's delay."""
+    shipped = (ROOT / "model_repository/pets/config.pbtxt").read_text()
+    default = re.findall(r"max_queue_delay_microseconds: (\d+)", shipped)
+    assert len(default) == 1 and default[0] != "7"
+    base = dict(backbone="bert-tiny", tasks=2, pet_types="lora", metrics=1, kind="CPU")
+    base.update(instances=1, profile_stub=False, hf=False)
+    for delay, want in ((7, "7"), (None, default[0])):
+        repo, names = make_repo(
+            argparse.Namespace(**base, queue_delay_us=delay), tmp_path / f"{delay}"
+        )
+        assert names == ["t0_lora", "t1_lora"]
+        for model in ("pets", "noop"):
+            text = (repo / model / "config.pbtxt").read_text()
+            assert re.findall(r"max_queue_delay_microseconds: (\d+)", text) == [want], model

@@ -21,6 +21,7 @@ perf_analyzer (gRPC, async) drives both with the same data at each concurrency; 
         --instances 2 --points 1x128,256x64
     python -m clients.bench.served_overhead --kind GPU --backbone bert-base --tasks 64 \
         --pet-types none --hf --instances 2 --points 256x64
+    python -m clients.bench.served_overhead --queue-delay-us 0 --points 1x16   # batcher delay
 """
 
 from __future__ import annotations
@@ -170,6 +171,14 @@ def make_repo(args: argparse.Namespace, root: Path) -> tuple[Path, list[str]]:
         text, n = re.subn(rf'(key: "{key}" value \{{ string_value: )"[^"]*"', rf'\1"{value}"', text)
         if n != 1:
             raise SystemExit(f"{cfg} has no {key} parameter to rewrite")
+    if args.queue_delay_us is not None:  # the batcher of every model in the server
+        text, n = re.subn(
+            r"max_queue_delay_microseconds: \d+",
+            f"max_queue_delay_microseconds: {args.queue_delay_us}",
+            text,
+        )
+        if n != 1:
+            raise SystemExit(f"{cfg} has no max_queue_delay_microseconds to rewrite")
     text = re.sub(
         r"^instance_group .*$",
         f"instance_group [ {{ kind: KIND_{args.kind} count: {args.instances} }} ]",
@@ -294,6 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kind", default="CPU", choices=("CPU", "GPU"))
     ap.add_argument("--instances", type=int, default=1)
     ap.add_argument("--interval-ms", type=int, default=4000)
+    ap.add_argument(
+        "--queue-delay-us",
+        type=int,
+        default=None,
+        help="the dynamic batcher's max_queue_delay_microseconds for every model "
+        "(default: the pets config's)",
+    )
     ap.add_argument(
         "--profile-stub",
         action="store_true",
