@@ -152,6 +152,10 @@ def test_ia3_mixed_batch_equals_alone(ia3_engine, ia3_store, backbone):
     for i, (ids, task) in enumerate(zip(seqs, tasks, strict=True)):
         alone = ia3_engine.run([ids], [task])[0]
         np.testing.assert_allclose(mixed[i], alone, atol=1e-5, rtol=0, err_msg=f"{i} {task}")
+    # IA3 scales keep the per-segment bias pass (no qkv bias in the shared GEMM)
+    enc, reg = ia3_engine.encoder, ia3_engine.registry
+    prepared = enc.prepare(enc.batch(seqs[:1], [reg.tasks[next(iter(IA3_TASKS))].slot]))
+    assert prepared.sp.scale is not None and not prepared.sp.shared_bias
 
 
 def test_ia3_scale_rows_released(ia3_engine, backbone):

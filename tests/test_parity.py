@@ -62,6 +62,20 @@ def test_mixed_batch_equals_each_task_alone(engine, task_store, backbone, ops_mo
         )
 
 
+def test_qkv_bias_rides_in_the_gemm_only_for_backbone_biases(engine, task_store, backbone):
+    """A batch whose tasks all take the backbone's biases and no IA3 scales adds the qkv bias
+    in the shared GEMM (``SegmentParams.shared_bias``); a task with its own biases (BitFit)
+    or IA3 scales in the batch keeps the per-segment bias pass. The oracle and mixed-batch
+    tests above compare the two paths' outputs."""
+    reg, enc = engine.registry, engine.encoder
+    ids = _seqs(np.random.default_rng(3), 2, backbone.spec.vocab)
+    by_type = {reg.tasks[n].manifest.pet_type: n for n in list_tasks(task_store)}
+    for pets, want in ((["lora"], True), (["lora", "lora"], True), (["lora", "bitfit"], False)):
+        slots = [reg.tasks[by_type[p]].slot for p in pets]
+        prepared = enc.prepare(enc.batch(ids[: len(slots)], slots))
+        assert prepared.sp.shared_bias is want, pets
+
+
 def test_same_item_in_batch_and_alone_for_every_type(engine, task_store, backbone):
     """An item surrounded by other tasks' items (one PET type each) equals the item alone."""
     rng = np.random.default_rng(2)

@@ -47,6 +47,9 @@ class SegmentParams:
     bias: torch.Tensor
     ln: torch.Tensor
     scale: torch.Tensor | None  # None when no segment uses IA3 scales
+    # every segment takes the backbone's biases (slot 0) and no IA3 scales: the qkv bias
+    # rides in the shared GEMM's epilogue and the separate bias pass is skipped
+    shared_bias: bool = False
 
 
 @dataclass
@@ -195,10 +198,12 @@ class SharedEncoder:
             if len(transforms) > 1 or self.streams is not None or not self.fuse_outputs:
                 for method, plan in transforms:  # the output sites will run unfused
                     method.prepare_unfused(plan)
+            scaled = bool((rows.scale > 0).any())
             sp = SegmentParams(
                 bias=to_device(rows.bias),
                 ln=to_device(rows.ln),
-                scale=to_device(rows.scale) if bool((rows.scale > 0).any()) else None,
+                scale=to_device(rows.scale) if scaled else None,
+                shared_bias=not scaled and not bool(rows.bias.any()),
             )
             head = self.heads.plan(
                 batch.cu_seqlens,
@@ -247,14 +252,21 @@ class SharedEncoder:
         x: torch.Tensor,
         batch: Batch,
         active: list[tuple[PetMethod, Any]],
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``x @ W.T`` (no bias) with every type's deltas. ``x`` ``[T, K]`` -> ``[T, N]``.
+        """``x @ W.T`` (``+ bias`` where given) with every type's deltas. ``x`` ``[T, K]`` ->
+        ``[T, N]``.
 
         The shared GEMM covers the first ``batch.shared_rows`` tokens; the rest belong to
-        tasks that compute the whole product themselves and start from zeros."""
+        tasks that compute the whole product themselves and start from zeros. ``bias``
+        (``[N]``, one row for every token) is added in the GEMM's epilogue; it is only given
+        when every token takes the shared GEMM."""
         w = self.w.linear[site][layer]
         r = batch.shared_rows
-        if r == x.shape[0]:
+        if bias is not None:
+            assert r == x.shape[0], "a GEMM bias needs every row in the shared GEMM"
+            y = torch.addmm(bias, x, w.t())  # cuBLASLt bias epilogue on CUDA
+        elif r == x.shape[0]:
             y = torch.mm(x, w.t())  # shared GEMM
         else:
             y = x.new_empty(x.shape[0], w.shape[0])
@@ -327,16 +339,19 @@ class SharedEncoder:
     ) -> torch.Tensor:
         K = self.ctx.ops
         bias, scale = self.ctx.bias.tables, self.ctx.scale.tables
-        qkv = self._linear("qkv", layer, x, batch, active)
-        qkv = K.bias_act(
-            qkv,
-            bias["qkv"][layer],
-            batch.seg_indptr,
-            sp.bias,
-            None if sp.scale is None else scale["qkv"][layer],
-            sp.scale,
-            0,
-        )
+        if sp.shared_bias and batch.shared_rows == x.shape[0]:  # bias in the GEMM epilogue
+            qkv = self._linear("qkv", layer, x, batch, active, bias=bias["qkv"][layer, 0])
+        else:
+            qkv = self._linear("qkv", layer, x, batch, active)
+            qkv = K.bias_act(
+                qkv,
+                bias["qkv"][layer],
+                batch.seg_indptr,
+                sp.bias,
+                None if sp.scale is None else scale["qkv"][layer],
+                sp.scale,
+                0,
+            )
         a = self._attention(qkv, batch)
         y = self._linear("attn_out", layer, a, batch, active)
         h = self._output("attn_out", "attn_ln", layer, y, x, batch, sp, active)
