@@ -11,6 +11,8 @@ device time of one forward (``gpu_ms_per_batch``, the sum of its kernels: far be
 to ``engine_kernels.csv``.
 
     python -m clients.bench.bench_engine --backbone bert-base --device cuda:0 --dtype float16
+    python -m clients.bench.bench_engine --backbone bert-base --tasks 64 --profile \
+        --configs backbone_only,diff_pruning,mixed     # a quick A/B: fewer tasks to load
 """
 
 from __future__ import annotations
@@ -30,6 +32,26 @@ from pets.profiling import EngineProbe, time_fn
 
 # Every registered PET type but "none" (the backbone alone, timed as "backbone_only").
 MIX = tuple(sorted(t for t in pet_types() if t != "none"))
+# Config label -> the PET types its batch draws tasks from.
+CONFIGS: dict[str, list[str]] = {
+    "backbone_only": ["none"],
+    **{t: [t] for t in MIX},
+    "mixed": list(MIX),
+}
+
+
+def parse_configs(text: str) -> list[str]:
+    """``--configs``: comma-separated labels of :data:`CONFIGS`, or ``all``."""
+    if text == "all":
+        return list(CONFIGS)
+    labels = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in labels if c not in CONFIGS]
+    if unknown or not labels:
+        raise SystemExit(
+            f"--configs {text!r}: unknown {unknown or 'empty list'}; expected 'all' or a "
+            f"comma-separated subset of {', '.join(CONFIGS)}"
+        )
+    return labels
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
@@ -49,12 +71,13 @@ def run(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
             },
             device=args.device,
         )
+        configs = {k: v for k, v in CONFIGS.items() if k in args.configs}
+        needed = tuple(t for t in ("none", *MIX) if any(t in v for v in configs.values()))
         t0 = time.perf_counter()
-        probe = EngineProbe(engine, tasks_per_type=args.tasks, types=("none", *MIX))
+        probe = EngineProbe(engine, tasks_per_type=args.tasks, types=needed)
         load_s = time.perf_counter() - t0
         rng = np.random.default_rng(0)
         ids = [rng.integers(1000, engine.spec.vocab, size=args.seq_len) for _ in range(args.batch)]
-        configs = {"backbone_only": ["none"], **{t: [t] for t in MIX}, "mixed": list(MIX)}
         base = None
         for label, types in configs.items():
             types = [t for t in types if t in probe.slots]
@@ -129,6 +152,12 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument(
+        "--configs",
+        default="all",
+        help="comma-separated configs to time (backbone_only, a PET type, mixed); only their "
+        "types' tasks are loaded (default all)",
+    )
+    p.add_argument(
         "--streams",
         type=int,
         nargs="+",
@@ -146,6 +175,7 @@ def main() -> int:
     add_out_argument(p)
     args = p.parse_args()
     args.params = dict(kv.split("=", 1) for kv in args.param)
+    args.configs = parse_configs(args.configs)
     with start_run("bench_engine", args.out, params=vars(args)) as out:
         rows, kernels = run(args)
         out.write_csv("engine_bench.csv", rows)
