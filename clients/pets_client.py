@@ -152,6 +152,21 @@ def parse_point(text: str, flag: str = "--points") -> tuple[int, str]:
     return int(n), length
 
 
+def parse_subset(text: str, known: Sequence[str], flag: str) -> list[str]:
+    """A CLI list option: ``all`` (every one of ``known``, in its order) or a comma list of
+    some of them (in the given order); anything else exits naming ``flag`` and the choices."""
+    if text == "all":
+        return list(known)
+    picked = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in picked if t not in known]
+    if unknown or not picked:
+        raise SystemExit(
+            f"{flag} {text!r}: {unknown or 'empty list'} not among {', '.join(known)}; give "
+            "'all' or a comma list of them"
+        )
+    return picked
+
+
 def triton_env(root: Path = REPO_ROOT) -> dict[str, str]:
     """os.environ plus build/triton/env.sh (LD_LIBRARY_PATH/PATH for tritonserver and
     perf_analyzer). Run build/install_triton.sh first."""

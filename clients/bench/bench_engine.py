@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from clients.bench.results import add_out_argument, start_run
+from clients.pets_client import parse_subset
 from pets.engine import Engine
 from pets.pet import pet_types
 from pets.profiling import EngineProbe, time_fn
@@ -42,16 +43,7 @@ CONFIGS: dict[str, list[str]] = {
 
 def parse_configs(text: str) -> list[str]:
     """``--configs``: comma-separated labels of :data:`CONFIGS`, or ``all``."""
-    if text == "all":
-        return list(CONFIGS)
-    labels = [c.strip() for c in text.split(",") if c.strip()]
-    unknown = [c for c in labels if c not in CONFIGS]
-    if unknown or not labels:
-        raise SystemExit(
-            f"--configs {text!r}: unknown {unknown or 'empty list'}; expected 'all' or a "
-            f"comma-separated subset of {', '.join(CONFIGS)}"
-        )
-    return labels
+    return parse_subset(text, list(CONFIGS), "--configs")
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from clients.bench.results import Run, add_out_argument, pyplot, start_run
+from clients.pets_client import parse_subset
 from pets.pet import pet_types
 from pets.scheduling import (
     AnalyticModel,
@@ -224,16 +225,7 @@ def measure_policy(
 def parse_pet_types(spec: str) -> tuple[str, ...]:
     """``--pet-types``: a comma list of registered types, or ``all`` (every one but none)."""
     known = [t for t in sorted(pet_types()) if t != "none"]
-    if spec == "all":
-        return tuple(known)
-    types = tuple(t for t in spec.split(",") if t)
-    unknown = [t for t in types if t not in known]
-    if unknown or not types:
-        raise SystemExit(
-            f"--pet-types {spec!r}: {unknown or 'empty'} not among the registered PET types "
-            f"{known}; give a comma list of them or 'all'"
-        )
-    return types
+    return tuple(parse_subset(spec, known, "--pet-types"))
 
 
 def plot(rows: list[dict[str, Any]], policies: Sequence[str], path: Path, title: str) -> None:
