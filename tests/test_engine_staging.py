@@ -144,7 +144,14 @@ def test_length_bucketed_requests_equal_the_plain_engine(bucketed: Any, engine: 
     batch = bucketed._prepare(one, [slot], bucketed._bucket(one)).batch
     assert (batch.num_tokens, batch.max_seqlen, batch.valid_lens_cpu.tolist()) == (16, 16, [7])
     two = [np.arange(1000, 1007), np.arange(1000, 1005)]
-    assert bucketed._bucket(two) == 0 and bucketed._bucket([np.arange(16)]) == 0
+    assert bucketed._bucket(two) == 0  # several sequences stay packed
+    full = [np.arange(1000, 1016)]  # fills its bucket: the padded layout, with no pads
+    assert bucketed._bucket(full) == 16
+    batch = bucketed._prepare(full, [slot], 16).batch
+    assert (batch.num_tokens, batch.valid_lens_cpu.tolist()) == (16, [16])
+    got = bucketed.run(full, [sorted(engine.registry.tasks)[0]])
+    np.testing.assert_allclose(got[0], engine.run(full, [sorted(engine.registry.tasks)[0]])[0],
+                               atol=1e-5, rtol=0)  # fmt: skip
 
 
 def test_one_request_reuses_its_buckets_plans_at_any_length(
@@ -225,7 +232,7 @@ def test_warm_up_captures_one_request_shapes_that_requests_then_replay(
             m = eng.registry.tasks[name].manifest
             reps.setdefault((m.pet_type, m.head.kind), name)
         rng = np.random.default_rng(3)
-        for n in (20, 9, 40):  # buckets 24, 16, 48
+        for n in (24, 9, 40):  # buckets 24 (filled: no pads), 16, 48
             for name in sorted(eng.registry.tasks):
                 req = {
                     "TASK": np.array([[name.encode()]], dtype=object),
@@ -265,7 +272,7 @@ def test_warm_up_leaves_a_quarter_of_the_cache_and_warms_short_requests_first(
 
         eng.run = recording  # type: ignore[method-assign]
         assert eng.warm_graphs(128)["captures"] == 6
-        assert set(ran) == {15}, ran  # the 16-token bucket first, for as many kinds as fit
+        assert set(ran) == {16}, ran  # the 16-token bucket first, for as many kinds as fit
     finally:
         eng.close()
 

@@ -134,8 +134,10 @@ def test_length_buckets_give_nearby_lengths_one_shape() -> None:
     ]  # fmt: skip
     for n in range(17, 513):
         b = length_bucket(n, 512)
-        assert b == 0 or (n < b <= 512 and (b - n) * 3 < b), (n, b)
-    assert length_bucket(24, 512) == 0  # a sequence already in shape is not padded
+        assert n <= b <= 512 and (b - n) * 3 < b, (n, b)
+    # a sequence already in shape keeps its bucket: the padded layout (no pads), one graph
+    # with every shorter length of the bucket
+    assert length_bucket(24, 512) == 24 and length_bucket(128, 128) == 128
     assert length_bucket(300, 320) == 320  # 384 would exceed MAX_SEQ_LEN
 
 
@@ -144,4 +146,4 @@ def test_bucket_lengths_list_every_padded_shape() -> None:
     assert bucket_lengths(100) == [16, 24, 32, 48, 64, 96, 100]
     assert bucket_lengths(10) == [10]
     for m in (10, 100, 128, 300, 512):  # every length lands in a listed bucket
-        assert sorted({length_bucket(n, m) or n for n in range(1, m + 1)}) == bucket_lengths(m)
+        assert sorted({length_bucket(n, m) for n in range(1, m + 1)}) == bucket_lengths(m)

@@ -436,8 +436,8 @@ class Engine:
         """Capture at start-up the forwards of single requests, so that no user waits on it.
 
         For one task of each (PET type, head kind) loaded, runs one request of each length
-        bucket up to ``max_len`` tokens, padded as a shorter request would be
-        (:func:`pets.graphs.length_bucket`), captured at once and outside the capture
+        bucket up to ``max_len`` tokens, in the padded layout every request of that bucket
+        takes (:func:`pets.graphs.length_bucket`), captured at once and outside the capture
         budget (:meth:`GraphCache.warming`). Tasks of the same type and head kind share these
         graphs when their plans' host scalars agree (e.g. the same LoRA rank and modules);
         other shapes are captured on their second batch as before. A failure is logged and
@@ -451,11 +451,10 @@ class Engine:
         for name in sorted(self.registry.tasks):
             m = self.registry.tasks[name].manifest
             reps.setdefault((m.pet_type, m.head.kind), name)
+        # every length of a bucket takes its padded layout: one request per bucket warms it
         lengths = bucket_lengths(min(max_len, self.max_seq_len))
-        # a request one token short of its bucket takes the padded layout (an exact fit does not)
-        shapes = [n - 1 for n in lengths if n > 1 and length_bucket(n - 1, self.max_seq_len) == n]
         limit = max(0, graphs.max_graphs - graphs.max_graphs // 4)  # room for mixed batches
-        work = [(name, n) for n in shapes for name in reps.values()][:limit]  # short ones first
+        work = [(name, n) for n in lengths for name in reps.values()][:limit]  # short ones first
         t0 = time.perf_counter()
         before = graphs.captures
         token = min(1000, self.spec.vocab - 1)
@@ -479,7 +478,8 @@ class Engine:
 
     def _bucket(self, ids: Sequence[np.ndarray]) -> int:
         """The length a one-sequence batch is padded to so that it replays a CUDA graph
-        (:func:`pets.graphs.length_bucket`), or 0 (graphs off, or several sequences)."""
+        (:func:`pets.graphs.length_bucket`; the sequence's own length when it fills its
+        bucket), or 0: packed (graphs off, or several sequences)."""
         if not self.length_buckets or len(ids) != 1:
             return 0
         return length_bucket(len(ids[0]), self.max_seq_len)

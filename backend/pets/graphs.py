@@ -149,26 +149,27 @@ def _ladder(n: int) -> int:
 
 
 def length_bucket(length: int, max_len: int) -> int:
-    """The length to pad a one-sequence batch to so that it replays a graph, or 0.
+    """The length to pad a one-sequence batch to so that it replays a graph.
 
     A captured forward is keyed by its shapes, so a request of 17 tokens and one of 20
     would each need their own graph, and a one-off length would always run eagerly. Padding
     the sequence to a bucket (16, 24, 32, 48, 64, ..., capped at ``max_len``) gives such
     requests one shape; the padded layout masks the pads out of attention and pooling
-    (:func:`pets.batch.build_batch`), so outputs do not change. Batches of several sequences
-    are left packed: their keys also depend on which tasks meet in them, so they seldom
-    repeat, and padding them lost on an H100 (docs/decisions.md).
+    (:func:`pets.batch.build_batch`), so outputs do not change. A sequence that already has
+    its bucket's length takes the padded layout too (with no pads): packed, it was a shape of
+    its own that the start-up warm-up did not capture (on an H100 every exact 128-token
+    request of a new task kind paid an eager forward and a capture). Batches of several
+    sequences are left packed: their keys also depend on which tasks meet in them, so they
+    seldom repeat, and padding them lost on an H100 (docs/decisions.md).
 
     Args:
         length: the sequence's tokens (<= ``max_len``).
         max_len: the longest sequence the engine accepts.
 
     Returns:
-        the bucket length, or 0 when the sequence already has it (the packed layout is
-        that shape).
+        the bucket length (>= ``length``).
     """
-    bucket = min(_ladder(length), max_len)
-    return 0 if length == bucket else bucket
+    return min(_ladder(length), max_len)
 
 
 def bucket_lengths(max_len: int) -> list[int]:
