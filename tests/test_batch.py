@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pets.batch import build_batch
+from pets.batch import build_batch, pad_rows
 
 CPU = torch.device("cpu")
 
@@ -130,3 +130,18 @@ def test_pad_to_longer_than_every_sequence() -> None:
 def test_pad_to_shorter_than_a_sequence_is_refused() -> None:
     with pytest.raises(ValueError, match=r"^pad_to=3 is shorter than a sequence of 4 tokens$"):
         build_batch(INTERLEAVED, INTERLEAVED_SLOTS, CPU, pad_to=3)
+
+
+@pytest.mark.parametrize("lengths", [[5], [16], [1], [3, 16, 7], [16, 16], [2, 9, 16, 1]], ids=str)
+def test_pad_rows_places_each_sequence_at_its_slot(lengths: list[int]) -> None:
+    """pad_rows (the reused padded batch's token ids) against a per-sequence copy, on the
+    general path and the shortcuts for one sequence and for sequences without pads."""
+    pad_to = 16
+    rng = np.random.default_rng(len(lengths))
+    seqs = [rng.integers(1, 1000, size=n) for n in lengths]
+    want = np.zeros(len(seqs) * pad_to, dtype=np.int64)
+    for b, seq in enumerate(seqs):
+        want[b * pad_to : b * pad_to + len(seq)] = seq
+    got = pad_rows(np.concatenate(seqs), np.array(lengths, dtype=np.int64), pad_to)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, want)

@@ -86,8 +86,15 @@ def pad_rows(real: np.ndarray, valid: np.ndarray, pad_to: int) -> np.ndarray:
         pad_to: the padded length.
 
     Returns:
-        ``[B * pad_to]`` of ``real``'s dtype: sequence ``b`` at ``b * pad_to``.
+        ``[B * pad_to]`` of ``real``'s dtype: sequence ``b`` at ``b * pad_to`` (``real``
+        itself when every sequence is ``pad_to`` long).
     """
+    if real.shape[0] == len(valid) * pad_to:  # every sequence full: already in place
+        return real
+    if len(valid) == 1:  # one request, the common padded batch: skip the index arithmetic
+        flat = np.zeros(pad_to, dtype=real.dtype)
+        flat[: real.shape[0]] = real
+        return flat
     starts = np.cumsum(valid) - valid  # of each sequence in `real`
     dest = np.repeat(np.arange(len(valid)) * pad_to - starts, valid) + np.arange(real.shape[0])
     flat = np.zeros(len(valid) * pad_to, dtype=real.dtype)
