@@ -161,15 +161,16 @@ def test_pools_moving_drops_graphs(store: Path, tmp_path: Path, weights: Any) ->
 
 
 def test_nearby_lengths_replay_one_graph(store: Path, engines: Any) -> None:
-    """Single requests of 17-23 tokens all pad to the 24-token bucket: one capture, replays
-    from then on, each equal to eager on the same padded layout and close to the packed one."""
+    """Single requests of 17-24 tokens all pad to the 24-token bucket (24 itself with no
+    pads): one capture, replays from then on, each equal to eager on the same padded layout
+    and close to the packed one."""
     _, eager = engines
     graphed = _engine(store, 1)  # a fresh capture budget: earlier tests may have spent it
     rng = np.random.default_rng(5)
     try:
         for name in ("t_lora", "emb_lora", "t_maskbert"):
             before = graphed.graphs.summary()
-            for n in (17, 20, 23, 18, 21, 19):
+            for n in (17, 20, 24, 18, 21, 19, 23):
                 ids = rng.integers(1000, 2000, size=(1, n), dtype=np.int64)
                 req = [{"TASK": np.array([[name.encode()]], dtype=object), "INPUT_IDS": ids}]
                 (got,) = graphed.execute(req)
@@ -184,7 +185,7 @@ def test_nearby_lengths_replay_one_graph(store: Path, engines: Any) -> None:
             after = graphed.graphs.summary()
             print(name, after)
             assert after["captures"] - before["captures"] == 1, (name, before, after)
-            assert after["replays"] - before["replays"] == 4, (name, before, after)
+            assert after["replays"] - before["replays"] == 5, (name, before, after)
     finally:
         graphed.close()
 
@@ -199,11 +200,11 @@ def test_warm_up_captures_at_start_and_requests_replay(store: Path, engines: Any
         print(warm)
         assert warm["captures"] == 4 * len(kinds) and warm["replays"] == 0, warm
         rng = np.random.default_rng(9)
-        for n in (20, 40):
+        for n in (20, 40, 48):  # 48 fills its bucket: the warmed graph serves it too
             ids = rng.integers(1000, 2000, size=(1, n), dtype=np.int64)
             req = [{"TASK": np.array([[b"t_lora"]], dtype=object), "INPUT_IDS": ids}]
             _same(graphed.execute(req), eager.execute(req))
         after = graphed.graphs.summary()
-        assert after["replays"] == 2 and after["captures"] == warm["captures"], after
+        assert after["replays"] == 3 and after["captures"] == warm["captures"], after
     finally:
         graphed.close()
