@@ -229,3 +229,17 @@ def test_batch_without_the_row_order_is_refused(bitmask_engine, backbone):
 def test_maskbert_format_is_checked():
     with pytest.raises(ConfigError, match=r"MASKBERT_FORMAT='bits'; expected one of auto, csr"):
         EngineConfig.from_parameters({"MASKBERT_FORMAT": "bits"})
+
+
+def test_qkv_bias_stays_out_of_the_gemm_when_tokens_skip_it(bitmask_engine, backbone):
+    """A bit-mask MaskBERT task's tokens skip the shared GEMM, so a batch holding one keeps
+    the per-segment bias pass even where every task takes the backbone's biases."""
+    eng = bitmask_engine
+    reg, enc = eng.registry, eng.encoder
+    ids = _seqs(np.random.default_rng(4), 2, backbone.spec.vocab)
+    slots = [reg.slot_of("demo_lora"), reg.slot_of("demo_maskbert")]
+    prepared = enc.prepare(enc.batch(ids, slots))
+    rows = reg.slots.segments(prepared.batch.seg_task_cpu)
+    assert not rows.bias.any() and not (rows.scale > 0).any()  # only the GEMM rows differ
+    assert prepared.batch.shared_rows < prepared.batch.num_tokens
+    assert not prepared.sp.shared_bias

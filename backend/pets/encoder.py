@@ -47,8 +47,8 @@ class SegmentParams:
     bias: torch.Tensor
     ln: torch.Tensor
     scale: torch.Tensor | None  # None when no segment uses IA3 scales
-    # every segment takes the backbone's biases (slot 0) and no IA3 scales: the qkv bias
-    # rides in the shared GEMM's epilogue and the separate bias pass is skipped
+    # every token takes the shared GEMM and the backbone's biases (slot 0), and no segment
+    # IA3 scales: the qkv bias rides in the GEMM's epilogue, no separate bias pass
     shared_bias: bool = False
 
 
@@ -203,7 +203,9 @@ class SharedEncoder:
                 bias=to_device(rows.bias),
                 ln=to_device(rows.ln),
                 scale=to_device(rows.scale) if scaled else None,
-                shared_bias=not scaled and not bool(rows.bias.any()),
+                shared_bias=not scaled
+                and not bool(rows.bias.any())
+                and batch.shared_rows == batch.num_tokens,
             )
             head = self.heads.plan(
                 batch.cu_seqlens,
@@ -339,7 +341,7 @@ class SharedEncoder:
     ) -> torch.Tensor:
         K = self.ctx.ops
         bias, scale = self.ctx.bias.tables, self.ctx.scale.tables
-        if sp.shared_bias and batch.shared_rows == x.shape[0]:  # bias in the GEMM epilogue
+        if sp.shared_bias:  # the bias in the GEMM epilogue
             qkv = self._linear("qkv", layer, x, batch, active, bias=bias["qkv"][layer, 0])
         else:
             qkv = self._linear("qkv", layer, x, batch, active)
