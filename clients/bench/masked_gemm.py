@@ -27,6 +27,7 @@ import torch
 import petops
 from clients.bench.bench_ops import graph_time
 from clients.bench.results import add_out_argument, start_run
+from clients.pets_client import parse_point
 from petops import ops
 from petops.reference import pack_mask_words
 
@@ -43,11 +44,14 @@ def gpu_us(fn: Callable[[], object], iters: int) -> float:
 
 
 def parse_groups(text: str) -> list[tuple[int, int]]:
-    """``"16x1024,64x64"`` -> ``[(16, 1024), (64, 64)]`` (items, tokens per item)."""
+    """``"16x1024,64x64"`` -> ``[(16, 1024), (64, 64)]`` (items, tokens per item), read with
+    :func:`clients.pets_client.parse_point`; a drawn length (``LO:HI``) is refused."""
     out = []
     for part in text.split(","):
-        items, _, tokens = part.partition("x")
-        out.append((int(items), int(tokens)))
+        items, tokens = parse_point(part, "--groups")
+        if not tokens.isdigit():
+            raise SystemExit(f"--groups entry {part!r}: tokens per item must be one number")
+        out.append((items, int(tokens)))
     return out
 
 
