@@ -255,3 +255,23 @@ def test_served_fig8_quick(tmp_path):
     assert all(float(r["seq_per_s"]) > 0 for r in rows)
     assert (folder / "fig8_online.png").stat().st_size > 5000
     assert json.loads((folder / "manifest.json").read_text())["status"] == "ok"
+
+
+def test_fig8_online_without_tritonclient_stops_before_the_server(monkeypatch, tmp_path):
+    """A host without tritonclient (the offline GPU host, 2026-12-07) learns it at once, not
+    after the 17-model server has started."""
+    import argparse
+
+    from clients.paper import fig8_online
+
+    def no_client(*a, **k):
+        raise ImportError("No module named 'tritonclient'")
+
+    def must_not_run(*a, **k):
+        raise AssertionError("the repository was written before the client check")
+
+    monkeypatch.setattr(fig8_online, "client_module", no_client)
+    monkeypatch.setattr(fig8_online, "write_repository", must_not_run)
+    args = argparse.Namespace(quick=True, tasks=None, seq=None, rounds=None, gpu=False)
+    with pytest.raises(SystemExit, match="tritonclient"):
+        fig8_online.run(args, out=None)

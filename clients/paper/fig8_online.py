@@ -145,6 +145,13 @@ def run(args: argparse.Namespace, out: Run) -> dict[str, Any]:
     args.seq = args.seq or (16 if q else 128)
     args.rounds = args.rounds or (5 if q else 30)
     gpu = torch.cuda.is_available() if args.gpu is None else args.gpu
+    try:  # before the repository and the 17-model server: fail in a second, not a minute
+        client_module("grpc", aio=True)
+    except ImportError as exc:
+        raise SystemExit(
+            f"fig8_online needs tritonclient[grpc] ({exc}); `make setup` installs it, an "
+            "offline host takes its wheels from .whl/ (docs/deploy.md)"
+        ) from None
     tmp = Path(tempfile.mkdtemp(prefix="pets-f8-"))
     names = write_repository(
         tmp / "repo", args.model, max(tasks_grid), parse_types(args.pet_types), gpu, args.seed
