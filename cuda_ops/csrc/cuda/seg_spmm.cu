@@ -40,13 +40,51 @@ __device__ __forceinline__ void axpy_row(float (&acc)[TM], float v, const XS* __
   }
 }
 
+// Stage rows [row0, row0 + len) of x (zeros past len) transposed into xs[k * TM + m]. With
+// 16-byte rows (every BERT width) each thread brings whole 16-byte vectors along k, kBatch of
+// them in flight before it scatters them: a 2-byte load per element, one at a time, left the
+// walk waiting on the staging (up to 3072 x 16 elements per tile, 192 loads per thread).
+// Neighbouring threads take neighbouring tokens, so the scattered stores hit few banks twice.
+template <typename T, int TM>
+__device__ __forceinline__ void stage_tile(T* __restrict__ xs, const T* __restrict__ x,
+                                           int64_t row0, int len, int k_dim, bool vec) {
+  constexpr int V = 16 / sizeof(T);
+  constexpr int kBatch = 4;
+  if (vec) {
+    const int n = TM * (k_dim / V);  // (token, vector) pairs, token fastest
+    for (int e0 = threadIdx.x; e0 < n; e0 += kBatch * kThreads) {
+      uint4 v[kBatch];
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        const int e = e0 + b * kThreads, m = e % TM, c = e / TM;
+        v[b] = e < n && m < len ? *reinterpret_cast<const uint4*>(x + (row0 + m) * k_dim + c * V)
+                                : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        const int e = e0 + b * kThreads, m = e % TM, c = e / TM;
+        if (e < n) {
+          const T* u = reinterpret_cast<const T*>(&v[b]);
+#pragma unroll
+          for (int j = 0; j < V; ++j) xs[(c * V + j) * TM + m] = u[j];
+        }
+      }
+    }
+    return;
+  }
+  for (int e = threadIdx.x; e < TM * k_dim; e += kThreads) {
+    const int m = e / k_dim, k = e % k_dim;
+    xs[k * TM + m] = m < len ? x[(row0 + m) * k_dim + k] : T(0.f);
+  }
+}
+
 template <typename T, int TM>
 __global__ void __launch_bounds__(kThreads)
     seg_spmm_kernel(T* __restrict__ y, const T* __restrict__ x, const int* __restrict__ seg_indptr,
                     const int* __restrict__ item_seg, const int64_t* __restrict__ rowptr_off,
                     const int64_t* __restrict__ rowptr, const int* __restrict__ indices,
                     const T* __restrict__ values, const T* __restrict__ dense_w, float alpha,
-                    int n_items, int n_out, int k_dim) {
+                    int n_items, int n_out, int k_dim, bool x_vec) {
   extern __shared__ __align__(16) char smem[];
   T* xs = reinterpret_cast<T*>(smem);  // [k_dim][TM]
   int* prefix = reinterpret_cast<int*>(smem + static_cast<int64_t>(k_dim) * TM * sizeof(T));
@@ -64,10 +102,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t row0 = seg_indptr[s] + static_cast<int64_t>(u - prefix[i]) * TM;
     const int len = min(TM, static_cast<int>(seg_indptr[s + 1] - row0));
     __syncthreads();  // previous unit's tile fully consumed
-    for (int e = threadIdx.x; e < TM * k_dim; e += kThreads) {
-      const int m = e / k_dim, k = e % k_dim;
-      xs[k * TM + m] = m < len ? x[(row0 + m) * k_dim + k] : T(0.f);
-    }
+    stage_tile<T, TM>(xs, x, row0, len, k_dim, x_vec);
     __syncthreads();
     const int64_t* rp = rowptr + rowptr_off[i];
     for (int o = threadIdx.x; o < n_out; o += kThreads) {
@@ -115,7 +150,8 @@ void launch_seg_spmm(const GroupedArgs& a, double alpha, cudaStream_t stream) {
       a.y.data_ptr<T>(), a.x.data_ptr<T>(), a.seg_indptr.data_ptr<int>(),
       a.item_seg.data_ptr<int>(), a.item_w_off.data_ptr<int64_t>(), a.rowptr.data_ptr<int64_t>(),
       a.indices.data_ptr<int>(), ptr_or_null<T>(a.values), ptr_or_null<T>(a.dense_w),
-      static_cast<float>(alpha), n_items, static_cast<int>(n_out), static_cast<int>(k_dim));
+      static_cast<float>(alpha), n_items, static_cast<int>(n_out), static_cast<int>(k_dim),
+      (k_dim * sizeof(T)) % 16 == 0 && reinterpret_cast<uintptr_t>(a.x.data_ptr()) % 16 == 0);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
