@@ -114,3 +114,22 @@ def test_served_output_matches_the_oracle(
         assert effect > 1e-2, f"{pet}: the PET has no visible effect ({effect:.2e})"
     else:
         assert effect <= ATOL, f"{pet} declares changes_output=False but moved it by {effect}"
+
+
+def test_diff_pruning_positions_are_distinct_sorted_and_uniform() -> None:
+    """Diff-Pruning's random positions: exactly ``k`` distinct, sorted, every position about
+    equally likely (the draw-and-deduplicate sampler must not favour any)."""
+    from pets.pet.diff_pruning import sample_positions
+
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((3072 * 768, 23592), (100, 0), (100, 1), (100, 50), (100, 51), (100, 100)):
+        got = sample_positions(n, k, g)
+        assert got.numel() == k and got.unique().numel() == k
+        assert bool((got[1:] > got[:-1]).all()) and (k == 0 or 0 <= int(got[0]) <= int(got[-1]) < n)
+    counts = torch.zeros(100)
+    for _ in range(4000):
+        counts[sample_positions(100, 10, g)] += 1
+    # 400 expected per position, binomial sd about 19: 6 sd either side
+    assert 286 < counts.min() and counts.max() < 514, (counts.min(), counts.max())
+    with pytest.raises(ValueError, match="cannot pick 5 distinct positions of 4"):
+        sample_positions(4, 5, g)

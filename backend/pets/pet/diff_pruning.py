@@ -55,6 +55,25 @@ def check_flat_indices(name: str, idx: torch.Tensor, numel: int) -> None:
         raise TaskError(f"tensor {name!r} repeats positions; each weight may appear once")
 
 
+def sample_positions(n: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """``k`` distinct positions of ``range(n)``, uniformly at random, sorted (int64 ``[k]``).
+
+    Draws with replacement and drops repeats until ``k`` distinct remain, then keeps a
+    uniform ``k`` of them: O(k log k) where ``torch.randperm(n)`` is O(n), which on a
+    bert-base FFN weight (2.4 M positions, 1% kept) is about 40x the work."""
+    if not 0 <= k <= n:
+        raise ValueError(f"cannot pick {k} distinct positions of {n}; expected 0 <= k <= n")
+    if 2 * k > n:  # dense: a permutation is as cheap and needs no retries
+        return torch.randperm(n, generator=g)[:k].sort().values
+    got = torch.empty(0, dtype=torch.int64)
+    while got.numel() < k:
+        extra = torch.randint(n, (k - got.numel() + k // 32 + 16,), generator=g)
+        got = torch.unique(torch.cat([got, extra]))  # sorted
+    if got.numel() > k:
+        got = got[torch.randperm(got.numel(), generator=g)[:k]].sort().values
+    return got
+
+
 @register_pet
 class DiffPruning(PetMethod):
     name = "diff_pruning"
@@ -76,7 +95,7 @@ class DiffPruning(PetMethod):
             for m in MODULES:
                 out, inp = module_shape(spec, m)
                 nnz = max(1, int(options.get("density", 0.01) * out * inp))
-                idx = torch.randperm(out * inp, generator=g)[:nnz].sort().values
+                idx = sample_positions(out * inp, nnz, g)
                 t[layer_key(i, m, IDX)] = idx.to(torch.int32)
                 t[layer_key(i, m, VAL)] = torch.randn(nnz, generator=g) * 0.05
         return {k: v for k, v in options.items() if k != "density"}, t

@@ -80,7 +80,9 @@ class MaskBert(PetMethod):
         for i in range(spec.layers):
             for m in MODULES:
                 out, inp = module_shape(spec, m)
-                keep = torch.from_numpy(rng.random((out, inp)) >= options.get("density", 0.05))
+                keep = torch.from_numpy(
+                    rng.random((out, inp), dtype=np.float32) >= options.get("density", 0.05)
+                )
                 t[layer_key(i, m, MASK)] = pack_mask(keep)
         return {k: v for k, v in options.items() if k != "density"}, t
 
