@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from oracle import ATOL, base_model, oracle_output, task_model
 
 from petops import compiled_available
 from pets import kernels
+from pets.backbone import SITES
 from pets.engine import Engine, EngineConfig
 from pets.errors import ConfigError
 from pets.heads import HeadConfig
@@ -243,3 +245,58 @@ def test_qkv_bias_stays_out_of_the_gemm_when_tokens_skip_it(bitmask_engine, back
     assert not rows.bias.any() and not (rows.scale > 0).any()  # only the GEMM rows differ
     assert prepared.batch.shared_rows < prepared.batch.num_tokens
     assert not prepared.sp.shared_bias
+
+
+def test_ffn_gelu_rides_in_the_gemm_only_where_no_plan_changes_it(engine, backbone):
+    """On CUDA the ffn_in bias and GELU go into the GEMM's epilogue when the batch takes the
+    backbone's biases and no plan changes that GEMM's output (``SegmentParams.gelu_in_gemm``).
+    Forced on here (CPU: torch computes the same op with the exact GELU), the decision follows
+    the plans' ``linear_sites`` and the fused path gives the unfused path's output."""
+    enc = engine.encoder
+    reg = engine.registry
+    ids = _seqs(np.random.default_rng(5), 2, backbone.spec.vocab)
+    cases = (
+        (["demo_lora"], True),  # query + value only
+        (["demo_lora", "demo_adapter"], True),
+        (["lora_r32"], False),  # adapts intermediate.dense: a delta before the GELU
+        (["demo_lora", "demo_diff_pruning"], False),
+        (["demo_bitfit"], False),  # its own biases
+    )
+    saved = enc.gelu_epilogue
+    try:
+        for tasks, want in cases:
+            slots = [reg.slot_of(t) for t in tasks]
+            batch = enc.batch(ids[: len(slots)], slots)
+            enc.gelu_epilogue = False
+            unfused = enc.prepare(batch)
+            assert not unfused.sp.gelu_in_gemm
+            enc.gelu_epilogue = True
+            fused = enc.prepare(batch)
+            assert fused.sp.gelu_in_gemm is want, tasks
+            np.testing.assert_allclose(
+                enc.compute(fused).numpy(), enc.compute(unfused).numpy(), atol=1e-5, rtol=0
+            )
+    finally:
+        enc.gelu_epilogue = saved
+
+
+def test_linear_sites_name_every_site_a_plan_changes(engine, task_store, backbone):
+    """``linear_sites`` is the contract the fused GELU rests on: ``apply_linear`` leaves the
+    GEMM output of every other site untouched, and changes the ones named."""
+    enc, reg = engine.encoder, engine.registry
+    ids = _seqs(np.random.default_rng(6), 1, backbone.spec.vocab)
+    changed_somewhere = set()
+    for name in list_tasks(task_store):
+        prepared = enc.prepare(enc.batch(ids, [reg.slot_of(name)]))
+        for method, plan in prepared.active:
+            named = set(method.linear_sites(plan))
+            for site in SITES:
+                w = enc.w.linear[site][0]
+                x = torch.randn(prepared.batch.num_tokens, w.shape[1])
+                y = torch.zeros(prepared.batch.num_tokens, w.shape[0])
+                method.apply_linear(plan, site, 0, x, y)
+                moved = bool(y.abs().max() > 0)
+                assert moved <= (site in named), f"{name}: {site} changed but not named"
+                if moved:
+                    changed_somewhere.add(method.name)
+    assert {"lora", "diff_pruning", "maskbert"} <= changed_somewhere

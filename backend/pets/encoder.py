@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from petops.reference import ACTIVATIONS
+from petops.reference import ACT_GELU, ACT_GELU_TANH, ACTIVATIONS
 
 from .batch import Batch, build_batch
 from .heads import HeadPlan
@@ -50,6 +50,9 @@ class SegmentParams:
     # every token takes the shared GEMM and the backbone's biases (slot 0), and no segment
     # IA3 scales: the qkv bias rides in the GEMM's epilogue, no separate bias pass
     shared_bias: bool = False
+    # shared_bias, and no plan changes the ffn_in GEMM's output: its bias and GELU ride in
+    # the GEMM's cuBLASLt epilogue (CUDA only, see SharedEncoder.gelu_epilogue)
+    gelu_in_gemm: bool = False
 
 
 @dataclass
@@ -127,6 +130,10 @@ class SharedEncoder:
                 f"supported: {sorted(ACTIVATIONS)}"
             )
         ctx = self.ctx
+        # cuBLASLt's GEMM epilogue computes GELU in its tanh form (so does torch's CUDA
+        # fallback for this op): exact for gelu_new, within fp16 rounding of the exact
+        # (erf) GELU, as TensorRT's and FasterTransformer's BERTs do (docs/decisions.md)
+        self.gelu_epilogue = ctx.device.type == "cuda" and self.act in (ACT_GELU, ACT_GELU_TANH)
         self.use_varlen = (
             _varlen_attn is not None
             and ctx.device.type == "cuda"
@@ -199,13 +206,17 @@ class SharedEncoder:
                 for method, plan in transforms:  # the output sites will run unfused
                     method.prepare_unfused(plan)
             scaled = bool((rows.scale > 0).any())
+            shared_bias = (
+                not scaled and not bool(rows.bias.any()) and batch.shared_rows == batch.num_tokens
+            )
             sp = SegmentParams(
                 bias=to_device(rows.bias),
                 ln=to_device(rows.ln),
                 scale=to_device(rows.scale) if scaled else None,
-                shared_bias=not scaled
-                and not bool(rows.bias.any())
-                and batch.shared_rows == batch.num_tokens,
+                shared_bias=shared_bias,
+                gelu_in_gemm=shared_bias
+                and self.gelu_epilogue
+                and not any("ffn_in" in m.linear_sites(p) for m, p in active),
             )
             head = self.heads.plan(
                 batch.cu_seqlens,
@@ -357,16 +368,20 @@ class SharedEncoder:
         a = self._attention(qkv, batch)
         y = self._linear("attn_out", layer, a, batch, active)
         h = self._output("attn_out", "attn_ln", layer, y, x, batch, sp, active)
-        i = self._linear("ffn_in", layer, h, batch, active)
-        i = K.bias_act(
-            i,
-            bias["ffn_in"][layer],
-            batch.seg_indptr,
-            sp.bias,
-            None if sp.scale is None else scale["ffn_in"][layer],
-            sp.scale,
-            self.act,
-        )
+        if sp.gelu_in_gemm:  # no delta at ffn_in: bias and GELU in the GEMM's epilogue
+            w = self.w.linear["ffn_in"][layer]
+            i = torch._addmm_activation(bias["ffn_in"][layer, 0], h, w.t(), use_gelu=True)
+        else:
+            i = self._linear("ffn_in", layer, h, batch, active)
+            i = K.bias_act(
+                i,
+                bias["ffn_in"][layer],
+                batch.seg_indptr,
+                sp.bias,
+                None if sp.scale is None else scale["ffn_in"][layer],
+                sp.scale,
+                self.act,
+            )
         o = self._linear("ffn_out", layer, i, batch, active)
         return self._output("ffn_out", "ffn_ln", layer, o, h, batch, sp, active)
 

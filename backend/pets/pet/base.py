@@ -30,7 +30,7 @@ slot groups and a method only says which rows it wants (:class:`LoadedTask`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from types import ModuleType
 from typing import Any, ClassVar, TypeVar
@@ -306,6 +306,13 @@ class PetMethod(ABC):
         The default adds nothing (BitFit, IA3 and "none" act only through the epilogue).
         """
         return None
+
+    def linear_sites(self, plan: Any) -> Collection[str]:
+        """The sites (of ``backbone.SITES``) whose GEMM output :meth:`apply_linear` changes
+        for ``plan``. The encoder fuses a site's activation into its shared GEMM only where
+        no plan of the batch changes that GEMM's output. Types that override
+        :meth:`apply_linear` must override this too; the default is none."""
+        return ()
 
     def apply_output(self, plan: Any, site: str, layer: int, h: torch.Tensor) -> None:
         """Transform ``h`` (``[T, H]``, output site after bias, before residual+LN) in place.

@@ -15,12 +15,12 @@ No hyper-parameters (an imported task's ``density`` is informational). :meth:`ge
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any, ClassVar
 
 import torch
 
-from ..backbone import BackboneWeights
+from ..backbone import SITES, BackboneWeights
 from ..batch import Batch
 from ..errors import TaskError
 from .base import CostDims, LoadedTask, PetContext, PetCost, PetMethod, register_pet
@@ -193,3 +193,6 @@ class DiffPruning(PetMethod):
         self, plan: SitePlan, site: str, layer: int, x: torch.Tensor, y: torch.Tensor
     ) -> None:
         self.store.apply(plan, site, layer, x, y, None, 1.0)
+
+    def linear_sites(self, plan: SitePlan) -> Collection[str]:
+        return SITES  # a task may change any weight of any linear

@@ -16,7 +16,7 @@ Tensors (PEFT layout; the same modules at every layer):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -315,6 +315,9 @@ class Lora(PetMethod):
 
     def _upload(self, a: np.ndarray, dtype: type) -> torch.Tensor:
         return self.ctx.to_device(torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)))
+
+    def linear_sites(self, plan: LoraPlan) -> Collection[str]:
+        return plan.sites.keys()  # the sites where some task of the batch adapts a module
 
     def apply_linear(
         self, plan: LoraPlan, site: str, layer: int, x: torch.Tensor, y: torch.Tensor

@@ -30,6 +30,7 @@ random task masks out.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any, ClassVar
 
 import numpy as np
@@ -174,6 +175,9 @@ class MaskBert(PetMethod):
             self.store.prepare(batch, csr) if csr.numel() else None,
             self.bitmaps.prepare(batch, bitmap) if bitmap.numel() else None,
         )
+
+    def linear_sites(self, plan: tuple[SitePlan | None, SitePlan | None]) -> Collection[str]:
+        return SITES  # both forms change every linear's output
 
     def apply_linear(
         self,
