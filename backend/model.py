@@ -14,7 +14,6 @@ import inspect
 import json
 import logging
 import os
-import sys
 import threading
 import traceback
 from collections import Counter
@@ -140,9 +139,6 @@ def _route_engine_logs() -> None:
     logger.propagate = False
 
 
-GIL_SWITCH_S = 2e-4  # CPython's GIL switch interval in the stub while metrics are pushed
-
-
 class _MetricsPusher:
     """Pushes the engine's per-task counters into ``pb_utils.MetricFamily`` series.
 
@@ -169,11 +165,6 @@ class _MetricsPusher:
         self._rejected: set[tuple[str, str]] = set()
         self._backbone_sent = False
         self._lock = threading.Lock()  # one flush at a time (the thread and close)
-        # Each update is a round trip to the server inside Triton's Metric.increment/set,
-        # which holds the GIL while it waits. A flush of a few hundred series then kept an
-        # execute waiting for the GIL until CPython's switch interval (5 ms) ran out; a
-        # shorter interval bounds that wait to about one update.
-        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_S))
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._loop, args=(interval_s,), name="pets-metrics", daemon=True
