@@ -3,7 +3,7 @@
 Per layer (DESIGN.md §4)::
 
     qkv  = x @ Wqkv.T   (+ sparse / LoRA deltas)  -> bias (+IA3 scale)          [T, 3H]
-    a    = attention(qkv)              (packed memory-efficient on CUDA, else padded SDPA)
+    a    = attention(qkv)                       (varlen flash on CUDA, else padded SDPA)
     h    = LN(a @ Wo.T (+ deltas) + b [+ adapter] + x)                           [T, H]
     i    = act(h @ W1.T (+ deltas) + b) (* IA3 scale)                            [T, F]
     x    = LN(i @ W2.T (+ deltas) + b [+ adapter] + h)                           [T, H]
@@ -34,21 +34,10 @@ from .pet import PetMethod
 from .pet.base import OutputEpilogue
 from .registry import TaskRegistry
 
-
-def _packed_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
-) -> torch.Tensor:
-    """Padding-free attention over packed sequences (CUDA). q, k, v ``[T, nh, hd]`` (any
-    strides with the last one 1: views of the QKV GEMM's output), ``cu_seqlens`` int32
-    ``[B + 1]``. Returns ``[T, nh, hd]``.
-
-    PyTorch's memory-efficient (CUTLASS) kernel in its variable-length form: its 64 x 64
-    tiles fit BERT's short sequences, where FlashAttention-2's 128-row tiles run half
-    empty (docs/decisions.md: 2x faster at 64-token sequences on an H200)."""
-    out = torch.ops.aten._efficient_attention_forward(
-        q[None], k[None], v[None], None, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, 0
-    )[0]
-    return out[0]
+try:  # padding-free flash attention (torch >= 2.9, CUDA)
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # pragma: no cover - depends on the torch build
+    _varlen_attn = None  # type: ignore[assignment]
 
 
 @dataclass
@@ -145,7 +134,11 @@ class SharedEncoder:
         # fallback for this op): exact for gelu_new, within fp16 rounding of the exact
         # (erf) GELU, as TensorRT's and FasterTransformer's BERTs do (docs/decisions.md)
         self.gelu_epilogue = ctx.device.type == "cuda" and self.act in (ACT_GELU, ACT_GELU_TANH)
-        self.packed_attention = ctx.device.type == "cuda"
+        self.use_varlen = (
+            _varlen_attn is not None
+            and ctx.device.type == "cuda"
+            and ctx.dtype in (torch.float16, torch.bfloat16)
+        )
         self.streams = (
             ShadowStreams(shadow_streams, ctx.device)
             if shadow_streams > 0 and ctx.device.type == "cuda"
@@ -397,8 +390,12 @@ class SharedEncoder:
         t = qkv.shape[0]
         nh, hd = self.spec.heads, self.spec.head_dim
         q, k, v = qkv.view(t, 3, nh, hd).unbind(1)  # each [T, nh, hd]
-        if self.packed_attention and batch.valid_lens is None:
-            return _packed_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen).reshape(t, -1)
+        if self.use_varlen and batch.valid_lens is None:
+            out = _varlen_attn(
+                q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_seqlen, batch.max_seqlen
+            )
+            assert isinstance(out, torch.Tensor)  # no aux outputs requested
+            return out.reshape(t, nh * hd)
         b, lmax = batch.num_seqs, batch.max_seqlen
         if b * lmax == t:  # every sequence as long (equal lengths, or the padded layout)
             qb, kb, vb = (u.view(b, lmax, nh, hd).transpose(1, 2) for u in (q, k, v))
@@ -408,7 +405,7 @@ class SharedEncoder:
                 mask = (cols[None, :] < batch.valid_lens[:, None])[:, None, None, :]
             o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)  # [B, nh, L, hd]
             return o.transpose(1, 2).reshape(t, nh * hd)
-        # Ragged packed batch without packed attention (CPU): scatter into [B, L, ...].
+        # Ragged packed batch without varlen attention (CPU): scatter into [B, L, ...].
         lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
         seq = torch.repeat_interleave(torch.arange(b, device=qkv.device), lengths, output_size=t)
         pos = batch.positions
