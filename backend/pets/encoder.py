@@ -131,9 +131,14 @@ class SharedEncoder:
             )
         ctx = self.ctx
         # cuBLASLt's GEMM epilogue computes GELU in its tanh form (so does torch's CUDA
-        # fallback for this op): exact for gelu_new, within fp16 rounding of the exact
-        # (erf) GELU, as TensorRT's and FasterTransformer's BERTs do (docs/decisions.md)
-        self.gelu_epilogue = ctx.device.type == "cuda" and self.act in (ACT_GELU, ACT_GELU_TANH)
+        # fallback for this op): exact for gelu_new, within half-precision rounding of the
+        # exact (erf) GELU, as TensorRT's and FasterTransformer's BERTs do
+        # (docs/decisions.md); float32 keeps the exact form, where the gap would show
+        self.gelu_epilogue = (
+            ctx.device.type == "cuda"
+            and ctx.dtype in (torch.float16, torch.bfloat16)
+            and self.act in (ACT_GELU, ACT_GELU_TANH)
+        )
         self.use_varlen = (
             _varlen_attn is not None
             and ctx.device.type == "cuda"
