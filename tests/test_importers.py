@@ -318,6 +318,26 @@ def test_refuse_unsupported_target(backbone, tmp_path, seeded_store):
     )
 
 
+def test_modules_to_save_refused_only_where_the_file_holds_copies(backbone, tmp_path, seeded_store):
+    """A trained copy of a shared module (here every LayerNorm) is refused by name; a listed
+    name that matched no module saved nothing and is ignored (PEFT >= 0.22 lists
+    DistilBERT's ``pre_classifier`` for every classification model)."""
+    cfg = LoraConfig(r=4, target_modules=["query"], modules_to_save=["classifier", "LayerNorm"],
+                     init_lora_weights=False)  # fmt: skip
+    get_peft_model(_cls_model(backbone), cfg).save_pretrained(tmp_path / "ln")
+    _refused(
+        seeded_store,
+        lambda: import_peft(seeded_store, "ln", tmp_path / "ln", backbone),
+        r"modules_to_save \['LayerNorm'\] are trained copies",
+    )
+    _lora_adapter(backbone, tmp_path / "ghost")
+    meta = json.loads((tmp_path / "ghost" / "adapter_config.json").read_text())
+    meta["modules_to_save"] = ["classifier", "pre_classifier", "no_such_module"]
+    (tmp_path / "ghost" / "adapter_config.json").write_text(json.dumps(meta))
+    res = import_peft(seeded_store, "ghost", tmp_path / "ghost", backbone)
+    assert res.manifest.head == HeadConfig("classification", num_labels=NUM_LABELS)
+
+
 def test_pooler_lora_without_classifier_is_dropped_with_a_warning(backbone, tmp_path):
     cfg = LoraConfig(r=4, target_modules=["query", "pooler.dense"], init_lora_weights=False)
     get_peft_model(_cls_model(backbone), cfg).save_pretrained(tmp_path / "a")

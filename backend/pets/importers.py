@@ -235,6 +235,22 @@ def convert_peft(
         )
     cls = importable[peft_type]
     cls.check_peft_config(cfg)  # before the tensors: the config says best what is wrong
+    # A name in modules_to_save that matched no module of the trained model saved nothing
+    # (PEFT >= 0.22 lists DistilBERT's `pre_classifier` for every SEQ_CLS/TOKEN_CLS model):
+    # only names whose trained copies the file holds are refused.
+    saved = [f".{_strip(k)}" for k in raw]
+    extra = {
+        n
+        for n in cfg.get("modules_to_save") or []
+        if n not in ("classifier", "pooler", "pooler.dense", "score")
+        and any(f".{n}." in k for k in saved)
+    }
+    if extra:
+        raise TaskError(
+            f"modules_to_save {sorted(extra)} are trained copies of backbone modules "
+            "the engine shares between tasks; only 'classifier' and 'pooler' can be "
+            "per-task. Retrain without them, or merge and use `pets import-finetuned`"
+        )
     layer_re = _layer_re()
     markers = [c.peft_marker for c in importable.values()]
     tensors: dict[str, torch.Tensor] = {}
@@ -291,18 +307,6 @@ def convert_peft(
         )
     hparams = cls.peft_hparams(cfg, tensors, sorted(modules))
     pet = cls.name
-    extra = set(cfg.get("modules_to_save") or []) - {
-        "classifier",
-        "pooler",
-        "pooler.dense",
-        "score",
-    }
-    if extra:
-        raise TaskError(
-            f"modules_to_save {sorted(extra)} are trained copies of backbone modules "
-            "the engine shares between tasks; only 'classifier' and 'pooler' can be "
-            "per-task. Retrain without them, or merge and use `pets import-finetuned`"
-        )
     the_head = _head(tensors, head, source_head_kind(cfg))
     if pooler_pet:
         if the_head.kind not in POOLED_KINDS:
