@@ -133,3 +133,19 @@ def test_diff_pruning_positions_are_distinct_sorted_and_uniform() -> None:
     assert counts.min() > 286 and counts.max() < 514, (counts.min(), counts.max())
     with pytest.raises(ValueError, match="cannot pick 5 distinct positions of 4"):
         sample_positions(4, 5, g)
+
+
+@pytest.mark.parametrize("shape", [(6, 64), (3, 96), (5, 40), (3, 7)])
+def test_maskbert_keep_words_equal_the_unpacked_mask_repacked(shape: tuple[int, int]) -> None:
+    """MaskBERT's load turns a stored keep-mask into ``seg_masked_mm``'s words: where rows
+    fill whole words by reading the bytes as int32, else by unpacking. Both must equal the
+    numpy unpacking (the oracle's) packed by the reference op."""
+    from petops.reference import pack_mask_words
+    from pets.pet.maskbert import keep_words, pack_mask, set_bits, unpack_bits, unpack_mask
+
+    keep = torch.from_numpy(np.random.default_rng(sum(shape)).random(shape) < 0.7)
+    packed = pack_mask(keep)
+    assert torch.equal(unpack_mask(packed, shape), keep)
+    assert torch.equal(unpack_bits(packed, shape), keep)
+    assert torch.equal(keep_words(packed, shape), pack_mask_words(keep))
+    assert int(set_bits(packed)) == int(keep.sum())

@@ -30,13 +30,16 @@ random task masks out.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Collection
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from ..backbone import SITES, BackboneWeights
+from petops.reference import pack_mask_words
+
+from ..backbone import SITES, BackboneSpec, BackboneWeights
 from ..batch import Batch
 from ..errors import TaskError
 from .base import CostDims, LoadedTask, PetContext, PetCost, PetMethod, register_pet
@@ -61,6 +64,40 @@ def unpack_mask(bits: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     n = shape[0] * shape[1]
     flat = np.unpackbits(bits.numpy(), count=n, bitorder="little")
     return torch.from_numpy(flat.astype(bool)).reshape(shape)
+
+
+def unpack_bits(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """:func:`unpack_mask` in torch, on ``packed``'s device: bool ``[out, in]``, 1 keeps."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed[:, None] >> shifts) & 1  # [nbytes, 8], least significant first
+    return (bits.reshape(-1)[: shape[0] * shape[1]] == 1).view(shape)
+
+
+def set_bits(packed: torch.Tensor) -> torch.Tensor:
+    """How many bits of a uint8 tensor are set: int64 ``[]`` on its device (bitwise on the
+    bytes, no wider temporaries)."""
+    x = packed - ((packed >> 1) & 0x55)
+    x = (x & 0x33) + ((x >> 2) & 0x33)
+    return ((x + (x >> 4)) & 0x0F).sum(dtype=torch.int64)
+
+
+def mask_words_shape(spec: BackboneSpec, module: str) -> tuple[int]:
+    """The shape of a module's mask as ``seg_masked_mm`` words: ``(out * ceil(in / 32),)``."""
+    out, inp = module_shape(spec, module)
+    return (out * ((inp + 31) // 32),)
+
+
+def keep_words(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """A packed ``[out, in]`` keep-mask (bits past ``out * in`` clear) as ``seg_masked_mm``'s
+    int32 words ``[out * ceil(in / 32)]`` (:func:`~petops.reference.pack_mask_words`), on
+    ``packed``'s device. Where rows fill whole words (every BERT width) the stored bytes, read
+    little-endian, already are those words: one copy, nothing unpacked."""
+    out, inp = shape
+    if inp % 32 == 0 and sys.byteorder == "little":
+        words = torch.empty(out * inp // 32, dtype=torch.int32, device=packed.device)
+        words.view(torch.uint8).copy_(packed)
+        return words
+    return pack_mask_words(unpack_bits(packed, shape))
 
 
 @register_pet
@@ -94,7 +131,6 @@ class MaskBert(PetMethod):
 
     def __init__(self, ctx: PetContext) -> None:
         super().__init__(ctx)
-        self._shifts = torch.arange(8, dtype=torch.uint8, device=ctx.device)
         self.store = SparseStore(ctx, with_values=False)
         self.bitmaps = BitmapStore(ctx)
         self.is_bitmap = SlotMeta((), torch.bool, fill=False)  # per slot: which store holds it
@@ -123,39 +159,48 @@ class MaskBert(PetMethod):
     ) -> LoadedTask:
         spec = self.ctx.spec
         loaded = LoadedTask()
-        dropped: dict[tuple[int, str], torch.Tensor] = {}  # masked-out weights, bool [out, in]
+        packed: dict[tuple[int, str], torch.Tensor] = {}  # keep-masks as stored, uint8
         for i in range(spec.layers):
             for module in MODULES:
                 name = layer_key(i, module, MASK)
-                if name in tensors:
+                if name in tensors:  # work where the pools live
                     out, inp = module_shape(spec, module)
-                    packed = tensors[name].to(self.ctx.device)  # unpack where the pools live
-                    bits = (packed[:, None] >> self._shifts) & 1  # [nbytes, 8], LSB first
-                    dropped[(i, module)] = (bits.reshape(-1)[: out * inp] == 0).view(out, inp)
-        as_bitmap = self._use_bitmap(dropped)
+                    packed[(i, module)] = self._clear_padding(tensors[name], out * inp)
+        as_bitmap = self._use_bitmap(packed)
         self.is_bitmap[slot] = as_bitmap
         if as_bitmap:  # the kept weights of every module (an unmasked one keeps all)
             dev = self.ctx.device
             kept = {
-                (i, m): ~dropped[(i, m)]
-                if (i, m) in dropped
-                else torch.ones(module_shape(spec, m), dtype=torch.bool, device=dev)
+                (i, m): keep_words(packed[(i, m)], module_shape(spec, m))
+                if (i, m) in packed
+                else torch.full(mask_words_shape(spec, m), -1, dtype=torch.int32, device=dev)
                 for i in range(spec.layers)
                 for m in MODULES
             }
             self.bitmaps.add(slot, loaded, kept)
             loaded.owns_linear = True
         else:
+            dropped = {k: ~unpack_bits(p, module_shape(spec, k[1])) for k, p in packed.items()}
             flat = {k: (torch.nonzero(d.reshape(-1)).flatten(), None) for k, d in dropped.items()}
             self.store.add(slot, loaded, flat)  # positions come out sorted
         return loaded
 
-    def _use_bitmap(self, dropped: dict[tuple[int, str], torch.Tensor]) -> bool:
+    def _clear_padding(self, packed: torch.Tensor, n: int) -> torch.Tensor:
+        """``packed`` on the device with the bits past the ``n`` weights cleared."""
+        packed = packed.to(self.ctx.device)
+        if n % 8:
+            packed = packed.clone()
+            packed[-1] &= (1 << (n % 8)) - 1
+        return packed
+
+    def _use_bitmap(self, packed: dict[tuple[int, str], torch.Tensor]) -> bool:
         """Whether the bit-mask form is chosen: forced, or smaller than the CSR form."""
         if self.ctx.maskbert_format != "auto":
             return self.ctx.maskbert_format == "bitmask"
         spec = self.ctx.spec
-        csr = 4 * sum(int(d.sum()) for d in dropped.values())  # column indices
+        kept = int(sum(set_bits(p) for p in packed.values())) if packed else 0  # one sync
+        masked = sum(int(np.prod(module_shape(spec, m))) for _, m in packed) - kept
+        csr = 4 * masked  # column indices
         csr += 8 * spec.layers * sum(spec.site_shape(s)[0] + 1 for s in SITES)  # row pointers
         bitmap = spec.layers * sum(  # every site: the bit mask replaces the shared GEMM
             4 * n * ((k + 31) // 32) for n, k in (spec.site_shape(s) for s in SITES)

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 
 import torch
 
-from petops.reference import pack_mask_words
-
 from ..backbone import SITES
 from ..batch import Batch
 from .base import LoadedTask, PetContext
@@ -149,24 +147,29 @@ class BitmapStore(SiteStore):
         """Store one task's selections.
 
         Args:
-            selected: (layer, module) -> bool ``[out_m, in]``: the module's selected weights.
-                Modules of one site stack into the site's rows in block order; absent modules
-                select nothing.
+            selected: (layer, module) -> the module's selected weights as int32 words
+                ``[out_m * ceil(in / 32)]`` in :func:`~petops.reference.pack_mask_words`'
+                layout. Modules of one site stack into the site's rows in block order (their
+                words concatenate); absent modules select nothing.
         """
         spec = self.ctx.spec
         offs = torch.full((spec.layers, len(SITES)), -1, dtype=torch.int64)
         for layer in range(spec.layers):
             for si, site in enumerate(SITES):
-                present = [(m, b) for m, (s, b) in MODULES.items() if s == site]
-                if not any((layer, m) in selected for m, _ in present):
+                present = sorted((b, m) for m, (s, b) in MODULES.items() if s == site)
+                if not any((layer, m) in selected for _, m in present):
                     continue
                 n_out, n_in = spec.site_shape(site)
-                width = n_out // len(present)
-                bits = torch.zeros(n_out, n_in, dtype=torch.bool, device=self.ctx.device)
-                for module, block in present:
-                    if (layer, module) in selected:
-                        bits[block * width : (block + 1) * width] = selected[(layer, module)]
-                alloc = self.words.put(pack_mask_words(bits))
+                per_module = n_out // len(present) * ((n_in + 31) // 32)
+                words = torch.cat(
+                    [
+                        selected[(layer, m)]
+                        if (layer, m) in selected
+                        else torch.zeros(per_module, dtype=torch.int32, device=self.ctx.device)
+                        for _, m in present
+                    ]
+                )
+                alloc = self.words.put(words)
                 loaded.allocations.append((self.words, alloc))
                 offs[layer, si] = alloc.offset
         self.offsets[slot] = offs
