@@ -149,3 +149,31 @@ def test_maskbert_keep_words_equal_the_unpacked_mask_repacked(shape: tuple[int, 
     assert torch.equal(unpack_bits(packed, shape), keep)
     assert torch.equal(keep_words(packed, shape), pack_mask_words(keep))
     assert int(set_bits(packed)) == int(keep.sum())
+
+
+def test_diff_pruning_positions_in_any_order_and_repeats_refused(
+    matrix_store: Path, matrix_engine: Engine, backbone: Any
+) -> None:
+    """Positions may come in any order (the engine sorts them, their values with them) and
+    serve as the sorted task does; a repeated position is refused, naming its tensor."""
+    manifest, tensors = read_task(matrix_store / "matrix_diff_pruning")
+    perm = torch.Generator().manual_seed(0)
+    shuffled = dict(tensors)
+    for key in [k for k in tensors if k.endswith("weight_delta_indices")]:
+        order = torch.randperm(tensors[key].numel(), generator=perm)
+        vkey = key.replace("indices", "values")
+        shuffled[key], shuffled[vkey] = tensors[key][order], tensors[vkey][order]
+    assert not torch.equal(shuffled[key], tensors[key])
+    manifest.name = "dp_shuffled"
+    matrix_engine.registry.add(manifest, shuffled)
+    try:
+        seqs = [np.array([101, 2000 + i, 3000, 4000, 102]) for i in range(3)]
+        want = matrix_engine.run(seqs, ["matrix_diff_pruning"] * 3)
+        for got, exp in zip(matrix_engine.run(seqs, ["dp_shuffled"] * 3), want, strict=True):
+            np.testing.assert_allclose(got, exp, atol=1e-6, rtol=0)
+    finally:
+        matrix_engine.registry.remove("dp_shuffled")
+    repeated = dict(tensors)
+    repeated[key] = torch.cat([tensors[key][1:2], tensors[key][1:]])
+    with pytest.raises(TaskError, match=f"{key}.*repeats positions"):
+        validate_task(backbone, manifest, repeated)

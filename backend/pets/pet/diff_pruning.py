@@ -51,8 +51,15 @@ def check_flat_indices(name: str, idx: torch.Tensor, numel: int) -> None:
             f"tensor {name!r} has positions outside [0, {numel}); it was made for "
             "another backbone shape"
         )
+    if is_increasing(idx):  # sorted and distinct: how tasks are written; no sort needed
+        return
     if torch.unique(idx).numel() != idx.numel():
         raise TaskError(f"tensor {name!r} repeats positions; each weight may appear once")
+
+
+def is_increasing(idx: torch.Tensor) -> bool:
+    """Whether a 1-D tensor is strictly increasing (so sorted, with no repeats)."""
+    return idx.numel() < 2 or bool((idx[1:] > idx[:-1]).all())
 
 
 def sample_positions(n: int, k: int, g: torch.Generator) -> torch.Tensor:
@@ -176,8 +183,11 @@ class DiffPruning(PetMethod):
             for module in MODULES:
                 name = layer_key(i, module, IDX)
                 if name in tensors:
-                    pos, order = tensors[name].to(self.ctx.device).long().sort()
-                    vals = tensors[layer_key(i, module, VAL)].to(self.ctx.device)[order]
+                    pos = tensors[name].to(self.ctx.device).long()
+                    vals = tensors[layer_key(i, module, VAL)].to(self.ctx.device)
+                    if not is_increasing(pos):  # the store wants positions sorted
+                        pos, order = pos.sort()
+                        vals = vals[order]
                     flat[(i, module)] = (pos, vals)
         self.store.add(slot, loaded, flat)
         return loaded
