@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -127,10 +129,12 @@ def test_padded_layout_equals_packed(engine, task_store, backbone):
     np.testing.assert_allclose(out_a.numpy(), out_b.numpy(), atol=1e-5, rtol=0)
 
 
-def test_maskbert_storage_forms_match_the_oracle(tmp_path, backbone):
+def test_maskbert_storage_forms_match_the_oracle(tmp_path, backbone, caplog):
     """A MaskBERT task served from either in-memory form (CSR index set via seg_spmm, bit
     mask via seg_masked_mm) matches the oracle, on both op backends; ``auto`` keeps the
-    smaller form (CSR for a sparse mask, the bit mask for a dense one)."""
+    smaller form (CSR for a sparse mask, the bit mask for a dense one), and the registry's
+    debug log says which form each task took."""
+    caplog.set_level(logging.DEBUG, logger="pets")
     head = HeadConfig("classification", num_labels=3)
     densities = {"mask_sparse": 0.005, "mask_dense": 0.05}
     for seed, (name, density) in enumerate(densities.items()):
@@ -159,6 +163,11 @@ def test_maskbert_storage_forms_match_the_oracle(tmp_path, backbone):
         if bitmap is None:  # the smaller form: CSR for the sparse mask, bits for the dense
             bitmap = [False, True]
         assert [bool(method.is_bitmap.data[s]) for s in slots] == bitmap, fmt
+        logged = [r.getMessage() for r in caplog.records]
+        for name, as_bits in zip(densities, bitmap, strict=True):
+            line = f"maskbert as {'bitmask' if as_bits else 'csr'},"
+            assert any(repr(name) in m and line in m for m in logged), (fmt, name, logged)
+        caplog.clear()
         for mode in modes:
             eng.ctx.ops = kernels.select(mode)[0]
             for got, exp, task in zip(eng.run(seqs, tasks), want, tasks, strict=True):

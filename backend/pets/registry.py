@@ -214,6 +214,14 @@ class TaskRegistry:
             self._task_bytes += nbytes - (old.nbytes if old is not None else 0)
             if old is not None:
                 self._release(old)
+        log.debug(
+            "task %r in slot %d: %s%s, %.2f MiB",
+            manifest.name,
+            slot,
+            method.name,
+            f" as {loaded.form}" if loaded.form else "",
+            nbytes / (1 << 20),
+        )
         return entry
 
     def _check_budget(self, entry: TaskEntry, old: TaskEntry | None) -> None:

@@ -179,6 +179,9 @@ class LoadedTask:
     # The type computes this task's linear layers in full (MaskBERT as a bit mask): its
     # tokens skip the shared GEMMs, so its batches must put it last (``batch.build_batch``).
     owns_linear: bool = False
+    # How the type holds this task where it has a choice (MaskBERT: "bitmask" or "csr"),
+    # for the registry's log line; "" where it has none.
+    form: str = ""
 
     def nbytes(self, ctx: PetContext) -> int:
         n = sum(a.size * p.data.element_size() for p, a in (*self.allocations, *self.mirrored))

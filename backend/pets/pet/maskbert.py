@@ -168,6 +168,7 @@ class MaskBert(PetMethod):
                     packed[(i, module)] = self._clear_padding(tensors[name], out * inp)
         as_bitmap = self._use_bitmap(packed)
         self.is_bitmap[slot] = as_bitmap
+        loaded.form = "bitmask" if as_bitmap else "csr"
         if as_bitmap:  # the kept weights of every module (an unmasked one keeps all)
             dev = self.ctx.device
             kept = {
