@@ -21,10 +21,8 @@ MODEL_PY = Path(__file__).resolve().parents[1] / "backend" / "model.py"
 
 def test_engine_stats_drain_and_split() -> None:
     st = EngineStats()
-    st.record(
-        Counter(a=2, b=1), Counter(a=30, b=10), Counter({("", "INVALID_ARG"): 1}), 0.004, 2, 1000
-    )
-    st.record(Counter(a=1), Counter(a=10), Counter(), 0.001, 2, 1200)
+    st.record(["a", "b", "a"], [15, 10, 15], [("", "INVALID_ARG")], 0.004, 2, 1000)
+    st.record(["a"], [10], [], 0.001, 2, 1200)
     d = st.drain()
     assert d.requests == Counter(a=3, b=1) and d.tokens == Counter(a=40, b=10)
     assert d.compute_us["a"] == pytest.approx(3000 + 1000) and d.compute_us["b"] == pytest.approx(
@@ -33,6 +31,22 @@ def test_engine_stats_drain_and_split() -> None:
     assert d.errors == Counter({("", "INVALID_ARG"): 1}) and d.memory_bytes == 1200
     again = st.drain()
     assert again.empty() and again.memory_bytes == 1200 and st.totals.requests["a"] == 3
+    st.record_errors(Counter({("a", "UNAVAILABLE"): 2}))
+    assert st.drain().errors == Counter({("a", "UNAVAILABLE"): 2})
+    assert st.totals.errors == Counter({("", "INVALID_ARG"): 1, ("a", "UNAVAILABLE"): 2})
+
+
+def test_engine_stats_fold_when_nothing_drains() -> None:
+    """With no reader, executes are folded every FOLD_EVERY records: what is kept stays
+    bounded and the counts stay exact."""
+    st = EngineStats()
+    n = 3 * EngineStats.FOLD_EVERY + 5
+    for _ in range(n):
+        st.record(["a"], [4], [], 1e-6, 1, 10)
+    assert len(st._pending) == 5
+    d = st.drain()
+    assert d.requests == Counter(a=n) and d.tokens == Counter(a=4 * n)
+    assert d.compute_us["a"] == pytest.approx(n)
 
 
 def test_engine_records_bulk_counts(engine: Any) -> None:
@@ -94,9 +108,8 @@ def test_model_pushes_series_off_the_request_path(monkeypatch: pytest.MonkeyPatc
             return cls()
 
         def execute(self, requests: list[Any]) -> list[Any]:
-            self.stats.record(
-                Counter(t=len(requests)), Counter(t=5 * len(requests)), Counter(), 0.002, 1, 4096
-            )
+            n = len(requests)
+            self.stats.record(["t"] * n, [5] * n, [], 0.002, 1, 4096)
             return [np.zeros((1, 2), np.float32) for _ in requests]
 
         def close(self) -> None:

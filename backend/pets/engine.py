@@ -11,7 +11,7 @@ import os
 import threading
 import time
 import weakref
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -352,25 +352,29 @@ class Engine:
         keep: Sequence[int],
         compute_s: float,
     ) -> None:
-        """One bulk update of :attr:`stats` per execute (task labels: registered names only)."""
-        served: Counter[str] = Counter()
-        tokens: Counter[str] = Counter()
-        for j in keep:
-            if not isinstance(outs[owner[j]], RequestError):
-                served[rows[j].task] += 1
-                tokens[rows[j].task] += len(rows[j].ids)
-        first: dict[int, str] = {}
-        for j, r in enumerate(rows):
-            first.setdefault(owner[j], r.task)
-        tasks = self.registry.tasks
-        errors: Counter[tuple[str, str]] = Counter(
-            (t if (t := first.get(i, "")) in tasks else "", o.code)
-            for i, o in enumerate(outs)
-            if isinstance(o, RequestError)
-        )
+        """Hand the execute's rows to :attr:`stats` (task labels: registered names only)."""
+        served = [j for j in keep if not isinstance(outs[owner[j]], RequestError)]
+        errors: list[tuple[str, str]] = []
+        if any(isinstance(o, RequestError) for o in outs):
+            first: dict[int, str] = {}
+            for j, r in enumerate(rows):
+                first.setdefault(owner[j], r.task)
+            tasks = self.registry.tasks
+            errors = [
+                (t if (t := first.get(i, "")) in tasks else "", o.code)
+                for i, o in enumerate(outs)
+                if isinstance(o, RequestError)
+            ]
         with self.registry.lock:  # the refresh thread may be adding or removing tasks
-            resident, nbytes = len(tasks), self.registry.memory_bytes()
-        self.stats.record(served, tokens, errors, compute_s, resident, nbytes)
+            resident, nbytes = len(self.registry.tasks), self.registry.memory_bytes()
+        self.stats.record(
+            [rows[j].task for j in served],
+            [len(rows[j].ids) for j in served],
+            errors,
+            compute_s,
+            resident,
+            nbytes,
+        )
 
     def run(
         self,

@@ -1,10 +1,10 @@
 """Per-task serving statistics, without Triton.
 
-The engine records bulk counts into :class:`EngineStats` once per ``execute``;
-``backend/model.py`` drains the deltas into ``pb_utils.MetricFamily`` series from a
-background thread every ``METRICS_INTERVAL_MS`` (one IPC per changed series), never on the
-request path. :func:`scrape` and :func:`status_table` read them back from Triton's
-metrics endpoint for ``pets status``.
+The engine hands each ``execute``'s rows to :class:`EngineStats`, which counts them per task
+only when they are read: ``backend/model.py`` drains the deltas into
+``pb_utils.MetricFamily`` series from a background thread every ``METRICS_INTERVAL_MS`` (one
+IPC per changed series), never on the request path. :func:`scrape` and :func:`status_table`
+read them back from Triton's metrics endpoint for ``pets status``.
 
 Series (all carry ``model``; gauges also ``instance``):
 
@@ -28,6 +28,7 @@ import re
 import threading
 import urllib.request
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 COUNTERS = {
@@ -83,53 +84,80 @@ class StatsDelta:
 
 
 class EngineStats:
-    """Thread-safe accumulator; :meth:`record` is called once per execute with bulk counts."""
+    """Thread-safe accumulator. :meth:`record` is called once per execute and only keeps
+    the execute's rows; they are folded into per-task counts when the deltas are read
+    (:meth:`drain`, :attr:`totals`: the metrics thread, off the request path) or every
+    :attr:`FOLD_EVERY` executes, which bounds what is kept when nothing reads."""
+
+    FOLD_EVERY = 4096
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._pending: list[tuple[Sequence[str], Sequence[int], float]] = []
+        self._pending_errors: list[tuple[str, str]] = []
+        self._gauges = (0, 0)
         self._cur = StatsDelta()
-        self.totals = StatsDelta()  # since start (tests, in-process tools)
+        self._totals = StatsDelta()
 
     def record(
         self,
-        requests: Counter[str],
-        tokens: Counter[str],
-        errors: Counter[tuple[str, str]],
+        tasks: Sequence[str],
+        tokens: Sequence[int],
+        errors: Sequence[tuple[str, str]],
         compute_s: float,
         tasks_resident: int,
         memory_bytes: int,
     ) -> None:
-        """Add one execute's counts; its compute time is split over tasks by token share."""
-        total = sum(tokens.values())
-        compute = (
-            Counter({t: compute_s * 1e6 * n / total for t, n in tokens.items()})
-            if total
-            else Counter()
-        )
+        """Add one execute: the task and token count of each answered sequence, a
+        ``(task, code)`` pair per request answered with an error, the forward's time (split
+        over tasks by token share when folded) and the current gauges."""
         with self._lock:
-            for d in (self._cur, self.totals):
-                d.requests.update(requests)
-                d.tokens.update(tokens)
-                d.errors.update(errors)
-                d.compute_us.update(compute)
-                d.tasks_resident, d.memory_bytes = tasks_resident, memory_bytes
+            self._pending.append((tasks, tokens, compute_s))
+            if errors:
+                self._pending_errors.extend(errors)
+            self._gauges = (tasks_resident, memory_bytes)
+            if len(self._pending) >= self.FOLD_EVERY:
+                self._fold()
 
     def record_errors(self, errors: Counter[tuple[str, str]]) -> None:
         """Add errors of a batch the engine refused whole (gauges unchanged)."""
         with self._lock:
-            for d in (self._cur, self.totals):
-                d.errors.update(errors)
+            self._pending_errors.extend(errors.elements())
+
+    def _fold(self) -> None:
+        """Move the pending executes into the deltas and totals (the lock held)."""
+        d = StatsDelta(errors=Counter(self._pending_errors))
+        requests, tokens = d.requests, d.tokens
+        compute: dict[str, float] = defaultdict(float)
+        for tasks, counts, compute_s in self._pending:
+            total = sum(counts)
+            per_token = compute_s * 1e6 / total if total else 0.0
+            for task, n in zip(tasks, counts, strict=True):
+                requests[task] += 1
+                tokens[task] += n
+                compute[task] += per_token * n
+        self._pending, self._pending_errors = [], []
+        for acc in (self._cur, self._totals):
+            acc.requests.update(requests)
+            acc.tokens.update(tokens)
+            acc.errors.update(d.errors)
+            acc.compute_us.update(compute)
+            acc.tasks_resident, acc.memory_bytes = self._gauges
 
     def drain(self) -> StatsDelta:
         """The deltas since the last drain (and the latest gauges); resets the deltas."""
         with self._lock:
-            out, self._cur = (
-                self._cur,
-                StatsDelta(
-                    tasks_resident=self._cur.tasks_resident, memory_bytes=self._cur.memory_bytes
-                ),
-            )
+            self._fold()
+            out = self._cur
+            self._cur = StatsDelta(tasks_resident=out.tasks_resident, memory_bytes=out.memory_bytes)
         return out
+
+    @property
+    def totals(self) -> StatsDelta:
+        """Everything since start (tests, in-process tools); do not modify."""
+        with self._lock:
+            self._fold()
+            return self._totals
 
 
 # ---------------------------------------------------------------------------- reading back
