@@ -183,12 +183,12 @@ class DiffPruning(PetMethod):
             for module in MODULES:
                 name = layer_key(i, module, IDX)
                 if name in tensors:
-                    pos = tensors[name].to(self.ctx.device).long()
-                    vals = tensors[layer_key(i, module, VAL)].to(self.ctx.device)
+                    pos, vals = tensors[name].long(), tensors[layer_key(i, module, VAL)]
                     if not is_increasing(pos):  # the store wants positions sorted
                         pos, order = pos.sort()
                         vals = vals[order]
-                    flat[(i, module)] = (pos, vals)
+                    # checked where the task arrives (the host): no device sync per module
+                    flat[(i, module)] = (pos.to(self.ctx.device), vals.to(self.ctx.device))
         self.store.add(slot, loaded, flat)
         return loaded
 
