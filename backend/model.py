@@ -144,9 +144,9 @@ class _MetricsPusher:
 
     Every series update is a synchronous IPC round trip to the server, so pushing after every
     execute cost one round trip per task and series (two thirds of the throughput of a
-    14-task CPU server). The request path now only adds to in-process counters
-    (:class:`pets.metrics.EngineStats`); this thread drains them every ``interval_s`` and on
-    :meth:`close`, so the exported series lag by at most one interval.
+    14-task CPU server). The request path now only appends each execute's rows to
+    :class:`pets.metrics.EngineStats`; this thread drains (and counts) them every
+    ``interval_s`` and on :meth:`close`, so the exported series lag by about one interval.
     """
 
     def __init__(
@@ -250,6 +250,8 @@ class TritonPythonModel:
             self.metrics = _MetricsPusher(
                 self.engine, self.model, self.name, device, int(raw) / 1000
             )
+        else:  # nothing drains the per-task counts: do not keep them
+            self.engine.stats.disable()
         threads = f" with {torch.get_num_threads()} CPU threads" if device == "cpu" else ""
         pb_utils.Logger.log_info(
             f"pets: instance {self.name} ready on {device}{threads}, engine from "

@@ -47,6 +47,10 @@ def test_engine_stats_fold_when_nothing_drains() -> None:
     d = st.drain()
     assert d.requests == Counter(a=n) and d.tokens == Counter(a=4 * n)
     assert d.compute_us["a"] == pytest.approx(n)
+    st.disable()  # no reader will come (METRICS=0): nothing is kept
+    st.record(["a"], [4], [("a", "INTERNAL")], 1e-6, 1, 10)
+    st.record_errors(Counter({("", "INVALID_ARG"): 1}))
+    assert st.drain().empty() and st.totals.requests == Counter(a=n)
 
 
 def test_engine_records_bulk_counts(engine: Any) -> None:
@@ -165,6 +169,20 @@ def test_model_pushes_series_off_the_request_path(monkeypatch: pytest.MonkeyPatc
     model.execute([request])
     model.finalize()  # the last deltas are pushed when the instance goes away
     assert req.value == 4 and fam["pets_task_memory_bytes"].calls == 1
+    # METRICS=0: nothing will drain the counts, so the request path keeps none
+    off = mod.TritonPythonModel()
+    off.initialize(
+        {
+            "model_config": json.dumps(
+                {"name": "pets", "parameters": {"METRICS": {"string_value": "0"}}}
+            ),
+            "model_repository": "repo/pets",
+            "model_instance_name": "pets_0_1",
+        }
+    )
+    assert off.metrics is None
+    off.execute([request, request])
+    assert off.engine.stats.drain().empty() and not off.engine.stats.totals.requests
 
 
 SCRAPE = """# HELP pets_task_requests_total x

@@ -85,19 +85,27 @@ class StatsDelta:
 
 class EngineStats:
     """Thread-safe accumulator. :meth:`record` is called once per execute and only keeps
-    the execute's rows; they are folded into per-task counts when the deltas are read
-    (:meth:`drain`, :attr:`totals`: the metrics thread, off the request path) or every
-    :attr:`FOLD_EVERY` executes, which bounds what is kept when nothing reads."""
+    the execute's rows; they are counted per task when the deltas are read (:meth:`drain`,
+    :attr:`totals`: the metrics thread, off the request path) or every :attr:`FOLD_EVERY`
+    executes, which bounds what is kept when nothing reads. The counting runs outside the
+    lock, so :meth:`record` never waits for it. With no reader at all (``METRICS=0``),
+    :meth:`disable` makes :meth:`record` keep nothing."""
 
     FOLD_EVERY = 4096
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._enabled = True
         self._pending: list[tuple[Sequence[str], Sequence[int], float]] = []
         self._pending_errors: list[tuple[str, str]] = []
         self._gauges = (0, 0)
         self._cur = StatsDelta()
         self._totals = StatsDelta()
+
+    def disable(self) -> None:
+        """Nothing will read these statistics: from now on :meth:`record` and
+        :meth:`record_errors` keep nothing."""
+        self._enabled = False
 
     def record(
         self,
@@ -110,53 +118,62 @@ class EngineStats:
     ) -> None:
         """Add one execute: the task and token count of each answered sequence, a
         ``(task, code)`` pair per request answered with an error, the forward's time (split
-        over tasks by token share when folded) and the current gauges."""
+        over tasks by token share when counted) and the current gauges."""
+        if not self._enabled:
+            return
         with self._lock:
             self._pending.append((tasks, tokens, compute_s))
             if errors:
                 self._pending_errors.extend(errors)
             self._gauges = (tasks_resident, memory_bytes)
-            if len(self._pending) >= self.FOLD_EVERY:
-                self._fold()
+            full = len(self._pending) >= self.FOLD_EVERY
+        if full:
+            self._fold()
 
     def record_errors(self, errors: Counter[tuple[str, str]]) -> None:
         """Add errors of a batch the engine refused whole (gauges unchanged)."""
+        if not self._enabled:
+            return
         with self._lock:
             self._pending_errors.extend(errors.elements())
 
     def _fold(self) -> None:
-        """Move the pending executes into the deltas and totals (the lock held)."""
-        d = StatsDelta(errors=Counter(self._pending_errors))
-        requests, tokens = d.requests, d.tokens
+        """Count the pending executes per task and add them to the deltas and totals."""
+        with self._lock:
+            pending, errors = self._pending, self._pending_errors
+            self._pending, self._pending_errors = [], []
+        requests: Counter[str] = Counter()
+        tokens: Counter[str] = Counter()
         compute: dict[str, float] = defaultdict(float)
-        for tasks, counts, compute_s in self._pending:
+        for tasks, counts, compute_s in pending:
             total = sum(counts)
             per_token = compute_s * 1e6 / total if total else 0.0
             for task, n in zip(tasks, counts, strict=True):
                 requests[task] += 1
                 tokens[task] += n
                 compute[task] += per_token * n
-        self._pending, self._pending_errors = [], []
-        for acc in (self._cur, self._totals):
-            acc.requests.update(requests)
-            acc.tokens.update(tokens)
-            acc.errors.update(d.errors)
-            acc.compute_us.update(compute)
-            acc.tasks_resident, acc.memory_bytes = self._gauges
+        failed = Counter(errors)
+        with self._lock:
+            for acc in (self._cur, self._totals):
+                acc.requests.update(requests)
+                acc.tokens.update(tokens)
+                acc.errors.update(failed)
+                acc.compute_us.update(compute)
 
     def drain(self) -> StatsDelta:
         """The deltas since the last drain (and the latest gauges); resets the deltas."""
+        self._fold()
         with self._lock:
-            self._fold()
-            out = self._cur
-            self._cur = StatsDelta(tasks_resident=out.tasks_resident, memory_bytes=out.memory_bytes)
+            out, self._cur = self._cur, StatsDelta()
+            out.tasks_resident, out.memory_bytes = self._gauges
         return out
 
     @property
     def totals(self) -> StatsDelta:
         """Everything since start (tests, in-process tools); do not modify."""
+        self._fold()
         with self._lock:
-            self._fold()
+            self._totals.tasks_resident, self._totals.memory_bytes = self._gauges
             return self._totals
 
 
