@@ -354,17 +354,14 @@ class Engine:
     ) -> None:
         """Hand the execute's rows to :attr:`stats` (task labels: registered names only)."""
         served = [j for j in keep if not isinstance(outs[owner[j]], RequestError)]
+        failed = [(i, o) for i, o in enumerate(outs) if isinstance(o, RequestError)]
         errors: list[tuple[str, str]] = []
-        if any(isinstance(o, RequestError) for o in outs):
+        if failed:  # label each by its first row's task, where that task is registered
             first: dict[int, str] = {}
             for j, r in enumerate(rows):
                 first.setdefault(owner[j], r.task)
             tasks = self.registry.tasks
-            errors = [
-                (t if (t := first.get(i, "")) in tasks else "", o.code)
-                for i, o in enumerate(outs)
-                if isinstance(o, RequestError)
-            ]
+            errors = [(t if (t := first.get(i, "")) in tasks else "", o.code) for i, o in failed]
         with self.registry.lock:  # the refresh thread may be adding or removing tasks
             resident, nbytes = len(self.registry.tasks), self.registry.memory_bytes()
         self.stats.record(
