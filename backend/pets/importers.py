@@ -238,12 +238,12 @@ def convert_peft(
     # A name in modules_to_save that matched no module of the trained model saved nothing
     # (PEFT >= 0.22 lists DistilBERT's `pre_classifier` for every SEQ_CLS/TOKEN_CLS model):
     # only names whose trained copies the file holds are refused.
-    saved = [f".{_strip(k)}" for k in raw]
+    names = {key: _strip(key) for key in raw}  # BertModel-relative
     extra = {
         n
         for n in cfg.get("modules_to_save") or []
         if n not in ("classifier", "pooler", "pooler.dense", "score")
-        and any(f".{n}." in k for k in saved)
+        and any(f".{n}." in f".{k}" for k in names.values())
     }
     if extra:
         raise TaskError(
@@ -258,7 +258,7 @@ def convert_peft(
     modules: set[str] = set()
     pooler_pet: dict[str, torch.Tensor] = {}  # PET tensors on bert.pooler.dense
     for key, t in raw.items():
-        k = _strip(key)
+        k = names[key]
         if ".original_module." in k:
             continue  # the frozen copy PEFT keeps beside modules_to_save
         if k in (
