@@ -133,16 +133,20 @@ def test_model_pushes_series_off_the_request_path(monkeypatch: pytest.MonkeyPatc
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    model = mod.TritonPythonModel()
-    model.initialize(
-        {
-            "model_config": json.dumps(
-                {"name": "pets", "parameters": {"METRICS_INTERVAL_MS": {"string_value": "60000"}}}
-            ),
-            "model_repository": "repo/pets",
-            "model_instance_name": "pets_0_0",
-        }
-    )
+
+    def instance(name: str, **params: str) -> Any:
+        model = mod.TritonPythonModel()
+        parameters = {k: {"string_value": v} for k, v in params.items()}
+        model.initialize(
+            {
+                "model_config": json.dumps({"name": "pets", "parameters": parameters}),
+                "model_repository": "repo/pets",
+                "model_instance_name": name,
+            }
+        )
+        return model
+
+    model = instance("pets_0_0", METRICS_INTERVAL_MS="60000")
     request = types.SimpleNamespace(inputs=lambda: [])
     model.execute([request, request])
     model.execute([request])
@@ -170,16 +174,7 @@ def test_model_pushes_series_off_the_request_path(monkeypatch: pytest.MonkeyPatc
     model.finalize()  # the last deltas are pushed when the instance goes away
     assert req.value == 4 and fam["pets_task_memory_bytes"].calls == 1
     # METRICS=0: nothing will drain the counts, so the request path keeps none
-    off = mod.TritonPythonModel()
-    off.initialize(
-        {
-            "model_config": json.dumps(
-                {"name": "pets", "parameters": {"METRICS": {"string_value": "0"}}}
-            ),
-            "model_repository": "repo/pets",
-            "model_instance_name": "pets_0_1",
-        }
-    )
+    off = instance("pets_0_1", METRICS="0")
     assert off.metrics is None
     off.execute([request, request])
     assert off.engine.stats.drain().empty() and not off.engine.stats.totals.requests
