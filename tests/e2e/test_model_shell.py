@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from pets.errors import RequestError
+from pets.metrics import EngineStats
 
 MODEL_PY = Path(__file__).resolve().parents[2] / "backend" / "model.py"
 
@@ -60,6 +61,9 @@ class InferenceResponse:
 class FakeEngine:
     behaviour = "ok"
     seen: ClassVar[list[list[dict[str, np.ndarray]]]] = []
+
+    def __init__(self) -> None:
+        self.stats = EngineStats()  # model.py disables it here: no MetricFamily to push to
 
     @classmethod
     def from_parameters(cls, params: dict[str, str], *, model_dir: str, device: str) -> Any:
