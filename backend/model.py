@@ -26,6 +26,7 @@ import triton_python_backend_utils as pb_utils
 from pets.engine import Engine
 from pets.errors import RequestError
 from pets.metrics import COUNTERS, GAUGES, INFO, rejected_series
+from pets.protocol import check_stub_numpy
 
 # Inputs handed to the engine as-is (absent optional inputs are left out of the dict).
 # Triton fixes one dtype per input, so INT32 ids arrive through their own optional input.
@@ -225,6 +226,7 @@ class TritonPythonModel:
     """One instance = one stub process = one Engine."""
 
     def initialize(self, args: dict[str, str]) -> None:
+        check_stub_numpy(np.__version__)
         config = json.loads(args["model_config"])
         params = _parameters(config)
         device = _device(

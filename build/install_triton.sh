@@ -30,6 +30,9 @@ fi
 read -r pyver libdir bindir < <("$py" -c 'import os, sys, sysconfig
 print(f"{sys.version_info[0]}.{sys.version_info[1]}", sysconfig.get_config_var("LIBDIR") or "/usr/lib",
       os.path.dirname(os.path.abspath(sys.executable)))')
+# Triton 2.51's stub decodes BYTES inputs only under numpy 1.x (pets.protocol.check_stub_numpy).
+npver=$("$py" -c 'import numpy; print(numpy.__version__)' 2>/dev/null || echo none)
+[[ "$npver" == 1.* ]] || die "numpy $npver in $py; the Triton 2.51 stub needs numpy 1.x (it aborts on the first request under numpy 2): pip install 'numpy<2' there, or offline put a numpy 1.26 wheel in .whl/ and rerun build/setup_env.sh"
 
 if [[ -n "${PETS_TRITON_RUNTIME:-}" ]]; then
   trt="$PETS_TRITON_RUNTIME/trt"

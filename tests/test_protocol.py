@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pets.errors import RequestError
+from pets.protocol import check_stub_numpy
 
 
 def task(name: str) -> np.ndarray:
@@ -176,3 +177,10 @@ def test_limits_are_config_parameters():
     )
     with pytest.raises(ConfigError, match="MAX_ROWS=0"):
         EngineConfig.from_parameters({"MAX_ROWS": "0"})
+
+
+@pytest.mark.parametrize("version", ["2.0.0", "2.1.3", "10.0"])
+def test_numpy_2_is_refused_for_the_stub(version):
+    with pytest.raises(RuntimeError, match=rf"numpy {version} .*Install numpy<2"):
+        check_stub_numpy(version)
+    check_stub_numpy("1.26.4")

@@ -37,6 +37,23 @@ QUOTE_LIMIT = 64  # characters of client input quoted back in an error message
 REASON_LIMIT = 400  # characters of a task's rejection reason told to a client
 
 
+def check_stub_numpy(version: str) -> None:
+    """Refuse to serve under numpy 2 (``version``: ``numpy.__version__`` in the Python stub).
+
+    Triton 2.51's Python backend stub builds the numpy arrays of BYTES inputs through a
+    pybind11 that reads numpy 1.x's dtype layout: under numpy 2, TASK and TEXT decode as
+    garbage and the stub aborts on its first request, taking the instance down (seen on a
+    GPU host whose system numpy was 2.x). The models call this in ``initialize``.
+    """
+    if int(version.split(".")[0]) >= 2:
+        raise RuntimeError(
+            f"numpy {version} in the Python stub's environment; Triton 2.51's stub decodes "
+            "BYTES inputs only under numpy 1.x (it aborts on the first request otherwise). "
+            "Install numpy<2 where the stub imports it (make setup does; offline, put a "
+            "numpy 1.26 wheel in .whl/ before build/setup_env.sh)"
+        )
+
+
 def quote(value: str, limit: int = QUOTE_LIMIT) -> str:
     """``repr(value)``, cut to ``limit`` characters with the full length said, so an error
     never echoes unbounded client input back (gRPC caps error metadata at 8 KiB)."""

@@ -18,6 +18,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from pets.admin import ACTIONS, Admin, AdminError, config_parameters
+from pets.protocol import check_stub_numpy
 
 _INPUTS = ("TOKEN", "ACTION", "NAME", "MANIFEST", "WEIGHTS")
 
@@ -36,6 +37,7 @@ def _scalar(request: Any, name: str) -> bytes | None:
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
+        check_stub_numpy(np.__version__)
         config = json.loads(args["model_config"])
         self.model = config.get("name", "pets_admin")
         self.admin = Admin.from_parameters(

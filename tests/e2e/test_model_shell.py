@@ -122,6 +122,14 @@ def shell(monkeypatch: pytest.MonkeyPatch) -> Any:
 THREADS: list[int] = []
 
 
+def test_numpy_2_is_refused_at_start(shell: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Triton 2.51's stub decodes BYTES inputs as garbage under numpy 2, then aborts
+    monkeypatch.setattr(np, "__version__", "2.1.3")
+    args = {"model_config": json.dumps({"name": "pets"}), "model_repository": "repo/pets"}
+    with pytest.raises(RuntimeError, match=r"numpy 2\.1\.3 .*numpy<2"):
+        shell.initialize(args)
+
+
 def test_cpu_instance_sets_its_threads(shell: Any) -> None:
     assert THREADS and THREADS[-1] >= 1  # initialize set them for its CPU instance
     threads = shell.initialize.__globals__["_cpu_threads"]

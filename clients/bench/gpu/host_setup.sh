@@ -1,7 +1,8 @@
 # Sourced by the clients/bench/gpu/*.sh server scripts: offline set-up of an NVIDIA GPU host
 # with no package access. Unpacks the carried Triton runtime (.runtime/triton-runtime.tar.xz,
 # from shared/tools/pack-triton-runtime.sh), builds .venv on the host's CUDA torch (wheels in
-# .whl/ are installed into it) and petops for the GPU's architecture (nvidia-smi's compute
+# .whl/ are installed into it: a numpy 1.26 wheel where the host's numpy is 2.x, which the
+# Triton 2.51 stub cannot use) and petops for the GPU's architecture (nvidia-smi's compute
 # capability unless TORCH_CUDA_ARCH_LIST is set). Skips what a warm host already has.
 # Needs $out (set-up log goes there).
 export PYTHONUNBUFFERED=1 PETS_OFFLINE=1
