@@ -18,6 +18,7 @@ from clients.bench.served_overhead import (
     make_data,
     make_repo,
 )
+from clients.bench.server_breakdown import forward_by_group, parse_tasks
 from clients.pets_client import parse_point
 
 LINE = 'I1207 model.py:253] "pets: instance pets_0_0 ready on cpu, engine from {}, parameters {{}}"'
@@ -92,3 +93,25 @@ def test_queue_delay_is_rewritten_for_every_model(tmp_path: Path) -> None:
         for model in ("pets", "noop"):
             text = (repo / model / "config.pbtxt").read_text()
             assert re.findall(r"max_queue_delay_microseconds: (\d+)", text) == [want], model
+
+
+def test_forward_time_is_split_by_pet_type() -> None:
+    """The per-task series give each PET type's mean forward per sequence between two
+    scrapes; other models' series and tasks outside the map are left out."""
+    page = """# HELP pets_task_compute_us_total forward time per task
+pets_task_compute_us_total{{model="pets",task="t0_lora"}} {a}
+pets_task_compute_us_total{{model="pets",task="t1_maskbert"}} {b}
+pets_task_compute_us_total{{model="other",task="t0_lora"}} 99999
+pets_task_requests_total{{model="pets",task="t0_lora"}} {n}
+pets_task_requests_total{{model="pets",task="t1_maskbert"}} {n}
+pets_task_requests_total{{model="pets",task="stray"}} 5
+nv_inference_exec_count{{model="pets",version="1"}} 7
+"""
+    names = ("pets_task_requests_total", "pets_task_compute_us_total")
+    before = parse_tasks(page.format(a=1000, b=3000, n=1), "pets", names)
+    after = parse_tasks(page.format(a=5000, b=15000, n=5), "pets", names)
+    assert before[("pets_task_compute_us_total", "t0_lora")] == 1000
+    assert ("pets_task_compute_us_total", "other") not in before
+    got = forward_by_group(before, after, {"t0_lora": "lora", "t1_maskbert": "maskbert"})
+    assert got == pytest.approx({"lora": 1.0, "maskbert": 3.0})  # 4 ms / 4, 12 ms / 4
+    assert forward_by_group(after, after, {"t0_lora": "lora"}) == {}  # nothing served

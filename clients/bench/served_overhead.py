@@ -12,7 +12,9 @@ Starts one tritonserver holding two models with the same inputs, outputs and bat
   (``--pet-types none``).
 
 perf_analyzer (gRPC, async) drives both with the same data at each concurrency; the ratio
-``pets / noop`` is the share of a bare Python model's rate the serving path keeps. Writes
+``pets / noop`` is the share of a bare Python model's rate the serving path keeps. Each row
+also gives the engine's mean forward per sequence by PET type (``forward_ms_<type>``, from
+the per-task series): at concurrency 1, which types make the latency's tail. Writes
 ``served_overhead.csv`` and the server log into a dated run folder (clients/bench/results.py).
 
     python -m clients.bench.served_overhead
@@ -40,7 +42,13 @@ from typing import Any
 
 from clients.bench.make_perf_data import make
 from clients.bench.results import add_out_argument, start_run
-from clients.bench.server_breakdown import breakdown, scrape
+from clients.bench.server_breakdown import (
+    PER_TASK,
+    breakdown,
+    forward_by_group,
+    scrape,
+    scrape_tasks,
+)
 from clients.pets_client import parse_point, start_tritonserver, triton_env
 from pets.backbone import load_backbone
 from pets.heads import HeadConfig
@@ -337,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.hf:
                     got["hf"] = perf(args, env, url, "hf", data, c, tmp)
                 before = scrape(metrics_url, "pets")
+                before_tasks = scrape_tasks(metrics_url, "pets", PER_TASK)
                 log_at = run.path("tritonserver.log").stat().st_size
                 got["pets"] = perf(args, env, url, "pets", data, c, tmp)
                 n_cap, cap_ms = captures_since(run.path("tritonserver.log"), log_at)
@@ -346,6 +355,13 @@ def main(argv: list[str] | None = None) -> int:
                 except SystemExit as exc:  # no executes counted: report the rates alone
                     print(f"no breakdown at concurrency {c}: {exc}", file=sys.stderr)
                     split = {"requests_per_execute": float("nan"), "stub_ms": float("nan")}
+                # Forward time per sequence by PET type (the task names end in the type): at
+                # concurrency 1 it says which types make the latency's tail.
+                by_type = forward_by_group(
+                    before_tasks,
+                    scrape_tasks(metrics_url, "pets", PER_TASK),
+                    {n: n.split("_", 1)[1] for n in names},
+                )
                 row: dict[str, Any] = {
                     "concurrency": c,
                     "length": int(length) if length.isdigit() else length,
@@ -359,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                     1e3 * split["stub_ms"] / split["requests_per_execute"], 1
                 )
                 row["graph_captures"], row["graph_capture_ms"] = n_cap, cap_ms
+                row.update({f"forward_ms_{t}": round(v, 3) for t, v in by_type.items()})
                 row["pets_over_noop"] = round(
                     got["pets"]["req_per_s"] / got["noop"]["req_per_s"], 3
                 )

@@ -42,6 +42,53 @@ def scrape(url: str, model: str) -> dict[str, float]:
     return out
 
 
+def scrape_tasks(url: str, model: str, names: tuple[str, ...]) -> dict[tuple[str, str], float]:
+    """``{(metric, task): value}`` for the per-task series ``names`` of ``model``."""
+    text = urllib.request.urlopen(f"http://{url}", timeout=10).read().decode()
+    return parse_tasks(text, model, names)
+
+
+def parse_tasks(text: str, model: str, names: tuple[str, ...]) -> dict[tuple[str, str], float]:
+    """The per-task series ``names`` of ``model`` in a Prometheus text page, summed over
+    their other labels (instances, codes): ``{(metric, task): value}``."""
+    out: dict[tuple[str, str], float] = defaultdict(float)
+    for line in text.splitlines():
+        m = LINE.match(line)
+        if m is None or line.startswith("#") or m["name"] not in names:
+            continue
+        labels = dict(LABEL.findall(m["labels"] or ""))
+        if labels.get("model") == model and "task" in labels:
+            out[m["name"], labels["task"]] += float(m["value"])
+    return out
+
+
+PER_TASK = ("pets_task_requests_total", "pets_task_compute_us_total")
+
+
+def forward_by_group(
+    before: dict[tuple[str, str], float],
+    after: dict[tuple[str, str], float],
+    group_of: dict[str, str],
+) -> dict[str, float]:
+    """Mean forward milliseconds per served sequence for each group of tasks (e.g. PET type)
+    between two :func:`scrape_tasks` snapshots; ``group_of`` maps task -> group. A forward
+    that served several tasks is split among them by token share (the engine's
+    ``pets_task_compute_us_total``), so at one request per execute this is that request's
+    forward time. Groups that served nothing are left out."""
+    seqs: dict[str, float] = defaultdict(float)
+    us: dict[str, float] = defaultdict(float)
+    for (metric, task), value in after.items():
+        group = group_of.get(task)
+        if group is None:
+            continue
+        delta = value - before.get((metric, task), 0.0)
+        if metric == "pets_task_requests_total":
+            seqs[group] += delta
+        elif metric == "pets_task_compute_us_total":
+            us[group] += delta
+    return {g: us[g] / seqs[g] / 1e3 for g in sorted(seqs) if seqs[g] > 0}
+
+
 def breakdown(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in set(before) | set(after)}
     execs = d.get("nv_inference_exec_count", 0.0)
