@@ -16,49 +16,40 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import urllib.request
 from collections import defaultdict
 
 from clients.bench.results import add_out_argument, start_run
+from pets.metrics import parse_prometheus
 
-LINE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)$")
-LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+def _fetch(url: str) -> str:
+    return urllib.request.urlopen(f"http://{url}", timeout=10).read().decode()
 
 
 def scrape(url: str, model: str) -> dict[str, float]:
     """Sum of every metric's series whose ``model`` label is ``model``."""
-    text = urllib.request.urlopen(f"http://{url}", timeout=10).read().decode()
     out: dict[str, float] = defaultdict(float)
-    for line in text.splitlines():
-        m = LINE.match(line)
-        if m is None or line.startswith("#"):
-            continue
-        labels = dict(LABEL.findall(m["labels"] or ""))
+    for name, labels, value in parse_prometheus(_fetch(url)):
         if labels.get("model") == model:
-            out[m["name"]] += float(m["value"])
+            out[name] += value
     return out
 
 
 def scrape_tasks(url: str, model: str, names: tuple[str, ...]) -> dict[tuple[str, str], float]:
     """``{(metric, task): value}`` for the per-task series ``names`` of ``model``."""
-    text = urllib.request.urlopen(f"http://{url}", timeout=10).read().decode()
-    return parse_tasks(text, model, names)
+    return parse_tasks(_fetch(url), model, names)
 
 
 def parse_tasks(text: str, model: str, names: tuple[str, ...]) -> dict[tuple[str, str], float]:
     """The per-task series ``names`` of ``model`` in a Prometheus text page, summed over
     their other labels (instances, codes): ``{(metric, task): value}``."""
     out: dict[tuple[str, str], float] = defaultdict(float)
-    for line in text.splitlines():
-        m = LINE.match(line)
-        if m is None or line.startswith("#") or m["name"] not in names:
-            continue
-        labels = dict(LABEL.findall(m["labels"] or ""))
-        if labels.get("model") == model and "task" in labels:
-            out[m["name"], labels["task"]] += float(m["value"])
+    for name, labels, value in parse_prometheus(text):
+        if name in names and labels.get("model") == model and "task" in labels:
+            out[name, labels["task"]] += value
     return out
 
 
