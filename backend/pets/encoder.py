@@ -159,7 +159,9 @@ class SharedEncoder:
             and ctx.dtype in (torch.float16, torch.bfloat16)
             and self.act in (ACT_GELU, ACT_GELU_TANH)
         )
-        self.packed_attention = ctx.device.type == "cuda"
+        # Both packed kernels want heads of a multiple of 8 values (16-byte rows); other
+        # backbones attend through the padded SDPA path, which checks and dispatches itself.
+        self.packed_attention = ctx.device.type == "cuda" and self.spec.head_dim % 8 == 0
         self.flash_attention = (
             self.packed_attention
             and _varlen_attn is not None
@@ -433,7 +435,7 @@ class SharedEncoder:
                 mask = (cols[None, :] < batch.valid_lens[:, None])[:, None, None, :]
             o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)  # [B, nh, L, hd]
             return o.transpose(1, 2).reshape(t, nh * hd)
-        # Ragged packed batch without packed attention (CPU): scatter into [B, L, ...].
+        # Ragged batch, no packed attention (CPU; heads not a multiple of 8): scatter to [B, L].
         lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
         seq = torch.repeat_interleave(torch.arange(b, device=qkv.device), lengths, output_size=t)
         pos = batch.positions
