@@ -47,7 +47,9 @@ def test_engine_stats_fold_when_nothing_drains() -> None:
     d = st.drain()
     assert d.requests == Counter(a=n) and d.tokens == Counter(a=4 * n)
     assert d.compute_us["a"] == pytest.approx(n)
+    assert st.enabled
     st.disable()  # no reader will come (METRICS=0): nothing is kept
+    assert not st.enabled
     st.record(["a"], [4], [("a", "INTERNAL")], 1e-6, 1, 10)
     st.record_errors(Counter({("", "INVALID_ARG"): 1}))
     assert st.drain().empty() and st.totals.requests == Counter(a=n)

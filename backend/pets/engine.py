@@ -353,6 +353,8 @@ class Engine:
         compute_s: float,
     ) -> None:
         """Hand the execute's rows to :attr:`stats` (task labels: registered names only)."""
+        if not self.stats.enabled:  # METRICS=0: nothing reads them, gather nothing
+            return
         served = [j for j in keep if not isinstance(outs[owner[j]], RequestError)]
         failed = [(i, o) for i, o in enumerate(outs) if isinstance(o, RequestError)]
         errors: list[tuple[str, str]] = []

@@ -107,6 +107,11 @@ class EngineStats:
         :meth:`record_errors` keep nothing."""
         self._enabled = False
 
+    @property
+    def enabled(self) -> bool:
+        """Whether :meth:`record` keeps anything: callers skip gathering its arguments."""
+        return self._enabled
+
     def record(
         self,
         tasks: Sequence[str],
