@@ -133,8 +133,8 @@ class SparseStore(SiteStore):
 class BitmapStore(SiteStore):
     """Per-task ``[N, K]`` bit selections of each site's shared weight, in one int32 pool.
 
-    A site's bitmap costs ``N * ceil(K / 32)`` words whatever the density; a site where the
-    task selects nothing gets no words (offset -1, no work in ``seg_masked_mm``).
+    A site's bitmap costs ``N * ceil(K / 32)`` words whatever the density; a slot with no
+    bitmaps (offset -1) gets no work in ``seg_masked_mm``.
     """
 
     def __init__(self, ctx: PetContext) -> None:
@@ -149,27 +149,15 @@ class BitmapStore(SiteStore):
         Args:
             selected: (layer, module) -> the module's selected weights as int32 words
                 ``[out_m * ceil(in / 32)]`` in :func:`~petops.reference.pack_mask_words`'
-                layout. Modules of one site stack into the site's rows in block order (their
-                words concatenate); absent modules select nothing.
+                layout, for every module of every layer. Modules of one site stack into the
+                site's rows in block order (their words concatenate).
         """
         spec = self.ctx.spec
-        offs = torch.full((spec.layers, len(SITES)), -1, dtype=torch.int64)
+        offs = torch.empty((spec.layers, len(SITES)), dtype=torch.int64)
         for layer in range(spec.layers):
             for si, site in enumerate(SITES):
-                present = sorted((b, m) for m, (s, b) in MODULES.items() if s == site)
-                if not any((layer, m) in selected for _, m in present):
-                    continue
-                n_out, n_in = spec.site_shape(site)
-                per_module = n_out // len(present) * ((n_in + 31) // 32)
-                words = torch.cat(
-                    [
-                        selected[(layer, m)]
-                        if (layer, m) in selected
-                        else torch.zeros(per_module, dtype=torch.int32, device=self.ctx.device)
-                        for _, m in present
-                    ]
-                )
-                alloc = self.words.put(words)
+                blocks = sorted((b, m) for m, (s, b) in MODULES.items() if s == site)
+                alloc = self.words.put(torch.cat([selected[(layer, m)] for _, m in blocks]))
                 loaded.allocations.append((self.words, alloc))
                 offs[layer, si] = alloc.offset
         self.offsets[slot] = offs
