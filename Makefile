@@ -11,7 +11,8 @@ PAPER_ARGS ?=
 CLANG_FORMAT ?= .venv/bin/clang-format
 CXX_SOURCES = find cuda_ops/csrc \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) -print0
 
-.PHONY: serve test test-fast setup triton ops demo lint typecheck format bench paper clean distclean
+.PHONY: serve test test-fast setup triton ops demo lint typecheck format bench paper clean distclean \
+	check-kernels
 
 # GPUS=all or GPUS=0,1 serves on those GPUs (build/serve.sh --gpus; docs/deploy.md);
 # SERVE_ARGS passes more serve.sh options, e.g. SERVE_ARGS="--instances-per-gpu 3".
@@ -45,6 +46,10 @@ lint: setup
 	.venv/bin/ruff format --check .
 	$(CXX_SOURCES) | xargs -0 $(CLANG_FORMAT) --dry-run --Werror --style=file
 	.venv/bin/mypy
+
+# nvcc without a GPU: compile every CUDA kernel, print registers and spills (ARCH=sm_80).
+check-kernels: setup
+	bash build/check_kernels.sh
 
 typecheck: setup
 	.venv/bin/mypy
