@@ -107,9 +107,8 @@ pets_task_requests_total{{model="pets",task="t1_maskbert"}} {n}
 pets_task_requests_total{{model="pets",task="stray"}} 5
 nv_inference_exec_count{{model="pets",version="1"}} 7
 """
-    names = ("pets_task_requests_total", "pets_task_compute_us_total")
-    before = parse_tasks(page.format(a=1000, b=3000, n=1), "pets", names)
-    after = parse_tasks(page.format(a=5000, b=15000, n=5), "pets", names)
+    before = parse_tasks(page.format(a=1000, b=3000, n=1), "pets")
+    after = parse_tasks(page.format(a=5000, b=15000, n=5), "pets")
     assert before[("pets_task_compute_us_total", "t0_lora")] == 1000  # not model="other"
     got = forward_by_group(before, after, {"t0_lora": "lora", "t1_maskbert": "maskbert"})
     assert got == pytest.approx({"lora": 1.0, "maskbert": 3.0})  # 4 ms / 4, 12 ms / 4

@@ -42,13 +42,7 @@ from typing import Any
 
 from clients.bench.make_perf_data import make
 from clients.bench.results import add_out_argument, start_run
-from clients.bench.server_breakdown import (
-    PER_TASK,
-    breakdown,
-    forward_by_group,
-    scrape,
-    scrape_tasks,
-)
+from clients.bench.server_breakdown import breakdown, forward_by_group, scrape, scrape_tasks
 from clients.pets_client import parse_point, start_tritonserver, triton_env
 from pets.backbone import load_backbone
 from pets.heads import HeadConfig
@@ -345,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.hf:
                     got["hf"] = perf(args, env, url, "hf", data, c, tmp)
                 before = scrape(metrics_url, "pets")
-                before_tasks = scrape_tasks(metrics_url, "pets", PER_TASK)
+                before_tasks = scrape_tasks(metrics_url, "pets")
                 log_at = run.path("tritonserver.log").stat().st_size
                 got["pets"] = perf(args, env, url, "pets", data, c, tmp)
                 n_cap, cap_ms = captures_since(run.path("tritonserver.log"), log_at)
@@ -359,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
                 # concurrency 1 it says which types make the latency's tail.
                 by_type = forward_by_group(
                     before_tasks,
-                    scrape_tasks(metrics_url, "pets", PER_TASK),
+                    scrape_tasks(metrics_url, "pets"),
                     {n: n.split("_", 1)[1] for n in names},
                 )
                 row: dict[str, Any] = {

@@ -22,7 +22,10 @@ import urllib.request
 from collections import defaultdict
 
 from clients.bench.results import add_out_argument, start_run
-from pets.metrics import parse_prometheus
+from pets.metrics import COUNTERS, parse_prometheus
+
+# The engine's per-task series that give forward time per sequence.
+REQUESTS, COMPUTE_US = COUNTERS["requests"][0], COUNTERS["compute_us"][0]
 
 
 def _fetch(url: str) -> str:
@@ -38,22 +41,19 @@ def scrape(url: str, model: str) -> dict[str, float]:
     return out
 
 
-def scrape_tasks(url: str, model: str, names: tuple[str, ...]) -> dict[tuple[str, str], float]:
-    """``{(metric, task): value}`` for the per-task series ``names`` of ``model``."""
-    return parse_tasks(_fetch(url), model, names)
+def scrape_tasks(url: str, model: str) -> dict[tuple[str, str], float]:
+    """``{(metric, task): value}`` of ``model``'s per-task request and forward-time series."""
+    return parse_tasks(_fetch(url), model)
 
 
-def parse_tasks(text: str, model: str, names: tuple[str, ...]) -> dict[tuple[str, str], float]:
-    """The per-task series ``names`` of ``model`` in a Prometheus text page, summed over
-    their other labels (instances, codes): ``{(metric, task): value}``."""
+def parse_tasks(text: str, model: str) -> dict[tuple[str, str], float]:
+    """``model``'s per-task request and forward-time series in a Prometheus text page,
+    summed over their other labels (instances): ``{(metric, task): value}``."""
     out: dict[tuple[str, str], float] = defaultdict(float)
     for name, labels, value in parse_prometheus(text):
-        if name in names and labels.get("model") == model and "task" in labels:
+        if name in (REQUESTS, COMPUTE_US) and labels.get("model") == model and "task" in labels:
             out[name, labels["task"]] += value
     return out
-
-
-PER_TASK = ("pets_task_requests_total", "pets_task_compute_us_total")
 
 
 def forward_by_group(
@@ -73,9 +73,9 @@ def forward_by_group(
         if group is None:
             continue
         delta = value - before.get((metric, task), 0.0)
-        if metric == "pets_task_requests_total":
+        if metric == REQUESTS:
             seqs[group] += delta
-        elif metric == "pets_task_compute_us_total":
+        elif metric == COMPUTE_US:
             us[group] += delta
     return {g: us[g] / seqs[g] / 1e3 for g in sorted(seqs) if seqs[g] > 0}
 
