@@ -351,8 +351,17 @@ MASKED_SHAPES = ((48, 64), (136, 72), (50, 45))
 
 def sample_inputs_seg_masked_mm(device: str, dtype: torch.dtype) -> Iterator[Sample]:
     long = ("long-uniform", [70, 3, 130, 64], [0, 1, 0, 2], 3, torch.Generator().manual_seed(9))
-    for i, (name, lengths, slots, n_tasks, g) in enumerate([*layouts(6), long]):
-        n, k = MASKED_SHAPES[i % len(MASKED_SHAPES)]
+    cases = [
+        (case, MASKED_SHAPES[i % len(MASKED_SHAPES)]) for i, case in enumerate([*layouts(6), long])
+    ]
+    # few tiles over a deep K: on 16-bit CUDA the K chunks of a tile are split over several
+    # blocks whose partials the last one sums (K=2088: 33 chunks, the last chunk and mask word
+    # partial; K=4096: 64 chunks, one token)
+    deep = [
+        (("deep-two_segments", [70, 3], [0, 1], 2, torch.Generator().manual_seed(11)), (136, 2088)),
+        (("deep-one_token", [1], [0], 1, torch.Generator().manual_seed(12)), (72, 4096)),
+    ]
+    for i, ((name, lengths, slots, n_tasks, g), (n, k)) in enumerate([*cases, *deep]):
         pool, offs = [torch.randint(-(2**31), 2**31 - 1, (7,), generator=g, dtype=torch.int32)], []
         for t in range(n_tasks):
             density = (*DENSITIES, 0.5, 1.0)[(t + i) % (len(DENSITIES) + 2)]
