@@ -322,9 +322,16 @@ def sample_inputs_seg_spmm(device: str, dtype: torch.dtype) -> Iterator[Sample]:
     # rows that are not whole 16-byte vectors (16-bit K=70): the CUDA tile is staged element
     # by element instead of in vectors
     odd = [("odd_k70-two_segments", [5, 19], [0, 1], 2, torch.Generator().manual_seed(70))]
-    for i, (name, lengths, slots, n_tasks, g) in enumerate([*cases, *wide, *odd]):
-        n = 48
-        k = int(name.split("-")[0].split("_k")[1]) if "_k" in name.split("-")[0] else 72
+    # many output rows over few tokens: on CUDA a token tile's output rows are split over
+    # several blocks (300 rows: 3 chunks of 100; 1000 rows: 8 chunks of 125)
+    tall = [
+        ("tall_n300-two_segments", [5, 19], [0, 1], 2, torch.Generator().manual_seed(300)),
+        ("tall_n1000-one_segment", [33], [0], 1, torch.Generator().manual_seed(1000)),
+    ]
+    for i, (name, lengths, slots, n_tasks, g) in enumerate([*cases, *wide, *odd, *tall]):
+        head = name.split("-")[0]
+        n = int(head.split("_n")[1]) if "_n" in head else 48
+        k = int(head.split("_k")[1]) if "_k" in head else 72
         rowptr, indices, offs, nnz = _csr_pool(n_tasks, n, k, g, i)
         t_tok = sum(lengths)
         use_values = i % 2 == 0
@@ -351,8 +358,16 @@ MASKED_SHAPES = ((48, 64), (136, 72), (50, 45))
 
 def sample_inputs_seg_masked_mm(device: str, dtype: torch.dtype) -> Iterator[Sample]:
     long = ("long-uniform", [70, 3, 130, 64], [0, 1, 0, 2], 3, torch.Generator().manual_seed(9))
-    for i, (name, lengths, slots, n_tasks, g) in enumerate([*layouts(6), long]):
-        n, k = MASKED_SHAPES[i % len(MASKED_SHAPES)]
+    cases = [
+        (case, MASKED_SHAPES[i % len(MASKED_SHAPES)]) for i, case in enumerate([*layouts(6), long])
+    ]
+    # few tiles over a deep K: on 16-bit CUDA the K chunks of a tile are split over 2 (K=520,
+    # the last mask word partial) and 4 (K=1040) blocks, whose partials the last one sums
+    deep = [
+        (("deep-two_segments", [70, 3], [0, 1], 2, torch.Generator().manual_seed(11)), (136, 520)),
+        (("deep-one_token", [1], [0], 1, torch.Generator().manual_seed(12)), (200, 1040)),
+    ]
+    for i, ((name, lengths, slots, n_tasks, g), (n, k)) in enumerate([*cases, *deep]):
         pool, offs = [torch.randint(-(2**31), 2**31 - 1, (7,), generator=g, dtype=torch.int32)], []
         for t in range(n_tasks):
             density = (*DENSITIES, 0.5, 1.0)[(t + i) % (len(DENSITIES) + 2)]

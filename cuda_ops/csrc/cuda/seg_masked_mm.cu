@@ -8,6 +8,10 @@
 //   words per weight row per chunk) through a 2-stage cp.async pipeline that brings the x rows,
 //   the W rows and the mask words; each thread then zeroes the unselected weights of one staged
 //   W row in shared memory, and the 4 warps run WMMA on the masked tile (tc_common.cuh).
+// A call with too few tiles to fill the GPU (one request: 128 tokens of one task are 2 x 6
+// tiles at a 768-wide site) also splits K over several blocks per tile: each writes its fp32
+// partial tile to a workspace, and the tile's last block to finish (a per-tile counter) sums
+// the partials in split order, so the result does not depend on which block came last.
 // float32 (and any dtype before sm_80) runs a CUDA-core kernel with the same units on 32 x 32
 // tiles. Items with item_mask_off < 0 have no mask at this site and get no units. Each
 // (token, column) has one owner, so there are no atomics; items sharing a segment must not be
@@ -47,6 +51,8 @@ constexpr int kLDS = kBK + 8;
 constexpr size_t kStageBytes = size_t(tc::kBM + kBN) * kLDS * 2 + size_t(kBN) * kWords * 4;
 constexpr size_t kPipeBytes = kStages * kStageBytes, kEpiBytes = size_t(tc::kBM) * kLDC * 4;
 constexpr size_t kTcSmem = kPipeBytes > kEpiBytes ? kPipeBytes : kEpiBytes;
+// K chunks a split takes at least: fewer would leave the 2-stage pipeline mostly prologue.
+constexpr int64_t kMinSplitChunks = 4;
 
 __device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool pred) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -83,7 +89,8 @@ __global__ void __launch_bounds__(tc::kThreads, tc::kMinBlocks)
                             const tc::raw16* __restrict__ w, const uint32_t* __restrict__ mask,
                             const int* __restrict__ seg_indptr, const int* __restrict__ item_seg,
                             const int64_t* __restrict__ item_mask_off, float alpha, int n_items,
-                            int n_out, int k_dim) {
+                            int n_out, int k_dim, int n_splits, int64_t n_tok,
+                            float* __restrict__ ws, int* __restrict__ tile_done) {
   using tc::kBM;
   using tc::raw16;
   constexpr int BK = kBK, S = kStages, LDS = kLDS, W = kWords;
@@ -96,17 +103,20 @@ __global__ void __launch_bounds__(tc::kThreads, tc::kMinBlocks)
   uint32_t* sm = reinterpret_cast<uint32_t*>(sb + S * kBN * LDS);  // [S][kBN][W]
   float* sc = reinterpret_cast<float*>(buf);                       // [kBM][kLDC], after the loop
   __shared__ int scratch[32];
+  __shared__ int last_split;
   const int col_tiles = (n_out + kBN - 1) / kBN;
-  const int total = build_unit_prefix(
+  const int tiles = build_unit_prefix(
       prefix, n_items,
       [&](int i) { return item_units<kBM>(i, seg_indptr, item_seg, item_mask_off, col_tiles); },
       scratch);
-  const int kw = (k_dim + 31) / 32, nk = (k_dim + BK - 1) / BK;
+  const int kw = (k_dim + 31) / 32, nk_all = (k_dim + BK - 1) / BK;
   const bool y_al = (reinterpret_cast<uintptr_t>(y) & 15) == 0 && (n_out & 7) == 0;
   const int t = threadIdx.x;  // the weight row this thread masks: one of its own warp's rows
-  for (int u = blockIdx.x; u < total; u += gridDim.x) {
-    const int i = upper_slot(prefix, n_items, u);
-    const int s = item_seg[i], local = u - prefix[i];
+  for (int u = blockIdx.x; u < tiles * n_splits; u += gridDim.x) {
+    const int tile_u = u / n_splits, split = u - tile_u * n_splits;
+    const int kt0 = split * nk_all / n_splits, nk = (split + 1) * nk_all / n_splits - kt0;
+    const int i = upper_slot(prefix, n_items, tile_u);
+    const int s = item_seg[i], local = tile_u - prefix[i];
     const int col0 = (local % col_tiles) * kBN;
     const int64_t row0 = seg_indptr[s] + static_cast<int64_t>(local / col_tiles) * kBM;
     const int len = min(kBM, static_cast<int>(seg_indptr[s + 1] - row0));
@@ -130,7 +140,7 @@ __global__ void __launch_bounds__(tc::kThreads, tc::kMinBlocks)
     tile.zero();
 #pragma unroll
     for (int st = 0; st < S - 1; ++st) {
-      if (st < nk) load_stage(st, st);
+      if (st < nk) load_stage(st, kt0 + st);
       tc::cp_async_commit();
     }
     for (int kt = 0; kt < nk; ++kt) {
@@ -142,7 +152,7 @@ __global__ void __launch_bounds__(tc::kThreads, tc::kMinBlocks)
       mask_row<W>(sb + (st * kBN + t) * LDS, sm + (st * kBN + t) * W);
       __syncwarp();
       const int nx = kt + S - 1;
-      if (nx < nk) load_stage(nx % S, nx);
+      if (nx < nk) load_stage(nx % S, kt0 + nx);
       tc::cp_async_commit();
       tile.template mma<BK, LDS>(sa + st * kBM * LDS, sb + st * kBN * LDS);
     }
@@ -150,6 +160,27 @@ __global__ void __launch_bounds__(tc::kThreads, tc::kMinBlocks)
     __syncthreads();  // pipeline buffers free
     tile.template store<kLDC>(sc);
     __syncthreads();
+    if (n_splits > 1) {  // thread t owns column col0 + t of the partial tiles
+      float* part = ws + (static_cast<int64_t>(split) * n_tok + row0) * n_out + col0 + t;
+      if (t < ncol)
+        for (int m = 0; m < len; ++m) part[static_cast<int64_t>(m) * n_out] = sc[m * kLDC + t];
+      __threadfence();  // this split's partial is visible before it is counted
+      __syncthreads();
+      if (t == 0) last_split = atomicAdd(tile_done + tile_u, 1) == n_splits - 1;
+      __syncthreads();
+      if (!last_split) continue;  // sc fully read above; the next unit may refill the pipeline
+      __threadfence();
+      if (t < ncol) {
+        const float* p0 = ws + row0 * n_out + col0 + t;
+        for (int m = 0; m < len; ++m) {
+          float acc = 0.f;
+          for (int q = 0; q < n_splits; ++q)  // split order: the same sum whoever comes last
+            acc += __ldcg(p0 + (static_cast<int64_t>(q) * n_tok + m) * n_out);
+          sc[m * kLDC + t] = acc;
+        }
+      }
+      __syncthreads();
+    }
     tc::add_tile<MT, kBM, kBN, kLDC>(y + row0 * n_out + col0, n_out, y_al && (col0 & 7) == 0, sc,
                                      len, ncol, alpha, nullptr);
     __syncthreads();  // fp32 tile consumed before the next unit refills the pipeline
@@ -221,21 +252,38 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// K splits per tile: 1 while the tiles alone fill the SMs, else enough to fill them, each
+// split keeping at least kMinSplitChunks K chunks. `tiles` bounds the call's tiles from above.
+inline int masked_splits(int64_t tiles, int64_t k_dim) {
+  const int64_t sms = num_sms(), chunks = ceil_div(k_dim, kBK);
+  if (tiles >= sms) return 1;
+  return static_cast<int>(
+      std::max<int64_t>(1, std::min(ceil_div(sms, tiles), chunks / kMinSplitChunks)));
+}
+
 template <typename T>
 void launch_tc(const GroupedArgs& a, double alpha, cudaStream_t stream) {
   using MT = typename tc::MmaType<T>::type;
   const int n_items = static_cast<int>(a.num_items);
-  const int64_t n_out = a.y.size(1);
+  const int64_t n_tok = a.y.size(0), n_out = a.y.size(1), k_dim = a.x.size(1);
   auto kernel = seg_masked_mm_tc_kernel<MT>;
   const size_t smem = tc::tile_smem(n_items, kTcSmem);
-  const int64_t bound = (ceil_div(a.y.size(0), tc::kBM) + n_items) * ceil_div(n_out, kBN);
-  kernel<<<grouped_grid(kernel, tc::kThreads, smem, bound), tc::kThreads, smem, stream>>>(
+  const int64_t tiles = (ceil_div(n_tok, tc::kBM) + n_items) * ceil_div(n_out, kBN);
+  const int splits = masked_splits(tiles, k_dim);
+  at::Tensor ws, tile_done;  // split partials [splits, n_tok, n_out] and per-tile counters
+  if (splits > 1) {
+    ws = at::empty({splits, n_tok, n_out}, a.y.options().dtype(at::kFloat));
+    tile_done = at::zeros({tiles}, a.y.options().dtype(at::kInt));
+  }
+  kernel<<<grouped_grid(kernel, tc::kThreads, smem, tiles * splits), tc::kThreads, smem, stream>>>(
       reinterpret_cast<tc::raw16*>(a.y.data_ptr<T>()),
       reinterpret_cast<const tc::raw16*>(a.x.data_ptr<T>()),
       reinterpret_cast<const tc::raw16*>(a.dense_w.data_ptr<T>()),
       reinterpret_cast<const uint32_t*>(a.mask.data_ptr<int>()), a.seg_indptr.data_ptr<int>(),
       a.item_seg.data_ptr<int>(), a.item_w_off.data_ptr<int64_t>(), static_cast<float>(alpha),
-      n_items, static_cast<int>(n_out), static_cast<int>(a.x.size(1)));
+      n_items, static_cast<int>(n_out), static_cast<int>(k_dim), splits, n_tok,
+      ws.defined() ? ws.data_ptr<float>() : nullptr,
+      tile_done.defined() ? tile_done.data_ptr<int>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -8,7 +8,9 @@
 // shared-weight) gathers, are issued together so the walk is not one dependent load chain per
 // non-zero. Every non-zero updates TM tokens from one contiguous shared-memory row. Each
 // (token, o) has one owner, so there are no atomics. Items sharing a segment must not be
-// given (see ops.py).
+// given (see ops.py). A call with too few token tiles to fill the GPU (one 128-token request
+// is 8 tiles) also splits the output rows over several units per tile, each staging the tile
+// again: one request's delta otherwise ran on 8 of the GPU's SMs.
 #include <torch/library.h>
 
 #include "common.cuh"
@@ -21,6 +23,7 @@ constexpr int kThreads = 256;
 constexpr int kUnroll = 4;                    // CSR non-zeros in flight per thread
 constexpr int kMaxTM = 16;                    // tokens per tile, fewer for wide inputs
 constexpr int64_t kMaxTileBytes = 96 * 1024;  // staged x tile; opt-in shared memory on sm_80+
+constexpr int64_t kMinChunkRows = 128;        // output rows a unit takes at least
 
 // acc[m] += v * xr[m] for m < TM, reading xr (16-byte aligned) in 16-byte vectors.
 template <int TM, typename XS>
@@ -84,7 +87,7 @@ __global__ void __launch_bounds__(kThreads)
                     const int* __restrict__ item_seg, const int64_t* __restrict__ rowptr_off,
                     const int64_t* __restrict__ rowptr, const int* __restrict__ indices,
                     const T* __restrict__ values, const T* __restrict__ dense_w, float alpha,
-                    int n_items, int n_out, int k_dim, bool x_vec) {
+                    int n_items, int n_out, int k_dim, int n_chunks, bool x_vec) {
   extern __shared__ __align__(16) char smem[];
   T* xs = reinterpret_cast<T*>(smem);  // [k_dim][TM]
   int* prefix = reinterpret_cast<int*>(smem + static_cast<int64_t>(k_dim) * TM * sizeof(T));
@@ -96,16 +99,19 @@ __global__ void __launch_bounds__(kThreads)
         return (seg_indptr[s + 1] - seg_indptr[s] + TM - 1) / TM;
       },
       scratch);
-  for (int u = blockIdx.x; u < total; u += gridDim.x) {
-    const int i = upper_slot(prefix, n_items, u);
+  const int chunk_rows = (n_out + n_chunks - 1) / n_chunks;
+  for (int u = blockIdx.x; u < total * n_chunks; u += gridDim.x) {
+    const int tile_u = u / n_chunks, o0 = (u - tile_u * n_chunks) * chunk_rows;
+    const int o1 = min(n_out, o0 + chunk_rows);
+    const int i = upper_slot(prefix, n_items, tile_u);
     const int s = item_seg[i];
-    const int64_t row0 = seg_indptr[s] + static_cast<int64_t>(u - prefix[i]) * TM;
+    const int64_t row0 = seg_indptr[s] + static_cast<int64_t>(tile_u - prefix[i]) * TM;
     const int len = min(TM, static_cast<int>(seg_indptr[s + 1] - row0));
     __syncthreads();  // previous unit's tile fully consumed
     stage_tile<T, TM>(xs, x, row0, len, k_dim, x_vec);
     __syncthreads();
     const int64_t* rp = rowptr + rowptr_off[i];
-    for (int o = threadIdx.x; o < n_out; o += kThreads) {
+    for (int o = o0 + threadIdx.x; o < o1; o += kThreads) {
       float acc[TM];
 #pragma unroll
       for (int m = 0; m < TM; ++m) acc[m] = 0.f;
@@ -145,12 +151,18 @@ void launch_seg_spmm(const GroupedArgs& a, double alpha, cudaStream_t stream) {
   const int n_items = static_cast<int>(a.num_items);
   const size_t smem = k_dim * TM * sizeof(T) + (n_items + 1) * sizeof(int);
   auto kernel = seg_spmm_kernel<T, TM>;
-  const int grid = grouped_grid(kernel, kThreads, smem, ceil_div(n_tok, TM) + n_items);
+  // Output chunks per token tile: 1 while the tiles alone fill the SMs (`tiles` bounds them).
+  const int64_t tiles = ceil_div(n_tok, TM) + n_items, sms = num_sms();
+  const int chunks = tiles >= sms
+                         ? 1
+                         : static_cast<int>(std::max<int64_t>(
+                               1, std::min(ceil_div(sms, tiles), ceil_div(n_out, kMinChunkRows))));
+  const int grid = grouped_grid(kernel, kThreads, smem, tiles * chunks);
   kernel<<<grid, kThreads, smem, stream>>>(
       a.y.data_ptr<T>(), a.x.data_ptr<T>(), a.seg_indptr.data_ptr<int>(),
       a.item_seg.data_ptr<int>(), a.item_w_off.data_ptr<int64_t>(), a.rowptr.data_ptr<int64_t>(),
       a.indices.data_ptr<int>(), ptr_or_null<T>(a.values), ptr_or_null<T>(a.dense_w),
-      static_cast<float>(alpha), n_items, static_cast<int>(n_out), static_cast<int>(k_dim),
+      static_cast<float>(alpha), n_items, static_cast<int>(n_out), static_cast<int>(k_dim), chunks,
       (k_dim * sizeof(T)) % 16 == 0 && reinterpret_cast<uintptr_t>(a.x.data_ptr()) % 16 == 0);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
