@@ -313,11 +313,12 @@ def _csr_pool(n_tasks: int, n: int, k: int, g: torch.Generator, i: int):
 
 def sample_inputs_seg_spmm(device: str, dtype: torch.dtype) -> Iterator[Sample]:
     cases = list(layouts(5))
-    # wide inputs: fewer tokens per staged tile on CUDA (16-bit / fp32: 16 / 8 tokens at
-    # K=1600, 8 / 4 at 3200, 4 / 2 at 8192, where a tile row is less than one 16-byte vector)
+    # wide inputs: fewer tokens per staged tile on CUDA (16-bit / fp32: 32 / 16 tokens at
+    # K=1024, 16 / 8 at K=1600, 8 / 4 at 3200, 4 / 2 at 8192, where a tile row is less than
+    # one 16-byte vector; 16-bit tiles of 16 to 64 tokens take the lanes kernel)
     wide = [
         (f"wide_k{k}-one_segment", [19], [0], 1, torch.Generator().manual_seed(k))
-        for k in (1600, 3200, 8192)
+        for k in (1024, 1600, 3200, 8192)
     ]
     # rows that are not whole 16-byte vectors (16-bit K=70): the CUDA tile is staged element
     # by element instead of in vectors

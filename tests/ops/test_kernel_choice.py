@@ -59,7 +59,10 @@ SAMPLE_CASES = [
     ("sgmv_expand", BF16, _first, "sgmv_expand_tc_kernel<__nv_bfloat16>",
      "sgmv_expand_kernel<c10::BFloat16>"),
     ("sgmv_expand", F32, _first, "sgmv_expand_kernel<float>", None),
-    ("seg_spmm", F16, _width(1, 72), "seg_spmm_kernel<c10::Half, 16>", None),
+    ("seg_spmm", F16, _width(1, 72), "seg_spmm_lanes_kernel<c10::Half, 32, 2>", None),
+    ("seg_spmm", BF16, _width(1, 1024), "seg_spmm_lanes_kernel<c10::BFloat16, 32, 1>", None),
+    ("seg_spmm", F16, _width(1, 1600), "seg_spmm_lanes_kernel<c10::Half, 16, 1>", None),
+    ("seg_spmm", F32, _width(1, 72), "seg_spmm_kernel<float, 16>", None),
     ("seg_spmm", F16, _width(1, 3200), "seg_spmm_kernel<c10::Half, 8>", None),
     ("seg_spmm", F32, _width(1, 3200), "seg_spmm_kernel<float, 4>", None),
     ("seg_spmm", F16, _width(1, 8192), "seg_spmm_kernel<c10::Half, 4>", None),  # element-wise
