@@ -294,28 +294,42 @@ class SharedEncoder:
         batch: Batch,
         active: list[tuple[PetMethod, Any]],
         bias: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``x @ W.T`` (``+ bias`` where given) with every type's deltas. ``x`` ``[T, K]`` ->
-        ``[T, N]``.
+        """``x @ W.T`` (``+ bias`` or ``+ residual`` where given) with every type's deltas.
+        ``x`` ``[T, K]`` -> ``[T, N]``.
 
         The shared GEMM covers the first ``batch.shared_rows`` tokens; the rest belong to
-        tasks that compute the whole product themselves and start from zeros. ``bias``
-        (``[N]``, one row for every token) is added in the GEMM's epilogue; it is only given
-        when every token takes the shared GEMM."""
+        tasks that compute the whole product themselves and start from zeros (from
+        ``residual`` where given). ``bias`` (``[N]``, one row for every token) is added in the
+        GEMM's epilogue; it is only given when every token takes the shared GEMM.
+        ``residual`` (``[T, N]``) is the GEMM's C operand (beta = 1), so the output site's
+        LayerNorm pass reads one tensor instead of two."""
         w = self.w.linear[site][layer]
-        r = batch.shared_rows
+        r, t = batch.shared_rows, x.shape[0]
         if bias is not None:
-            assert r == x.shape[0], "a GEMM bias needs every row in the shared GEMM"
+            assert r == t and residual is None, "a GEMM bias needs every row, no residual"
             y = torch.addmm(bias, x, w.t())  # cuBLASLt bias epilogue on CUDA
-        elif r == x.shape[0]:
-            y = torch.mm(x, w.t())  # shared GEMM
+        elif r == t:
+            y = torch.mm(x, w.t()) if residual is None else torch.addmm(residual, x, w.t())
         else:
-            y = x.new_empty(x.shape[0], w.shape[0])
-            if r:
+            y = x.new_empty(t, w.shape[0])
+            if r and residual is None:
                 torch.mm(x[:r], w.t(), out=y[:r])
-            y[r:].zero_()
+            elif r:
+                torch.addmm(residual[:r], x[:r], w.t(), out=y[:r])
+            if residual is None:
+                y[r:].zero_()
+            else:
+                y[r:].copy_(residual[r:])
         self._shadow(active, lambda m, p: m.apply_linear(p, site, layer, x, y))
         return y
+
+    @staticmethod
+    def _output_transforms(active: list[tuple[PetMethod, Any]]) -> list[tuple[PetMethod, Any]]:
+        """The plans that transform an output site's ``y + bias`` before the residual. A None
+        plan (IA3 tasks without output scales) neither runs nor blocks the fused paths."""
+        return [(m, p) for m, p in active if m.has_output_transform and p is not None]
 
     def _shadow(self, active: list[tuple[PetMethod, Any]], fn: Any) -> None:
         """Run ``fn(method, plan)`` for every plan: in order, or over the PetS streams."""
@@ -338,7 +352,8 @@ class SharedEncoder:
     ) -> torch.Tensor:
         """``LN(transform(y + bias) + residual)`` of an output site. ``y``, residual ``[T, H]``.
 
-        No output transform in the batch: one epilogue op. One PET type's transform (and no
+        No output transform in the batch: ``y`` already holds the residual (the GEMM added
+        it, :meth:`_output_transforms`), one epilogue op. One PET type's transform (and no
         shadow streams): that type's :meth:`PetMethod.fused_output` if it has one (adapters:
         one op for the whole site). Otherwise bias, each type's ``apply_output``, LayerNorm.
         """
@@ -354,11 +369,11 @@ class SharedEncoder:
             seg_indptr=batch.seg_indptr,
             eps=self.spec.eps,
         )
-        # A None plan: none of this type's tasks in the batch transforms the output (IA3
-        # tasks without output scales), so it neither runs nor blocks the fused path.
-        transforms = [(m, p) for m, p in active if m.has_output_transform and p is not None]
+        transforms = self._output_transforms(active)
         if not transforms:
-            return ep.layernorm(K)
+            return K.bias_residual_layernorm(
+                y, None, ep.bias, ep.gamma, ep.beta, ep.seg_indptr, ep.seg_bias, ep.seg_ln, ep.eps
+            )
         if self.fuse_outputs and self.streams is None and len(transforms) == 1:
             method, plan = transforms[0]
             out = method.fused_output(plan, site, layer, ep)
@@ -394,7 +409,9 @@ class SharedEncoder:
                 0,
             )
         a = self._attention(qkv, batch)
-        y = self._linear("attn_out", layer, a, batch, active)
+        # No output transform: the residual is the output GEMMs' C operand (see _output).
+        fold = not self._output_transforms(active)
+        y = self._linear("attn_out", layer, a, batch, active, residual=x if fold else None)
         h = self._output("attn_out", "attn_ln", layer, y, x, batch, sp, active)
         if sp.gelu_in_gemm:  # no delta at ffn_in: bias and GELU in the GEMM's epilogue
             w = self.w.linear["ffn_in"][layer]
@@ -410,7 +427,7 @@ class SharedEncoder:
                 sp.scale,
                 self.act,
             )
-        o = self._linear("ffn_out", layer, i, batch, active)
+        o = self._linear("ffn_out", layer, i, batch, active, residual=h if fold else None)
         return self._output("ffn_out", "ffn_ln", layer, o, h, batch, sp, active)
 
     def _attention(self, qkv: torch.Tensor, batch: Batch) -> torch.Tensor:
