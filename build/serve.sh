@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Build what is needed and serve the `pets` model with Triton 2.51 on 127.0.0.1.
 #
-# usage: build/serve.sh [--gpus all|0,1,...] [--instances-per-gpu N] [--instances N]
+# usage: build/serve.sh [--gpus all|0,1,...] [--instances-per-gpu N] [--mps] [--instances N]
 #                       [--dtype D] [--memory-budget-mb M] [-- extra tritonserver flags]
 #   --gpus G       serve a generated copy of the model repository (var/model_repository_gpu)
 #                  with one instance group per listed GPU ('all': every GPU this process
 #                  sees, after CUDA_VISIBLE_DEVICES), DTYPE float16 (backend/pets/placement.py)
 #   --gpu          the same as --gpus 0
 #   --instances-per-gpu N  instances (stub processes, each its own engine) per GPU; default 2
+#   --mps          run the instances under NVIDIA MPS, so that their kernels share the GPU
+#                  instead of taking turns (docs/deploy.md): starts nvidia-cuda-mps-control
+#                  on var/mps unless CUDA_MPS_PIPE_DIRECTORY names a running daemon, and
+#                  stops the daemon it started when the server stops
 #   --instances N  CPU instances of the model (default 1); with --gpus, the same as
 #                  --instances-per-gpu
 #   --dtype D      override DTYPE (auto|float32|float16|bfloat16)
@@ -28,17 +32,18 @@ cd "$root"
 log() { echo "serve: $*" >&2; }
 die() { log "$*"; exit 1; }
 
-gpus=""; instances=""; per_gpu=""; dtype=""; budget=""; extra=()
+gpus=""; instances=""; per_gpu=""; dtype=""; budget=""; mps=0; extra=()
 while (($#)); do
   case "$1" in
     --gpu) gpus=0 ;;
     --gpus) gpus=${2:?--gpus needs 'all' or a list such as 0,1}; shift ;;
     --instances) instances=${2:?--instances needs a number}; shift ;;
     --instances-per-gpu) per_gpu=${2:?--instances-per-gpu needs a number}; shift ;;
+    --mps) mps=1 ;;
     --dtype) dtype=${2:?--dtype needs a value}; shift ;;
     --memory-budget-mb) budget=${2:?--memory-budget-mb needs a number}; shift ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,23p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
   shift
@@ -49,6 +54,11 @@ done
 [[ -z "$budget" || "$budget" =~ ^[0-9]+$ ]] || die "--memory-budget-mb '$budget' must be an integer"
 [[ -n "$gpus" ]] && per_gpu=${per_gpu:-${instances:-2}}  # 2 per GPU: docs/performance.md
 [[ -z "$gpus" && -n "$per_gpu" ]] && die "--instances-per-gpu needs --gpus (or --gpu)"
+if ((mps)); then
+  [[ -n "$gpus" ]] || die "--mps shares GPUs between instances; it needs --gpus (or --gpu)"
+  command -v nvidia-cuda-mps-control >/dev/null \
+    || die "--mps needs nvidia-cuda-mps-control (NVIDIA driver utilities) on PATH; install them or drop --mps"
+fi
 instances=${instances:-1}
 
 http=${PETS_HTTP_PORT:-8000}; grpc=${PETS_GRPC_PORT:-8001}; metrics=${PETS_METRICS_PORT:-8002}
@@ -105,6 +115,23 @@ if [[ -n "$gpus" ]] || ((instances != 1)) || [[ -n "$dtype$budget" || "$store" !
   log "generated $repo"
 fi
 
+# MPS: a daemon already answering on CUDA_MPS_PIPE_DIRECTORY is used as it is; otherwise one
+# is started here (and stopped by cleanup). The stubs find it through the exported variables.
+mps_started=0
+if ((mps)); then
+  export CUDA_MPS_PIPE_DIRECTORY=${CUDA_MPS_PIPE_DIRECTORY:-$root/var/mps}
+  export CUDA_MPS_LOG_DIRECTORY=${CUDA_MPS_LOG_DIRECTORY:-$root/var/mps-log}
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if echo get_server_list | timeout 5 nvidia-cuda-mps-control >/dev/null 2>&1; then
+    log "MPS: using the daemon on $CUDA_MPS_PIPE_DIRECTORY"
+  else
+    nvidia-cuda-mps-control -d \
+      || die "could not start the MPS daemon (see $CUDA_MPS_LOG_DIRECTORY/control.log); a GPU in exclusive-process mode, or no permission to run it?"
+    mps_started=1
+    log "MPS: started the daemon on $CUDA_MPS_PIPE_DIRECTORY (log $CUDA_MPS_LOG_DIRECTORY)"
+  fi
+fi
+
 shopt -s nullglob
 shm_before=$(ls /dev/shm/ 2>/dev/null | grep -E '^triton_.*backend_shm_region_' || true)
 # setsid: the server leads its own process group, which its stubs join; after it exits,
@@ -138,6 +165,9 @@ cleanup() {
   for f in $(ls /dev/shm/ 2>/dev/null | grep -E '^triton_.*backend_shm_region_' || true); do
     grep -qxF "$f" <<<"$shm_before" || { rm -f "/dev/shm/$f"; log "removed stale /dev/shm/$f"; }
   done
+  if ((mps_started)); then
+    echo quit | nvidia-cuda-mps-control 2>/dev/null && log "MPS: stopped the daemon"
+  fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT

@@ -1,4 +1,5 @@
-"""Placement of the `pets` instances on a host's GPUs, on a CPU with fake device lists.
+"""Placement of the `pets` instances on a host's GPUs, on a CPU with fake device lists, and
+``build/serve.sh``'s checks of its placement flags.
 
 The generated configs are parsed with Triton's own ``ModelConfig`` protobuf (shipped in
 tritonclient), so a field or enum Triton would refuse fails here too.
@@ -6,6 +7,9 @@ tritonclient), so a field or enum Triton would refuse fails here too.
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -179,3 +183,33 @@ def test_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Cap
     cfg = parse((out / "pets" / "config.pbtxt").read_text())
     assert [(g.kind, g.count) for g in cfg.instance_group] == [(KIND_CPU, 3)]
     assert cfg.parameters["DTYPE"].string_value == "auto"  # unchanged on CPU
+
+
+def _serve(args: list[str], path: str) -> subprocess.CompletedProcess[str]:
+    """``build/serve.sh ARGS`` with ``PATH=path``; its argument checks run before any set-up."""
+    bash = shutil.which("bash")
+    assert bash is not None
+    return subprocess.run(
+        [bash, str(ROOT / "build" / "serve.sh"), *args],
+        env={"PATH": path, "HOME": os.environ.get("HOME", "/")},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_serve_mps_needs_gpus() -> None:
+    done = _serve(["--mps"], os.environ["PATH"])
+    assert done.returncode == 1
+    assert "--mps shares GPUs between instances; it needs --gpus" in done.stderr
+
+
+def test_serve_mps_needs_the_control_binary(tmp_path: Path) -> None:
+    # a PATH holding only what the script needs before its checks: no nvidia-cuda-mps-control
+    dirname = shutil.which("dirname")
+    assert dirname is not None
+    (tmp_path / "dirname").symlink_to(dirname)
+    done = _serve(["--gpu", "--mps"], str(tmp_path))
+    assert done.returncode == 1
+    assert "--mps needs nvidia-cuda-mps-control" in done.stderr
+    assert "drop --mps" in done.stderr

@@ -9,6 +9,8 @@
 #   PETS_INSTANCES_PER_GPU=2  PETS_CPU_INSTANCES=1  PETS_TASK_STORE=/store
 #   PETS_DTYPE (float16 on GPUs)  PETS_MEMORY_BUDGET_MB  PETS_BACKBONE (default)
 #   PETS_MODEL_PARAMS  more pets parameters, space-separated KEY=VALUE
+#   PETS_MPS=1         start NVIDIA's MPS daemon in the container first, so that the GPU
+#                      instances' kernels share the GPU instead of taking turns (docs/deploy.md)
 # Arguments are passed on to tritonserver. The instance names and devices are written to
 # /tmp/pets-instances.txt, which build/container/probe.py checks against the live stubs.
 set -euo pipefail
@@ -28,6 +30,16 @@ else place+=(--gpus "$gpus" --instances-per-gpu "${PETS_INSTANCES_PER_GPU:-2}");
 [[ -n "${PETS_BACKBONE:-}" ]] && place+=(--backbone "$PETS_BACKBONE")
 for kv in ${PETS_MODEL_PARAMS:-}; do place+=(--set "$kv"); done
 python3 -m pets.placement "${place[@]}" > /tmp/pets-instances.txt
+if [[ "${PETS_MPS:-0}" == 1 ]]; then
+  [[ "$gpus" != none ]] || { echo "entrypoint: PETS_MPS=1 needs GPU instances (PETS_GPUS is none)" >&2; exit 2; }
+  export CUDA_MPS_PIPE_DIRECTORY=${CUDA_MPS_PIPE_DIRECTORY:-/tmp/mps}
+  export CUDA_MPS_LOG_DIRECTORY=${CUDA_MPS_LOG_DIRECTORY:-/tmp/mps-log}
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  nvidia-cuda-mps-control -d || {
+    echo "entrypoint: PETS_MPS=1 but the MPS daemon did not start (nvidia-cuda-mps-control missing, or the GPU in exclusive-process mode); unset PETS_MPS" >&2
+    exit 2
+  }
+fi
 exec tritonserver \
   --model-repository="$repo" \
   --backend-directory=/opt/tritonserver/backends \
