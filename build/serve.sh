@@ -31,6 +31,8 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 log() { echo "serve: $*" >&2; }
 die() { log "$*"; exit 1; }
+# shellcheck source=build/mps.sh
+source build/mps.sh
 
 gpus=""; instances=""; per_gpu=""; dtype=""; budget=""; mps=0; extra=()
 while (($#)); do
@@ -56,8 +58,7 @@ done
 [[ -z "$gpus" && -n "$per_gpu" ]] && die "--instances-per-gpu needs --gpus (or --gpu)"
 if ((mps)); then
   [[ -n "$gpus" ]] || die "--mps shares GPUs between instances; it needs --gpus (or --gpu)"
-  command -v nvidia-cuda-mps-control >/dev/null \
-    || die "--mps needs nvidia-cuda-mps-control (NVIDIA driver utilities) on PATH; install them or drop --mps"
+  mps_check || exit 1  # before the set-up, not after it
 fi
 instances=${instances:-1}
 
@@ -115,22 +116,9 @@ if [[ -n "$gpus" ]] || ((instances != 1)) || [[ -n "$dtype$budget" || "$store" !
   log "generated $repo"
 fi
 
-# MPS: a daemon already answering on CUDA_MPS_PIPE_DIRECTORY is used as it is; otherwise one
-# is started here (and stopped by cleanup). The stubs find it through the exported variables.
-mps_started=0
-if ((mps)); then
-  export CUDA_MPS_PIPE_DIRECTORY=${CUDA_MPS_PIPE_DIRECTORY:-$root/var/mps}
-  export CUDA_MPS_LOG_DIRECTORY=${CUDA_MPS_LOG_DIRECTORY:-$root/var/mps-log}
-  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-  if echo get_server_list | timeout 5 nvidia-cuda-mps-control >/dev/null 2>&1; then
-    log "MPS: using the daemon on $CUDA_MPS_PIPE_DIRECTORY"
-  else
-    nvidia-cuda-mps-control -d \
-      || die "could not start the MPS daemon (see $CUDA_MPS_LOG_DIRECTORY/control.log); a GPU in exclusive-process mode, or no permission to run it?"
-    mps_started=1
-    log "MPS: started the daemon on $CUDA_MPS_PIPE_DIRECTORY (log $CUDA_MPS_LOG_DIRECTORY)"
-  fi
-fi
+# MPS (build/mps.sh): a daemon already answering on CUDA_MPS_PIPE_DIRECTORY is used as it is,
+# else one is started on var/mps and stopped by cleanup. The stubs inherit the variables.
+if ((mps)); then mps_start "$root/var" || exit 1; fi
 
 shopt -s nullglob
 shm_before=$(ls /dev/shm/ 2>/dev/null | grep -E '^triton_.*backend_shm_region_' || true)
@@ -165,9 +153,7 @@ cleanup() {
   for f in $(ls /dev/shm/ 2>/dev/null | grep -E '^triton_.*backend_shm_region_' || true); do
     grep -qxF "$f" <<<"$shm_before" || { rm -f "/dev/shm/$f"; log "removed stale /dev/shm/$f"; }
   done
-  if ((mps_started)); then
-    echo quit | nvidia-cuda-mps-control 2>/dev/null && log "MPS: stopped the daemon"
-  fi
+  mps_stop
 }
 trap cleanup EXIT
 trap 'exit 130' INT

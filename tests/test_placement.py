@@ -211,5 +211,53 @@ def test_serve_mps_needs_the_control_binary(tmp_path: Path) -> None:
     (tmp_path / "dirname").symlink_to(dirname)
     done = _serve(["--gpu", "--mps"], str(tmp_path))
     assert done.returncode == 1
-    assert "--mps needs nvidia-cuda-mps-control" in done.stderr
-    assert "drop --mps" in done.stderr
+    assert "MPS needs nvidia-cuda-mps-control" in done.stderr
+    assert "run without MPS" in done.stderr
+
+
+FAKE_MPS = """#!/bin/sh
+# a stand-in nvidia-cuda-mps-control: logs its arguments and stdin; a daemon "runs" while
+# $RUNNING exists
+log="$(dirname "$0")/calls.log"
+if [ "$1" = "-d" ]; then echo start >>"$log"; touch "$RUNNING"; exit 0; fi
+cmd=$(cat); echo "$cmd" >>"$log"
+case "$cmd" in
+  get_server_list) [ -e "$RUNNING" ] ;;
+  quit) rm -f "$RUNNING" ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("running", [False, True])
+def test_mps_helper_starts_or_reuses_the_daemon(tmp_path: Path, running: bool) -> None:
+    """``build/mps.sh``: start a daemon when none answers (and stop it), else use it as is."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-cuda-mps-control"
+    fake.write_text(FAKE_MPS)
+    fake.chmod(0o755)
+    flag = tmp_path / "running"
+    if running:
+        flag.touch()
+    script = (
+        f"source {ROOT / 'build' / 'mps.sh'}; mps_start {tmp_path / 'var'} || exit 9; "
+        'echo "started=$MPS_STARTED pipe=$CUDA_MPS_PIPE_DIRECTORY"; mps_stop'
+    )
+    bash = shutil.which("bash")
+    assert bash is not None
+    done = subprocess.run(
+        [bash, "-c", script],
+        env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "RUNNING": str(flag)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"pipe={tmp_path / 'var' / 'mps'}" in done.stdout
+    calls = (bin_dir / "calls.log").read_text().split()
+    if running:  # used as it is, left running
+        assert "started=0" in done.stdout and calls == ["get_server_list"]
+        assert flag.exists()
+    else:  # started here, stopped by mps_stop
+        assert "started=1" in done.stdout and calls == ["get_server_list", "start", "quit"]
+        assert not flag.exists()

@@ -1,3 +1,9 @@
+if [[ "${PETS_MPS:-0}" == 1 ]]; then
+  [[ "$gpus" != none ]] || { echo "entrypoint: PETS_MPS=1 needs GPU instances (PETS_GPUS is none)" >&2; exit 2; }
+  # shellcheck source=build/mps.sh
+  source "$src/build/mps.sh"
+  mps_start /tmp || exit 2  # the daemon lives as long as the container
+fi
 #!/usr/bin/env bash
 # Container entry point: place the pets instances on this pod's GPUs and exec tritonserver.
 #
