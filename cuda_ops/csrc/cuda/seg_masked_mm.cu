@@ -264,8 +264,7 @@ __global__ void __launch_bounds__(kThreads)
 inline int masked_splits(int64_t tiles, int64_t k_dim) {
   const int64_t sms = num_sms(), chunks = ceil_div(k_dim, kBK);
   if (tiles >= sms || chunks < kMinSplitDepth) return 1;
-  return static_cast<int>(
-      std::max<int64_t>(1, std::min(ceil_div(sms, tiles), chunks / kMinSplitChunks)));
+  return static_cast<int>(std::min(ceil_div(sms, tiles), chunks / kMinSplitChunks));  // >= 2
 }
 
 template <typename T>
