@@ -276,6 +276,11 @@ def run_all(argv: list[str]) -> int:
                 "seconds": round(time.perf_counter() - t0, 1),
             }
         )
+        print(
+            f"== {name} {status} in {results[-1]['seconds']} s "
+            f"({(time.perf_counter() - t_all) / 60:.1f} min so far) ==",
+            flush=True,
+        )
     args, _ = _parse("fig7", argv, all_mode=True)
     with start_run("paper_all", args.out, params=vars(args)) as out:
         out.write_csv("summary.csv", results)
