@@ -1,5 +1,5 @@
-"""served_overhead refuses to measure an engine from another tree than its own, and counts
-the CUDA-graph captures the server logs."""
+"""served_overhead refuses to measure an engine from another tree than its own, counts the
+CUDA-graph captures the server logs, and times the served model's own engine in process."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from clients.bench.served_overhead import (
@@ -15,8 +16,12 @@ from clients.bench.served_overhead import (
     ROOT,
     captures_since,
     check_engine_source,
+    data_requests,
+    engine_params,
+    in_process_rate,
     make_data,
     make_repo,
+    stub_threads,
 )
 from clients.bench.server_breakdown import forward_by_group, parse_tasks
 from clients.pets_client import parse_point
@@ -113,3 +118,38 @@ nv_inference_exec_count{{model="pets",version="1"}} 7
     got = forward_by_group(before, after, {"t0_lora": "lora", "t1_maskbert": "maskbert"})
     assert got == pytest.approx({"lora": 1.0, "maskbert": 3.0})  # 4 ms / 4, 12 ms / 4
     assert forward_by_group(after, after, {"t0_lora": "lora"}) == {}  # nothing served
+
+
+def test_in_process_engine_serves_the_perf_data(tmp_path: Path) -> None:
+    """``--in-process`` builds the pets model's engine from its config (parameters, store)
+    and runs perf_analyzer's data through ``Engine.execute``: every request answered, as
+    the server would answer it, and a rate measured."""
+    from pets.engine import Engine
+
+    base = dict(backbone="bert-tiny", tasks=3, pet_types="lora,bitfit,maskbert", metrics=1)
+    base.update(kind="CPU", instances=1, profile_stub=False, hf=False, queue_delay_us=None)
+    repo, names = make_repo(argparse.Namespace(**base), tmp_path)
+    params = engine_params((repo / "pets" / "config.pbtxt").read_text())
+    assert params["BACKBONE"] == "bert-tiny" and params["TASK_STORE"] == str(tmp_path / "store")
+    assert params["METRICS"] == "1" and "SCHEDULER" in params
+    make_data(tmp_path / "d.json", names, "8:12", 6)
+    reqs = data_requests(tmp_path / "d.json")
+    assert [r["TASK"][0, 0].decode() for r in reqs] == names * 2
+    assert all(r["INPUT_IDS"].shape[0] == 1 and 8 <= r["INPUT_IDS"].shape[1] <= 12 for r in reqs)
+    engine = Engine.from_parameters(params, model_dir=str(repo), device="cpu")
+    try:
+        outs = engine.execute(reqs[:4])
+        assert all(isinstance(o, np.ndarray) and o.shape == (1, 2) for o in outs)
+        got = in_process_rate(engine, reqs, batch=4, min_s=0.05)
+        assert got["req_per_s"] > 0 and got["batch_ms"] > 0
+        assert got["req_per_s"] == pytest.approx(4e3 / got["batch_ms"])
+    finally:
+        engine.close()
+
+
+def test_stub_threads_come_from_the_ready_line(tmp_path: Path) -> None:
+    log = tmp_path / "tritonserver.log"
+    log.write_text(LINE.format("/x") + "\n")
+    assert stub_threads(log) is None
+    log.write_text('I model.py:253] "pets: instance pets_0_0 ready on cpu with 3 CPU threads, e"\n')
+    assert stub_threads(log) == 3

@@ -14,7 +14,11 @@ Starts one tritonserver holding two models with the same inputs, outputs and bat
 perf_analyzer (gRPC, async) drives both with the same data at each concurrency; the ratio
 ``pets / noop`` is the share of a bare Python model's rate the serving path keeps. Each row
 also gives the engine's mean forward per sequence by PET type (``forward_ms_<type>``, from
-the per-task series): at concurrency 1, which types make the latency's tail. Writes
+the per-task series): at concurrency 1, which types make the latency's tail. With
+``--in-process``, once the server has stopped, the same engine (the pets model's parameters,
+store and device, the stub's CPU threads) serves the same perf_analyzer data in this process,
+``Engine.execute`` on batches of ``min(concurrency, max_batch_size)`` requests, so the row
+also gives ``pets_over_inproc``: the share of the engine's own rate the server keeps. Writes
 ``served_overhead.csv`` and the server log into a dated run folder (clients/bench/results.py).
 
     python -m clients.bench.served_overhead
@@ -24,6 +28,8 @@ the per-task series): at concurrency 1, which types make the latency's tail. Wri
     python -m clients.bench.served_overhead --kind GPU --backbone bert-base --tasks 64 \
         --pet-types none --hf --instances 2 --points 256x64
     python -m clients.bench.served_overhead --queue-delay-us 0 --points 1x16   # batcher delay
+    python -m clients.bench.served_overhead --kind GPU --backbone bert-base --tasks 64 \
+        --instances 2 --points 256x64 --in-process      # served / in-process, one run
 """
 
 from __future__ import annotations
@@ -40,11 +46,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from clients.bench.make_perf_data import make
 from clients.bench.results import add_out_argument, start_run
 from clients.bench.server_breakdown import breakdown, forward_by_group, scrape, scrape_tasks
 from clients.pets_client import parse_point, start_tritonserver, triton_env
 from pets.backbone import load_backbone
+from pets.engine import Engine
 from pets.heads import HeadConfig
 from pets.pet import pet_types
 from pets.taskgen import random_task
@@ -256,6 +266,51 @@ def _write_profile(folder: Path, out: Path) -> None:
     out.write_text(buf.getvalue())
 
 
+def engine_params(config: str) -> dict[str, str]:
+    """The ``parameters`` of a config.pbtxt, as the backend hands them to the engine."""
+    return dict(re.findall(r'key: "([^"]+)" value \{ string_value: "([^"]*)" \}', config))
+
+
+def data_requests(path: Path) -> list[dict[str, np.ndarray]]:
+    """perf_analyzer's input data (:func:`make_data`) as the requests the stub decodes: each
+    entry one request, ``TASK`` ``[1, 1]`` bytes and ``INPUT_IDS`` ``[1, L]`` int64."""
+    out = []
+    for entry in json.loads(path.read_text())["data"]:
+        ids = np.asarray(entry["INPUT_IDS"]["content"], np.int64).reshape(1, -1)
+        task = np.array([[entry["TASK"][0].encode()]], dtype=object)
+        out.append({"TASK": task, "INPUT_IDS": ids})
+    return out
+
+
+def in_process_rate(
+    engine: Engine, requests: list[dict[str, np.ndarray]], batch: int, min_s: float = 2.0
+) -> dict[str, float]:
+    """Requests per second of ``engine.execute`` over ``batch``-request windows of
+    ``requests`` (taken in turn, as perf_analyzer cycles its data); 10 warm-up batches (the
+    graphs are captured there), then at least 20 batches and ``min_s`` seconds."""
+    n = len(requests)
+    windows = [[requests[(k * batch + j) % n] for j in range(batch)] for k in range(max(1, n))]
+    for k in range(10):
+        got = engine.execute(windows[k % len(windows)])
+        bad = [g for g in got if not isinstance(g, np.ndarray)]
+        if bad:
+            raise SystemExit(f"in-process execute answered an error: {bad[0]}")
+    done, t0 = 0, time.perf_counter()
+    while done < 20 or time.perf_counter() - t0 < min_s:
+        engine.execute(windows[done % len(windows)])
+        done += 1
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)  # execute returns host arrays; belt and braces
+    seconds = time.perf_counter() - t0
+    return {"req_per_s": batch * done / seconds, "batch_ms": 1e3 * seconds / done}
+
+
+def stub_threads(log: Path) -> int | None:
+    """The CPU threads a CPU instance's engine ran with, from its ready line."""
+    found = re.findall(r"ready on cpu with (\d+) CPU threads", log.read_text(errors="replace"))
+    return int(found[-1]) if found else None
+
+
 def check_engine_source(log: Path) -> None:
     """Refuse to measure an engine other than this tree's: the stub imports ``pets`` through
     the virtualenv (it ignores PYTHONPATH), so a benchmark run from another checkout would
@@ -281,6 +336,43 @@ def captures_since(log: Path, offset: int) -> tuple[int, float]:
         text = f.read().decode(errors="replace")
     ms = [float(v) for v in CAPTURE.findall(text)]
     return len(ms), round(sum(ms), 1)
+
+
+def compare_in_process(
+    args: argparse.Namespace,
+    repo: Path,
+    tmp: Path,
+    points: list[tuple[int, str]],
+    rows: list[dict[str, Any]],
+    log: Path,
+) -> None:
+    """Add ``inproc_*`` and ``pets_over_inproc`` to each served row: the pets model's engine
+    (its config's parameters, store and device) in this process, on the same data."""
+    config = (repo / "pets" / "config.pbtxt").read_text()
+    device = "cuda:0" if args.kind == "GPU" else "cpu"
+    if device == "cpu":
+        threads = stub_threads(log)
+        if threads is None:
+            raise SystemExit(f"{log} has no 'ready on cpu with N CPU threads' line to copy")
+        torch.set_num_threads(threads)
+    max_batch = int(re.search(r"max_batch_size: (\d+)", config).group(1))  # type: ignore[union-attr]
+    engine = Engine.from_parameters(engine_params(config), model_dir=str(repo), device=device)
+    try:
+        for row, (c, length) in zip(rows, points, strict=True):
+            batch = min(c, max_batch)
+            got = in_process_rate(engine, data_requests(tmp / f"data{length}.json"), batch)
+            row["inproc_batch"] = batch
+            row.update({f"inproc_{k}": round(v, 3) for k, v in got.items()})
+            row["pets_over_inproc"] = round(row["pets_req_per_s"] / got["req_per_s"], 3)
+            print(
+                json.dumps(
+                    {k: row[k] for k in ("concurrency", "length") if k in row}
+                    | {k: v for k, v in row.items() if "inproc" in k}
+                ),
+                flush=True,
+            )
+    finally:
+        engine.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,6 +403,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="the dynamic batcher's max_queue_delay_microseconds for every model "
         "(default: the pets config's)",
+    )
+    ap.add_argument(
+        "--in-process",
+        action="store_true",
+        help="after the server stops, time the same engine and data in this process "
+        "(inproc_*, pets_over_inproc)",
     )
     ap.add_argument(
         "--profile-stub",
@@ -383,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
             if args.profile_stub:
                 _write_profile(tmp, run.path("stub_profile.txt"))
+        if args.in_process:
+            compare_in_process(args, repo, tmp, points, rows, run.path("tritonserver.log"))
     run.write_csv("served_overhead.csv", rows)
     run.finish()
     return 0
