@@ -275,3 +275,25 @@ def test_fig8_online_without_tritonclient_stops_before_the_server(monkeypatch, t
     args = argparse.Namespace(quick=True, tasks=None, seq=None, rounds=None, gpu=False)
     with pytest.raises(SystemExit, match="tritonclient"):
         fig8_online.run(args, out=None)
+
+
+def test_fig8_online_delay_is_pets_alls_alone(tmp_path):
+    """``--queue-delay-us`` gives pets_all a batching window; the task models (SeqS/ParS, one
+    request at a time each) keep the shipped config's delay, so only pets waits for a batch."""
+    import re
+
+    from clients.paper.fig8_online import write_repository
+
+    repo = tmp_path / "repo"
+    names = write_repository(repo, "bert-tiny", 2, ("lora", "bitfit"), False, 0, 1500)
+    assert len(names) == 2
+    delays = {
+        m.name: re.findall(r"max_queue_delay_microseconds: (\d+)", (m / "config.pbtxt").read_text())
+        for m in repo.iterdir()
+    }
+    shipped = (
+        Path(__file__).resolve().parents[1] / "model_repository/pets/config.pbtxt"
+    ).read_text()
+    (keep,) = re.findall(r"max_queue_delay_microseconds: (\d+)", shipped)
+    assert keep != "1500"
+    assert delays == {"pets_all": ["1500"], "task_0": [keep], "task_1": [keep]}

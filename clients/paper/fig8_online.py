@@ -45,9 +45,17 @@ SYSTEMS = ("seqs", "pars", "pets")
 
 
 def write_repository(
-    repo: Path, model: str, n: int, types: tuple[str, ...], gpu: bool, seed: int
+    repo: Path,
+    model: str,
+    n: int,
+    types: tuple[str, ...],
+    gpu: bool,
+    seed: int,
+    queue_delay_us: int | None = None,
 ) -> list[str]:
-    """``pets_all`` + ``task_k`` models and their stores under ``repo``; the task names."""
+    """``pets_all`` + ``task_k`` models and their stores under ``repo``; the task names.
+    ``queue_delay_us`` sets ``pets_all``'s batcher delay (the task models, which see one
+    request at a time, keep the shipped config's)."""
     from pets.backbone import load_backbone, resolve_checkpoint
     from pets.taskstore import write_task
 
@@ -79,6 +87,14 @@ def write_repository(
         )
         if done != 1:
             raise SystemExit("model_repository/pets/config.pbtxt has no one-line instance_group")
+        if name == "pets_all" and queue_delay_us is not None:
+            cfg, done = re.subn(
+                r"max_queue_delay_microseconds: \d+",
+                f"max_queue_delay_microseconds: {queue_delay_us}",
+                cfg,
+            )
+            if done != 1:
+                raise SystemExit("model_repository/pets/config.pbtxt has no max_queue_delay")
         (repo / name / "1").mkdir(parents=True)
         (repo / name / "config.pbtxt").write_text(cfg)
     return names
@@ -132,6 +148,13 @@ def add_args(ap: argparse.ArgumentParser) -> None:
         default=None,
         help="KIND_GPU float16 instances (default: when CUDA is available)",
     )
+    ap.add_argument(
+        "--queue-delay-us",
+        type=int,
+        default=None,
+        help="pets_all's dynamic-batcher max_queue_delay_microseconds, so one round's "
+        "requests can meet in one execute (default: the shipped config's)",
+    )
     ap.add_argument("--ready-timeout", type=float, default=600.0)
     ap.add_argument("--seed", type=int, default=0)
     from clients.bench.results import add_out_argument
@@ -154,7 +177,13 @@ def run(args: argparse.Namespace, out: Run) -> dict[str, Any]:
         ) from None
     tmp = Path(tempfile.mkdtemp(prefix="pets-f8-"))
     names = write_repository(
-        tmp / "repo", args.model, max(tasks_grid), parse_types(args.pet_types), gpu, args.seed
+        tmp / "repo",
+        args.model,
+        max(tasks_grid),
+        parse_types(args.pet_types),
+        gpu,
+        args.seed,
+        args.queue_delay_us,
     )
     server = start_tritonserver(
         tmp / "repo",
@@ -167,6 +196,12 @@ def run(args: argparse.Namespace, out: Run) -> dict[str, Any]:
         ready_s=args.ready_timeout,
     )
     url = server.grpc_url
+    shipped = (REPO_ROOT / "model_repository/pets/config.pbtxt").read_text()
+    delay = (
+        args.queue_delay_us
+        if args.queue_delay_us is not None
+        else int(re.findall(r"max_queue_delay_microseconds: (\d+)", shipped)[0])
+    )
     rows: list[dict[str, Any]] = []
     try:
         for n in tasks_grid:
@@ -181,6 +216,7 @@ def run(args: argparse.Namespace, out: Run) -> dict[str, Any]:
                         "seq_len": args.seq,
                         "system": s,
                         "instances": "KIND_GPU fp16" if gpu else "KIND_CPU fp32",
+                        "pets_queue_delay_us": delay,
                         "ms_per_round": round(secs[s] * 1e3, 3),
                         "seq_per_s": round(n / secs[s], 1),
                         "vs_seqs": round(secs["seqs"] / secs[s], 3),
