@@ -203,7 +203,6 @@ def run(args: argparse.Namespace, out: Run) -> dict[str, Any]:
         ready_s=args.ready_timeout,
     )
     url = server.grpc_url
-    delay = args.queue_delay_us
     rows: list[dict[str, Any]] = []
     try:
         for n in tasks_grid:
@@ -218,7 +217,7 @@ def run(args: argparse.Namespace, out: Run) -> dict[str, Any]:
                         "seq_len": args.seq,
                         "system": s,
                         "instances": "KIND_GPU fp16" if gpu else "KIND_CPU fp32",
-                        "pets_queue_delay_us": delay,
+                        "pets_queue_delay_us": args.queue_delay_us,
                         "ms_per_round": round(secs[s] * 1e3, 3),
                         "seq_per_s": round(n / secs[s], 1),
                         "vs_seqs": round(secs["seqs"] / secs[s], 3),
