@@ -261,3 +261,60 @@ def test_mps_helper_starts_or_reuses_the_daemon(tmp_path: Path, running: bool) -
     else:  # started here, stopped by mps_stop
         assert "started=1" in done.stdout and calls == ["get_server_list", "start", "quit"]
         assert not flag.exists()
+
+
+@pytest.mark.parametrize("mps", [False, True])
+def test_container_entrypoint_runs_and_starts_mps(tmp_path: Path, mps: bool) -> None:
+    """``build/container/entrypoint.sh`` is executed directly (its first line must be the
+    shebang); with ``PETS_MPS=1`` it starts the daemon through ``build/mps.sh`` before it execs
+    tritonserver, whose environment then names the daemon's pipe directory."""
+    entry = ROOT / "build" / "container" / "entrypoint.sh"
+    assert entry.read_text().startswith("#!/usr/bin/env bash\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stand_ins = {
+        "nvidia-cuda-mps-control": FAKE_MPS,
+        "python3": '#!/bin/sh\necho python3 "$@" >>"$(dirname "$0")/calls.log"\n',
+        "tritonserver": '#!/bin/sh\necho "tritonserver pipe=$CUDA_MPS_PIPE_DIRECTORY"\n',
+    }
+    for name, text in stand_ins.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    pipe = tmp_path / "pipe"
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "RUNNING": str(tmp_path / "running"),
+        "PETS_SOURCE": str(ROOT),
+        "PETS_ADMIN_KEY": "k" * 16,
+        "PETS_GPUS": "0",
+        "CUDA_MPS_PIPE_DIRECTORY": str(pipe),
+        "CUDA_MPS_LOG_DIRECTORY": str(tmp_path / "log"),
+    }
+    if mps:
+        env["PETS_MPS"] = "1"
+    done = subprocess.run([str(entry)], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert f"tritonserver pipe={pipe}" in done.stdout
+    calls = (bin_dir / "calls.log").read_text().split("\n")
+    assert any(c.startswith("python3 -m pets.placement") for c in calls)
+    assert ("start" in calls) == mps and (tmp_path / "running").exists() == mps
+    if not mps:
+        assert not pipe.exists()
+
+
+def test_container_entrypoint_mps_needs_gpus(tmp_path: Path) -> None:
+    entry = ROOT / "build" / "container" / "entrypoint.sh"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text("#!/bin/sh\n")
+    (bin_dir / "python3").chmod(0o755)
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "PETS_SOURCE": str(ROOT),
+        "PETS_ADMIN_KEY": "k" * 16,
+        "PETS_GPUS": "none",
+        "PETS_MPS": "1",
+    }
+    done = subprocess.run([str(entry)], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "PETS_MPS=1 needs GPU instances" in done.stderr

@@ -1,9 +1,3 @@
-if [[ "${PETS_MPS:-0}" == 1 ]]; then
-  [[ "$gpus" != none ]] || { echo "entrypoint: PETS_MPS=1 needs GPU instances (PETS_GPUS is none)" >&2; exit 2; }
-  # shellcheck source=build/mps.sh
-  source "$src/build/mps.sh"
-  mps_start /tmp || exit 2  # the daemon lives as long as the container
-fi
 #!/usr/bin/env bash
 # Container entry point: place the pets instances on this pod's GPUs and exec tritonserver.
 #
@@ -38,13 +32,9 @@ for kv in ${PETS_MODEL_PARAMS:-}; do place+=(--set "$kv"); done
 python3 -m pets.placement "${place[@]}" > /tmp/pets-instances.txt
 if [[ "${PETS_MPS:-0}" == 1 ]]; then
   [[ "$gpus" != none ]] || { echo "entrypoint: PETS_MPS=1 needs GPU instances (PETS_GPUS is none)" >&2; exit 2; }
-  export CUDA_MPS_PIPE_DIRECTORY=${CUDA_MPS_PIPE_DIRECTORY:-/tmp/mps}
-  export CUDA_MPS_LOG_DIRECTORY=${CUDA_MPS_LOG_DIRECTORY:-/tmp/mps-log}
-  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-  nvidia-cuda-mps-control -d || {
-    echo "entrypoint: PETS_MPS=1 but the MPS daemon did not start (nvidia-cuda-mps-control missing, or the GPU in exclusive-process mode); unset PETS_MPS" >&2
-    exit 2
-  }
+  # shellcheck source=build/mps.sh
+  source "$src/build/mps.sh"
+  mps_start /tmp || exit 2  # the daemon lives as long as the container
 fi
 exec tritonserver \
   --model-repository="$repo" \
