@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -165,6 +166,18 @@ def parse_subset(text: str, known: Sequence[str], flag: str) -> list[str]:
             "'all' or a comma list of them"
         )
     return picked
+
+
+def set_queue_delay(config: str, us: int, where: str) -> str:
+    """``config`` (config.pbtxt text) with its dynamic batcher's
+    ``max_queue_delay_microseconds`` set to ``us``; ``where`` names the file in the error
+    when it has no such field."""
+    out, n = re.subn(
+        r"max_queue_delay_microseconds: \d+", f"max_queue_delay_microseconds: {us}", config
+    )
+    if n != 1:
+        raise SystemExit(f"{where} has no max_queue_delay_microseconds to rewrite")
+    return out
 
 
 def triton_env(root: Path = REPO_ROOT) -> dict[str, str]:

@@ -129,7 +129,9 @@ def test_in_process_engine_serves_the_perf_data(tmp_path: Path) -> None:
     base = dict(backbone="bert-tiny", tasks=3, pet_types="lora,bitfit,maskbert", metrics=1)
     base.update(kind="CPU", instances=1, profile_stub=False, hf=False, queue_delay_us=None)
     repo, names = make_repo(argparse.Namespace(**base), tmp_path)
-    params = engine_params((repo / "pets" / "config.pbtxt").read_text())
+    params, max_batch = engine_params((repo / "pets" / "config.pbtxt").read_text())
+    shipped = (ROOT / "model_repository/pets/config.pbtxt").read_text()
+    assert max_batch == int(re.findall(r"max_batch_size: (\d+)", shipped)[0]) > 1
     assert params["BACKBONE"] == "bert-tiny" and params["TASK_STORE"] == str(tmp_path / "store")
     assert params["METRICS"] == "1" and "SCHEDULER" in params
     make_data(tmp_path / "d.json", names, "8:12", 6)

@@ -52,7 +52,7 @@ import torch
 from clients.bench.make_perf_data import make
 from clients.bench.results import add_out_argument, start_run
 from clients.bench.server_breakdown import breakdown, forward_by_group, scrape, scrape_tasks
-from clients.pets_client import parse_point, start_tritonserver, triton_env
+from clients.pets_client import parse_point, set_queue_delay, start_tritonserver, triton_env
 from pets.backbone import load_backbone
 from pets.engine import Engine
 from pets.heads import HeadConfig
@@ -184,13 +184,7 @@ def make_repo(args: argparse.Namespace, root: Path) -> tuple[Path, list[str]]:
         if n != 1:
             raise SystemExit(f"{cfg} has no {key} parameter to rewrite")
     if args.queue_delay_us is not None:  # the batcher of every model in the server
-        text, n = re.subn(
-            r"max_queue_delay_microseconds: \d+",
-            f"max_queue_delay_microseconds: {args.queue_delay_us}",
-            text,
-        )
-        if n != 1:
-            raise SystemExit(f"{cfg} has no max_queue_delay_microseconds to rewrite")
+        text = set_queue_delay(text, args.queue_delay_us, str(cfg))
     text = re.sub(
         r"^instance_group .*$",
         f"instance_group [ {{ kind: KIND_{args.kind} count: {args.instances} }} ]",
@@ -266,9 +260,14 @@ def _write_profile(folder: Path, out: Path) -> None:
     out.write_text(buf.getvalue())
 
 
-def engine_params(config: str) -> dict[str, str]:
-    """The ``parameters`` of a config.pbtxt, as the backend hands them to the engine."""
-    return dict(re.findall(r'key: "([^"]+)" value \{ string_value: "([^"]*)" \}', config))
+def engine_params(config: str) -> tuple[dict[str, str], int]:
+    """A config.pbtxt's ``parameters`` as the backend hands them to the engine, and its
+    ``max_batch_size`` (parsed with Triton's own ``ModelConfig`` message)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    cfg = text_format.Parse(config, model_config_pb2.ModelConfig())
+    return {k: v.string_value for k, v in cfg.parameters.items()}, cfg.max_batch_size
 
 
 def data_requests(path: Path) -> list[dict[str, np.ndarray]]:
@@ -299,8 +298,6 @@ def in_process_rate(
     while done < 20 or time.perf_counter() - t0 < min_s:
         engine.execute(windows[done % len(windows)])
         done += 1
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize(engine.device)  # execute returns host arrays; belt and braces
     seconds = time.perf_counter() - t0
     return {"req_per_s": batch * done / seconds, "batch_ms": 1e3 * seconds / done}
 
@@ -355,8 +352,8 @@ def compare_in_process(
         if threads is None:
             raise SystemExit(f"{log} has no 'ready on cpu with N CPU threads' line to copy")
         torch.set_num_threads(threads)
-    max_batch = int(re.search(r"max_batch_size: (\d+)", config).group(1))  # type: ignore[union-attr]
-    engine = Engine.from_parameters(engine_params(config), model_dir=str(repo), device=device)
+    params, max_batch = engine_params(config)
+    engine = Engine.from_parameters(params, model_dir=str(repo), device=device)
     try:
         for row, (c, length) in zip(rows, points, strict=True):
             batch = min(c, max_batch)

@@ -44,7 +44,7 @@ from clients.bench.results import REPO_ROOT, Run, pyplot, start_run
 from clients.paper.common import annotate, parse_ints, parse_types, task_weights
 from clients.paper.fig8 import PAPER
 from clients.paper.fig12_online import set_param
-from clients.pets_client import build_inputs, client_module, start_tritonserver
+from clients.pets_client import build_inputs, client_module, set_queue_delay, start_tritonserver
 
 TARGET = "issue 19 target, served: pets >= 15x SeqS and >= 2x ParS at 16 tasks, bs 1, len 128"
 SYSTEMS = ("seqs", "pars", "pets")
@@ -94,13 +94,7 @@ def write_repository(
         if done != 1:
             raise SystemExit("model_repository/pets/config.pbtxt has no one-line instance_group")
         if name == "pets_all" and queue_delay_us is not None:
-            cfg, done = re.subn(
-                r"max_queue_delay_microseconds: \d+",
-                f"max_queue_delay_microseconds: {queue_delay_us}",
-                cfg,
-            )
-            if done != 1:
-                raise SystemExit("model_repository/pets/config.pbtxt has no max_queue_delay")
+            cfg = set_queue_delay(cfg, queue_delay_us, "model_repository/pets/config.pbtxt")
         (repo / name / "1").mkdir(parents=True)
         (repo / name / "config.pbtxt").write_text(cfg)
     return names
