@@ -45,7 +45,7 @@ import torch.nn.functional as F
 import petops
 from clients.bench.results import add_out_argument, pyplot, start_run
 from petops import ops
-from petops.reference import pack_mask_words
+from petops.reference import pack_mask_words, pack_sliced_ell, spmm_slices
 
 FIELDS = [
     "device",
@@ -318,20 +318,23 @@ def sparse_site(
 ):
     """Diff-Pruning (values) or MaskBERT (dense_w, alpha=-1) delta of an H x H weight.
 
-    MaskBERT's grouped op is ``seg_spmm`` over the masked-out index set (CSR), or with
+    MaskBERT's grouped op is ``seg_spmm`` over the masked-out index set (sliced ELL), or with
     ``bitmask`` ``seg_masked_mm`` over the same set as a bit mask (the engine keeps whichever
     form is smaller: the bit mask above ~1/32 density)."""
     n = len(b.rows)
     w = torch.randn(hidden, hidden, device=dev, dtype=dtype) * hidden**-0.5
     masks = torch.rand(n, hidden, hidden, device=dev) < density
     dense = torch.where(masks, -w if masked else torch.randn_like(w) * 0.01, 0).to(dtype)
-    counts = masks.sum(-1)  # [n, H]
-    rowptr = torch.cat([torch.zeros(1, device=dev, dtype=torch.long), counts.view(-1).cumsum(0)])
-    rowptr = torch.stack([rowptr[i * hidden : (i + 1) * hidden + 1] for i in range(n)]).view(-1)
-    indices = masks.nonzero()[:, 2].to(torch.int32)
-    values = None if masked else dense[masks]
+    parts = []  # one sliced-ELL matrix per task, concatenated into the pools
+    for i in range(n):
+        r, c = masks[i].nonzero().unbind(1)
+        parts.append(pack_sliced_ell(r, c, None if masked else dense[i][r, c], hidden, hidden))
+    base = torch.tensor([0] + [p[1].numel() for p in parts], device=dev).cumsum(0)
+    slice_ptr = torch.cat([p[0] + base[i] for i, p in enumerate(parts)])
+    indices = torch.cat([p[1] for p in parts])
+    values = None if masked else torch.cat([p[2] for p in parts if p[2] is not None])
     y = torch.zeros(b.tokens, hidden, device=dev, dtype=dtype)
-    off = torch.arange(n, device=dev, dtype=torch.long) * (hidden + 1)
+    off = torch.arange(n, device=dev, dtype=torch.long) * (spmm_slices(hidden) + 1)
     words = torch.cat([pack_mask_words(m) for m in masks])
     word_off = torch.arange(n, device=dev, dtype=torch.long) * (words.numel() // max(1, n))
 
@@ -345,7 +348,7 @@ def sparse_site(
             b.indptr,
             b.seg,
             off,
-            rowptr,
+            slice_ptr,
             indices,
             values,
             w if masked else None,

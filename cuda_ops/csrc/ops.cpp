@@ -28,10 +28,11 @@ TORCH_LIBRARY(petops, m) {
       "adapter_residual_layernorm(Tensor y, Tensor? residual, Tensor bias, Tensor seg_bias, "
       "Tensor w, Tensor seg_w_off, Tensor seg_rank, Tensor seg_act, Tensor gamma, Tensor beta, "
       "Tensor seg_indptr, Tensor seg_ln, int max_rank, float eps) -> Tensor");
-  // Segmented CSR sparse x dense accumulated into y (Diff-Pruning deltas, MaskBERT masks).
+  // Segmented sliced-ELL (32-row slices) sparse x dense accumulated into y (Diff-Pruning
+  // deltas, MaskBERT index sets).
   m.def(
       "seg_spmm(Tensor(a!) y, Tensor x, Tensor seg_indptr, Tensor item_seg, "
-      "Tensor item_rowptr_off, Tensor rowptr, Tensor indices, Tensor? values, "
+      "Tensor item_slice_off, Tensor slice_ptr, Tensor indices, Tensor? values, "
       "Tensor? dense_w, float alpha) -> ()");
   // Segmented dense x bit-masked shared weight accumulated into y (MaskBERT, dense masks).
   m.def(

@@ -77,7 +77,7 @@ struct GroupedArgs {
   at::Tensor y, x, w, bias;  // y: expand/spmm output; x: input rows
   at::Tensor seg_indptr, item_seg, item_w_off, item_rank, item_b_off;
   at::Tensor item_in_off, item_out_off, item_out_dim, item_scale;  // expand only
-  at::Tensor rowptr, indices, values, dense_w;  // seg_spmm; seg_masked_mm: dense_w
+  at::Tensor slice_ptr, indices, values, dense_w;  // seg_spmm; seg_masked_mm: dense_w
   at::Tensor mask;                              // seg_masked_mm: int32 word pool
   int64_t num_items = 0;
 };
@@ -91,7 +91,7 @@ inline at::Tensor flat_pool(const at::Tensor& t, const at::Tensor& ref, const ch
 // Items shared by the three grouped ops: segment + weight offset per item.
 inline GroupedArgs prepare_items(const at::Tensor& ref, const at::Tensor& seg_indptr,
                                  const at::Tensor& item_seg, const at::Tensor& item_w_off,
-                                 const char* off_name = "item_w_off/item_rowptr_off") {
+                                 const char* off_name = "item_w_off") {
   const int64_t s = num_segments(seg_indptr);
   GroupedArgs a;
   a.seg_indptr = index(seg_indptr, at::kInt, ref, "seg_indptr", s + 1);
@@ -168,19 +168,25 @@ inline GroupedArgs prepare_expand(const at::Tensor& y, const at::Tensor& tmp, co
   return a;
 }
 
+// Output rows per slice of a seg_spmm sliced-ELL matrix (petops.reference.SPMM_SLICE): one
+// warp's rows on CUDA, so its lanes read an entry column of the slice as one contiguous run.
+constexpr int64_t kSliceRows = 32;
+
+inline int64_t spmm_slices(int64_t n_out) { return (n_out + kSliceRows - 1) / kSliceRows; }
+
 inline GroupedArgs prepare_spmm(const at::Tensor& y, const at::Tensor& x,
                                 const at::Tensor& seg_indptr, const at::Tensor& item_seg,
-                                const at::Tensor& item_rowptr_off, const at::Tensor& rowptr,
+                                const at::Tensor& item_slice_off, const at::Tensor& slice_ptr,
                                 const at::Tensor& indices, const OptTensor& values,
                                 const OptTensor& dense_w) {
   check_accumulate(y, x, "x", "[T, K]");
   PETOPS_CHECK(values.has_value() != dense_w.has_value(),
                "give exactly one of values (Diff-Pruning) or dense_w (MaskBERT), got ",
                values ? "both" : "neither");
-  GroupedArgs a = prepare_items(y, seg_indptr, item_seg, item_rowptr_off);
+  GroupedArgs a = prepare_items(y, seg_indptr, item_seg, item_slice_off, "item_slice_off");
   a.y = y;
   a.x = like(x, y, "x", "y");
-  a.rowptr = index(rowptr, at::kLong, y, "rowptr", -1);
+  a.slice_ptr = index(slice_ptr, at::kLong, y, "slice_ptr", -1);
   a.indices = index(indices, at::kInt, y, "indices", -1);
   if (values) a.values = flat_pool(*values, y, "values", "y");
   if (dense_w) {

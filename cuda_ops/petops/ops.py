@@ -294,25 +294,25 @@ def seg_spmm(
     x: torch.Tensor,
     seg_indptr: torch.Tensor,
     item_seg: torch.Tensor,
-    item_rowptr_off: torch.Tensor,
-    rowptr: torch.Tensor,
+    item_slice_off: torch.Tensor,
+    slice_ptr: torch.Tensor,
     indices: torch.Tensor,
     values: torch.Tensor | None,
     dense_w: torch.Tensor | None,
     alpha: float,
 ) -> None:
-    """Segmented CSR sparse x dense accumulated into ``y`` in place (Diff-Pruning, MaskBERT).
+    """Segmented sliced-ELL sparse x dense accumulated into ``y`` in place (Diff-Pruning,
+    MaskBERT's index-set form).
 
     Semantics (per item ``i``, rows of segment ``item_seg[i]``; ``S_i`` the item's ``[N, K]``
-    CSR matrix at ``rowptr[item_rowptr_off[i] : item_rowptr_off[i] + N + 1]``)::
+    matrix in sliced ELL, ``spmm_slices(N) + 1`` slice pointers at
+    ``slice_ptr[item_slice_off[i]:]``, entries ``values[p]`` or ``alpha * dense_w[o, k]``)::
 
-        S_i = torch.sparse_csr_tensor(rp - rp[0], indices[rp[0]:rp[-1]],
-                                      values[rp[0]:rp[-1]] if values is not None
-                                      else alpha * dense_w[o, k] at those (o, k), (N, K))
         y[rows] += x[rows] @ S_i.to_dense().T
 
-    Args: see :func:`petops.reference.seg_spmm` (y ``[T, N]``, x ``[T, K]``, rowptr int64,
-    indices int32 flat pools). Compiled: at most one item per segment.
+    Args: see :func:`petops.reference.seg_spmm` (y ``[T, N]``, x ``[T, K]``, slice_ptr int64,
+    indices int32 flat pools; :func:`petops.reference.pack_sliced_ell` builds the layout).
+    Compiled: at most one item per segment.
     """
     _call(
         "seg_spmm",
@@ -321,8 +321,8 @@ def seg_spmm(
         x,
         seg_indptr,
         item_seg,
-        item_rowptr_off,
-        rowptr,
+        item_slice_off,
+        slice_ptr,
         indices,
         values,
         dense_w,
@@ -331,7 +331,7 @@ def seg_spmm(
 
 
 @_register_fake("seg_spmm")
-def _(y, x, seg_indptr, item_seg, item_rowptr_off, rowptr, indices, values, dense_w, alpha):
+def _(y, x, seg_indptr, item_seg, item_slice_off, slice_ptr, indices, values, dense_w, alpha):
     torch._check(y.dim() == 2 and x.dim() == 2 and x.shape[0] == y.shape[0])
 
 

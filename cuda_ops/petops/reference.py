@@ -48,6 +48,8 @@ ACTIVATIONS = {
 
 # Upper bound on elements materialised at once by seg_spmm's dense-delta reference.
 _SPMM_CHUNK_ELEMS = 1 << 25
+# Output rows per slice of seg_spmm's sliced-ELL matrices (one GPU warp); kSliceRows in C++.
+SPMM_SLICE = 32
 
 
 def apply_act(x: torch.Tensor, act: int) -> torch.Tensor:
@@ -411,13 +413,59 @@ def adapter_residual_layernorm(
     return bias_residual_layernorm(h, residual, None, gamma, beta, seg_indptr, None, seg_ln, eps)
 
 
+def spmm_slices(n_out: int) -> int:
+    """Slices of :data:`SPMM_SLICE` output rows in an ``[n_out, K]`` sliced-ELL matrix."""
+    return (n_out + SPMM_SLICE - 1) // SPMM_SLICE
+
+
+def pack_sliced_ell(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    values: torch.Tensor | None,
+    n_out: int,
+    k_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """COO non-zeros of an ``[n_out, k_dim]`` matrix -> the sliced-ELL layout of
+    :func:`seg_spmm`.
+
+    Args:
+        rows, cols: ``[nnz]`` int64 output row and input column of each non-zero (any order;
+            a (row, col) pair at most once).
+        values: ``[nnz]`` their values, or None (an index set: MaskBERT).
+        n_out, k_dim: the matrix shape ``[N, K]``.
+
+    Returns:
+        ``slice_ptr`` int64 ``[spmm_slices(N) + 1]`` (relative: ``slice_ptr[0] == 0``; add the
+        pool offset of ``indices`` before use), ``indices`` int32 ``[E]`` (``K`` in padding
+        entries) and ``values`` ``[E]`` (0 in padding) or None. ``E`` is
+        ``SPMM_SLICE * sum(width_s)``, ``width_s`` the most non-zeros of a row in slice ``s``.
+    """
+    dev = rows.device
+    n_sl = spmm_slices(n_out)
+    counts = torch.bincount(rows, minlength=n_sl * SPMM_SLICE)
+    width = counts.view(n_sl, SPMM_SLICE).amax(1)
+    slice_ptr = F.pad(torch.cumsum(width * SPMM_SLICE, 0), (1, 0))
+    order = torch.argsort(rows, stable=True)
+    r = rows[order]
+    rank = torch.arange(r.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[r]
+    pos = slice_ptr[r // SPMM_SLICE] + rank * SPMM_SLICE + r % SPMM_SLICE
+    n_ent = int(slice_ptr[-1])
+    indices = torch.full((n_ent,), k_dim, dtype=torch.int32, device=dev)
+    indices[pos] = cols[order].to(torch.int32)
+    vals = None
+    if values is not None:
+        vals = torch.zeros(n_ent, dtype=values.dtype, device=dev)
+        vals[pos] = values[order]
+    return slice_ptr, indices, vals
+
+
 def seg_spmm(
     y: torch.Tensor,
     x: torch.Tensor,
     seg_indptr: torch.Tensor,
     item_seg: torch.Tensor,
-    item_rowptr_off: torch.Tensor,
-    rowptr: torch.Tensor,
+    item_slice_off: torch.Tensor,
+    slice_ptr: torch.Tensor,
     indices: torch.Tensor,
     values: torch.Tensor | None,
     dense_w: torch.Tensor | None,
@@ -425,31 +473,39 @@ def seg_spmm(
 ) -> None:
     """Segmented sparse x dense, accumulated into ``y`` (Diff-Pruning deltas, MaskBERT masks).
 
-    Each item holds one task's sparse ``[N, K]`` matrix in CSR over output rows: row ``o``
-    of item ``i`` has the non-zeros at flat positions
-    ``p in range(rowptr[item_rowptr_off[i] + o], rowptr[item_rowptr_off[i] + o + 1])``
-    (absolute positions into ``indices``/``values``), input column ``k = indices[p]``.
+    Each item holds one task's sparse ``[N, K]`` matrix in **sliced ELL** (SELL-32): the
+    output rows are cut into ``spmm_slices(N)`` slices of :data:`SPMM_SLICE` (32) rows; slice
+    ``s`` of item ``i`` owns the flat positions ``[slice_ptr[b + s], slice_ptr[b + s + 1])``
+    (``b = item_slice_off[i]``; absolute positions into ``indices``/``values``), a multiple of
+    32 long, ``width_s = length / 32`` entries per row, entry ``j`` of row ``o = 32 * s + l``
+    at position ``slice_ptr[b + s] + 32 * j + l``. ``indices[p]`` is the input column; ``K``
+    marks a padding entry, which contributes nothing (rows past ``N`` in the last slice are
+    ignored). A GPU warp then reads 32 rows' entries from one contiguous run (the layout of
+    :func:`pack_sliced_ell`).
 
     Semantics (in place on ``y``)::
 
         for i in range(I):
             rows = range(seg_indptr[item_seg[i]], seg_indptr[item_seg[i] + 1])
             for o in range(N):
-                for p in range(rowptr[item_rowptr_off[i] + o], rowptr[item_rowptr_off[i] + o + 1]):
+                s, l = divmod(o, 32); lo, hi = slice_ptr[b + s], slice_ptr[b + s + 1]
+                for p in range(lo + l, hi, 32):
                     k = indices[p]
+                    if k == K: continue
                     v = values[p] if values is not None else alpha * dense_w[o, k]
                     y[rows, o] += x[rows, k] * v
 
     With ``values=None`` the values come from the shared weight: MaskBERT's
     ``X @ (W * M).T = X @ W.T + X @ (W * (M - 1)).T`` is ``alpha = -1`` over the index set of
-    masked-out weights, so a mask costs 4 bytes per masked weight and no values.
+    masked-out weights, so a mask costs 4 bytes per (padded) entry and no values.
 
     Args:
         y: ``[T, N]`` accumulated in place.
         x: ``[T, K]`` the same input the shared GEMM saw.
         seg_indptr: int32 ``[S + 1]``; item_seg: int32 ``[I]``.
-        item_rowptr_off: int64 ``[I]`` offset of each item's ``N + 1`` row pointers.
-        rowptr: int64 flat row-pointer pool; indices: int32 flat column pool.
+        item_slice_off: int64 ``[I]`` offset of each item's ``spmm_slices(N) + 1`` slice
+            pointers.
+        slice_ptr: int64 flat slice-pointer pool; indices: int32 flat column pool.
         values: optional flat value pool (dtype of ``y``); dense_w: ``[N, K]`` otherwise.
         alpha: scale applied to ``dense_w`` values (ignored when ``values`` is given).
     """
@@ -457,30 +513,33 @@ def seg_spmm(
         return
     assert (values is None) != (dense_w is None), "give exactly one of values / dense_w"
     n_out, k_dim = y.shape[1], x.shape[1]
+    n_sl = spmm_slices(n_out)
+    dev = y.device
     tok, valid = _item_tokens(seg_indptr, item_seg)
     acc = y.float()
     per_chunk = max(1, _SPMM_CHUNK_ELEMS // max(1, n_out * k_dim))
-    o_range = torch.arange(n_out + 1, device=y.device)
+    s_range = torch.arange(n_sl + 1, device=dev)
     for lo in range(0, item_seg.numel(), per_chunk):  # bounded chunks, not per task
         sl = slice(lo, lo + per_chunk)
-        rp = rowptr[item_rowptr_off[sl].long()[:, None] + o_range[None, :]].long()  # [C, N+1]
-        counts = (rp[:, 1:] - rp[:, :-1]).reshape(-1)  # [C*N]
-        flat_row = torch.repeat_interleave(torch.arange(counts.numel(), device=y.device), counts)
-        item_local = flat_row // n_out
-        o = flat_row % n_out
-        # absolute nnz position: rp[item, 0] + rank within the item
-        first = rp[:, 0][item_local]
-        start_of_item = torch.cumsum(
-            torch.nn.functional.pad((rp[:, -1] - rp[:, 0]), (1, 0))[:-1], 0
-        )[item_local]
-        p = first + torch.arange(flat_row.numel(), device=y.device) - start_of_item
+        sp = slice_ptr[item_slice_off[sl].long()[:, None] + s_range[None, :]].long()  # [C, S+1]
+        sizes = (sp[:, 1:] - sp[:, :-1]).reshape(-1)  # [C*S]
+        flat_slice = torch.repeat_interleave(torch.arange(sizes.numel(), device=dev), sizes)
+        q = (
+            torch.arange(flat_slice.numel(), device=dev)
+            - (torch.cumsum(sizes, 0) - sizes)[flat_slice]
+        )  # rank within the slice
+        p = sp[:, :-1].reshape(-1)[flat_slice] + q
+        item_local = flat_slice // n_sl
+        o = (flat_slice % n_sl) * SPMM_SLICE + q % SPMM_SLICE
         k = indices[p].long()
+        keep = (k < k_dim) & (o < n_out)
+        item_local, o, k, p = item_local[keep], o[keep], k[keep], p[keep]
         if values is not None:
             v = values.float()[p]
         else:
             assert dense_w is not None
             v = alpha * dense_w.float()[o, k]
-        delta = torch.zeros(rp.shape[0], n_out, k_dim, device=y.device)
+        delta = torch.zeros(sp.shape[0], n_out, k_dim, device=dev)
         delta.index_put_((item_local, o, k), v, accumulate=True)
         xs = x.float()[tok[sl]]  # [C, L, K]
         d = torch.bmm(xs, delta.transpose(1, 2))  # [C, L, N]

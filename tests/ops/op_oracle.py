@@ -121,18 +121,21 @@ def adapter_residual_layernorm(
     return out.to(y.dtype)
 
 
-def seg_spmm(y, x, seg_indptr, item_seg, item_rowptr_off, rowptr, indices, values, dense_w, alpha):
+def seg_spmm(y, x, seg_indptr, item_seg, item_slice_off, slice_ptr, indices, values, dense_w, alpha):
     n, k = y.shape[1], x.shape[1]
     acc = y.float().clone()
-    rp, ix = rowptr.tolist(), indices.tolist()
+    sp, ix = slice_ptr.tolist(), indices.tolist()
     vals = values.float().tolist() if values is not None else None
     for i in range(item_seg.numel()):
         rows = _rows(seg_indptr, int(item_seg[i]))
         delta = torch.zeros(n, k)
-        base = int(item_rowptr_off[i])
+        base = int(item_slice_off[i])
         for o in range(n):
-            for p in range(rp[base + o], rp[base + o + 1]):
+            s, lane = divmod(o, 32)  # entry j of row o sits at sp[s] + 32 * j + lane
+            for p in range(sp[base + s] + lane, sp[base + s + 1], 32):
                 kk = ix[p]
+                if kk == k:  # padding
+                    continue
                 delta[o, kk] += vals[p] if vals is not None else alpha * float(dense_w[o, kk])
         acc[rows] += x[rows].float() @ delta.T
     y.copy_(acc.to(y.dtype))

@@ -297,18 +297,28 @@ def sample_inputs_adapter_residual_layernorm(device: str, dtype: torch.dtype) ->
         yield f"{name}-n{n}-r{'.'.join(map(str, used))}", _to(args, device, dtype)
 
 
-def _csr_pool(n_tasks: int, n: int, k: int, g: torch.Generator, i: int):
-    rowptr, indices, offs, total = [], [], [], 0
+def _sliced_pool(n_tasks: int, n: int, k: int, g: torch.Generator, i: int):
+    """Random matrices in seg_spmm's sliced ELL, built entry by entry (not with the packer the
+    engine uses): each 32-row slice as wide as its longest row (one task's slices one entry
+    wider still: a column of padding), padding index ``k``, and junk indices in the rows past
+    ``n`` of the last slice (the ops must ignore them)."""
+    slice_ptr, indices, offs = [], [], []
+    n_sl = (n + 31) // 32
     for t in range(n_tasks):
         mask = torch.rand(n, k, generator=g) < DENSITIES[(t + i) % len(DENSITIES)]
-        offs.append(len(rowptr))
-        counts = mask.sum(1)
-        rowptr.extend(
-            (total + torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])).tolist()
-        )
-        indices.extend(mask.nonzero()[:, 1].tolist())
-        total += int(counts.sum())
-    return _i64(rowptr), _i32(indices), offs, total
+        offs.append(len(slice_ptr))
+        extra = 1 if t == 1 else 0
+        for s in range(n_sl):
+            slice_ptr.append(len(indices))
+            cols = [
+                mask[o].nonzero().flatten().tolist() if o < n else [(3 * o) % k]
+                for o in range(32 * s, 32 * s + 32)
+            ]
+            width = max(len(c) for c in cols) + extra
+            for j in range(width):
+                indices.extend(c[j] if j < len(c) else k for c in cols)
+        slice_ptr.append(len(indices))
+    return _i64(slice_ptr), _i32(indices), offs, len(indices)
 
 
 def sample_inputs_seg_spmm(device: str, dtype: torch.dtype) -> Iterator[Sample]:
@@ -325,7 +335,7 @@ def sample_inputs_seg_spmm(device: str, dtype: torch.dtype) -> Iterator[Sample]:
     for i, (name, lengths, slots, n_tasks, g) in enumerate([*cases, *wide, *odd]):
         n = 48
         k = int(name.split("-")[0].split("_k")[1]) if "_k" in name.split("-")[0] else 72
-        rowptr, indices, offs, nnz = _csr_pool(n_tasks, n, k, g, i)
+        slice_ptr, indices, offs, nnz = _sliced_pool(n_tasks, n, k, g, i)
         t_tok = sum(lengths)
         use_values = i % 2 == 0
         args = (
@@ -334,7 +344,7 @@ def sample_inputs_seg_spmm(device: str, dtype: torch.dtype) -> Iterator[Sample]:
             _indptr(lengths),
             _i32(list(range(len(lengths)))),
             _i64([offs[s] for s in slots]),
-            rowptr,
+            slice_ptr,
             indices,
             torch.randn(nnz + 2, generator=g) if use_values else None,
             None if use_values else torch.randn(n, k, generator=g) * 0.1,

@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from petops.reference import pack_mask_words
+from petops.reference import pack_mask_words, spmm_slices
 
 from ..backbone import SITES, BackboneSpec, BackboneWeights
 from ..batch import Batch
@@ -45,7 +45,7 @@ from ..errors import TaskError
 from .base import CostDims, LoadedTask, PetContext, PetCost, PetMethod, register_pet
 from .common import MODULES, check_known, layer_key, module_shape
 from .meta import SlotMeta
-from .sparse import BitmapStore, SitePlan, SparseStore
+from .sparse import BitmapStore, SitePlan, SparseStore, sliced_entries
 
 MASK = "weight_mask"
 FORMATS = ("auto", "csr", "bitmask")  # MASKBERT_FORMAT, checked by EngineConfig
@@ -195,18 +195,35 @@ class MaskBert(PetMethod):
         return packed
 
     def _use_bitmap(self, packed: dict[tuple[int, str], torch.Tensor]) -> bool:
-        """Whether the bit-mask form is chosen: forced, or smaller than the CSR form."""
+        """Whether the bit-mask form is chosen: forced, or smaller than the index-set form."""
         if self.ctx.maskbert_format != "auto":
             return self.ctx.maskbert_format == "bitmask"
         spec = self.ctx.spec
         kept = int(sum(set_bits(p) for p in packed.values())) if packed else 0  # one sync
         masked = sum(int(np.prod(module_shape(spec, m))) for _, m in packed) - kept
-        csr = 4 * masked  # column indices
-        csr += 8 * spec.layers * sum(spec.site_shape(s)[0] + 1 for s in SITES)  # row pointers
+        pointers = 8 * spec.layers * sum(spmm_slices(spec.site_shape(s)[0]) + 1 for s in SITES)
         bitmap = spec.layers * sum(  # every site: the bit mask replaces the shared GEMM
             4 * n * ((k + 31) // 32) for n, k in (spec.site_shape(s) for s in SITES)
         )
-        return bitmap < csr
+        if bitmap < 4 * masked + pointers:  # below the index set's size before its padding
+            return True
+        return bitmap < 4 * self._index_entries(packed) + pointers
+
+    def _index_entries(self, packed: dict[tuple[int, str], torch.Tensor]) -> int:
+        """Sliced-ELL entries of the masked-out index set, padding included."""
+        spec = self.ctx.spec
+        total = 0
+        for i in range(spec.layers):
+            for site in SITES:
+                counts = [
+                    (~unpack_bits(packed[(i, m)], module_shape(spec, m))).sum(1)
+                    if (i, m) in packed
+                    else torch.zeros(module_shape(spec, m)[0], dtype=torch.int64)
+                    for m, _ in sorted(MODULES.items(), key=lambda kv: kv[1][1])
+                    if MODULES[m][0] == site
+                ]
+                total += sliced_entries(torch.cat([c.cpu() for c in counts]))
+        return total
 
     def unload(self, slot: int, loaded: LoadedTask) -> None:
         self.store.remove(slot)

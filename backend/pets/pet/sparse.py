@@ -1,9 +1,11 @@
 """Storage of per-task sparse matrices at the four linear sites, shared by the sparse PETs.
 
-:class:`SparseStore` keeps, for each task, layer and site, a CSR matrix over the site's output
-rows (``[N, K]`` in the ``[out, in]`` layout of the shared weight): ``N + 1`` row pointers in
-an int64 pool (absolute positions into the index pool), the input-column indices in an int32
-pool and, for Diff-Pruning, the values in a pool of the serving dtype (``seg_spmm``).
+:class:`SparseStore` keeps, for each task, layer and site, a sparse matrix over the site's
+output rows (``[N, K]`` in the ``[out, in]`` layout of the shared weight) in sliced ELL
+(:func:`~petops.reference.pack_sliced_ell`, the layout of ``seg_spmm``): ``ceil(N / 32) + 1``
+slice pointers in an int64 pool (absolute positions into the index pool), the input-column
+indices (padded per 32-row slice to its longest row) in an int32 pool and, for Diff-Pruning,
+the values in a pool of the serving dtype.
 :class:`BitmapStore` keeps a selection of the shared weight's entries as a bit per weight
 (``seg_masked_mm``): the form of dense MaskBERT masks. Neither keeps values for MaskBERT: the
 kernels read them from the shared weight.
@@ -15,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+
+from petops.reference import pack_sliced_ell, spmm_slices
 
 from ..backbone import SITES
 from ..batch import Batch
@@ -52,12 +56,22 @@ class SiteStore:
         )
 
 
+def sliced_entries(row_counts: torch.Tensor) -> int:
+    """Entries (padding included) of a sliced-ELL matrix whose rows hold ``row_counts``
+    (``[N]`` int64) non-zeros: 32 times the longest row of each 32-row slice."""
+    n = row_counts.numel()
+    padded = torch.zeros(spmm_slices(n) * 32, dtype=row_counts.dtype, device=row_counts.device)
+    padded[:n] = row_counts
+    return int(padded.view(-1, 32).amax(1).sum()) * 32
+
+
 class SparseStore(SiteStore):
-    """CSR pools for one sparse PET type; ``offsets`` locate each matrix's row pointers."""
+    """Sliced-ELL pools for one sparse PET type; ``offsets`` locate each matrix's slice
+    pointers."""
 
     def __init__(self, ctx: PetContext, with_values: bool) -> None:
         super().__init__(ctx)
-        self.rowptr = ctx.pool(torch.int64)
+        self.slice_ptr = ctx.pool(torch.int64)
         self.indices = ctx.pool(torch.int32)
         self.values = ctx.pool() if with_values else None
 
@@ -73,7 +87,7 @@ class SparseStore(SiteStore):
             flat: (layer, module) -> (positions, values or None): the non-zeros of that
                 module's ``[out_m, in]`` matrix as *sorted* flat positions ``o * in + k``
                 (int64) and their values. Modules of one site stack into the site's rows in
-                block order, so the site's entries come out sorted by row with no sort here.
+                block order.
         """
         spec = self.ctx.spec
         offs = torch.zeros(spec.layers, len(SITES), dtype=torch.int64)
@@ -93,16 +107,18 @@ class SparseStore(SiteStore):
                 dev = self.ctx.device
                 r_all = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64, device=dev)
                 c_all = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.int64, device=dev)
-                idx_alloc = self.indices.put(c_all.to(torch.int32))
+                v_all = None
+                if self.values is not None:
+                    v_all = torch.cat(vals) if vals else torch.zeros(0, device=dev)
+                sp, idx, v_ell = pack_sliced_ell(r_all, c_all, v_all, n_out, n_in)
+                idx_alloc = self.indices.put(idx)
                 loaded.allocations.append((self.indices, idx_alloc))
                 if self.values is not None:  # values mirror the index pool's positions
-                    v_all = torch.cat(vals) if vals else torch.zeros(0, device=dev)
-                    self.values.write_at(idx_alloc.offset, v_all, self.indices.capacity)
+                    self.values.write_at(idx_alloc.offset, v_ell, self.indices.capacity)
                     loaded.mirrored.append((self.values, idx_alloc))
-                rp = torch.searchsorted(r_all, torch.arange(n_out + 1, device=dev))
-                rp_alloc = self.rowptr.put(rp + idx_alloc.offset)
-                loaded.allocations.append((self.rowptr, rp_alloc))
-                offs[layer, si] = rp_alloc.offset
+                sp_alloc = self.slice_ptr.put(sp + idx_alloc.offset)
+                loaded.allocations.append((self.slice_ptr, sp_alloc))
+                offs[layer, si] = sp_alloc.offset
         self.offsets[slot] = offs
 
     def apply(
@@ -122,7 +138,7 @@ class SparseStore(SiteStore):
             plan.seg_indptr,
             plan.item_seg,
             offs,
-            self.rowptr.data,
+            self.slice_ptr.data,
             self.indices.data,
             None if self.values is None else self.values.data,
             dense_w,
