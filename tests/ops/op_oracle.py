@@ -121,7 +121,7 @@ def adapter_residual_layernorm(
     return out.to(y.dtype)
 
 
-def seg_spmm(y, x, seg_indptr, item_seg, item_slice_off, slice_ptr, indices, values, dense_w, alpha):
+def seg_spmm(y, x, seg_indptr, item_seg, item_off, slice_ptr, indices, values, dense_w, alpha):
     n, k = y.shape[1], x.shape[1]
     acc = y.float().clone()
     sp, ix = slice_ptr.tolist(), indices.tolist()
@@ -129,7 +129,7 @@ def seg_spmm(y, x, seg_indptr, item_seg, item_slice_off, slice_ptr, indices, val
     for i in range(item_seg.numel()):
         rows = _rows(seg_indptr, int(item_seg[i]))
         delta = torch.zeros(n, k)
-        base = int(item_slice_off[i])
+        base = int(item_off[i])
         for o in range(n):
             s, lane = divmod(o, 32)  # entry j of row o sits at sp[s] + 32 * j + lane
             for p in range(sp[base + s] + lane, sp[base + s + 1], 32):
