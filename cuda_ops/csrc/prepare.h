@@ -78,7 +78,7 @@ struct GroupedArgs {
   at::Tensor seg_indptr, item_seg, item_w_off, item_rank, item_b_off;
   at::Tensor item_in_off, item_out_off, item_out_dim, item_scale;  // expand only
   at::Tensor slice_ptr, indices, values, dense_w;  // seg_spmm; seg_masked_mm: dense_w
-  at::Tensor mask;                              // seg_masked_mm: int32 word pool
+  at::Tensor mask;                                 // seg_masked_mm: int32 word pool
   int64_t num_items = 0;
 };
 

@@ -19,8 +19,8 @@ namespace {
 void check_item_slices(const GroupedArgs& a, int64_t i, int64_t n_out, int64_t k_dim) {
   const int64_t n_sl = spmm_slices(n_out);
   const int64_t off = a.item_w_off.data_ptr<int64_t>()[i];
-  PETOPS_CHECK(off >= 0 && off + n_sl + 1 <= a.slice_ptr.numel(), "item_slice_off[", i,
-               "]=", off, " needs ceil(N / ", kSliceRows, ") + 1 = ", n_sl + 1,
+  PETOPS_CHECK(off >= 0 && off + n_sl + 1 <= a.slice_ptr.numel(), "item_slice_off[", i, "]=", off,
+               " needs ceil(N / ", kSliceRows, ") + 1 = ", n_sl + 1,
                " slice pointers but slice_ptr has ", a.slice_ptr.numel());
   const int64_t* sp = a.slice_ptr.data_ptr<int64_t>() + off;
   const int64_t pool =
@@ -44,8 +44,8 @@ void seg_spmm_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tensor& se
                   const at::Tensor& item_seg, const at::Tensor& item_slice_off,
                   const at::Tensor& slice_ptr, const at::Tensor& indices, const OptTensor& values,
                   const OptTensor& dense_w, double alpha) {
-  GroupedArgs a = prepare_spmm(y, x, seg_indptr, item_seg, item_slice_off, slice_ptr, indices,
-                               values, dense_w);
+  GroupedArgs a =
+      prepare_spmm(y, x, seg_indptr, item_seg, item_slice_off, slice_ptr, indices, values, dense_w);
   TORCH_INTERNAL_ASSERT(a.y.device().is_cpu());
   const int64_t n_tok = a.y.size(0), n_out = a.y.size(1), k_dim = a.x.size(1);
   const int64_t n_seg = a.seg_indptr.numel() - 1;

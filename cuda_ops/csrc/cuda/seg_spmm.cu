@@ -95,8 +95,7 @@ __global__ void __launch_bounds__(kThreads)
                     const int* __restrict__ item_seg, const int64_t* __restrict__ slice_off,
                     const int64_t* __restrict__ slice_ptr, const int* __restrict__ indices,
                     const T* __restrict__ values, const T* __restrict__ dense_w, float alpha,
-                    int n_items, int n_out, int k_dim, int chunks, int chunk_slices,
-                    bool x_vec) {
+                    int n_items, int n_out, int k_dim, int chunks, int chunk_slices, bool x_vec) {
   extern __shared__ __align__(16) char smem[];
   T* xs = reinterpret_cast<T*>(smem);  // [k_dim + 1][TM]
   int* prefix = reinterpret_cast<int*>(smem + staged_bytes<T, TM>(k_dim));
@@ -174,10 +173,10 @@ void launch_seg_spmm(const GroupedArgs& a, double alpha, cudaStream_t stream) {
   const int grid = grouped_grid(kernel, kThreads, smem, (tiles + n_items) * chunks);
   kernel<<<grid, kThreads, smem, stream>>>(
       a.y.data_ptr<T>(), a.x.data_ptr<T>(), a.seg_indptr.data_ptr<int>(),
-      a.item_seg.data_ptr<int>(), a.item_w_off.data_ptr<int64_t>(),
-      a.slice_ptr.data_ptr<int64_t>(), a.indices.data_ptr<int>(), ptr_or_null<T>(a.values),
-      ptr_or_null<T>(a.dense_w), static_cast<float>(alpha), n_items, static_cast<int>(n_out),
-      static_cast<int>(k_dim), static_cast<int>(chunks), static_cast<int>(chunk_slices),
+      a.item_seg.data_ptr<int>(), a.item_w_off.data_ptr<int64_t>(), a.slice_ptr.data_ptr<int64_t>(),
+      a.indices.data_ptr<int>(), ptr_or_null<T>(a.values), ptr_or_null<T>(a.dense_w),
+      static_cast<float>(alpha), n_items, static_cast<int>(n_out), static_cast<int>(k_dim),
+      static_cast<int>(chunks), static_cast<int>(chunk_slices),
       (k_dim * sizeof(T)) % 16 == 0 && reinterpret_cast<uintptr_t>(a.x.data_ptr()) % 16 == 0);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -209,8 +208,8 @@ void seg_spmm_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tensor& s
                    const at::Tensor& item_seg, const at::Tensor& item_slice_off,
                    const at::Tensor& slice_ptr, const at::Tensor& indices, const OptTensor& values,
                    const OptTensor& dense_w, double alpha) {
-  GroupedArgs a = prepare_spmm(y, x, seg_indptr, item_seg, item_slice_off, slice_ptr, indices,
-                               values, dense_w);
+  GroupedArgs a =
+      prepare_spmm(y, x, seg_indptr, item_seg, item_slice_off, slice_ptr, indices, values, dense_w);
   TORCH_INTERNAL_ASSERT(a.y.is_cuda());
   check_num_items(a.num_items, "seg_spmm");
   const c10::cuda::CUDAGuard guard(a.y.device());
