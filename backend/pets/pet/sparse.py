@@ -113,7 +113,7 @@ class SparseStore(SiteStore):
                 sp, idx, v_ell = pack_sliced_ell(r_all, c_all, v_all, n_out, n_in)
                 idx_alloc = self.indices.put(idx)
                 loaded.allocations.append((self.indices, idx_alloc))
-                if self.values is not None:  # values mirror the index pool's positions
+                if self.values is not None and v_ell is not None:  # mirrors the index pool
                     self.values.write_at(idx_alloc.offset, v_ell, self.indices.capacity)
                     loaded.mirrored.append((self.values, idx_alloc))
                 sp_alloc = self.slice_ptr.put(sp + idx_alloc.offset)
