@@ -130,10 +130,10 @@ def test_padded_layout_equals_packed(engine, task_store, backbone):
 
 
 def test_maskbert_storage_forms_match_the_oracle(tmp_path, backbone, caplog):
-    """A MaskBERT task served from either in-memory form (CSR index set via seg_spmm, bit
+    """A MaskBERT task served from either in-memory form (index set via seg_spmm, bit
     mask via seg_masked_mm) matches the oracle, on both op backends; ``auto`` keeps the
-    smaller form (CSR for a sparse mask, the bit mask for a dense one), and the registry's
-    debug log says which form each task took."""
+    smaller form (the index set for a sparse mask, the bit mask for a dense one), ``csr`` is
+    the index form's old name, and the registry's debug log says which form each task took."""
     caplog.set_level(logging.DEBUG, logger="pets")
     head = HeadConfig("classification", num_labels=3)
     densities = {"mask_sparse": 0.005, "mask_dense": 0.05}
@@ -151,6 +151,7 @@ def test_maskbert_storage_forms_match_the_oracle(tmp_path, backbone, caplog):
     modes = ["reference", "compiled"] if compiled_available() else ["reference"]
     for fmt, bitmap in (
         ("auto", None),  # the engine's device decides
+        ("index", [False, False]),
         ("csr", [False, False]),
         ("bitmask", [True, True]),
     ):
@@ -160,12 +161,12 @@ def test_maskbert_storage_forms_match_the_oracle(tmp_path, backbone, caplog):
         assert not eng.load_errors, eng.load_errors
         method = eng.registry.methods["maskbert"]
         slots = [eng.registry.slot_of(name) for name in densities]
-        if bitmap is None:  # the smaller form: CSR for the sparse mask, bits for the dense
+        if bitmap is None:  # the smaller form: indices for the sparse mask, bits for the dense
             bitmap = [False, True]
         assert [bool(method.is_bitmap.data[s]) for s in slots] == bitmap, fmt
         logged = [r.getMessage() for r in caplog.records]
         for name, as_bits in zip(densities, bitmap, strict=True):
-            line = f"maskbert as {'bitmask' if as_bits else 'csr'},"
+            line = f"maskbert as {'bitmask' if as_bits else 'index'},"
             assert any(repr(name) in m and line in m for m in logged), (fmt, name, logged)
         caplog.clear()
         for mode in modes:
@@ -238,7 +239,7 @@ def test_batch_without_the_row_order_is_refused(bitmask_engine, backbone):
 
 
 def test_maskbert_format_is_checked():
-    with pytest.raises(ConfigError, match=r"MASKBERT_FORMAT='bits'; expected one of auto, csr"):
+    with pytest.raises(ConfigError, match=r"MASKBERT_FORMAT='bits'; expected one of auto, index"):
         EngineConfig.from_parameters({"MASKBERT_FORMAT": "bits"})
 
 

@@ -36,6 +36,7 @@ from .graphs import (
 from .heads import HeadTable
 from .metrics import EngineStats
 from .pet import PetContext
+from .pet.maskbert import FORMAT_ALIASES as MASKBERT_FORMAT_ALIASES
 from .pet.maskbert import FORMATS as MASKBERT_FORMATS
 from .protocol import REASON_LIMIT, Limits, Row, decode_requests, quote
 from .registry import TaskRegistry
@@ -71,7 +72,7 @@ class EngineConfig:
     refresh_ms: int = 200  # how often an idle instance checks the task store (0: no thread)
     shadow_streams: int = 0  # >0: PetS-style per-task shadow ops over N CUDA streams
     memory_budget_mb: int = 0  # task weights on the device; 0 = unlimited (see `pets capacity`)
-    maskbert_format: str = "auto"  # auto (smaller of the two) | csr | bitmask: pet/maskbert.py
+    maskbert_format: str = "auto"  # auto (smaller of the two) | index | bitmask: pet/maskbert.py
     max_text_bytes: int = 1 << 16  # a TEXT row over this is refused before tokenizing
     max_rows: int = 256  # rows (sequences) per request; more is refused before decoding
     max_request_text_bytes: int = 1 << 20  # TEXT bytes of one request, all rows together
@@ -94,6 +95,7 @@ class EngineConfig:
             setattr(cfg, f.name, value)
         if cfg.dtype not in ("auto", *DTYPES):
             raise ConfigError(f"DTYPE={cfg.dtype!r}; expected auto, {', '.join(DTYPES)}")
+        cfg.maskbert_format = MASKBERT_FORMAT_ALIASES.get(cfg.maskbert_format, cfg.maskbert_format)
         if cfg.maskbert_format not in MASKBERT_FORMATS:
             raise ConfigError(
                 f"MASKBERT_FORMAT={cfg.maskbert_format!r}; expected one of "

@@ -162,7 +162,7 @@ def main() -> int:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra engine parameter, repeatable (e.g. MASKBERT_FORMAT=csr)",
+        help="extra engine parameter, repeatable (e.g. MASKBERT_FORMAT=index)",
     )
     add_out_argument(p)
     args = p.parse_args()

@@ -112,7 +112,7 @@ class PetContext:
     ln: SlotGroup  # tables "<ln>.gamma"/"<ln>.beta" for emb_ln [1,P,H], attn_ln, ffn_ln [L,P,H]
     scale: SlotGroup  # IA3 tables "qkv" [L,Q,3H], "ffn_in" [L,Q,F]
     ops: ModuleType = reference  # petops.ops or petops.reference (pets.kernels.select)
-    maskbert_format: str = "auto"  # MASKBERT_FORMAT: auto | csr | bitmask (pet/maskbert.py)
+    maskbert_format: str = "auto"  # MASKBERT_FORMAT: auto | index | bitmask (pet/maskbert.py)
     # Set by the encoder while it prepares a batch: the batch's Stager (one copy per forward).
     upload: Callable[[torch.Tensor], torch.Tensor] | None = None
 
@@ -179,7 +179,7 @@ class LoadedTask:
     # The type computes this task's linear layers in full (MaskBERT as a bit mask): its
     # tokens skip the shared GEMMs, so its batches must put it last (``batch.build_batch``).
     owns_linear: bool = False
-    # How the type holds this task where it has a choice (MaskBERT: "bitmask" or "csr"),
+    # How the type holds this task where it has a choice (MaskBERT: "bitmask" or "index"),
     # for the registry's log line; "" where it has none.
     form: str = ""
 

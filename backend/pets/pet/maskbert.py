@@ -1,9 +1,10 @@
 """MaskBERT: a learned binary mask over the shared weights, ``W_task = W * M``.
 
-In memory a task takes one of two forms (``MASKBERT_FORMAT``: ``csr`` or ``bitmask`` forces
-one):
+In memory a task takes one of two forms (``MASKBERT_FORMAT``: ``index`` or ``bitmask`` forces
+one; ``csr``, the old name of ``index``, is still accepted):
 
-* ``csr``: the *masked-out* index set, 4 bytes per masked-out weight. Its tokens take the
+* ``index``: the *masked-out* index set, 4 bytes per masked-out weight (sliced ELL, padded per
+  32-row slice to its longest row: ``seg_spmm``). Its tokens take the
   shared GEMM, and ``X @ (W * (M - 1)).T`` (values read from ``W`` itself) is subtracted by
   ``seg_spmm``, whose cost grows with the density; smaller below about 1/32 density.
 * ``bitmask``: the *kept* weights, one bit per weight of every site. Its tokens skip the
@@ -48,7 +49,8 @@ from .meta import SlotMeta
 from .sparse import BitmapStore, SitePlan, SparseStore, sliced_entries
 
 MASK = "weight_mask"
-FORMATS = ("auto", "csr", "bitmask")  # MASKBERT_FORMAT, checked by EngineConfig
+FORMATS = ("auto", "index", "bitmask")  # MASKBERT_FORMAT, checked by EngineConfig
+FORMAT_ALIASES = {"csr": "index"}  # the index form's name before it was sliced ELL
 COST_DENSITY = 0.05  # a typical task's share of masked-out weights, for the cost model
 
 
@@ -168,7 +170,7 @@ class MaskBert(PetMethod):
                     packed[(i, module)] = self._clear_padding(tensors[name], out * inp)
         as_bitmap = self._use_bitmap(packed)
         self.is_bitmap[slot] = as_bitmap
-        loaded.form = "bitmask" if as_bitmap else "csr"
+        loaded.form = "bitmask" if as_bitmap else "index"
         if as_bitmap:  # the kept weights of every module (an unmasked one keeps all)
             dev = self.ctx.device
             kept = {
@@ -233,9 +235,9 @@ class MaskBert(PetMethod):
 
     def prepare(self, batch: Batch, segs: torch.Tensor) -> tuple[SitePlan | None, SitePlan | None]:
         as_bitmap = self.is_bitmap[batch.seg_task_cpu[segs]]
-        csr, bitmap = segs[~as_bitmap], segs[as_bitmap]
+        index, bitmap = segs[~as_bitmap], segs[as_bitmap]
         return (
-            self.store.prepare(batch, csr) if csr.numel() else None,
+            self.store.prepare(batch, index) if index.numel() else None,
             self.bitmaps.prepare(batch, bitmap) if bitmap.numel() else None,
         )
 
@@ -251,8 +253,8 @@ class MaskBert(PetMethod):
         y: torch.Tensor,
     ) -> None:
         w = self.ctx.backbone.linear[site][layer]
-        csr, bitmap = plan
-        if csr is not None:  # minus the masked-out weights, read from the shared W
-            self.store.apply(csr, site, layer, x, y, w, -1.0)
+        index, bitmap = plan
+        if index is not None:  # minus the masked-out weights, read from the shared W
+            self.store.apply(index, site, layer, x, y, w, -1.0)
         if bitmap is not None:  # the whole product over the kept weights (rows start at 0)
             self.bitmaps.apply(bitmap, site, layer, x, y, w, 1.0)
