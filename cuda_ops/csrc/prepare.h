@@ -172,6 +172,10 @@ inline GroupedArgs prepare_expand(const at::Tensor& y, const at::Tensor& tmp, co
 // warp's rows on CUDA, so its lanes read an entry column of the slice as one contiguous run.
 constexpr int64_t kSliceRows = 32;
 
+// Widest input of a sliced-ELL matrix: its column indices are int16 and K marks padding
+// (petops.reference.SPMM_MAX_K).
+constexpr int64_t kMaxSliceK = (1 << 15) - 1;
+
 inline int64_t spmm_slices(int64_t n_out) { return (n_out + kSliceRows - 1) / kSliceRows; }
 
 inline GroupedArgs prepare_spmm(const at::Tensor& y, const at::Tensor& x,
@@ -187,7 +191,10 @@ inline GroupedArgs prepare_spmm(const at::Tensor& y, const at::Tensor& x,
   a.y = y;
   a.x = like(x, y, "x", "y");
   a.slice_ptr = index(slice_ptr, at::kLong, y, "slice_ptr", -1);
-  a.indices = index(indices, at::kInt, y, "indices", -1);
+  a.indices = int16_pool(indices, y, "indices", "petops.reference.pack_sliced_ell");
+  PETOPS_CHECK(x.size(1) <= kMaxSliceK, "seg_spmm: input width K=", x.size(1), " exceeds ",
+               kMaxSliceK, ", the widest int16 column indices (K marks padding) ",
+               "address; split the input columns over several calls");
   if (values) a.values = flat_pool(*values, y, "values", "y");
   if (dense_w) {
     check_dim(*dense_w, 2, "dense_w", "[N, K]");

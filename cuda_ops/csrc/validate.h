@@ -63,6 +63,18 @@ inline at::Tensor index(const at::Tensor& t, at::ScalarType st, const at::Tensor
   return (t.scalar_type() == st ? t : t.to(st)).contiguous();
 }
 
+// A 1-D pool of int16 entries, taken as is: a narrowing cast could wrap its values, and a
+// widening one would copy the whole pool on every call.
+inline at::Tensor int16_pool(const at::Tensor& t, const at::Tensor& ref, const char* name,
+                             const char* how) {
+  PETOPS_CHECK(t.scalar_type() == at::kShort, name, " must be an int16 tensor (", how, "), got ",
+               t.scalar_type());
+  check_dim(t, 1, name, "[pool_elems] (a flat 1-D pool)");
+  PETOPS_CHECK(t.device() == ref.device(), name, " must be on ", ref.device(),
+               " with the activations, got ", t.device());
+  return t.contiguous();
+}
+
 inline int64_t num_segments(const at::Tensor& seg_indptr) {
   PETOPS_CHECK(seg_indptr.dim() == 1 && seg_indptr.numel() >= 1,
                "seg_indptr must be a 1-D tensor [S + 1] with S >= 0, got shape ",

@@ -311,7 +311,7 @@ def seg_spmm(
         y[rows] += x[rows] @ S_i.to_dense().T
 
     Args: see :func:`petops.reference.seg_spmm` (y ``[T, N]``, x ``[T, K]``, slice_ptr int64,
-    indices int32 flat pools; :func:`petops.reference.pack_sliced_ell` builds the layout).
+    indices int16 flat pools; :func:`petops.reference.pack_sliced_ell` builds the layout).
     Compiled: at most one item per segment.
     """
     _call(

@@ -50,6 +50,8 @@ ACTIVATIONS = {
 _SPMM_CHUNK_ELEMS = 1 << 25
 # Output rows per slice of seg_spmm's sliced-ELL matrices (one GPU warp); kSliceRows in C++.
 SPMM_SLICE = 32
+# seg_spmm's column indices are int16, the padding index is K: inputs up to this width.
+SPMM_MAX_K = 2**15 - 1
 
 
 def apply_act(x: torch.Tensor, act: int) -> torch.Tensor:
@@ -436,10 +438,15 @@ def pack_sliced_ell(
 
     Returns:
         ``slice_ptr`` int64 ``[spmm_slices(N) + 1]`` (relative: ``slice_ptr[0] == 0``; add the
-        pool offset of ``indices`` before use), ``indices`` int32 ``[E]`` (``K`` in padding
+        pool offset of ``indices`` before use), ``indices`` int16 ``[E]`` (``K`` in padding
         entries) and ``values`` ``[E]`` (0 in padding) or None. ``E`` is
         ``SPMM_SLICE * sum(width_s)``, ``width_s`` the most non-zeros of a row in slice ``s``.
     """
+    if k_dim > SPMM_MAX_K:
+        raise ValueError(
+            f"sliced ELL holds inputs up to {SPMM_MAX_K} columns (int16 indices), got "
+            f"K={k_dim}; split the input columns over several matrices"
+        )
     dev = rows.device
     n_sl = spmm_slices(n_out)
     counts = torch.bincount(rows, minlength=n_sl * SPMM_SLICE)
@@ -450,8 +457,8 @@ def pack_sliced_ell(
     rank = torch.arange(r.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[r]
     pos = slice_ptr[r // SPMM_SLICE] + rank * SPMM_SLICE + r % SPMM_SLICE
     n_ent = int(slice_ptr[-1])
-    indices = torch.full((n_ent,), k_dim, dtype=torch.int32, device=dev)
-    indices[pos] = cols[order].to(torch.int32)
+    indices = torch.full((n_ent,), k_dim, dtype=torch.int16, device=dev)
+    indices[pos] = cols[order].to(torch.int16)
     vals = None
     if values is not None:
         vals = torch.zeros(n_ent, dtype=values.dtype, device=dev)
@@ -505,7 +512,8 @@ def seg_spmm(
         seg_indptr: int32 ``[S + 1]``; item_seg: int32 ``[I]``.
         item_slice_off: int64 ``[I]`` offset of each item's ``spmm_slices(N) + 1`` slice
             pointers.
-        slice_ptr: int64 flat slice-pointer pool; indices: int32 flat column pool.
+        slice_ptr: int64 flat slice-pointer pool; indices: int16 flat column pool
+            (``K <= SPMM_MAX_K``).
         values: optional flat value pool (dtype of ``y``); dense_w: ``[N, K]`` otherwise.
         alpha: scale applied to ``dense_w`` values (ignored when ``values`` is given).
     """

@@ -318,7 +318,7 @@ def _sliced_pool(n_tasks: int, n: int, k: int, g: torch.Generator, i: int):
             for j in range(width):
                 indices.extend(c[j] if j < len(c) else k for c in cols)
         slice_ptr.append(len(indices))
-    return _i64(slice_ptr), _i32(indices), offs, len(indices)
+    return _i64(slice_ptr), torch.tensor(indices, dtype=torch.int16), offs, len(indices)
 
 
 def sample_inputs_seg_spmm(device: str, dtype: torch.dtype) -> Iterator[Sample]:

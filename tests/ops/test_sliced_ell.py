@@ -40,7 +40,7 @@ def test_pack_sliced_ell_holds_every_nonzero_once(n: int, k: int, density: float
     perm = torch.randperm(rows.numel(), generator=g)  # any order in, same layout out
     sp, idx, vals = pack_sliced_ell(rows[perm], cols[perm], want[rows, cols][perm], n, k)
     assert vals is not None
-    assert sp.dtype == torch.int64 and idx.dtype == torch.int32
+    assert sp.dtype == torch.int64 and idx.dtype == torch.int16
     assert sp.numel() == spmm_slices(n) + 1 and int(sp[0]) == 0 and int(sp[-1]) == idx.numel()
     counts = torch.zeros(spmm_slices(n) * SPMM_SLICE, dtype=torch.int64)
     counts[:n] = mask.sum(1)

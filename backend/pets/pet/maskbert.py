@@ -3,18 +3,19 @@
 In memory a task takes one of two forms (``MASKBERT_FORMAT``: ``index`` or ``bitmask`` forces
 one; ``csr``, the old name of ``index``, is still accepted):
 
-* ``index``: the *masked-out* index set, 4 bytes per masked-out weight (sliced ELL, padded per
-  32-row slice to its longest row: ``seg_spmm``). Its tokens take the
-  shared GEMM, and ``X @ (W * (M - 1)).T`` (values read from ``W`` itself) is subtracted by
-  ``seg_spmm``, whose cost grows with the density; smaller below about 1/32 density.
+* ``index``: the *masked-out* index set with the shared weight's values there, copied at
+  registration (sliced ELL, padded per 32-row slice to its longest row: ``seg_spmm``), 4 bytes
+  per masked-out weight in fp16. Its tokens take the shared GEMM, and
+  ``X @ (W * (1 - M)).T`` is subtracted by ``seg_spmm``, whose cost grows with the density;
+  smaller below about 2% density in fp16 (1.2% in fp32).
 * ``bitmask``: the *kept* weights, one bit per weight of every site. Its tokens skip the
   shared GEMMs (:attr:`LoadedTask.owns_linear`: the batch puts them last) and
   ``X @ (W * M).T`` is computed once by ``seg_masked_mm`` (on CUDA a tensor-core product that
   masks the shared weight on the fly, whose cost does not depend on the density).
 
-``auto`` (the default) takes the smaller form, on CUDA and CPU alike (the bit mask above about
-1/32 density). On the CPU the bit mask was slower while it was a second product beside the
-shared GEMM (the CPU kernel expands each task's masked weight on every call); as the one
+``auto`` (the default) takes the smaller form, on CUDA and CPU alike. On the CPU the bit mask
+was slower while it was a second product beside the shared GEMM (the CPU kernel expands each
+task's masked weight on every call); as the one
 product it was the faster form at 5% density
 (``docs/results/2026-12-07_cpu_maskbert_one_product``).
 
@@ -133,7 +134,7 @@ class MaskBert(PetMethod):
 
     def __init__(self, ctx: PetContext) -> None:
         super().__init__(ctx)
-        self.store = SparseStore(ctx, with_values=False)
+        self.store = SparseStore(ctx, with_values=True)
         self.bitmaps = BitmapStore(ctx)
         self.is_bitmap = SlotMeta((), torch.bool, fill=False)  # per slot: which store holds it
 
@@ -183,9 +184,14 @@ class MaskBert(PetMethod):
             self.bitmaps.add(slot, loaded, kept)
             loaded.owns_linear = True
         else:
-            dropped = {k: ~unpack_bits(p, module_shape(spec, k[1])) for k, p in packed.items()}
-            flat = {k: (torch.nonzero(d.reshape(-1)).flatten(), None) for k, d in dropped.items()}
-            self.store.add(slot, loaded, flat)  # positions come out sorted
+            flat = {}  # minus the shared weights at the masked-out positions
+            for (i, m), p in packed.items():
+                site, block = MODULES[m]
+                out, inp = module_shape(spec, m)
+                w = self.ctx.backbone.linear[site][i][block * out : (block + 1) * out]
+                pos = torch.nonzero(~unpack_bits(p, (out, inp)).reshape(-1)).flatten()
+                flat[(i, m)] = (pos, -w.reshape(-1)[pos])
+            self.store.add(slot, loaded, flat)
         return loaded
 
     def _clear_padding(self, packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -207,9 +213,10 @@ class MaskBert(PetMethod):
         bitmap = spec.layers * sum(  # every site: the bit mask replaces the shared GEMM
             4 * n * ((k + 31) // 32) for n, k in (spec.site_shape(s) for s in SITES)
         )
-        if bitmap < 4 * masked + pointers:  # below the index set's size before its padding
+        entry = 2 + self.ctx.dtype.itemsize  # int16 column and the weight's value
+        if bitmap < entry * masked + pointers:  # below the index set's size before its padding
             return True
-        return bitmap < 4 * self._index_entries(packed) + pointers
+        return bitmap < entry * self._index_entries(packed) + pointers
 
     def _index_entries(self, packed: dict[tuple[int, str], torch.Tensor]) -> int:
         """Sliced-ELL entries of the masked-out index set, padding included."""
@@ -254,7 +261,7 @@ class MaskBert(PetMethod):
     ) -> None:
         w = self.ctx.backbone.linear[site][layer]
         index, bitmap = plan
-        if index is not None:  # minus the masked-out weights, read from the shared W
-            self.store.apply(index, site, layer, x, y, w, -1.0)
+        if index is not None:  # minus the masked-out weights (their values copied from W)
+            self.store.apply(index, site, layer, x, y, None, 1.0)
         if bitmap is not None:  # the whole product over the kept weights (rows start at 0)
             self.bitmaps.apply(bitmap, site, layer, x, y, w, 1.0)

@@ -4,7 +4,7 @@
 output rows (``[N, K]`` in the ``[out, in]`` layout of the shared weight) in sliced ELL
 (:func:`~petops.reference.pack_sliced_ell`, the layout of ``seg_spmm``): ``ceil(N / 32) + 1``
 slice pointers in an int64 pool (absolute positions into the index pool), the input-column
-indices (padded per 32-row slice to its longest row) in an int32 pool and, for Diff-Pruning,
+indices (padded per 32-row slice to its longest row) in an int16 pool and, for Diff-Pruning,
 the values in a pool of the serving dtype.
 :class:`BitmapStore` keeps a selection of the shared weight's entries as a bit per weight
 (``seg_masked_mm``): the form of dense MaskBERT masks. Neither keeps values for MaskBERT: the
@@ -72,7 +72,7 @@ class SparseStore(SiteStore):
     def __init__(self, ctx: PetContext, with_values: bool) -> None:
         super().__init__(ctx)
         self.slice_ptr = ctx.pool(torch.int64)
-        self.indices = ctx.pool(torch.int32)
+        self.indices = ctx.pool(torch.int16)
         self.values = ctx.pool() if with_values else None
 
     def add(

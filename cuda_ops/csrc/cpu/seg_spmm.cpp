@@ -27,7 +27,7 @@ void check_item_slices(const GroupedArgs& a, int64_t i, int64_t n_out, int64_t k
       a.values.defined() ? std::min(a.indices.numel(), a.values.numel()) : a.indices.numel();
   PETOPS_CHECK(sp[0] >= 0 && sp[n_sl] <= pool, "item ", i, ": entries [", sp[0], ", ", sp[n_sl],
                ") overrun the indices/values pools of ", pool, " entries");
-  const int32_t* ix = a.indices.data_ptr<int32_t>();
+  const int16_t* ix = a.indices.data_ptr<int16_t>();
   for (int64_t s = 0; s < n_sl; ++s) {
     PETOPS_CHECK(sp[s] <= sp[s + 1] && (sp[s + 1] - sp[s]) % kSliceRows == 0, "item ", i,
                  ": slice ", s, " spans [", sp[s], ", ", sp[s + 1], "); expected a non-negative",
@@ -56,7 +56,7 @@ void seg_spmm_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tensor& se
   const SegmentGroups g = group_by_segment(a.item_seg, n_seg);
   const int32_t* ip = a.seg_indptr.data_ptr<int32_t>();
   const int64_t* ro = a.item_w_off.data_ptr<int64_t>();
-  const int32_t* ix = a.indices.data_ptr<int32_t>();
+  const int16_t* ix = a.indices.data_ptr<int16_t>();
   const float al = static_cast<float>(alpha);
   const int64_t* spool = a.slice_ptr.data_ptr<int64_t>();
   const int64_t n_groups = static_cast<int64_t>(g.seg.size());

@@ -5,7 +5,7 @@
 // 16-bit inputs stay 16-bit, half the shared-memory bytes per non-zero. Each warp owns one
 // 32-row slice at a time and lane l walks row 32 * s + l: entry j of every row of the slice
 // lies in one contiguous run of 32 (sliced ELL), so a warp's index and value loads are one
-// 128-byte and one 64-byte access. (In CSR each lane read its own row's run: 32 cache lines a
+// 64-byte access each (int16 indices). (In CSR each lane read its own row's run: 32 cache lines a
 // load, and the walk waited on L1/TEX for them.) Lanes issue kUnroll entries' index loads,
 // then their value (or shared-weight) loads, before the multiply-adds. Every entry updates TM
 // tokens from one contiguous shared-memory row; a padding entry (index K) reads the zero row.
@@ -93,7 +93,7 @@ template <typename T, int TM>
 __global__ void __launch_bounds__(kThreads)
     seg_spmm_kernel(T* __restrict__ y, const T* __restrict__ x, const int* __restrict__ seg_indptr,
                     const int* __restrict__ item_seg, const int64_t* __restrict__ slice_off,
-                    const int64_t* __restrict__ slice_ptr, const int* __restrict__ indices,
+                    const int64_t* __restrict__ slice_ptr, const int16_t* __restrict__ indices,
                     const T* __restrict__ values, const T* __restrict__ dense_w, float alpha,
                     int n_items, int n_out, int k_dim, int chunks, int chunk_slices, bool x_vec) {
   extern __shared__ __align__(16) char smem[];
@@ -174,7 +174,7 @@ void launch_seg_spmm(const GroupedArgs& a, double alpha, cudaStream_t stream) {
   kernel<<<grid, kThreads, smem, stream>>>(
       a.y.data_ptr<T>(), a.x.data_ptr<T>(), a.seg_indptr.data_ptr<int>(),
       a.item_seg.data_ptr<int>(), a.item_w_off.data_ptr<int64_t>(), a.slice_ptr.data_ptr<int64_t>(),
-      a.indices.data_ptr<int>(), ptr_or_null<T>(a.values), ptr_or_null<T>(a.dense_w),
+      a.indices.data_ptr<int16_t>(), ptr_or_null<T>(a.values), ptr_or_null<T>(a.dense_w),
       static_cast<float>(alpha), n_items, static_cast<int>(n_out), static_cast<int>(k_dim),
       static_cast<int>(chunks), static_cast<int>(chunk_slices),
       (k_dim * sizeof(T)) % 16 == 0 && reinterpret_cast<uintptr_t>(a.x.data_ptr()) % 16 == 0);
@@ -214,7 +214,7 @@ void seg_spmm_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tensor& s
   check_num_items(a.num_items, "seg_spmm");
   const c10::cuda::CUDAGuard guard(a.y.device());
   const int64_t k_dim = a.x.size(1);
-  if (a.y.numel() == 0 || a.num_items == 0) return;
+  if (a.y.numel() == 0 || a.num_items == 0 || k_dim == 0) return;  // nothing to add
   // The largest power-of-two token tile, up to kMaxTM, whose transposed x block fits the
   // staged-tile budget (the zero row for padding entries comes on top).
   const int64_t bytes = a.x.element_size();
