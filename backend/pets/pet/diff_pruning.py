@@ -114,7 +114,7 @@ class DiffPruning(PetMethod):
 
     def __init__(self, ctx: PetContext) -> None:
         super().__init__(ctx)
-        self.store = SparseStore(ctx, with_values=True)
+        self.store = SparseStore(ctx)
 
     def _names(self) -> dict[str, tuple[int, str, str]]:
         return {
@@ -202,7 +202,7 @@ class DiffPruning(PetMethod):
     def apply_linear(
         self, plan: SitePlan, site: str, layer: int, x: torch.Tensor, y: torch.Tensor
     ) -> None:
-        self.store.apply(plan, site, layer, x, y, None, 1.0)
+        self.store.apply(plan, site, layer, x, y)
 
     def linear_sites(self, plan: SitePlan) -> Collection[str]:
         return SITES  # a task may change any weight of any linear

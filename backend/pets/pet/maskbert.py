@@ -15,8 +15,7 @@ one; ``csr``, the old name of ``index``, is still accepted):
 
 ``auto`` (the default) takes the smaller form, on CUDA and CPU alike. On the CPU the bit mask
 was slower while it was a second product beside the shared GEMM (the CPU kernel expands each
-task's masked weight on every call); as the one
-product it was the faster form at 5% density
+task's masked weight on every call); as the one product it was the faster form at 5% density
 (``docs/results/2026-12-07_cpu_maskbert_one_product``).
 
 On disk a task is always a bit mask.
@@ -134,7 +133,7 @@ class MaskBert(PetMethod):
 
     def __init__(self, ctx: PetContext) -> None:
         super().__init__(ctx)
-        self.store = SparseStore(ctx, with_values=True)
+        self.store = SparseStore(ctx)
         self.bitmaps = BitmapStore(ctx)
         self.is_bitmap = SlotMeta((), torch.bool, fill=False)  # per slot: which store holds it
 
@@ -262,6 +261,6 @@ class MaskBert(PetMethod):
         w = self.ctx.backbone.linear[site][layer]
         index, bitmap = plan
         if index is not None:  # minus the masked-out weights (their values copied from W)
-            self.store.apply(index, site, layer, x, y, None, 1.0)
+            self.store.apply(index, site, layer, x, y)
         if bitmap is not None:  # the whole product over the kept weights (rows start at 0)
             self.bitmaps.apply(bitmap, site, layer, x, y, w, 1.0)

@@ -4,11 +4,12 @@
 output rows (``[N, K]`` in the ``[out, in]`` layout of the shared weight) in sliced ELL
 (:func:`~petops.reference.pack_sliced_ell`, the layout of ``seg_spmm``): ``ceil(N / 32) + 1``
 slice pointers in an int64 pool (absolute positions into the index pool), the input-column
-indices (padded per 32-row slice to its longest row) in an int16 pool and, for Diff-Pruning,
-the values in a pool of the serving dtype.
+indices (padded per 32-row slice to its longest row) in an int16 pool and the values, at the
+same positions, in a pool of the serving dtype (Diff-Pruning's deltas; for a MaskBERT index
+set, minus the shared weight's values there).
 :class:`BitmapStore` keeps a selection of the shared weight's entries as a bit per weight
-(``seg_masked_mm``): the form of dense MaskBERT masks. Neither keeps values for MaskBERT: the
-kernels read them from the shared weight.
+(``seg_masked_mm``): the form of dense MaskBERT masks, with no values (the kernel reads them
+from the shared weight).
 """
 
 from __future__ import annotations
@@ -69,25 +70,25 @@ class SparseStore(SiteStore):
     """Sliced-ELL pools for one sparse PET type; ``offsets`` locate each matrix's slice
     pointers."""
 
-    def __init__(self, ctx: PetContext, with_values: bool) -> None:
+    def __init__(self, ctx: PetContext) -> None:
         super().__init__(ctx)
         self.slice_ptr = ctx.pool(torch.int64)
         self.indices = ctx.pool(torch.int16)
-        self.values = ctx.pool() if with_values else None
+        self.values = ctx.pool()
 
     def add(
         self,
         slot: int,
         loaded: LoadedTask,
-        flat: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor | None]],
+        flat: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
     ) -> None:
         """Store one task's matrices.
 
         Args:
-            flat: (layer, module) -> (positions, values or None): the non-zeros of that
-                module's ``[out_m, in]`` matrix as *sorted* flat positions ``o * in + k``
-                (int64) and their values. Modules of one site stack into the site's rows in
-                block order.
+            flat: (layer, module) -> (positions, values): the non-zeros of that module's
+                ``[out_m, in]`` matrix as flat positions ``o * in + k`` (int64, each once)
+                and their values. Modules of one site stack into the site's rows in block
+                order.
         """
         spec = self.ctx.spec
         offs = torch.zeros(spec.layers, len(SITES), dtype=torch.int64)
@@ -102,20 +103,17 @@ class SparseStore(SiteStore):
                     pos, v = flat[(layer, module)]
                     rows.append(pos // n_in + block * width)
                     cols.append(pos % n_in)
-                    if v is not None:
-                        vals.append(v)
+                    vals.append(v)
                 dev = self.ctx.device
                 r_all = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64, device=dev)
                 c_all = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.int64, device=dev)
-                v_all = None
-                if self.values is not None:
-                    v_all = torch.cat(vals) if vals else torch.zeros(0, device=dev)
+                v_all = torch.cat(vals) if vals else torch.zeros(0, device=dev)
                 sp, idx, v_ell = pack_sliced_ell(r_all, c_all, v_all, n_out, n_in)
+                assert v_ell is not None
                 idx_alloc = self.indices.put(idx)
                 loaded.allocations.append((self.indices, idx_alloc))
-                if self.values is not None and v_ell is not None:  # mirrors the index pool
-                    self.values.write_at(idx_alloc.offset, v_ell, self.indices.capacity)
-                    loaded.mirrored.append((self.values, idx_alloc))
+                self.values.write_at(idx_alloc.offset, v_ell, self.indices.capacity)  # mirrored
+                loaded.mirrored.append((self.values, idx_alloc))
                 sp_alloc = self.slice_ptr.put(sp + idx_alloc.offset)
                 loaded.allocations.append((self.slice_ptr, sp_alloc))
                 offs[layer, si] = sp_alloc.offset
@@ -128,9 +126,8 @@ class SparseStore(SiteStore):
         layer: int,
         x: torch.Tensor,
         y: torch.Tensor,
-        dense_w: torch.Tensor | None,
-        alpha: float,
     ) -> None:
+        """``y[rows] += x[rows] @ S_i.T`` for every item of ``plan``; x ``[T, K]``, y ``[T, N]``."""
         offs = plan.off[layer, SITES.index(site)]
         self.ctx.ops.seg_spmm(
             y,
@@ -140,9 +137,9 @@ class SparseStore(SiteStore):
             offs,
             self.slice_ptr.data,
             self.indices.data,
-            None if self.values is None else self.values.data,
-            dense_w,
-            alpha,
+            self.values.data,
+            None,
+            1.0,
         )
 
 
