@@ -8,9 +8,9 @@ the PET-op cost is reported as a share of the GEMM. Sites: LoRA r=16 on one H x 
 for BERT); a bottleneck adapter r=64 against the attention-output (H x H) and the FFN-output
 (4H -> H) GEMMs it follows; BitFit's bias+GELU (FFN up) and bias+residual+LayerNorm (FFN
 down); Diff-Pruning 1% and MaskBERT 5% on an H x H weight (MaskBERT as the engine keeps it at
-that density, a bit mask through ``seg_masked_mm``, and as a CSR index set through
-``seg_spmm``: ``mask_5pct_csr``). On CUDA the per-task loop is also spread round-robin over N
-streams (PetS's multi-stream option). Prints CSV; writes CSV + PNG to --out.
+that density, a bit mask through ``seg_masked_mm``, and as an index set with the weight's
+values through ``seg_spmm``: ``mask_5pct_index``). On CUDA the per-task loop is also spread
+round-robin over N streams (PetS's multi-stream option). Prints CSV; writes CSV + PNG to --out.
 
 Two clocks on CUDA: ``ms`` brackets one eager call with events, so it includes the host's
 dispatch time whenever that exceeds the GPU work (small batches); ``gpu_ms`` replays the call
@@ -316,11 +316,13 @@ def bitfit_ln(b: Batch, hidden: int, dev, dtype):
 def sparse_site(
     b: Batch, hidden: int, density: float, masked: bool, dev, dtype, bitmask: bool = False
 ):
-    """Diff-Pruning (values) or MaskBERT (dense_w, alpha=-1) delta of an H x H weight.
+    """Diff-Pruning (random values) or MaskBERT (minus the weight's values) delta of an H x H
+    weight.
 
-    MaskBERT's grouped op is ``seg_spmm`` over the masked-out index set (sliced ELL), or with
-    ``bitmask`` ``seg_masked_mm`` over the same set as a bit mask (the engine keeps whichever
-    form is smaller: the bit mask above ~1/32 density)."""
+    MaskBERT's grouped op is ``seg_spmm`` over the masked-out index set (sliced ELL, with the
+    weight's values there, as the engine keeps it), or with ``bitmask`` ``seg_masked_mm``
+    over the same set as a bit mask (the engine keeps whichever form is smaller: the bit mask
+    above about 2% density in fp16)."""
     n = len(b.rows)
     w = torch.randn(hidden, hidden, device=dev, dtype=dtype) * hidden**-0.5
     masks = torch.rand(n, hidden, hidden, device=dev) < density
@@ -328,11 +330,11 @@ def sparse_site(
     parts = []  # one sliced-ELL matrix per task, concatenated into the pools
     for i in range(n):
         r, c = masks[i].nonzero().unbind(1)
-        parts.append(pack_sliced_ell(r, c, None if masked else dense[i][r, c], hidden, hidden))
+        parts.append(pack_sliced_ell(r, c, dense[i][r, c], hidden, hidden))
     base = torch.tensor([0] + [p[1].numel() for p in parts], device=dev).cumsum(0)
     slice_ptr = torch.cat([p[0] + base[i] for i, p in enumerate(parts)])
     indices = torch.cat([p[1] for p in parts])
-    values = None if masked else torch.cat([p[2] for p in parts if p[2] is not None])
+    values = torch.cat([p[2] for p in parts if p[2] is not None])
     y = torch.zeros(b.tokens, hidden, device=dev, dtype=dtype)
     off = torch.arange(n, device=dev, dtype=torch.long) * (spmm_slices(hidden) + 1)
     words = torch.cat([pack_mask_words(m) for m in masks])
@@ -351,8 +353,8 @@ def sparse_site(
             slice_ptr,
             indices,
             values,
-            w if masked else None,
-            -1.0 if masked else 1.0,
+            None,
+            1.0,
         )
 
     def task(i: int) -> Callable[[], None]:
@@ -398,7 +400,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             "bitfit_bias_res_ln": (*bitfit_ln(b, args.hidden, dev, dtype), gemm_down),
             "diff_1pct": (*sparse_site(b, args.hidden, 0.01, False, dev, dtype), gemm_h),
             "mask_5pct": (*sparse_site(b, args.hidden, 0.05, True, dev, dtype, True), gemm_h),
-            "mask_5pct_csr": (*sparse_site(b, args.hidden, 0.05, True, dev, dtype), gemm_h),
+            "mask_5pct_index": (*sparse_site(b, args.hidden, 0.05, True, dev, dtype), gemm_h),
         }
         base = {
             "device": dev.type,

@@ -68,7 +68,7 @@ def main() -> None:
             "bitfit_bias_res_ln": bitfit_ln(b, a.hidden, dev, dtype)[0],
             "diff_1pct": sparse_site(b, a.hidden, 0.01, False, dev, dtype)[0],
             "mask_5pct": sparse_site(b, a.hidden, 0.05, True, dev, dtype, True)[0],
-            "mask_5pct_csr": sparse_site(b, a.hidden, 0.05, True, dev, dtype)[0],
+            "mask_5pct_index": sparse_site(b, a.hidden, 0.05, True, dev, dtype)[0],
         }
         for site, fn in sites.items():
             if a.sites and site not in a.sites.split(","):
