@@ -59,6 +59,11 @@ constexpr int64_t kMinSplitChunks = 4;
 // FFN-output site from 78 to 41 us, but K = 768 (12 chunks) split 3 ways took the other sites
 // from 21 to 45 us: the partials' write, count and sum cost more than a shallow K saves.
 constexpr int64_t kMinSplitDepth = 32;
+// Rows of a split tile its last block sums at once. H100, one device call (8 MaskBERT tasks x
+// 64 tokens, bert-base fp16): one row at a time left each thread on a chain of dependent
+// loads, and summing 8 took the FFN-output site from 857 to 582 us a forward
+// (docs/results/2026-12-08_h100_sparse_small_ab2; measured with the split bound at 8).
+constexpr int kSumRows = 8;
 
 __device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool pred) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -176,13 +181,19 @@ __global__ void __launch_bounds__(tc::kThreads, tc::kMinBlocks)
       __syncthreads();
       if (!last_split) continue;  // sc fully read above; the next unit may refill the pipeline
       __threadfence();
-      if (t < ncol) {
+      if (t < ncol) {  // kSumRows rows at a time: their loads are in flight together
         const float* p0 = ws + row0 * n_out + col0 + t;
-        for (int m = 0; m < len; ++m) {
-          float acc = 0.f;
-          for (int q = 0; q < n_splits; ++q)  // split order: the same sum whoever comes last
-            acc += __ldcg(p0 + (static_cast<int64_t>(q) * n_tok + m) * n_out);
-          sc[m * kLDC + t] = acc;
+        for (int m0 = 0; m0 < len; m0 += kSumRows) {
+          float acc[kSumRows] = {};
+          for (int q = 0; q < n_splits; ++q) {  // split order: the same sum whoever comes last
+            const float* pq = p0 + (static_cast<int64_t>(q) * n_tok + m0) * n_out;
+#pragma unroll
+            for (int r = 0; r < kSumRows; ++r)
+              if (m0 + r < len) acc[r] += __ldcg(pq + static_cast<int64_t>(r) * n_out);
+          }
+#pragma unroll
+          for (int r = 0; r < kSumRows; ++r)
+            if (m0 + r < len) sc[(m0 + r) * kLDC + t] = acc[r];
         }
       }
       __syncthreads();
