@@ -435,3 +435,23 @@ def test_capacity_report(backbone):
     assert rows["lora"].fits == (1 << 30) // rows["lora"].task_bytes
     assert json.loads(json.dumps(rep.to_json()))["rows"][0]["pet"] == "ia3"
     assert "fits" in rep.table()
+
+
+def test_capacity_report_names_the_form(backbone):
+    """MaskBERT's row says which form its tasks took: the index set for a sparse mask, the
+    bit mask for a dense one (each with its own size)."""
+    sizes = {}
+    for density, form in ((0.002, "index"), (0.2, "bitmask")):
+        rep = measure(
+            backbone,
+            "cpu",
+            torch.float32,
+            budget_bytes=1 << 30,
+            pets=["maskbert"],
+            hparams={"maskbert": {"density": density}},
+            samples=1,
+        )
+        (row,) = rep.rows
+        assert row.form == form and f"maskbert      {form}" in rep.table()
+        sizes[form] = row.task_bytes
+    assert sizes["index"] < sizes["bitmask"]

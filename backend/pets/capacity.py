@@ -36,6 +36,7 @@ class CapacityRow:
     alloc_bytes: int | None  # CUDA allocator delta per task, None off CUDA
     fits: int
     released: bool  # memory_bytes() and pool use went back to their start after removal
+    form: str = ""  # how the type held the samples where it has a choice (MaskBERT: index, bitmask)
 
 
 @dataclass
@@ -57,13 +58,14 @@ class CapacityReport:
             f"device {self.device} ({self.dtype}), backbone {self.backbone} "
             f"({self.backbone_bytes / MIB:.1f} MiB), free {self.free_bytes / MIB:.0f} MiB "
             f"[{self.free_source}], reserve {self.reserve_bytes / MIB:.0f} MiB",
-            f"{'pet':<14}{'task MiB':>10}{'stored MiB':>12}{'alloc MiB':>11}{'fits':>10}"
-            f"{'released':>10}  hparams",
+            f"{'pet':<14}{'form':<9}{'task MiB':>10}{'stored MiB':>12}{'alloc MiB':>11}"
+            f"{'fits':>10}{'released':>10}  hparams",
         ]
         for r in self.rows:
             alloc = "-" if r.alloc_bytes is None else f"{r.alloc_bytes / MIB:.3f}"
             lines.append(
-                f"{r.pet:<14}{r.task_bytes / MIB:>10.3f}{r.stored_bytes / MIB:>12.3f}"
+                f"{r.pet:<14}{r.form or '-':<9}{r.task_bytes / MIB:>10.3f}"
+                f"{r.stored_bytes / MIB:>12.3f}"
                 f"{alloc:>11}{r.fits:>10}{r.released!s:>10}  "
                 f"{json.dumps(r.hparams)}"
             )
@@ -138,14 +140,16 @@ def measure(
         hp = dict(get_pet_type(pet).default_options)
         hp.update((hparams or {}).get(pet, {}))
         start_use, start_mem = pool_use(reg), reg.memory_bytes()
-        names, sizes, stored = [], [], 0
+        names, sizes, forms, stored = [], [], set(), 0
         if cuda:
             torch.cuda.synchronize(device)
             a0 = torch.cuda.memory_allocated(device)
         for i in range(samples):
             m, t = random_task(weights, f"cap_{pet}_{i}", pet, head, seed=i, hparams=hp)
             stored = sum(v.numel() * v.element_size() for v in t.values())
-            sizes.append(reg.add(m, t).nbytes)
+            entry = reg.add(m, t)
+            sizes.append(entry.nbytes)
+            forms.add(entry.loaded.form)
             names.append(m.name)
         alloc = None
         if cuda:
@@ -156,5 +160,8 @@ def measure(
         released = reg.memory_bytes() == start_mem and pool_use(reg) == start_use
         task_bytes = max(sizes)
         fits = max(0, (free - reserve_bytes) // task_bytes) if task_bytes else 0
-        report.rows.append(CapacityRow(pet, hp, task_bytes, stored, alloc, int(fits), released))
+        form = ",".join(sorted(f for f in forms if f))
+        report.rows.append(
+            CapacityRow(pet, hp, task_bytes, stored, alloc, int(fits), released, form)
+        )
     return report
