@@ -602,10 +602,10 @@ def seg_masked_mm(
                 M = unpack_mask_words(mask[item_mask_off[i]:][: N * ceil(K / 32)], K)
                 y[rows] += alpha * x[rows] @ (dense_w * M).T
 
-    MaskBERT's ``X @ (W * M).T = X @ W.T + X @ (W * (M - 1)).T`` is ``alpha = -1`` with
-    ``M_i`` the masked-out weights: one bit per weight whatever the density, against 4 bytes
-    per masked weight in :func:`seg_spmm`'s CSR form (smaller above 1/32 density), and a
-    dense tensor-core product whose cost does not grow with the density.
+    A MaskBERT task's product over its kept weights (``alpha = 1``, ``M_i`` the keep-mask):
+    one bit per weight whatever the density, against 4 bytes per masked-out weight (fp16
+    column and value, padded) in :func:`seg_spmm`'s index form (smaller above about 2%
+    density), and a dense tensor-core product whose cost does not grow with the density.
 
     Args:
         y: ``[T, N]`` accumulated in place.
