@@ -193,7 +193,8 @@ inline GroupedArgs prepare_spmm(const at::Tensor& y, const at::Tensor& x,
   a.slice_ptr = index(slice_ptr, at::kLong, y, "slice_ptr", -1);
   a.indices = int16_pool(indices, y, "indices", "petops.reference.pack_sliced_ell");
   PETOPS_CHECK(x.size(1) <= kMaxSliceK, "seg_spmm: input width K=", x.size(1), " exceeds ",
-               kMaxSliceK, ", the widest int16 column indices (K marks padding) ",
+               static_cast<int64_t>(kMaxSliceK),
+               ", the widest int16 column indices (K marks padding) ",
                "address; split the input columns over several calls");
   if (values) a.values = flat_pool(*values, y, "values", "y");
   if (dense_w) {

@@ -20,7 +20,7 @@ void check_item_slices(const GroupedArgs& a, int64_t i, int64_t n_out, int64_t k
   const int64_t n_sl = spmm_slices(n_out);
   const int64_t off = a.item_w_off.data_ptr<int64_t>()[i];
   PETOPS_CHECK(off >= 0 && off + n_sl + 1 <= a.slice_ptr.numel(), "item_slice_off[", i, "]=", off,
-               " needs ceil(N / ", kSliceRows, ") + 1 = ", n_sl + 1,
+               " needs ceil(N / ", static_cast<int64_t>(kSliceRows), ") + 1 = ", n_sl + 1,
                " slice pointers but slice_ptr has ", a.slice_ptr.numel());
   const int64_t* sp = a.slice_ptr.data_ptr<int64_t>() + off;
   const int64_t pool =
@@ -31,7 +31,8 @@ void check_item_slices(const GroupedArgs& a, int64_t i, int64_t n_out, int64_t k
   for (int64_t s = 0; s < n_sl; ++s) {
     PETOPS_CHECK(sp[s] <= sp[s + 1] && (sp[s + 1] - sp[s]) % kSliceRows == 0, "item ", i,
                  ": slice ", s, " spans [", sp[s], ", ", sp[s + 1], "); expected a non-negative",
-                 " multiple of ", kSliceRows, " entries (petops.reference.pack_sliced_ell)");
+                 " multiple of ", static_cast<int64_t>(kSliceRows),
+                 " entries (petops.reference.pack_sliced_ell)");
     for (int64_t p = sp[s]; p < sp[s + 1]; ++p) {
       PETOPS_CHECK(ix[p] >= 0 && ix[p] <= k_dim, "indices[", p, "]=", ix[p],
                    " is out of range; expected an input column in [0, ", k_dim, ") or ", k_dim,
