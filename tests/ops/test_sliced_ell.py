@@ -68,3 +68,9 @@ def test_pack_sliced_ell_index_set_and_empty() -> None:
     none = torch.zeros(0, dtype=torch.long)
     sp, idx, _ = pack_sliced_ell(none, none, None, 70, 8)
     assert sp.tolist() == [0, 0, 0, 0] and idx.numel() == 0
+
+
+def test_pack_sliced_ell_refuses_inputs_past_int16() -> None:
+    one = torch.zeros(1, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"up to 32767 columns \(int16 indices\), got K=32768"):
+        pack_sliced_ell(one, one, None, 4, 1 << 15)
