@@ -453,9 +453,14 @@ def pack_sliced_ell(
     width = counts.view(n_sl, SPMM_SLICE).amax(1)
     slice_ptr = F.pad(torch.cumsum(width * SPMM_SLICE, 0), (1, 0))
     order = torch.argsort(rows, stable=True)
-    r = rows[order]
-    rank = torch.arange(r.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[r]
-    pos = slice_ptr[r // SPMM_SLICE] + rank * SPMM_SLICE + r % SPMM_SLICE
+    # entry e of the row-sorted list, of row r, lands at
+    # slice_ptr[r // 32] + 32 * (e - first[r]) + r % 32 = row_base[r] + 32 * e
+    lanes = torch.arange(counts.numel(), device=dev)
+    first = torch.cumsum(counts, 0) - counts
+    row_base = (
+        slice_ptr[:-1].repeat_interleave(SPMM_SLICE) + lanes % SPMM_SLICE - SPMM_SLICE * first
+    )
+    pos = row_base[rows[order]] + SPMM_SLICE * torch.arange(rows.numel(), device=dev)
     n_ent = int(slice_ptr[-1])
     indices = torch.full((n_ent,), k_dim, dtype=torch.int16, device=dev)
     indices[pos] = cols[order].to(torch.int16)
