@@ -420,12 +420,22 @@ def spmm_slices(n_out: int) -> int:
     return (n_out + SPMM_SLICE - 1) // SPMM_SLICE
 
 
+def sliced_entries(row_counts: torch.Tensor) -> torch.Tensor:
+    """Entries (padding included) of a sliced-ELL matrix whose rows hold ``row_counts``
+    (``[N]`` int64) non-zeros: 32 times the longest row of each 32-row slice, as an int64
+    ``[]`` tensor on ``row_counts``' device (no host sync)."""
+    n = row_counts.numel()
+    padded = F.pad(row_counts, (0, spmm_slices(n) * SPMM_SLICE - n))
+    return padded.view(-1, SPMM_SLICE).amax(1).sum() * SPMM_SLICE
+
+
 def pack_sliced_ell(
     rows: torch.Tensor,
     cols: torch.Tensor,
     values: torch.Tensor | None,
     n_out: int,
     k_dim: int,
+    n_entries: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """COO non-zeros of an ``[n_out, k_dim]`` matrix -> the sliced-ELL layout of
     :func:`seg_spmm`.
@@ -435,6 +445,8 @@ def pack_sliced_ell(
             a (row, col) pair at most once).
         values: ``[nnz]`` their values, or None (an index set: MaskBERT).
         n_out, k_dim: the matrix shape ``[N, K]``.
+        n_entries: ``E`` below when the caller has it (:func:`sliced_entries` of many
+            matrices read at once), which spares a GPU caller one host sync a matrix.
 
     Returns:
         ``slice_ptr`` int64 ``[spmm_slices(N) + 1]`` (relative: ``slice_ptr[0] == 0``; add the
@@ -461,7 +473,7 @@ def pack_sliced_ell(
         slice_ptr[:-1].repeat_interleave(SPMM_SLICE) + lanes % SPMM_SLICE - SPMM_SLICE * first
     )
     pos = row_base[rows[order]] + SPMM_SLICE * torch.arange(rows.numel(), device=dev)
-    n_ent = int(slice_ptr[-1])
+    n_ent = int(slice_ptr[-1]) if n_entries is None else n_entries
     indices = torch.full((n_ent,), k_dim, dtype=torch.int16, device=dev)
     indices[pos] = cols[order].to(torch.int16)
     vals = None

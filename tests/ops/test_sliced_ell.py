@@ -11,8 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from petops.reference import SPMM_SLICE, pack_sliced_ell, spmm_slices
-from pets.pet.sparse import sliced_entries
+from petops.reference import SPMM_SLICE, pack_sliced_ell, sliced_entries, spmm_slices
 
 
 def unpack(sp: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor, n: int, k: int):
@@ -51,7 +50,10 @@ def test_pack_sliced_ell_holds_every_nonzero_once(n: int, k: int, density: float
     assert padding + rows.numel() <= idx.numel()
     assert int((idx == k).sum()) == idx.numel() - rows.numel()  # the rest is padding
     assert int(vals[idx == k].abs().sum()) == 0
-    assert idx.numel() == sliced_entries(mask.sum(1))  # MaskBERT's size estimate agrees
+    assert idx.numel() == int(sliced_entries(mask.sum(1)))  # the size read before packing
+    args = (rows[perm], cols[perm], want[rows, cols][perm], n, k)
+    sp2, idx2, _ = pack_sliced_ell(*args, n_entries=idx.numel())
+    assert torch.equal(sp2, sp) and torch.equal(idx2, idx)  # the same layout, given the size
 
 
 def test_pack_sliced_ell_index_set_and_empty() -> None:

@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from petops.reference import pack_mask_words, spmm_slices
+from petops.reference import pack_mask_words, sliced_entries, spmm_slices
 
 from ..backbone import SITES, BackboneSpec, BackboneWeights
 from ..batch import Batch
@@ -46,7 +46,7 @@ from ..errors import TaskError
 from .base import CostDims, LoadedTask, PetContext, PetCost, PetMethod, register_pet
 from .common import MODULES, check_known, layer_key, module_shape
 from .meta import SlotMeta
-from .sparse import BitmapStore, SitePlan, SparseStore, sliced_entries
+from .sparse import BitmapStore, SitePlan, SparseStore
 
 MASK = "weight_mask"
 FORMATS = ("auto", "index", "bitmask")  # MASKBERT_FORMAT, checked by EngineConfig
@@ -230,7 +230,7 @@ class MaskBert(PetMethod):
                     for m, _ in sorted(MODULES.items(), key=lambda kv: kv[1][1])
                     if MODULES[m][0] == site
                 ]
-                total += sliced_entries(torch.cat([c.cpu() for c in counts]))
+                total += int(sliced_entries(torch.cat([c.cpu() for c in counts])))
         return total
 
     def unload(self, slot: int, loaded: LoadedTask) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from petops.reference import pack_sliced_ell, spmm_slices
+from petops.reference import pack_sliced_ell, sliced_entries
 
 from ..backbone import SITES
 from ..batch import Batch
@@ -57,15 +57,6 @@ class SiteStore:
         )
 
 
-def sliced_entries(row_counts: torch.Tensor) -> int:
-    """Entries (padding included) of a sliced-ELL matrix whose rows hold ``row_counts``
-    (``[N]`` int64) non-zeros: 32 times the longest row of each 32-row slice."""
-    n = row_counts.numel()
-    padded = torch.zeros(spmm_slices(n) * 32, dtype=row_counts.dtype, device=row_counts.device)
-    padded[:n] = row_counts
-    return int(padded.view(-1, 32).amax(1).sum()) * 32
-
-
 class SparseStore(SiteStore):
     """Sliced-ELL pools for one sparse PET type; ``offsets`` locate each matrix's slice
     pointers."""
@@ -91,7 +82,8 @@ class SparseStore(SiteStore):
                 order.
         """
         spec = self.ctx.spec
-        offs = torch.zeros(spec.layers, len(SITES), dtype=torch.int64)
+        dev = self.ctx.device
+        sites = []  # (layer, site index, rows, cols, values, N, K): one matrix each
         for layer in range(spec.layers):
             for si, site in enumerate(SITES):
                 n_out, n_in = spec.site_shape(site)
@@ -104,19 +96,26 @@ class SparseStore(SiteStore):
                     rows.append(pos // n_in + block * width)
                     cols.append(pos % n_in)
                     vals.append(v)
-                dev = self.ctx.device
-                r_all = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64, device=dev)
-                c_all = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.int64, device=dev)
+                none = torch.zeros(0, dtype=torch.int64, device=dev)
+                r_all = torch.cat(rows) if rows else none
+                c_all = torch.cat(cols) if cols else none
                 v_all = torch.cat(vals) if vals else torch.zeros(0, device=dev)
-                sp, idx, v_ell = pack_sliced_ell(r_all, c_all, v_all, n_out, n_in)
-                assert v_ell is not None
-                idx_alloc = self.indices.put(idx)
-                loaded.allocations.append((self.indices, idx_alloc))
-                self.values.write_at(idx_alloc.offset, v_ell, self.indices.capacity)  # mirrored
-                loaded.mirrored.append((self.values, idx_alloc))
-                sp_alloc = self.slice_ptr.put(sp + idx_alloc.offset)
-                loaded.allocations.append((self.slice_ptr, sp_alloc))
-                offs[layer, si] = sp_alloc.offset
+                sites.append((layer, si, r_all, c_all, v_all, n_out, n_in))
+        # every matrix's size in one read (on a GPU, one host sync a task, not one a matrix)
+        sizes = torch.stack(
+            [sliced_entries(torch.bincount(r, minlength=n)) for _, _, r, _, _, n, _ in sites]
+        ).tolist()
+        offs = torch.zeros(spec.layers, len(SITES), dtype=torch.int64)
+        for (layer, si, r_all, c_all, v_all, n_out, n_in), size in zip(sites, sizes, strict=True):
+            sp, idx, v_ell = pack_sliced_ell(r_all, c_all, v_all, n_out, n_in, n_entries=size)
+            assert v_ell is not None
+            idx_alloc = self.indices.put(idx)
+            loaded.allocations.append((self.indices, idx_alloc))
+            self.values.write_at(idx_alloc.offset, v_ell, self.indices.capacity)  # mirrored
+            loaded.mirrored.append((self.values, idx_alloc))
+            sp_alloc = self.slice_ptr.put(sp + idx_alloc.offset)
+            loaded.allocations.append((self.slice_ptr, sp_alloc))
+            offs[layer, si] = sp_alloc.offset
         self.offsets[slot] = offs
 
     def apply(
