@@ -443,7 +443,8 @@ def pack_sliced_ell(
     Args:
         rows, cols: ``[nnz]`` int64 output row and input column of each non-zero (any order;
             a (row, col) pair at most once).
-        values: ``[nnz]`` their values, or None (an index set: MaskBERT).
+        values: ``[nnz]`` their values, or None (an index set, for ``seg_spmm``'s
+            ``dense_w`` mode).
         n_out, k_dim: the matrix shape ``[N, K]``.
         n_entries: ``E`` below when the caller has it (:func:`sliced_entries` of many
             matrices read at once), which spares a GPU caller one host sync a matrix.
@@ -519,9 +520,10 @@ def seg_spmm(
                     v = values[p] if values is not None else alpha * dense_w[o, k]
                     y[rows, o] += x[rows, k] * v
 
-    With ``values=None`` the values come from the shared weight: MaskBERT's
-    ``X @ (W * M).T = X @ W.T + X @ (W * (M - 1)).T`` is ``alpha = -1`` over the index set of
-    masked-out weights, so a mask costs 4 bytes per (padded) entry and no values.
+    With ``values=None`` the values come from a shared weight, ``alpha * dense_w[o, k]`` at
+    the entries: an index set over ``W`` costs only its columns. (The engine's MaskBERT index
+    form stores ``-W`` at its masked-out entries as values instead, so the GPU walk reads no
+    weight rows.)
 
     Args:
         y: ``[T, N]`` accumulated in place.

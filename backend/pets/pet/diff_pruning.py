@@ -184,12 +184,8 @@ class DiffPruning(PetMethod):
                 name = layer_key(i, module, IDX)
                 if name in tensors:
                     pos, vals = tensors[name].long(), tensors[layer_key(i, module, VAL)]
-                    if not is_increasing(pos):  # the store wants positions sorted
-                        pos, order = pos.sort()
-                        vals = vals[order]
-                    # checked where the task arrives (the host): no device sync per module
                     flat[(i, module)] = (pos.to(self.ctx.device), vals.to(self.ctx.device))
-        self.store.add(slot, loaded, flat)
+        self.store.add(slot, loaded, self.store.matrices(flat))
         return loaded
 
     def unload(self, slot: int, loaded: LoadedTask) -> None:

@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from petops.reference import pack_mask_words, sliced_entries, spmm_slices
+from petops.reference import pack_mask_words
 
 from ..backbone import SITES, BackboneSpec, BackboneWeights
 from ..batch import Batch
@@ -46,7 +46,7 @@ from ..errors import TaskError
 from .base import CostDims, LoadedTask, PetContext, PetCost, PetMethod, register_pet
 from .common import MODULES, check_known, layer_key, module_shape
 from .meta import SlotMeta
-from .sparse import BitmapStore, SitePlan, SparseStore
+from .sparse import BitmapStore, SiteMatrix, SitePlan, SparseStore
 
 MASK = "weight_mask"
 FORMATS = ("auto", "index", "bitmask")  # MASKBERT_FORMAT, checked by EngineConfig
@@ -168,10 +168,12 @@ class MaskBert(PetMethod):
                 if name in tensors:  # work where the pools live
                     out, inp = module_shape(spec, module)
                     packed[(i, module)] = self._clear_padding(tensors[name], out * inp)
-        as_bitmap = self._use_bitmap(packed)
+        as_bitmap, matrices = self._choose_form(packed)
         self.is_bitmap[slot] = as_bitmap
         loaded.form = "bitmask" if as_bitmap else "index"
-        if as_bitmap:  # the kept weights of every module (an unmasked one keeps all)
+        if matrices is not None:
+            self.store.add(slot, loaded, matrices)
+        else:  # the kept weights of every module (an unmasked one keeps all)
             dev = self.ctx.device
             kept = {
                 (i, m): keep_words(packed[(i, m)], module_shape(spec, m))
@@ -182,15 +184,6 @@ class MaskBert(PetMethod):
             }
             self.bitmaps.add(slot, loaded, kept)
             loaded.owns_linear = True
-        else:
-            flat = {}  # minus the shared weights at the masked-out positions
-            for (i, m), p in packed.items():
-                site, block = MODULES[m]
-                out, inp = module_shape(spec, m)
-                w = self.ctx.backbone.linear[site][i][block * out : (block + 1) * out]
-                pos = torch.nonzero(~unpack_bits(p, (out, inp)).reshape(-1)).flatten()
-                flat[(i, m)] = (pos, -w.reshape(-1)[pos])
-            self.store.add(slot, loaded, flat)
         return loaded
 
     def _clear_padding(self, packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -201,37 +194,39 @@ class MaskBert(PetMethod):
             packed[-1] &= (1 << (n % 8)) - 1
         return packed
 
-    def _use_bitmap(self, packed: dict[tuple[int, str], torch.Tensor]) -> bool:
-        """Whether the bit-mask form is chosen: forced, or smaller than the index-set form."""
-        if self.ctx.maskbert_format != "auto":
-            return self.ctx.maskbert_format == "bitmask"
+    def _choose_form(
+        self, packed: dict[tuple[int, str], torch.Tensor]
+    ) -> tuple[bool, list[SiteMatrix] | None]:
+        """The bit-mask form (forced, or smaller than the index set), or the index set's
+        matrices to store."""
+        if self.ctx.maskbert_format == "bitmask":
+            return True, None
+        if self.ctx.maskbert_format == "index":
+            return False, self._index_matrices(packed)
         spec = self.ctx.spec
-        kept = int(sum(set_bits(p) for p in packed.values())) if packed else 0  # one sync
-        masked = sum(int(np.prod(module_shape(spec, m))) for _, m in packed) - kept
-        pointers = 8 * spec.layers * sum(spmm_slices(spec.site_shape(s)[0]) + 1 for s in SITES)
         bitmap = spec.layers * sum(  # every site: the bit mask replaces the shared GEMM
             4 * n * ((k + 31) // 32) for n, k in (spec.site_shape(s) for s in SITES)
         )
-        entry = 2 + self.ctx.dtype.itemsize  # int16 column and the weight's value
-        if bitmap < entry * masked + pointers:  # below the index set's size before its padding
-            return True
-        return bitmap < entry * self._index_entries(packed) + pointers
+        kept = int(sum(set_bits(p) for p in packed.values())) if packed else 0  # one sync
+        masked = sum(int(np.prod(module_shape(spec, m))) for _, m in packed) - kept
+        if bitmap < self.store.task_bytes(masked):  # below the index set before its padding
+            return True, None
+        matrices = self._index_matrices(packed)
+        if bitmap < self.store.task_bytes(sum(m.entries for m in matrices)):
+            return True, None
+        return False, matrices
 
-    def _index_entries(self, packed: dict[tuple[int, str], torch.Tensor]) -> int:
-        """Sliced-ELL entries of the masked-out index set, padding included."""
+    def _index_matrices(self, packed: dict[tuple[int, str], torch.Tensor]) -> list[SiteMatrix]:
+        """The masked-out positions with minus the shared weights there."""
         spec = self.ctx.spec
-        total = 0
-        for i in range(spec.layers):
-            for site in SITES:
-                counts = [
-                    (~unpack_bits(packed[(i, m)], module_shape(spec, m))).sum(1)
-                    if (i, m) in packed
-                    else torch.zeros(module_shape(spec, m)[0], dtype=torch.int64)
-                    for m, _ in sorted(MODULES.items(), key=lambda kv: kv[1][1])
-                    if MODULES[m][0] == site
-                ]
-                total += int(sliced_entries(torch.cat([c.cpu() for c in counts])))
-        return total
+        flat = {}
+        for (i, m), p in packed.items():
+            site, block = MODULES[m]
+            out, inp = module_shape(spec, m)
+            w = self.ctx.backbone.linear[site][i][block * out : (block + 1) * out]
+            pos = torch.nonzero(~unpack_bits(p, (out, inp)).reshape(-1)).flatten()
+            flat[(i, m)] = (pos, -w.reshape(-1)[pos])
+        return self.store.matrices(flat)
 
     def unload(self, slot: int, loaded: LoadedTask) -> None:
         self.store.remove(slot)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from petops.reference import pack_sliced_ell, sliced_entries
+from petops.reference import pack_sliced_ell, sliced_entries, spmm_slices
 
 from ..backbone import SITES
 from ..batch import Batch
@@ -57,6 +57,19 @@ class SiteStore:
         )
 
 
+@dataclass
+class SiteMatrix:
+    """One task's non-zeros at one layer and site, sized but not yet packed."""
+
+    layer: int
+    site: int  # index into SITES
+    rows: torch.Tensor  # [nnz] int64 output rows of the site's [N, K] matrix
+    cols: torch.Tensor  # [nnz] int64 input columns
+    values: torch.Tensor  # [nnz]
+    shape: tuple[int, int]  # (N, K)
+    entries: int  # sliced-ELL entries, padding included
+
+
 class SparseStore(SiteStore):
     """Sliced-ELL pools for one sparse PET type; ``offsets`` locate each matrix's slice
     pointers."""
@@ -67,23 +80,23 @@ class SparseStore(SiteStore):
         self.indices = ctx.pool(torch.int16)
         self.values = ctx.pool()
 
-    def add(
-        self,
-        slot: int,
-        loaded: LoadedTask,
-        flat: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
-    ) -> None:
-        """Store one task's matrices.
+    def matrices(
+        self, flat: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    ) -> list[SiteMatrix]:
+        """One task's matrices, one per layer and site, with their sizes.
 
         Args:
             flat: (layer, module) -> (positions, values): the non-zeros of that module's
                 ``[out_m, in]`` matrix as flat positions ``o * in + k`` (int64, each once)
                 and their values. Modules of one site stack into the site's rows in block
                 order.
+
+        Every size is read in one go: on a GPU one host sync a task, not one a matrix.
         """
         spec = self.ctx.spec
         dev = self.ctx.device
-        sites = []  # (layer, site index, rows, cols, values, N, K): one matrix each
+        none = torch.zeros(0, dtype=torch.int64, device=dev)
+        out = []
         for layer in range(spec.layers):
             for si, site in enumerate(SITES):
                 n_out, n_in = spec.site_shape(site)
@@ -96,18 +109,39 @@ class SparseStore(SiteStore):
                     rows.append(pos // n_in + block * width)
                     cols.append(pos % n_in)
                     vals.append(v)
-                none = torch.zeros(0, dtype=torch.int64, device=dev)
-                r_all = torch.cat(rows) if rows else none
-                c_all = torch.cat(cols) if cols else none
-                v_all = torch.cat(vals) if vals else torch.zeros(0, device=dev)
-                sites.append((layer, si, r_all, c_all, v_all, n_out, n_in))
-        # every matrix's size in one read (on a GPU, one host sync a task, not one a matrix)
+                out.append(
+                    SiteMatrix(
+                        layer,
+                        si,
+                        torch.cat(rows) if rows else none,
+                        torch.cat(cols) if cols else none,
+                        torch.cat(vals) if vals else torch.zeros(0, device=dev),
+                        (n_out, n_in),
+                        0,
+                    )
+                )
         sizes = torch.stack(
-            [sliced_entries(torch.bincount(r, minlength=n)) for _, _, r, _, _, n, _ in sites]
+            [sliced_entries(torch.bincount(m.rows, minlength=m.shape[0])) for m in out]
         ).tolist()
-        offs = torch.zeros(spec.layers, len(SITES), dtype=torch.int64)
-        for (layer, si, r_all, c_all, v_all, n_out, n_in), size in zip(sites, sizes, strict=True):
-            sp, idx, v_ell = pack_sliced_ell(r_all, c_all, v_all, n_out, n_in, n_entries=size)
+        for m, size in zip(out, sizes, strict=True):
+            m.entries = size
+        return out
+
+    def task_bytes(self, entries: int) -> int:
+        """Pool bytes of a task whose matrices hold ``entries`` entries (padding included):
+        a column and a value each, and every matrix's slice pointers."""
+        spec = self.ctx.spec
+        pointers = spec.layers * sum(spmm_slices(spec.site_shape(s)[0]) + 1 for s in SITES)
+        entry = self.indices.data.element_size() + self.values.data.element_size()
+        return entries * entry + pointers * self.slice_ptr.data.element_size()
+
+    def add(self, slot: int, loaded: LoadedTask, matrices: list[SiteMatrix]) -> None:
+        """Pack and store one task's matrices (:meth:`matrices`)."""
+        offs = torch.zeros(self.ctx.spec.layers, len(SITES), dtype=torch.int64)
+        for m in matrices:
+            sp, idx, v_ell = pack_sliced_ell(
+                m.rows, m.cols, m.values, *m.shape, n_entries=m.entries
+            )
             assert v_ell is not None
             idx_alloc = self.indices.put(idx)
             loaded.allocations.append((self.indices, idx_alloc))
@@ -115,7 +149,7 @@ class SparseStore(SiteStore):
             loaded.mirrored.append((self.values, idx_alloc))
             sp_alloc = self.slice_ptr.put(sp + idx_alloc.offset)
             loaded.allocations.append((self.slice_ptr, sp_alloc))
-            offs[layer, si] = sp_alloc.offset
+            offs[m.layer, m.site] = sp_alloc.offset
         self.offsets[slot] = offs
 
     def apply(
