@@ -9,6 +9,11 @@ from a CUDA graph:
 * ``cublas_us``: ``torch.mm`` of all rows with the shared ``W`` (what backbone-only tokens pay);
 * ``masked_us``: ``seg_masked_mm`` of the same rows, one mask per item (``--keep`` of the
   weights kept), accumulating into ``y``;
+* ``triton_us``: the Triton candidate (:mod:`petops.masked_wgmma`, wgmma on sm_90) at its
+  fastest tiling of :data:`petops.masked_wgmma.CONFIGS` (``triton_config``), each tiling
+  first checked against ``seg_masked_mm``'s output (``triton_max_err``); skipped with
+  ``--no-triton`` or where Triton is not installed. Every tiling's time goes to
+  ``triton_configs.csv``;
 
 and prints one JSON line per point (with TFLOP/s and ``masked / cublas``), writing them as
 ``masked_gemm.csv`` to a dated run folder under ``--out``.
@@ -19,8 +24,12 @@ and prints one JSON line per point (with TFLOP/s and ``masked / cublas``), writi
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -55,10 +64,47 @@ def parse_groups(text: str) -> list[tuple[int, int]]:
     return out
 
 
+@dataclass
+class Tiling:
+    """One tiling of the Triton candidate on one point: its error relative to the largest
+    output of ``seg_masked_mm``, and its time (None when the error ruled it out)."""
+
+    config: str
+    max_err: float
+    us: float | None
+
+
+def triton_candidate(
+    run_op: Callable[[Any], None], want: torch.Tensor, y: torch.Tensor, iters: int
+) -> list[Tiling]:
+    """Every tiling of :mod:`petops.masked_wgmma` on one point: ``run_op(config)`` adds the
+    product into ``y``; ``want`` is ``seg_masked_mm``'s result from zeros. A tiling whose
+    result differs by more than fp16 rounding is reported and not timed."""
+    from petops import masked_wgmma
+
+    out = []
+    scale = float(want.abs().max()) or 1.0
+    for cfg in masked_wgmma.CONFIGS:
+        y.zero_()
+        run_op(cfg)
+        err = float((y.float() - want.float()).abs().max()) / scale
+        us = round(gpu_us(lambda c=cfg: run_op(c), iters), 2) if err < 1e-2 else None
+        out.append(Tiling(str(cfg), round(err, 6), us))
+    return out
+
+
 def point(
-    n: int, k: int, items: int, tokens: int, keep: float, iters: int, g: torch.Generator
-) -> dict[str, float]:
-    """One (site shape, grouping) point; see the module docstring."""
+    n: int,
+    k: int,
+    items: int,
+    tokens: int,
+    keep: float,
+    iters: int,
+    g: torch.Generator,
+    with_triton: bool = True,
+) -> tuple[dict[str, Any], list[Tiling]]:
+    """One (site shape, grouping) point (see the module docstring), and the Triton
+    candidate's tilings (empty without it)."""
     dev, dt = torch.device("cuda"), torch.float16
     rows = items * tokens
     x = torch.randn(rows, k, generator=g).to(dev, dt)
@@ -73,13 +119,39 @@ def point(
     cublas = gpu_us(lambda: torch.mm(x, w.T, out=y), iters)
     masked = gpu_us(lambda: ops.seg_masked_mm(y, x, indptr, item_seg, offs, words, w, 1.0), iters)
     flop = 2.0 * rows * n * k
-    return {
+    row: dict[str, Any] = {
         "cublas_us": round(cublas, 2),
         "masked_us": round(masked, 2),
         "cublas_tflops": round(flop / cublas / 1e6, 1),
         "masked_tflops": round(flop / masked / 1e6, 1),
         "masked_over_cublas": round(masked / cublas, 3),
     }
+    if not with_triton:
+        return row, []
+    from petops import masked_wgmma
+
+    y.zero_()
+    ops.seg_masked_mm(y, x, indptr, item_seg, offs, words, w, 1.0)
+    want = y.clone()
+    tilings = triton_candidate(
+        lambda cfg: masked_wgmma.seg_masked_mm(
+            y, x, indptr, item_seg, offs, words, w, 1.0, config=cfg
+        ),
+        want,
+        y,
+        iters,
+    )
+    timed = [(t.us, t.config) for t in tilings if t.us is not None]
+    if timed:
+        us, config = min(timed)
+        row |= {
+            "triton_us": us,
+            "triton_config": config,
+            "triton_tflops": round(flop / us / 1e6, 1),
+            "triton_over_cublas": round(us / cublas, 3),
+        }
+    row["triton_max_err"] = max(t.max_err for t in tilings)
+    return row, tilings
 
 
 def main() -> None:
@@ -88,21 +160,26 @@ def main() -> None:
     p.add_argument("--sites", default=",".join(SITES), help=f"subset of {', '.join(SITES)}")
     p.add_argument("--keep", type=float, default=0.95, help="share of weights each mask keeps")
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--no-triton", action="store_true", help="skip the Triton candidate")
     add_out_argument(p)
     a = p.parse_args()
     if not torch.cuda.is_available() or "cuda" not in petops.compiled_devices("seg_masked_mm"):
         raise SystemExit("masked_gemm needs a CUDA GPU and libpetops.so built with CUDA kernels")
+    with_triton = not a.no_triton and importlib.util.find_spec("triton") is not None
     run = start_run("masked_gemm", a.out, params=vars(a))
     g = torch.Generator().manual_seed(0)
-    rows = []
+    rows, configs = [], []
     for items, tokens in parse_groups(a.groups):
         for site in a.sites.split(","):
             n, k = SITES[site]
-            row = {"items": items, "tokens_per_item": tokens, "site": site, "n": n, "k": k}
-            row.update(point(n, k, items, tokens, a.keep, a.iters, g))
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            where = {"items": items, "tokens_per_item": tokens, "site": site, "n": n, "k": k}
+            row, tilings = point(n, k, items, tokens, a.keep, a.iters, g, with_triton)
+            print(json.dumps(where | row), flush=True)
+            rows.append(where | row)
+            configs += [where | dataclasses.asdict(t) for t in tilings]
     run.write_csv("masked_gemm.csv", rows)
+    if configs:
+        run.write_csv("triton_configs.csv", configs)
     run.finish()
 
 

@@ -16,6 +16,8 @@
 #     overhead  forward_overhead wall vs GPU time, 64 tasks, both
 #     kernels   per-kernel device time of each grouped site (op_kernels; SITES=a,b), both
 #     bench     grouped ops vs per-task loops (bench_ops), new tree
+#     masked    MaskBERT's masked product: seg_masked_mm, the Triton candidate and cuBLAS on
+#               the same rows (masked_gemm), new tree
 #     engine    bench_engine throughput, both; profile: its kernel breakdown, new tree
 set -uo pipefail
 out=${1:?usage: kernel_ab.sh OUT BASE_DIR [steps]}
@@ -74,6 +76,9 @@ if has kernels; then
 fi
 if has bench; then
   ab new bench 400 -m clients.bench.bench_ops --segments 1,8,64,256
+fi
+if has masked; then
+  ab new masked 300 -m clients.bench.masked_gemm --groups 16x1024,64x64,256x64,8x64,1x128
 fi
 if has engine; then
   for v in base new; do
