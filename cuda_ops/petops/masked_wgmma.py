@@ -23,10 +23,13 @@ needs no host synchronisation and can be captured in a CUDA graph. Runs on the C
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+
+from .triton_aot import TRITON_TYPES, compile_kernel
 
 
 @dataclass(frozen=True)
@@ -203,22 +206,12 @@ def seg_masked_mm(
     )
 
 
-_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
 def compile_for(
     config: MaskedConfig, arch: int = 90, dtype: torch.dtype = torch.float16
-) -> dict[str, str | bytes]:
-    """Compile the kernel ahead of time for compute capability ``arch`` (no GPU needed).
-
-    Integer and pointer arguments are declared 16-divisible, as Triton's launcher specialises
-    them for bert-sized tensors, so the code is what a GPU run of those shapes compiles.
-    Returns Triton's stages by name (``ttgir``, ``ptx``: text; ``cubin``: bytes).
-    """
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    el = _TRITON_TYPES[dtype]
+) -> dict[str, Any]:
+    """The kernel compiled ahead of time for compute capability ``arch`` in ``config``'s
+    tiling (:func:`petops.triton_aot.compile_kernel`; no GPU needed)."""
+    el = TRITON_TYPES[dtype]
     ptrs = {"y_ptr": el, "x_ptr": el, "w_ptr": el, "mask_ptr": "i32", "seg_ptr": "i32"}
     ptrs |= {"item_seg_ptr": "i32", "item_off_ptr": "i64", "tile_prefix_ptr": "i32"}
     signature = {name: "*" + t for name, t in ptrs.items()}
@@ -232,11 +225,7 @@ def compile_for(
         "EVEN_K": True,
         "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
     }
-    signature |= {name: "constexpr" for name in constexprs}
-    names = list(signature)
     aligned = [*ptrs, "n_out", "k_dim"]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = ASTSource(fn=_masked_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    return dict(kernel.asm)
+    return compile_kernel(
+        _masked_kernel, signature, constexprs, aligned, config.num_warps, config.num_stages, arch
+    )

@@ -11,23 +11,19 @@
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-triton = pytest.importorskip("triton", reason="the Triton candidate needs the triton package")
+pytest.importorskip("triton", reason="the Triton candidate needs the triton package")
 
-from op_samples import HAS_CUDA, SAMPLES, TOL  # noqa: E402
+from op_samples import HAS_CUDA, SAMPLES, TOL
+from triton_interpret import run_interpreted
 
-from petops import masked_wgmma  # noqa: E402
-from petops import reference as ref  # noqa: E402
+from petops import masked_wgmma
+from petops import reference as ref
+from petops.triton_aot import resource_usage
 
-ROOT = Path(__file__).resolve().parents[2]
 # the interpreter runs a program at a time: 256-segment samples take 5-17 s each, so one
 # stands for them; the other tilings run on the small samples
 INTERPRETED_MANY = "many-identical-n48-k64"
@@ -69,15 +65,7 @@ def _interpret_all() -> None:
 
 
 def test_matches_the_reference_in_the_interpreter() -> None:
-    env = os.environ | {"TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(
-        str(ROOT / p) for p in ("backend", "cuda_ops", ".", "tests", "tests/ops")
-    )
-    proc = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    rows = run_interpreted(__file__)
     assert len(rows) == len(_cases())
     bad = [r for r in rows if not r["close"]]
     assert not bad, bad
@@ -86,21 +74,11 @@ def test_matches_the_reference_in_the_interpreter() -> None:
 
 
 @pytest.mark.parametrize("config", masked_wgmma.CONFIGS, ids=str)
-def test_every_tiling_compiles_to_wgmma_without_spills(
-    config: masked_wgmma.MaskedConfig, tmp_path: Path
-) -> None:
+def test_every_tiling_compiles_to_wgmma_without_spills(config: masked_wgmma.MaskedConfig) -> None:
     asm = masked_wgmma.compile_for(config, arch=90)
-    assert "wgmma.mma_async" in str(asm["ptx"]), "no Hopper matrix instructions"
-    cubin = tmp_path / "k.cubin"
-    cubin.write_bytes(bytes(asm["cubin"]))  # type: ignore[arg-type]
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    usage = subprocess.run(
-        [str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True, check=True
-    ).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
-    assert m is not None, usage
-    regs, stack, local = map(int, m.groups())
-    assert local == 0 and stack == 0, f"{config}: {regs} registers, spills: {usage}"
+    assert "wgmma.mma_async" in asm["ptx"], "no Hopper matrix instructions"
+    usage = resource_usage(asm["cubin"])
+    assert usage["LOCAL"] == 0 and usage["STACK"] == 0, f"{config} spills: {usage}"
 
 
 def test_a_bad_tiling_is_refused_with_the_value() -> None:
