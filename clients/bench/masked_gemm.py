@@ -10,8 +10,9 @@ from a CUDA graph:
 * ``masked_us``: ``seg_masked_mm`` of the same rows, one mask per item (``--keep`` of the
   weights kept), accumulating into ``y``;
 * ``triton_us``: the Triton candidate (:mod:`petops.masked_wgmma`, wgmma on sm_90) at its
-  fastest tiling of :data:`petops.masked_wgmma.CONFIGS` (``triton_config``), each tiling
-  first checked against ``seg_masked_mm``'s output (``triton_max_err``); skipped with
+  fastest tiling of :data:`petops.masked_wgmma.CONFIGS` (``triton_config``,
+  ``triton_over_ref`` its time over ``masked_us``), each tiling first checked against
+  ``seg_masked_mm``'s output (``triton_max_err``; :mod:`clients.bench.tilings`); skipped with
   ``--no-triton`` or where Triton is not installed. Every tiling's time goes to
   ``triton_configs.csv``;
 
@@ -27,29 +28,18 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 import petops
-from clients.bench.bench_ops import graph_time
 from clients.bench.results import add_out_argument, start_run
+from clients.bench.tilings import Tiling, best, gpu_us, time_tilings
 from clients.pets_client import parse_point
 from petops import ops
 from petops.reference import pack_mask_words
 
 SITES = {"qkv": (2304, 768), "attn_out": (768, 768), "ffn_in": (3072, 768), "ffn_out": (768, 3072)}
-
-
-def gpu_us(fn: Callable[[], object], iters: int) -> float:
-    """Device microseconds per call of ``fn``, replayed back to back from a CUDA graph
-    (:func:`clients.bench.bench_ops.graph_time`, median of 5)."""
-    ms = graph_time(fn, iters, repeats=5)
-    if ms is None:
-        raise SystemExit("masked_gemm: a timed call could not be captured in a CUDA graph")
-    return ms * 1000.0
 
 
 def parse_groups(text: str) -> list[tuple[int, int]]:
@@ -61,35 +51,6 @@ def parse_groups(text: str) -> list[tuple[int, int]]:
         if not tokens.isdigit():
             raise SystemExit(f"--groups entry {part!r}: tokens per item must be one number")
         out.append((items, int(tokens)))
-    return out
-
-
-@dataclass
-class Tiling:
-    """One tiling of the Triton candidate on one point: its error relative to the largest
-    output of ``seg_masked_mm``, and its time (None when the error ruled it out)."""
-
-    config: str
-    max_err: float
-    us: float | None
-
-
-def triton_candidate(
-    run_op: Callable[[Any], None], want: torch.Tensor, y: torch.Tensor, iters: int
-) -> list[Tiling]:
-    """Every tiling of :mod:`petops.masked_wgmma` on one point: ``run_op(config)`` adds the
-    product into ``y``; ``want`` is ``seg_masked_mm``'s result from zeros. A tiling whose
-    result differs by more than fp16 rounding is reported and not timed."""
-    from petops import masked_wgmma
-
-    out = []
-    scale = float(want.abs().max()) or 1.0
-    for cfg in masked_wgmma.CONFIGS:
-        y.zero_()
-        run_op(cfg)
-        err = float((y.float() - want.float()).abs().max()) / scale
-        us = round(gpu_us(lambda c=cfg: run_op(c), iters), 2) if err < 1e-2 else None
-        out.append(Tiling(str(cfg), round(err, 6), us))
     return out
 
 
@@ -130,28 +91,14 @@ def point(
         return row, []
     from petops import masked_wgmma
 
+    def run(cfg: masked_wgmma.MaskedConfig) -> torch.Tensor:
+        masked_wgmma.seg_masked_mm(y, x, indptr, item_seg, offs, words, w, 1.0, config=cfg)
+        return y
+
     y.zero_()
     ops.seg_masked_mm(y, x, indptr, item_seg, offs, words, w, 1.0)
-    want = y.clone()
-    tilings = triton_candidate(
-        lambda cfg: masked_wgmma.seg_masked_mm(
-            y, x, indptr, item_seg, offs, words, w, 1.0, config=cfg
-        ),
-        want,
-        y,
-        iters,
-    )
-    timed = [(t.us, t.config) for t in tilings if t.us is not None]
-    if timed:
-        us, config = min(timed)
-        row |= {
-            "triton_us": us,
-            "triton_config": config,
-            "triton_tflops": round(flop / us / 1e6, 1),
-            "triton_over_cublas": round(us / cublas, 3),
-        }
-    row["triton_max_err"] = max(t.max_err for t in tilings)
-    return row, tilings
+    tilings = time_tilings(masked_wgmma.CONFIGS, run, y.clone(), iters, reset=y.zero_)
+    return row | best(tilings, flop, masked), tilings
 
 
 def main() -> None:

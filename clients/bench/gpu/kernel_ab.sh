@@ -18,6 +18,8 @@
 #     bench     grouped ops vs per-task loops (bench_ops), new tree
 #     masked    MaskBERT's masked product: seg_masked_mm, the Triton candidate and cuBLAS on
 #               the same rows (masked_gemm), new tree
+#     epilogue  per-segment bias/GELU/scale in a Triton GEMM vs cuBLAS + bias_act and vs the
+#               cuBLASLt epilogue (epilogue_gemm, without and with IA3 scales), new tree
 #     engine    bench_engine throughput, both; profile: its kernel breakdown, new tree
 set -uo pipefail
 out=${1:?usage: kernel_ab.sh OUT BASE_DIR [steps]}
@@ -79,6 +81,10 @@ if has bench; then
 fi
 if has masked; then
   ab new masked 300 -m clients.bench.masked_gemm --groups 16x1024,64x64,256x64,8x64,1x128
+fi
+if has epilogue; then
+  ab new epilogue 300 -m clients.bench.epilogue_gemm --points 256x64,64x64,8x64,1x128
+  ab new epilogue_ia3 300 -m clients.bench.epilogue_gemm --points 256x64,64x64 --scales
 fi
 if has engine; then
   for v in base new; do
