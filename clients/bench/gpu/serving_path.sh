@@ -7,7 +7,10 @@
 # host_setup.sh). Each step is time-bounded and writes a dated run folder under OUT.
 #
 # usage: clients/bench/gpu/serving_path.sh OUT [steps...]
-#        steps: tests forward served hf profile (default all, in that order)
+#        steps: tests forward served hf profile (default all, in that order);
+#        instances (not in the default): 2 and 4 instances under MPS at concurrency 256 x 64,
+#        each against the same engine in process (INSTANCES="2 4", PET_TYPES=all), for
+#        the docs' "how many instances per GPU"
 set -uo pipefail
 out=${1:?usage: serving_path.sh OUT [steps]}; shift
 steps=${*:-tests forward served hf profile}
@@ -33,6 +36,18 @@ fi
 if has hf; then  # backbone-only tasks against HF BertForSequenceClassification, same server
   timeout 200 $py -m clients.bench.served_overhead "${served[@]}" --instances 2 \
     --pet-types none --hf --points 256x64 --out "$out" 2>&1 | grep '^{'
+fi
+if has instances; then  # under MPS, the instances' kernels share the GPU (docs/deploy.md)
+  # shellcheck source=build/mps.sh
+  source build/mps.sh
+  if mps_start "$out"; then
+    for n in ${INSTANCES:-2 4}; do
+      timeout 500 $py -m clients.bench.served_overhead "${served[@]}" --instances "$n" \
+        --pet-types "${PET_TYPES:-all}" --points 256x64 --in-process --out "$out/mps_i$n" \
+        2>&1 | grep '^{'
+    done
+    mps_stop
+  fi
 fi
 if has profile; then  # one instance under cProfile: where the stub's time goes
   timeout 200 $py -m clients.bench.served_overhead "${served[@]}" --instances 1 \
