@@ -18,11 +18,10 @@ import torch
 pytest.importorskip("triton", reason="the Triton candidate needs the triton package")
 
 from op_samples import HAS_CUDA, TOL, _indptr, _to
-from triton_interpret import run_interpreted
+from triton_interpret import assert_hopper_code, run_interpreted
 
 from petops import epilogue_gemm
 from petops import reference as ref
-from petops.triton_aot import resource_usage
 
 ACTS = (ref.ACT_NONE, ref.ACT_GELU, ref.ACT_RELU, ref.ACT_SILU, ref.ACT_GELU_TANH)
 # (segment lengths, N, K): one token; one segment; empty segments; a partial K step and a
@@ -94,10 +93,7 @@ def test_matches_the_reference_in_the_interpreter() -> None:
 
 @pytest.mark.parametrize("config", epilogue_gemm.CONFIGS, ids=str)
 def test_every_tiling_compiles_to_wgmma_without_spills(config: epilogue_gemm.GemmConfig) -> None:
-    asm = epilogue_gemm.compile_for(config, arch=90)
-    assert "wgmma.mma_async" in asm["ptx"], "no Hopper matrix instructions"
-    usage = resource_usage(asm["cubin"])
-    assert usage["LOCAL"] == 0 and usage["STACK"] == 0, f"{config} spills: {usage}"
+    assert_hopper_code(epilogue_gemm.compile_for(config, arch=90), config)
 
 
 def test_bad_arguments_are_refused_with_the_value() -> None:

@@ -18,11 +18,10 @@ import torch
 pytest.importorskip("triton", reason="the Triton candidate needs the triton package")
 
 from op_samples import HAS_CUDA, SAMPLES, TOL
-from triton_interpret import run_interpreted
+from triton_interpret import assert_hopper_code, run_interpreted
 
 from petops import masked_wgmma
 from petops import reference as ref
-from petops.triton_aot import resource_usage
 
 # the interpreter runs a program at a time: 256-segment samples take 5-17 s each, so one
 # stands for them; the other tilings run on the small samples
@@ -75,10 +74,7 @@ def test_matches_the_reference_in_the_interpreter() -> None:
 
 @pytest.mark.parametrize("config", masked_wgmma.CONFIGS, ids=str)
 def test_every_tiling_compiles_to_wgmma_without_spills(config: masked_wgmma.MaskedConfig) -> None:
-    asm = masked_wgmma.compile_for(config, arch=90)
-    assert "wgmma.mma_async" in asm["ptx"], "no Hopper matrix instructions"
-    usage = resource_usage(asm["cubin"])
-    assert usage["LOCAL"] == 0 and usage["STACK"] == 0, f"{config} spills: {usage}"
+    assert_hopper_code(masked_wgmma.compile_for(config, arch=90), config)
 
 
 def test_a_bad_tiling_is_refused_with_the_value() -> None:
