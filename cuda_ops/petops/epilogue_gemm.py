@@ -61,16 +61,23 @@ CONFIGS = (
 accumulators a thread."""
 
 
+# the ACT_* codes as compile-time values the kernel may read
+_GELU = tl.constexpr(ACT_GELU)
+_RELU = tl.constexpr(ACT_RELU)
+_SILU = tl.constexpr(ACT_SILU)
+_GELU_TANH = tl.constexpr(ACT_GELU_TANH)
+
+
 @triton.jit
 def _act(v, ACT: tl.constexpr):
     """An ``ACT_*`` activation of the fp32 tile ``v`` (petops.reference.apply_act)."""
-    if ACT == 1:  # exact GELU
+    if ACT == _GELU:  # exact (erf)
         v = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
-    elif ACT == 2:
+    elif ACT == _RELU:
         v = tl.maximum(v, 0.0)
-    elif ACT == 3:  # SiLU
+    elif ACT == _SILU:
         v = v / (1.0 + tl.exp(-v))
-    elif ACT == 4:  # GELU, tanh form: tanh(u) = 2 / (1 + exp(-2u)) - 1
+    elif ACT == _GELU_TANH:  # tanh(u) = 2 / (1 + exp(-2u)) - 1
         u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
         v = 0.5 * v * (2.0 / (1.0 + tl.exp(-2.0 * u)))
     return v

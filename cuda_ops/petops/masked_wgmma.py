@@ -7,11 +7,14 @@ output tile transposed::
 
     Y_i.T[n, m] = sum_k (W * M_i)[n, k] * X_i[m, k]
 
-so the masked weight is the product's *left* operand: it is loaded and masked in registers
-(1 bit per weight, the words of :func:`petops.reference.pack_mask_words`), and on sm_90
-Triton feeds a register left operand to wgmma directly, while the token tile, the right
-operand, streams through shared memory. Whether that approaches cuBLAS is what
-``clients/bench/masked_gemm.py`` measures; until it has, nothing in the engine calls this.
+so the masked weight is the product's *left* operand, the one sm_90's wgmma takes from
+registers: it is loaded and masked there (1 bit per weight, the words of
+:func:`petops.reference.pack_mask_words`), while the token tile, the right operand, streams
+through shared memory. In the sm_90 code Triton 3.6 makes of it, the masked tile still
+crosses shared memory once between its load layout and the operand layout (Triton hoists
+that conversion to the load only through arithmetic, and the mask is a select over
+broadcast words). Whether that approaches cuBLAS is what ``clients/bench/masked_gemm.py``
+measures; until it has, nothing in the engine calls this.
 
 Same arguments and semantics as :func:`petops.reference.seg_masked_mm` (in place on ``y``).
 The grid is one program per (output-column tile, item token tile); the item of a token tile is
