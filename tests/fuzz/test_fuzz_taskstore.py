@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save
 
@@ -93,6 +93,9 @@ def test_manifests(valid: Any, registry: Any) -> None:
     seen: Counter[str] = Counter()
     good, tensors = valid
 
+    # Random mutations are mostly refused: the same derandomized run of 300 accepted 3 of them
+    # in one checkout and 2 in a fresh clone of the same commit, so the valid manifest and two
+    # benign edits of it are examples every run tries.
     @settings(max_examples=budget(300))
     @given(
         obj=st.one_of(
@@ -100,6 +103,9 @@ def test_manifests(valid: Any, registry: Any) -> None:
             st.builds(_mutate, st.just(good), st.sampled_from(FIELDS), json_values | st.just(...)),
         )
     )
+    @example(obj=good)
+    @example(obj=_mutate(good, ["version"], 3))
+    @example(obj=_mutate(good, ["created"], ...))
     def run(obj: Any) -> None:
         # the PET and head checks on the parsed manifest
         _judge(seen, lambda: registry.validate(TaskManifest.from_json(obj), tensors))
