@@ -127,7 +127,8 @@ def _masked_kernel(
         # vectors (a 3-D reshape of the words made Triton convert the tile's layout twice)
         word = tl.zeros((BN, BK), dtype=tl.int32)
         for j in tl.static_range(BK // 32):
-            wj = tl.load(wd_ptrs + j, mask=n_ok & (k0 + 32 * j < k_dim), other=0)
+            in_k = offs_n * 0 + k0 + 32 * j < k_dim  # a [BN] tensor, not a Python bool
+            wj = tl.load(wd_ptrs + j, mask=n_ok & in_k, other=0)
             word = tl.where(kk[None, :] // 32 == j, wj[:, None], word)
         keep = ((word >> (kk[None, :] % 32)) & 1) != 0
         acc = tl.dot(tl.where(keep, w, tl.zeros_like(w)), b, acc, input_precision=PRECISION)
