@@ -344,18 +344,7 @@ def sparse_site(
         if bitmask:
             ops.seg_masked_mm(y, b.x, b.indptr, b.seg, word_off, words, w, -1.0)
             return
-        ops.seg_spmm(
-            y,
-            b.x,
-            b.indptr,
-            b.seg,
-            off,
-            slice_ptr,
-            indices,
-            values,
-            None,
-            1.0,
-        )
+        ops.seg_spmm(y, b.x, b.indptr, b.seg, off, slice_ptr, indices, values)
 
     def task(i: int) -> Callable[[], None]:
         r = b.rows[i]

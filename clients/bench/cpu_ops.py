@@ -118,8 +118,7 @@ def call_key(op: str, args: Sequence[Any]) -> str:
     if op == "adapter_residual_layernorm":
         return f"y={_shape(args[0])} max_rank={args[12]}"
     if op == "seg_spmm":
-        kind = "values" if args[7] is not None else "dense_w"
-        return f"y={_shape(args[0])} x={_shape(args[1])} items={args[3].numel()} {kind}"
+        return f"y={_shape(args[0])} x={_shape(args[1])} items={args[3].numel()}"
     return f"y={_shape(args[0])} x={_shape(args[1])} items={args[3].numel()}"
 
 

@@ -32,8 +32,7 @@ TORCH_LIBRARY(petops, m) {
   // deltas, MaskBERT index sets).
   m.def(
       "seg_spmm(Tensor(a!) y, Tensor x, Tensor seg_indptr, Tensor item_seg, "
-      "Tensor item_slice_off, Tensor slice_ptr, Tensor indices, Tensor? values, "
-      "Tensor? dense_w, float alpha) -> ()");
+      "Tensor item_slice_off, Tensor slice_ptr, Tensor indices, Tensor values) -> ()");
   // Segmented dense x bit-masked shared weight accumulated into y (MaskBERT, dense masks).
   m.def(
       "seg_masked_mm(Tensor(a!) y, Tensor x, Tensor seg_indptr, Tensor item_seg, "

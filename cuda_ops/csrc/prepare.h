@@ -181,12 +181,8 @@ inline int64_t spmm_slices(int64_t n_out) { return (n_out + kSliceRows - 1) / kS
 inline GroupedArgs prepare_spmm(const at::Tensor& y, const at::Tensor& x,
                                 const at::Tensor& seg_indptr, const at::Tensor& item_seg,
                                 const at::Tensor& item_slice_off, const at::Tensor& slice_ptr,
-                                const at::Tensor& indices, const OptTensor& values,
-                                const OptTensor& dense_w) {
+                                const at::Tensor& indices, const at::Tensor& values) {
   check_accumulate(y, x, "x", "[T, K]");
-  PETOPS_CHECK(values.has_value() != dense_w.has_value(),
-               "give exactly one of values (Diff-Pruning) or dense_w (MaskBERT), got ",
-               values ? "both" : "neither");
   GroupedArgs a = prepare_items(y, seg_indptr, item_seg, item_slice_off, "item_slice_off");
   a.y = y;
   a.x = like(x, y, "x", "y");
@@ -196,14 +192,7 @@ inline GroupedArgs prepare_spmm(const at::Tensor& y, const at::Tensor& x,
                static_cast<int64_t>(kMaxSliceK),
                ", the widest int16 column indices (K marks padding) ",
                "address; split the input columns over several calls");
-  if (values) a.values = flat_pool(*values, y, "values", "y");
-  if (dense_w) {
-    check_dim(*dense_w, 2, "dense_w", "[N, K]");
-    PETOPS_CHECK(dense_w->size(0) == y.size(1) && dense_w->size(1) == x.size(1),
-                 "dense_w must be [N, K] = [", y.size(1), ", ", x.size(1), "], got ",
-                 dense_w->sizes());
-    a.dense_w = like(*dense_w, y, "dense_w", "y");
-  }
+  a.values = flat_pool(values, y, "values", "y");
   return a;
 }
 

@@ -297,21 +297,20 @@ def seg_spmm(
     item_slice_off: torch.Tensor,
     slice_ptr: torch.Tensor,
     indices: torch.Tensor,
-    values: torch.Tensor | None,
-    dense_w: torch.Tensor | None,
-    alpha: float,
+    values: torch.Tensor,
 ) -> None:
     """Segmented sliced-ELL sparse x dense accumulated into ``y`` in place (Diff-Pruning,
     MaskBERT's index-set form).
 
     Semantics (per item ``i``, rows of segment ``item_seg[i]``; ``S_i`` the item's ``[N, K]``
     matrix in sliced ELL, ``spmm_slices(N) + 1`` slice pointers at
-    ``slice_ptr[item_slice_off[i]:]``, entries ``values[p]`` or ``alpha * dense_w[o, k]``)::
+    ``slice_ptr[item_slice_off[i]:]``, entries ``values[p]``)::
 
         y[rows] += x[rows] @ S_i.to_dense().T
 
     Args: see :func:`petops.reference.seg_spmm` (y ``[T, N]``, x ``[T, K]``, slice_ptr int64,
-    indices int16 flat pools; :func:`petops.reference.pack_sliced_ell` builds the layout).
+    indices int16 and values flat pools; :func:`petops.reference.pack_sliced_ell` builds the
+    layout).
     Compiled: at most one item per segment.
     """
     _call(
@@ -325,13 +324,11 @@ def seg_spmm(
         slice_ptr,
         indices,
         values,
-        dense_w,
-        alpha,
     )
 
 
 @_register_fake("seg_spmm")
-def _(y, x, seg_indptr, item_seg, item_slice_off, slice_ptr, indices, values, dense_w, alpha):
+def _(y, x, seg_indptr, item_seg, item_slice_off, slice_ptr, indices, values):
     torch._check(y.dim() == 2 and x.dim() == 2 and x.shape[0] == y.shape[0])
 
 

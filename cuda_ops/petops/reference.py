@@ -443,8 +443,7 @@ def pack_sliced_ell(
     Args:
         rows, cols: ``[nnz]`` int64 output row and input column of each non-zero (any order;
             a (row, col) pair at most once).
-        values: ``[nnz]`` their values, or None (an index set, for ``seg_spmm``'s
-            ``dense_w`` mode).
+        values: ``[nnz]`` their values, or None (the layout of an index set alone).
         n_out, k_dim: the matrix shape ``[N, K]``.
         n_entries: ``E`` below when the caller has it (:func:`sliced_entries` of many
             matrices read at once), which spares a GPU caller one host sync a matrix.
@@ -492,9 +491,7 @@ def seg_spmm(
     item_slice_off: torch.Tensor,
     slice_ptr: torch.Tensor,
     indices: torch.Tensor,
-    values: torch.Tensor | None,
-    dense_w: torch.Tensor | None,
-    alpha: float,
+    values: torch.Tensor,
 ) -> None:
     """Segmented sparse x dense, accumulated into ``y`` (Diff-Pruning deltas, MaskBERT masks).
 
@@ -517,13 +514,10 @@ def seg_spmm(
                 for p in range(lo + l, hi, 32):
                     k = indices[p]
                     if k == K: continue
-                    v = values[p] if values is not None else alpha * dense_w[o, k]
-                    y[rows, o] += x[rows, k] * v
+                    y[rows, o] += x[rows, k] * values[p]
 
-    With ``values=None`` the values come from a shared weight, ``alpha * dense_w[o, k]`` at
-    the entries: an index set over ``W`` costs only its columns. (The engine's MaskBERT index
-    form stores ``-W`` at its masked-out entries as values instead, so the GPU walk reads no
-    weight rows.)
+    (A MaskBERT index set over the shared ``W`` stores ``-W`` at its masked-out entries as
+    values, so the walk reads no weight rows.)
 
     Args:
         y: ``[T, N]`` accumulated in place.
@@ -533,12 +527,10 @@ def seg_spmm(
             pointers.
         slice_ptr: int64 flat slice-pointer pool; indices: int16 flat column pool
             (``K <= SPMM_MAX_K``).
-        values: optional flat value pool (dtype of ``y``); dense_w: ``[N, K]`` otherwise.
-        alpha: scale applied to ``dense_w`` values (ignored when ``values`` is given).
+        values: flat value pool at the positions of ``indices`` (dtype of ``y``).
     """
     if item_seg.numel() == 0:
         return
-    assert (values is None) != (dense_w is None), "give exactly one of values / dense_w"
     n_out, k_dim = y.shape[1], x.shape[1]
     n_sl = spmm_slices(n_out)
     dev = y.device
@@ -561,11 +553,7 @@ def seg_spmm(
         k = indices[p].long()
         keep = (k < k_dim) & (o < n_out)
         item_local, o, k, p = item_local[keep], o[keep], k[keep], p[keep]
-        if values is not None:
-            v = values.float()[p]
-        else:
-            assert dense_w is not None
-            v = alpha * dense_w.float()[o, k]
+        v = values.float()[p]
         delta = torch.zeros(sp.shape[0], n_out, k_dim, device=dev)
         delta.index_put_((item_local, o, k), v, accumulate=True)
         xs = x.float()[tok[sl]]  # [C, L, K]

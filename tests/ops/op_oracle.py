@@ -121,11 +121,11 @@ def adapter_residual_layernorm(
     return out.to(y.dtype)
 
 
-def seg_spmm(y, x, seg_indptr, item_seg, item_off, slice_ptr, indices, values, dense_w, alpha):
+def seg_spmm(y, x, seg_indptr, item_seg, item_off, slice_ptr, indices, values):
     n, k = y.shape[1], x.shape[1]
     acc = y.float().clone()
     sp, ix = slice_ptr.tolist(), indices.tolist()
-    vals = values.float().tolist() if values is not None else None
+    vals = values.float().tolist()
     for i in range(item_seg.numel()):
         rows = _rows(seg_indptr, int(item_seg[i]))
         delta = torch.zeros(n, k)
@@ -136,7 +136,7 @@ def seg_spmm(y, x, seg_indptr, item_seg, item_off, slice_ptr, indices, values, d
                 kk = ix[p]
                 if kk == k:  # padding
                     continue
-                delta[o, kk] += vals[p] if vals is not None else alpha * float(dense_w[o, kk])
+                delta[o, kk] += vals[p]
         acc[rows] += x[rows].float() @ delta.T
     y.copy_(acc.to(y.dtype))
 

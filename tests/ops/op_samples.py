@@ -337,7 +337,6 @@ def sample_inputs_seg_spmm(device: str, dtype: torch.dtype) -> Iterator[Sample]:
         k = int(name.split("-")[0].split("_k")[1]) if "_k" in name.split("-")[0] else 72
         slice_ptr, indices, offs, nnz = _sliced_pool(n_tasks, n, k, g, i)
         t_tok = sum(lengths)
-        use_values = i % 2 == 0
         args = (
             torch.randn(t_tok, n, generator=g),
             torch.randn(t_tok, k, generator=g),
@@ -346,11 +345,9 @@ def sample_inputs_seg_spmm(device: str, dtype: torch.dtype) -> Iterator[Sample]:
             _i64([offs[s] for s in slots]),
             slice_ptr,
             indices,
-            torch.randn(nnz + 2, generator=g) if use_values else None,
-            None if use_values else torch.randn(n, k, generator=g) * 0.1,
-            1.0 if use_values else -1.0,
+            torch.randn(nnz + 2, generator=g),
         )
-        yield f"{name}-{'values' if use_values else 'mask'}", _to(args, device, dtype)
+        yield name, _to(args, device, dtype)
 
 
 # (N, K) of the seg_masked_mm samples: aligned rows; a column tile past 128 (two CUDA column

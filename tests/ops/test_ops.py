@@ -159,18 +159,18 @@ def test_compiled_errors_name_value_and_fix() -> None:
     with pytest.raises(RuntimeError, match=r"pass -1 for an item without a mask"):
         op(y, x, indptr, item_seg, torch.full_like(item_off, -2), mask, w, alpha)
     _, spargs = next(iter(SAMPLES["seg_spmm"]("cpu", torch.float32)))
-    y, x, indptr, item_seg, item_off, slice_ptr, indices, values, dense_w, alpha = spargs
+    y, x, indptr, item_seg, item_off, slice_ptr, indices, values = spargs
     op = torch.ops.petops.seg_spmm.default
     with pytest.raises(RuntimeError, match=r"indices must be an int16 tensor .*pack_sliced_ell"):
-        op(y, x, indptr, item_seg, item_off, slice_ptr, indices.int(), values, dense_w, alpha)
+        op(y, x, indptr, item_seg, item_off, slice_ptr, indices.int(), values)
     ragged = slice_ptr.clone()
     ragged[int(item_off[0]) + 1] += 1  # the item's first slice no longer a multiple of 32
     with pytest.raises(RuntimeError, match=r"slice 0 spans .*multiple of 32 entries"):
-        op(y, x, indptr, item_seg, item_off, ragged, indices, values, dense_w, alpha)
+        op(y, x, indptr, item_seg, item_off, ragged, indices, values)
     wild = indices.clone()
     wild[int(slice_ptr[int(item_off[0])])] = x.shape[1] + 1
     with pytest.raises(RuntimeError, match=r"out of range; expected an input column in .* padding"):
-        op(y, x, indptr, item_seg, item_off, slice_ptr, wild, values, dense_w, alpha)
+        op(y, x, indptr, item_seg, item_off, slice_ptr, wild, values)
     wide = torch.zeros(x.shape[0], 1 << 15)
     with pytest.raises(RuntimeError, match=r"input width K=32768 exceeds 32767"):
-        op(y, wide, indptr, item_seg, item_off, slice_ptr, indices, values, dense_w, alpha)
+        op(y, wide, indptr, item_seg, item_off, slice_ptr, indices, values)

@@ -171,8 +171,6 @@ class SparseStore(SiteStore):
             self.slice_ptr.data,
             self.indices.data,
             self.values.data,
-            None,
-            1.0,
         )
 
 

@@ -43,10 +43,10 @@ void check_item_slices(const GroupedArgs& a, int64_t i, int64_t n_out, int64_t k
 
 void seg_spmm_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tensor& seg_indptr,
                   const at::Tensor& item_seg, const at::Tensor& item_slice_off,
-                  const at::Tensor& slice_ptr, const at::Tensor& indices, const OptTensor& values,
-                  const OptTensor& dense_w, double alpha) {
+                  const at::Tensor& slice_ptr, const at::Tensor& indices,
+                  const at::Tensor& values) {
   GroupedArgs a =
-      prepare_spmm(y, x, seg_indptr, item_seg, item_slice_off, slice_ptr, indices, values, dense_w);
+      prepare_spmm(y, x, seg_indptr, item_seg, item_slice_off, slice_ptr, indices, values);
   TORCH_INTERNAL_ASSERT(a.y.device().is_cpu());
   const int64_t n_tok = a.y.size(0), n_out = a.y.size(1), k_dim = a.x.size(1);
   const int64_t n_seg = a.seg_indptr.numel() - 1;
@@ -58,14 +58,12 @@ void seg_spmm_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tensor& se
   const int32_t* ip = a.seg_indptr.data_ptr<int32_t>();
   const int64_t* ro = a.item_w_off.data_ptr<int64_t>();
   const int16_t* ix = a.indices.data_ptr<int16_t>();
-  const float al = static_cast<float>(alpha);
   const int64_t* spool = a.slice_ptr.data_ptr<int64_t>();
   const int64_t n_groups = static_cast<int64_t>(g.seg.size());
   PETOPS_DISPATCH_FLOATS(a.y.scalar_type(), "seg_spmm_cpu", [&] {
     scalar_t* yp = a.y.data_ptr<scalar_t>();
     const scalar_t* xp = a.x.data_ptr<scalar_t>();
-    const scalar_t* vp = a.values.defined() ? a.values.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* dw = a.dense_w.defined() ? a.dense_w.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* vp = a.values.data_ptr<scalar_t>();
     parallel_if(n_groups, n_tok * (n_out + k_dim), [&](int64_t lo, int64_t hi) {
       for (int64_t gi = lo; gi < hi; ++gi) {
         const int64_t r0 = ip[g.seg[gi]], len = ip[g.seg[gi] + 1] - r0;
@@ -86,8 +84,7 @@ void seg_spmm_cpu(const at::Tensor& y, const at::Tensor& x, const at::Tensor& se
             for (int64_t p = sp[s] + o % kSliceRows; p < sp[s + 1]; p += kSliceRows) {
               const int64_t kk = ix[p];
               if (kk == k_dim) continue;  // padding
-              const float v =
-                  vp ? static_cast<float>(vp[p]) : al * static_cast<float>(dw[o * k_dim + kk]);
+              const float v = static_cast<float>(vp[p]);
               const float* __restrict__ xr = x_t + kk * len;
               for (int64_t t = 0; t < len; ++t) arow[t] += v * xr[t];
             }

@@ -7,7 +7,7 @@
 // lies in one contiguous run of 32 (sliced ELL), so a warp's index and value loads are one
 // 64-byte access each (int16 indices). (In CSR each lane read its own row's run: 32 cache lines a
 // load, and the walk waited on L1/TEX for them.) Lanes issue kUnroll entries' index loads,
-// then their value (or shared-weight) loads, before the multiply-adds. Every entry updates TM
+// then their value loads, before the multiply-adds. Every entry updates TM
 // tokens from one contiguous shared-memory row; a padding entry (index K) reads the zero row.
 // A call with fewer token tiles than SMs (one request) also splits the slices over blocks, so
 // the walk is spread over the GPU instead of a handful of SMs. Each (token, o) has one owner,
@@ -94,8 +94,8 @@ __global__ void __launch_bounds__(kThreads)
     seg_spmm_kernel(T* __restrict__ y, const T* __restrict__ x, const int* __restrict__ seg_indptr,
                     const int* __restrict__ item_seg, const int64_t* __restrict__ slice_off,
                     const int64_t* __restrict__ slice_ptr, const int16_t* __restrict__ indices,
-                    const T* __restrict__ values, const T* __restrict__ dense_w, float alpha,
-                    int n_items, int n_out, int k_dim, int chunks, int chunk_slices, bool x_vec) {
+                    const T* __restrict__ values, int n_items, int n_out, int k_dim, int chunks,
+                    int chunk_slices, bool x_vec) {
   extern __shared__ __align__(16) char smem[];
   T* xs = reinterpret_cast<T*>(smem);  // [k_dim + 1][TM]
   int* prefix = reinterpret_cast<int*>(smem + staged_bytes<T, TM>(k_dim));
@@ -126,8 +126,6 @@ __global__ void __launch_bounds__(kThreads)
       float acc[TM];
 #pragma unroll
       for (int m = 0; m < TM; ++m) acc[m] = 0.f;
-      // rows past N (the last slice's tail) hold padding only; clamp their weight row
-      const T* wrow = dense_w ? dense_w + static_cast<int64_t>(min(o, n_out - 1)) * k_dim : nullptr;
       int64_t p = sp[sl] + lane;
       const int64_t p1 = sp[sl + 1];
       for (; p + (kUnroll - 1) * kWarp < p1; p += kUnroll * kWarp) {
@@ -136,14 +134,13 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int q = 0; q < kUnroll; ++q) k[q] = indices[p + q * kWarp];
 #pragma unroll
-        for (int q = 0; q < kUnroll; ++q)
-          v[q] = values ? to_f(values[p + q * kWarp]) : alpha * to_f(wrow[min(k[q], k_dim - 1)]);
+        for (int q = 0; q < kUnroll; ++q) v[q] = to_f(values[p + q * kWarp]);
 #pragma unroll
         for (int q = 0; q < kUnroll; ++q) axpy_row<TM>(acc, v[q], xs + k[q] * TM);
       }
       for (; p < p1; p += kWarp) {
         const int k = indices[p];
-        const float v = values ? to_f(values[p]) : alpha * to_f(wrow[min(k, k_dim - 1)]);
+        const float v = to_f(values[p]);
         axpy_row<TM>(acc, v, xs + k * TM);
       }
       if (o < n_out) {
@@ -160,7 +157,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T, int TM>
-void launch_seg_spmm(const GroupedArgs& a, double alpha, cudaStream_t stream) {
+void launch_seg_spmm(const GroupedArgs& a, cudaStream_t stream) {
   const int64_t n_tok = a.y.size(0), n_out = a.y.size(1), k_dim = a.x.size(1);
   const int n_items = static_cast<int>(a.num_items);
   const size_t smem = staged_bytes<T, TM>(static_cast<int>(k_dim)) + (n_items + 1) * sizeof(int);
@@ -174,9 +171,8 @@ void launch_seg_spmm(const GroupedArgs& a, double alpha, cudaStream_t stream) {
   kernel<<<grid, kThreads, smem, stream>>>(
       a.y.data_ptr<T>(), a.x.data_ptr<T>(), a.seg_indptr.data_ptr<int>(),
       a.item_seg.data_ptr<int>(), a.item_w_off.data_ptr<int64_t>(), a.slice_ptr.data_ptr<int64_t>(),
-      a.indices.data_ptr<int16_t>(), ptr_or_null<T>(a.values), ptr_or_null<T>(a.dense_w),
-      static_cast<float>(alpha), n_items, static_cast<int>(n_out), static_cast<int>(k_dim),
-      static_cast<int>(chunks), static_cast<int>(chunk_slices),
+      a.indices.data_ptr<int16_t>(), a.values.data_ptr<T>(), n_items, static_cast<int>(n_out),
+      static_cast<int>(k_dim), static_cast<int>(chunks), static_cast<int>(chunk_slices),
       (k_dim * sizeof(T)) % 16 == 0 && reinterpret_cast<uintptr_t>(a.x.data_ptr()) % 16 == 0);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -184,32 +180,32 @@ void launch_seg_spmm(const GroupedArgs& a, double alpha, cudaStream_t stream) {
 // TM < 16 / sizeof(T) (inputs wider than 6144 columns) reads the staged rows element by
 // element (axpy_row); wider tiles read them in 16-byte vectors.
 template <typename T>
-void run_seg_spmm(const GroupedArgs& a, double alpha, int tm, cudaStream_t stream) {
+void run_seg_spmm(const GroupedArgs& a, int tm, cudaStream_t stream) {
   switch (tm) {
     case 16:
-      launch_seg_spmm<T, 16>(a, alpha, stream);
+      launch_seg_spmm<T, 16>(a, stream);
       break;
     case 8:
-      launch_seg_spmm<T, 8>(a, alpha, stream);
+      launch_seg_spmm<T, 8>(a, stream);
       break;
     case 4:
-      launch_seg_spmm<T, 4>(a, alpha, stream);
+      launch_seg_spmm<T, 4>(a, stream);
       break;
     case 2:
-      launch_seg_spmm<T, 2>(a, alpha, stream);
+      launch_seg_spmm<T, 2>(a, stream);
       break;
     default:
-      launch_seg_spmm<T, 1>(a, alpha, stream);
+      launch_seg_spmm<T, 1>(a, stream);
       break;
   }
 }
 
 void seg_spmm_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tensor& seg_indptr,
                    const at::Tensor& item_seg, const at::Tensor& item_slice_off,
-                   const at::Tensor& slice_ptr, const at::Tensor& indices, const OptTensor& values,
-                   const OptTensor& dense_w, double alpha) {
+                   const at::Tensor& slice_ptr, const at::Tensor& indices,
+                   const at::Tensor& values) {
   GroupedArgs a =
-      prepare_spmm(y, x, seg_indptr, item_seg, item_slice_off, slice_ptr, indices, values, dense_w);
+      prepare_spmm(y, x, seg_indptr, item_seg, item_slice_off, slice_ptr, indices, values);
   TORCH_INTERNAL_ASSERT(a.y.is_cuda());
   check_num_items(a.num_items, "seg_spmm");
   const c10::cuda::CUDAGuard guard(a.y.device());
@@ -225,7 +221,7 @@ void seg_spmm_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tensor& s
                " columns; split the input columns over several calls");
   auto stream = at::cuda::getCurrentCUDAStream();
   PETOPS_DISPATCH_FLOATS(a.y.scalar_type(), "seg_spmm",
-                         [&] { run_seg_spmm<scalar_t>(a, alpha, tm, stream); });
+                         [&] { run_seg_spmm<scalar_t>(a, tm, stream); });
 }
 
 }  // namespace
